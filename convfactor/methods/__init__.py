@@ -1,0 +1,30 @@
+"""Factorization methods, registered by name. Importing this package registers the built-in ones."""
+
+from .base import (
+    FactorizationMethod,
+    FactorizedLayer,
+    Rank,
+    available_methods,
+    get_method,
+    register,
+)
+
+__all__ = [
+    "FactorizationMethod",
+    "FactorizedLayer",
+    "Rank",
+    "available_methods",
+    "get_method",
+    "register",
+]
+
+# Built-in methods register themselves on import (one file per family).
+import importlib as _importlib  # noqa: E402
+
+BUILTIN_METHODS = ("spatial_svd", "tucker2", "cp", "depthwise", "grouped", "svd")
+for _name in BUILTIN_METHODS:
+    try:
+        _importlib.import_module(f"{__name__}.{_name}")
+    except ModuleNotFoundError as _missing:  # TEMPORARY while methods are being written
+        if _missing.name != f"{__name__}.{_name}":
+            raise

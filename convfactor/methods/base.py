@@ -1,0 +1,203 @@
+"""The contract every factorization method fulfils, and the registry that finds them by name.
+
+A method is three things (see STYLE.md):
+  1. a pure weight function in its own module: weights in, factor weights out, no nn.Modules;
+  2. a small module, a ``FactorizedLayer`` subclass, built from an existing layer by ``from_conv``
+     (or with empty weights by ``build``, for reloading a saved plan);
+  3. a ``FactorizationMethod`` instance in the registry, which says which layers it can represent
+     exactly at full rank (``unsupported_reason``), what its ranks mean and how a rank spec resolves.
+
+Ranks are JSON-able: an int, or a tuple of ints for methods with several (Tucker-2's (r_in, r_out)).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import RankError, UnknownMethodError
+from ..geometry import LayerGeometry
+from ..ranks import align_rank, check_rank, fraction_to_rank, is_fraction, smallest_rank_for_energy
+
+__all__ = [
+    "Rank",
+    "FactorizedLayer",
+    "FactorizationMethod",
+    "register",
+    "get_method",
+    "available_methods",
+]
+
+Rank = int | tuple[int, ...]
+
+
+class FactorizedLayer(nn.Sequential):
+    """A chain of plain Conv/Linear layers that together replace one original layer.
+
+    Subclasses name their stages (``nn.Sequential`` with an OrderedDict) so state_dict keys read
+    well, e.g. ``layer1.0.conv1.vertical.weight``. Being a Sequential of standard layers, it traces
+    with torch.fx, runs under torch.export, and exports to plain ONNX ``Conv``/``Gemm`` nodes.
+    """
+
+    method_name: ClassVar[str] = ""
+
+    def __init__(self, stages: dict[str, nn.Module], rank: Rank, geometry: LayerGeometry):
+        super().__init__()
+        for name, stage in stages.items():
+            self.add_module(name, stage)
+        self.rank = rank
+        self.geometry = geometry
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight of a single layer equivalent to this chain (shape of the original weight)."""
+        raise NotImplementedError
+
+    def dense_bias(self) -> torch.Tensor | None:
+        """The bias of the equivalent single layer: the last stage carries it."""
+        last = self[-1]
+        return None if last.bias is None else last.bias.detach()
+
+    @classmethod
+    def from_conv(cls, layer: nn.Module, rank: Any = 1.0, energy: float | None = None) -> FactorizedLayer:
+        """Factorize ``layer`` with this module's method (rank spec as in a policy rule)."""
+        method = get_method(cls.method_name)
+        reason = method.unsupported_reason(layer)
+        if reason:
+            raise RankError(f"{method.name} cannot represent this layer: {reason}")
+        return method.decompose(layer, method.resolve_rank(layer, rank=rank, energy=energy))
+
+    def extra_repr(self) -> str:
+        return f"method={self.method_name}, rank={self.rank}"
+
+
+class FactorizationMethod(abc.ABC):
+    """One factorization family. Subclasses set ``name``, ``rank_meaning`` and implement the hooks."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line of math, shown by `convfactor methods` and the README
+    rank_meaning: ClassVar[str]  # what an int rank means for this method
+
+    # -- which layers -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def unsupported_reason(self, layer: nn.Module) -> str | None:
+        """None if the method represents ``layer`` exactly at full rank, else the reason it cannot."""
+
+    # -- ranks --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def full_rank(self, layer: nn.Module) -> Rank:
+        """The rank at which the factorization is exact."""
+
+    def spectra(self, layer: nn.Module) -> list[np.ndarray]:
+        """Singular values (decreasing) that ``energy`` is measured on, one array per rank component.
+
+        Methods without a spectrum override ``rank_from_energy`` instead.
+        """
+        raise RankError(f"{self.name} has no singular-value spectrum; give a rank instead of energy")
+
+    def rank_from_energy(self, layer: nn.Module, energy: float) -> Rank:
+        ranks = tuple(smallest_rank_for_energy(s, energy) for s in self.spectra(layer))
+        return ranks[0] if len(ranks) == 1 else ranks
+
+    def resolve_rank(
+        self,
+        layer: nn.Module,
+        rank: Any = None,
+        energy: float | None = None,
+        align: int | None = None,
+    ) -> Rank:
+        """Turn a policy's rank spec into a concrete, validated rank for ``layer``.
+
+        Args:
+            rank: int or tuple (absolute), float in (0, 1] (fraction of full rank), or None.
+            energy: fraction of squared singular values to keep (exclusive with ``rank``).
+            align: round each rank component up to this multiple (capped at the full rank).
+        Raises:
+            RankError: naming the method, the component and its valid range.
+        """
+        if rank is not None and energy is not None:
+            raise RankError(f"{self.name}: give either rank or energy, not both")
+        full = self.full_rank(layer)
+        fulls = full if isinstance(full, tuple) else (full,)
+        names = self.rank_component_names()
+        if energy is not None:
+            resolved = self.rank_from_energy(layer, energy)
+        elif rank is None:
+            resolved = full
+        elif is_fraction(rank):
+            resolved = tuple(fraction_to_rank(rank, f) for f in fulls)
+        elif isinstance(rank, (list, tuple)):
+            if len(rank) != len(fulls):
+                raise RankError(
+                    f"{self.name}: rank needs {len(fulls)} value(s) ({', '.join(names)}), got {list(rank)}"
+                )
+            resolved = tuple(check_rank(r, f, n, self.name) for r, n, f in zip(rank, names, fulls))
+        else:
+            resolved = tuple(check_rank(self.broadcast_int_rank(layer, rank, i), f, n, self.name)
+                             for i, (n, f) in enumerate(zip(names, fulls)))
+        resolved = resolved if isinstance(resolved, tuple) else (resolved,)
+        resolved = tuple(align_rank(r, align, f) for r, f in zip(resolved, fulls))
+        resolved = self.validate_rank(layer, resolved)
+        return resolved[0] if len(resolved) == 1 else resolved
+
+    def rank_component_names(self) -> tuple[str, ...]:
+        """Names of the rank components, for messages (``('r',)``, ``('r_in', 'r_out')``)."""
+        return ("rank",)
+
+    def broadcast_int_rank(self, layer: nn.Module, value: int, component: int) -> int:
+        """How a single int applies to component ``component`` (default: the same value for each)."""
+        return value
+
+    def validate_rank(self, layer: nn.Module, rank: tuple[int, ...]) -> tuple[int, ...]:
+        """Method-specific checks after resolution (e.g. divisibility); may adjust or raise RankError."""
+        return rank
+
+    # -- weights ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def decompose(self, layer: nn.Module, rank: Rank) -> FactorizedLayer:
+        """Build the factorized module for ``layer`` at ``rank`` with weights computed from the layer.
+
+        Computes in float64 and casts back to the layer's dtype and device.
+        """
+
+    @abc.abstractmethod
+    def build(self, layer: nn.Module, rank: Rank) -> FactorizedLayer:
+        """Build the factorized module's structure only (weights uninitialized), for reloading."""
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"
+
+
+_REGISTRY: dict[str, FactorizationMethod] = {}
+
+
+def register(method: FactorizationMethod) -> FactorizationMethod:
+    """Add a method instance to the registry under ``method.name``."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> FactorizationMethod:
+    """The registered method called ``name``; the error lists the known names."""
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise UnknownMethodError(f"unknown method {name!r}; known methods: {known}") from None
+
+
+def available_methods() -> list[str]:
+    """Names of the registered methods, sorted."""
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin_methods() -> None:
+    # Importing the package registers the built-in methods; done lazily to avoid an import cycle.
+    from .. import methods  # noqa: F401

@@ -1,0 +1,75 @@
+"""Rank arithmetic shared by every method: fractions, energies, bounds and alignment.
+
+A rank spec from a policy is one of
+  * an int (absolute; its meaning is per method: r, R, m or g),
+  * a list of ints (methods with several ranks, e.g. Tucker-2's (r_in, r_out)),
+  * a float in (0, 1]: the fraction of the full rank, so ``1.0`` is always exact,
+and, instead of a rank, ``energy`` in (0, 1]: the smallest rank keeping that fraction of the squared
+singular values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import RankError
+
+__all__ = [
+    "fraction_to_rank",
+    "check_rank",
+    "smallest_rank_for_energy",
+    "kept_energy",
+    "align_rank",
+    "is_fraction",
+]
+
+
+def is_fraction(spec: object) -> bool:
+    """True for a float rank spec (a fraction of the full rank); bools and ints are not fractions."""
+    return isinstance(spec, float)
+
+
+def fraction_to_rank(fraction: float, full: int) -> int:
+    """ceil(fraction * full), at least 1. The epsilon keeps 0.5 * 64 at 32, not 33 from rounding."""
+    if not 0.0 < fraction <= 1.0:
+        raise RankError(f"a fractional rank must be in (0, 1], got {fraction}")
+    return max(1, min(full, math.ceil(fraction * full - 1e-9)))
+
+
+def check_rank(value: int, full: int, what: str, method: str) -> int:
+    """Validate an absolute rank against its range [1, full] and return it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise RankError(f"{method}: {what} must be an int, got {value!r}")
+    if not 1 <= value <= full:
+        raise RankError(f"{method}: {what}={value} is out of range [1, {full}] for this layer")
+    return int(value)
+
+
+def kept_energy(singular_values: Sequence[float] | np.ndarray, rank: int) -> float:
+    """Fraction of the squared singular values kept by the first ``rank`` of them."""
+    s2 = np.asarray(singular_values, dtype=np.float64) ** 2
+    total = s2.sum()
+    return 1.0 if total == 0 else float(s2[:rank].sum() / total)
+
+
+def smallest_rank_for_energy(singular_values: Sequence[float] | np.ndarray, energy: float) -> int:
+    """Smallest r with kept_energy(s, r) >= energy (s sorted in decreasing order)."""
+    if not 0.0 < energy <= 1.0:
+        raise RankError(f"energy must be in (0, 1], got {energy}")
+    s2 = np.sort(np.asarray(singular_values, dtype=np.float64) ** 2)[::-1]
+    total = s2.sum()
+    if total == 0:
+        return 1
+    cumulative = np.cumsum(s2) / total
+    # A relative slack of 1e-12 so that energy=1.0 stops at the numerical rank, not at noise.
+    return int(min(len(s2), np.searchsorted(cumulative, energy - 1e-12) + 1))
+
+
+def align_rank(rank: int, multiple: int | None, full: int) -> int:
+    """Round ``rank`` up to a multiple of ``multiple`` (hardware-friendly channel counts), capped at full."""
+    if not multiple or multiple <= 1:
+        return rank
+    return min(full, int(math.ceil(rank / multiple) * multiple))
