@@ -1,0 +1,139 @@
+"""``factorize(model, policy)``: the pass pipeline behind one call.
+
+    copy -> capture (torch.fx) -> annotate shapes -> fold BatchNorm -> factorize layers -> clean-up
+
+The caller's model is never modified. The result is a GraphModule (or, with ``trace=False``, a copy
+of the model with layers swapped in place) carrying its report as ``result.convfactor_report``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from passes import annotate_shapes, capture, cleanup, factorize_layers
+from passes import fold_batchnorm as fold_batchnorm_pass  # the keyword argument shadows the name
+from passes.annotate_shapes import layer_io_shapes
+
+from .costs import count_params, per_layer_macs
+from .errors import ConvfactorError, PolicyError
+from .policy import Policy
+from .report import UNMATCHED, FactorizeReport
+
+__all__ = ["factorize", "get_report", "as_input_tuple"]
+
+REPORT_ATTR = "convfactor_report"
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
+    """None, a tensor, or a sequence of tensors -> a tuple of tensors (or None)."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, Sequence) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise ConvfactorError("example_inputs must be a tensor or a sequence of tensors")
+
+
+def get_report(module: nn.Module) -> FactorizeReport:
+    """The report ``factorize`` attached to its result."""
+    report = getattr(module, REPORT_ATTR, None)
+    if report is None:
+        raise ConvfactorError("this module was not produced by convfactor.factorize (no report attached)")
+    return report
+
+
+def factorize(
+    model: nn.Module,
+    policy: Policy | Mapping | str,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    fold_batchnorm: bool = True,
+    trace: bool = True,
+    leaf_modules: Iterable[str | type] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Rewrite the Conv/Linear layers of a trained ``model`` as the policy says.
+
+    Args:
+        model: the trained network; it is deep-copied and never modified.
+        policy: a ``Policy``, its dict form, a .yaml/.json path, or a method name
+            (``"spatial_svd"``, ``"tucker2:0.5"``) meaning every eligible layer.
+        example_inputs: a tensor or tuple of tensors; needed for MAC counts (and for folding
+            BatchNorm after a Linear). Without it, MACs are reported as n/a.
+        fold_batchnorm: fold eval-mode BatchNorm into the preceding conv first (needs tracing).
+        trace: trace with torch.fx (default). ``False`` swaps modules in place on a copy without
+            a graph: for models torch.fx cannot trace; BatchNorm is then not folded.
+        leaf_modules: module names, class names or classes torch.fx should not trace into.
+        concrete_args: forwarded to ``torch.fx.Tracer.trace`` (fix non-tensor arguments).
+        progress: show a progress bar while decomposing.
+    Returns:
+        The factorized module, in eval mode, with ``convfactor_report`` (see ``get_report``).
+    Raises:
+        PolicyError, RankError, TraceError: user mistakes, with a one-line message.
+
+    Example:
+        >>> fast = factorize(model, {"rules": [{"types": ["Conv2d"], "method": "spatial_svd",
+        ...                                     "rank": 0.5}]}, torch.randn(1, 3, 32, 32))
+        >>> print(get_report(fast))
+    """
+    if not isinstance(model, nn.Module):
+        raise ConvfactorError(f"factorize needs an nn.Module, got {type(model).__name__}")
+    policy = Policy.from_any(policy)
+    inputs = as_input_tuple(example_inputs)
+    report = FactorizeReport(policy=policy.to_dict(), fold_batchnorm=fold_batchnorm and trace)
+
+    work = copy.deepcopy(model).eval()
+    report.params_before = count_params(work)
+    if inputs is not None:
+        report.input_shapes = [list(t.shape) for t in inputs]
+        report.macs_before = sum(per_layer_macs(work, inputs).values())
+
+    if trace:
+        root = capture(work, leaf_modules=leaf_modules, concrete_args=concrete_args).graph_module
+        shapes = annotate_shapes(root, inputs).changes[0] if inputs is not None else {}
+        if fold_batchnorm:
+            report.folded = fold_batchnorm_pass(root).changes
+            if report.folded and inputs is not None:
+                shapes = layer_io_shapes(root, inputs)
+    else:
+        root = work
+        report.capture = "modules"
+        report.notes.append("module-level replacement without a traced graph: BatchNorm was not folded")
+        shapes = layer_io_shapes(root, inputs) if inputs is not None else {}
+
+    result = factorize_layers(root, policy, shapes, progress=progress)
+    report.layers = result.changes
+    _check_policy_matched(policy, report)
+    if trace:
+        root = cleanup(root).graph_module
+
+    report.params_after = count_params(root)
+    if inputs is not None:
+        report.macs_after = sum(per_layer_macs(root, inputs).values())
+    root.eval()
+    setattr(root, REPORT_ATTR, report)
+    return root
+
+
+
+def _check_policy_matched(policy: Policy, report: FactorizeReport) -> None:
+    if not report.layers:
+        raise PolicyError("the model has no Conv1d, Conv2d or Linear layer to factorize")
+    if all(d.status == UNMATCHED for d in report.layers):
+        kinds = sorted({d.layer_type for d in report.layers})
+        examples = ", ".join(repr(d.name) for d in report.layers[:3])
+        raise PolicyError(
+            f"the policy matches no layer: its {len(policy.rules)} rule(s) match none of the "
+            f"{len(report.layers)} {'/'.join(kinds)} layers (named like {examples})"
+        )
+    used = {d.rule for d in report.layers if d.rule is not None}
+    for index, rule in enumerate(policy.rules):
+        if index + 1 not in used:
+            report.notes.append(f"{rule.describe(index)} matched no layer")

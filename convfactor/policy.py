@@ -1,0 +1,266 @@
+"""The policy: which layers to factorize, with which method, at which rank. Plain data, YAML/JSON round trip.
+
+Precedence, stated once: rules are tried in order and the **first rule that matches a layer wins**. A rule
+matches a layer when its ``match`` glob matches the layer's qualified name (``fnmatch``, ``*`` crosses
+dots) and, if ``types`` is given, the layer's type is listed. ``method: skip`` leaves matched layers as
+they are. A layer no rule matches is left as is.
+
+    {"rules": [
+        {"match": "conv1", "method": "skip"},
+        {"match": "layer4.*", "types": ["Conv2d"], "method": "tucker2", "rank": [128, 128]},
+        {"match": "*", "types": ["Conv2d"], "method": "spatial_svd", "energy": 0.95, "align": 16}
+    ]}
+
+Rank spec per rule (at most one of ``rank``/``energy``; neither means full rank, i.e. exact):
+  * ``rank: 16`` absolute (meaning per method, see ``convfactor methods``),
+  * ``rank: [16, 32]`` one value per rank component (Tucker-2's r_in, r_out),
+  * ``rank: 0.5`` a fraction of the full rank, so ``1.0`` is always exact,
+  * ``energy: 0.99`` the smallest rank keeping that fraction of the squared singular values,
+  * ``align: 16`` round ranks up to a multiple of 16 (onnxruntime's fast conv path works on blocks of 16).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import PolicyError, UnknownMethodError
+from .geometry import SUPPORTED_KINDS
+
+__all__ = ["Rule", "Policy", "SKIP"]
+
+SKIP = "skip"
+_RULE_KEYS = ("match", "types", "method", "rank", "energy", "align")
+_POLICY_KEYS = ("rules",)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One policy rule. Field meanings are in the module docstring."""
+
+    method: str
+    match: str = "*"
+    types: tuple[str, ...] = ()
+    rank: int | float | tuple[int, ...] | None = None
+    energy: float | None = None
+    align: int | None = None
+
+    def matches(self, name: str, kind: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.match) and (not self.types or kind in self.types)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"match": self.match}
+        if self.types:
+            out["types"] = list(self.types)
+        out["method"] = self.method
+        if self.rank is not None:
+            out["rank"] = list(self.rank) if isinstance(self.rank, tuple) else self.rank
+        if self.energy is not None:
+            out["energy"] = self.energy
+        if self.align is not None:
+            out["align"] = self.align
+        return out
+
+    def describe(self, index: int) -> str:
+        """How error messages name this rule: its 1-based position and its match pattern."""
+        return f"policy rule {index + 1} (match {self.match!r}, method {self.method!r})"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An ordered list of rules; the first rule matching a layer decides for it."""
+
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+
+    # -- matching -----------------------------------------------------------------------------
+    def rule_for(self, name: str, kind: str) -> tuple[int, Rule] | None:
+        """(index, rule) of the first rule matching the layer, or None."""
+        for index, rule in enumerate(self.rules):
+            if rule.matches(name, kind):
+                return index, rule
+        return None
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_any(cls, spec: Policy | Mapping | str | os.PathLike) -> Policy:
+        """A Policy from a Policy, a dict, a .yaml/.yml/.json path, or a method shorthand.
+
+        The shorthand ``"spatial_svd"`` means every eligible layer, that method, full rank;
+        ``"spatial_svd:0.5"`` (or ``"tucker2:energy=0.9"``) adds a rank spec.
+        """
+        if isinstance(spec, Policy):
+            return spec
+        if isinstance(spec, Mapping):
+            return cls.from_dict(spec)
+        if isinstance(spec, os.PathLike) or (isinstance(spec, str) and _looks_like_path(spec)):
+            return cls.load(spec)
+        if isinstance(spec, str):
+            return cls.from_shorthand(spec)
+        raise PolicyError(
+            f"a policy is a Policy, a dict, a .yaml/.json path or a method name, not {type(spec).__name__}"
+        )
+
+    @classmethod
+    def from_shorthand(cls, text: str) -> Policy:
+        method, _, rank_text = text.strip().partition(":")
+        rule: dict[str, Any] = {"method": method}
+        if rank_text:
+            key, eq, value = rank_text.partition("=")
+            if not eq:
+                key, value = "rank", rank_text
+            if key not in ("rank", "energy", "align"):
+                raise PolicyError(f"policy shorthand {text!r}: expected METHOD[:RANK] or METHOD:energy=E")
+            rule[key] = _parse_number(value, f"policy shorthand {text!r}")
+        return cls.from_dict({"rules": [rule]})
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Policy:
+        if not isinstance(data, Mapping):
+            raise PolicyError(f"a policy must be a mapping with a 'rules' list, got {type(data).__name__}")
+        unknown = [k for k in data if k not in _POLICY_KEYS]
+        if unknown:
+            raise PolicyError(f"policy: unknown key {unknown[0]!r} (allowed: {', '.join(_POLICY_KEYS)})")
+        rules = data.get("rules")
+        if not isinstance(rules, list) or not rules:
+            raise PolicyError("policy: 'rules' must be a non-empty list of rules")
+        return cls(tuple(_parse_rule(i, r) for i, r in enumerate(rules)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rules": [r.to_dict() for r in self.rules]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Policy:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PolicyError(f"policy is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Policy:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PolicyError(f"policy is not valid YAML: {first_line}") from None
+        if data is None:
+            raise PolicyError("policy file is empty")
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Policy:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise PolicyError(f"policy file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(f"cannot read policy file {path}: {exc}") from None
+        if path.suffix.lower() == ".json":
+            return cls.from_json(text)
+        return cls.from_yaml(text)  # YAML is a superset of JSON, so any other suffix reads too
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        text = self.to_json() + "\n" if path.suffix.lower() == ".json" else self.to_yaml()
+        path.write_text(text)
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.lower().endswith((".yaml", ".yml", ".json")) or os.sep in text or os.path.exists(text)
+
+
+def _parse_number(value: str, where: str) -> int | float:
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        raise PolicyError(f"{where}: {value!r} is not a number") from None
+
+
+def _parse_rule(index: int, raw: Any) -> Rule:
+    where = f"policy rule {index + 1}"
+    if not isinstance(raw, Mapping):
+        raise PolicyError(f"{where}: a rule must be a mapping, got {raw!r}")
+    if "match" in raw:
+        where += f" (match {raw['match']!r})"
+    unknown = [k for k in raw if k not in _RULE_KEYS]
+    if unknown:
+        raise PolicyError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(_RULE_KEYS)})")
+    if "method" not in raw:
+        raise PolicyError(f"{where}: 'method' is required (a method name or 'skip')")
+    method = raw["method"]
+    if not isinstance(method, str):
+        raise PolicyError(f"{where}: 'method' must be a string, got {method!r}")
+    if method != SKIP:
+        from .methods import get_method  # late import: methods import the policy-free core only
+
+        try:
+            get_method(method)
+        except UnknownMethodError as exc:
+            raise PolicyError(f"{where}: {exc}") from None
+
+    match = raw.get("match", "*")
+    if not isinstance(match, str) or not match:
+        raise PolicyError(f"{where}: 'match' must be a non-empty glob string, got {match!r}")
+
+    types = raw.get("types", ())
+    if isinstance(types, str):
+        types = (types,)
+    if not isinstance(types, (list, tuple)) or not all(isinstance(t, str) for t in types):
+        raise PolicyError(f"{where}: 'types' must be a list of layer type names, got {types!r}")
+    bad_types = [t for t in types if t not in SUPPORTED_KINDS]
+    if bad_types:
+        raise PolicyError(f"{where}: unknown layer type {bad_types[0]!r} (known: {', '.join(SUPPORTED_KINDS)})")
+
+    rank = raw.get("rank")
+    energy = raw.get("energy")
+    align = raw.get("align")
+    if method == SKIP and any(v is not None for v in (rank, energy, align)):
+        raise PolicyError(f"{where}: method 'skip' takes no rank, energy or align")
+    if rank is not None and energy is not None:
+        raise PolicyError(f"{where}: give either 'rank' or 'energy', not both")
+    rank = _check_rank_spec(rank, where)
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))
+                               or not 0 < energy <= 1):
+        raise PolicyError(f"{where}: 'energy' must be a number in (0, 1], got {energy!r}")
+    if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
+        raise PolicyError(f"{where}: 'align' must be a positive int, got {align!r}")
+    return Rule(method=method, match=match, types=tuple(types), rank=rank,
+                energy=None if energy is None else float(energy), align=align)
+
+
+def _check_rank_spec(rank: Any, where: str) -> int | float | tuple[int, ...] | None:
+    if rank is None:
+        return None
+    if isinstance(rank, bool):
+        raise PolicyError(f"{where}: 'rank' must be an int, a float in (0, 1] or a list of ints, got {rank!r}")
+    if isinstance(rank, int):
+        if rank < 1:
+            raise PolicyError(f"{where}: 'rank' must be >= 1, got {rank}")
+        return rank
+    if isinstance(rank, float):
+        if not 0 < rank <= 1:
+            raise PolicyError(f"{where}: a fractional 'rank' must be in (0, 1], got {rank}")
+        return rank
+    if isinstance(rank, (list, tuple)) and rank and all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rank
+    ):
+        return tuple(rank)
+    raise PolicyError(f"{where}: 'rank' must be an int >= 1, a float in (0, 1] or a list of ints >= 1, got {rank!r}")

@@ -1,0 +1,175 @@
+"""The factorize report: every decision per layer, with its cost and error, and why the rest was not rewritten.
+
+``FactorizeReport.plan()`` is the part needed to rebuild the factorized model from the original
+architecture (``convfactor.load``): whether BatchNorm was folded and the method and rank per layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LayerDecision", "FactorizeReport", "format_table", "human_count"]
+
+REPLACED, SKIPPED, UNMATCHED = "replaced", "skipped", "unmatched"
+
+
+@dataclass
+class LayerDecision:
+    """What happened to one Conv/Linear layer."""
+
+    name: str
+    layer_type: str
+    shape: str  # e.g. "64->128 3x3 /2"
+    status: str  # replaced | skipped | unmatched
+    method: str | None = None
+    rank: Any = None  # int or list of ints, as resolved
+    rule: int | None = None  # 1-based index of the policy rule that decided
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+    weight_error: float | None = None  # ||W - W_hat|| / ||W||
+    reason: str | None = None  # why a layer was not rewritten
+
+    @property
+    def macs_ratio(self) -> float | None:
+        if not self.macs_before or self.macs_after is None:
+            return None
+        return self.macs_after / self.macs_before
+
+    @property
+    def params_ratio(self) -> float | None:
+        return self.params_after / self.params_before if self.params_before else None
+
+
+@dataclass
+class FactorizeReport:
+    """Per-layer decisions and model totals of one ``factorize`` call."""
+
+    layers: list[LayerDecision] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None  # whole model, per sample (Conv + Linear)
+    macs_after: int | None = None
+    input_shapes: list[list[int]] | None = None
+    capture: str = "fx"  # "fx" (graph rewrite) or "modules" (module-level replacement, no trace)
+    fold_batchnorm: bool = True
+    folded: list[list[str]] = field(default_factory=list)  # [conv, batchnorm] pairs
+    policy: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # later stages (ONNX, fidelity, latency) add here
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def replaced(self) -> list[LayerDecision]:
+        return [d for d in self.layers if d.status == REPLACED]
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    @property
+    def macs_ratio(self) -> float | None:
+        if not self.macs_before or self.macs_after is None:
+            return None
+        return self.macs_after / self.macs_before
+
+    def plan(self) -> dict[str, Any]:
+        """What ``convfactor.load`` needs to rebuild the factorized structure (JSON-able)."""
+        return {
+            "format": "convfactor-plan/1",
+            "capture": self.capture,
+            "fold_batchnorm": self.fold_batchnorm,
+            "layers": {d.name: {"method": d.method, "rank": d.rank} for d in self.replaced},
+        }
+
+    # -- output -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["totals"] = {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "params_ratio": self.params_ratio,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "macs_ratio": self.macs_ratio,
+            "layers_replaced": len(self.replaced),
+            "layers_total": len(self.layers),
+        }
+        out["plan"] = self.plan()
+        return out
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def format_table(self) -> str:
+        return format_table(self)
+
+    def __str__(self) -> str:
+        return self.format_table()
+
+
+def human_count(n: int | float | None) -> str:
+    """12345678 -> '12.3M'; None -> 'n/a'."""
+    if n is None:
+        return "n/a"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def _ratio(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.3f}"
+
+
+def _rank_text(rank: Any) -> str:
+    if rank is None:
+        return "-"
+    return "x".join(str(r) for r in rank) if isinstance(rank, (list, tuple)) else str(rank)
+
+
+def format_table(report: FactorizeReport) -> str:
+    """A fixed-width per-layer table followed by the totals block."""
+    headers = ["layer", "type", "shape", "method", "rank", "params", "MACs", "MACs ratio", "W err", "note"]
+    rows = []
+    for d in report.layers:
+        params = human_count(d.params_before)
+        macs = human_count(d.macs_before)
+        if d.status == REPLACED:
+            params += f"->{human_count(d.params_after)}"
+            macs += f"->{human_count(d.macs_after)}"
+        rows.append([
+            d.name,
+            d.layer_type,
+            d.shape,
+            d.method if d.status == REPLACED else f"({d.status})",
+            _rank_text(d.rank),
+            params,
+            macs,
+            _ratio(d.macs_ratio) if d.status == REPLACED else "",
+            f"{d.weight_error:.2e}" if d.weight_error is not None else "",
+            d.reason or "",
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    # The note column is free text: don't pad it.
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers[:-1], widths[:-1])) + "  " + headers[-1]]
+    lines.append("-" * (sum(widths[:-1]) + 2 * (len(widths) - 1) + len(headers[-1])))
+    for r in rows:
+        lines.append(("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths[:-1])) + "  " + r[-1]).rstrip())
+    lines.append("")
+    n_rep = len(report.replaced)
+    lines.append(f"layers replaced: {n_rep}/{len(report.layers)}"
+                 + (f"; BatchNorm folded into {len(report.folded)} layer(s)" if report.folded else ""))
+    lines.append(f"params: {human_count(report.params_before)} -> {human_count(report.params_after)} "
+                 f"(x{report.params_ratio:.3f})")
+    if report.macs_before is not None:
+        lines.append(f"MACs/sample: {human_count(report.macs_before)} -> {human_count(report.macs_after)} "
+                     f"(x{_ratio(report.macs_ratio)})")
+    else:
+        lines.append("MACs: n/a (pass example_inputs to count them)")
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""PassResult and a tiny pass runner that says which pass failed and which ran before it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx
+
+from convfactor.errors import ConvfactorError
+
+__all__ = ["PassResult", "PassFailed", "run_passes"]
+
+
+@dataclass
+class PassResult:
+    """The new GraphModule, whether the pass changed anything, and what it changed."""
+
+    graph_module: torch.fx.GraphModule
+    modified: bool
+    changes: list[Any] = field(default_factory=list)
+    name: str = ""
+
+
+class PassFailed(RuntimeError):
+    """A pass raised a non-user error; the message names it and the passes that ran before it."""
+
+
+def run_passes(
+    graph_module: torch.fx.GraphModule,
+    passes: Sequence[Callable[[torch.fx.GraphModule], PassResult]],
+) -> tuple[torch.fx.GraphModule, list[PassResult]]:
+    """Run ``passes`` in order, each on the previous one's output.
+
+    A ``ConvfactorError`` (a user mistake) passes through unchanged; anything else is re-raised as
+    ``PassFailed`` naming the pass and its predecessors, so a bug report says where it broke.
+    """
+    results: list[PassResult] = []
+    for pass_fn in passes:
+        name = getattr(pass_fn, "__name__", repr(pass_fn))
+        try:
+            result = pass_fn(graph_module)
+        except ConvfactorError:
+            raise
+        except Exception as exc:
+            ran = ", ".join(r.name for r in results) or "none"
+            raise PassFailed(f"pass {name!r} failed (passes run before it: {ran}): {exc}") from exc
+        result.name = result.name or name
+        results.append(result)
+        graph_module = result.graph_module
+    return graph_module, results
