@@ -1,0 +1,93 @@
+"""factorize(): accepted policy forms, the report (table and JSON), full-rank fidelity on a ResNet-style net."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import convfactor
+from convfactor import ConvfactorError, Policy
+from tests.nets import TinyResNet, randomize_batchnorm
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+CONV_POLICY = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd", "rank": 0.5}]}
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return randomize_batchnorm(TinyResNet())
+
+
+@pytest.mark.parametrize("form", ["policy", "dict", "yaml", "json", "shorthand"])
+def test_policy_forms_give_the_same_result(resnet, tmp_path, form):
+    policy = Policy.from_dict({"rules": [{"types": ["Conv2d"], "method": "spatial_svd", "rank": 0.5}]})
+    spec = {"policy": policy, "dict": policy.to_dict(), "shorthand": "spatial_svd:0.5"}.get(form)
+    if form in ("yaml", "json"):
+        spec = tmp_path / f"p.{form}"
+        policy.save(spec)
+        spec = str(spec)
+    out = convfactor.factorize(resnet, spec, X)
+    reference = convfactor.factorize(resnet, policy, X)
+    torch.testing.assert_close(out(X), reference(X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["spatial_svd", "tucker2", "cp", "grouped", "depthwise"])
+def test_full_rank_resnet_every_conv_replaced_output_within_1e5(resnet, method):
+    if method not in convfactor.available_methods():
+        pytest.skip(f"{method} not registered")
+    out = convfactor.factorize(resnet, {"rules": [{"types": ["Conv2d"], "method": method, "rank": 1.0}]}, X)
+    report = convfactor.get_report(out)
+    convs = {n for n, m in resnet.named_modules() if isinstance(m, nn.Conv2d)}
+    eligible = {n for n in convs
+                if convfactor.get_method(method).unsupported_reason(resnet.get_submodule(n)) is None}
+    assert {d.name for d in report.replaced} == eligible
+    three_by_three = {n for n in convs if resnet.get_submodule(n).kernel_size == (3, 3)}
+    assert three_by_three <= eligible
+    for d in report.layers:
+        assert (d.status == "replaced") == (d.name in eligible)
+        assert d.status == "replaced" or d.reason
+    expected = resnet(X)
+    assert float((out(X) - expected).norm() / expected.norm()) <= 1e-5
+
+
+def test_report_json_and_table(resnet):
+    out = convfactor.factorize(resnet, CONV_POLICY, X)
+    report = convfactor.get_report(out)
+    data = json.loads(report.to_json())
+    assert data["totals"]["layers_replaced"] == 10
+    assert data["totals"]["macs_before"] == report.macs_before > data["totals"]["macs_after"]
+    assert data["plan"]["layers"]["layer1.0.conv1"] == {"method": "spatial_svd", "rank": 24}
+    assert data["plan"]["fold_batchnorm"] is True
+    assert len(data["layers"]) == 11
+    table = report.format_table()
+    assert "layer1.0.conv1" in table and "spatial_svd" in table and "MACs/sample" in table
+    assert "layers replaced: 10/11" in table
+
+
+def test_report_without_example_inputs_has_no_macs(resnet):
+    report = convfactor.get_report(convfactor.factorize(resnet, CONV_POLICY))
+    assert report.macs_before is None and all(d.macs_before is None for d in report.layers)
+    assert "MACs: n/a" in report.format_table()
+
+
+def test_bad_arguments():
+    with pytest.raises(ConvfactorError, match="needs an nn.Module"):
+        convfactor.factorize("model", "spatial_svd")
+    with pytest.raises(ConvfactorError, match="no Conv1d, Conv2d or Linear"):
+        convfactor.factorize(nn.Sequential(nn.ReLU()), "spatial_svd")
+    with pytest.raises(ConvfactorError, match="example_inputs must be a tensor"):
+        convfactor.factorize(nn.Conv2d(2, 2, 3), "spatial_svd", example_inputs=[1, 2])
+    with pytest.raises(ConvfactorError, match="not produced by convfactor"):
+        convfactor.get_report(nn.Conv2d(2, 2, 3))
+
+
+def test_result_is_eval_and_float64_stays_exact():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(TinyResNet()).double()
+    x = X.double()
+    out = convfactor.factorize(model, "spatial_svd", x)
+    assert not out.training
+    expected = model(x)
+    assert float((out(x) - expected).norm() / expected.norm()) <= 1e-10
