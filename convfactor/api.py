@@ -58,6 +58,8 @@ def factorize(
     leaf_modules: Iterable[str | type] = (),
     concrete_args: Mapping[str, Any] | None = None,
     progress: bool = False,
+    calibration: Any = None,
+    latency: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Rewrite the Conv/Linear layers of a trained ``model`` as the policy says.
 
@@ -73,6 +75,10 @@ def factorize(
         leaf_modules: module names, class names or classes torch.fx should not trace into.
         concrete_args: forwarded to ``torch.fx.Tracer.trace`` (fix non-tensor arguments).
         progress: show a progress bar while decomposing.
+        calibration: inputs from the real data distribution (a tensor, a list of batches or a
+            DataLoader) for data-aware factorization and sensitivity (see ``convfactor.auto``).
+        latency: options of the latency model used by a ``latency`` target or ``method: auto``
+            (e.g. ``{"threads": 1, "cache": path}``; see ``convfactor.auto``).
     Returns:
         The factorized module, in eval mode, with ``convfactor_report`` (see ``get_report``).
     Raises:
@@ -108,7 +114,19 @@ def factorize(
         report.notes.append("module-level replacement without a traced graph: BatchNorm was not folded")
         shapes = layer_io_shapes(root, inputs) if inputs is not None else {}
 
-    result = factorize_layers(root, policy, shapes, progress=progress)
+    prebuilt = None
+    if policy.needs_resolution:
+        from .auto import resolve_policy  # budget / auto-method allocation (issue: automatic policy)
+
+        resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
+                                    calibration=calibration, latency=latency, progress=progress)
+        report.extra["auto"] = resolution.info
+        report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
+        policy, prebuilt = resolution.policy, resolution.prebuilt
+    elif calibration is not None:
+        report.notes.append("calibration data is only used by a target or 'auto' policy; ignored")
+
+    result = factorize_layers(root, policy, shapes, progress=progress, prebuilt=prebuilt)
     report.layers = result.changes
     _check_policy_matched(policy, report)
     if trace:

@@ -17,6 +17,12 @@ Rank spec per rule (at most one of ``rank``/``energy``; neither means full rank,
   * ``rank: 0.5`` a fraction of the full rank, so ``1.0`` is always exact,
   * ``energy: 0.99`` the smallest rank keeping that fraction of the squared singular values,
   * ``align: 16`` round ranks up to a multiple of 16 (onnxruntime's fast conv path works on blocks of 16).
+
+``method: auto`` lets convfactor choose the method (or to leave the layer as is) per layer. A top-level
+``target: {macs: 0.5}`` (or ``params``/``latency``, a fraction of the original) asks for a global budget:
+ranks and methods of the rules' layers are then allocated across the network (``convfactor.auto``)
+instead of taken from each rule's rank. A policy with a target or an ``auto`` rule is *resolved* into a
+plain policy of exact per-layer rules before factorization; the report keeps both.
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ import yaml
 from .errors import PolicyError, UnknownMethodError
 from .geometry import SUPPORTED_KINDS
 
-__all__ = ["Rule", "Policy", "SKIP"]
+__all__ = ["Rule", "Policy", "SKIP", "AUTO", "TARGET_KINDS"]
 
 SKIP = "skip"
+AUTO = "auto"
+TARGET_KINDS = ("macs", "params", "latency")
 _RULE_KEYS = ("match", "types", "method", "rank", "energy", "align")
-_POLICY_KEYS = ("rules",)
+_POLICY_KEYS = ("rules", "target")
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,12 @@ class Policy:
     """An ordered list of rules; the first rule matching a layer decides for it."""
 
     rules: tuple[Rule, ...] = field(default_factory=tuple)
+    target: tuple[str, float] | None = None  # ("macs" | "params" | "latency", fraction of the original)
+
+    @property
+    def needs_resolution(self) -> bool:
+        """True when ranks or methods are left to convfactor.auto (a target or an ``auto`` rule)."""
+        return self.target is not None or any(r.method == AUTO for r in self.rules)
 
     # -- matching -----------------------------------------------------------------------------
     def rule_for(self, name: str, kind: str) -> tuple[int, Rule] | None:
@@ -130,10 +144,13 @@ class Policy:
         rules = data.get("rules")
         if not isinstance(rules, list) or not rules:
             raise PolicyError("policy: 'rules' must be a non-empty list of rules")
-        return cls(tuple(_parse_rule(i, r) for i, r in enumerate(rules)))
+        return cls(tuple(_parse_rule(i, r) for i, r in enumerate(rules)), _parse_target(data.get("target")))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rules": [r.to_dict() for r in self.rules]}
+        out: dict[str, Any] = {"rules": [r.to_dict() for r in self.rules]}
+        if self.target is not None:
+            out["target"] = {self.target[0]: self.target[1]}
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -208,7 +225,7 @@ def _parse_rule(index: int, raw: Any) -> Rule:
     method = raw["method"]
     if not isinstance(method, str):
         raise PolicyError(f"{where}: 'method' must be a string, got {method!r}")
-    if method != SKIP:
+    if method not in (SKIP, AUTO):
         from .methods import get_method  # late import: methods import the policy-free core only
 
         try:
@@ -244,6 +261,19 @@ def _parse_rule(index: int, raw: Any) -> Rule:
         raise PolicyError(f"{where}: 'align' must be a positive int, got {align!r}")
     return Rule(method=method, match=match, types=tuple(types), rank=rank,
                 energy=None if energy is None else float(energy), align=align)
+
+
+def _parse_target(raw: Any) -> tuple[str, float] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or len(raw) != 1:
+        raise PolicyError(f"policy: 'target' must be one of {{macs: F}}, {{params: F}}, {{latency: F}}, got {raw!r}")
+    (kind, value), = raw.items()
+    if kind not in TARGET_KINDS:
+        raise PolicyError(f"policy: unknown target {kind!r} (known: {', '.join(TARGET_KINDS)})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise PolicyError(f"policy: target {kind} must be a fraction of the original in (0, 1), got {value!r}")
+    return kind, float(value)
 
 
 def _check_rank_spec(rank: Any, where: str) -> int | float | tuple[int, ...] | None:

@@ -100,6 +100,7 @@ def factorize_layers(
     shapes: Shapes | None = None,
     *,
     progress: bool = False,
+    prebuilt: Mapping[str, FactorizedLayer] | None = None,
 ) -> PassResult:
     """Replace the layers of ``root`` (in place) that ``policy`` assigns a method to.
 
@@ -108,6 +109,9 @@ def factorize_layers(
         policy: the rules; first match wins.
         shapes: {layer name: (input shape, output shape)} from shape annotation; without it MACs are None.
         progress: show a progress bar over the layers being decomposed.
+        prebuilt: {layer name: factorized module} computed elsewhere (e.g. data-aware factors from
+            convfactor.auto) to install instead of decomposing the weights again; their method and
+            rank must be what the policy resolves to for that layer.
     Returns:
         PassResult whose ``changes`` is the list of LayerDecision, one per Conv/Linear layer.
     Raises:
@@ -151,8 +155,14 @@ def factorize_layers(
         from tqdm.auto import tqdm
 
         iterator = tqdm(todo, desc="factorizing", unit="layer", leave=False)
+    prebuilt = prebuilt or {}
     for decision, layer, method, rank in iterator:
-        new = method.decompose(layer, rank)
+        new = prebuilt.get(decision.name)
+        if new is None:
+            new = method.decompose(layer, rank)
+        elif new.method_name != method.name or new.rank != rank:
+            raise ValueError(f"prebuilt module for {decision.name} is {new.method_name} at {new.rank}, "
+                             f"the policy says {method.name} at {rank}")
         _set_submodule(root, decision.name, new)
         decision.status, decision.method = REPLACED, method.name
         decision.rank = list(rank) if isinstance(rank, tuple) else rank

@@ -19,6 +19,29 @@ FULL = {
 }
 
 
+def test_target_and_auto_round_trip():
+    data = {"rules": [{"match": "*", "types": ["Conv2d"], "method": "auto"}], "target": {"macs": 0.5}}
+    policy = Policy.from_dict(data)
+    assert policy.target == ("macs", 0.5) and policy.needs_resolution
+    assert Policy.from_yaml(policy.to_yaml()).to_dict() == data
+    assert not Policy.from_dict(FULL).needs_resolution
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ({"flops": 0.5}, "unknown target 'flops'"),
+        ({"macs": 1.5}, r"target macs must be a fraction of the original in \(0, 1\)"),
+        ({"macs": 0}, "target macs must be a fraction"),
+        ({"macs": 0.5, "params": 0.5}, "'target' must be one of"),
+        (0.5, "'target' must be one of"),
+    ],
+)
+def test_target_errors(target, message):
+    with pytest.raises(PolicyError, match=message):
+        Policy.from_dict({"rules": [{"method": "auto"}], "target": target})
+
+
 def test_dict_round_trip_is_identity():
     policy = Policy.from_dict(FULL)
     assert policy.to_dict() == FULL
