@@ -124,10 +124,15 @@ class FactorizationMethod(abc.ABC):
         fulls = full if isinstance(full, tuple) else (full,)
         names = self.rank_component_names()
         if energy is not None:
+            is_number = isinstance(energy, (int, float, np.integer, np.floating)) and not isinstance(energy, bool)
+            if not (is_number and 0 < energy <= 1):
+                raise RankError(f"{self.name}: energy must be in (0, 1], got {energy!r}")
             resolved = self.rank_from_energy(layer, energy)
         elif rank is None:
             resolved = full
         elif is_fraction(rank):
+            if not 0.0 < rank <= 1.0:
+                raise RankError(f"{self.name}: a fractional rank must be in (0, 1], got {rank}")
             resolved = tuple(fraction_to_rank(rank, f) for f in fulls)
         elif isinstance(rank, (list, tuple)):
             if len(rank) != len(fulls):
