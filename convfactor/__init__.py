@@ -1,4 +1,13 @@
-"""convfactor: factorize the convolutions of trained PyTorch networks, then measure the result."""
+"""convfactor: factorize the convolutions of trained PyTorch networks, then measure the result.
+
+    model_fast = convfactor.factorize(model, "spatial_svd:0.5", example_input)
+    print(convfactor.get_report(model_fast))
+    convfactor.export_onnx(model_fast, example_input, "fast.onnx")
+    print(convfactor.check_fidelity(model, model_fast, input_shape=(8, 3, 32, 32)))
+    print(convfactor.benchmark(model, model_fast, input_shape=(1, 3, 32, 32)))
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
@@ -7,6 +16,25 @@ from .errors import ConvfactorError, PolicyError, RankError, TraceError  # noqa:
 from .methods import available_methods, get_method  # noqa: E402
 from .policy import Policy, Rule  # noqa: E402
 from .report import FactorizeReport, LayerDecision  # noqa: E402
+
+# ONNX, onnxruntime and friends load on first use: `import convfactor` stays quick.
+_LAZY = {
+    "export_onnx": "onnx_export",
+    "ExportResult": "onnx_export",
+    "check_fidelity": "fidelity",
+    "FidelityReport": "fidelity",
+    "benchmark": "benchmark",
+    "BenchmarkReport": "benchmark",
+    "profile_layers": "profiling",
+    "profile_model": "profiling",
+    "LayerProfileReport": "profiling",
+    "challenge_score": "score",
+    "load": "serialize",
+    "save_factorized": "serialize",
+    "apply_plan": "serialize",
+    "finetune": "auto",
+    "resolve_policy": "auto",
+}
 
 __all__ = [
     "__version__",
@@ -22,4 +50,13 @@ __all__ = [
     "PolicyError",
     "RankError",
     "TraceError",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'convfactor' has no attribute {name!r}")
