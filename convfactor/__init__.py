@@ -11,20 +11,22 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .api import factorize, get_report  # noqa: E402
 from .errors import ConvfactorError, PolicyError, RankError, TraceError  # noqa: E402
 from .methods import available_methods, get_method  # noqa: E402
 from .policy import Policy, Rule  # noqa: E402
 from .report import FactorizeReport, LayerDecision  # noqa: E402
 
-# ONNX, onnxruntime and friends load on first use: `import convfactor` stays quick.
+# Loaded on first use: `import convfactor` stays quick (ONNX, onnxruntime), and `import passes` first
+# works (the passes import convfactor's core modules, which api.py builds on).
 _LAZY = {
+    "factorize": "api",
+    "get_report": "api",
     "export_onnx": "onnx_export",
     "ExportResult": "onnx_export",
     "check_fidelity": "fidelity",
     "FidelityReport": "fidelity",
-    "benchmark": "benchmark",
-    "BenchmarkReport": "benchmark",
+    "benchmark": "benchmarking",
+    "BenchmarkReport": "benchmarking",
     "profile_layers": "profiling",
     "profile_model": "profiling",
     "LayerProfileReport": "profiling",

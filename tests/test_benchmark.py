@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor.benchmark import available_cores, benchmark, cpu_model
+from convfactor.benchmarking import available_cores, benchmark, cpu_model
 from convfactor.errors import ConvfactorError
 from convfactor.methods import get_method
 from convfactor.onnx_export import export_onnx
