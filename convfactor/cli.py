@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--check", action="store_true",
                          help="compare original and factorized in onnxruntime; exit 1 if a tolerance fails")
     convert.add_argument("--bench", action="store_true", help="time original and factorized in onnxruntime")
+    convert.add_argument("--profile", action="store_true",
+                         help="profile both models in onnxruntime and show each replaced layer's measured time "
+                              "ratio next to its MACs ratio")
     convert.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the convs first")
     convert.add_argument("--no-trace", action="store_true",
                          help="replace modules without a torch.fx graph (for untraceable models; no BN folding)")
@@ -130,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_onnx_arguments(convert)
     _add_check_arguments(convert)
     _add_bench_arguments(convert)
+    _add_score_arguments(convert)
     _add_output_arguments(convert, force=True)
     convert.set_defaults(handler=_cmd_convert)
 
@@ -137,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                       _INSPECT_EXAMPLES)
     _add_model_arguments(inspect)
     inspect.add_argument("--methods", metavar="M1,M2", help="methods to show energy for (default: all)")
+    _add_score_arguments(inspect)
     _add_output_arguments(inspect, force=False)
     inspect.set_defaults(handler=_cmd_inspect)
 
@@ -208,6 +213,23 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repeats", type=int, default=50, metavar="N", help="minimum timed runs (default 50)")
     group.add_argument("--min-time", type=float, default=1.0, metavar="S",
                        help="keep timing for at least S seconds per thread setting (default 1)")
+
+
+def _add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("challenge score (efficient-deep-learning course formula)")
+    group.add_argument("--weight-bits", type=int, default=32, metavar="Q", help="q_w (default 32)")
+    group.add_argument("--activation-bits", type=int, default=32, metavar="Q", help="q_a (default 32)")
+    group.add_argument("--structured-pruning", type=float, default=0.0, metavar="P", help="p_s (default 0)")
+    group.add_argument("--unstructured-pruning", type=float, default=0.0, metavar="P", help="p_u (default 0)")
+
+
+def _score_options(args: argparse.Namespace) -> dict[str, Any]:
+    from .score import challenge_score
+
+    options = {"weight_bits": args.weight_bits, "activation_bits": args.activation_bits,
+               "structured_pruning": args.structured_pruning, "unstructured_pruning": args.unstructured_pruning}
+    challenge_score(1, 1, **options)  # validates the options before any work is done
+    return options
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser, *, force: bool) -> None:
@@ -490,6 +512,7 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     from .checkpoint import parse_input_shape
     from .errors import ConvfactorError
     from .policy import Policy
+    from .summary import render_summary, summarize
 
     # 1. everything that can be checked without loading the model
     policy = Policy.from_any(args.policy)
@@ -501,6 +524,7 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     _check_outputs(outputs, force=args.force, inputs=[args.checkpoint])
     thread_counts = _parse_threads(args.threads)
     _check_counts(args)
+    score_options = _score_options(args)
     arch = _resolve_arch_option(args.arch, args.arch_args)
 
     # 2. the model, checked
@@ -509,7 +533,8 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
         raise ConvfactorError(f"{args.checkpoint} is already factorized; convert the original checkpoint instead "
                               f"(a plan cannot be stacked on another)")
     needs_shape = [why for why, needed in (("for a .pt2 output", out.suffix == ".pt2"), ("for --onnx", onnx_path),
-                                           ("for --check", args.check), ("for --bench", args.bench)) if needed]
+                                           ("for --check", args.check), ("for --bench", args.bench),
+                                           ("for --profile", args.profile)) if needed]
     if needs_shape:
         _require_shape(source, needs_shape[0])
     example = _example_input(source.model, source.input_shape) if source.input_shape else None
@@ -555,6 +580,12 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
             bench = _run_benchmark(onnx_files.get("original", source.model), onnx_files.get("factorized", fast),
                                    source.input_shape, thread_counts, args, console)
             document["bench"] = bench.to_dict()
+        if args.profile:
+            profile = _run_profile(source.model, fast, report, source.input_shape, args, console)
+            document["profile"] = profile.to_dict()
+            report.extra["layer_times"] = {row["layer"]: row for row in document["profile"]["layers"]}
+            document["factorize"] = report.to_dict()
+        document["summary"] = summarize(document, **score_options)
         document = _rename_paths(document, renamed)
         text = json.dumps(document, indent=2, default=str) + "\n"
         staging.write(report_path, lambda p: p.write_text(text, encoding="utf-8"))
@@ -576,6 +607,8 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
         if bench is not None:
             console.result("")
             console.result(bench.render())
+        console.result("")
+        console.result(render_summary(document["summary"]))
     if fidelity is not None and not fidelity.passed:
         console.error(f"fidelity check failed ({fidelity.verdict}): {_failed_criteria(fidelity)}; "
                       f"the files were written and {report_path} marks them failing")
@@ -679,6 +712,16 @@ def _run_benchmark(original: Any, fast: Any, shape: Sequence[int], threads: list
                      exporter=args.exporter)
 
 
+def _run_profile(original: Any, fast: Any, report: Any, shape: Sequence[int], args: argparse.Namespace,
+                 console: _Console):
+    from .profiling import profile_layers
+
+    console.status("profiling each layer in onnxruntime")
+    # From the modules, not the ONNX files: modules give the most reliable layer names.
+    return profile_layers(original, fast, input_shape=tuple(shape), exporter=args.exporter,
+                          replaced=[d.name for d in report.replaced])
+
+
 def _parse_threads(text: str | None) -> list[int] | None:
     from .errors import ConvfactorError
 
@@ -720,13 +763,21 @@ def _cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
     arch = _resolve_arch_option(args.arch, args.arch_args)
     source = _load_source(args.checkpoint, arch, trust=args.trust_checkpoint, input_shape=shape, console=console)
     x = _example_input(source.model, _require_shape(source, "to count MACs"))
+    score_options = _score_options(args)
     console.status("computing spectra")
     table = inspect_layers(source.model, x, methods)
+    table["challenge_score"] = _inspect_score(table, score_options)
     if args.json:
         console.document({"command": "inspect", "input": source.describe(), **table})
     else:
         console.result(format_inspect_table(table))
     return EXIT_OK
+
+
+def _inspect_score(table: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    from .score import challenge_score
+
+    return challenge_score(table["totals"]["params"], table["totals"]["layer_macs"], **options).to_dict()
 
 
 def inspect_layers(model: Any, example: Any, methods: Sequence[str],
@@ -839,6 +890,11 @@ def format_inspect_table(table: dict[str, Any]) -> str:
                  f"at input {','.join(map(str, table['input_shape']))}")
     lines.append(f"energy: fraction of squared singular values kept at {fractions}% of the full rank; "
                  f"'-' no spectrum, 'n/a' the method cannot represent the layer")
+    score = table.get("challenge_score")
+    if score:
+        lines.append(f"challenge score {score['score']:.4f} (params term {score['params_term']:.4f} + MACs term "
+                     f"{score['macs_term']:.4f}; {score['weight_bits']}-bit weights, {score['activation_bits']}-bit "
+                     f"activations, pruning {score['structured_pruning']:g}/{score['unstructured_pruning']:g})")
     return "\n".join(lines)
 
 

@@ -132,10 +132,25 @@ def _rank_text(rank: Any) -> str:
 
 
 def format_table(report: FactorizeReport) -> str:
-    """A fixed-width per-layer table followed by the totals block."""
-    headers = ["layer", "type", "shape", "method", "rank", "params", "MACs", "MACs ratio", "W err", "note"]
+    """A fixed-width per-layer table followed by the totals block.
+
+    When the report carries a per-layer onnxruntime profile (``extra["layer_times"]``: {name:
+    {"original_ms", "factorized_ms"}}), a "time ratio" column (factorized / original, measured) sits
+    beside the MACs ratio, and replacements that run slower than the layer they replaced say so.
+    """
+    times = report.extra.get("layer_times") or {}
+    headers = ["layer", "type", "shape", "method", "rank", "params", "MACs", "MACs ratio"]
+    headers += ["time ratio"] if times else []
+    headers += ["W err", "note"]
     rows = []
     for d in report.layers:
+        time_cells, note = [], d.reason or ""
+        if times:
+            t = times.get(d.name)
+            ratio = (t["factorized_ms"] / t["original_ms"]) if t and t.get("original_ms") else None
+            time_cells = [_ratio(ratio) if d.status == REPLACED else ""]
+            if d.status == REPLACED and ratio is not None and round(ratio, 3) > 1:
+                note = "SLOWER than the original layer"
         params = human_count(d.params_before)
         macs = human_count(d.macs_before)
         if d.status == REPLACED:
@@ -150,8 +165,9 @@ def format_table(report: FactorizeReport) -> str:
             params,
             macs,
             _ratio(d.macs_ratio) if d.status == REPLACED else "",
+            *time_cells,
             f"{d.weight_error:.2e}" if d.weight_error is not None else "",
-            d.reason or "",
+            note,
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     # The note column is free text: don't pad it.

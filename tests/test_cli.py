@@ -394,6 +394,31 @@ def test_convert_with_onnx_check_and_bench(cli, tmp_path, ckpt, net):
     with torch.no_grad():
         expected = load(out)(X).numpy()
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) <= 1e-5
+    summary = document["summary"]
+    totals = document["factorize"]["totals"]
+    assert summary["params"] == [totals["params_before"], totals["params_after"], totals["params_ratio"]]
+    assert summary["fidelity"] == "fail: factorization"
+    assert summary["onnx_file_size"] == onnx_path.stat().st_size
+    assert summary["latency"][0]["speedup"] == document["bench"]["results"][0]["speedup"]
+
+
+def test_convert_profile_adds_time_ratio_column(cli, tmp_path, ckpt):
+    code, stdout, err = cli("convert", ckpt, "--arch", ARCH, "--policy", "spatial_svd:0.5", "--out",
+                            tmp_path / "fast.pt", "--input-shape", SHAPE, "--profile", "--exporter", "torchscript")
+    assert code == 0, err
+    header = stdout.splitlines()[0]
+    assert "MACs ratio" in header and "time ratio" in header
+    document = json.loads((tmp_path / "fast.report.json").read_text())
+    times = document["factorize"]["extra"]["layer_times"]
+    replaced = [d["name"] for d in document["factorize"]["layers"] if d["status"] == "replaced"]
+    assert replaced and all(times[name]["original_ms"] > 0 and times[name]["factorized_ms"] > 0 for name in replaced)
+    for line in stdout.splitlines()[2:2 + len(document["factorize"]["layers"])]:
+        name = line.split()[0]
+        if name in replaced:
+            ratio = times[name]["factorized_ms"] / times[name]["original_ms"]
+            assert f"{ratio:.3f}" in line
+            assert ("SLOWER" in line) == (round(ratio, 3) > 1)
+    assert "summary" in stdout and "challenge score" in stdout
 
 
 # -- inspect, export, bench, methods ----------------------------------------------------------------
@@ -406,7 +431,8 @@ def test_inspect_table_and_json(cli, ckpt, net):
     for column in ("layer", "type", "shape", "stride", "groups", "params", "MACs", "MACs %",
                    "spatial_svd 25/50/75%", "tucker2 25/50/75%"):
         assert column in header
-    rows = {line.split()[0]: line.split() for line in lines[2:] if line and not line.startswith(("4 ", "energy"))}
+    rows = {line.split()[0]: line.split() for line in lines[2:]
+            if line and not line.startswith(("4 ", "energy", "challenge score"))}
     assert list(rows) == ["conv1", "conv2", "proj", "fc"]
     assert rows["conv2"][1:5] == ["Conv2d", "8->16", "3x3", "2"]  # type, shape (2 cells), stride
     assert rows["fc"][1:4] == ["Linear", "16->4", "-"]
@@ -425,6 +451,20 @@ def test_inspect_table_and_json(cli, ckpt, net):
     assert layers["fc"]["energy"]["spatial_svd"] == {"unsupported": method.unsupported_reason(net.fc)}
     if "cp" in table["methods"]:
         assert layers["conv2"]["energy"]["cp"] is None  # no spectrum: shown as '-'
+    params, macs = table["totals"]["params"], table["totals"]["layer_macs"]
+    assert table["challenge_score"]["score"] == pytest.approx(params / 5.6e6 + macs / 2.8e8, rel=1e-12)
+
+
+def test_inspect_score_options(cli, ckpt):
+    code, stdout, _ = cli("inspect", ckpt, "--arch", ARCH, "--input-shape", SHAPE, "--json", "--quiet",
+                          "--weight-bits", "8", "--activation-bits", "16", "--structured-pruning", "0.5")
+    assert code == 0
+    table = json.loads(stdout)
+    params, macs = table["totals"]["params"], table["totals"]["layer_macs"]
+    expected = 0.5 * (8 / 32) * params / 5.6e6 + 0.5 * (16 / 32) * macs / 2.8e8
+    assert table["challenge_score"]["score"] == pytest.approx(expected, rel=1e-12)
+    code, _, err = cli("inspect", ckpt, "--arch", ARCH, "--input-shape", SHAPE, "--weight-bits", "0")
+    assert code == 2 and "weight bits must be in 1..32" in err
 
 
 def test_inspect_needs_an_input_shape(cli, ckpt):

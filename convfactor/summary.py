@@ -1,0 +1,71 @@
+"""The summary block: one glance at what a conversion bought and whether it is faithful.
+
+Built from the JSON document the CLI writes (the factorize report plus the optional ``onnx``,
+``fidelity`` and ``bench`` sections), so the text and the JSON say the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .report import human_count
+from .score import challenge_score
+
+__all__ = ["summarize", "render_summary"]
+
+
+def summarize(document: dict[str, Any], *, weight_bits: int = 32, activation_bits: int = 32,
+              structured_pruning: float = 0.0, unstructured_pruning: float = 0.0) -> dict[str, Any]:
+    """The summary of a conversion document (see module docstring); JSON-able."""
+    totals = document["factorize"]["totals"]
+    summary: dict[str, Any] = {
+        "params": [totals["params_before"], totals["params_after"], totals["params_ratio"]],
+        "macs": [totals["macs_before"], totals["macs_after"], totals["macs_ratio"]],
+        "layers_replaced": [totals["layers_replaced"], totals["layers_total"]],
+    }
+    score_options = {"weight_bits": weight_bits, "activation_bits": activation_bits,
+                     "structured_pruning": structured_pruning, "unstructured_pruning": unstructured_pruning}
+    if totals["macs_before"] is not None:
+        before = challenge_score(totals["params_before"], totals["macs_before"], **score_options)
+        after = challenge_score(totals["params_after"], totals["macs_after"], **score_options)
+        summary["challenge_score"] = [before.score, after.score]
+        summary["challenge_score_options"] = score_options
+    onnx = document.get("onnx")
+    if onnx:
+        summary["onnx_file_size"] = onnx["file_size"]
+    bench = document.get("bench")
+    if bench:
+        summary["latency"] = [
+            {"threads": r["threads"], "original_ms": r["original"]["median_ms"],
+             "factorized_ms": r["factorized"]["median_ms"], "speedup": r["speedup"]}
+            for r in bench["results"]
+        ]
+    fidelity = document.get("fidelity")
+    if fidelity:
+        summary["fidelity"] = fidelity["verdict"]
+    return summary
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    """Fixed-width text of ``summarize``'s result."""
+    p0, p1, pr = summary["params"]
+    lines = ["summary",
+             f"  layers replaced   {summary['layers_replaced'][0]}/{summary['layers_replaced'][1]}",
+             f"  params            {human_count(p0)} -> {human_count(p1)}  (x{pr:.3f})"]
+    m0, m1, mr = summary["macs"]
+    if m0 is not None:
+        lines.append(f"  MACs/sample       {human_count(m0)} -> {human_count(m1)}  (x{mr:.3f})")
+    if "challenge_score" in summary:
+        s0, s1 = summary["challenge_score"]
+        bits = summary["challenge_score_options"]
+        lines.append(f"  challenge score   {s0:.4f} -> {s1:.4f}  ({bits['weight_bits']}-bit weights, "
+                     f"{bits['activation_bits']}-bit activations; lower is better)")
+    if "onnx_file_size" in summary:
+        lines.append(f"  ONNX file         {summary['onnx_file_size'] / 1e6:.2f} MB")
+    for lat in summary.get("latency", []):
+        verdict = "faster" if lat["speedup"] > 1 else "SLOWER"
+        lines.append(f"  latency {lat['threads']} thr     {lat['original_ms']:.3f} ms -> {lat['factorized_ms']:.3f} ms"
+                     f"  speedup {lat['speedup']:.2f}x ({verdict}, onnxruntime, measured)")
+    if "fidelity" in summary:
+        lines.append(f"  fidelity          {summary['fidelity']}")
+    return "\n".join(lines)
