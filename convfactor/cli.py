@@ -73,6 +73,13 @@ A factorized checkpoint stores nothing of the original weights, so without --bas
 is timed alone.
 """
 
+_DEMO_EXAMPLES = """\
+examples:
+  convfactor demo                                   # ResNet-20 on digits, MACs budgets 0.5/0.33/0.25
+  convfactor demo --model mobilenet_digits --budgets 0.5 --out-dir /tmp/demo --force
+  convfactor demo --method spatial_svd --threads 2 --json
+"""
+
 _METHODS_EXAMPLES = """\
 examples:
   convfactor methods
@@ -164,6 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_arguments(bench)
     _add_output_arguments(bench, force=False)
     bench.set_defaults(handler=_cmd_bench)
+
+    demo = command("demo", "run the whole pipeline on a shipped trained model (about a minute)", _DEMO_EXAMPLES)
+    demo.add_argument("--model", default="resnet20_digits", metavar="NAME",
+                      help="shipped checkpoint: resnet20_digits (default) or mobilenet_digits")
+    demo.add_argument("--budgets", default="0.5,0.33,0.25", metavar="F[,F]",
+                      help="MAC targets as fractions of the original (default 0.5,0.33,0.25)")
+    demo.add_argument("--method", default="auto", metavar="METHOD",
+                      help="'auto' (chosen per layer, default) or one method for every conv")
+    demo.add_argument("--out-dir", default="convfactor-demo", metavar="DIR",
+                      help="where the ONNX files, report.json and demo.png go (default ./convfactor-demo)")
+    demo.add_argument("--threads", type=int, default=1, metavar="N", help="onnxruntime threads for timing")
+    demo.add_argument("--min-time", type=float, default=0.5, metavar="S",
+                      help="seconds of interleaved timing per budget (default 0.5)")
+    demo.add_argument("--no-plot", action="store_true", help="do not write demo.png")
+    _add_output_arguments(demo, force=True)
+    demo.set_defaults(handler=_cmd_demo)
 
     methods = command("methods", "list the factorization methods, their math and what their rank means",
                       _METHODS_EXAMPLES)
@@ -1004,6 +1027,28 @@ def _format_alone(bench: dict[str, Any]) -> str:
 
 
 # -- methods ------------------------------------------------------------------------------------
+def _cmd_demo(args: argparse.Namespace, console: _Console) -> int:
+    from .demo import run_demo
+    from .errors import ConvfactorError
+
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        raise ConvfactorError(f"--budgets must be fractions separated by commas, got {args.budgets!r}") from None
+    if args.threads < 1 or args.min_time < 0:
+        raise ConvfactorError("--threads must be >= 1 and --min-time >= 0")
+    if args.method != "auto":
+        from .methods import get_method
+
+        get_method(args.method)
+    document = run_demo(args.model, budgets, args.out_dir, method=args.method, threads=args.threads,
+                        min_time=args.min_time, plot=not args.no_plot, force=args.force,
+                        progress=console.progress, say=console.result if not args.json else console.status)
+    if args.json:
+        console.document(document)
+    return EXIT_OK
+
+
 def _cmd_methods(args: argparse.Namespace, console: _Console) -> int:
     from .methods import available_methods, get_method
 
