@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--profile", action="store_true",
                          help="profile both models in onnxruntime and show each replaced layer's measured time "
                               "ratio next to its MACs ratio")
+    convert.add_argument("--calibration", metavar="INPUTS.pt",
+                         help="a tensor of real inputs (N, ...) saved with torch.save (or .npy): data-aware "
+                              "factorization and sensitivities for a policy with a target or 'auto' rules")
+    convert.add_argument("--check-inputs", metavar="INPUTS.pt",
+                         help="a tensor of real inputs for --check instead of generated standard-normal ones "
+                              "(random inputs check the math, not accuracy)")
     convert.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the convs first")
     convert.add_argument("--no-trace", action="store_true",
                          help="replace modules without a torch.fx graph (for untraceable models; no BN folding)")
@@ -548,6 +554,10 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     thread_counts = _parse_threads(args.threads)
     _check_counts(args)
     score_options = _score_options(args)
+    calibration = _load_inputs_file(args.calibration, "--calibration")
+    check_inputs = _load_inputs_file(args.check_inputs, "--check-inputs")
+    if check_inputs is not None and not args.check:
+        raise ConvfactorError("--check-inputs is only used with --check")
     arch = _resolve_arch_option(args.arch, args.arch_args)
 
     # 2. the model, checked
@@ -566,7 +576,7 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     console.status(f"factorizing with {len(policy.rules)} policy rule(s)")
     started = time.perf_counter()
     fast = factorize(source.model, policy, example, fold_batchnorm=not args.no_fold_bn, trace=not args.no_trace,
-                     leaf_modules=args.leaf_module, progress=console.progress)
+                     leaf_modules=args.leaf_module, progress=console.progress, calibration=calibration)
     report = get_report(fast)
     factorize_seconds = time.perf_counter() - started
 
@@ -592,7 +602,8 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
             renamed[str(onnx_files["factorized"])] = str(onnx_path)
         fidelity = None
         if args.check:
-            fidelity = _run_fidelity(source.model, fast, source.input_shape, args, console, workdir=scratch)
+            fidelity = _run_fidelity(source.model, fast, source.input_shape, args, console, workdir=scratch,
+                                     inputs=check_inputs)
             document["fidelity"] = fidelity.to_dict()
             if not fidelity.passed:
                 document["status"] = f"fidelity check failed: {_failed_criteria(fidelity)}"
@@ -707,11 +718,15 @@ def _stage_onnx(staging: _Staging, onnx_path: Path, model: Any, example: Any, ar
 
 
 def _run_fidelity(original: Any, fast: Any, shape: Sequence[int], args: argparse.Namespace, console: _Console,
-                  workdir: str | None = None):
+                  workdir: str | None = None, inputs: Any = None):
     from .fidelity import check_fidelity
 
     console.status("checking fidelity in onnxruntime")
-    return check_fidelity(original, fast, input_shape=tuple(shape), n_samples=args.check_samples,
+    if inputs is not None and args.static_batch:  # a static-batch export takes batches of its own size
+        batch = max(1, shape[0])
+        inputs = [inputs[i:i + batch] for i in range(0, len(inputs) - batch + 1, batch)]
+    return check_fidelity(original, fast, inputs, input_shape=None if inputs is not None else tuple(shape),
+                          n_samples=args.check_samples,
                           max_rel_l2_error=args.max_rel_l2, min_cosine=args.min_cosine,
                           min_snr_db=args.min_snr_db, min_top1_agreement=args.min_top1, exporter=args.exporter,
                           workdir=workdir)
@@ -743,6 +758,35 @@ def _run_profile(original: Any, fast: Any, report: Any, shape: Sequence[int], ar
     # From the modules, not the ONNX files: modules give the most reliable layer names.
     return profile_layers(original, fast, input_shape=tuple(shape), exporter=args.exporter,
                           replaced=[d.name for d in report.replaced])
+
+
+def _load_inputs_file(path: str | None, option: str):
+    """A tensor of inputs from a .pt (torch.save, read with weights_only=True) or .npy file, or None."""
+    if path is None:
+        return None
+    import numpy as np
+    import torch
+
+    from .errors import ConvfactorError
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConvfactorError(f"{option}: file not found: {path}")
+    try:
+        if file.suffix == ".npy":
+            data = torch.from_numpy(np.load(file, allow_pickle=False))
+        else:
+            data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file: say which, in one line
+        raise ConvfactorError(f"{option}: cannot read {path}: {_one_line(str(error))[:200]}") from None
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], torch.Tensor):
+        data = data[0]  # an (inputs, labels) pair
+    if not isinstance(data, torch.Tensor) or data.dim() < 2 or len(data) == 0:
+        raise ConvfactorError(f"{option}: {path} must hold one tensor of inputs shaped (N, ...), "
+                              f"got {type(data).__name__}")
+    if not torch.isfinite(data).all():
+        raise ConvfactorError(f"{option}: {path} contains NaN or Inf")
+    return data.float()
 
 
 def _parse_threads(text: str | None) -> list[int] | None:
