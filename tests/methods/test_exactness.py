@@ -193,10 +193,10 @@ def test_random_configurations_are_exact(case: LayerCase) -> None:
 # -- error versus rank ------------------------------------------------------------------------------
 # Allowed increase of the relative weight error from one rank to the next. HOSVD, SVD and spatial SVD
 # truncate nested subspaces, so their error cannot grow (1e-12 is rounding). CP-ALS is a local
-# optimizer: cp keeps the better of ALS and a monotone construction, which bounds but does not
-# forbid an increase, so it gets a small documented slack.
-# Largest increase measured for cp on SWEEP_CASES: 1e-4 (other 3x3 layers showed up to 3e-2).
-MONOTONICITY_SLACK = {"cp": 1e-3}
+# optimizer; cp chains its fits along a rank grid, each warm-started from the previous one, so its
+# error does not grow along that grid either. Between grid ranks it may by ALS noise: the largest
+# increase measured on SWEEP_CASES is below 3e-8, hence a slack of 1e-7.
+MONOTONICITY_SLACK = {"cp": 1e-7}
 SWEEP_CASES = [
     LayerCase("Conv2d", 6, 8, (3, 3), padding=(1, 1)),
     LayerCase("Conv2d", 8, 6, (3, 3), groups=2),

@@ -1,0 +1,573 @@
+"""Grouped (block-term): a conv becomes 1x1 (C_in -> r_in), a grouped core conv, 1x1 (r_out -> C_out).
+
+Math: with orthonormal U (C_out, r_out) and V (C_in, r_in) split into g blocks U_q, V_q,
+W ~= sum_q U_q G_q V_q^T, G_q = U_q^T W V_q (r_out/g, r_in/g, *k). The core is a conv with ``groups=g``
+holding the G_q; the kept share of ||W||^2 is sum_q ||G_q||^2 / ||W||^2 (U, V orthonormal make W_hat
+the orthogonal projection of W). With g=1 this is Tucker-2, exact at (r_in, r_out) = (C_in, C_out).
+
+Ranks: g (r_in = C_in, r_out = C_out) or (g, r_in, r_out); g must divide r_in and r_out. A fraction f
+is the largest valid g with 1/g >= f (1.0 -> g=1, exact). ``energy`` is the largest valid g whose
+grouping keeps at least that share of ||W||^2 (every valid g is tried, largest first: kept energy
+need not be monotone in g).
+
+How channels are grouped (by energy, not index order): take bases U, V, the core G = U^T W V and its
+energy matrix E[a, b] = sum_k G[a, b, k]^2, and split the rows and columns of E into g equal groups
+(plus, when r < C, a "dropped" group) maximizing the block-diagonal energy:
+  1. starts: index order, and a spectral co-clustering of E (Dhillon 2001) made balanced;
+  2. alternating balanced assignment: rows given the column groups, then columns given the rows,
+     each by greedy assignment improved by rounds of disjoint best swaps (never losing energy);
+  3. refinement of the bases: for each pair of groups, the union of their subspaces is re-split
+     into the best pair of subspaces (top eigenvectors of A_1 - A_2, A_q the energy the block sees),
+     which is optimal for that pair and never decreases the kept energy (Jacobi-like sweeps over
+     both sides, the pairs of a round-robin round batched). This matters: on random 512x512x3x3
+     weights at g=64, index order keeps 2% of the energy and the refined grouping 21%.
+Steps 1-2 run on two starting bases, the HOSVD bases (all singular vectors of the output and input
+unfoldings) and the channels themselves (a layer whose channels fall into groups under some
+permutation is found there); the better grouping is refined.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import RankError
+from ..geometry import LayerGeometry, layer_kind
+from ..ranks import align_rank, check_rank, is_fraction
+from ._stages import make_conv, pointwise, set_weight
+from .base import FactorizationMethod, FactorizedLayer, Rank, register
+
+__all__ = [
+    "GroupedResult",
+    "valid_group_counts",
+    "balanced_assignment",
+    "grouped_factors",
+    "GroupedConv",
+    "Grouped",
+    "DEFAULT_REFINE_SWEEPS",
+    "MAX_DROPPED_EXCHANGE_GROUPS",
+    "ROUND_BUDGET",
+]
+
+# Sweeps of pairwise re-splitting (each is monotone; a sweep gaining < 1e-6 of ||W||^2 ends it).
+# More keep helping slowly on random weights (128x128x3x3, g=4: 0.51 / 0.54 / 0.56 kept after 2/4/8).
+DEFAULT_REFINE_SWEEPS = 4
+# A sweep is g-1 rounds, each rewriting the whole core, so large g get fewer sweeps (at least one):
+# sweeps = min(refine_sweeps, max(1, ROUND_BUDGET // (g - 1))), i.e. 4 up to g=32, 2 at 64, 1 above.
+ROUND_BUDGET = 128
+# With r < C, each group is also re-split with the dropped components: one eigh of size up to C per
+# group and sweep, so only for g up to this.
+MAX_DROPPED_EXCHANGE_GROUPS = 64
+_SEED = 0
+
+
+@dataclass
+class GroupedResult:
+    """Factors of the grouped (block-term) form and the energy it keeps.
+
+    project_in: (r_in, C_in), rows grouped in g consecutive blocks; core: (r_out, r_in/g, *k);
+    project_out: (C_out, r_out), columns grouped likewise. All float64.
+    """
+
+    project_in: torch.Tensor
+    core: torch.Tensor
+    project_out: torch.Tensor
+    kept_energy: float  # sum_q ||G_q||^2 / ||W||^2 for the chosen grouping
+    index_order_energy: float  # the same for the HOSVD components grouped in index order
+    channel_order_energy: float  # the same for the channels grouped in index order (no 1x1 rotation)
+
+
+def valid_group_counts(in_channels: int, out_channels: int) -> list[int]:
+    """Group counts g that divide both channel counts (the divisors of their gcd), increasing."""
+    d = math.gcd(in_channels, out_channels)
+    return [g for g in range(1, d + 1) if d % g == 0]
+
+
+# -- balanced assignment ---------------------------------------------------------------------------
+def _greedy_assignment(scores: np.ndarray, capacities: np.ndarray) -> np.ndarray:
+    """Items to groups by decreasing score, respecting capacities (a feasible start for the swaps)."""
+    n = scores.shape[0]
+    labels = np.full(n, -1)
+    left = capacities.copy()
+    for flat in np.argsort(-scores, axis=None, kind="stable"):
+        item, group = divmod(int(flat), scores.shape[1])
+        if labels[item] < 0 and left[group] > 0:
+            labels[item] = group
+            left[group] -= 1
+    return labels
+
+
+def balanced_assignment(scores: np.ndarray, capacities: np.ndarray, start: np.ndarray | None = None,
+                        max_rounds: int = 100) -> np.ndarray:
+    """Assign n items to groups with fixed sizes, maximizing sum_i scores[i, label_i].
+
+    Greedy (or ``start``), then rounds of swaps: each round computes the gain of swapping the groups
+    of every two items and applies the best disjoint positive swaps (disjoint swaps' gains add up).
+    Every swap keeps the sizes and raises the total, so the result is never worse than the start.
+
+    Args:
+        scores: (n, G) gain of putting item i in group q.
+        capacities: (G,) group sizes, summing to n.
+        start: optional feasible labels to improve.
+        max_rounds: bound on the rounds of swaps.
+    Returns:
+        labels: (n,) group of each item.
+    """
+    labels = _greedy_assignment(scores, capacities) if start is None else start.copy()
+    n = len(labels)
+    tolerance = 1e-12 * (float(np.abs(scores).max()) if scores.size else 0.0)
+    items = np.arange(n)
+    for _ in range(max_rounds):
+        cross = scores[:, labels]  # cross[i, j]: score of item i in item j's group
+        own = cross[items, items]
+        gain = np.triu(cross + cross.T - own[:, None] - own[None, :], 1)
+        positive = np.flatnonzero(gain > tolerance)
+        if positive.size == 0:
+            break
+        if positive.size > 4 * n:  # only the best few can be disjoint anyway
+            positive = positive[np.argpartition(-gain.flat[positive], 4 * n)[: 4 * n]]
+        used = np.zeros(n, dtype=bool)
+        for flat in positive[np.argsort(-gain.flat[positive], kind="stable")]:
+            i, j = divmod(int(flat), n)
+            if not (used[i] or used[j]):
+                labels[i], labels[j] = labels[j], labels[i]
+                used[i] = used[j] = True
+    return labels
+
+
+def _block_energy(energy: np.ndarray, rows: np.ndarray, cols: np.ndarray, groups: int) -> float:
+    """Energy on the block diagonal: entries whose row and column share a group (< groups)."""
+    same = (rows[:, None] == cols[None, :]) & (rows[:, None] < groups)
+    return float(energy[same].sum())
+
+
+def _scores(energy: np.ndarray, other_labels: np.ndarray, groups: int) -> np.ndarray:
+    """(n, groups+1): energy item i would keep in group q given the other side's labels; the last
+    column, the dropped group, keeps nothing."""
+    onehot = np.zeros((len(other_labels), groups + 1))
+    onehot[np.arange(len(other_labels)), other_labels] = 1.0
+    out = energy @ onehot
+    out[:, groups] = 0.0
+    return out
+
+
+def _alternate(energy: np.ndarray, rows: np.ndarray, cols: np.ndarray, groups: int,
+               row_caps: np.ndarray, col_caps: np.ndarray, rounds: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Improve rows given columns, then columns given rows, until neither changes."""
+    for _ in range(rounds):
+        new_rows = balanced_assignment(_scores(energy, cols, groups), row_caps, start=rows)
+        new_cols = balanced_assignment(_scores(energy.T, new_rows, groups), col_caps, start=cols)
+        if np.array_equal(new_rows, rows) and np.array_equal(new_cols, cols):
+            break
+        rows, cols = new_rows, new_cols
+    return rows, cols
+
+
+def _index_order(size: int, kept: int, groups: int) -> np.ndarray:
+    """The first ``kept`` components in g consecutive blocks; the rest dropped (label g)."""
+    labels = np.full(size, groups)
+    labels[:kept] = np.arange(kept) // (kept // groups)
+    return labels
+
+
+def _squared_distances(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """(n, k) squared Euclidean distances, by ||x||^2 - 2 x.c + ||c||^2 (no (n, k, d) temporary)."""
+    d2 = (points**2).sum(1)[:, None] - 2 * points @ centers.T + (centers**2).sum(1)[None, :]
+    return np.maximum(d2, 0.0)
+
+
+def _kmeans(points: np.ndarray, k: int, iterations: int = 50) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding from a fixed seed; returns the (k, d) centers."""
+    rng = np.random.default_rng(_SEED)
+    centers = np.empty((k, points.shape[1]))
+    centers[0] = points[rng.integers(len(points))]
+    nearest_d2 = _squared_distances(points, centers[:1])[:, 0]
+    for c in range(1, k):
+        total = nearest_d2.sum()
+        pick = rng.integers(len(points)) if total <= 0 else rng.choice(len(points), p=nearest_d2 / total)
+        centers[c] = points[pick]
+        nearest_d2 = np.minimum(nearest_d2, _squared_distances(points, centers[c:c + 1])[:, 0])
+    for _ in range(iterations):
+        nearest = _squared_distances(points, centers).argmin(1)
+        counts = np.bincount(nearest, minlength=k)
+        sums = np.zeros_like(centers)
+        np.add.at(sums, nearest, points)
+        moved = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
+        if np.allclose(moved, centers):
+            break
+        centers = moved
+    return centers
+
+
+def _spectral_start(energy: np.ndarray, groups: int, row_caps: np.ndarray,
+                    col_caps: np.ndarray, r_out: int, r_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced spectral co-clustering of the leading (r_out, r_in) block of E.
+
+    Rows and columns are embedded together (singular vectors 2..l+1 of D_r^-1/2 E D_c^-1/2,
+    l = ceil(log2 g)); k-means gives g centers; each side is then assigned to the centers with
+    balanced sizes, so row group q and column group q share a center. Components beyond r are dropped.
+    """
+    block = energy[:r_out, :r_in]
+    floor = 1e-12 * max(float(block.sum()), 1e-300)  # keeps empty rows/columns finite
+    row_sum = np.maximum(block.sum(1), floor)
+    col_sum = np.maximum(block.sum(0), floor)
+    normalized = block / np.sqrt(row_sum)[:, None] / np.sqrt(col_sum)[None, :]
+    u, _, vt = np.linalg.svd(normalized, full_matrices=False)
+    # The first singular pair is trivial (sqrt of the degrees); the next ceil(log2 g) separate groups.
+    available = u.shape[1]
+    width = max(1, math.ceil(math.log2(groups)))
+    vectors = slice(1, 1 + min(width, available - 1)) if available > 1 else slice(0, 1)
+    z_rows = u[:, vectors] / np.sqrt(row_sum)[:, None]
+    z_cols = vt[vectors].T / np.sqrt(col_sum)[:, None]
+    points = np.vstack([z_rows, z_cols])
+    if not np.isfinite(points).all():  # degenerate degrees: fall back to index order
+        return _index_order(energy.shape[0], r_out, groups), _index_order(energy.shape[1], r_in, groups)
+    centers = _kmeans(points, groups)
+
+    def assign(z: np.ndarray, caps: np.ndarray, size: int) -> np.ndarray:
+        closeness = -_squared_distances(z, centers)
+        labels = np.full(size, groups)
+        labels[: len(z)] = balanced_assignment(closeness, caps[:groups].copy())
+        return labels
+
+    return assign(z_rows, row_caps, energy.shape[0]), assign(z_cols, col_caps, energy.shape[1])
+
+
+# -- refinement of the bases -----------------------------------------------------------------------
+def _round_robin(players: int) -> list[list[tuple[int, int]]]:
+    """All pairs of ``players`` in rounds of disjoint pairs (circle method)."""
+    ring = list(range(players)) + ([-1] if players % 2 else [])
+    rounds = []
+    for _ in range(len(ring) - 1):
+        half = len(ring) // 2
+        rounds.append([(a, b) for a, b in zip(ring[:half], reversed(ring[half:])) if a >= 0 and b >= 0])
+        ring = [ring[0], ring[-1], *ring[1:-1]]
+    return rounds
+
+
+def _slots(labels: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(g, size) positions of each group's components, and the dropped positions."""
+    return np.stack([np.flatnonzero(labels == q) for q in range(groups)]), np.flatnonzero(labels == groups)
+
+
+def _resplit(core: np.ndarray, basis: np.ndarray, slots: np.ndarray, dropped: np.ndarray,
+             other: np.ndarray, exchange_dropped: bool) -> None:
+    """One sweep over group pairs on the row side of ``core`` (in place).
+
+    For groups a, b with rows R = slots[a] u slots[b], A_x = B_x B_x^T where B_x is the block
+    (R, columns of group x); the best split of span(R) gives a the top-|a| eigenvectors of
+    A_a - A_b (A = 0 for the dropped rows). The current split is one candidate, so the kept energy
+    cannot go down. Pairs of a round are disjoint and are solved as one batch.
+
+    Args:
+        core: (n, m, K) in the current bases, rows = this side. basis: (C, n), its columns the rows'
+        vectors. slots: (g, size) positions per group; dropped: positions of dropped rows.
+        other: (g, size_other) positions of the column groups.
+        exchange_dropped: also re-split each group with the dropped rows (one eigh of size
+        |group| + |dropped| per group).
+    """
+    def grams(sub: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        # sub (P, R, m, K), columns (P, c): the (P, R, R) Gram matrices of the blocks.
+        block = np.take_along_axis(sub, columns[:, None, :, None], axis=2).reshape(len(sub), sub.shape[1], -1)
+        return block @ block.transpose(0, 2, 1)
+
+    def rotate(rows: np.ndarray, sub: np.ndarray, target: np.ndarray) -> None:
+        # eigh sorts ascending; reversed columns put the |a| best directions in a's slots.
+        rotation = np.linalg.eigh(target)[1][..., ::-1]  # (P, R, R)
+        core[rows] = (rotation.transpose(0, 2, 1) @ sub.reshape(*rows.shape, -1)).reshape(sub.shape)
+        basis[:, rows] = np.einsum("cps,psr->cpr", basis[:, rows], rotation)
+
+    for pairs in _round_robin(len(slots)):
+        if not pairs:
+            continue
+        a = np.array([p for p, _ in pairs])
+        b = np.array([q for _, q in pairs])
+        rows = np.concatenate([slots[a], slots[b]], axis=1)  # (P, 2 size)
+        sub = core[rows]
+        rotate(rows, sub, grams(sub, other[a]) - grams(sub, other[b]))
+    if exchange_dropped and len(dropped):
+        for q in range(len(slots)):
+            rows = np.concatenate([slots[q], dropped])[None]  # (1, size + |dropped|)
+            sub = core[rows]
+            rotate(rows, sub, grams(sub, other[q:q + 1]))
+
+
+def _refine(core: np.ndarray, u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+            groups: int, sweeps: int, total: float) -> np.ndarray:
+    """Alternate pairwise re-splitting of the output and input bases (``u``, ``v`` in place).
+
+    Stops after ``sweeps`` (fewer for large g, see ROUND_BUDGET) or when a sweep gains less than
+    1e-6 of ||W||^2. Returns the new core.
+    """
+    row_slots, row_dropped = _slots(rows, groups)
+    col_slots, col_dropped = _slots(cols, groups)
+    exchange_dropped = groups <= MAX_DROPPED_EXCHANGE_GROUPS
+    sweeps = min(sweeps, max(1, ROUND_BUDGET // max(1, groups - 1)))
+    before = _block_energy((core**2).sum(-1), rows, cols, groups)
+    for _ in range(sweeps):
+        _resplit(core, u, row_slots, row_dropped, col_slots, exchange_dropped)
+        transposed = np.ascontiguousarray(core.transpose(1, 0, 2))
+        _resplit(transposed, v, col_slots, col_dropped, row_slots, exchange_dropped)
+        core = np.ascontiguousarray(transposed.transpose(1, 0, 2))
+        after = _block_energy((core**2).sum(-1), rows, cols, groups)
+        if after - before <= 1e-6 * total:
+            break
+        before = after
+    return core
+
+
+def _group(energy: np.ndarray, groups: int, row_caps: np.ndarray, col_caps: np.ndarray,
+           r_out: int, r_in: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Best balanced co-clustering of ``energy`` from the index-order and the spectral starts."""
+    c_out, c_in = energy.shape
+    index = (_index_order(c_out, r_out, groups), _index_order(c_in, r_in, groups))
+    if groups == 1 or not energy.any():  # a zero weight: every grouping keeps all of nothing
+        return index[0], index[1], _block_energy(energy, *index, groups)
+    best = (index[0], index[1], -1.0)
+    for start_rows, start_cols in (index, _spectral_start(energy, groups, row_caps, col_caps, r_out, r_in)):
+        rows, cols = _alternate(energy, start_rows, start_cols, groups, row_caps, col_caps)
+        kept = _block_energy(energy, rows, cols, groups)
+        if kept > best[2]:
+            best = (rows, cols, kept)
+    return best
+
+
+def grouped_factors(
+    weight: torch.Tensor,
+    groups: int,
+    r_in: int | None = None,
+    r_out: int | None = None,
+    refine_sweeps: int = DEFAULT_REFINE_SWEEPS,
+) -> GroupedResult:
+    """Block-term factors of a (non-grouped) conv weight with ``groups`` energy-chosen groups.
+
+    Two bases are tried for the grouping: the HOSVD bases, and the channels themselves (a conv
+    whose channels already fall into groups, in any order, is found there); the grouping that keeps
+    more energy is refined.
+
+    Args:
+        weight: (C_out, C_in, *k) conv weight.
+        groups: g, dividing r_in and r_out.
+        r_in, r_out: channels after the first 1x1 and after the core (default C_in, C_out).
+        refine_sweeps: pairwise re-splitting sweeps (0: assignment only; fewer for large g, see
+            ROUND_BUDGET).
+    Returns:
+        GroupedResult (float64 factors, kept energy and the index-order groupings' kept energies).
+    """
+    w = weight.detach().to(device="cpu", dtype=torch.float64).numpy()
+    c_out, c_in = w.shape[:2]
+    kernel = tuple(w.shape[2:])
+    r_in = c_in if r_in is None else r_in
+    r_out = c_out if r_out is None else r_out
+    flat = w.reshape(c_out, c_in, -1)  # (O, I, K)
+    total = float((flat**2).sum())
+    # Full HOSVD bases (eigenvectors of the unfoldings' Gram matrices), by decreasing energy.
+    unfold_out = flat.reshape(c_out, -1)
+    unfold_in = flat.transpose(1, 0, 2).reshape(c_in, -1)
+    u_hosvd = np.linalg.eigh(unfold_out @ unfold_out.T)[1][:, ::-1]  # (O, O)
+    v_hosvd = np.linalg.eigh(unfold_in @ unfold_in.T)[1][:, ::-1]  # (I, I)
+    core_hosvd = np.einsum("oik,oa,ib->abk", flat, u_hosvd, v_hosvd, optimize=True)  # (O, I, K)
+
+    row_caps = np.array([r_out // groups] * groups + [c_out - r_out])
+    col_caps = np.array([r_in // groups] * groups + [c_in - r_in])
+    index_rows, index_cols = _index_order(c_out, r_out, groups), _index_order(c_in, r_in, groups)
+    best = None
+    order_energies = []
+    for u, v, core in ((u_hosvd, v_hosvd, core_hosvd), (np.eye(c_out), np.eye(c_in), flat)):
+        energy = (core**2).sum(-1)
+        order_energies.append(_block_energy(energy, index_rows, index_cols, groups))
+        rows, cols, kept = _group(energy, groups, row_caps, col_caps, r_out, r_in)
+        if best is None or kept > best[-1]:
+            best = (u.copy(), v.copy(), core.copy(), rows.copy(), cols.copy(), kept)
+    u, v, core, rows, cols, _ = best
+
+    if groups > 1 or r_in < c_in or r_out < c_out:
+        core = _refine(core, u, v, rows, cols, groups, refine_sweeps, total)
+
+    row_order = np.concatenate([np.flatnonzero(rows == q) for q in range(groups)])
+    col_order = np.concatenate([np.flatnonzero(cols == q) for q in range(groups)])
+    p_out, p_in = r_out // groups, r_in // groups
+    blocks = [core[row_order[q * p_out:(q + 1) * p_out]][:, col_order[q * p_in:(q + 1) * p_in]]
+              for q in range(groups)]  # each (r_out/g, r_in/g, K)
+    core_weight = np.concatenate(blocks).reshape(r_out, p_in, *kernel)
+
+    def share(energy: float) -> float:
+        return 1.0 if total == 0 else energy / total
+
+    return GroupedResult(
+        project_in=torch.from_numpy(np.ascontiguousarray(v[:, col_order].T)),
+        core=torch.from_numpy(np.ascontiguousarray(core_weight)),
+        project_out=torch.from_numpy(np.ascontiguousarray(u[:, row_order])),
+        kept_energy=share(float((core_weight**2).sum())),
+        index_order_energy=share(order_energies[0]),
+        channel_order_energy=share(order_energies[1]),
+    )
+
+
+class GroupedConv(FactorizedLayer):
+    """``project_in`` (1x1, C_in -> r_in), ``core`` (original geometry, groups=g, r_in -> r_out),
+    ``project_out`` (1x1, r_out -> C_out, with the bias).
+
+    ``rank`` is g when r_in = C_in and r_out = C_out, else (g, r_in, r_out).
+    """
+
+    method_name = "grouped"
+    kept_energy: float | None = None  # set by Grouped.decompose; None for a reloaded structure
+    index_order_energy: float | None = None
+
+    @classmethod
+    def empty(cls, layer: nn.Module, rank: Rank) -> GroupedConv:
+        geo = LayerGeometry.of(layer)
+        g, r_in, r_out = _expand_rank(geo, rank)
+        project_in = pointwise(geo, geo.in_channels, r_in, like=layer)
+        core = make_conv(geo.dims, r_in, r_out, geo.kernel, stride=geo.stride, padding=geo.padding,
+                         dilation=geo.dilation, groups=g, padding_mode=geo.padding_mode, like=layer)
+        project_out = pointwise(geo, r_out, geo.out_channels, bias=geo.bias, like=layer)
+        return cls(OrderedDict(project_in=project_in, core=core, project_out=project_out),
+                   _canonical_rank(geo, g, r_in, r_out), geo)
+
+    def dense_weight(self) -> torch.Tensor:
+        g = self.core.groups
+        v_t = self.project_in.weight.detach().to(torch.float64).flatten(1)  # (r_in, C_in)
+        core = self.core.weight.detach().to(torch.float64)  # (r_out, r_in/g, *k)
+        u = self.project_out.weight.detach().to(torch.float64).flatten(1)  # (C_out, r_out)
+        kernel = tuple(core.shape[2:])
+        blocks = core.reshape(g, core.shape[0] // g, core.shape[1], -1)  # (g, r_out/g, r_in/g, K)
+        w = torch.einsum("oqa,qabk,qbi->oik", u.reshape(u.shape[0], g, -1), blocks,
+                         v_t.reshape(g, -1, v_t.shape[1]))
+        return w.reshape(u.shape[0], v_t.shape[1], *kernel)
+
+
+def _expand_rank(geo: LayerGeometry, rank: Rank) -> tuple[int, int, int]:
+    """g or (g, r_in, r_out) -> (g, r_in, r_out)."""
+    if isinstance(rank, (tuple, list)):
+        return tuple(int(r) for r in rank)  # type: ignore[return-value]
+    return int(rank), geo.in_channels, geo.out_channels
+
+
+def _canonical_rank(geo: LayerGeometry, g: int, r_in: int, r_out: int) -> Rank:
+    return g if (r_in, r_out) == (geo.in_channels, geo.out_channels) else (g, r_in, r_out)
+
+
+def _aligned(g: int, r_in: int, r_out: int, c_in: int, c_out: int, align: int) -> tuple[int, int, int]:
+    """The largest g' <= g whose groups hold multiples of ``align`` channels once r_in and r_out are
+    rounded up to multiples of g' * align (capped at C); g'=1 with r rounded up to ``align`` if none."""
+    for candidate in range(g, 0, -1):
+        a_in = align_rank(r_in, candidate * align, c_in)
+        a_out = align_rank(r_out, candidate * align, c_out)
+        if all(r % candidate == 0 and (r // candidate) % align == 0 for r in (a_in, a_out)):
+            return candidate, a_in, a_out
+    return 1, align_rank(r_in, align, c_in), align_rank(r_out, align, c_out)
+
+
+class Grouped(FactorizationMethod):
+    """Block-term factorization with energy-chosen channel groups."""
+
+    name = "grouped"
+    summary = "k x k -> 1x1 (C_in->r_in), k x k core with g groups (r_in->r_out), 1x1 (r_out->C_out)"
+    rank_meaning = (
+        "g: groups of the core conv (r_in=C_in, r_out=C_out), or (g, r_in, r_out); g must divide both; "
+        "a fraction f means the largest valid g with 1/g >= f; exact at g=1"
+    )
+
+    def __init__(self, refine_sweeps: int = DEFAULT_REFINE_SWEEPS):
+        self.refine_sweeps = refine_sweeps
+
+    def unsupported_reason(self, layer: nn.Module) -> str | None:
+        kind = layer_kind(layer)
+        if kind not in ("Conv1d", "Conv2d"):
+            return f"grouped factorizes Conv1d/Conv2d, not {type(layer).__name__} (use svd)"
+        geo = LayerGeometry.of(layer)
+        if geo.is_depthwise:
+            return "already depthwise (groups == in_channels): nothing to factorize across channels"
+        if geo.groups > 1:
+            return f"grouped does not regroup a grouped conv (groups={geo.groups}); use tucker2, per group"
+        return None
+
+    def rank_component_names(self) -> tuple[str, ...]:
+        return ("g", "r_in", "r_out")
+
+    def full_rank(self, layer: nn.Module) -> int:
+        return 1
+
+    def kept_energy(self, layer: nn.Module, rank: Rank) -> float:
+        """Share of ||W||^2 that ``decompose(layer, rank)`` keeps."""
+        g, r_in, r_out = _expand_rank(LayerGeometry.of(layer), rank)
+        return grouped_factors(layer.weight, g, r_in, r_out, self.refine_sweeps).kept_energy
+
+    def rank_from_energy(self, layer: nn.Module, energy: float) -> int:
+        """The largest valid g whose grouping keeps >= ``energy`` of ||W||^2 (g=1 keeps all)."""
+        if not 0.0 < energy <= 1.0:
+            raise RankError(f"energy must be in (0, 1], got {energy}")
+        geo = LayerGeometry.of(layer)
+        # Kept energy need not be monotone in g (g=3 vs g=4 share no nesting), so try each, largest first.
+        for g in reversed(valid_group_counts(geo.in_channels, geo.out_channels)):
+            if g == 1 or self.kept_energy(layer, g) >= energy - 1e-12:
+                return g
+        return 1
+
+    def resolve_rank(self, layer: nn.Module, rank: object = None, energy: float | None = None,
+                     align: int | None = None) -> Rank:
+        """g from an int, a fraction (largest valid g with 1/g >= f), (g, r_in, r_out) or energy.
+
+        ``align`` makes each group's channel counts multiples of it: r_in and r_out are rounded up to
+        multiples of g * align (capped at C), lowering g until that works (g=1 if it never does).
+        """
+        if rank is not None and energy is not None:
+            raise RankError(f"{self.name}: give either rank or energy, not both")
+        if energy is not None:
+            is_number = isinstance(energy, (int, float, np.integer, np.floating)) and not isinstance(energy, bool)
+            if not (is_number and 0 < energy <= 1):
+                raise RankError(f"{self.name}: energy must be in (0, 1], got {energy!r}")
+        geo = LayerGeometry.of(layer)
+        c_in, c_out = geo.in_channels, geo.out_channels
+        r_in, r_out = c_in, c_out
+        if energy is not None:
+            g = self.rank_from_energy(layer, energy)
+        elif rank is None:
+            g = 1
+        elif is_fraction(rank):
+            if not 0.0 < rank <= 1.0:
+                raise RankError(f"{self.name}: a fractional rank must be in (0, 1], got {rank}")
+            g = max(v for v in valid_group_counts(c_in, c_out) if v * rank <= 1.0 + 1e-9)
+        elif isinstance(rank, (tuple, list)):
+            if len(rank) != 3:
+                raise RankError(f"{self.name}: rank is g or (g, r_in, r_out), got {list(rank)}")
+            r_in = check_rank(rank[1], c_in, "r_in", self.name)
+            r_out = check_rank(rank[2], c_out, "r_out", self.name)
+            g = check_rank(rank[0], min(r_in, r_out), "g", self.name)
+        else:
+            g = check_rank(rank, min(c_in, c_out), "g", self.name)
+        if align and align > 1:
+            g, r_in, r_out = _aligned(g, r_in, r_out, c_in, c_out, align)
+        return self.validate_rank(layer, (g, r_in, r_out))
+
+    def validate_rank(self, layer: nn.Module, rank: tuple[int, ...]) -> Rank:
+        geo = LayerGeometry.of(layer)
+        g, r_in, r_out = _expand_rank(geo, rank if len(rank) == 3 else rank[0])
+        if r_in % g or r_out % g:
+            valid = ", ".join(map(str, valid_group_counts(r_in, r_out)))
+            raise RankError(f"{self.name}: g={g} must divide r_in={r_in} and r_out={r_out}; valid g: {valid}")
+        return _canonical_rank(geo, g, r_in, r_out)
+
+    def decompose(self, layer: nn.Module, rank: Rank) -> GroupedConv:
+        module = GroupedConv.empty(layer, rank)
+        g, r_in, r_out = _expand_rank(module.geometry, rank)
+        result = grouped_factors(layer.weight, g, r_in, r_out, self.refine_sweeps)
+        set_weight(module.project_in, result.project_in)
+        set_weight(module.core, result.core)
+        set_weight(module.project_out, result.project_out, None if layer.bias is None else layer.bias.detach())
+        module.kept_energy = result.kept_energy
+        module.index_order_energy = result.index_order_energy
+        return module
+
+    def build(self, layer: nn.Module, rank: Rank) -> GroupedConv:
+        return GroupedConv.empty(layer, rank)
+
+
+register(Grouped())
