@@ -1,0 +1,29 @@
+"""Automatic policy: budget-driven, data-aware and latency-aware choice of ranks and methods.
+
+``resolve_policy`` turns a policy with a ``target`` (``{macs|params|latency: F}``) or ``method: auto``
+rules into plain per-layer rules, which ``convfactor.factorize`` then applies; with calibration data it
+also builds the data-aware factorized modules. ``finetune`` is an optional short distillation of the
+result towards the original network's outputs.
+"""
+
+from .allocate import Allocation, InfeasibleBudget, allocate
+from .finetune import finetune
+from .latency import LatencyCache, LatencyModel, LatencyOptions
+from .options import AutoOptions
+from .resolve import Resolution, resolve_policy
+from .vbmf import vbmf_layer_rank, vbmf_rank
+
+__all__ = [
+    "Resolution",
+    "resolve_policy",
+    "AutoOptions",
+    "LatencyOptions",
+    "LatencyModel",
+    "LatencyCache",
+    "Allocation",
+    "InfeasibleBudget",
+    "allocate",
+    "finetune",
+    "vbmf_rank",
+    "vbmf_layer_rank",
+]

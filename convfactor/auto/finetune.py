@@ -1,0 +1,167 @@
+"""Optional: a short knowledge distillation of a factorized model towards the original's outputs.
+
+Factorization without data, or with a tight budget, shifts the outputs; a few hundred optimizer steps
+on unlabelled inputs, with the original network as the teacher, recover much of it. Labels are never
+needed: the loss compares the two networks' outputs (KL divergence of the softened class distributions,
+or mean squared error of the raw outputs).
+
+The student is trained in eval mode: factorize folds BatchNorm away, and a model that still has
+BatchNorm should not have its running statistics overwritten by a few small batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConvfactorError
+from .calibration import flat_outputs
+
+__all__ = ["FinetuneResult", "finetune", "distillation_loss", "LOSSES"]
+
+LOSSES = ("kl", "mse")
+
+
+@dataclass
+class FinetuneResult:
+    """Loss per step (before the step's update) and the settings used."""
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    lr: float = 0.0
+    loss: str = "kl"
+
+    @property
+    def first(self) -> float:
+        return self.losses[0]
+
+    @property
+    def last(self) -> float:
+        return self.losses[-1]
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
+                      temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(teacher/T) || softmax(student/T)) * T^2 over the last axis, or MSE of the outputs.
+
+    Args:
+        student, teacher: outputs of the same shape (logits for ``kl``).
+        kind: ``"kl"`` or ``"mse"``.
+        temperature: softening of ``kl`` (T); the T^2 factor keeps gradients comparable across T.
+    """
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    if kind == "kl":
+        log_p = F.log_softmax(teacher / temperature, dim=-1)
+        log_q = F.log_softmax(student / temperature, dim=-1)
+        return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * temperature**2
+    raise ConvfactorError(f"unknown distillation loss {kind!r}; choose one of {', '.join(LOSSES)}")
+
+
+def _batches(data: Any, n_inputs: int) -> Callable[[], list[tuple[torch.Tensor, ...]]]:
+    if isinstance(data, torch.Tensor):
+        chunks = [(chunk,) for chunk in data.split(64)]
+        return lambda: chunks
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise ConvfactorError(f"finetune data must be a tensor, a list of batches or a DataLoader, "
+                              f"not {type(data).__name__}")
+
+    def one_pass() -> list[tuple[torch.Tensor, ...]]:
+        out = []
+        for batch in data:
+            tensors = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)[:n_inputs]
+            if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+                raise ConvfactorError("each finetune batch must hold the model's input tensor(s)")
+            out.append(tensors)
+        if not out:
+            raise ConvfactorError("finetune data is empty")
+        return out
+
+    return one_pass
+
+
+def finetune(
+    factorized: nn.Module,
+    teacher: nn.Module,
+    data: Any,
+    steps: int = 100,
+    lr: float = 1e-4,
+    loss: str = "kl",
+    progress: bool = True,
+    *,
+    temperature: float = 1.0,
+    n_inputs: int = 1,
+    weight_decay: float = 0.0,
+) -> FinetuneResult:
+    """Distil ``teacher`` into ``factorized`` for ``steps`` Adam steps (optional; modifies ``factorized``).
+
+    Args:
+        factorized: the student, e.g. the result of ``convfactor.factorize``; trained in place.
+        teacher: the original network (left unchanged, run without gradients).
+        data: inputs only (a tensor split into batches of 64, a list of batches or a DataLoader;
+            ``(x, y)`` batches keep their first ``n_inputs`` tensors); cycled until ``steps``.
+        steps: optimizer steps.
+        lr: Adam learning rate.
+        loss: ``"kl"`` (classifier logits) or ``"mse"`` (any output).
+        progress: show a progress bar.
+        temperature: softening of the KL loss.
+        n_inputs: how many tensors the model takes.
+        weight_decay: Adam weight decay.
+    Returns:
+        A ``FinetuneResult`` with the loss of every step.
+
+    Example:
+        >>> small = convfactor.factorize(model, policy, x, calibration=calib)
+        >>> result = finetune(small, model, train_x, steps=200, lr=1e-4)
+        >>> result.last < result.first
+        True
+    """
+    if loss not in LOSSES:
+        raise ConvfactorError(f"unknown distillation loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if steps < 1 or lr <= 0:
+        raise ConvfactorError(f"finetune needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    params = [p for p in factorized.parameters() if p.is_floating_point()]
+    if not params:
+        raise ConvfactorError("the model has no floating-point parameters to fine-tune")
+    source = _batches(data, n_inputs)
+    was_training = factorized.training, teacher.training
+    grad_flags = [p.requires_grad for p in params]
+    factorized.eval()
+    teacher.eval()
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    result = FinetuneResult(steps=steps, lr=lr, loss=loss)
+    stream = itertools.chain.from_iterable(source() for _ in itertools.count())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="finetune", unit="step", leave=False)
+    try:
+        for _, batch in zip(range(steps), stream):
+            with torch.no_grad():
+                targets = flat_outputs(teacher(*batch))
+            outputs = flat_outputs(factorized(*batch))
+            value = sum(distillation_loss(o, t.detach(), loss, temperature) for o, t in zip(outputs, targets))
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            result.losses.append(float(value.detach()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.losses[-1]:.4g}")
+    finally:
+        if bar is not None:
+            bar.close()
+        for p, flag in zip(params, grad_flags):
+            p.requires_grad_(flag)
+        factorized.train(was_training[0])
+        teacher.train(was_training[1])
+    return result

@@ -1,0 +1,49 @@
+"""Tuning knobs of the automatic policy, with the defaults ``factorize`` uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .calibration import DEFAULT_MAX_ROWS, DEFAULT_MAX_SAMPLES
+from .candidates import FRACTION_GRID
+from .data_aware import DEFAULT_DAMPING
+
+__all__ = ["AutoOptions", "SLOW_METHODS"]
+
+# Excluded from ``method: auto`` unless listed in ``auto_methods``: CP's ALS takes seconds per rank on a
+# 64-channel 3x3 layer (136 s for a 14-rank grid measured on 2 cores), too slow to evaluate a grid of
+# candidates per layer. A rule naming ``method: cp`` still gets its ranks allocated.
+SLOW_METHODS = ("cp",)
+
+
+@dataclass(frozen=True)
+class AutoOptions:
+    """How candidates are generated, scored and allocated.
+
+    Attributes:
+        fractions: fractions of each method's full rank tried per layer.
+        auto_methods: methods ``method: auto`` may choose; None: every registered method but SLOW_METHODS.
+        vbmf: add each layer's VBMF rank estimate to the grid (spatial_svd, svd, tucker2).
+        max_samples: calibration samples used at most.
+        max_rows: input patches per layer used for its covariance at most.
+        damping: ridge of the data-aware whitening, relative to the mean input variance.
+        sensitivity: measure each layer's sensitivity on the calibration data (else 1.0 for every layer).
+        sensitivity_samples: calibration samples used for the sensitivity probes.
+        sequential: with calibration data, refit the chosen layers in execution order on the inputs the
+            partially factorized network gives them, so errors do not accumulate (two forward passes
+            of the calibration data per replaced layer).
+        bins: budget resolution of the allocator's dynamic program.
+        seed: seed of the patch subsampling.
+    """
+
+    fractions: tuple[float, ...] = FRACTION_GRID
+    auto_methods: tuple[str, ...] | None = None
+    vbmf: bool = True
+    max_samples: int = DEFAULT_MAX_SAMPLES
+    max_rows: int = DEFAULT_MAX_ROWS
+    damping: float = DEFAULT_DAMPING
+    sensitivity: bool = True
+    sensitivity_samples: int = 128
+    sequential: bool = True
+    bins: int = 4000
+    seed: int = 0

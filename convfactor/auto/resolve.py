@@ -1,0 +1,677 @@
+"""Resolve a policy with a target or ``method: auto`` into plain per-layer rules (and data-aware modules).
+
+    layers the rules match -> candidates (method, rank) with cost and predicted loss -> allocation
+    -> one exact-name rule per layer (method and concrete rank, or skip)
+    [-> with calibration data: data-aware factors, refit in execution order on the partially
+        factorized network's activations (``AutoOptions.sequential``)]
+    [-> latency: whole-model check, layers dropped until the result is measured faster]
+
+Predicted loss of a candidate = sensitivity * error2. Without calibration data, error2 is the relative
+squared weight error and every sensitivity is 1. With calibration data, error2 is the relative squared
+error of the layer's output on the real inputs (data-aware factors where the method has them) and the
+sensitivity is measured: the network-output error a probe replacement of that layer causes, per unit
+of its own output error. Costs: MACs or parameters exactly as ``convfactor.costs`` counts them, or the
+measured onnxruntime time of the layer alone (``convfactor.auto.latency``).
+
+Targets: ``{macs: F}`` / ``{params: F}``: the whole model (layers the policy leaves alone count at full
+cost) must cost <= F times the original, guaranteed; ``{latency: F}``: predicted by the latency model,
+then the whole factorized model is timed against the original and layers are dropped until it is faster.
+``method: auto`` without a target picks, per layer, the fastest method at the rule's rank spec among
+those measured faster than the original layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from passes.annotate_shapes import layer_io_shapes
+from passes.factorize_layers import _blocked_layers, candidate_layers, describe_shape, factorize_layers
+
+from ..costs import count_params, layer_macs, per_layer_macs
+from ..errors import PolicyError, RankError
+from ..geometry import layer_kind
+from ..methods import available_methods, get_method
+from ..methods.base import FactorizationMethod, FactorizedLayer, Rank
+from ..policy import AUTO, SKIP, Policy, Rule
+from .allocate import InfeasibleBudget, allocate
+from .calibration import (
+    calibration_batches,
+    execution_order,
+    layer_sensitivities,
+    layer_statistics,
+    paired_statistics,
+)
+from .candidates import Option, WeightErrors, rank_grid, rank_to_json, replacement_costs
+from .data_aware import corrected_weight, grouped_weight, layer_factorizer, output_error2
+from .latency import LatencyModel
+from .options import SLOW_METHODS, AutoOptions
+from .vbmf import VBMF_METHODS, vbmf_layer_rank
+
+__all__ = ["Resolution", "resolve_policy", "VBMF_RANK"]
+
+# A rule's ``rank: vbmf`` asks for the VBMF estimate (needs the policy change described in the report).
+VBMF_RANK = "vbmf"
+WEIGHT_BASED = "weight-based selection (no calibration data): error = relative squared weight error, sensitivity 1"
+_ALIGN_FOR_LATENCY = 16  # onnxruntime's CPU conv fast path works on blocks of 16 channels
+
+
+@dataclass
+class Resolution:
+    """What ``resolve_policy`` decided.
+
+    Attributes:
+        policy: plain per-layer rules (exact-name ``match``, concrete method and rank, or skip).
+        prebuilt: {layer name: factorized module} with data-aware weights, or None.
+        info: JSON-able account of the decision (per layer: chosen option, alternatives, reasons).
+    """
+
+    policy: Policy
+    prebuilt: dict[str, FactorizedLayer] | None
+    info: dict[str, Any]
+
+
+@dataclass
+class _LayerPlan:
+    name: str
+    layer: nn.Module
+    rule_index: int | None
+    rule: Rule | None
+    methods: list[FactorizationMethod] = field(default_factory=list)
+    reason: str | None = None  # why the layer is not open to a decision
+    in_shape: tuple[int, ...] | None = None
+    calls: int = 1
+    original: Option | None = None
+    options: list[Option] = field(default_factory=list)  # replacements still in the running
+    dropped: list[str] = field(default_factory=list)  # short notes on options removed
+    sensitivity: float = 1.0
+    chosen: Option | None = None
+    decision: str | None = None  # why the chosen option was chosen / the layer was left
+
+    @property
+    def open(self) -> bool:
+        return self.reason is None and bool(self.methods)
+
+
+def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _round(value: float | None, digits: int = 6) -> float | None:
+    if value is None or value == 0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - int(math.floor(math.log10(abs(value)))))
+
+
+def resolve_policy(
+    root: nn.Module,
+    policy: Policy | Mapping | str,
+    *,
+    shapes: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+    example_inputs: Any = None,
+    calibration: Any = None,
+    latency: Mapping[str, Any] | None = None,
+    progress: bool = False,
+    options: AutoOptions | None = None,
+    latency_model: LatencyModel | None = None,
+) -> Resolution:
+    """Turn a target / ``auto`` policy into plain per-layer rules for ``root``.
+
+    Args:
+        root: the (BatchNorm-folded) network about to be factorized; not modified.
+        policy: the policy (a ``Policy`` or anything ``Policy.from_any`` takes).
+        shapes: {layer: (input shape, output shape)}; computed from the inputs when missing.
+        example_inputs: tensor(s) the model runs on: needed for MAC counts and layer input shapes
+            (without them, the first calibration sample is used).
+        calibration: real inputs (tensor, list of batches, DataLoader) for data-aware factorization.
+        latency: ``LatencyOptions`` mapping, e.g. ``{"threads": 1, "cache": path}``.
+        progress: show progress bars.
+        options: ``AutoOptions`` (rank grid, methods for auto, damping, ...).
+        latency_model: a ready ``LatencyModel`` (tests pass one with stub timers); else built from ``latency``.
+    Returns:
+        A ``Resolution``.
+    Raises:
+        PolicyError: a target that cannot be met, or information the policy needs is missing.
+
+    Example:
+        >>> res = resolve_policy(root, {"rules": [{"types": ["Conv2d"], "method": "auto"}],
+        ...                             "target": {"macs": 0.5}}, example_inputs=x)
+        >>> res.policy.rules[0].to_dict()
+        {'match': 'conv1', 'method': 'spatial_svd', 'rank': 12}
+    """
+    opts = options or AutoOptions()
+    policy = Policy.from_any(policy)
+    inputs = _as_inputs(example_inputs)
+    batches = None
+    if calibration is not None:
+        batches = calibration_batches(calibration, len(inputs) if inputs else 1, opts.max_samples, like=inputs)
+    if inputs is None and batches is not None:
+        inputs = tuple(t[:1] for t in batches[0])  # one calibration sample stands in for example_inputs
+    shapes = dict(shapes or {})
+    if not shapes and inputs is not None:
+        shapes = layer_io_shapes(root, inputs)
+    target = policy.target
+    timed = (target is not None and target[0] == "latency") or (
+        target is None and any(r.method == AUTO for r in policy.rules))
+    notes: list[str] = []
+
+    plans = _plan_layers(root, policy, opts)
+    open_plans = [p for p in plans if p.open]
+    if (target is not None and target[0] == "macs" or timed) and any(p.name not in shapes for p in open_plans):
+        what = "a macs target" if not timed else "latency measurement"
+        raise PolicyError(f"{what} needs example_inputs (the layers' input shapes and MAC counts)")
+    _set_shapes_and_calls(root, plans, shapes, inputs)
+
+    stats = None
+    if batches is not None:
+        layers = {p.name: p.layer for p in plans if p.open}
+        stats = layer_statistics(root, layers, batches, opts.max_rows, opts.seed) if layers else {}
+    model = None
+    if timed:
+        model = latency_model or LatencyModel(latency)
+        if model.cache.load_error:
+            notes.append(model.cache.load_error)
+
+    info: dict[str, Any] = {
+        "selection": WEIGHT_BASED if batches is None else
+        f"data-aware selection and factorization ({sum(len(b[0]) for b in batches)} calibration samples): "
+        "error = relative squared layer-output error on the calibration inputs, sensitivity measured"
+        + ("" if opts.sensitivity else " (disabled: 1.0)"),
+        "notes": notes,
+    }
+    prebuilt: dict[str, FactorizedLayer] = {}
+    factorizers: dict[tuple[str, str], Any] = {}
+
+    if target is not None:
+        kind, fraction = target
+        _build_options(plans, kind, opts, stats, factorizers, model, progress)
+        if batches is not None and opts.sensitivity:
+            _measure_sensitivities(root, plans, kind, stats, factorizers, batches, opts)
+        for plan in open_plans:
+            for option in plan.options:
+                option.loss = plan.sensitivity * option.error2
+        info["target"] = _allocate(root, plans, kind, fraction, inputs, opts, model, notes)
+        ignored = sorted({p.rule_index + 1 for p in open_plans if p.rule.rank is not None or p.rule.energy is not None})
+        if ignored:
+            notes.append(f"rule(s) {', '.join(map(str, ignored))}: rank/energy ignored, the target allocates ranks")
+    else:
+        _choose_fastest(plans, opts, stats, factorizers, model, progress)
+
+    if batches is not None and opts.sequential:
+        _build_prebuilt_sequentially(root, plans, batches, inputs, opts, prebuilt)
+        info["selection"] += "; factors refit sequentially on the partially factorized network's activations"
+    else:
+        _build_prebuilt(plans, stats, factorizers, opts, prebuilt)
+    resolved = _resolved_policy(plans)
+    if model is not None and model.options.verify and inputs is not None:
+        droppable = [p for p in plans if p.chosen is not None and (target is not None or p.rule.method == AUTO)]
+        resolved, prebuilt, info["verification"] = _verify_faster(root, plans, droppable, resolved, prebuilt,
+                                                                  shapes, inputs, model)
+    if model is not None:
+        info["latency"] = {"threads": model.options.threads, "cache": str(model.cache.path),
+                           "measured_variants": model.measured}
+    info["layers"] = {p.name: _layer_info(p, target[0] if target else "latency") for p in plans
+                      if p.rule is not None}
+    info["predicted_loss"] = _round(sum(p.chosen.loss for p in plans if p.chosen is not None))
+    return Resolution(resolved, prebuilt or None, info)
+
+
+# -- which layers, which methods -------------------------------------------------------------------
+
+
+def _auto_methods(opts: AutoOptions) -> list[str]:
+    if opts.auto_methods is not None:
+        return list(opts.auto_methods)
+    return [m for m in available_methods() if m not in SLOW_METHODS]
+
+
+def _plan_layers(root: nn.Module, policy: Policy, opts: AutoOptions) -> list[_LayerPlan]:
+    blocked = _blocked_layers(root)
+    plans = []
+    for name, layer in candidate_layers(root):
+        found = policy.rule_for(name, layer_kind(layer))
+        plan = _LayerPlan(name, layer, None if found is None else found[0], None if found is None else found[1])
+        plans.append(plan)
+        if found is None:
+            plan.reason = "no policy rule matches"
+            continue
+        rule = plan.rule
+        if rule.method == SKIP:
+            plan.reason = f"rule {plan.rule_index + 1}: skip"
+            continue
+        names = _auto_methods(opts) if rule.method == AUTO else [rule.method]
+        reasons = []
+        for method_name in names:
+            method = get_method(method_name)
+            why = method.unsupported_reason(layer)
+            if why is None:
+                plan.methods.append(method)
+            else:
+                reasons.append(why if why.startswith(method_name) else f"{method_name}: {why}")
+        if name in blocked:
+            plan.reason = blocked[name]
+        elif not plan.methods:
+            joined = "; ".join(reasons)
+            plan.reason = joined if rule.method != AUTO else f"no method can represent it: {joined}"
+    return plans
+
+
+def _set_shapes_and_calls(root: nn.Module, plans: list[_LayerPlan], shapes: Mapping, inputs: Any) -> None:
+    totals = per_layer_macs(root, inputs) if inputs is not None else {}
+    for plan in plans:
+        in_out = shapes.get(plan.name)
+        macs = None
+        if in_out is not None:
+            plan.in_shape = tuple(in_out[0])
+            single = layer_macs(plan.layer, in_out[1])
+            macs = totals.get(plan.name, single)
+            plan.calls = max(1, round(macs / single)) if single else 1
+        plan.original = Option(None, None, macs, count_params(plan.layer))
+
+
+# -- candidates ------------------------------------------------------------------------------------
+
+
+def _ranks_for(plan: _LayerPlan, method: FactorizationMethod, opts: AutoOptions, timed: bool) -> list[Rank]:
+    extra: list[Rank] = []
+    if opts.vbmf and method.name in VBMF_METHODS:
+        extra.append(vbmf_layer_rank(method.name, plan.layer))
+    align = plan.rule.align
+    ranks = rank_grid(method, plan.layer, opts.fractions, align=align, extra_ranks=extra)
+    if timed and align is None:
+        # Measured time decides, so offer the x16-aligned ranks onnxruntime's fast path prefers too.
+        for rank in rank_grid(method, plan.layer, opts.fractions, align=_ALIGN_FOR_LATENCY, extra_ranks=extra):
+            if rank not in ranks:
+                ranks.append(rank)
+    return ranks
+
+
+def _error_function(plan: _LayerPlan, method: FactorizationMethod, stats: Any, factorizers: dict, opts: AutoOptions):
+    """rank -> error2 for this layer and method (weight error, or output error on calibration data)."""
+    if stats is None:
+        return WeightErrors(method, plan.layer)
+    sigma = stats[plan.name].covariance
+    factorizer = layer_factorizer(method.name, plan.layer, sigma, opts.damping)
+    if factorizer is not None:
+        factorizers[(plan.name, method.name)] = factorizer
+        return factorizer.error2
+    groups = plan.layer.groups if hasattr(plan.layer, "groups") else 1
+    weight = grouped_weight(plan.layer.weight, groups)
+
+    def error2(rank: Rank) -> float:
+        approx = grouped_weight(method.decompose(plan.layer, rank).dense_weight(), groups)
+        return output_error2(weight, approx, sigma)
+
+    return error2
+
+
+def _spread(options: list[Option], count: int) -> list[Option]:
+    """At most ``count`` options evenly spread over the list (sorted by MACs), keeping both ends."""
+    if len(options) <= count:
+        return options
+    ordered = sorted(options, key=lambda o: (o.macs or 0, o.params))
+    picks = sorted({round(i * (len(ordered) - 1) / (count - 1)) for i in range(count)})
+    return [ordered[i] for i in picks]
+
+
+def _build_options(plans: list[_LayerPlan], kind: str, opts: AutoOptions, stats: Any, factorizers: dict,
+                   model: LatencyModel | None, progress: bool) -> None:
+    timed = kind == "latency"
+    todo = [p for p in plans if p.open]
+    for plan in _progress(todo, progress, "candidates"):
+        filter_kind = "macs" if timed or kind == "macs" else "params"
+        original_cost = plan.original.cost(filter_kind)
+        by_method: dict[str, list[Option]] = {}
+        for method in plan.methods:
+            kept = []
+            for rank in _ranks_for(plan, method, opts, timed):
+                macs, params = replacement_costs(method, plan.layer, rank, plan.in_shape)
+                option = Option(method.name, rank, None if macs is None else macs * plan.calls, params)
+                if option.cost(filter_kind) >= original_cost:
+                    plan.dropped.append(f"{option.label()}: {filter_kind} >= original")
+                else:
+                    kept.append(option)
+            if timed:
+                kept = _spread(kept, model.options.max_candidates)
+            by_method[method.name] = kept
+        if timed:
+            variants = [(o.method, o.rank) for kept in by_method.values() for o in kept]
+            original_ms, times = model.layer_times(plan.layer, plan.in_shape, variants)
+            plan.original.latency_ms = original_ms * plan.calls
+            for kept in by_method.values():
+                for option in kept:
+                    option.latency_ms = times[(option.method, option.rank)] * plan.calls
+            for method_name, kept in by_method.items():
+                slower = [o for o in kept if o.latency_ms >= plan.original.latency_ms]
+                plan.dropped.extend(f"{o.label()}: measured {o.latency_ms:.4f} ms >= original "
+                                    f"{plan.original.latency_ms:.4f} ms" for o in slower)
+                by_method[method_name] = [o for o in kept if o.latency_ms < plan.original.latency_ms]
+        for method in plan.methods:
+            kept = by_method[method.name]
+            if not kept:
+                continue
+            error2 = _error_function(plan, method, stats, factorizers, opts)
+            for option in kept:
+                option.error2 = float(error2(option.rank))
+            plan.options.extend(kept)
+        if not plan.options:
+            plan.decision = ("no replacement measured faster than the original layer" if timed
+                             else f"no candidate costs fewer {filter_kind} than the original layer")
+
+
+def _progress(items: list, progress: bool, desc: str):
+    if not progress or not items:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="layer", leave=False)
+
+
+def _candidate_module(plan: _LayerPlan, option: Option, factorizers: dict) -> FactorizedLayer:
+    factorizer = factorizers.get((plan.name, option.method))
+    if factorizer is not None:
+        return factorizer.module(option.rank)
+    return get_method(option.method).decompose(plan.layer, option.rank)
+
+
+def _measure_sensitivities(root: nn.Module, plans: list[_LayerPlan], kind: str, stats: Any, factorizers: dict,
+                           batches: list, opts: AutoOptions) -> None:
+    """Probe each layer with its candidate nearest half the original cost; sensitivity = output/layer error."""
+    probes, layers = {}, {}
+    for plan in plans:
+        if not plan.options:
+            continue
+        half = plan.original.cost(kind) / 2
+        option = min(plan.options, key=lambda o: (abs(o.cost(kind) - half), o.error2))
+        probes[plan.name] = _candidate_module(plan, option, factorizers)
+        layers[plan.name] = plan.layer
+    subset, count = [], 0
+    for batch in batches:
+        if count >= opts.sensitivity_samples:
+            break
+        take = min(len(batch[0]), opts.sensitivity_samples - count)
+        subset.append(tuple(t[:take] for t in batch))
+        count += take
+    measured = layer_sensitivities(root, layers, probes, subset)
+    positive = sorted(m["sensitivity"] for m in measured.values() if m["sensitivity"] > 0)
+    fallback = positive[len(positive) // 2] if positive else 1.0
+    for plan in plans:
+        if plan.name in measured:
+            value = measured[plan.name]["sensitivity"]
+            # An exact probe (no layer error) says nothing: use the median layer's sensitivity.
+            plan.sensitivity = value if value > 0 else fallback
+
+
+# -- allocation ------------------------------------------------------------------------------------
+
+
+def _model_total(root: nn.Module, kind: str, inputs: Any, plans: list[_LayerPlan], model: LatencyModel | None) -> float:
+    if kind == "macs":
+        return float(sum(per_layer_macs(root, inputs).values()))
+    if kind == "params":
+        return float(count_params(root))
+    return float(model.model_ms(root, inputs))
+
+
+def _allocate(root: nn.Module, plans: list[_LayerPlan], kind: str, fraction: float, inputs: Any,
+              opts: AutoOptions, model: LatencyModel | None, notes: list[str]) -> dict[str, Any]:
+    open_plans = [p for p in plans if p.open]
+    total = _model_total(root, kind, inputs, plans, model)
+    allocatable = math.fsum(p.original.cost(kind) for p in open_plans)
+    fixed = total - allocatable
+    if kind == "latency":
+        budget_total = fraction * total
+    else:
+        # The largest integer count whose ratio to the original does not exceed the fraction.
+        budget_total = math.floor(fraction * total)
+        while budget_total > 0 and budget_total / total > fraction:
+            budget_total -= 1
+    groups = [[(p.original.cost(kind), 0.0)] + [(o.cost(kind), o.loss) for o in p.options] for p in open_plans]
+    budget = budget_total - fixed
+    try:
+        allocation = allocate(groups, budget, opts.bins)
+        solver = allocation.solver
+        choice = allocation.choice
+    except InfeasibleBudget as infeasible:
+        reachable = (infeasible.minimum + fixed) / total if total else 1.0
+        if kind != "latency":
+            raise PolicyError(
+                f"target {kind} {fraction} is not reachable: the cheapest candidates leave {reachable:.3f} of the "
+                f"original {kind} (layers the policy leaves alone: {max(fixed, 0) / total:.3f})") from None
+        notes.append(f"latency target {fraction} not reachable by the latency model: every layer takes its "
+                     f"fastest candidate (predicted {reachable:.3f} of the original)")
+        choice = tuple(min(range(len(g)), key=lambda i: (g[i][0], g[i][1])) for g in groups)
+        solver = "fastest per layer"
+    predicted = fixed
+    for plan, index in zip(open_plans, choice):
+        plan.chosen = None if index == 0 else plan.options[index - 1]
+        predicted += plan.original.cost(kind) if plan.chosen is None else plan.chosen.cost(kind)
+        if plan.chosen is None and plan.options:
+            plan.decision = "left as is by the allocation (its candidates cost more fidelity per unit saved)"
+    exact = (lambda v: int(round(v))) if kind != "latency" else (lambda v: _round(v, 4))  # counts stay exact
+    return {"kind": kind, "fraction": fraction, "original": exact(total), "budget": exact(budget_total),
+            "fixed": exact(fixed), "predicted": exact(predicted),
+            "predicted_fraction": _round(predicted / total) if total else None, "solver": solver,
+            "basis": {"macs": "per sample, all Conv/Linear layers (convfactor.costs)",
+                      "params": "parameters of the BatchNorm-folded model (<= the original's)",
+                      "latency": "onnxruntime ms: whole original model minus the per-layer savings measured"}[kind]}
+
+
+# -- auto without a target -------------------------------------------------------------------------
+
+
+def _rule_rank(plan: _LayerPlan, method: FactorizationMethod) -> Rank:
+    rule = plan.rule
+    if rule.rank == VBMF_RANK:
+        rank = vbmf_layer_rank(method.name, plan.layer)
+        return method.resolve_rank(plan.layer, rank=rank_to_json(rank), align=rule.align)
+    return method.resolve_rank(plan.layer, rank=rule.rank, energy=rule.energy, align=rule.align)
+
+
+def _choose_fastest(plans: list[_LayerPlan], opts: AutoOptions, stats: Any, factorizers: dict,
+                    model: LatencyModel | None, progress: bool) -> None:
+    for plan in _progress([p for p in plans if p.open], progress, "methods"):
+        rule = plan.rule
+        if rule.method != AUTO:
+            try:
+                rank = _rule_rank(plan, plan.methods[0])
+            except RankError as exc:
+                raise RankError(f"{rule.describe(plan.rule_index)}, layer {plan.name!r}: {exc}") from None
+            macs, params = replacement_costs(plan.methods[0], plan.layer, rank, plan.in_shape)
+            plan.chosen = Option(rule.method, rank, None if macs is None else macs * plan.calls, params)
+            plan.decision = f"rule {plan.rule_index + 1}"
+            continue
+        if rule.rank is None and rule.energy is None:
+            raise PolicyError(f"{rule.describe(plan.rule_index)}: method 'auto' without a target needs a rank "
+                              "spec (e.g. energy: 0.9) or a policy target (e.g. target: {latency: 0.7})")
+        candidates = []
+        for method in plan.methods:
+            try:
+                rank = _rule_rank(plan, method)
+            except RankError as exc:  # e.g. rank: vbmf for a method VBMF does not apply to
+                plan.dropped.append(f"{method.name}: {exc}")
+                continue
+            macs, params = replacement_costs(method, plan.layer, rank, plan.in_shape)
+            candidates.append(Option(method.name, rank, None if macs is None else macs * plan.calls, params))
+        if not candidates:
+            plan.decision = "no method resolves the rule's rank spec for this layer"
+            continue
+        original_ms, times = model.layer_times(plan.layer, plan.in_shape, [(o.method, o.rank) for o in candidates])
+        plan.original.latency_ms = original_ms * plan.calls
+        for option in candidates:
+            option.latency_ms = times[(option.method, option.rank)] * plan.calls
+            errors = _error_function(plan, get_method(option.method), stats, factorizers, opts)
+            option.error2 = float(errors(option.rank))
+            option.loss = option.error2
+        plan.options = candidates
+        faster = [o for o in candidates if o.latency_ms < plan.original.latency_ms]
+        plan.dropped += [f"{o.label()}: measured {o.latency_ms:.4f} ms >= original {plan.original.latency_ms:.4f} ms"
+                        for o in candidates if o not in faster]
+        if faster:
+            plan.chosen = min(faster, key=lambda o: (o.latency_ms, o.error2))
+            plan.decision = "the fastest measured method at the rule's rank spec"
+        else:
+            plan.decision = "no method at the rule's rank spec measured faster than the original layer"
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+
+def _build_prebuilt(plans: list[_LayerPlan], stats: Any, factorizers: dict, opts: AutoOptions,
+                    prebuilt: dict[str, FactorizedLayer]) -> None:
+    if stats is None:
+        return
+    for plan in plans:
+        option = plan.chosen
+        if option is None or plan.name not in stats:
+            continue
+        factorizer = factorizers.get((plan.name, option.method))
+        if factorizer is None:
+            factorizer = layer_factorizer(option.method, plan.layer, stats[plan.name].covariance, opts.damping)
+        if factorizer is not None:
+            prebuilt[plan.name] = factorizer.module(option.rank)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _build_prebuilt_sequentially(root: nn.Module, plans: list[_LayerPlan], batches: list, inputs: tuple,
+                                 opts: AutoOptions, prebuilt: dict[str, FactorizedLayer]) -> None:
+    """Factorize the chosen layers in execution order, each fitted on the inputs the network now gives it.
+
+    A working copy of ``root`` receives every replacement as it is made; the next layer's target is the
+    original network's output of that layer, its inputs those of the working copy (``corrected_weight``).
+    Methods without data-aware factors are decomposed from the weight and installed all the same.
+    """
+    chosen = {p.name: p for p in plans if p.chosen is not None}
+    if not chosen:
+        return
+    work = copy.deepcopy(root)
+    for name in execution_order(root, list(chosen), inputs):
+        plan = chosen[name]
+        option = plan.chosen
+        sigma, cross = paired_statistics(root, work, name, batches, opts.max_rows, opts.seed)
+        groups = getattr(plan.layer, "groups", 1)
+        weight = corrected_weight(grouped_weight(plan.layer.weight, groups), sigma, cross, opts.damping)
+        factorizer = layer_factorizer(option.method, plan.layer, sigma, opts.damping, weight=weight)
+        if factorizer is None:
+            module = get_method(option.method).decompose(plan.layer, option.rank)
+        else:
+            module = prebuilt[name] = factorizer.module(option.rank)
+        _set_submodule(work, name, copy.deepcopy(module))
+
+
+def _resolved_policy(plans: list[_LayerPlan]) -> Policy:
+    rules = []
+    for plan in plans:
+        if plan.rule is None:
+            continue
+        if plan.chosen is not None:
+            rules.append(Rule(method=plan.chosen.method, match=plan.name,
+                              rank=plan.chosen.rank if isinstance(plan.chosen.rank, (int, tuple)) else None))
+        elif plan.rule.method not in (SKIP, AUTO) and plan.reason is not None:
+            # factorize_layers reports the method's own reason (unsupported, tied weights) for this layer.
+            rules.append(Rule(method=plan.rule.method, match=plan.name))
+        else:
+            rules.append(Rule(method=SKIP, match=plan.name))
+    if not rules:
+        rules.append(Rule(method=SKIP, match="*"))
+    return Policy(tuple(rules))
+
+
+def _verify_faster(root: nn.Module, plans: list[_LayerPlan], chosen: list[_LayerPlan], resolved: Policy,
+                   prebuilt: dict, shapes: Mapping, inputs: tuple,
+                   model: LatencyModel) -> tuple[Policy, dict, dict[str, Any]]:
+    """Time the factorized model against the original; drop layers of ``chosen`` until it is faster.
+
+    Layers are dropped smallest predicted saving first, 1, 2, 4, ... at a time (keeping at least one while
+    rounds remain); when the rounds run out and it is still not faster, every layer of ``chosen`` is left
+    as is, so the result is never measured slower than the original.
+    """
+    # Smallest predicted saving first: those are the layers most likely to lose to fusion and overhead.
+    order = sorted(chosen, key=lambda p: (p.original.latency_ms or 0) - (p.chosen.latency_ms or 0))
+    rounds = []
+    dropped: list[_LayerPlan] = []
+    step = 1
+    while True:
+        if not chosen or len(dropped) == len(chosen):
+            rounds.append({"dropped": len(dropped), "speedup": None})
+            break
+        candidate = copy.deepcopy(root)
+        factorize_layers(candidate, resolved, shapes, prebuilt={k: copy.deepcopy(v) for k, v in prebuilt.items()})
+        speedup = float(model.speedup(root, candidate, inputs))
+        rounds.append({"dropped": len(dropped), "speedup": _round(speedup)})
+        if speedup > 1.0 or len(rounds) >= model.options.verify_rounds:
+            if speedup <= 1.0:
+                dropped = list(chosen)  # out of rounds and still not faster: leave every layer as is
+            break
+        # Drop 1, 2, 4, ... more, but keep at least one layer while rounds remain (a final all-drop follows).
+        take = max(1, min(step, len(chosen) - len(dropped) - 1))
+        dropped.extend(order[len(dropped): len(dropped) + take])
+        step *= 2
+        for plan in dropped:
+            if plan.chosen is not None:
+                plan.decision = ("dropped after the whole factorized model was not faster than the original "
+                                 f"(measured {speedup:.3f}x)")
+                plan.chosen = None
+        prebuilt = {k: v for k, v in prebuilt.items() if k not in {p.name for p in dropped}}
+        resolved = _resolved_policy(plans)
+    for plan in dropped:
+        if plan.chosen is not None:
+            plan.decision = "dropped: the factorized model was never measured faster than the original"
+            plan.chosen = None
+    prebuilt = {k: v for k, v in prebuilt.items() if k not in {p.name for p in dropped}}
+    return _resolved_policy(plans), prebuilt, {"rounds": rounds, "layers_dropped": [p.name for p in dropped]}
+
+
+def _option_info(option: Option, original: Option, kind: str) -> dict[str, Any]:
+    out = {"method": option.method, "rank": rank_to_json(option.rank), "macs": option.macs,
+           "params": option.params, "error2": _round(option.error2), "loss": _round(option.loss)}
+    if option.latency_ms is not None:
+        out["latency_ms"] = _round(option.latency_ms, 4)
+    base = original.cost(kind) if _has_cost(original, kind) else None
+    if base:
+        out["cost_fraction"] = _round(option.cost(kind) / base, 4)
+    return out
+
+
+def _has_cost(option: Option, kind: str) -> bool:
+    return {"macs": option.macs, "params": option.params, "latency": option.latency_ms}[kind] is not None
+
+
+def _layer_info(plan: _LayerPlan, kind: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"shape": describe_shape(plan.layer), "rule": plan.rule_index + 1,
+                           "methods": [m.name for m in plan.methods]}
+    if plan.reason is not None:
+        out["chosen"] = None
+        out["reason"] = plan.reason
+        return out
+    original = plan.original
+    out["original"] = {"macs": original.macs, "params": original.params}
+    if original.latency_ms is not None:
+        out["original"]["latency_ms"] = _round(original.latency_ms, 4)
+    out["sensitivity"] = _round(plan.sensitivity)
+    out["chosen"] = None if plan.chosen is None else _option_info(plan.chosen, original, kind)
+    if plan.decision:
+        out["reason" if plan.chosen is None else "why"] = plan.decision
+    cost_kind = kind if _has_cost(original, kind) else "params"
+    base = original.cost(cost_kind) or 1.0
+    # Compact alternatives: [method, rank, cost as a fraction of the original, predicted loss].
+    out["options"] = [[o.method, rank_to_json(o.rank), _round(o.cost(cost_kind) / base, 4), _round(o.loss, 4)]
+                      for o in sorted(plan.options, key=lambda o: (o.method, o.cost(cost_kind)))]
+    if plan.dropped:
+        out["dropped"] = len(plan.dropped)
+        out["dropped_examples"] = plan.dropped[:3]
+    return out

@@ -1,0 +1,187 @@
+"""Latency model: cache keys and persistence, ONNX graphs of one layer, and decisions under stubbed timings.
+
+No test asserts a timing: measured times are replaced by deterministic stubs that count their calls.
+"""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import convfactor
+from convfactor.auto import latency as latency_module
+from convfactor.auto.latency import LatencyCache, LatencyModel, LatencyOptions, default_cache_path, layer_onnx
+from convfactor.methods import get_method
+from tests.auto.conftest import inputs, tiny_resnet
+
+X = inputs(1, seed=1)
+
+
+class StubTimer:
+    """Time = parameters * 1e-4 ms + 0.02 ms per stage: replacements of small layers do not pay."""
+
+    def __init__(self):
+        self.calls = 0
+        self.modules = 0
+
+    def __call__(self, modules, input_shape, options):
+        self.calls += 1
+        self.modules += len(modules)
+        return [sum(p.numel() for p in m.parameters()) * 1e-4 + 0.02 * len(list(_stages(m))) for m in modules]
+
+
+def _stages(module):
+    return [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+
+
+def stub_model(tmp_path, speedup=lambda original, candidate: 1.5, **options):
+    timer = StubTimer()
+    comparisons = []
+
+    def comparer(original, candidate, example_inputs, opts):
+        comparisons.append(candidate)
+        return speedup(original, candidate)
+
+    model = LatencyModel({"cache": tmp_path / "latency.json", **options}, timer=timer, comparer=comparer,
+                         model_timer=lambda module, example_inputs, opts: 5.0)
+    return model, timer, comparisons
+
+
+LAYER = nn.Conv2d(16, 32, 3, 1, 1)
+VARIANTS = [("spatial_svd", 8), ("tucker2", (8, 16))]
+
+
+def test_cache_survives_a_new_instance_without_measuring_again(tmp_path):
+    first, timer, _ = stub_model(tmp_path)
+    original, times = first.layer_times(LAYER, (1, 16, 8, 8), VARIANTS)
+    assert timer.modules == 3 and first.measured == 3
+    data = json.loads((tmp_path / "latency.json").read_text())
+    assert data["format"] == "convfactor-latency/1" and len(data["entries"]) == 3
+    second, timer2, _ = stub_model(tmp_path)
+    assert second.layer_times(LAYER, (1, 16, 8, 8), VARIANTS) == (original, times)
+    assert timer2.calls == 0 and second.measured == 0
+    # One new variant: only it is measured.
+    second.layer_times(LAYER, (1, 16, 8, 8), VARIANTS + [("spatial_svd", 4)])
+    assert timer2.modules == 1
+
+
+def test_keys_separate_everything_a_time_depends_on(tmp_path, monkeypatch):
+    model, _, _ = stub_model(tmp_path)
+    base = model.key(LAYER, (1, 16, 8, 8), "spatial_svd", 8)
+    others = {
+        model.key(LAYER, (2, 16, 8, 8), "spatial_svd", 8),  # input shape
+        model.key(LAYER, (1, 16, 8, 8), "spatial_svd", 16),  # rank
+        model.key(LAYER, (1, 16, 8, 8), "svd", 8),  # method
+        model.key(nn.Conv2d(16, 32, 3, 2, 1), (1, 16, 8, 8), "spatial_svd", 8),  # geometry
+        stub_model(tmp_path, threads=2)[0].key(LAYER, (1, 16, 8, 8), "spatial_svd", 8),  # threads
+    }
+    monkeypatch.setattr(latency_module, "machine_key", lambda: {"cpu": "other", "cores": 64})
+    others.add(stub_model(tmp_path)[0].key(LAYER, (1, 16, 8, 8), "spatial_svd", 8))  # machine
+    assert base not in others and len(others) == 6
+    assert json.loads(base)["machine"]["onnxruntime"] == ort.__version__
+
+
+def test_cache_location_and_unreadable_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVFACTOR_CACHE_DIR", str(tmp_path / "dir"))
+    assert default_cache_path() == tmp_path / "dir" / "latency.json"
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    cache = LatencyCache(broken)
+    assert cache.entries == {} and "ignored unreadable latency cache" in cache.load_error
+    cache.put("k", 1.5)
+    cache.save()
+    assert LatencyCache(broken).get("k") == 1.5
+    with pytest.raises(convfactor.ConvfactorError, match="unknown option 'thread'"):
+        LatencyOptions.from_any({"thread": 1})
+
+
+ONNX_CASES = {
+    "conv_reflect_strided": (nn.Conv2d(4, 6, 3, 2, 1, padding_mode="reflect"), (2, 4, 9, 9)),
+    "conv_same_dilated_grouped": (nn.Conv2d(4, 6, (3, 2), 1, "same", dilation=(1, 2), groups=2), (2, 4, 7, 7)),
+    "conv1d_circular": (nn.Conv1d(3, 5, 3, 1, 1, padding_mode="circular"), (2, 3, 10)),
+    "linear_3d_input": (nn.Linear(6, 4), (2, 5, 6)),
+    "spatial_svd": (get_method("spatial_svd").decompose(nn.Conv2d(4, 6, 3, 1, 1), 3), (2, 4, 8, 8)),
+    "tucker2": (get_method("tucker2").decompose(nn.Conv2d(4, 6, 3, 2, 1), (2, 3)), (2, 4, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("case", ONNX_CASES)
+def test_one_layer_onnx_graph_computes_what_the_module_computes(case):
+    module, shape = ONNX_CASES[case]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    session = ort.InferenceSession(layer_onnx(module, shape, module_weights=True).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": x.numpy()})[0]
+    expected = module(x).detach().numpy()
+    assert out.shape == expected.shape
+    assert np.abs(out - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+
+
+def test_real_timer_returns_positive_times(tmp_path):
+    model = LatencyModel({"cache": False, "repeats": 3, "warmup": 1})
+    original, times = model.layer_times(nn.Conv2d(8, 8, 3, 1, 1), (1, 8, 8, 8), [("spatial_svd", 4)])
+    assert original > 0 and all(t > 0 for t in times.values()) and model.measured == 2
+
+
+@pytest.fixture(scope="module")
+def net():
+    return tiny_resnet()
+
+
+def test_auto_never_picks_a_replacement_slower_than_the_original(net, tmp_path, monkeypatch):
+    import convfactor.auto
+
+    model, timer, comparisons = stub_model(tmp_path)
+    resolve = convfactor.auto.resolve_policy
+    monkeypatch.setattr(convfactor.auto, "resolve_policy",
+                        lambda *a, **k: resolve(*a, **{**k, "latency_model": model}))
+    policy = {"rules": [{"types": ["Conv2d"], "method": "auto", "energy": 0.5}]}
+    report = convfactor.get_report(convfactor.factorize(net, policy, X))
+    layers = report.extra["auto"]["layers"]
+    assert timer.calls > 0 and len(comparisons) == 1
+    left = [n for n, layer in layers.items() if layer["chosen"] is None]
+    for layer in layers.values():
+        chosen = layer["chosen"]
+        if chosen is not None:
+            assert chosen["latency_ms"] < layer["original"]["latency_ms"]
+            # The fastest of the rule-spec candidates (options: [method, rank, time / original, loss]).
+            assert chosen["cost_fraction"] == min(option[2] for option in layer["options"]) < 1
+    # The stub makes small layers lose to their 2-3 stage replacements: those are left, with the reason.
+    assert left and all("measured faster" in layers[n]["reason"] for n in left if "original" in layers[n])
+    assert {d.name for d in report.replaced} == {n for n, layer in layers.items() if layer["chosen"]}
+
+
+def test_latency_target_allocates_measured_times_and_falls_back_when_not_faster(net, tmp_path):
+    from convfactor.auto import resolve_policy
+
+    policy = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd"}], "target": {"latency": 0.9}}
+    fast, _, comparisons = stub_model(tmp_path)
+    resolution = resolve_policy(net, policy, example_inputs=X, latency_model=fast)
+    info = resolution.info
+    chosen = {n: layer for n, layer in info["layers"].items() if layer["chosen"] is not None}
+    assert chosen and len(comparisons) == 1 and info["verification"]["layers_dropped"] == []
+    for layer in chosen.values():
+        assert layer["chosen"]["latency_ms"] < layer["original"]["latency_ms"]
+    assert info["target"]["predicted"] <= 0.9 * info["target"]["original"] + 1e-9
+
+    # Whole model "measured" slower while more than 1 layer is factorized: layers are dropped until faster.
+    def slower_unless_one(original, candidate):
+        replaced = sum(isinstance(m, convfactor.methods.FactorizedLayer) for m in candidate.modules())
+        return 1.2 if replaced <= 1 else 0.9
+
+    picky, _, comparisons = stub_model(tmp_path, speedup=slower_unless_one)
+    resolution = resolve_policy(net, policy, example_inputs=X, latency_model=picky)
+    kept = [r for r in resolution.policy.rules if r.method == "spatial_svd"]
+    assert len(kept) <= 1 and resolution.info["verification"]["rounds"][-1]["speedup"] == 1.2
+    assert len(resolution.info["verification"]["layers_dropped"]) == len(chosen) - len(kept)
+
+    # Never faster: every layer is left as is, so the result is never slower than the original.
+    never, _, _ = stub_model(tmp_path, speedup=lambda original, candidate: 0.95, verify_rounds=3)
+    resolution = resolve_policy(net, policy, example_inputs=X, latency_model=never)
+    assert all(r.method == "skip" for r in resolution.policy.rules)
+    dropped = resolution.info["verification"]["layers_dropped"]
+    assert sorted(dropped) == sorted(chosen)
+    assert all("faster than the original" in resolution.info["layers"][n]["reason"] for n in dropped)
