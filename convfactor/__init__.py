@@ -36,6 +36,8 @@ _LAZY = {
     "apply_plan": "serialize",
     "finetune": "auto",
     "resolve_policy": "auto",
+    "AutoOptions": "auto",
+    "LatencyOptions": "auto",
 }
 
 __all__ = [

@@ -22,7 +22,7 @@ from passes.annotate_shapes import layer_io_shapes
 from .costs import count_params, per_layer_macs
 from .errors import ConvfactorError, PolicyError
 from .policy import Policy
-from .report import UNMATCHED, FactorizeReport
+from .report import SKIPPED, UNMATCHED, FactorizeReport
 
 __all__ = ["factorize", "get_report", "as_input_tuple"]
 
@@ -76,7 +76,9 @@ def factorize(
         concrete_args: forwarded to ``torch.fx.Tracer.trace`` (fix non-tensor arguments).
         progress: show a progress bar while decomposing.
         calibration: inputs from the real data distribution (a tensor, a list of batches or a
-            DataLoader) for data-aware factorization and sensitivity (see ``convfactor.auto``).
+            DataLoader): layers are then factorized to minimize the error of their outputs on these
+            inputs instead of the weight error, and budgets use measured sensitivities
+            (see ``convfactor.auto``).
         latency: options of the latency model used by a ``latency`` target or ``method: auto``
             (e.g. ``{"threads": 1, "cache": path}``; see ``convfactor.auto``).
     Returns:
@@ -115,7 +117,7 @@ def factorize(
         shapes = layer_io_shapes(root, inputs) if inputs is not None else {}
 
     prebuilt = None
-    if policy.needs_resolution:
+    if policy.needs_resolution or calibration is not None:
         from .auto import resolve_policy  # budget / auto-method allocation (issue: automatic policy)
 
         resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
@@ -123,11 +125,10 @@ def factorize(
         report.extra["auto"] = resolution.info
         report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
         policy, prebuilt = resolution.policy, resolution.prebuilt
-    elif calibration is not None:
-        report.notes.append("calibration data is only used by a target or 'auto' policy; ignored")
 
     result = factorize_layers(root, policy, shapes, progress=progress, prebuilt=prebuilt)
     report.layers = result.changes
+    _explain_auto_skips(report)
     _check_policy_matched(policy, report)
     if trace:
         root = cleanup(root).graph_module
@@ -139,6 +140,15 @@ def factorize(
     setattr(root, REPORT_ATTR, report)
     return root
 
+
+
+def _explain_auto_skips(report: FactorizeReport) -> None:
+    """A layer the allocator left as is says why (e.g. 'no replacement measured faster')."""
+    auto_layers = report.extra.get("auto", {}).get("layers", {})
+    for decision in report.layers:
+        why = auto_layers.get(decision.name, {}).get("reason")
+        if decision.status == SKIPPED and why:
+            decision.reason = f"auto: {why}"
 
 
 def _check_policy_matched(policy: Policy, report: FactorizeReport) -> None:

@@ -16,6 +16,8 @@ Rank spec per rule (at most one of ``rank``/``energy``; neither means full rank,
   * ``rank: [16, 32]`` one value per rank component (Tucker-2's r_in, r_out),
   * ``rank: 0.5`` a fraction of the full rank, so ``1.0`` is always exact,
   * ``energy: 0.99`` the smallest rank keeping that fraction of the squared singular values,
+  * ``rank: vbmf`` the rank VBMF estimates from the layer's weight (spatial_svd, svd, tucker2; resolved
+    by ``convfactor.auto``, see ``convfactor.auto.vbmf``),
   * ``align: 16`` round ranks up to a multiple of 16 (onnxruntime's fast conv path works on blocks of 16).
 
 ``method: auto`` lets convfactor choose the method (or to leave the layer as is) per layer. A top-level
@@ -40,10 +42,11 @@ import yaml
 from .errors import PolicyError, UnknownMethodError
 from .geometry import SUPPORTED_KINDS
 
-__all__ = ["Rule", "Policy", "SKIP", "AUTO", "TARGET_KINDS"]
+__all__ = ["Rule", "Policy", "SKIP", "AUTO", "VBMF", "TARGET_KINDS"]
 
 SKIP = "skip"
 AUTO = "auto"
+VBMF = "vbmf"
 TARGET_KINDS = ("macs", "params", "latency")
 _RULE_KEYS = ("match", "types", "method", "rank", "energy", "align")
 _POLICY_KEYS = ("rules", "target")
@@ -56,7 +59,7 @@ class Rule:
     method: str
     match: str = "*"
     types: tuple[str, ...] = ()
-    rank: int | float | tuple[int, ...] | None = None
+    rank: int | float | tuple[int, ...] | str | None = None  # str: only "vbmf"
     energy: float | None = None
     align: int | None = None
 
@@ -90,8 +93,8 @@ class Policy:
 
     @property
     def needs_resolution(self) -> bool:
-        """True when ranks or methods are left to convfactor.auto (a target or an ``auto`` rule)."""
-        return self.target is not None or any(r.method == AUTO for r in self.rules)
+        """True when convfactor.auto must resolve ranks or methods: a target, an ``auto`` rule, ``rank: vbmf``."""
+        return self.target is not None or any(r.method == AUTO or r.rank == VBMF for r in self.rules)
 
     # -- matching -----------------------------------------------------------------------------
     def rule_for(self, name: str, kind: str) -> tuple[int, Rule] | None:
@@ -129,6 +132,8 @@ class Policy:
             key, eq, value = rank_text.partition("=")
             if not eq:
                 key, value = "rank", rank_text
+            if key == "rank" and value == VBMF:
+                return cls.from_dict({"rules": [{**rule, "rank": VBMF}]})
             if key not in ("rank", "energy", "align"):
                 raise PolicyError(f"policy shorthand {text!r}: expected METHOD[:RANK] or METHOD:energy=E")
             rule[key] = _parse_number(value, f"policy shorthand {text!r}")
@@ -276,9 +281,9 @@ def _parse_target(raw: Any) -> tuple[str, float] | None:
     return kind, float(value)
 
 
-def _check_rank_spec(rank: Any, where: str) -> int | float | tuple[int, ...] | None:
-    if rank is None:
-        return None
+def _check_rank_spec(rank: Any, where: str) -> int | float | tuple[int, ...] | str | None:
+    if rank is None or rank == VBMF:
+        return rank
     if isinstance(rank, bool):
         raise PolicyError(f"{where}: 'rank' must be an int, a float in (0, 1] or a list of ints, got {rank!r}")
     if isinstance(rank, int):

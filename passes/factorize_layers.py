@@ -21,7 +21,7 @@ from convfactor.report import REPLACED, SKIPPED, UNMATCHED, LayerDecision
 
 from .manager import PassResult
 
-__all__ = ["factorize_layers", "candidate_layers", "describe_shape", "weight_error"]
+__all__ = ["factorize_layers", "candidate_layers", "blocked_layers", "describe_shape", "weight_error"]
 
 Shapes = Mapping[str, tuple[Sequence[int], Sequence[int]]]
 
@@ -72,7 +72,7 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def _blocked_layers(root: nn.Module) -> dict[str, str]:
+def blocked_layers(root: nn.Module) -> dict[str, str]:
     """Layers that must not be swapped: their parameters are shared or read directly by the graph."""
     owners: dict[int, list[str]] = {}
     for name, module in root.named_modules(remove_duplicate=False):
@@ -118,7 +118,7 @@ def factorize_layers(
         RankError: a rule's rank is out of range for a layer it matches (names rule and layer).
     """
     shapes = shapes or {}
-    blocked = _blocked_layers(root)
+    blocked = blocked_layers(root)
     decisions: list[LayerDecision] = []
     todo = []
     for name, layer in candidate_layers(root):

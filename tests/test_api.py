@@ -91,3 +91,26 @@ def test_result_is_eval_and_float64_stays_exact():
     assert not out.training
     expected = model(x)
     assert float((out(x) - expected).norm() / expected.norm()) <= 1e-10
+
+
+def test_calibration_makes_a_plain_policy_data_aware(resnet):
+    """With calibration inputs, the same ranks give a lower output error than weight-only factors."""
+    calibration = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    policy = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd", "rank": 0.3}]}
+    weight_only = convfactor.factorize(resnet, policy, X)
+    data_aware = convfactor.factorize(resnet, policy, X, calibration=calibration)
+    ranks = {d.name: d.rank for d in convfactor.get_report(weight_only).replaced}
+    assert {d.name: d.rank for d in convfactor.get_report(data_aware).replaced} == ranks
+    with torch.no_grad():
+        expected = resnet(calibration)
+        error_weight = float((weight_only(calibration) - expected).norm() / expected.norm())
+        error_data = float((data_aware(calibration) - expected).norm() / expected.norm())
+    assert error_data < 0.8 * error_weight
+
+
+def test_vbmf_rank_spec_round_trips_and_resolves(resnet):
+    policy = Policy.from_any("spatial_svd:vbmf")
+    assert policy.to_dict() == {"rules": [{"match": "*", "method": "spatial_svd", "rank": "vbmf"}]}
+    assert policy.needs_resolution and Policy.from_yaml(policy.to_yaml()) == policy
+    report = convfactor.get_report(convfactor.factorize(resnet, policy, X))
+    assert report.replaced and all(isinstance(d.rank, int) and d.rank >= 1 for d in report.replaced)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from passes.annotate_shapes import layer_io_shapes
-from passes.factorize_layers import _blocked_layers, candidate_layers, describe_shape, factorize_layers
+from passes.factorize_layers import blocked_layers, candidate_layers, describe_shape, factorize_layers
 
 from ..costs import count_params, layer_macs, per_layer_macs
 from ..errors import PolicyError, RankError
@@ -236,7 +236,7 @@ def _auto_methods(opts: AutoOptions) -> list[str]:
 
 
 def _plan_layers(root: nn.Module, policy: Policy, opts: AutoOptions) -> list[_LayerPlan]:
-    blocked = _blocked_layers(root)
+    blocked = blocked_layers(root)
     plans = []
     for name, layer in candidate_layers(root):
         found = policy.rule_for(name, layer_kind(layer))
