@@ -147,7 +147,7 @@ def _explain_auto_skips(report: FactorizeReport) -> None:
     auto_layers = report.extra.get("auto", {}).get("layers", {})
     for decision in report.layers:
         why = auto_layers.get(decision.name, {}).get("reason")
-        if decision.status == SKIPPED and why:
+        if decision.status == SKIPPED and why and why != decision.reason:
             decision.reason = f"auto: {why}"
 
 

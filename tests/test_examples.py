@@ -48,7 +48,7 @@ def test_convert_checkpoint_script(tmp_path):
     done = subprocess.run(["bash", str(EXAMPLES / "convert_checkpoint.sh"), str(tmp_path)], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "reloaded GraphModule" in done.stdout
+    assert "reloaded ResNet" in done.stdout
     report = json.loads((tmp_path / "resnet20_mixed.report.json").read_text())
     assert report["fidelity"]["passed"] is True
     assert report["summary"]["macs"][2] <= 0.5 + 1e-9
