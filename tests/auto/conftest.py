@@ -1,20 +1,10 @@
-"""Shared helpers of the automatic-policy tests: small seeded networks and inputs, one intra-op thread."""
+"""Shared helpers of the automatic-policy tests: small seeded networks and inputs (threads: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tests.nets import TinyResNet, randomize_batchnorm
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny convolutions run ~10x faster on one thread on a loaded 2-core machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_resnet(seed: int = 0, width: int = 8) -> torch.nn.Module:

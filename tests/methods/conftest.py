@@ -10,28 +10,14 @@ import math
 import zlib
 from dataclasses import dataclass
 
-import pytest
 import torch
 from torch import nn
 
-__all__ = ["LayerCase", "relative_error", "factorize", "single_thread"]
+__all__ = ["LayerCase", "relative_error", "factorize"]
 
 # The team's exactness standard at full rank (relative, see STYLE/preamble).
 FLOAT64_TOLERANCE = 1e-10
 FLOAT32_TOLERANCE = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run the tiny layers of these tests on one intra-op thread.
-
-    On a loaded 2-core machine torch's thread pool made each tiny conv ~10x slower (measured 58 ms vs
-    5 ms per exactness case); restored after each module so other tests keep their setting.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
