@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from ..errors import RankError, UnknownMethodError
-from ..geometry import LayerGeometry
+from ..geometry import LayerGeometry, layer_kind
 from ..ranks import align_rank, check_rank, fraction_to_rank, is_fraction, smallest_rank_for_energy
 
 __all__ = [
     "Rank",
+    "conv_reason",
     "FactorizedLayer",
     "FactorizationMethod",
     "register",
@@ -52,6 +53,11 @@ class FactorizedLayer(nn.Sequential):
         self.rank = rank
         self.geometry = geometry
 
+    @classmethod
+    def empty(cls, layer: nn.Module, rank: Rank) -> FactorizedLayer:
+        """The structure for ``layer`` at ``rank``, weights uninitialized (dtype and device of the layer)."""
+        raise NotImplementedError
+
     def dense_weight(self) -> torch.Tensor:
         """The weight of a single layer equivalent to this chain (shape of the original weight)."""
         raise NotImplementedError
@@ -74,12 +80,28 @@ class FactorizedLayer(nn.Sequential):
         return f"method={self.method_name}, rank={self.rank}"
 
 
+ALREADY_DEPTHWISE = "already depthwise (groups == in_channels): nothing to factorize across channels"
+
+
+def conv_reason(method_name: str, layer: nn.Module) -> str | None:
+    """Why a method that factorizes across channels of a Conv1d/Conv2d cannot take ``layer``, or None.
+
+    Shared first checks of the conv methods: the layer is a plain Conv1d/Conv2d, and not depthwise.
+    """
+    if layer_kind(layer) not in ("Conv1d", "Conv2d"):
+        return f"{method_name} factorizes Conv1d/Conv2d, not {type(layer).__name__} (use svd)"
+    if LayerGeometry.of(layer).is_depthwise:
+        return ALREADY_DEPTHWISE
+    return None
+
+
 class FactorizationMethod(abc.ABC):
     """One factorization family. Subclasses set ``name``, ``rank_meaning`` and implement the hooks."""
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line of math, shown by `convfactor methods` and the README
     rank_meaning: ClassVar[str]  # what an int rank means for this method
+    module_cls: ClassVar[type[FactorizedLayer]]  # its module; ``module_cls.empty(layer, rank)`` builds it
 
     # -- which layers -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -168,9 +190,9 @@ class FactorizationMethod(abc.ABC):
         Computes in float64 and casts back to the layer's dtype and device.
         """
 
-    @abc.abstractmethod
     def build(self, layer: nn.Module, rank: Rank) -> FactorizedLayer:
         """Build the factorized module's structure only (weights uninitialized), for reloading."""
+        return self.module_cls.empty(layer, tuple(rank) if isinstance(rank, list) else rank)
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"

@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 from ..errors import RankError
-from ..geometry import LayerGeometry, layer_kind
+from ..geometry import LayerGeometry
 from ..ranks import fraction_to_rank
 from ._stages import axis_conv, pointwise, set_weight
-from .base import FactorizationMethod, FactorizedLayer, register
+from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = [
     "CPResult",
@@ -413,6 +413,7 @@ class CP(FactorizationMethod):
     name = "cp"
     summary = "k_h x k_w -> 1x1 (C_in->R), depthwise k_h x 1, depthwise 1 x k_w, 1x1 (R->C_out); CP-ALS of W"
     rank_meaning = "R: number of CP terms (channels of the depthwise stages); exact at prod(dims)/max(dims)"
+    module_cls = CPConv
 
     def __init__(self, max_sweeps: int = DEFAULT_MAX_SWEEPS, warm_sweeps: int = DEFAULT_WARM_SWEEPS,
                  tolerance: float = DEFAULT_TOLERANCE):
@@ -425,12 +426,10 @@ class CP(FactorizationMethod):
         return RankChain(layer.weight, self.max_sweeps, self.warm_sweeps, self.tolerance)
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        kind = layer_kind(layer)
-        if kind not in ("Conv1d", "Conv2d"):
-            return f"cp factorizes Conv1d/Conv2d, not {type(layer).__name__} (use svd)"
+        reason = conv_reason(self.name, layer)
+        if reason:
+            return reason
         geo = LayerGeometry.of(layer)
-        if geo.is_depthwise:
-            return "already depthwise (groups == in_channels): nothing to factorize across channels"
         if geo.groups > 1:
             return f"cp does not factorize grouped convs (groups={geo.groups})"
         if geo.kernel_volume == 1:
@@ -488,8 +487,6 @@ class CP(FactorizationMethod):
         module.relative_squared_error = result.relative_squared_error
         return module
 
-    def build(self, layer: nn.Module, rank: int) -> CPConv:
-        return CPConv.empty(layer, rank)
 
 
 register(CP())

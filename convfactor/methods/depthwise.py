@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..geometry import LayerGeometry, layer_kind
+from ..geometry import LayerGeometry
 from ._stages import make_conv, pointwise, set_weight
-from .base import FactorizationMethod, FactorizedLayer, register
+from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["depthwise_factors", "depthwise_spectra", "DepthwiseConv", "Depthwise"]
 
@@ -100,14 +100,13 @@ class Depthwise(FactorizationMethod):
     name = "depthwise"
     summary = "k_h x k_w -> depthwise k_h x k_w (multiplier m), 1x1 (C_in*m->C_out); SVD of each W[:, c]"
     rank_meaning = "m: depthwise filters per input channel (the depthwise multiplier)"
+    module_cls = DepthwiseConv
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        kind = layer_kind(layer)
-        if kind not in ("Conv1d", "Conv2d"):
-            return f"depthwise factorizes Conv1d/Conv2d, not {type(layer).__name__} (use svd)"
+        reason = conv_reason(self.name, layer)
+        if reason:
+            return reason
         geo = LayerGeometry.of(layer)
-        if geo.is_depthwise:
-            return "already depthwise (groups == in_channels): nothing to factorize across channels"
         if geo.kernel_volume == 1:
             return "a 1x1 conv: its depthwise part would be a per-channel scale (use svd)"
         return None
@@ -131,8 +130,6 @@ class Depthwise(FactorizationMethod):
         set_weight(module.pointwise, mixing, None if layer.bias is None else layer.bias.detach())
         return module
 
-    def build(self, layer: nn.Module, rank: int) -> DepthwiseConv:
-        return DepthwiseConv.empty(layer, rank)
 
 
 register(Depthwise())

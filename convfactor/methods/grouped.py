@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from ..errors import RankError
-from ..geometry import LayerGeometry, layer_kind
+from ..geometry import LayerGeometry
 from ..ranks import align_rank, check_rank, is_fraction
 from ._stages import make_conv, pointwise, set_weight
-from .base import FactorizationMethod, FactorizedLayer, Rank, register
+from .base import FactorizationMethod, FactorizedLayer, Rank, conv_reason, register
 
 __all__ = [
     "GroupedResult",
@@ -474,17 +474,16 @@ class Grouped(FactorizationMethod):
         "g: groups of the core conv (r_in=C_in, r_out=C_out), or (g, r_in, r_out); g must divide both; "
         "a fraction f means the largest valid g with 1/g >= f; exact at g=1"
     )
+    module_cls = GroupedConv
 
     def __init__(self, refine_sweeps: int = DEFAULT_REFINE_SWEEPS):
         self.refine_sweeps = refine_sweeps
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        kind = layer_kind(layer)
-        if kind not in ("Conv1d", "Conv2d"):
-            return f"grouped factorizes Conv1d/Conv2d, not {type(layer).__name__} (use svd)"
+        reason = conv_reason(self.name, layer)
+        if reason:
+            return reason
         geo = LayerGeometry.of(layer)
-        if geo.is_depthwise:
-            return "already depthwise (groups == in_channels): nothing to factorize across channels"
         if geo.groups > 1:
             return f"grouped does not regroup a grouped conv (groups={geo.groups}); use tucker2, per group"
         return None
@@ -566,8 +565,6 @@ class Grouped(FactorizationMethod):
         module.index_order_energy = result.index_order_energy
         return module
 
-    def build(self, layer: nn.Module, rank: Rank) -> GroupedConv:
-        return GroupedConv.empty(layer, rank)
 
 
 register(Grouped())

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..geometry import LayerGeometry, layer_kind
+from ..geometry import LayerGeometry
 from ._stages import axis_conv, pointwise, set_weight
-from .base import FactorizationMethod, FactorizedLayer, register
+from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["spatial_svd_factors", "SpatialSVDConv", "SpatialSVD"]
 
@@ -100,15 +100,10 @@ class SpatialSVD(FactorizationMethod):
     name = "spatial_svd"
     summary = "k_h x k_w -> (k_h x 1, C_in->r) then (1 x k_w, r->C_out); SVD of W as (C_in*k_h, C_out*k_w)"
     rank_meaning = "r: channels between the k_h x 1 and the 1 x k_w conv (per group)"
+    module_cls = SpatialSVDConv
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        kind = layer_kind(layer)
-        if kind not in ("Conv1d", "Conv2d"):
-            return f"spatial_svd factorizes Conv1d/Conv2d, not {type(layer).__name__} (use svd)"
-        geo = LayerGeometry.of(layer)
-        if geo.is_depthwise:
-            return "already depthwise (groups == in_channels): nothing to factorize across channels"
-        return None
+        return conv_reason(self.name, layer)
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("r",)
@@ -131,8 +126,6 @@ class SpatialSVD(FactorizationMethod):
         set_weight(module.horizontal, horizontal, None if layer.bias is None else layer.bias.detach())
         return module
 
-    def build(self, layer: nn.Module, rank: int) -> SpatialSVDConv:
-        return SpatialSVDConv.empty(layer, rank)
 
 
 register(SpatialSVD())

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry, layer_kind
 from ._stages import make_conv, pointwise, set_weight
-from .base import FactorizationMethod, FactorizedLayer, register
+from .base import ALREADY_DEPTHWISE, FactorizationMethod, FactorizedLayer, register
 
 __all__ = ["svd_factors", "svd_spectra", "SVDLayer", "SVD"]
 
@@ -88,6 +88,7 @@ class SVD(FactorizationMethod):
     name = "svd"
     summary = "1x1 conv / Linear W -> (C_in->r) then (r->C_out); truncated SVD of W (C_out, C_in)"
     rank_meaning = "r: channels (features) between the two layers (per group)"
+    module_cls = SVDLayer
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         kind = layer_kind(layer)
@@ -97,7 +98,7 @@ class SVD(FactorizationMethod):
         if not geo.is_pointwise:
             return "svd needs a 1x1 conv or Linear; use spatial_svd/tucker2 for k x k"
         if geo.is_depthwise:
-            return "already depthwise (groups == in_channels): nothing to factorize across channels"
+            return ALREADY_DEPTHWISE
         return None
 
     def rank_component_names(self) -> tuple[str, ...]:
@@ -119,8 +120,6 @@ class SVD(FactorizationMethod):
         set_weight(module.second, second, None if layer.bias is None else layer.bias.detach())
         return module
 
-    def build(self, layer: nn.Module, rank: int) -> SVDLayer:
-        return SVDLayer.empty(layer, rank)
 
 
 register(SVD())

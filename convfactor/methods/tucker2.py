@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..geometry import LayerGeometry, layer_kind
+from ..geometry import LayerGeometry
 from ._stages import make_conv, pointwise, set_weight
-from .base import FactorizationMethod, FactorizedLayer, register
+from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = [
     "DEFAULT_HOOI_ITERATIONS",
@@ -151,17 +151,13 @@ class Tucker2(FactorizationMethod):
         "(r_in, r_out): channels after the first 1x1 and after the core (per group); "
         "an int r means (min(r, C_in/g), min(r, C_out/g))"
     )
+    module_cls = Tucker2Conv
 
     def __init__(self, hooi_iterations: int = DEFAULT_HOOI_ITERATIONS):
         self.hooi_iterations = hooi_iterations
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        kind = layer_kind(layer)
-        if kind not in ("Conv1d", "Conv2d"):
-            return f"tucker2 factorizes Conv1d/Conv2d, not {type(layer).__name__} (use svd)"
-        if LayerGeometry.of(layer).is_depthwise:
-            return "already depthwise (groups == in_channels): nothing to factorize across channels"
-        return None
+        return conv_reason(self.name, layer)
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("r_in", "r_out")
@@ -191,8 +187,6 @@ class Tucker2(FactorizationMethod):
         set_weight(module.project_out, project_out, None if layer.bias is None else layer.bias.detach())
         return module
 
-    def build(self, layer: nn.Module, rank: tuple[int, int]) -> Tucker2Conv:
-        return Tucker2Conv.empty(layer, tuple(rank))
 
 
 register(Tucker2())
