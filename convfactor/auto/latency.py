@@ -1,29 +1,42 @@
-"""Latency model: measured onnxruntime CPU time of each candidate replacement, with a disk cache.
+"""Latency model: measured time of each candidate replacement in a target runtime, with a disk cache.
 
-Each candidate (and the original layer) runs alone as a one-layer ONNX model on the layer's real input
-shape. The graph is written directly from the module's stages (Conv / Gemm / MatMul nodes with the
-stages' attributes, standard-normal weights), which takes milliseconds, where a torch exporter takes
-seconds. All variants of one layer are timed in the same process, interleaved round-robin, and an empty
-(Identity) model on the same input measures the per-call overhead, which is subtracted.
+Two targets (``latency={"runtime": ..., "device": ...}``):
+
+- ``runtime="onnxruntime"`` (default), CPU: each candidate (and the original layer) runs alone as a
+  one-layer ONNX model on the layer's real input shape. The graph is written directly from the module's
+  stages (Conv / Gemm / MatMul nodes with the stages' attributes, standard-normal weights), which takes
+  milliseconds, where a torch exporter takes seconds.
+- ``runtime="torch"``, ``device="cpu"`` or ``"cuda"``: each candidate runs as a PyTorch eager module
+  (random weights, ``torch.no_grad()``; on CPU ``torch.set_num_threads(threads)`` for the duration, then
+  restored; on CUDA every call is bracketed by ``torch.cuda.synchronize()``).
+
+In both, all variants of one layer are timed in the same process, interleaved round-robin, and an empty
+(Identity) variant on the same input measures the per-call overhead, which is subtracted.
 
 The cache is one JSON file (default ``~/.cache/convfactor/latency.json``; ``$CONVFACTOR_CACHE_DIR`` or
 ``latency={"cache": path}`` move it). An entry's key holds everything the time depends on: the machine
-(CPU model, usable and logical cores), the onnxruntime version, threads, the graph optimization level,
-the layer geometry and input shape, the method and the rank. A key therefore never matches a timing
-taken under other conditions, and a warm cache makes a repeated resolution free.
+(CPU model, usable and logical cores), the runtime and its version, threads, the layer geometry and input
+shape, the method and the rank. onnxruntime keys hold the onnxruntime version and the graph optimization
+level (their form predates the torch target and is unchanged, so older caches stay valid); torch keys hold
+``"runtime": "torch"``, the device (and GPU name on CUDA) and the torch version. A key therefore never
+matches a timing taken under other conditions or in the other runtime, and a warm cache makes a repeated
+resolution free.
 
-Whole models (the final check that the factorized network is faster) are exported by
-``convfactor.onnx_export`` and timed by ``convfactor.benchmarking`` (interleaved pairs, median ratio).
+Whole models (the final check that the factorized network is faster): for onnxruntime they are exported
+by ``convfactor.onnx_export`` and timed by ``convfactor.benchmarking``; for torch the two modules run in
+eager mode. Both time interleaved pairs and take the median of the per-pair ratios.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,11 +64,15 @@ __all__ = [
     "default_cache_path",
     "machine_key",
     "CACHE_FORMAT",
+    "RUNTIMES",
+    "DEVICES",
 ]
 
 CACHE_FORMAT = "convfactor-latency/1"
 _ORIGINAL, _OVERHEAD = "original", "overhead"
 _OPSET = 18
+RUNTIMES = ("onnxruntime", "torch")
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -63,7 +80,9 @@ class LatencyOptions:
     """Options of the latency model (the ``latency=`` mapping of ``factorize``).
 
     Attributes:
-        threads: onnxruntime intra-op threads.
+        runtime: what the times are measured in: "onnxruntime" (CPU) or "torch" (PyTorch eager).
+        device: "cpu", or "cuda" (runtime "torch" only; needs ``torch.cuda.is_available()``).
+        threads: onnxruntime intra-op threads, or ``torch.set_num_threads`` for torch on CPU.
         cache: the JSON cache file; None: ``default_cache_path()``; False: no cache.
         graph_optimization: onnxruntime level ("disabled", "basic", "extended", "all").
         warmup: untimed runs of each variant before timing.
@@ -73,9 +92,11 @@ class LatencyOptions:
         verify: time the whole factorized model against the original and fall back when it is not faster.
         verify_min_time: seconds of interleaved pairs per whole-model comparison.
         verify_rounds: whole-model comparisons allowed while dropping layers.
-        exporter: torch exporter for whole models ("torchscript" is fast; "dynamo", "auto").
+        exporter: torch exporter for whole models ("torchscript" is fast; "dynamo", "auto"); onnxruntime only.
     """
 
+    runtime: str = "onnxruntime"
+    device: str = "cpu"
     threads: int = 1
     cache: str | os.PathLike | bool | None = None
     graph_optimization: str = "all"
@@ -110,6 +131,15 @@ class LatencyOptions:
             value = getattr(options, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConvfactorError(f"latency: {name} must be a positive int, got {value!r}")
+        if options.runtime not in RUNTIMES:
+            raise ConvfactorError(f"latency: unknown runtime {options.runtime!r} (known: {', '.join(RUNTIMES)})")
+        if options.device not in DEVICES:
+            raise ConvfactorError(f"latency: unknown device {options.device!r} (known: {', '.join(DEVICES)})")
+        if options.device == "cuda":
+            if options.runtime != "torch":
+                raise ConvfactorError(f"latency: device 'cuda' needs runtime 'torch' (got {options.runtime!r})")
+            if not torch.cuda.is_available():
+                raise ConvfactorError("latency: device 'cuda' was asked for but torch.cuda.is_available() is False")
         return options
 
 
@@ -120,14 +150,26 @@ def default_cache_path() -> Path:
     return base / "latency.json"
 
 
-def machine_key() -> dict[str, Any]:
-    """What identifies the machine and runtime a timing is valid for."""
-    import onnxruntime
+def machine_key(runtime: str = "onnxruntime", device: str = "cpu") -> dict[str, Any]:
+    """What identifies the machine and runtime a timing is valid for.
 
+    Args:
+        runtime: "onnxruntime" (its key form is unchanged since the first cache format) or "torch".
+        device: "cpu" or "cuda" (torch only).
+    Returns:
+        CPU model and cores, plus the onnxruntime version, or the torch version and device (and GPU name).
+    """
     from ..benchmarking import available_cores, cpu_model
 
-    return {"cpu": cpu_model(), "cores": available_cores(), "logical_cores": os.cpu_count() or 1,
-            "onnxruntime": onnxruntime.__version__}
+    key: dict[str, Any] = {"cpu": cpu_model(), "cores": available_cores(), "logical_cores": os.cpu_count() or 1}
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        return {**key, "onnxruntime": onnxruntime.__version__}
+    key.update(runtime=runtime, torch=torch.__version__, device=device)
+    if device == "cuda":
+        key.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return key
 
 
 class LatencyCache:
@@ -285,6 +327,23 @@ ModelTimer = Callable[[nn.Module, tuple[torch.Tensor, ...], LatencyOptions], flo
 
 
 def time_layers(modules: Sequence[nn.Module], input_shape: Sequence[int], options: LatencyOptions) -> list[float]:
+    """Median time (ms) of each module on ``input_shape`` in ``options.runtime``, interleaved, minus call overhead.
+
+    Args:
+        modules: what to time (an Identity, a Conv1d/Conv2d/Linear or a Sequential of them); only their
+            structure matters, weights are replaced by random ones.
+        input_shape: the input's shape, batch first.
+        options: runtime, device, threads, warmup, repeats and the time limit.
+    Returns:
+        One time per module, in ms, floored at 1e-4 so that no replacement looks free.
+    """
+    if options.runtime == "torch":
+        return _time_layers_torch(modules, input_shape, options)
+    return _time_layers_onnxruntime(modules, input_shape, options)
+
+
+def _time_layers_onnxruntime(modules: Sequence[nn.Module], input_shape: Sequence[int],
+                             options: LatencyOptions) -> list[float]:
     """Median onnxruntime time (ms) of each module on ``input_shape``, interleaved, minus call overhead."""
     from ..onnx_export import make_session
 
@@ -301,14 +360,30 @@ def time_layers(modules: Sequence[nn.Module], input_shape: Sequence[int], option
     for session, feed in zip(sessions, feeds):
         for _ in range(options.warmup):
             session.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
+    runs = [lambda session=session, feed=feed: session.run(None, feed) for session, feed in zip(sessions, feeds)]
+    return _round_robin(runs, options)
+
+
+def _round_robin(runs: Sequence[Callable[[], Any]], options: LatencyOptions,
+                 synchronize: Callable[[], None] | None = None) -> list[float]:
+    """Median ms of ``runs[1:]`` minus that of ``runs[0]`` (the overhead), timed interleaved round-robin.
+
+    Args:
+        runs: zero-argument calls, the first one the empty (Identity) variant; already warmed up.
+        options: repeats and max_seconds_per_layer.
+        synchronize: called before starting and before stopping the clock (CUDA's asynchronous launches).
+    """
+    sync = synchronize or (lambda: None)
+    times: list[list[float]] = [[] for _ in runs]
     started = time.perf_counter()
     for round_index in range(options.repeats):
         # Rotate the order each round so drift and cache effects spread evenly over the variants.
-        shift = round_index % len(sessions)
-        for i in list(range(shift, len(sessions))) + list(range(shift)):
+        shift = round_index % len(runs)
+        for i in list(range(shift, len(runs))) + list(range(shift)):
+            sync()
             t0 = time.perf_counter()
-            sessions[i].run(None, feeds[i])
+            runs[i]()
+            sync()
             times[i].append(time.perf_counter() - t0)
         if round_index >= 2 and time.perf_counter() - started > options.max_seconds_per_layer:
             break
@@ -318,9 +393,69 @@ def time_layers(modules: Sequence[nn.Module], input_shape: Sequence[int], option
     return [max(m - overhead, 1e-4) for m in medians[1:]]
 
 
+@contextmanager
+def _torch_threads(options: LatencyOptions) -> Iterator[None]:
+    """``torch.set_num_threads(options.threads)`` on CPU for the duration; the previous count is restored."""
+    if options.device != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _synchronizer(device: str) -> Callable[[], None] | None:
+    return torch.cuda.synchronize if device == "cuda" else None
+
+
+def _random_weights(module: nn.Module, seed: int) -> nn.Module:
+    """A float32 copy of ``module`` with weights N(0, 1/fan-in) and zero biases.
+
+    Values do not change the time of a dense conv, but uninitialized memory can hold denormals, which would.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    module = copy.deepcopy(module).float()
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias" or parameter.dim() < 2:
+                parameter.zero_()
+            else:
+                fan_in = max(1, parameter[0].numel())
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) / math.sqrt(fan_in))
+    return module
+
+
+def _time_layers_torch(modules: Sequence[nn.Module], input_shape: Sequence[int],
+                       options: LatencyOptions) -> list[float]:
+    """Median PyTorch eager time (ms) of each module on ``input_shape``, interleaved, minus call overhead."""
+    device = torch.device(options.device)
+    x = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    variants = [nn.Identity(), *(_random_weights(m, seed=i + 1).to(device).eval() for i, m in enumerate(modules))]
+    runs = [lambda module=module: module(x) for module in variants]
+    with torch.no_grad(), _torch_threads(options):
+        for run in runs:
+            for _ in range(options.warmup):
+                run()
+        return _round_robin(runs, options, _synchronizer(options.device))
+
+
 def compare_models(original: nn.Module, candidate: nn.Module, inputs: tuple[torch.Tensor, ...],
                    options: LatencyOptions) -> float:
-    """Speedup of ``candidate`` over ``original`` in onnxruntime (median of interleaved pair ratios)."""
+    """Speedup of ``candidate`` over ``original`` in ``options.runtime`` (median of interleaved pair ratios).
+
+    Args:
+        original: the model as given.
+        candidate: the factorized model.
+        inputs: example inputs of both.
+        options: runtime, device, threads and verify_min_time (seconds of pairs, at least 30 pairs).
+    Returns:
+        The median over pairs of time(original) / time(candidate): > 1 means the candidate is faster.
+    """
+    if options.runtime == "torch":
+        return _compare_models_torch(original, candidate, inputs, options)
     from ..benchmarking import benchmark
 
     report = benchmark(original, candidate, inputs, threads=options.threads,
@@ -330,7 +465,17 @@ def compare_models(original: nn.Module, candidate: nn.Module, inputs: tuple[torc
 
 
 def time_model(module: nn.Module, inputs: tuple[torch.Tensor, ...], options: LatencyOptions) -> float:
-    """Median onnxruntime time (ms) of one run of a whole model on ``inputs``."""
+    """Median time (ms) of one run of a whole model on ``inputs`` in ``options.runtime``.
+
+    Args:
+        module: the model.
+        inputs: its example inputs.
+        options: runtime, device, threads and verify_min_time (half of it is spent timing, at least 30 runs).
+    Returns:
+        The median time of one run, in ms.
+    """
+    if options.runtime == "torch":
+        return _time_model_torch(module, inputs, options)
     from ..onnx_export import export_onnx, make_session, session_feeds
 
     with tempfile.TemporaryDirectory(prefix="convfactor-latency-") as scratch:
@@ -346,6 +491,56 @@ def time_model(module: nn.Module, inputs: tuple[torch.Tensor, ...], options: Lat
         t0 = time.perf_counter()
         session.run(None, feeds)
         times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def _on_device(module: nn.Module, inputs: tuple[Any, ...],
+               device: str) -> tuple[Callable[[], Any], Callable[[], None] | None]:
+    """A zero-argument call of ``module`` on ``inputs`` on ``device`` (a copy when it must move), and its sync."""
+    if device != "cpu":
+        module = copy.deepcopy(module).to(device)  # the caller's model stays where it is
+    inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
+    return (lambda: module(*inputs)), _synchronizer(device)
+
+
+def _timed(run: Callable[[], Any], synchronize: Callable[[], None] | None) -> float:
+    """Seconds of one call of ``run``, synchronized before and after on CUDA."""
+    if synchronize:
+        synchronize()
+    t0 = time.perf_counter()
+    run()
+    if synchronize:
+        synchronize()
+    return time.perf_counter() - t0
+
+
+def _compare_models_torch(original: nn.Module, candidate: nn.Module, inputs: tuple[torch.Tensor, ...],
+                          options: LatencyOptions) -> float:
+    """Speedup of ``candidate`` over ``original`` in PyTorch eager: pairs (A, B), (B, A), ..., median ratio."""
+    run_a, sync = _on_device(original, inputs, options.device)
+    run_b, _ = _on_device(candidate, inputs, options.device)
+    runs = (run_a, run_b)
+    times: list[list[float]] = [[], []]
+    with torch.no_grad(), _torch_threads(options):
+        for _ in range(10):
+            run_a(), run_b()
+        started = time.perf_counter()
+        while len(times[0]) < 30 or time.perf_counter() - started < options.verify_min_time:
+            for index in ((0, 1) if len(times[0]) % 2 == 0 else (1, 0)):
+                times[index].append(_timed(runs[index], sync))
+    return float(np.median(np.asarray(times[0]) / np.asarray(times[1])))
+
+
+def _time_model_torch(module: nn.Module, inputs: tuple[torch.Tensor, ...], options: LatencyOptions) -> float:
+    """Median PyTorch eager time (ms) of one run of a whole model on ``inputs``."""
+    run, sync = _on_device(module, inputs, options.device)
+    times: list[float] = []
+    with torch.no_grad(), _torch_threads(options):
+        for _ in range(10):
+            run()
+        started = time.perf_counter()
+        while len(times) < 30 or time.perf_counter() - started < options.verify_min_time / 2:
+            times.append(_timed(run, sync))
     return float(np.median(times)) * 1e3
 
 
@@ -382,12 +577,18 @@ class LatencyModel:
 
     def key(self, layer: nn.Module, input_shape: Sequence[int], method: str, rank: Rank | None) -> str:
         """The cache key of one variant of one layer on this machine and runtime."""
+        options = self.options
         if self._machine is None:
-            self._machine = machine_key()
-        parts = {"machine": self._machine, "threads": self.options.threads,
-                 "graph_optimization": self.options.graph_optimization,
+            # onnxruntime keys keep their original form (no runtime field), so existing caches stay valid.
+            self._machine = (machine_key() if options.runtime == "onnxruntime"
+                             else machine_key(options.runtime, options.device))
+        parts = {"machine": self._machine, "threads": options.threads,
                  "layer": _geometry_key(layer, input_shape), "method": method,
                  "rank": list(rank) if isinstance(rank, tuple) else rank}
+        if options.runtime == "onnxruntime":
+            parts["graph_optimization"] = options.graph_optimization
+        else:
+            parts.update(runtime=options.runtime, device=options.device)
         return LatencyCache.key(parts)
 
     def layer_times(self, layer: nn.Module, input_shape: Sequence[int],

@@ -218,7 +218,8 @@ def resolve_policy(
         resolved, prebuilt, info["verification"] = _verify_faster(root, plans, droppable, resolved, prebuilt,
                                                                   shapes, inputs, model)
     if model is not None:
-        info["latency"] = {"threads": model.options.threads, "cache": str(model.cache.path),
+        info["latency"] = {"runtime": model.options.runtime, "device": model.options.device,
+                           "threads": model.options.threads, "cache": str(model.cache.path),
                            "measured_variants": model.measured}
     info["layers"] = {p.name: _layer_info(p, target[0] if target else "latency") for p in plans
                       if p.rule is not None}
@@ -464,7 +465,8 @@ def _allocate(root: nn.Module, plans: list[_LayerPlan], kind: str, fraction: flo
             "predicted_fraction": _round(predicted / total) if total else None, "solver": solver,
             "basis": {"macs": "per sample, all Conv/Linear layers (convfactor.costs)",
                       "params": "parameters of the BatchNorm-folded model (<= the original's)",
-                      "latency": "onnxruntime ms: whole original model minus the per-layer savings measured"}[kind]}
+                      "latency": "ms in the latency runtime (info['latency']): whole original model minus the "
+                                 "per-layer savings measured"}[kind]}
 
 
 # -- auto without a target -------------------------------------------------------------------------

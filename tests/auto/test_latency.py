@@ -1,4 +1,5 @@
-"""Latency model: cache keys and persistence, ONNX graphs of one layer, and decisions under stubbed timings.
+"""Latency model: cache keys and persistence, ONNX graphs of one layer, decisions under stubbed timings,
+and the PyTorch eager target (options, its own cache keys, an end-to-end run).
 
 No test asserts a timing: measured times are replaced by deterministic stubs that count their calls.
 """
@@ -185,3 +186,82 @@ def test_latency_target_allocates_measured_times_and_falls_back_when_not_faster(
     dropped = resolution.info["verification"]["layers_dropped"]
     assert sorted(dropped) == sorted(chosen)
     assert all("faster than the original" in resolution.info["layers"][n]["reason"] for n in dropped)
+
+
+# -- the PyTorch eager target ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"runtime": "tensorrt"}, "unknown runtime 'tensorrt'"),
+    ({"runtime": "torch", "device": "tpu"}, "unknown device 'tpu'"),
+    ({"device": "cuda"}, "device 'cuda' needs runtime 'torch'"),
+])
+def test_runtime_and_device_are_validated(spec, message):
+    with pytest.raises(convfactor.ConvfactorError, match=message):
+        LatencyOptions.from_any(spec)
+
+
+def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(convfactor.ConvfactorError, match=r"torch.cuda.is_available\(\) is False"):
+        LatencyOptions.from_any({"runtime": "torch", "device": "cuda"})
+    options = LatencyOptions.from_any({"runtime": "torch"})
+    assert (options.runtime, options.device) == ("torch", "cpu")
+
+
+def test_torch_timer_times_a_conv_and_its_candidates_and_restores_threads():
+    options = LatencyOptions.from_any({"runtime": "torch", "threads": 1, "repeats": 3, "warmup": 1})
+    layer = nn.Conv2d(8, 8, 3, 1, 1)
+    modules = [layer, get_method("spatial_svd").build(layer, 4), get_method("tucker2").build(layer, (4, 4))]
+    before = layer.weight.detach().clone()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        times = latency_module.time_layers(modules, (1, 8, 8, 8), options)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert len(times) == 3 and all(np.isfinite(t) and t > 0 for t in times)
+    assert torch.equal(layer.weight, before)  # the timer draws weights on its own copies
+
+
+def test_torch_and_onnxruntime_timings_never_share_a_cache_entry(tmp_path):
+    ort_model, ort_timer, _ = stub_model(tmp_path)
+    torch_model, torch_timer, _ = stub_model(tmp_path, runtime="torch")
+    ort_key = ort_model.key(LAYER, (1, 16, 8, 8), "spatial_svd", 8)
+    torch_key = torch_model.key(LAYER, (1, 16, 8, 8), "spatial_svd", 8)
+    assert ort_key != torch_key
+    parts = json.loads(torch_key)
+    assert (parts["runtime"], parts["device"], parts["machine"]["torch"]) == ("torch", "cpu", torch.__version__)
+    # The onnxruntime key keeps the form it had before the torch target existed (old caches stay valid).
+    assert set(json.loads(ort_key)) == {"machine", "threads", "graph_optimization", "layer", "method", "rank"}
+    assert "runtime" not in json.loads(ort_key)["machine"]
+
+    ort_model.layer_times(LAYER, (1, 16, 8, 8), VARIANTS)
+    assert ort_timer.modules == 3
+    fresh_torch, fresh_timer, _ = stub_model(tmp_path, runtime="torch")
+    fresh_torch.layer_times(LAYER, (1, 16, 8, 8), VARIANTS)  # same file: the onnxruntime entries do not count
+    assert fresh_timer.modules == 3 and fresh_torch.measured == 3
+    assert len(json.loads((tmp_path / "latency.json").read_text())["entries"]) == 6
+
+
+def test_torch_whole_model_timing_and_comparison(net):
+    options = LatencyOptions.from_any({"runtime": "torch", "threads": 1, "verify_min_time": 0.05})
+    assert latency_module.time_model(net, (X,), options) > 0
+    speedup = latency_module.compare_models(net, net, (X,), options)
+    assert np.isfinite(speedup) and speedup > 0
+
+
+def test_factorize_with_a_latency_target_in_torch_end_to_end(tmp_path):
+    net = tiny_resnet()
+    policy = {"rules": [{"types": ["Conv2d"], "method": "auto"}], "target": {"latency": 0.8}}
+    cache = tmp_path / "c.json"
+    options = {"runtime": "torch", "threads": 1, "cache": cache, "max_seconds_per_layer": 0.2, "repeats": 5,
+               "verify_min_time": 0.2}
+    factorized = convfactor.factorize(net, policy, X, latency=options)
+    info = convfactor.get_report(factorized).extra["auto"]
+    assert info["latency"]["measured_variants"] > 0 and "verification" in info
+    entries = json.loads(cache.read_text())["entries"]
+    assert entries and all(json.loads(key)["runtime"] == "torch" for key in entries)
+    with torch.no_grad():
+        assert factorized(X).shape == net(X).shape
