@@ -107,9 +107,8 @@ def factorize(
         root = capture(work, leaf_modules=leaf_modules, concrete_args=concrete_args).graph_module
         shapes = annotate_shapes(root, inputs).changes[0] if inputs is not None else {}
         if fold_batchnorm:
+            # Folding keeps each layer's name and output shape, so the shapes above stay valid.
             report.folded = fold_batchnorm_pass(root).changes
-            if report.folded and inputs is not None:
-                shapes = layer_io_shapes(root, inputs)
     else:
         root = work
         report.capture = "modules"
