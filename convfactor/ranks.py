@@ -24,6 +24,7 @@ __all__ = [
     "kept_energy",
     "align_rank",
     "is_fraction",
+    "shared_rank_spectrum",
 ]
 
 
@@ -53,6 +54,15 @@ def kept_energy(singular_values: Sequence[float] | np.ndarray, rank: int) -> flo
     s2 = np.asarray(singular_values, dtype=np.float64) ** 2
     total = s2.sum()
     return 1.0 if total == 0 else float(s2[:rank].sum() / total)
+
+
+def shared_rank_spectrum(per_group: np.ndarray) -> np.ndarray:
+    """One spectrum for a rank shared by several groups (or channels): (n, k) singular values -> (k,).
+
+    Keeping rank r keeps the first r triplets of every row, so the j-th entry carries the energy of the
+    j-th triplets summed over rows; energy arithmetic on it is then exact for the shared rank.
+    """
+    return np.sqrt((np.asarray(per_group, dtype=np.float64) ** 2).sum(axis=0))
 
 
 def smallest_rank_for_energy(singular_values: Sequence[float] | np.ndarray, energy: float) -> int:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..geometry import LayerGeometry
+from ..ranks import shared_rank_spectrum
 from ._stages import make_conv, pointwise, set_weight
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
@@ -119,9 +120,8 @@ class Depthwise(FactorizationMethod):
         return min(geo.out_channels // geo.groups, geo.kernel_volume)
 
     def spectra(self, layer: nn.Module) -> list[np.ndarray]:
-        # One m for every channel: the j-th energy is the sum over channels of their j-th triplet's.
         s = depthwise_spectra(layer.weight, layer.groups)
-        return [np.sqrt((s**2).sum(axis=0))]
+        return [shared_rank_spectrum(s)]
 
     def decompose(self, layer: nn.Module, rank: int) -> DepthwiseConv:
         module = DepthwiseConv.empty(layer, rank)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..geometry import LayerGeometry
+from ..ranks import shared_rank_spectrum
 from ._stages import axis_conv, pointwise, set_weight
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
@@ -115,9 +116,8 @@ class SpatialSVD(FactorizationMethod):
         return min(geo.in_channels // g * geo.kernel[0], geo.out_channels // g * k_w)
 
     def spectra(self, layer: nn.Module) -> list[np.ndarray]:
-        # All groups share one r, so the spectrum is the energy of the j-th triplets summed over groups.
         s = spatial_svd_spectra(layer.weight, layer.groups)
-        return [np.sqrt((s**2).sum(axis=0))]
+        return [shared_rank_spectrum(s)]
 
     def decompose(self, layer: nn.Module, rank: int) -> SpatialSVDConv:
         module = SpatialSVDConv.empty(layer, rank)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..geometry import LayerGeometry, layer_kind
+from ..ranks import shared_rank_spectrum
 from ._stages import make_conv, pointwise, set_weight
 from .base import ALREADY_DEPTHWISE, FactorizationMethod, FactorizedLayer, register
 
@@ -109,9 +110,8 @@ class SVD(FactorizationMethod):
         return min(geo.in_channels, geo.out_channels) // geo.groups
 
     def spectra(self, layer: nn.Module) -> list[np.ndarray]:
-        # All groups share one r: the j-th energy is summed over the groups.
         s = svd_spectra(layer.weight, LayerGeometry.of(layer).groups)
-        return [np.sqrt((s**2).sum(axis=0))]
+        return [shared_rank_spectrum(s)]
 
     def decompose(self, layer: nn.Module, rank: int) -> SVDLayer:
         module = SVDLayer.empty(layer, rank)
