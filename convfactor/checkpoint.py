@@ -19,6 +19,7 @@ Accepted inputs, with the one rule that keeps loading safe: **every read uses**
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -29,7 +30,7 @@ import pickle
 import re
 import sys
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ __all__ = [
     "Architecture",
     "Checkpoint",
     "resolve_arch",
+    "stored_architecture",
+    "builtin_factories",
     "parse_arch_kwargs",
     "read_checkpoint",
     "extract_state_dict",
@@ -122,8 +125,9 @@ def parse_arch_kwargs(text: str | Mapping | None) -> dict[str, Any]:
 def resolve_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> Architecture:
     """Import the factory named by ``spec`` (``"pkg.module:fn"`` or ``"path/file.py:fn"``).
 
-    The current directory is put on ``sys.path`` first, so a model file next to the checkpoint imports
-    as it does in the user's own scripts.
+    Only for a spec the user gave (``--arch``, ``arch=``) or a file the user trusts: importing runs code.
+    While the module is imported (and only then) the current directory is on ``sys.path``, so a model
+    file next to the checkpoint imports as it does in the user's own scripts.
 
     Args:
         spec: ``MODULE:FACTORY``; the module part may be a dotted name or a path to a ``.py`` file.
@@ -137,13 +141,14 @@ def resolve_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> Architec
     if not sep or not module_part or not attribute or not attribute.isidentifier():
         raise ConvfactorError(f"--arch must look like 'package.module:factory' or 'path/to/file.py:factory', "
                               f"got {spec!r}")
-    _add_cwd_to_path()
     if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
         path = Path(module_part).expanduser().resolve()
-        module = _import_file(path, spec)
+        with _cwd_importable():
+            module = _import_file(path, spec)
         factory = f"{path}:{attribute}"
     else:
-        module = _import_module(module_part, spec)
+        with _cwd_importable():
+            module = _import_module(module_part, spec)
         factory = spec
     build_fn = getattr(module, attribute, None)
     if build_fn is None:
@@ -152,6 +157,40 @@ def resolve_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> Architec
         raise ConvfactorError(f"--arch {spec}: {attribute!r} is a {type(build_fn).__name__}, not a callable")
     kwargs = dict(kwargs or {})
     return Architecture(factory, kwargs, build_fn, _declared_input_shape(factory, build_fn, kwargs))
+
+
+def builtin_factories() -> set[str]:
+    """The factories of convfactor's own zoo: code shipped with convfactor, safe for any file to name."""
+    from .zoo import MODELS
+
+    return {spec.factory for spec in MODELS.values()}
+
+
+def stored_architecture(record: Mapping[str, Any], *, trusted: bool, where: str,
+                        kwargs: Mapping[str, Any] | None = None) -> Architecture:
+    """The architecture a file names (``{"factory": ..., "kwargs": ...}``), resolved only if that is safe.
+
+    A file never selects code to run: its factory is imported only when it is one of convfactor's own
+    zoo factories or the caller trusts the file (``trust_code=True``, CLI ``--trust-checkpoint``).
+
+    Args:
+        record: the stored ``arch`` record.
+        trusted: the caller trusts the file to name code.
+        where: the file, for the message.
+        kwargs: keyword arguments overriding the stored ones.
+    Raises:
+        CheckpointError: the file names a factory the caller did not trust (nothing was imported).
+    """
+    factory = str(record.get("factory"))
+    kwargs = dict(record.get("kwargs") or {}) if kwargs is None else dict(kwargs)
+    if not trusted and factory not in builtin_factories():
+        stored = record.get("kwargs") or {}
+        called = f" with {json.dumps(stored)}" if stored else ""
+        raise CheckpointError(
+            f"{where} names the architecture factory {factory!r}{called}; a file does not choose code for "
+            f"convfactor to run: pass your architecture (arch=..., CLI: --arch MODULE:FACTORY), or "
+            f"trust_code=True (CLI: --trust-checkpoint) if you trust this file")
+    return resolve_arch(factory, kwargs)
 
 
 def _import_module(name: str, spec: str) -> Any:
@@ -338,17 +377,29 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     return Checkpoint(path, "state_dict", state_dict, notes)
 
 
-def _add_cwd_to_path() -> None:
-    # A console script does not put the current directory on sys.path; `python script.py` users expect it.
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """The current directory on ``sys.path`` for one import the user asked for, and removed after.
+
+    A console script does not put the current directory on ``sys.path``, while ``python script.py``
+    users expect their model files to import; it is never left there for the rest of the process.
+    """
     cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    if cwd in sys.path:
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 def _load_trusted(path: Path) -> Any:
-    _add_cwd_to_path()  # the pickled classes are looked up by module name
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with _cwd_importable():  # the pickled classes are looked up by module name
+            return torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as missing:
         raise CheckpointError(f"cannot unpickle {path}: the class it was saved with is not importable here "
                               f"({_first_line(missing)}); run from the directory of its code or use a "

@@ -60,17 +60,18 @@ rank (the smallest over its rank components); '-': the method has no singular-va
 
 _EXPORT_EXAMPLES = """\
 examples:
-  convfactor export resnet_svd.pt --onnx resnet_svd.onnx          # a factorized checkpoint: plan applied
+  convfactor export resnet_svd.pt --arch models:resnet20 --onnx resnet_svd.onnx   # factorized: plan applied
   convfactor export resnet.pt --arch models:resnet20 --onnx resnet.onnx --input-shape 1,3,32,32
 """
 
 _BENCH_EXAMPLES = """\
 examples:
-  convfactor bench resnet_svd.pt --baseline resnet.pt --baseline-arch models:resnet20
-  convfactor bench resnet_svd.pt --threads 1 --repeats 100       # the factorized model alone
+  convfactor bench resnet_svd.pt --arch models:resnet20 --baseline resnet.pt
+  convfactor bench resnet_svd.pt --arch models:resnet20 --threads 1 --repeats 100   # the model alone
 
 A factorized checkpoint stores nothing of the original weights, so without --baseline the model
-is timed alone.
+is timed alone. The factory a factorized checkpoint names is used only with --trust-checkpoint;
+otherwise give --arch.
 """
 
 _DEMO_EXAMPLES = """\
@@ -206,11 +207,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a state_dict (.pt/.pth), a factorized convfactor checkpoint, a torch.export "
                              "program (.pt2), or a pickled model (with --trust-checkpoint)")
     parser.add_argument("--arch", metavar="MODULE:FACTORY",
-                        help="the function building the architecture of a state_dict: package.module:function "
-                             "(importable from the current directory) or path/to/file.py:function")
+                        help="the function building the architecture of a state_dict or factorized checkpoint: "
+                             "package.module:function (importable from the current directory) or "
+                             "path/to/file.py:function")
     parser.add_argument("--arch-args", metavar="JSON", help="keyword arguments for the factory, as a JSON object")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow unpickling Python objects (a whole pickled model); only for files you trust")
+                        help="trust the file to run code: allow unpickling Python objects (a whole pickled "
+                             "model) and importing the architecture factory a factorized checkpoint names "
+                             "(otherwise give --arch); only for files you trust")
     parser.add_argument("--input-shape", metavar="N,C,H,W",
                         help="example input shape, e.g. 1,3,224,224 (default: the architecture's, if it declares "
                              "one); needed for MACs, ONNX, .pt2, --check and --bench")
@@ -344,6 +348,7 @@ class _Source:
     arch_record: dict[str, Any]
     input_shape: tuple[int, ...] | None
     notes: list[str] = field(default_factory=list)
+    arch: Any = None  # the user's --arch (an Architecture) when it built the model
 
     def describe(self) -> dict[str, Any]:
         return {"checkpoint": str(self.path), "kind": self.kind, "arch": self.arch_record,
@@ -396,13 +401,14 @@ def _load_source(path: str, arch, *, trust: bool, input_shape: tuple[int, ...] |
         from .serialize import rebuild
 
         payload = checkpoint.content
-        model = rebuild(payload, arch, trust_checkpoint=trust)
+        model = rebuild(payload, arch, trust_checkpoint=trust, trust_code=trust, where=path)
         record = dict(payload.get("arch") or {})
         default_shape = tuple(payload["input_shape"]) if payload.get("input_shape") else None
         notes.append(f"factorized checkpoint: plan with {len(payload['plan']['layers'])} replaced layer(s) applied")
     model.eval()
     check_finite(model, what)
-    return _Source(model, checkpoint.path, checkpoint.kind, record, input_shape or default_shape, notes)
+    used_arch = arch if checkpoint.kind in ("state_dict", "factorized") else None
+    return _Source(model, checkpoint.path, checkpoint.kind, record, input_shape or default_shape, notes, used_arch)
 
 
 def _shape_attribute(model: Any) -> tuple[int, ...] | None:
@@ -663,20 +669,22 @@ def _stage_model(staging: _Staging, out: Path, fast: Any, source: _Source, examp
         return
     payload = factorized_payload(fast, arch=source.arch_record, input_shape=source.input_shape,
                                  leaf_modules=args.leaf_module)
-    _verify_reload(payload, fast, example, args.trust_checkpoint, console)
+    _verify_reload(payload, fast, example, source.arch, args.trust_checkpoint, console)
     staging.write(out, lambda p: torch.save(payload, p))
 
 
-def _verify_reload(payload: dict[str, Any], fast: Any, example: Any, trust: bool, console: _Console) -> None:
+def _verify_reload(payload: dict[str, Any], fast: Any, example: Any, arch: Any, trust: bool,
+                   console: _Console) -> None:
     """Rebuild the model from the payload as ``convfactor.load`` will, so a file that would not reload is
-    never written (an architecture whose structure changes between builds, say)."""
+    never written (an architecture whose structure changes between builds, say). ``arch`` is the user's
+    ``--arch`` (None: the input file named its architecture, and was already allowed to)."""
     import torch
 
     from .errors import CheckpointError
     from .serialize import rebuild
 
     console.status("checking that the saved model reloads")
-    reloaded = rebuild(payload, trust_checkpoint=trust)
+    reloaded = rebuild(payload, arch, trust_checkpoint=trust, trust_code=trust)
     if example is None:
         return  # rebuild already loaded the state_dict strictly: same structure, same tensors
     with torch.no_grad():
@@ -988,7 +996,7 @@ def _cmd_export(args: argparse.Namespace, console: _Console) -> int:
 
 # -- bench --------------------------------------------------------------------------------------
 def _cmd_bench(args: argparse.Namespace, console: _Console) -> int:
-    from .checkpoint import check_readable, parse_input_shape, resolve_arch
+    from .checkpoint import check_readable, parse_input_shape, resolve_arch, stored_architecture
 
     shape = parse_input_shape(args.input_shape)
     threads = _parse_threads(args.threads)
@@ -1005,7 +1013,8 @@ def _cmd_bench(args: argparse.Namespace, console: _Console) -> int:
         if baseline_arch is None:
             baseline_arch = arch
             if baseline_arch is None and source.arch_record.get("factory"):
-                baseline_arch = resolve_arch(source.arch_record["factory"], source.arch_record.get("kwargs"))
+                baseline_arch = stored_architecture(source.arch_record, trusted=args.trust_checkpoint,
+                                                    where=args.checkpoint)
         baseline = _load_source(args.baseline, baseline_arch, trust=args.trust_checkpoint, input_shape=None,
                                 console=console, what="baseline checkpoint")
         _example_input(baseline.model, x.shape)

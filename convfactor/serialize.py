@@ -40,6 +40,7 @@ from .checkpoint import (
     load_weights,
     read_checkpoint,
     resolve_arch,
+    stored_architecture,
 )
 from .errors import CheckpointError, ConvfactorError
 from .geometry import layer_kind
@@ -150,7 +151,7 @@ def save_factorized(
     Example:
         >>> fast = convfactor.factorize(build_model(), "spatial_svd:0.5", torch.randn(1, 3, 32, 32))
         >>> save_factorized(fast, "fast.pt", arch="models:build_model")
-        >>> same = convfactor.load("fast.pt")
+        >>> same = convfactor.load("fast.pt", arch="models:build_model")
     """
     payload = factorized_payload(model, arch=arch, input_shape=input_shape, leaf_modules=leaf_modules)
     return atomic_torch_save(payload, path, force=force)
@@ -272,8 +273,13 @@ def _floating_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype | Non
 
 
 def _architecture(record: Mapping[str, Any], arch: ArchLike, arch_kwargs: Mapping | None,
-                  trust_checkpoint: bool) -> nn.Module:
-    """The unfactorized model: from ``arch`` when given, else from the stored record."""
+                  trust_checkpoint: bool, trust_code: bool = False, where: str = "the checkpoint") -> nn.Module:
+    """The unfactorized model: from ``arch`` when given, else from the stored record.
+
+    The stored record is code the file chooses: a factory is imported only if it is convfactor's own or
+    the caller trusts the file (``trust_code`` or ``trust_checkpoint``), a pickled model only with
+    ``trust_checkpoint``.
+    """
     if isinstance(arch, nn.Module):
         return copy.deepcopy(arch)
     if isinstance(arch, Architecture):
@@ -290,7 +296,8 @@ def _architecture(record: Mapping[str, Any], arch: ArchLike, arch_kwargs: Mappin
     if arch is not None:
         raise ConvfactorError(f"arch must be a factory spec, a callable or a module, not {type(arch).__name__}")
     if record.get("factory"):
-        return resolve_arch(record["factory"], kwargs).build()
+        trusted = trust_code or trust_checkpoint
+        return stored_architecture(record, trusted=trusted, where=where, kwargs=arch_kwargs).build()
     source, kind = record.get("checkpoint"), record.get("kind")
     if source and kind in ("exported", "module"):
         if not Path(source).is_file():
@@ -315,15 +322,17 @@ def rebuild(
     *,
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_checkpoint: bool = False,
+    trust_code: bool = False,
+    where: str = "the checkpoint",
 ) -> nn.Module:
-    """The factorized model from an already read payload (see ``load``)."""
+    """The factorized model from an already read payload (see ``load``; ``where`` names it in errors)."""
     if payload.get("format") != FORMAT:
         raise CheckpointError(f"not a factorized convfactor checkpoint (format {payload.get('format')!r})")
     state_dict = payload.get("state_dict")
     if not isinstance(state_dict, Mapping):
         raise CheckpointError("the factorized checkpoint has no state_dict")
     plan = _check_plan(payload.get("plan"))
-    model = _architecture(payload.get("arch") or {}, arch, arch_kwargs, trust_checkpoint)
+    model = _architecture(payload.get("arch") or {}, arch, arch_kwargs, trust_checkpoint, trust_code, where)
     dtype = _floating_dtype(state_dict)
     if dtype is not None:
         model = model.to(dtype)  # the saved model may have been converted (float64, say) after building
@@ -349,22 +358,30 @@ def load(
     *,
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_checkpoint: bool = False,
+    trust_code: bool = False,
 ) -> nn.Module:
     """Reload a model written by ``save_factorized`` (or ``convfactor convert --out model.pt``).
+
+    The file names the factory that built its architecture, but a file never chooses code to run: give
+    the architecture (``arch=``), or pass ``trust_code=True`` to let the file's factory be imported and
+    called. Only the factories of convfactor's own zoo are built without either.
 
     Args:
         path: the file.
         arch: the unfactorized architecture, overriding the stored one: a factory spec
             ``"pkg.module:fn"``/``"file.py:fn"``, a callable, or a module instance (its weights do not matter).
         arch_kwargs: keyword arguments for a factory (default: the stored ones).
-        trust_checkpoint: allow unpickling when the stored architecture is a pickled model file.
+        trust_checkpoint: trust the file: allow unpickling when the stored architecture is a pickled
+            model file, and importing the factory it names.
+        trust_code: allow importing and calling the factory the file names (a file you trust).
     Returns:
         The factorized model in eval mode; ``convfactor.get_report`` works on it.
     Raises:
-        CheckpointError: the file is missing, corrupt, not a factorized checkpoint, or does not fit.
+        CheckpointError: the file is missing, corrupt, not a factorized checkpoint, or does not fit; it
+            names a factory and neither ``arch`` nor ``trust_code`` was given (nothing is imported).
 
     Example:
-        >>> model = convfactor.load("resnet20_svd.pt")
+        >>> model = convfactor.load("resnet20_svd.pt", arch="models:build_resnet")
         >>> model(torch.randn(1, 3, 32, 32)).shape
         torch.Size([1, 10])
     """
@@ -372,7 +389,8 @@ def load(
     if checkpoint.kind != "factorized":
         raise CheckpointError(f"{path} is not a factorized convfactor checkpoint (it holds a {checkpoint.kind}); "
                               f"load it with torch.load or the CLI's --arch")
-    return rebuild(checkpoint.content, arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
+    return rebuild(checkpoint.content, arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
+                   trust_code=trust_code, where=str(path))
 
 
 def _report_from_dict(data: Any) -> FactorizeReport | None:

@@ -1,6 +1,7 @@
 """Reading checkpoints and resolving --arch: every accepted form, every rejected one with its message."""
 
 import pickle
+import sys
 import textwrap
 
 import pytest
@@ -275,3 +276,11 @@ def test_functional_conv_on_a_shared_weight_is_left_alone(tmp_path):
     lifted = lift_exported_module(read_checkpoint(path).content)
     assert not any(isinstance(m, nn.Conv2d) for m in lifted.modules())  # two calls read one weight
     assert torch.equal(lifted(X), model(X))
+
+
+def test_resolve_arch_imports_from_the_working_directory_without_keeping_it_on_sys_path(tmp_path, monkeypatch):
+    (tmp_path / "cwd_model_xyz.py").write_text("from torch import nn\n\ndef build():\n    return nn.Linear(2, 3)\n")
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    assert resolve_arch("cwd_model_xyz:build").build().weight.shape == (3, 2)
+    assert sys.path == before

@@ -74,7 +74,7 @@ def test_convert_state_dict(cli, tmp_path, ckpt, net):
     assert "spatial_svd" in stdout and "layers replaced: 3/4" in stdout and f"wrote {out}" in stdout
     assert "loading" in err  # progress notes go to stderr
     assert _leftovers(tmp_path, [ckpt]) == ["fast.pt", "fast.report.json"]
-    reloaded = load(out)
+    reloaded = load(out, arch=ARCH)
     with torch.no_grad():
         assert torch.equal(reloaded(X), _factorized_reference(net, "spatial_svd:0.5")(X))
     report = json.loads((tmp_path / "fast.report.json").read_text())
@@ -94,7 +94,7 @@ def test_convert_nested_state_dict_with_module_prefix(cli, tmp_path, net, key="m
     assert f"state_dict nested under {key!r}" in document["input"]["notes"]
     assert "stripped the 'module.' prefix" in document["input"]["notes"]
     with torch.no_grad():
-        assert torch.equal(load(out)(X), _factorized_reference(net, "tucker2:0.5")(X))
+        assert torch.equal(load(out, arch=ARCH)(X), _factorized_reference(net, "tucker2:0.5")(X))
 
 
 def test_convert_arch_by_file_path_and_kwargs(cli, tmp_path):
@@ -109,7 +109,7 @@ def test_convert_arch_by_file_path_and_kwargs(cli, tmp_path):
     payload = torch.load(out, weights_only=True)
     assert payload["arch"]["kwargs"] == {"width": 4, "num_classes": 3}
     with torch.no_grad():
-        assert torch.equal(load(out)(X), _factorized_reference(model, "spatial_svd:0.5")(X))
+        assert torch.equal(load(out, trust_code=True)(X), _factorized_reference(model, "spatial_svd:0.5")(X))
 
 
 def test_convert_pickled_module_needs_trust(cli, tmp_path, net):
@@ -162,7 +162,7 @@ def test_convert_untraceable_model_with_leaf_module_or_without_trace(cli, tmp_pa
         options = {"leaf_modules": ["Gate"]} if name == "leaf.pt" else {"trace": False}
         reference = convfactor.factorize(model, "spatial_svd:0.5", X[:1], **options)
         with torch.no_grad():
-            assert torch.equal(load(tmp_path / name)(X), reference(X))
+            assert torch.equal(load(tmp_path / name, arch="tests.cli_models:gated_net")(X), reference(X))
 
 
 def test_convert_default_input_shape_from_the_architecture(cli, tmp_path, net):
@@ -274,7 +274,7 @@ def _bad_cases():
         "output is the input": (none, ["{ckpt}", *base, "--out", "{ckpt}", "--force"], "is an input file"),
         "onnx without input shape": (none, ["{ckpt}", "--arch", ARCH, "--policy", "svd", "--onnx", "{tmp}/f.onnx"],
                                      "--input-shape is required for --onnx"),
-        "already factorized": (write("done.pt", factorized), ["{tmp}/done.pt", "--policy", "svd"],
+        "already factorized": (write("done.pt", factorized), ["{tmp}/done.pt", "--arch", ARCH, "--policy", "svd"],
                                "already factorized"),
         "missing --policy": (none, ["{ckpt}", "--arch", ARCH], "the following arguments are required: --policy"),
     }
@@ -392,7 +392,7 @@ def test_convert_with_onnx_check_and_bench(cli, tmp_path, ckpt, net):
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: X.numpy()})[0]
     with torch.no_grad():
-        expected = load(out)(X).numpy()
+        expected = load(out, arch=ARCH)(X).numpy()
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) <= 1e-5
     summary = document["summary"]
     totals = document["factorize"]["totals"]
@@ -479,7 +479,9 @@ def test_export_and_bench_a_factorized_checkpoint(cli, tmp_path, ckpt):
     assert cli("convert", ckpt, "--arch", ARCH, "--policy", "spatial_svd:0.5", "--out", out,
                "--input-shape", SHAPE, "--quiet")[0] == 0
     onnx_path = tmp_path / "fast.onnx"
-    code, stdout, err = cli("export", out, "--onnx", onnx_path, "--json", "--quiet")  # plan applied, stored shape
+    code, _, err = cli("export", out, "--onnx", onnx_path, "--quiet")
+    assert code == 2 and "names the architecture factory 'tests.cli_models:tiny_net'" in err  # not trusted
+    code, stdout, err = cli("export", out, "--onnx", onnx_path, "--arch", ARCH, "--json", "--quiet")  # stored shape
     assert code == 0, err
     assert json.loads(stdout)["onnx"]["path"] == str(onnx_path)
     import onnxruntime as ort
@@ -487,22 +489,40 @@ def test_export_and_bench_a_factorized_checkpoint(cli, tmp_path, ckpt):
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: X.numpy()})[0]
     with torch.no_grad():
-        expected = load(out)(X).numpy()
+        expected = load(out, arch=ARCH)(X).numpy()
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) <= 1e-5
-    code, _, err = cli("export", out, "--onnx", onnx_path, "--quiet")
+    code, _, err = cli("export", out, "--onnx", onnx_path, "--arch", ARCH, "--quiet")
     assert code == 2 and "exists" in err
 
     # TorchScript exports in milliseconds where dynamo takes seconds; the default exporter ran above.
     timing = ["--threads", "1", "--warmup", "0", "--repeats", "3", "--min-time", "0", "--exporter", "torchscript"]
-    code, stdout, err = cli("bench", out, *timing)
+    code, stdout, err = cli("bench", out, *timing, "--trust-checkpoint")
     assert code == 0, err
     assert "timing it alone" in err and "timing it alone" in stdout and "median ms" in stdout
     # The baseline's architecture defaults to the one the factorized checkpoint stores.
-    code, stdout, err = cli("bench", out, "--baseline", ckpt, *timing, "--json", "--quiet")
+    code, stdout, err = cli("bench", out, "--baseline", ckpt, *timing, "--json", "--quiet", "--trust-checkpoint")
     assert code == 0, err
     document = json.loads(stdout)
     assert document["baseline"]["kind"] == "state_dict" and document["input"]["kind"] == "factorized"
     assert document["bench"]["results"][0]["pairs"] >= 3
+
+
+@pytest.mark.parametrize("command", ["convert", "export", "inspect", "bench"])
+def test_a_factorized_file_naming_code_runs_nothing(cli, tmp_path, net, command):
+    marker = tmp_path / "pwned"
+    fast = convfactor.factorize(net, "spatial_svd:0.5", X[:1])
+    payload = convfactor.serialize.factorized_payload(
+        fast, arch={"factory": "subprocess:getoutput", "kwargs": {"cmd": f"touch {marker}"}})
+    evil = tmp_path / "evil.pt"
+    torch.save(payload, evil)
+    extra = {"convert": ["--policy", "svd", "--out", tmp_path / "again.pt"], "export": ["--onnx", tmp_path / "e.onnx"],
+             "inspect": [], "bench": ["--baseline", evil]}[command]
+    code, stdout, err = cli(command, evil, *extra, "--quiet")
+    assert not marker.exists()
+    assert code == 2 and stdout == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "names the architecture factory 'subprocess:getoutput'" in err and "--arch" in err
+    assert _leftovers(tmp_path, [evil]) == []
 
 
 def test_methods(cli):
@@ -549,7 +569,7 @@ def test_python_m_convert_end_to_end(tmp_path, ckpt, net):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["factorize"]["totals"]["layers_replaced"] == 3
     with torch.no_grad():
-        assert torch.equal(load(out)(X), _factorized_reference(net, "spatial_svd:0.5")(X))
+        assert torch.equal(load(out, arch=ARCH)(X), _factorized_reference(net, "spatial_svd:0.5")(X))
 
 
 def test_python_m_bad_input_exit_code_and_one_line(tmp_path, ckpt):

@@ -1,6 +1,7 @@
 """save_factorized / load / apply_plan: reloaded models compute bit-identical outputs; bad files are rejected."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def _save_and_load(tmp_path, case, name="fast.pt"):
 @pytest.mark.parametrize("case", list(CASES))
 def test_reloaded_output_is_bit_identical(tmp_path, case):
     model, fast, path = _save_and_load(tmp_path, case)
-    reloaded = load(path)
+    reloaded = load(path, trust_code=True)  # our own test file: its factory may be imported
     assert not reloaded.training
     with torch.no_grad():
         assert torch.equal(reloaded(X), fast(X))
@@ -98,7 +99,7 @@ def test_arch_override_forms(tmp_path):
 def test_wrong_architecture_is_rejected(tmp_path):
     _, _, path = _save_and_load(tmp_path, "tiny-svd")
     with pytest.raises(CheckpointError, match="shape mismatch"):
-        load(path, arch_kwargs={"width": 16})
+        load(path, arch_kwargs={"width": 16}, trust_code=True)
     with pytest.raises(CheckpointError, match="BatchNorm folding differs"):
         load(path, arch=lambda: nn.Sequential(nn.Conv2d(3, 8, 3)))
     _, _, path = _save_and_load(tmp_path, "tiny-no-fold", "no_fold.pt")
@@ -135,7 +136,7 @@ def test_non_finite_saved_weights_are_rejected(tmp_path):
     payload["state_dict"]["fc.weight"][0, 0] = float("nan")
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=r"non-finite weights: fc\.weight \(1 NaN"):
-        load(path)
+        load(path, trust_code=True)
 
 
 def test_apply_plan_gives_structure_only():
@@ -194,4 +195,49 @@ def test_existing_file_needs_force(tmp_path):
     with pytest.raises(ConvfactorError, match="exists"):
         save_factorized(fast, path)
     save_factorized(fast, path, arch="tests.cli_models:tiny_net", force=True)
-    assert isinstance(load(path), nn.Module)
+    assert isinstance(load(path, trust_code=True), nn.Module)
+
+
+# -- a file never chooses code to run ---------------------------------------------------------------
+def _malicious_file(tmp_path):
+    """A factorized checkpoint whose stored factory would run a shell command if it were ever called."""
+    marker = tmp_path / "pwned"
+    fast = convfactor.factorize(randomized(TinyNet()), "spatial_svd:0.5", X[:1])
+    payload = factorized_payload(fast, arch={"factory": "subprocess:getoutput",
+                                             "kwargs": {"cmd": f"touch {marker}"}})
+    torch.save(payload, tmp_path / "evil.pt")
+    return tmp_path / "evil.pt", marker
+
+
+def test_a_file_naming_code_runs_nothing(tmp_path, monkeypatch):
+    path, marker = _malicious_file(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    path_before = list(sys.path)
+    with pytest.raises(CheckpointError) as caught:
+        load(path)
+    message = str(caught.value)
+    assert not marker.exists()
+    assert "\n" not in message
+    assert "'subprocess:getoutput'" in message and "arch=" in message and "trust_code=True" in message
+    assert sys.path == path_before  # the working directory was not put on sys.path
+
+
+def test_a_stored_factory_runs_only_when_trusted(tmp_path):
+    _, fast, path = _save_and_load(tmp_path, "tiny-svd")
+    with pytest.raises(CheckpointError, match="'tests.cli_models:tiny_net'"):
+        load(path)
+    with pytest.raises(CheckpointError, match="'tests.cli_models:tiny_net'"):
+        load(path, arch_kwargs={"width": 8})  # new kwargs do not make the stored factory trusted
+    with torch.no_grad():
+        assert torch.equal(load(path, trust_code=True)(X), fast(X))
+        assert torch.equal(load(path, arch="tests.cli_models:tiny_net")(X), fast(X))
+
+
+def test_builtin_zoo_factories_need_no_trust(tmp_path):
+    from convfactor.zoo import get_model
+
+    fast = convfactor.factorize(get_model("resnet20"), "spatial_svd:0.5", torch.randn(1, 3, 32, 32))
+    save_factorized(fast, tmp_path / "zoo.pt", arch="convfactor.zoo.resnet:resnet20")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "zoo.pt")(x), fast(x))
