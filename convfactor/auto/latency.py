@@ -213,16 +213,41 @@ class LatencyCache:
         self.entries[key] = {"ms": float(ms), "measured": datetime.now(UTC).isoformat(timespec="seconds")}
 
     def save(self) -> None:
-        """Merge with the file's current entries (another process may have added some) and write atomically."""
+        """Merge with the file's current entries (another process may have added some) and write atomically.
+
+        The read-merge-write holds an exclusive lock on ``<cache>.lock``, so two processes saving at once
+        keep each other's entries (without the lock both would read, and the last rename would win).
+        """
         if self.path is None:
             return
         from .._atomic import atomic_write_text
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        merged = {**(self._read() if self.path.exists() else {}), **self.entries}
-        self.entries = merged
-        atomic_write_text(self.path, json.dumps({"format": CACHE_FORMAT, "entries": merged}, indent=1) + "\n",
-                          force=True)
+        with _cache_lock(self.path):
+            merged = {**(self._read() if self.path.exists() else {}), **self.entries}
+            self.entries = merged
+            atomic_write_text(self.path, json.dumps({"format": CACHE_FORMAT, "entries": merged}, indent=1) + "\n",
+                              force=True)
+
+
+@contextmanager
+def _cache_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path``'s sidecar ``.lock`` file (POSIX ``flock``; blocks until free).
+
+    The lock file is never deleted (deleting it would let a waiting process lock a stale inode). Where
+    ``fcntl`` does not exist (Windows) saves are only atomic, not merged under a lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 # -- one-layer ONNX graphs -------------------------------------------------------------------------
