@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ __all__ = [
     "temporary_sibling",
     "publish",
     "check_writable",
+    "StagedOutputs",
 ]
 
 
@@ -162,3 +165,91 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, *, force: bool = False)
     import torch  # local: keeps this helper importable without torch for plain file writes
 
     return atomic_write(path, lambda temp: torch.save(obj, temp), force=force)
+
+
+class StagedOutputs:
+    """A set of outputs published all together or not at all.
+
+    Each file is written under its final name into a hidden staging directory beside its destination
+    (an ONNX file's external ``.data`` keeps its reference); ``commit`` moves them into place in the
+    order they were staged, so the caller stages last the file that marks the set complete (a report).
+    If any move fails, the files already moved are taken back: new ones removed, replaced ones restored
+    from a hard link (or copy) kept in the staging directory. On exit the staging directories are
+    removed, whatever happened: no partial set and no temporary file is left.
+
+    Example::
+
+        with StagedOutputs(force=False) as staged:
+            staged.write(Path("m.pt"), lambda p: torch.save(obj, p))
+            staged.write(Path("m.report.json"), lambda p: p.write_text(text))
+            staged.commit()
+    """
+
+    def __init__(self, force: bool):
+        self.force = force
+        self._dirs: dict[Path, Path] = {}
+        self._files: list[tuple[Path, Path]] = []
+
+    def path_for(self, destination: Path) -> Path:
+        """Where to write ``destination``'s content now; it is published by ``commit``."""
+        staged = self._staging_dir(destination) / destination.name
+        self._files.append((staged, destination))
+        return staged
+
+    def _staging_dir(self, destination: Path) -> Path:
+        parent = destination.parent
+        if parent not in self._dirs:
+            self._dirs[parent] = Path(tempfile.mkdtemp(dir=parent, prefix=".convfactor-staging-"))
+        return self._dirs[parent]
+
+    def write(self, destination: Path, writer: Callable[[Path], Any]) -> None:
+        """Stage ``destination`` by calling ``writer(path)``, then flush it to disk."""
+        staged = self.path_for(destination)
+        writer(staged)
+        _fsync(staged)
+
+    def adopt(self, staged: Path, destination: Path) -> None:
+        """Publish an extra file that a writer put in a staging directory (ONNX external data)."""
+        self._files.append((staged, destination))
+
+    def commit(self) -> None:
+        """Move every staged file into place; on a failure, undo the moves already made and re-raise.
+
+        Raises:
+            OutputExistsError: a destination exists and ``force`` is False (nothing is left published).
+            OSError: a move failed (nothing is left published; replaced files are back).
+        """
+        done: list[tuple[Path, Path | None]] = []  # (destination, saved old content or None)
+        try:
+            for staged, destination in self._files:
+                if not staged.exists():
+                    continue
+                saved = self._save_old(destination) if self.force else None
+                publish(staged, destination, self.force)
+                done.append((destination, saved))
+        except BaseException:
+            for destination, saved in reversed(done):
+                with contextlib.suppress(OSError):
+                    if saved is not None:
+                        os.replace(saved, destination)
+                    else:
+                        destination.unlink()
+            raise
+
+    def _save_old(self, destination: Path) -> Path | None:
+        """A copy of an existing destination in the staging directory (a hard link where possible)."""
+        if not destination.is_file():
+            return None
+        saved = self._staging_dir(destination) / f".old.{secrets.token_hex(4)}.{destination.name}"
+        try:
+            os.link(destination, saved)
+        except OSError:
+            shutil.copy2(destination, saved)
+        return saved
+
+    def __enter__(self) -> StagedOutputs:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for directory in self._dirs.values():
+            shutil.rmtree(directory, ignore_errors=True)

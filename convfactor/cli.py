@@ -16,15 +16,16 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ._atomic import StagedOutputs
 
 __all__ = ["main", "build_parser", "inspect_layers", "format_inspect_table"]
 
@@ -489,53 +490,6 @@ def _check_outputs(paths: Sequence[Path], *, force: bool, inputs: Sequence[str |
                                   f"({bad.strerror or bad})") from None
 
 
-class _Staging:
-    """Outputs written into hidden directories beside their destinations, then moved into place together.
-
-    A file is staged under its final name (an ONNX file's external ``.data`` keeps its reference), and
-    ``commit`` publishes each with one atomic rename (``--force`` decides whether it may replace). On
-    exit the staging directories are removed, whatever happened: no partial or temporary file is left.
-    """
-
-    def __init__(self, force: bool):
-        self.force = force
-        self._dirs: dict[Path, Path] = {}
-        self._files: list[tuple[Path, Path]] = []
-
-    def path_for(self, destination: Path) -> Path:
-        """Where to write ``destination``'s content now; it is published by ``commit``."""
-        parent = destination.parent
-        if parent not in self._dirs:
-            self._dirs[parent] = Path(tempfile.mkdtemp(dir=parent, prefix=".convfactor-staging-"))
-        staged = self._dirs[parent] / destination.name
-        self._files.append((staged, destination))
-        return staged
-
-    def write(self, destination: Path, writer: Callable[[Path], Any]) -> None:
-        staged = self.path_for(destination)
-        writer(staged)
-        with open(staged, "rb") as handle:
-            os.fsync(handle.fileno())
-
-    def adopt(self, staged: Path, destination: Path) -> None:
-        """Publish an extra file that a writer put in a staging directory (ONNX external data)."""
-        self._files.append((staged, destination))
-
-    def commit(self) -> None:
-        from ._atomic import publish
-
-        for staged, destination in self._files:
-            if staged.exists():
-                publish(staged, destination, self.force)
-
-    def __enter__(self) -> _Staging:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for directory in self._dirs.values():
-            shutil.rmtree(directory, ignore_errors=True)
-
-
 def _report_path(out: Path) -> Path:
     return out.with_name(out.stem + ".report.json") if out.suffix else out.with_name(out.name + ".report.json")
 
@@ -599,7 +553,7 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
         "fidelity": None,
         "bench": None,
     }
-    with _Staging(args.force) as staging, tempfile.TemporaryDirectory(prefix="convfactor-") as scratch:
+    with StagedOutputs(args.force) as staging, tempfile.TemporaryDirectory(prefix="convfactor-") as scratch:
         _stage_model(staging, out, fast, source, example, args, console)
         export, onnx_files, renamed = None, {}, {scratch: None}
         if onnx_path is not None:
@@ -656,7 +610,7 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     return EXIT_OK
 
 
-def _stage_model(staging: _Staging, out: Path, fast: Any, source: _Source, example: Any,
+def _stage_model(staging: StagedOutputs, out: Path, fast: Any, source: _Source, example: Any,
                  args: argparse.Namespace, console: _Console) -> None:
     import torch
 
@@ -708,7 +662,7 @@ def _rename_paths(data: Any, renamed: dict[str, str | None]) -> Any:
     return data
 
 
-def _stage_onnx(staging: _Staging, onnx_path: Path, model: Any, example: Any, args: argparse.Namespace,
+def _stage_onnx(staging: StagedOutputs, onnx_path: Path, model: Any, example: Any, args: argparse.Namespace,
                 console: _Console) -> tuple[dict[str, Any], Path]:
     from .onnx_export import export_onnx
 

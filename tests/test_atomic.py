@@ -10,6 +10,7 @@ import torch
 
 from convfactor._atomic import (
     OutputExistsError,
+    StagedOutputs,
     atomic_torch_save,
     atomic_write,
     atomic_write_bytes,
@@ -117,3 +118,19 @@ def test_bad_destinations_are_user_errors(tmp_path):
     with pytest.raises(ConvfactorError, match="directory"):
         atomic_write_bytes(tmp_path, b"x", force=True)
     assert _names(tmp_path) == []
+
+
+def test_a_set_of_outputs_is_published_whole_or_not_at_all(tmp_path):
+    first, second = tmp_path / "model.pt", tmp_path / "model.report.json"
+    with StagedOutputs(force=False) as staged:
+        staged.write(first, lambda p: p.write_text("model"))
+        staged.write(second, lambda p: p.write_text("report"))
+        second.write_text("someone else's")  # appears after the checks, before the commit
+        with pytest.raises(OutputExistsError, match="model.report.json exists"):
+            staged.commit()
+    assert _names(tmp_path) == ["model.report.json"]  # model.pt, published first, was taken back
+    assert second.read_text() == "someone else's"
+    with StagedOutputs(force=False) as staged:
+        staged.write(first, lambda p: p.write_text("model"))
+        staged.commit()
+    assert _names(tmp_path) == ["model.pt", "model.report.json"] and first.read_text() == "model"

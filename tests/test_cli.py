@@ -300,6 +300,55 @@ def test_convert_bad_input_exits_2_and_writes_nothing(cli, tmp_path, ckpt, case)
     assert {p: p.read_bytes() for p in made if p.is_file()} == before
 
 
+def _fail_on_publish(monkeypatch, failing_call):
+    """Make the ``failing_call``-th file move into place fail as a full disk would."""
+    import convfactor._atomic as atomic
+
+    real, calls = atomic.publish, []
+
+    def publish(temp, path, force):
+        calls.append(Path(path).name)
+        if len(calls) == failing_call:
+            raise OSError(28, "No space left on device", str(path))
+        return real(temp, path, force)
+
+    monkeypatch.setattr(atomic, "publish", publish)
+    return calls
+
+
+@pytest.mark.parametrize("failing_call", [2, 3])
+def test_outputs_are_all_or_nothing_when_publishing_fails_halfway(cli, tmp_path, ckpt, monkeypatch, failing_call):
+    argv = ["convert", ckpt, "--arch", ARCH, "--policy", "spatial_svd:0.5", "--input-shape", SHAPE,
+            "--out", tmp_path / "fast.pt", "--onnx", tmp_path / "fast.onnx", "--exporter", "torchscript", "--quiet"]
+    calls = _fail_on_publish(monkeypatch, failing_call)
+    code, _, err = cli(*argv)
+    assert len(calls) == failing_call  # the failure came after some files were already in place
+    assert code == 2 and "No space left on device" in err and err.count("\n") == 1
+    assert _leftovers(tmp_path, [ckpt]) == []  # none of them stays
+
+
+def test_outputs_are_all_or_nothing_over_existing_files(cli, tmp_path, ckpt, monkeypatch):
+    names = ["fast.pt", "fast.onnx", "fast.report.json"]
+    for name in names:
+        (tmp_path / name).write_text(f"old {name}")
+    argv = ["convert", ckpt, "--arch", ARCH, "--policy", "spatial_svd:0.5", "--input-shape", SHAPE,
+            "--out", tmp_path / "fast.pt", "--onnx", tmp_path / "fast.onnx", "--exporter", "torchscript", "--quiet",
+            "--force"]
+    import convfactor._atomic as atomic
+
+    real_publish = atomic.publish
+    calls = _fail_on_publish(monkeypatch, 3)
+    code, _, _ = cli(*argv)
+    assert code == 2 and len(calls) == 3
+    assert _leftovers(tmp_path, [ckpt]) == sorted(names)
+    assert {n: (tmp_path / n).read_text() for n in names} == {n: f"old {n}" for n in names}  # the old set
+    monkeypatch.setattr(atomic, "publish", real_publish)
+    code, _, err = cli(*argv)  # and it works when nothing fails
+    assert code == 0, err
+    assert (tmp_path / "fast.report.json").read_text().startswith("{")
+    assert (tmp_path / "fast.pt").read_bytes()[:2] == b"PK"
+
+
 def test_unwritable_output_directory(cli, tmp_path, ckpt):
     locked = tmp_path / "locked"
     locked.mkdir()
