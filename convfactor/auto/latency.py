@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,7 @@ class LatencyCache:
         return None if entry is None else float(entry["ms"])
 
     def put(self, key: str, ms: float) -> None:
-        self.entries[key] = {"ms": float(ms), "measured": datetime.now(UTC).isoformat(timespec="seconds")}
+        self.entries[key] = {"ms": float(ms), "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     def save(self) -> None:
         """Merge with the file's current entries (another process may have added some) and write atomically.
