@@ -18,6 +18,7 @@ from torch import nn
 from passes import annotate_shapes, capture, cleanup, factorize_layers
 from passes import fold_batchnorm as fold_batchnorm_pass  # the keyword argument shadows the name
 from passes.annotate_shapes import layer_io_shapes
+from passes.capture import CONCRETE_ARGS_META
 
 from .costs import count_params, per_layer_macs
 from .errors import ConvfactorError, PolicyError
@@ -73,7 +74,9 @@ def factorize(
         trace: trace with torch.fx (default). ``False`` swaps modules in place on a copy without
             a graph: for models torch.fx cannot trace; BatchNorm is then not folded.
         leaf_modules: module names, class names or classes torch.fx should not trace into.
-        concrete_args: forwarded to ``torch.fx.Tracer.trace`` (fix non-tensor arguments).
+        concrete_args: values of ``forward`` arguments that are not tensors, fixed while tracing. Those
+            not given that have a default of a plain type (bool, int, float, str, None) are traced with
+            it. The result keeps them in its signature (``fast(x, embed=False)``) and refuses other values.
         progress: show a progress bar while decomposing.
         calibration: inputs from the real data distribution (a tensor, a list of batches or a
             DataLoader): layers are then factorized to minimize the error of their outputs on these
@@ -104,7 +107,12 @@ def factorize(
         report.macs_before = sum(per_layer_macs(work, inputs).values())
 
     if trace:
-        root = capture(work, leaf_modules=leaf_modules, concrete_args=concrete_args).graph_module
+        captured = capture(work, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                           n_inputs=None if inputs is None else len(inputs))
+        root = captured.graph_module
+        report.notes.extend(captured.changes)
+        if root.meta.get(CONCRETE_ARGS_META):
+            report.extra["concrete_args"] = dict(root.meta[CONCRETE_ARGS_META])
         shapes = annotate_shapes(root, inputs).changes[0] if inputs is not None else {}
         if fold_batchnorm:
             # Folding keeps each layer's name and output shape, so the shapes above stay valid.

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="replace modules without a torch.fx graph (for untraceable models; no BN folding)")
     convert.add_argument("--leaf-module", action="extend", nargs="+", default=[], metavar="NAME",
                          help="module names or class names torch.fx should not trace into")
+    convert.add_argument("--concrete-arg", action="append", default=[], type=_concrete_arg, metavar="NAME=VALUE",
+                         help="trace forward's non-tensor argument NAME with VALUE (true, 3, 0.5, null, text); "
+                              "arguments with plain defaults are traced with them unless given")
     _add_onnx_arguments(convert)
     _add_check_arguments(convert)
     _add_bench_arguments(convert)
@@ -201,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_arguments(methods, force=False)
     methods.set_defaults(handler=_cmd_methods)
     return parser
+
+
+def _concrete_arg(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` -> (name, value): VALUE read as JSON (true, 3, 0.5, null, "x"), else as text."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. embed=false, got {text!r}")
+    python_names = {"True": True, "False": False, "None": None}
+    try:
+        value = python_names[raw] if raw in python_names else json.loads(raw)
+    except ValueError:
+        value = raw
+    return name.strip(), value
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -536,7 +552,8 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     console.status(f"factorizing with {len(policy.rules)} policy rule(s)")
     started = time.perf_counter()
     fast = factorize(source.model, policy, example, fold_batchnorm=not args.no_fold_bn, trace=not args.no_trace,
-                     leaf_modules=args.leaf_module, progress=console.progress, calibration=calibration)
+                     leaf_modules=args.leaf_module, concrete_args=dict(args.concrete_arg),
+                     progress=console.progress, calibration=calibration)
     report = get_report(fast)
     factorize_seconds = time.perf_counter() - started
 

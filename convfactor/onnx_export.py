@@ -1,9 +1,11 @@
 """Export a PyTorch model to one checked ONNX file, and get ONNX models ready to run in onnxruntime.
 
 ``export_onnx`` tries the torch.export-based ("dynamo") exporter first and falls back to the TorchScript
-one, recording why. The result is checked (``onnx.checker`` with ``full_check``, strict shape inference)
-before it is moved into place atomically; weights stay inside the file unless they exceed protobuf's
-2 GB limit, in which case they go to one ``<name>.data`` file beside it.
+one, recording why (or tries the exporters in the order given). A failed attempt prints nothing (the
+dynamo exporter would print the whole ATen graph); one log line says which exporter was used instead and
+why. The result is checked (``onnx.checker`` with ``full_check``, strict shape inference) before it is
+moved into place atomically; weights stay inside the file unless they exceed protobuf's 2 GB limit, in
+which case they go to one ``<name>.data`` file beside it.
 
 The helpers below (``prepare_onnx``, ``make_session``, ``session_feeds``, ``standard_normal_inputs``)
 are shared by the fidelity check, the benchmark and the profiler, which all accept either a module
@@ -14,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -56,6 +61,8 @@ __all__ = [
 ]
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
+_AUTO_ORDER = ("dynamo", "torchscript")
+_log = logging.getLogger(__name__)
 STANDARD_DOMAINS = ("", "ai.onnx")
 # Protobuf cannot serialize a message of 2 GiB or more; keep a margin for the graph itself.
 _EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -128,7 +135,7 @@ class ExportResult:
     Attributes:
         path: the ``.onnx`` file.
         exporter: ``"dynamo"`` or ``"torchscript"``, the one that produced the file.
-        fallback_reason: why the dynamo exporter was not used (``exporter="auto"`` only), else None.
+        fallback_reason: why the first exporter tried was not used (when it fell back), else None.
         opset: the default-domain opset of the file.
         file_size: bytes on disk, external data included.
         external_data_path: the ``<name>.data`` weights file, or None when the file is self-contained.
@@ -176,7 +183,7 @@ class ExportResult:
     def __str__(self) -> str:
         how = self.exporter
         if self.fallback_reason is not None:
-            how += f" (dynamo failed: {self.fallback_reason})"
+            how += f" (fallback: {self.fallback_reason})"
         ops = ", ".join(f"{op} {n}" for op, n in self.node_counts.items())
         return (f"{self.path}: {self.file_size / 1e6:.2f} MB, opset {self.opset}, exporter {how}, "
                 f"{self.seconds:.2f} s; nodes: {ops}")
@@ -189,7 +196,7 @@ def export_onnx(
     *,
     opset: int | None = None,
     dynamic_batch: bool = True,
-    exporter: str = "auto",
+    exporter: str | Sequence[str] = "auto",
     force: bool = False,
     external_data: bool | None = None,
     input_names: Sequence[str] | None = None,
@@ -206,8 +213,9 @@ def export_onnx(
         path: the ``.onnx`` file to write.
         opset: default-domain opset; None lets the exporter choose.
         dynamic_batch: export axis 0 of every input and output as the symbolic dim ``batch``.
-        exporter: ``"dynamo"`` (torch.export based), ``"torchscript"``, or ``"auto"``: dynamo, and
-            TorchScript if dynamo fails (the reason is kept in the result).
+        exporter: ``"dynamo"`` (torch.export based), ``"torchscript"``, ``"auto"``: dynamo, and
+            TorchScript if dynamo fails, or a sequence of exporter names tried in that order (see
+            ``exporter_order``). The reason for a fallback is kept in the result and logged as one line.
         force: overwrite an existing file.
         external_data: put weights in ``<name>.data``; None decides by size (only above 2 GB).
         input_names, output_names: graph names; by default the forward's parameter names and
@@ -219,8 +227,7 @@ def export_onnx(
         OutputExistsError: ``path`` exists and ``force`` is False.
         InputSpecError: the example inputs are not tensors.
     """
-    if exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    order = _exporters(exporter)
     if not isinstance(model, nn.Module):
         raise ExportError(f"export_onnx needs an nn.Module, got {type(model).__name__}")
     path = check_writable(path, force)
@@ -248,7 +255,7 @@ def export_onnx(
         except OSError as error:
             raise ExportError(f"cannot write in {path.parent}: {error.strerror or error}") from None
         try:
-            staged, used, fallback_reason = _export_checked(spec, staging / path.name, exporter)
+            staged, used, fallback_reason = _export_checked(spec, staging / path.name, order)
             graph = _inferred_graph_model(staged, staging)
             staged_data = staged.with_name(path.name + ".data")
             if data_path is not None and not staged_data.exists():
@@ -308,19 +315,51 @@ class _ExportSpec:
     external_data: bool
 
 
-def _export_checked(spec: _ExportSpec, staged: Path, exporter: str) -> tuple[Path, str, str | None]:
-    """Export into ``staged`` with the requested exporter (or the auto fallback) and check the file."""
-    if exporter in ("dynamo", "torchscript"):
-        return _export_one(spec, staged, exporter), exporter, None
-    try:
-        return _export_one(spec, staged, "dynamo"), "dynamo", None
-    except Exception as dynamo_error:  # any failure of the new exporter is a reason to try the old one
-        reason = _one_line(dynamo_error)
-        _clear_directory(staged.parent)
+def exporter_order(first: str) -> tuple[str, ...]:
+    """The exporters to try, ``first`` first and the other one as its fallback ("auto": dynamo first).
+
+    Raises:
+        ExportError: an unknown exporter name.
+    """
+    if first not in EXPORTERS:
+        raise ExportError(f"unknown exporter {first!r}; choose one of {', '.join(EXPORTERS)}")
+    if first == "auto":
+        return _AUTO_ORDER
+    return (first, *(e for e in _AUTO_ORDER if e != first))
+
+
+def _exporters(exporter: str | Sequence[str]) -> tuple[str, ...]:
+    """``exporter`` as the tuple of exporters to try in order."""
+    if isinstance(exporter, str):
+        return exporter_order(exporter) if exporter == "auto" else (exporter_order(exporter)[0],)
+    order = tuple(exporter)
+    unknown = [e for e in order if e not in _AUTO_ORDER]
+    if not order or unknown or len(set(order)) != len(order):
+        raise ExportError(f"exporter order {list(order)!r}: give distinct names among {', '.join(_AUTO_ORDER)}")
+    return order
+
+
+def _export_checked(spec: _ExportSpec, staged: Path, order: tuple[str, ...]) -> tuple[Path, str, str | None]:
+    """Export into ``staged`` with the first exporter of ``order`` that succeeds, and check the file.
+
+    Returns:
+        The staged file, the exporter used, and why the ones before it failed (None when the first one worked).
+    """
+    failures: list[str] = []
+    for exporter in order:
         try:
-            return _export_one(spec, staged, "torchscript"), "torchscript", reason
-        except ExportError as error:
-            raise ExportError(f"both exporters failed; dynamo: {reason}; torchscript: {error}") from None
+            staged_path = _export_one(spec, staged, exporter)
+        except ExportError as error:  # any failure is a reason to try the next exporter
+            if len(order) == 1:
+                raise
+            failures.append(str(error))
+            _clear_directory(staged.parent)
+            continue
+        reason = "; ".join(failures) or None
+        if reason is not None:
+            _log.warning("ONNX export: %s; used the %s exporter instead", reason, exporter)
+        return staged_path, exporter, reason
+    raise ExportError(f"every exporter failed: {'; '.join(failures)}")
 
 
 def _export_one(spec: _ExportSpec, staged: Path, exporter: str) -> Path:
@@ -333,7 +372,7 @@ def _export_one(spec: _ExportSpec, staged: Path, exporter: str) -> Path:
     except ExportError:
         raise
     except Exception as error:
-        raise ExportError(f"{exporter} export failed: {_one_line(error)}") from error
+        raise ExportError(f"{exporter} export failed: {_one_line(_root_cause(error))}") from error
     _normalize_external_data(staged, spec.external_data)
     try:
         onnx.checker.check_model(str(staged), full_check=True)
@@ -366,18 +405,48 @@ def _export_torchscript(spec: _ExportSpec, staged: Path) -> None:
     if spec.dynamic_batch:
         dynamic_axes = {name: {0: "batch"} for name, a in zip(spec.input_names, spec.args) if a.dim() > 0}
         dynamic_axes.update({name: {0: "batch"} for name in spec.output_names})
-    torch.onnx.export(
-        spec.model,
-        spec.args,
-        str(staged),
-        dynamo=False,
-        opset_version=spec.opset,
-        input_names=spec.input_names,
-        output_names=spec.output_names,
-        dynamic_axes=dynamic_axes,
-        do_constant_folding=True,
-        verbose=False,
-    )
+    with _tensor_arguments_only(spec.model, len(spec.args)):
+        torch.onnx.export(
+            spec.model,
+            spec.args,
+            str(staged),
+            dynamo=False,
+            opset_version=spec.opset,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _tensor_arguments_only(model: nn.Module, count: int) -> Iterator[None]:
+    """Show the TorchScript exporter a ``forward`` of the first ``count`` arguments only.
+
+    It would pass every other argument's default as a traced input: ``embed=False`` becomes a tensor,
+    ``mode="fast"`` fails. The module itself (and so every scope and weight name) is unchanged.
+    """
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        yield
+        return
+    params = list(signature.parameters.values())
+    if len(params) <= count or any(p.kind == p.VAR_POSITIONAL for p in params[:count]):
+        yield
+        return
+    bound = model.forward
+
+    def forward(*args: Any) -> Any:
+        return bound(*args)
+
+    forward.__signature__ = signature.replace(parameters=params[:count])  # type: ignore[attr-defined]
+    model.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        model.__dict__.pop("forward", None)
 
 
 def _normalize_external_data(staged: Path, external_data: bool) -> None:
@@ -439,16 +508,46 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporters' deprecation warnings and informational logging (not their errors)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Silence an export attempt: warnings, logging, and whatever it prints (Python or C++).
+
+    A failed dynamo attempt prints the whole ATen graph (thousands of lines for a real network); its
+    reason is kept in the exception instead.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _silenced_output():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        logging.disable(previous)
+
+
+@contextlib.contextmanager
+def _silenced_output() -> Iterator[None]:
+    """Send what is written to stdout and stderr, by Python or by native code, to a discarded file."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            saved = [os.dup(1), os.dup(2)]
+        except OSError:  # no file descriptors to redirect (an embedded interpreter)
+            yield
+            return
+        with tempfile.TemporaryFile() as sink:
+            for stream in (sys.__stdout__, sys.__stderr__):
+                if stream is not None:
+                    stream.flush()
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                for stream in (sys.__stdout__, sys.__stderr__):
+                    if stream is not None:
+                        stream.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
 
 
 def _count_outputs(model: nn.Module, args: tuple[torch.Tensor, ...]) -> int:
@@ -495,9 +594,21 @@ def _weight_bytes(model: nn.Module) -> int:
     return total
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    text = _ANSI.sub("", str(error)).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}".strip()
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception ``error`` was raised from (torch.onnx wraps the real reason in two layers)."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
+    return error
 
 
 # -- graph inspection -------------------------------------------------------------------------------

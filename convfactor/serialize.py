@@ -8,6 +8,7 @@ One file, ``torch.save`` of plain data, readable with ``torch.load(weights_only=
      "state_dict": {...},              # the factorized model's tensors
      "input_shape": [1, 3, 32, 32] or None,
      "leaf_modules": [...], "folded": [[conv, bn], ...], "report": report.to_dict(),
+     "concrete_args": {"embed": False, ...},   # non-tensor forward arguments as traced
      "convfactor_version": "0.1.0"}
 
 ``load`` rebuilds it: build the architecture, replay the structural part of ``factorize`` (trace, fold
@@ -125,6 +126,7 @@ def factorized_payload(
         "input_shape": None if input_shape is None else [int(d) for d in input_shape],
         "leaf_modules": leaf_modules,
         "folded": _plain(report.folded, "folded"),
+        "concrete_args": _plain(report.extra.get("concrete_args", {}), "concrete_args"),
         "report": _plain(report.to_dict(), "report"),
         "convfactor_version": __version__,
     }
@@ -214,6 +216,7 @@ def apply_plan(
     example_inputs: Any = None,
     leaf_modules: Iterable[str | type] = (),
     expected_folded: Sequence[Sequence[str]] | None = None,
+    concrete_args: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Give a copy of ``model`` the factorized structure a plan describes (weights left to the caller).
 
@@ -228,6 +231,7 @@ def apply_plan(
         leaf_modules: the leaf modules ``factorize`` was given.
         expected_folded: the ``[layer, batchnorm]`` pairs folded at factorization; a different result
             here means the architecture changed, and is an error.
+        concrete_args: the non-tensor forward arguments ``factorize`` traced with.
     Returns:
         The module with the planned structure, in eval mode, ``convfactor_plan`` attached.
     Raises:
@@ -239,7 +243,7 @@ def apply_plan(
     inputs = as_input_tuple(example_inputs)
     root = copy.deepcopy(model).eval()
     if plan["capture"] == "fx":
-        root = capture(root, leaf_modules=leaf_modules).graph_module
+        root = capture(root, leaf_modules=leaf_modules, concrete_args=concrete_args).graph_module
         if plan.get("fold_batchnorm", False):
             if inputs is not None:
                 annotate_shapes(root, inputs)
@@ -341,7 +345,7 @@ def rebuild(
     if input_shape and plan.get("capture") == "fx" and plan.get("fold_batchnorm"):
         example = torch.zeros(tuple(input_shape), dtype=dtype or torch.float32)
     root = apply_plan(model, plan, example_inputs=example, leaf_modules=payload.get("leaf_modules") or (),
-                      expected_folded=payload.get("folded"))
+                      expected_folded=payload.get("folded"), concrete_args=payload.get("concrete_args"))
     load_weights(root, state_dict, where="factorized checkpoint")
     check_finite(root, "factorized checkpoint")
     report = _report_from_dict(payload.get("report"))

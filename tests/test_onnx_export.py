@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -258,3 +259,79 @@ def test_failures_are_one_line_export_errors_and_leave_nothing(tmp_path):
     with pytest.raises(ConvfactorError, match="tensors"):
         export_onnx(nn.Linear(3, 3), [1, 2, 3], tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+class _Printing(nn.Module):
+    """Like a failed dynamo attempt on a real network: prints a lot from Python and from native code."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if torch.compiler.is_exporting():  # only in the dynamo attempt, which then fails
+            print("graph line\n" * 500)
+            os.write(1, b"native line\n" * 500)
+            os.write(2, b"native error\n" * 500)
+        if y.sum() > 0:
+            return y
+        return -y
+
+
+def test_fallback_is_quiet_with_one_line_saying_why(tmp_path, capfd, caplog):
+    x = torch.randn(1, 3, 5, 5)
+    with caplog.at_level("WARNING", logger="convfactor.onnx_export"):
+        result = export_onnx(_Printing(), x, tmp_path / "m.onnx", exporter="auto")
+    out, err = capfd.readouterr()
+    assert result.exporter == "torchscript"
+    assert len((out + err).splitlines()) <= 1, (out + err)[:500]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "convfactor.onnx_export"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "dynamo export failed" in warnings[0] and "torchscript" in warnings[0]
+    assert result.fallback_reason in warnings[0] and "\x1b[" not in result.fallback_reason
+
+
+def test_exporter_order_tries_torchscript_first_then_dynamo(tmp_path, monkeypatch):
+    assert onnx_export.exporter_order("torchscript") == ("torchscript", "dynamo")
+    assert onnx_export.exporter_order("auto") == onnx_export.exporter_order("dynamo") == ("dynamo", "torchscript")
+    with pytest.raises(ExportError, match="unknown exporter"):
+        onnx_export.exporter_order("fast")
+    with pytest.raises(ExportError, match="distinct names"):
+        export_onnx(nn.Conv2d(3, 4, 3), torch.randn(1, 3, 5, 5), tmp_path / "m.onnx",
+                    exporter=("torchscript", "torchscript"))
+
+    def failing_torchscript(spec, staged):
+        raise RuntimeError("We don't have an op for aten::eq\nArgument types: Tensor, bool")
+
+    monkeypatch.setattr(onnx_export, "_export_torchscript", failing_torchscript)
+    model, x = nn.Conv2d(3, 4, 3), torch.randn(1, 3, 5, 5)
+    result = export_onnx(model, x, tmp_path / "m.onnx", exporter=("torchscript", "dynamo"))
+    assert result.exporter == "dynamo"
+    assert result.fallback_reason == "torchscript export failed: RuntimeError: We don't have an op for aten::eq"
+    np.testing.assert_allclose(_run_onnx(result.path, x), model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+class _Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, embed: bool = False, mode: str = "mean"):
+        y = self.conv(x)
+        if embed:
+            return y
+        return y.mean(dim=(2, 3)) if mode == "mean" else y.amax(dim=(2, 3))
+
+
+def test_torchscript_export_ignores_non_tensor_arguments_with_defaults(tmp_path):
+    # The TorchScript exporter fed every default as a traced input: embed=False became a tensor (plain
+    # torch.fx concrete args then failed with "no op for aten::eq ... Tensor, bool"), mode="mean" failed.
+    model = _Flagged().eval()
+    x = torch.randn(2, 3, 6, 6)
+    traced = torch.fx.symbolic_trace(model, concrete_args={"embed": False, "mode": "mean"})
+    for name, candidate in (("module", model), ("fx", traced)):
+        result = export_onnx(candidate, x, tmp_path / f"{name}.onnx", exporter="torchscript")
+        assert result.input_names == ("x",)
+        np.testing.assert_allclose(_run_onnx(result.path, x), model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert "forward" not in vars(model) and "forward" not in vars(traced)  # nothing left behind

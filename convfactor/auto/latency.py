@@ -23,7 +23,8 @@ matches a timing taken under other conditions or in the other runtime, and a war
 resolution free.
 
 Whole models (the final check that the factorized network is faster): for onnxruntime they are exported
-by ``convfactor.onnx_export`` and timed by ``convfactor.benchmarking``; for torch the two modules run in
+by ``convfactor.onnx_export`` (``exporter`` first, the other exporter when it fails) and timed by
+``convfactor.benchmarking``; for torch the two modules run in
 eager mode. Both time interleaved pairs and take the median of the per-pair ratios.
 """
 
@@ -92,7 +93,8 @@ class LatencyOptions:
         verify: time the whole factorized model against the original and fall back when it is not faster.
         verify_min_time: seconds of interleaved pairs per whole-model comparison.
         verify_rounds: whole-model comparisons allowed while dropping layers.
-        exporter: torch exporter for whole models ("torchscript" is fast; "dynamo", "auto"); onnxruntime only.
+        exporter: torch exporter tried first for whole models ("torchscript" is fast; "dynamo"; "auto" means
+            dynamo); the other one is tried when it fails. onnxruntime only.
     """
 
     runtime: str = "onnxruntime"
@@ -133,6 +135,10 @@ class LatencyOptions:
                 raise ConvfactorError(f"latency: {name} must be a positive int, got {value!r}")
         if options.runtime not in RUNTIMES:
             raise ConvfactorError(f"latency: unknown runtime {options.runtime!r} (known: {', '.join(RUNTIMES)})")
+        from ..onnx_export import EXPORTERS
+
+        if options.exporter not in EXPORTERS:
+            raise ConvfactorError(f"latency: unknown exporter {options.exporter!r} (known: {', '.join(EXPORTERS)})")
         if options.device not in DEVICES:
             raise ConvfactorError(f"latency: unknown device {options.device!r} (known: {', '.join(DEVICES)})")
         if options.device == "cuda":
@@ -482,10 +488,12 @@ def compare_models(original: nn.Module, candidate: nn.Module, inputs: tuple[torc
     if options.runtime == "torch":
         return _compare_models_torch(original, candidate, inputs, options)
     from ..benchmarking import benchmark
+    from ..onnx_export import exporter_order
 
     report = benchmark(original, candidate, inputs, threads=options.threads,
                        graph_optimization=options.graph_optimization, warmup=10, repeats=30,
-                       min_time=options.verify_min_time, progress=False, exporter=options.exporter)
+                       min_time=options.verify_min_time, progress=False,
+                       exporter=exporter_order(options.exporter))
     return report.results[0].speedup
 
 
@@ -501,11 +509,11 @@ def time_model(module: nn.Module, inputs: tuple[torch.Tensor, ...], options: Lat
     """
     if options.runtime == "torch":
         return _time_model_torch(module, inputs, options)
-    from ..onnx_export import export_onnx, make_session, session_feeds
+    from ..onnx_export import export_onnx, exporter_order, make_session, session_feeds
 
     with tempfile.TemporaryDirectory(prefix="convfactor-latency-") as scratch:
         path = Path(scratch) / "model.onnx"
-        export_onnx(module, inputs, path, exporter=options.exporter)
+        export_onnx(module, inputs, path, exporter=exporter_order(options.exporter))
         session = make_session(path, threads=options.threads, graph_optimization=options.graph_optimization)
     feeds = session_feeds(session, inputs)
     for _ in range(10):
