@@ -53,6 +53,7 @@ from .candidates import Option, WeightErrors, rank_grid, rank_to_json, replaceme
 from .data_aware import corrected_weight, grouped_weight, layer_factorizer, output_error2
 from .latency import LatencyModel
 from .options import SLOW_METHODS, AutoOptions
+from .slow_forms import prefer_fast_forms
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
 from .verify import OutputChecker, Probe, SpeedMeter, failures, progress_line, say, search_budget
 
@@ -205,6 +206,7 @@ def resolve_policy(
     factorizers: dict[tuple[str, str], Any] = {}
 
     checker = _output_checker(root, batches, inputs, opts)
+    kind = None
     if target is not None or bound is not None:
         kind, fraction = target if target is not None else ("macs" if inputs is not None else "params", None)
         _build_options(plans, kind, opts, stats, factorizers, model, progress)
@@ -224,6 +226,12 @@ def resolve_policy(
         _choose_fastest(plans, opts, stats, factorizers, model, progress)
     if batches is None and target is not None and target[0] in ("macs", "latency"):
         info["warnings"].append(WEIGHT_ONLY_WARNING.format(kind=target[0]))
+    if kind in ("macs", "params") and opts.speed_check and inputs is not None:
+        try:
+            info["speed_check"] = prefer_fast_forms([p for p in plans if p.open], kind,
+                                                    latency_model or LatencyModel(latency), info["warnings"])
+        except Exception as exc:  # noqa: BLE001 - timing is advice here, never a reason to fail
+            notes.append(f"speed check of the chosen forms skipped: {type(exc).__name__}: {exc}")
 
     if batches is not None and opts.sequential:
         _build_prebuilt_sequentially(root, plans, batches, inputs, opts, prebuilt)

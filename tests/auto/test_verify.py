@@ -131,3 +131,43 @@ def test_the_default_floor_is_documented_and_loose_enough_for_a_faithful_result(
     assert check["passed"] and check["bound_source"] == "default floor" and math.isfinite(check["rel_error"])
     # Weight-only selection for a MACs target says so, with the fix.
     assert any("weight-only" in w and "calibration=" in w and "--calibration" in w for w in caught)
+
+
+def test_macs_target_prefers_fast_forms_and_warns_for_slow_ones(tmp_path):
+    from convfactor.auto import AutoOptions, LatencyModel, resolve_policy
+
+    net = tiny_resnet(seed=2, width=8)
+
+    def slow(module):  # the stub's slow form: spatial SVD's k x 1 / 1 x k stages
+        return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] != m.kernel_size[1] for m in module.modules())
+
+    def timer(modules, input_shape, options):
+        return [10.0 if slow(module) else 0.02 + 1e-4 * sum(p.numel() for p in module.parameters())
+                for module in modules]
+
+    model = LatencyModel({"cache": tmp_path / "latency.json"}, timer=timer)
+    policy = {"rules": [{"types": ["Conv2d"], "method": "auto"}], "target": {"macs": 0.5}}
+    methods = ("spatial_svd", "tucker2")
+
+    def grouped_choices(resolution):
+        return [n for n, layer in resolution.info["layers"].items()
+                if layer.get("chosen") and layer["chosen"]["method"] == "spatial_svd"]
+
+    blind = resolve_policy(net, policy, example_inputs=X, latency_model=model,
+                           options=AutoOptions(auto_methods=methods, speed_check=False))
+    assert grouped_choices(blind)  # without the check the allocation picks the slow form somewhere
+    checked = resolve_policy(net, policy, example_inputs=X, latency_model=model,
+                             options=AutoOptions(auto_methods=methods))
+    account = checked.info["speed_check"]
+    left = grouped_choices(checked)
+    assert {s["layer"] for s in account["slower"]} == set(left)  # every slow form left is flagged ...
+    assert all(any(f"layer {n}:" in w and "slower" in w for w in checked.info["warnings"]) for n in left)
+    assert len(left) < len(grouped_choices(blind)) and account["swapped"]  # ... and some were swapped
+    for swap in account["swapped"]:  # a swap never costs more MACs than what it replaced
+        layer = checked.info["layers"][swap["layer"]]
+        assert layer["chosen"]["method"] != "spatial_svd"
+        before = blind.info["layers"][swap["layer"]]["chosen"]
+        assert layer["chosen"]["macs"] <= before["macs"]
+    total = sum(layer["chosen"]["macs"] if layer.get("chosen") else layer.get("original", {}).get("macs", 0)
+                for layer in checked.info["layers"].values())
+    assert total <= checked.info["target"]["budget"]
