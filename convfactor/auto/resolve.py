@@ -67,6 +67,7 @@ WEIGHT_ONLY_WARNING = (
     "the result may not keep accuracy; pass real inputs as calibration=... to factorize (CLI: --calibration "
     "INPUTS.pt) and add a policy fidelity bound (fidelity: {{max_rel_error: 0.05}})")
 _ALIGN_FOR_LATENCY = 16  # onnxruntime's CPU conv fast path works on blocks of 16 channels
+_ALIGN_CHOICES = (8, 16)  # alignments ``method: auto`` without a target times beside the exact rank
 
 
 @dataclass
@@ -657,8 +658,17 @@ def _choose_fastest(plans: list[_LayerPlan], opts: AutoOptions, stats: Any, fact
             except RankError as exc:  # e.g. rank: vbmf for a method VBMF does not apply to
                 plan.dropped.append(f"{method.name}: {exc}")
                 continue
-            macs, params = replacement_costs(method, plan.layer, rank, plan.in_shape)
-            candidates.append(Option(method.name, rank, None if macs is None else macs * plan.calls, params))
+            ranks = [rank]
+            if rule.align is None:
+                # Measured time decides the alignment too: the rank rounded up to onnxruntime's channel
+                # blocks (x8, x16) keeps at least the rule's accuracy and often runs faster.
+                for align in _ALIGN_CHOICES:
+                    aligned = method.resolve_rank(plan.layer, rank=rank_to_json(rank), align=align)
+                    if aligned not in ranks:
+                        ranks.append(aligned)
+            for each in ranks:
+                macs, params = replacement_costs(method, plan.layer, each, plan.in_shape)
+                candidates.append(Option(method.name, each, None if macs is None else macs * plan.calls, params))
         if not candidates:
             plan.decision = "no method resolves the rule's rank spec for this layer"
             continue
@@ -675,7 +685,7 @@ def _choose_fastest(plans: list[_LayerPlan], opts: AutoOptions, stats: Any, fact
                         for o in candidates if o not in faster]
         if faster:
             plan.chosen = min(faster, key=lambda o: (o.latency_ms, o.error2))
-            plan.decision = "the fastest measured method at the rule's rank spec"
+            plan.decision = "the fastest measured method at the rule's rank spec (or its x8/x16 rounding up)"
         else:
             plan.decision = "no method at the rule's rank spec measured faster than the original layer"
 
