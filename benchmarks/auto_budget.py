@@ -8,6 +8,9 @@ For the shipped digits checkpoints (ResNet-20 and the small MobileNet, ``convfac
   * auto, align 16: the same with ``align: 16`` in the rule (ranks in multiples of 16, the channel blocks
     of onnxruntime's fast CPU conv path), or ``align: 8`` where 16 cannot reach the budget; MAC targets
     only (the latency model tries x16 ranks itself);
+  * nocal / nocal + fidelity: ``method: auto`` without calibration data (weight-only selection), without
+    and with a policy fidelity bound (``--fidelity``, measured on ``--fidelity-images`` training images
+    given as the example inputs): the bound buys back accuracy by spending more MACs, and says so;
   * uniform: every conv as spatial_svd at one rank fraction, the largest that meets the same MAC budget
     (found by bisection), factorized from the weights alone (for the latency row: the MACs auto reached).
 
@@ -19,6 +22,8 @@ images, ``convfactor.zoo.digits``) without fine-tuning and after a short distill
     python benchmarks/auto_budget.py                          # everything (~30-60 min on 2 cores)
     python benchmarks/auto_budget.py --models resnet20_digits --targets macs:0.5 --finetune-steps 0
     python benchmarks/auto_budget.py --checkpoints /tmp/ckpt  # checkpoints from examples/train_digits.py
+    python benchmarks/auto_budget.py --models resnet20_digits --targets macs:0.5 --variants nocal,nocal+fidelity \
+        --finetune-steps 0                                    # the fidelity floor without calibration data
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -55,7 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help="checkpoints, comma-separated")
     parser.add_argument("--targets", default=",".join(TARGETS), help="KIND:FRACTION, comma-separated")
     parser.add_argument("--checkpoints", type=Path, default=None, help="checkpoint directory (default: shipped)")
-    parser.add_argument("--variants", default="auto,auto16,uniform", help="auto, auto16, uniform (comma-separated)")
+    parser.add_argument("--variants", default="auto,auto16,uniform",
+                        help="auto, auto16, nocal, nocal+fidelity, uniform (comma-separated)")
+    parser.add_argument("--fidelity", type=float, default=0.1, help="max_rel_error of the nocal+fidelity bound")
+    parser.add_argument("--fidelity-images", type=int, default=64,
+                        help="training images the nocal variants get as example inputs (the fidelity data)")
     parser.add_argument("--calibration", type=int, default=256, help="calibration images (training split)")
     parser.add_argument("--finetune-steps", type=int, default=150, help="distillation steps (0: skip)")
     parser.add_argument("--finetune-lr", type=float, default=5e-4, help="distillation Adam learning rate")
@@ -111,6 +121,8 @@ def row(name, target, method, model, teacher, factorized, x, args, train_x, test
         "accuracy_finetuned": finetuned_accuracy(factorized, teacher, args, train_x, test),
         "speedup": speedup(model, factorized, x, args.min_time),
         "layers": f"{len(report.replaced)}/{len(report.layers)}",
+        "output_error": (report.extra.get("fidelity_check") or {}).get("rel_error"),
+        "warnings": report.warnings,
         "seconds": seconds, "note": note,
     }
 
@@ -121,14 +133,16 @@ def fmt(value, digits=3):
 
 def markdown(rows: list[dict], baselines: dict[str, dict]) -> str:
     lines = [
-        "| model | target | method | MACs | params | layers | acc. (no FT) | acc. (FT) | ORT speedup | resolve s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | target | method | MACs | params | layers | out. err | acc. (no FT) | acc. (FT) | ORT speedup "
+        "| resolve s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, base in baselines.items():
-        lines.append(f"| {name} | - | original | 1.000 | 1.000 | - | {fmt(base['accuracy'])} | - | 1.00x | - |")
+        lines.append(f"| {name} | - | original | 1.000 | 1.000 | - | 0 | {fmt(base['accuracy'])} | - | 1.00x | - |")
     for r in rows:
         lines.append(f"| {r['model']} | {r['target']} | {r['method']} | {fmt(r['macs_ratio'])} | "
-                     f"{fmt(r['params_ratio'])} | {r['layers']} | {fmt(r['accuracy'])} | "
+                     f"{fmt(r['params_ratio'])} | {r['layers']} | {fmt(r.get('output_error'))} | "
+                     f"{fmt(r['accuracy'])} | "
                      f"{fmt(r['accuracy_finetuned'])} | {r['speedup']:.2f}x | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -180,6 +194,22 @@ def main(argv: list[str] | None = None) -> int:
                 result = row(name, spec, label, model, model, auto, x, args, train_x, test, seconds)
                 rows.append(result)
                 macs_budget = macs_budget if macs_budget is not None else result["macs_ratio"]
+                print(json.dumps(result), flush=True)
+            for variant in ("nocal", "nocal+fidelity"):
+                if variant not in variants:
+                    continue
+                policy = {"rules": [{"types": ["Conv2d"], "method": "auto"}], "target": {kind: fraction}}
+                if variant == "nocal+fidelity":
+                    policy["fidelity"] = {"max_rel_error": args.fidelity}
+                example = train_x[:args.fidelity_images]
+                started = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fast = convfactor.factorize(model, policy, example, latency=latency)
+                seconds = time.perf_counter() - started
+                label = "auto, no calibration" + (f", fidelity {args.fidelity}" if "fidelity" in variant else "")
+                result = row(name, spec, label, model, model, fast, x, args, train_x, test, seconds)
+                rows.append(result)
                 print(json.dumps(result), flush=True)
             if "uniform" in variants and macs_budget is not None:
                 started = time.perf_counter()

@@ -123,7 +123,8 @@ def factorize(
         report.notes.append("module-level replacement without a traced graph: BatchNorm was not folded")
         shapes = layer_io_shapes(root, inputs) if inputs is not None else {}
 
-    prebuilt = None
+    prebuilt = resolution = None
+    bound = policy.fidelity
     if policy.needs_resolution or calibration is not None:
         from .auto import resolve_policy  # budget / auto-method allocation (issue: automatic policy)
 
@@ -144,6 +145,10 @@ def factorize(
     if inputs is not None:
         report.macs_after = sum(per_layer_macs(root, inputs).values())
     root.eval()
+    if resolution is not None:  # the fidelity floor: the result measured against the original
+        from .auto.verify import check_result
+
+        check_result(resolution.checker, root, report, resolution.info, bound)
     setattr(root, REPORT_ATTR, report)
     return root
 

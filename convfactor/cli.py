@@ -514,6 +514,7 @@ def _report_path(out: Path) -> Path:
 def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     from . import __version__
     from .api import factorize, get_report
+    from .auto.verify import FidelityWarning
     from .checkpoint import parse_input_shape
     from .errors import ConvfactorError
     from .policy import Policy
@@ -551,10 +552,16 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     # 3. the work
     console.status(f"factorizing with {len(policy.rules)} policy rule(s)")
     started = time.perf_counter()
-    fast = factorize(source.model, policy, example, fold_batchnorm=not args.no_fold_bn, trace=not args.no_trace,
-                     leaf_modules=args.leaf_module, concrete_args=dict(args.concrete_arg),
-                     progress=console.progress, calibration=calibration)
+    with warnings.catch_warnings():  # printed below as one line each
+        warnings.simplefilter("ignore", FidelityWarning)
+        fast = factorize(source.model, policy, example, fold_batchnorm=not args.no_fold_bn,
+                         trace=not args.no_trace, leaf_modules=args.leaf_module,
+                         concrete_args=dict(args.concrete_arg), progress=console.progress,
+                         calibration=calibration)
     report = get_report(fast)
+    for warning in report.warnings:
+        console.status(f"warning: {warning}")
+    floor = report.extra.get("fidelity_check")
     factorize_seconds = time.perf_counter() - started
 
     document: dict[str, Any] = {
@@ -584,6 +591,9 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
             document["fidelity"] = fidelity.to_dict()
             if not fidelity.passed:
                 document["status"] = f"fidelity check failed: {_failed_criteria(fidelity)}"
+            elif floor is not None and not floor["passed"]:
+                document["status"] = (f"output check failed: relative error {floor['rel_error']:.4g} "
+                                      f"({floor['bound_source']})")
             # Its exports are reused by the benchmark: each model is exported once.
             onnx_files.update({role: Path(scratch) / f"{role}.onnx" for role in ("original", "factorized")})
         bench = None
@@ -623,6 +633,10 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     if fidelity is not None and not fidelity.passed:
         console.error(f"fidelity check failed ({fidelity.verdict}): {_failed_criteria(fidelity)}; "
                       f"the files were written and {report_path} marks them failing")
+        return EXIT_CHECK_FAILED
+    if args.check and floor is not None and not floor["passed"]:
+        console.error(f"output check failed: the result is outside the {floor['bound_source']} "
+                      f"(see the warnings); the files were written and {report_path} marks them failing")
         return EXIT_CHECK_FAILED
     return EXIT_OK
 

@@ -60,6 +60,7 @@ class FactorizeReport:
     policy: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # later stages (ONNX, fidelity, latency) add here
+    warnings: list[str] = field(default_factory=list)  # the result may not be what was asked (fidelity, target)
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -186,6 +187,14 @@ def format_table(report: FactorizeReport) -> str:
                      f"(x{_ratio(report.macs_ratio)})")
     else:
         lines.append("MACs: n/a (pass example_inputs to count them)")
+    check = report.extra.get("fidelity_check")
+    if check:
+        agreement = "" if check.get("agreement") is None else f", top-1 agreement {check['agreement']:.3f}"
+        bound = ", ".join(f"{k} {v:g}" for k, v in check["bound"].items())
+        lines.append(f"output vs original: relative error {check['rel_error']:.4g}{agreement} on {check['samples']} "
+                     f"{check['data']} ({'within' if check['passed'] else 'OUTSIDE'} {check['bound_source']}: {bound})")
     for note in report.notes:
         lines.append(f"note: {note}")
+    for warning in report.warnings:
+        lines.append(f"WARNING: {warning}")
     return "\n".join(lines)

@@ -43,6 +43,10 @@ def summarize(document: dict[str, Any], *, weight_bits: int = 32, activation_bit
     fidelity = document.get("fidelity")
     if fidelity:
         summary["fidelity"] = fidelity["verdict"]
+    check = document["factorize"].get("extra", {}).get("fidelity_check")
+    if check:  # the automatic policy's own check of the result against the original (convfactor.auto.verify)
+        summary["output_check"] = {k: check.get(k) for k in ("rel_error", "agreement", "samples", "data",
+                                                             "bound_source", "passed")}
     return summary
 
 
@@ -68,4 +72,9 @@ def render_summary(summary: dict[str, Any]) -> str:
                      f"  speedup {lat['speedup']:.2f}x ({verdict}, onnxruntime, measured)")
     if "fidelity" in summary:
         lines.append(f"  fidelity          {summary['fidelity']}")
+    if "output_check" in summary:
+        c = summary["output_check"]
+        agreement = "" if c["agreement"] is None else f", top-1 agreement {c['agreement']:.3f}"
+        lines.append(f"  output error      {c['rel_error']:.4g} relative{agreement} on {c['samples']} {c['data']} "
+                     f"({'within' if c['passed'] else 'OUTSIDE'} the {c['bound_source']})")
     return "\n".join(lines)

@@ -628,3 +628,26 @@ def test_python_m_bad_input_exit_code_and_one_line(tmp_path, ckpt):
     assert result.stderr.splitlines()[-1].startswith("error: input shape 1,5,8,8 does not fit the model")
     assert "Traceback" not in result.stderr
     assert _leftovers(tmp_path, [ckpt]) == []
+
+
+def test_convert_output_check_warns_and_check_exits_1(cli, tmp_path, ckpt, monkeypatch):
+    """The automatic policy's own output check: shown in the summary, warned on stderr, fails --check."""
+    import convfactor.auto.verify as verify
+    from convfactor.policy import Fidelity
+
+    monkeypatch.setattr(verify, "DEFAULT_FLOOR", Fidelity(max_rel_error=1e-12))  # nothing passes
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"rules": [{"types": ["Conv2d"], "method": "spatial_svd"}],
+                                  "target": {"macs": 0.6}}))
+    common = ("--arch", ARCH, "--policy", policy, "--input-shape", SHAPE)
+    code, stdout, err = cli("convert", ckpt, *common, "--out", tmp_path / "a.pt")
+    assert code == 0 and "warning: the factorized model is far from the original" in err
+    assert "warning: selection was weight-only" in err and "--calibration" in err
+    assert "output error" in stdout and "OUTSIDE the default floor" in stdout
+    loose = ("--max-rel-l2", "10", "--min-cosine", "-1", "--min-snr-db", "-100", "--min-top1", "0")  # --check's own
+    code, stdout, err = cli("convert", ckpt, *common, "--out", tmp_path / "b.pt", "--check", "--check-samples", "4",
+                            *loose, "--exporter", "torchscript", "--json")
+    document = json.loads(stdout)
+    assert code == 1 and "output check failed" in err
+    assert document["status"].startswith("output check failed")
+    assert document["summary"]["output_check"]["passed"] is False

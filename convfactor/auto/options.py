@@ -34,6 +34,10 @@ class AutoOptions:
             of the calibration data per replaced layer).
         bins: budget resolution of the allocator's dynamic program.
         seed: seed of the patch subsampling.
+        fidelity_samples: calibration samples the whole-model fidelity checks run on at most.
+        fidelity_rounds: bisection steps over the budget that hold a policy's fidelity bound.
+        speed_check: under a MACs/params target, time each chosen replacement against its layer and
+            prefer a similar option that runs faster (``convfactor.auto.slow_forms``).
     """
 
     fractions: tuple[float, ...] = FRACTION_GRID
@@ -47,3 +51,6 @@ class AutoOptions:
     sequential: bool = True
     bins: int = 4000
     seed: int = 0
+    fidelity_samples: int = 256
+    fidelity_rounds: int = 7
+    speed_check: bool = True

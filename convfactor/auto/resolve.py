@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,7 @@ from ..errors import PolicyError, RankError
 from ..geometry import layer_kind
 from ..methods import available_methods, get_method
 from ..methods.base import FactorizationMethod, FactorizedLayer, Rank
-from ..policy import AUTO, SKIP, Policy, Rule
+from ..policy import AUTO, SKIP, Fidelity, Policy, Rule
 from .allocate import InfeasibleBudget, allocate
 from .calibration import (
     calibration_batches,
@@ -52,14 +53,21 @@ from .candidates import Option, WeightErrors, rank_grid, rank_to_json, replaceme
 from .data_aware import corrected_weight, grouped_weight, layer_factorizer, output_error2
 from .latency import LatencyModel
 from .options import SLOW_METHODS, AutoOptions
+from .slow_forms import prefer_fast_forms
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
+from .verify import OutputChecker, Probe, SpeedMeter, failures, progress_line, say, search_budget
 
 __all__ = ["Resolution", "resolve_policy", "VBMF_RANK"]
 
 # A rule's ``rank: vbmf`` asks for the VBMF estimate (needs the policy change described in the report).
 VBMF_RANK = "vbmf"
 WEIGHT_BASED = "weight-based selection (no calibration data): error = relative squared weight error, sensitivity 1"
+WEIGHT_ONLY_WARNING = (
+    "selection was weight-only (no calibration data): the {kind} target was met on the weights' own errors and "
+    "the result may not keep accuracy; pass real inputs as calibration=... to factorize (CLI: --calibration "
+    "INPUTS.pt) and add a policy fidelity bound (fidelity: {{max_rel_error: 0.05}})")
 _ALIGN_FOR_LATENCY = 16  # onnxruntime's CPU conv fast path works on blocks of 16 channels
+_ALIGN_CHOICES = (8, 16)  # alignments ``method: auto`` without a target times beside the exact rank
 
 
 @dataclass
@@ -70,11 +78,14 @@ class Resolution:
         policy: plain per-layer rules (exact-name ``match``, concrete method and rank, or skip).
         prebuilt: {layer name: factorized module} with data-aware weights, or None.
         info: JSON-able account of the decision (per layer: chosen option, alternatives, reasons).
+        checker: measures a factorized model against the original on the calibration (else example)
+            inputs; ``convfactor.auto.verify.check_result`` applies it to the final model.
     """
 
     policy: Policy
     prebuilt: dict[str, FactorizedLayer] | None
     info: dict[str, Any]
+    checker: OutputChecker | None = None  # the original's outputs on the data at hand (the fidelity floor)
 
 
 @dataclass
@@ -149,6 +160,7 @@ def resolve_policy(
         >>> res.policy.rules[0].to_dict()
         {'match': 'conv1', 'method': 'spatial_svd', 'rank': 12}
     """
+    started = time.perf_counter()
     opts = options or AutoOptions()
     policy = Policy.from_any(policy)
     inputs = _as_inputs(example_inputs)
@@ -161,8 +173,9 @@ def resolve_policy(
     if not shapes and inputs is not None:
         shapes = layer_io_shapes(root, inputs)
     target = policy.target
+    bound = policy.fidelity
     timed = (target is not None and target[0] == "latency") or (
-        target is None and any(r.method == AUTO for r in policy.rules))
+        target is None and bound is None and any(r.method == AUTO for r in policy.rules))
     notes: list[str] = []
 
     plans = _plan_layers(root, policy, opts)
@@ -188,24 +201,38 @@ def resolve_policy(
         "error = relative squared layer-output error on the calibration inputs, sensitivity measured"
         + ("" if opts.sensitivity else " (disabled: 1.0)"),
         "notes": notes,
+        "warnings": [],
     }
     prebuilt: dict[str, FactorizedLayer] = {}
     factorizers: dict[tuple[str, str], Any] = {}
 
-    if target is not None:
-        kind, fraction = target
+    checker = _output_checker(root, batches, inputs, opts)
+    kind = None
+    if target is not None or bound is not None:
+        kind, fraction = target if target is not None else ("macs" if inputs is not None else "params", None)
         _build_options(plans, kind, opts, stats, factorizers, model, progress)
         if batches is not None and opts.sensitivity:
             _measure_sensitivities(root, plans, kind, stats, factorizers, batches, opts)
         for plan in open_plans:
             for option in plan.options:
                 option.loss = plan.sensitivity * option.error2
-        info["target"] = _allocate(root, plans, kind, fraction, inputs, opts, model, notes)
+        info["target"], search = _measured_allocation(root, plans, kind, fraction, bound, inputs, opts, model,
+                                                      checker, factorizers, notes, progress)
+        if search is not None:
+            info["search"] = search
         ignored = sorted({p.rule_index + 1 for p in open_plans if p.rule.rank is not None or p.rule.energy is not None})
         if ignored:
             notes.append(f"rule(s) {', '.join(map(str, ignored))}: rank/energy ignored, the target allocates ranks")
     else:
         _choose_fastest(plans, opts, stats, factorizers, model, progress)
+    if batches is None and target is not None and target[0] in ("macs", "latency"):
+        info["warnings"].append(WEIGHT_ONLY_WARNING.format(kind=target[0]))
+    if kind in ("macs", "params") and opts.speed_check and inputs is not None:
+        try:
+            info["speed_check"] = prefer_fast_forms([p for p in plans if p.open], kind,
+                                                    latency_model or LatencyModel(latency), info["warnings"])
+        except Exception as exc:  # noqa: BLE001 - timing is advice here, never a reason to fail
+            notes.append(f"speed check of the chosen forms skipped: {type(exc).__name__}: {exc}")
 
     if batches is not None and opts.sequential:
         _build_prebuilt_sequentially(root, plans, batches, inputs, opts, prebuilt)
@@ -214,9 +241,13 @@ def resolve_policy(
         _build_prebuilt(plans, stats, factorizers, opts, prebuilt)
     resolved = _resolved_policy(plans)
     if model is not None and model.options.verify and inputs is not None:
+        # A latency target was corrected by measurement above; dropping layers remains the last resort
+        # for `auto` rules and for a result still measured slower than the original.
         droppable = [p for p in plans if p.chosen is not None and (target is not None or p.rule.method == AUTO)]
-        resolved, prebuilt, info["verification"] = _verify_faster(root, plans, droppable, resolved, prebuilt,
-                                                                  shapes, inputs, model)
+        last = (info.get("search") or {}).get("probes", [{}])[-1]
+        if target is None or not last.get("measured") or last.get("fraction", 2.0) >= 1.0:
+            resolved, prebuilt, info["verification"] = _verify_faster(root, plans, droppable, resolved, prebuilt,
+                                                                      shapes, inputs, model)
     if model is not None:
         info["latency"] = {"runtime": model.options.runtime, "device": model.options.device,
                            "threads": model.options.threads, "cache": str(model.cache.path),
@@ -224,7 +255,16 @@ def resolve_policy(
     info["layers"] = {p.name: _layer_info(p, target[0] if target else "latency") for p in plans
                       if p.rule is not None}
     info["predicted_loss"] = _round(sum(p.chosen.loss for p in plans if p.chosen is not None))
-    return Resolution(resolved, prebuilt or None, info)
+    if bound is not None:
+        info["fidelity_bound"] = bound.to_dict()
+    search = info.get("search")
+    if search is not None:
+        if search.get("missed"):
+            info["warnings"].append(search["missed"]["message"])
+        search["share"] = progress_line(search["checks"], time.perf_counter() - started)
+        if progress:
+            say(search["share"])
+    return Resolution(resolved, prebuilt or None, info, checker)
 
 
 # -- which layers, which methods -------------------------------------------------------------------
@@ -424,49 +464,164 @@ def _model_total(root: nn.Module, kind: str, inputs: Any, plans: list[_LayerPlan
     return float(model.model_ms(root, inputs))
 
 
+class _Allocator:
+    """The knapsack of one resolution: its totals fixed once, solved at any budget fraction."""
+
+    def __init__(self, root: nn.Module, plans: list[_LayerPlan], kind: str, inputs: Any, opts: AutoOptions,
+                 model: LatencyModel | None):
+        self.plans = [p for p in plans if p.open]
+        self.kind, self.opts = kind, opts
+        self.total = _model_total(root, kind, inputs, plans, model)
+        self.fixed = self.total - math.fsum(p.original.cost(kind) for p in self.plans)
+        self.groups = [[(p.original.cost(kind), 0.0)] + [(o.cost(kind), o.loss) for o in p.options]
+                       for p in self.plans]
+        cheapest = self.fixed + math.fsum(min(c for c, _ in g) for g in self.groups)
+        self.lowest = cheapest / self.total if self.total else 1.0  # the smallest reachable fraction
+
+    def budget_total(self, fraction: float) -> float:
+        if self.kind == "latency":
+            return fraction * self.total
+        # The largest integer count whose ratio to the original does not exceed the fraction.
+        budget_total = math.floor(fraction * self.total)
+        while budget_total > 0 and budget_total / self.total > fraction:
+            budget_total -= 1
+        return budget_total
+
+    def choose(self, fraction: float, notes: list[str] | None = None, *, strict: bool = True) -> dict[str, Any]:
+        """Allocate at ``fraction`` of the original cost: sets every open plan's ``chosen``; returns the account."""
+        kind, total, fixed = self.kind, self.total, self.fixed
+        budget_total = self.budget_total(fraction)
+        groups = self.groups
+        try:
+            allocation = allocate(groups, budget_total - fixed, self.opts.bins)
+            solver, choice = allocation.solver, allocation.choice
+        except InfeasibleBudget as infeasible:
+            reachable = (infeasible.minimum + fixed) / total if total else 1.0
+            if kind != "latency" and strict:
+                raise PolicyError(
+                    f"target {kind} {fraction} is not reachable: the cheapest candidates leave {reachable:.3f} of "
+                    f"the original {kind} (layers the policy leaves alone: {max(fixed, 0) / total:.3f})") from None
+            if notes is not None:
+                source = "latency model" if kind == "latency" else "candidates"
+                notes.append(f"{kind} target {fraction} not reachable by the {source}: every layer takes its "
+                             f"cheapest candidate (predicted {reachable:.3f} of the original)")
+            choice = tuple(min(range(len(g)), key=lambda i: (g[i][0], g[i][1])) for g in groups)
+            solver = "cheapest per layer"
+        predicted = fixed
+        for plan, index in zip(self.plans, choice):
+            plan.chosen = None if index == 0 else plan.options[index - 1]
+            predicted += plan.original.cost(kind) if plan.chosen is None else plan.chosen.cost(kind)
+            plan.decision = None
+            if plan.chosen is None and plan.options:
+                plan.decision = "left as is by the allocation (its candidates cost more fidelity per unit saved)"
+        exact = (lambda v: int(round(v))) if kind != "latency" else (lambda v: _round(v, 4))  # counts stay exact
+        return {"kind": kind, "fraction": fraction, "original": exact(total), "budget": exact(budget_total),
+                "fixed": exact(fixed), "predicted": exact(predicted),
+                "predicted_fraction": _round(predicted / total) if total else None, "solver": solver,
+                "choice": tuple(choice),
+                "basis": {"macs": "per sample, all Conv/Linear layers (convfactor.costs)",
+                          "params": "parameters of the BatchNorm-folded model (<= the original's)",
+                          "latency": "ms in the latency runtime (info['latency']): whole original model minus the "
+                                     "per-layer savings measured"}[kind]}
+
+
 def _allocate(root: nn.Module, plans: list[_LayerPlan], kind: str, fraction: float, inputs: Any,
               opts: AutoOptions, model: LatencyModel | None, notes: list[str]) -> dict[str, Any]:
-    open_plans = [p for p in plans if p.open]
-    total = _model_total(root, kind, inputs, plans, model)
-    allocatable = math.fsum(p.original.cost(kind) for p in open_plans)
-    fixed = total - allocatable
-    if kind == "latency":
-        budget_total = fraction * total
-    else:
-        # The largest integer count whose ratio to the original does not exceed the fraction.
-        budget_total = math.floor(fraction * total)
-        while budget_total > 0 and budget_total / total > fraction:
-            budget_total -= 1
-    groups = [[(p.original.cost(kind), 0.0)] + [(o.cost(kind), o.loss) for o in p.options] for p in open_plans]
-    budget = budget_total - fixed
+    out = _Allocator(root, plans, kind, inputs, opts, model).choose(fraction, notes)
+    out.pop("choice")
+    return out
+
+
+def _first_samples(batches: list, count: int) -> list:
+    subset, seen = [], 0
+    for batch in batches:
+        if seen >= count:
+            break
+        take = min(len(batch[0]), count - seen)
+        subset.append(tuple(t[:take] for t in batch))
+        seen += take
+    return subset
+
+
+def _output_checker(root: nn.Module, batches: list | None, inputs: tuple | None,
+                    opts: AutoOptions) -> OutputChecker | None:
+    """The original's outputs on the calibration inputs (else the example inputs), for every fidelity check."""
+    if batches is not None:
+        return OutputChecker(root, _first_samples(batches, opts.fidelity_samples), "calibration samples")
+    if inputs is not None:
+        return OutputChecker(root, [inputs], "example inputs")
+    return None
+
+
+def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fraction: float | None,
+                         bound: Fidelity | None, inputs: Any, opts: AutoOptions, model: LatencyModel | None,
+                         checker: OutputChecker | None, factorizers: dict, notes: list[str],
+                         progress: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Allocate at the target, then correct the budget by measuring whole candidate models (``verify``).
+
+    Returns the allocation's account and the search's (None when nothing was measured).
+    """
+    allocator = _Allocator(root, plans, kind, inputs, opts, model)
+    speed = (kind == "latency" and fraction is not None and model is not None and model.options.verify
+             and inputs is not None)
+    enforce = bound is not None and checker is not None
+    if bound is not None and checker is None:
+        notes.append("fidelity bound not enforced: no example inputs or calibration data to measure it on")
+    if not speed and not enforce:
+        account = allocator.choose(fraction if fraction is not None else allocator.lowest, notes)
+        account.pop("choice")
+        return account, None
+    meter = SpeedMeter(model, root, inputs) if speed else None
+    work = copy.deepcopy(root).eval()
+    originals = {p.name: work.get_submodule(p.name) for p in allocator.plans}
+    modules: dict[tuple, nn.Module] = {}
+    seen: dict[tuple, Probe] = {}
+    if fraction is not None and fraction < allocator.lowest and kind != "latency":
+        allocator.choose(fraction, notes)  # raises the usual "not reachable" error
+
+    def trial(budget: float, measure_speed: bool) -> Probe:
+        account = allocator.choose(budget, strict=False)
+        known = seen.get(account["choice"])
+        if known is not None and (known.measured or not measure_speed):
+            return Probe(budget, known.fraction, known.measured, known.metrics, known.ok)
+        for plan in allocator.plans:
+            module = originals[plan.name]
+            if plan.chosen is not None:
+                key = (plan.name, plan.chosen.method, plan.chosen.rank)
+                if key not in modules:
+                    modules[key] = _candidate_module(plan, plan.chosen, factorizers).eval()
+                module = modules[key]
+            _set_submodule(work, plan.name, module)
+        metrics = known.metrics if known is not None else (checker.measure(work, bound) if enforce else None)
+        ok = not failures(metrics, bound) if enforce else True
+        if measure_speed:
+            probe = Probe(budget, 1.0 / meter.speedup(work, threshold=1.0 / fraction), True, metrics, ok)
+        else:
+            probe = Probe(budget, account["predicted_fraction"] or 0.0, False, metrics, ok)
+        seen[account["choice"]] = probe
+        return probe
+
+    calls_before, seconds_before = checker.calls if checker else 0, checker.seconds if checker else 0.0
     try:
-        allocation = allocate(groups, budget, opts.bins)
-        solver = allocation.solver
-        choice = allocation.choice
-    except InfeasibleBudget as infeasible:
-        reachable = (infeasible.minimum + fixed) / total if total else 1.0
-        if kind != "latency":
-            raise PolicyError(
-                f"target {kind} {fraction} is not reachable: the cheapest candidates leave {reachable:.3f} of the "
-                f"original {kind} (layers the policy leaves alone: {max(fixed, 0) / total:.3f})") from None
-        notes.append(f"latency target {fraction} not reachable by the latency model: every layer takes its "
-                     f"fastest candidate (predicted {reachable:.3f} of the original)")
-        choice = tuple(min(range(len(g)), key=lambda i: (g[i][0], g[i][1])) for g in groups)
-        solver = "fastest per layer"
-    predicted = fixed
-    for plan, index in zip(open_plans, choice):
-        plan.chosen = None if index == 0 else plan.options[index - 1]
-        predicted += plan.original.cost(kind) if plan.chosen is None else plan.chosen.cost(kind)
-        if plan.chosen is None and plan.options:
-            plan.decision = "left as is by the allocation (its candidates cost more fidelity per unit saved)"
-    exact = (lambda v: int(round(v))) if kind != "latency" else (lambda v: _round(v, 4))  # counts stay exact
-    return {"kind": kind, "fraction": fraction, "original": exact(total), "budget": exact(budget_total),
-            "fixed": exact(fixed), "predicted": exact(predicted),
-            "predicted_fraction": _round(predicted / total) if total else None, "solver": solver,
-            "basis": {"macs": "per sample, all Conv/Linear layers (convfactor.costs)",
-                      "params": "parameters of the BatchNorm-folded model (<= the original's)",
-                      "latency": "ms in the latency runtime (info['latency']): whole original model minus the "
-                                 "per-layer savings measured"}[kind]}
+        result = search_budget(trial, kind=kind, target=fraction, lowest=allocator.lowest,
+                               bound=bound if enforce else None, rounds=opts.fidelity_rounds)
+    finally:
+        if meter is not None:
+            meter.close()
+    account = allocator.choose(result.budget, notes, strict=False)
+    account.pop("choice")
+    account["measured_fraction" if result.probe.measured else "fraction_reached"] = _round(result.probe.fraction, 4)
+    search: dict[str, Any] = {"probes": [p.to_dict() for p in result.probes], "budget": _round(result.budget, 4)}
+    if result.probe.metrics is not None:
+        search["fidelity"] = result.probe.to_dict()
+    if result.missed is not None:
+        search["missed"] = result.missed
+        notes.append(result.missed["message"])
+    search["checks"] = {
+        "fidelity": [(checker.calls - calls_before) if checker else 0,
+                     round((checker.seconds - seconds_before) if checker else 0.0, 3)],
+        "latency": [meter.calls if meter else 0, round(meter.seconds if meter else 0.0, 3)]}
+    return account, search
 
 
 # -- auto without a target -------------------------------------------------------------------------
@@ -503,8 +658,17 @@ def _choose_fastest(plans: list[_LayerPlan], opts: AutoOptions, stats: Any, fact
             except RankError as exc:  # e.g. rank: vbmf for a method VBMF does not apply to
                 plan.dropped.append(f"{method.name}: {exc}")
                 continue
-            macs, params = replacement_costs(method, plan.layer, rank, plan.in_shape)
-            candidates.append(Option(method.name, rank, None if macs is None else macs * plan.calls, params))
+            ranks = [rank]
+            if rule.align is None:
+                # Measured time decides the alignment too: the rank rounded up to onnxruntime's channel
+                # blocks (x8, x16) keeps at least the rule's accuracy and often runs faster.
+                for align in _ALIGN_CHOICES:
+                    aligned = method.resolve_rank(plan.layer, rank=rank_to_json(rank), align=align)
+                    if aligned not in ranks:
+                        ranks.append(aligned)
+            for each in ranks:
+                macs, params = replacement_costs(method, plan.layer, each, plan.in_shape)
+                candidates.append(Option(method.name, each, None if macs is None else macs * plan.calls, params))
         if not candidates:
             plan.decision = "no method resolves the rule's rank spec for this layer"
             continue
@@ -521,7 +685,7 @@ def _choose_fastest(plans: list[_LayerPlan], opts: AutoOptions, stats: Any, fact
                         for o in candidates if o not in faster]
         if faster:
             plan.chosen = min(faster, key=lambda o: (o.latency_ms, o.error2))
-            plan.decision = "the fastest measured method at the rule's rank spec"
+            plan.decision = "the fastest measured method at the rule's rank spec (or its x8/x16 rounding up)"
         else:
             plan.decision = "no method at the rule's rank spec measured faster than the original layer"
 

@@ -1,0 +1,74 @@
+"""Does a latency target land? Whole-network speedup against the request, and speedup per MAC cut.
+
+For each network (random weights: latency only) and each latency target F (a 1/F speedup requested),
+``factorize`` with ``{"rules": [{"types": ["Conv2d"], "method": M}], "target": {"latency": F}}`` in
+onnxruntime at 1 thread (the latency model times each layer's candidates, unaligned and x16-aligned
+ranks, then the whole candidate network is timed and the budget corrected, ``convfactor.auto.verify``).
+The result is then timed again, independently (``convfactor.benchmarking``: interleaved pairs, median
+ratio), and reported with its MAC reduction:
+
+    efficiency = measured speedup / MAC reduction (1.0: every MAC cut turns into time)
+
+    python benchmarks/latency_target.py                                  # ResNet-18 @224, 0.5 and 0.25
+    python benchmarks/latency_target.py --nets resnet20 --targets 0.5    # a quick one
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
+
+import convfactor  # noqa: E402
+from convfactor.benchmarking import benchmark, cpu_model  # noqa: E402
+from convfactor.zoo import MODELS, get_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", default="resnet18")
+    parser.add_argument("--targets", default="0.5,0.25")
+    parser.add_argument("--method", default="spatial_svd")
+    parser.add_argument("--cache", default=None, help="latency cache file (default: convfactor's)")
+    parser.add_argument("--json", default=None, help="write the rows here too")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows = []
+    print(f"cpu: {cpu_model()}; onnxruntime 1 thread; method {args.method}")
+    print("| network | latency target | requested | measured speedup | MACs cut | efficiency | factorize s |")
+    print("|---|---|---|---|---|---|---|")
+    for net in args.nets.split(","):
+        model = get_model(net).eval()
+        x = torch.randn(MODELS[net].input_shape)
+        for target in (float(t) for t in args.targets.split(",")):
+            policy = {"rules": [{"types": ["Conv2d"], "method": args.method}], "target": {"latency": target}}
+            started = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fast = convfactor.factorize(model, policy, x, latency={"threads": 1, "cache": args.cache},
+                                            progress=True)
+            seconds = time.perf_counter() - started
+            report = convfactor.get_report(fast)
+            speedup = benchmark(model, fast, x, threads=1, progress=False, min_time=3.0).results[0].speedup
+            cut = 1 / report.macs_ratio
+            row = {"net": net, "target": target, "requested": 1 / target, "speedup": speedup, "macs_cut": cut,
+                   "efficiency": speedup / cut, "seconds": seconds,
+                   "search": report.extra["auto"].get("search"), "warnings": report.warnings}
+            rows.append(row)
+            print(f"| {net} | {target} | {1 / target:.2f}x | {speedup:.2f}x | {cut:.2f}x | {speedup / cut:.2f} "
+                  f"| {seconds:.0f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
