@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .calibration import DEFAULT_MAX_ROWS, DEFAULT_MAX_SAMPLES
+from .calibration import DEFAULT_MAX_ROWS, DEFAULT_MAX_SAMPLES, DEFAULT_MEMORY_BUDGET
 from .candidates import FRACTION_GRID
 from .data_aware import DEFAULT_DAMPING
 
@@ -34,6 +34,9 @@ class AutoOptions:
             of the calibration data per replaced layer).
         bins: budget resolution of the allocator's dynamic program.
         seed: seed of the patch subsampling.
+        memory_budget: bytes the calibration statistics and one layer's fit may use (default 1 GiB): a
+            layer whose full D x D patch covariance does not fit gets a Kronecker-factored or diagonal
+            statistic instead (reported under ``statistics``); more budget keeps more layers full.
     """
 
     fractions: tuple[float, ...] = FRACTION_GRID
@@ -47,3 +50,4 @@ class AutoOptions:
     sequential: bool = True
     bins: int = 4000
     seed: int = 0
+    memory_budget: float = DEFAULT_MEMORY_BUDGET
