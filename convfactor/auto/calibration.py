@@ -5,7 +5,10 @@ C_in/g * k_h * k_w values one output pixel reads, per group; for a Linear, its i
 with forward pre-hooks while the (BatchNorm-folded) network runs on the calibration batches. Patches are
 extracted by a one-hot depthwise conv with the layer's own stride, padding, dilation and padding mode, so
 every geometry is handled the way the layer sees it. At most ``max_rows`` positions per layer are used
-(a seeded random subset), which bounds the cost for high-resolution layers.
+(a seeded random subset), which bounds the cost for high-resolution layers; patches are extracted a
+few samples at a time, so their memory is bounded too. A full D x D covariance is kept only where it
+fits ``memory_budget``; other layers get a Kronecker-factored (channels x kernel taps) or diagonal
+statistic (``convfactor.auto.covariance``), and the report says which.
 
 Sensitivity: how much of a layer's output error reaches the network output. A probe replacement is
 swapped in for one layer at a time (a forward hook), and the network output's relative squared error is
@@ -24,6 +27,15 @@ from torch import nn
 
 from ..errors import ConvfactorError
 from ..geometry import LayerGeometry
+from ..progress import track
+from .covariance import (
+    WORKING_COPIES,
+    Covariance,
+    DiagonalCovariance,
+    FullCovariance,
+    KroneckerCovariance,
+    choose_form,
+)
 
 __all__ = [
     "LayerStatistics",
@@ -36,11 +48,19 @@ __all__ = [
     "flat_outputs",
     "DEFAULT_MAX_SAMPLES",
     "DEFAULT_MAX_ROWS",
+    "DEFAULT_MEMORY_BUDGET",
+    "KRONECKER_ROWS",
+    "statistic_forms",
 ]
 
 DEFAULT_MAX_SAMPLES = 512
 DEFAULT_MAX_ROWS = 16384
+# Patches per layer for a Kronecker-factored statistic: its channel factor costs rows * C^2 * K.
+KRONECKER_ROWS = 4096
+# Working memory of the statistics and of one layer's fit (bytes); see ``statistic_forms``.
+DEFAULT_MEMORY_BUDGET = 1 << 30
 _SPLIT_BATCH = 64
+_CHUNK_BYTES = 64 << 20  # patches extracted at once, at most about this much
 
 
 @dataclass
@@ -48,11 +68,12 @@ class LayerStatistics:
     """Second moments of one layer's input patches.
 
     Attributes:
-        covariance: (g, D, D) float64, E[p p^T] per group, D = C_in/g * kernel volume.
+        covariance: E[p p^T] per group (D = C_in/g * kernel volume) as a ``Covariance``: full (g, D, D)
+            when it fits the memory budget, else Kronecker-factored or diagonal (``describe()`` says).
         rows: patches (positions) averaged.
     """
 
-    covariance: torch.Tensor
+    covariance: Covariance
     rows: int
 
 
@@ -131,6 +152,81 @@ def patch_extractor(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return patches
 
 
+class _Moments:
+    """Running sums of E[p_left p_right^T] in one covariance form, fed (g, rows, D) patch blocks."""
+
+    def __init__(self, form: str, groups: int, channels: int, kernel: int, note: str = ""):
+        self.form, self.groups, self.channels, self.kernel, self.note = form, groups, channels, kernel, note
+        self.sums: list[torch.Tensor] | None = None
+        self.rows = 0
+
+    def add(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        g, rows, _ = left.shape
+        if self.form == "full":
+            parts = [left.transpose(1, 2) @ right]
+        elif self.form == "kronecker":
+            x_l = left.reshape(g, rows, self.channels, self.kernel)
+            x_r = right.reshape(g, rows, self.channels, self.kernel)
+            parts = [torch.einsum("grck,grek->gce", x_l, x_r), torch.einsum("grck,grcl->gkl", x_l, x_r)]
+        else:
+            parts = [(left * right).sum(1)]
+        parts = [t.to(torch.float64).cpu() for t in parts]
+        self.sums = parts if self.sums is None else [s + t for s, t in zip(self.sums, parts)]
+        self.rows += rows
+
+    def result(self) -> Covariance:
+        means = [s / self.rows for s in self.sums]
+        if self.form == "full":
+            return FullCovariance(means[0])
+        if self.form == "kronecker":
+            a, b = means
+            trace = a.diagonal(dim1=1, dim2=2).sum(-1)
+            trace = torch.where(trace.abs() > 1e-300, trace, torch.ones_like(trace))
+            return KroneckerCovariance(a, b / trace[:, None, None], self.note)
+        return DiagonalCovariance(means[0], self.note)
+
+
+def statistic_forms(layers: Mapping[str, nn.Module], memory_budget: float) -> dict[str, tuple[str, str]]:
+    """{name: (form, why)}: full covariances, smallest first, while they fit half the budget together
+    (and WORKING_COPIES of each fit the other half); the rest as ``choose_form`` says."""
+    forms: dict[str, tuple[str, str]] = {}
+    held = 0.0
+    shapes = {}
+    for name, layer in layers.items():
+        geo = LayerGeometry.of(layer)
+        kernel = 1 if geo.kind == "Linear" else geo.kernel_volume
+        shapes[name] = (geo.groups, geo.in_channels // geo.groups, kernel)
+    for name in sorted(layers, key=lambda n: shapes[n][0] * (shapes[n][1] * shapes[n][2]) ** 2):
+        g, c, k = shapes[name]
+        form, why = choose_form(g, c, k, memory_budget / 2)
+        if form == "full" and held + 8 * g * (c * k) ** 2 > memory_budget / 2:
+            form, why = choose_form(g, c, k, 0.0)
+            why = "the full covariances of smaller layers already use the memory budget"
+            if k > 1 and WORKING_COPIES * 8 * g * (c * c + k * k) <= memory_budget / 2:
+                form = "kronecker"
+        if form == "full":
+            held += 8 * g * (c * k) ** 2
+        forms[name] = (form, why)
+    return forms
+
+
+def _chunks(x: torch.Tensor, layer: nn.Module) -> list[torch.Tensor]:
+    """``x`` split along the batch so that one chunk's patch matrix stays near _CHUNK_BYTES."""
+    geo = LayerGeometry.of(layer)
+    if geo.kind == "Linear" or x.shape[0] <= 1:
+        return [x]
+    per_sample = x[0].numel() * geo.kernel_volume * x.element_size() / math.prod(geo.stride)
+    size = max(1, int(_CHUNK_BYTES // max(per_sample, 1)))
+    return list(x.split(size)) if size < x.shape[0] else [x]
+
+
+def _sampled(p: torch.Tensor, keep: int, generator: torch.Generator) -> torch.Tensor | None:
+    """A seeded random subset of ``keep`` rows of ``p`` (all when it has fewer)."""
+    if p.shape[0] <= keep:
+        return None
+    return torch.randperm(p.shape[0], generator=generator)[:keep].to(p.device)
+
+
 @torch.no_grad()
 def layer_statistics(
     root: nn.Module,
@@ -138,6 +234,8 @@ def layer_statistics(
     batches: Sequence[tuple[torch.Tensor, ...]],
     max_rows: int = DEFAULT_MAX_ROWS,
     seed: int = 0,
+    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    progress: bool = False,
 ) -> dict[str, LayerStatistics]:
     """Patch covariances of the named layers while ``root`` runs on ``batches``.
 
@@ -145,39 +243,51 @@ def layer_statistics(
         root: the network (BatchNorm already folded, as it will be factorized).
         layers: {qualified name: layer} to collect for (each a submodule of ``root``).
         batches: input tuples, as from ``calibration_batches``.
-        max_rows: patches per layer at most, a seeded random subset spread over the batches.
+        max_rows: patches per layer at most, a seeded random subset spread over the batches
+            (KRONECKER_ROWS for a Kronecker-factored statistic).
+        memory_budget: bytes the statistics and one layer's fit may use (see ``statistic_forms``).
+        progress: show a progress bar over the batches.
     Returns:
         {name: LayerStatistics}.
     """
     generator = torch.Generator().manual_seed(seed)
-    per_batch = max(1, math.ceil(max_rows / len(batches)))
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
+    forms = statistic_forms(layers, memory_budget)
+    moments: dict[str, _Moments] = {}
     handles = []
     for name, layer in layers.items():
         extract = patch_extractor(layer)
-        groups = LayerGeometry.of(layer).groups
+        geo = LayerGeometry.of(layer)
+        form, why = forms[name]
+        kernel = 1 if geo.kind == "Linear" else geo.kernel_volume
+        acc = moments[name] = _Moments(form, geo.groups, geo.in_channels // geo.groups, kernel, why)
+        limit = min(max_rows, KRONECKER_ROWS) if form == "kronecker" else max_rows
+        per_batch = max(1, math.ceil(limit / len(batches)))
 
-        def hook(module, args, name=name, extract=extract, groups=groups):
-            p = extract(args[0])
-            if p.shape[0] > per_batch:
-                p = p[torch.randperm(p.shape[0], generator=generator)[:per_batch].to(p.device)]
-            p = p.reshape(p.shape[0], groups, -1).transpose(0, 1)  # (g, rows, D)
-            moment = (p.transpose(1, 2) @ p).to(torch.float64).cpu()
-            sums[name] = sums[name] + moment if name in sums else moment
-            rows[name] = rows.get(name, 0) + p.shape[1]
+        def hook(module, args, extract=extract, acc=acc, per_batch=per_batch, layer=layer):
+            x = args[0]
+            for chunk in _chunks(x, layer):
+                p = extract(chunk)
+                keep = _sampled(p, max(1, math.ceil(per_batch * len(chunk) / len(x))), generator)
+                if keep is not None:
+                    p = p[keep]
+                p = p.reshape(p.shape[0], acc.groups, -1).transpose(0, 1)  # (g, rows, D)
+                acc.add(p, p)
 
         handles.append(layer.register_forward_pre_hook(hook))
     try:
-        for batch in batches:
+        for batch in track(batches, progress, "statistics", unit="batch"):
             root(*batch)
     finally:
         for handle in handles:
             handle.remove()
-    missing = [name for name in layers if name not in sums]
+    missing = [name for name in layers if moments[name].sums is None]
     if missing:
         raise ConvfactorError(f"calibration never reached layer {missing[0]!r} (is it used in forward?)")
-    return {name: LayerStatistics(sums[name] / rows[name], rows[name]) for name in layers}
+    return {name: LayerStatistics(moments[name].result(), moments[name].rows) for name in layers}
+
+
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass once the layer of interest has seen its input."""
 
 
 @torch.no_grad()
@@ -188,50 +298,61 @@ def paired_statistics(
     batches: Sequence[tuple[torch.Tensor, ...]],
     max_rows: int = DEFAULT_MAX_ROWS,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    form: str = "full",
+) -> tuple[Covariance, Covariance]:
     """Moments of one layer's input patches in two networks run on the same batches.
 
     ``reference`` is the original network, ``work`` the partially factorized one (its layer ``name`` not
-    yet replaced). The same positions are sampled in both.
+    yet replaced). The same positions are sampled in both. Each forward pass stops once the layer has
+    its input (the rest of the network is not run).
 
     Returns:
-        sigma: (g, D, D) E[p_w p_w^T] of the patches ``work`` feeds the layer;
-        cross: (g, D, D) E[p_w p_r^T] between them and the reference network's patches.
+        sigma: E[p_w p_w^T] of the patches ``work`` feeds the layer, in ``form``;
+        cross: E[p_w p_r^T] between them and the reference network's patches, in the same form.
     """
     layer = reference.get_submodule(name)
     extract = patch_extractor(layer)
-    groups = LayerGeometry.of(layer).groups
+    geo = LayerGeometry.of(layer)
+    kernel = 1 if geo.kind == "Linear" else geo.kernel_volume
+    channels = geo.in_channels // geo.groups
     generator = torch.Generator().manual_seed(seed)
-    per_batch = max(1, math.ceil(max_rows / len(batches)))
+    limit = min(max_rows, KRONECKER_ROWS) if form == "kronecker" else max_rows
+    per_batch = max(1, math.ceil(limit / len(batches)))
     captured: dict[str, torch.Tensor] = {}
 
     def hook_for(role: str):
         def hook(module, args):
-            captured[role] = extract(args[0])
+            captured[role] = args[0]
+            raise _Reached
         return hook
+
+    def run(net: nn.Module, batch: tuple[torch.Tensor, ...]) -> None:
+        try:
+            net(*batch)
+        except _Reached:
+            pass
 
     handles = [reference.get_submodule(name).register_forward_pre_hook(hook_for("reference")),
                work.get_submodule(name).register_forward_pre_hook(hook_for("work"))]
-    sigma = cross = None
-    rows = 0
+    sigma, cross = _Moments(form, geo.groups, channels, kernel), _Moments(form, geo.groups, channels, kernel)
     try:
         for batch in batches:
-            reference(*batch)
-            work(*batch)
-            p_ref, p_work = captured.pop("reference"), captured.pop("work")
-            if p_ref.shape[0] > per_batch:
-                keep = torch.randperm(p_ref.shape[0], generator=generator)[:per_batch].to(p_ref.device)
-                p_ref, p_work = p_ref[keep], p_work[keep]
-            p_ref = p_ref.reshape(p_ref.shape[0], groups, -1).transpose(0, 1).to(torch.float64)
-            p_work = p_work.reshape(p_work.shape[0], groups, -1).transpose(0, 1).to(torch.float64)
-            s = (p_work.transpose(1, 2) @ p_work).cpu()
-            c = (p_work.transpose(1, 2) @ p_ref).cpu()
-            sigma, cross = (s, c) if sigma is None else (sigma + s, cross + c)
-            rows += p_ref.shape[1]
+            run(reference, batch)
+            run(work, batch)
+            x_ref, x_work = captured.pop("reference"), captured.pop("work")
+            for c_ref, c_work in zip(_chunks(x_ref, layer), _chunks(x_work, layer)):
+                p_ref, p_work = extract(c_ref), extract(c_work)
+                keep = _sampled(p_ref, max(1, math.ceil(per_batch * len(c_ref) / len(x_ref))), generator)
+                if keep is not None:
+                    p_ref, p_work = p_ref[keep], p_work[keep]
+                p_ref = p_ref.reshape(p_ref.shape[0], geo.groups, -1).transpose(0, 1)
+                p_work = p_work.reshape(p_work.shape[0], geo.groups, -1).transpose(0, 1)
+                sigma.add(p_work, p_work)
+                cross.add(p_work, p_ref)
     finally:
         for handle in handles:
             handle.remove()
-    return sigma / rows, cross / rows
+    return sigma.result(), cross.result()
 
 
 @torch.no_grad()
@@ -277,6 +398,7 @@ def layer_sensitivities(
     layers: Mapping[str, nn.Module],
     probes: Mapping[str, nn.Module],
     batches: Sequence[tuple[torch.Tensor, ...]],
+    progress: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Network-output error caused by each probe replacement alone, relative to the layer's own error.
 
@@ -292,7 +414,7 @@ def layer_sensitivities(
     reference = [[t.detach() for t in flat_outputs(root(*batch))] for batch in batches]
     signal = sum(float((t.double() ** 2).sum()) for outs in reference for t in outs)
     result: dict[str, dict[str, float]] = {}
-    for name, probe in probes.items():
+    for name, probe in track(list(probes.items()), progress, "sensitivities"):
         layer = layers[name]
         totals = {"error": 0.0, "signal": 0.0}
 

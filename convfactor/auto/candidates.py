@@ -6,8 +6,10 @@ arithmetic, so MACs (``layer_macs`` per stage) and parameters are exactly what t
 will report.
 
 Weight error is the relative squared reconstruction error ||W - W_hat||^2 / ||W||^2. For methods that
-truncate an SVD (spatial_svd, svd, depthwise) it is read off the singular values in closed form; the
-other methods decompose the layer and measure it.
+truncate an SVD (spatial_svd, svd, depthwise) it is read off the singular values in closed form, and
+for HOSVD Tucker-2 off one transform of the core; grouped layers larger than GROUPED_EXACT_WEIGHTS are
+scored by an upper bound from one HOSVD (``GroupedBound``, no grouping search or refinement per rank:
+the chosen rank is refined once, when the layer is decomposed); other methods decompose per rank.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from ..methods.base import FactorizationMethod, Rank
 __all__ = [
     "FRACTION_GRID",
     "SPECTRAL_METHODS",
+    "GROUPED_EXACT_WEIGHTS",
+    "grouped_bound",
     "Option",
     "rank_grid",
     "meta_twin",
@@ -40,6 +44,18 @@ __all__ = [
 FRACTION_GRID = (1 / 32, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 7 / 16, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 # Methods whose decomposition is a truncated SVD of a reshaped weight: their error is 1 - kept energy.
 SPECTRAL_METHODS = ("spatial_svd", "svd", "depthwise")
+# Grouped layers with at most this many weights are scored by their real decomposition (grouping search
+# and refinement per rank: well under a second each at 64x64x3x3); larger ones by ``GroupedBound``.
+GROUPED_EXACT_WEIGHTS = 1 << 17
+
+
+def grouped_bound(method: FactorizationMethod, layer: nn.Module) -> Any:
+    """A ``GroupedBound`` for a grouped layer too large to decompose per candidate rank, else None."""
+    if method.name != "grouped" or layer.weight.numel() <= GROUPED_EXACT_WEIGHTS:
+        return None
+    from ..methods.grouped import GroupedBound
+
+    return GroupedBound(layer.weight)
 
 
 @dataclass
@@ -193,7 +209,10 @@ class WeightErrors:
         self._tail: np.ndarray | None = None
         self._core_energy: np.ndarray | None = None
         self._total = 0.0
-        if method.name in SPECTRAL_METHODS:
+        self._bound = grouped_bound(method, layer)
+        if self._bound is not None:
+            pass
+        elif method.name in SPECTRAL_METHODS:
             s2 = method.spectra(layer)[0].astype(np.float64) ** 2
             self._total = float(s2.sum())
             self._tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])  # tail[r] = sum_{j >= r} s_j^2
@@ -201,6 +220,10 @@ class WeightErrors:
             self._core_energy, self._total = _tucker2_core_energy(layer)
 
     def __call__(self, rank: Rank) -> float:
+        if self._bound is not None:
+            full = self.layer.in_channels, self.layer.out_channels
+            g, r_in, r_out = (rank, *full) if isinstance(rank, int) else rank
+            return float(max(0.0, 1.0 - self._bound.kept((g, r_in, r_out))))
         if self._total == 0 and (self._tail is not None or self._core_energy is not None):
             return 0.0
         if self._tail is not None:

@@ -11,8 +11,10 @@ E||(W - W_hat) p||^2 = tr((W - W_hat) Sigma (W - W_hat)^T) = ||(W - W_hat) L||_F
   * tucker2: whiten the input-channel projection (HOSVD of W x_1 L^T), take the output projection
     from the top eigenvectors of the output covariance W Sigma W^T, then refit the core by least squares.
 
-Sigma is damped by ``damping * mean(diag(Sigma))`` before whitening so that directions the calibration
-data never excites stay well-posed (and weight-like). Every factorization is exact at full rank.
+Sigma is any ``convfactor.auto.covariance.Covariance`` (full, Kronecker-factored or diagonal: no step
+forms a D x D matrix unless the statistic is one). It is damped by ``damping * mean(diag(Sigma))`` before
+whitening so that directions the calibration data never excites stay well-posed (and weight-like).
+Every factorization is exact at full rank.
 Sequential mode (``corrected_weight``) first moves W to the weight that best maps the inputs the layer
 gets after earlier layers were factorized to its original outputs, so errors do not accumulate.
 Weights are computed in float64 and stored in the module's dtype.
@@ -29,6 +31,7 @@ from ..geometry import LayerGeometry
 from ..methods import get_method
 from ..methods._stages import set_weight
 from ..methods.base import FactorizedLayer, Rank
+from .covariance import Covariance, FullCovariance, as_covariance
 
 __all__ = [
     "DATA_AWARE_METHODS",
@@ -49,23 +52,9 @@ DATA_AWARE_METHODS = ("svd", "spatial_svd", "tucker2")
 DEFAULT_DAMPING = 1e-2
 
 
-def damped(sigma: torch.Tensor, damping: float) -> torch.Tensor:
-    """Sigma + damping * mean(diag(Sigma)) * I, per group; (g, D, D) float64 in and out."""
-    eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
-    scale = sigma.diagonal(dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-30)
-    return sigma + damping * scale[:, None, None] * eye
-
-
-def _cholesky(sigma: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor of SPD (g, D, D) matrices, adding jitter when rounding made one indefinite."""
-    factor, info = torch.linalg.cholesky_ex(sigma)
-    jitter = 1e-12
-    while bool((info > 0).any()):
-        scale = sigma.diagonal(dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-30)
-        eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype)
-        factor, info = torch.linalg.cholesky_ex(sigma + jitter * scale[:, None, None] * eye)
-        jitter *= 10
-    return factor
+def damped(sigma: torch.Tensor | Covariance, damping: float) -> Covariance:
+    """Sigma + about damping * mean(diag(Sigma)) * I, per group (see ``Covariance.damped``)."""
+    return as_covariance(sigma).damped(damping)
 
 
 def grouped_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -74,44 +63,50 @@ def grouped_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return w.reshape(groups, w.shape[0] // groups, -1)
 
 
-def output_error2(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor) -> float:
-    """E||(W - W_hat) p||^2 / E||W p||^2 for grouped weights (g, O, D) and patch covariance (g, D, D)."""
-    delta = weight - approx
-    error = torch.einsum("god,gde,goe->", delta, sigma, delta)
-    signal = torch.einsum("god,gde,goe->", weight, sigma, weight)
-    return float(error / signal) if float(signal) > 0 else float(error)
+def output_error2(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor | Covariance) -> float:
+    """E||(W - W_hat) p||^2 / E||W p||^2 for grouped weights (g, O, D) and the patch covariance."""
+    sigma = as_covariance(sigma)
+    error = sigma.quad(weight - approx)
+    signal = sigma.quad(weight)
+    return error / signal if signal > 0 else error
 
 
-def least_squares_refit(target: torch.Tensor, sigma: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+def least_squares_refit(target: torch.Tensor, sigma: torch.Tensor | Covariance, basis: torch.Tensor) -> torch.Tensor:
     """The X minimizing E||T p - X B^T p||^2 over p with E[p p^T] = Sigma: X = T Sigma B (B^T Sigma B)^{-1}.
 
     Args:
-        target: T, (g, m, D). sigma: (g, D, D), SPD. basis: B, (g, D, q) with independent columns.
+        target: T, (g, m, D). sigma: (g, D, D) or a ``Covariance``, SPD. basis: B, (g, D, q), independent columns.
     Returns:
         X, (g, m, q).
     """
-    sigma_b = sigma @ basis  # (g, D, q)
-    gram = basis.transpose(1, 2) @ sigma_b  # (g, q, q), SPD
-    rhs = (target @ sigma_b).transpose(1, 2)  # (g, q, m)
-    return torch.linalg.solve(gram, rhs).transpose(1, 2)
+    return as_covariance(sigma).refit(target, basis)
 
 
-def whitened_svd_factors(weight: torch.Tensor, sigma: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def whitened_svd_factors(weight: torch.Tensor, sigma: torch.Tensor | Covariance,
+                         rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``rank`` factors of W minimizing tr((W - W_hat) Sigma (W - W_hat)^T), per group.
 
     Args:
-        weight: (g, O, D). sigma: (g, D, D) SPD (already damped).
+        weight: (g, O, D). sigma: (g, D, D) or a ``Covariance``, SPD (already damped).
     Returns:
         first (g, r, D) and second (g, O, r) with W_hat = second @ first.
     """
-    factor = _cholesky(sigma)  # L, (g, D, D)
-    u, s, vh = torch.linalg.svd(weight @ factor, full_matrices=False)
-    root = s[:, :rank].sqrt()
-    left = vh[:, :rank, :] * root[:, :, None]  # (g, r, D): rows of sqrt(S) V^T
-    # first = left L^{-1}, i.e. solve first L = left (L lower triangular).
-    first = torch.linalg.solve_triangular(factor, left, upper=False, left=False)
-    second = u[:, :, :rank] * root[:, None, :]
-    return first, second
+    return _WhitenedSVD(weight, as_covariance(sigma)).factors(rank)
+
+
+class _WhitenedSVD:
+    """The SVD of W L (L L^T = Sigma), computed once; truncated at any rank."""
+
+    def __init__(self, weight: torch.Tensor, sigma: Covariance):
+        self.sigma = sigma
+        self.u, self.s, self.vh = torch.linalg.svd(sigma.sqrt_right(weight), full_matrices=False)
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        root = self.s[:, :rank].sqrt()
+        left = self.vh[:, :rank, :] * root[:, :, None]  # (g, r, D): rows of sqrt(S) V^T
+        first = self.sigma.sqrt_right_solve(left)  # left L^{-1}
+        second = self.u[:, :, :rank] * root[:, None, :]
+        return first, second
 
 
 class LayerFactorizer(abc.ABC):
@@ -119,21 +114,22 @@ class LayerFactorizer(abc.ABC):
 
     Args:
         layer: the Conv/Linear layer (its weight and bias are read, never changed).
-        sigma: (g, D, D) float64 covariance of its input patches (``LayerStatistics.covariance``).
+        sigma: the covariance of its input patches (``LayerStatistics.covariance``, or a (g, D, D) tensor).
         damping: ridge relative to the mean diagonal of sigma.
         weight: (g, O, D) weight to approximate instead of the layer's own (see ``corrected_weight``).
     """
 
     method_name: str = ""
 
-    def __init__(self, layer: nn.Module, sigma: torch.Tensor, damping: float = DEFAULT_DAMPING,
+    def __init__(self, layer: nn.Module, sigma: torch.Tensor | Covariance, damping: float = DEFAULT_DAMPING,
                  weight: torch.Tensor | None = None):
         self.layer = layer
         self.geometry = LayerGeometry.of(layer)
         own = grouped_weight(layer.weight, self.geometry.groups)
         self.weight = own if weight is None else weight.to(torch.float64)  # (g, O, D)
-        self.sigma = sigma.to(torch.float64)
-        self.sigma_damped = damped(self.sigma, damping)
+        self.sigma = as_covariance(sigma)
+        self.sigma_damped = self.sigma.damped(damping)
+        self._signal: float | None = None
 
     @abc.abstractmethod
     def factors(self, rank: Rank) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -151,14 +147,22 @@ class LayerFactorizer(abc.ABC):
 
     def error2(self, rank: Rank) -> float:
         """Relative squared output error of the rank-``rank`` factors on the calibration inputs."""
-        return output_error2(self.weight, self.factors(rank)[1], self.sigma)
+        if self._signal is None:
+            self._signal = self.sigma.quad(self.weight)
+        error = self.sigma.quad(self.weight - self.factors(rank)[1])
+        return error / self._signal if self._signal > 0 else error
 
 
 class _SVDFactorizer(LayerFactorizer):
     method_name = "svd"
 
+    def __init__(self, layer: nn.Module, sigma: torch.Tensor | Covariance, damping: float = DEFAULT_DAMPING,
+                 weight: torch.Tensor | None = None):
+        super().__init__(layer, sigma, damping, weight)
+        self.svd = _WhitenedSVD(self.weight, self.sigma_damped)
+
     def factors(self, rank: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        first, second = whitened_svd_factors(self.weight, self.sigma_damped, rank)
+        first, second = self.svd.factors(rank)
         g, o, d = self.weight.shape
         return (first.reshape(g * rank, d), second.reshape(g * o, rank)), second @ first
 
@@ -166,7 +170,7 @@ class _SVDFactorizer(LayerFactorizer):
 class _SpatialSVDFactorizer(LayerFactorizer):
     method_name = "spatial_svd"
 
-    def __init__(self, layer: nn.Module, sigma: torch.Tensor, damping: float = DEFAULT_DAMPING,
+    def __init__(self, layer: nn.Module, sigma: torch.Tensor | Covariance, damping: float = DEFAULT_DAMPING,
                  weight: torch.Tensor | None = None):
         super().__init__(layer, sigma, damping, weight)
         geo = self.geometry
@@ -177,25 +181,32 @@ class _SpatialSVDFactorizer(LayerFactorizer):
         kh, kw = self.k_h, self.k_w
         # Vertical patches are the k_w column slices of the full patch: their covariance is the mean of
         # the diagonal (j, j) blocks of Sigma, indexed (c, i, j).
-        blocks = self.sigma_damped.reshape(g, c, kh, kw, c, kh, kw)
-        sigma_v = blocks.diagonal(dim1=3, dim2=6).mean(dim=-1).reshape(g, c * kh, c * kh)
-        factor = _cholesky(sigma_v)  # L_v, (g, C*kh, C*kh)
-        # (g, O, C, kh, kw) -> (g, C*kh, O*kw): the spatial-SVD reshape of each group.
-        matrix = self.weight.reshape(g, o, c, kh, kw).permute(0, 2, 3, 1, 4).reshape(g, c * kh, o * kw)
-        u, s, _ = torch.linalg.svd(factor.transpose(1, 2) @ matrix, full_matrices=False)
+        sigma_v = self.sigma_damped.vertical(kh, kw)
+        # (g, O, C, kh, kw) -> (g, O*kw, C*kh): the transposed spatial-SVD reshape of each group.
+        matrix_t = self.weight.reshape(g, o, c, kh, kw).permute(0, 1, 4, 2, 3).reshape(g, o * kw, c * kh)
+        # SVD of (L_v^T M)^T = M^T L_v = U' S V'^T: the left vectors of L_v^T M are the rows of V'^T.
+        _, s, vh = torch.linalg.svd(sigma_v.sqrt_right(matrix_t), full_matrices=False)
         # Vertical filters V = L_v^{-T} U sqrt(S), all ranks at once (truncation keeps leading columns).
-        self.vertical_all = torch.linalg.solve_triangular(factor.transpose(1, 2), u * s.sqrt()[:, None, :],
-                                                          upper=True)
+        self.vertical_all = sigma_v.sqrt_right_solve(vh * s.sqrt()[:, :, None]).transpose(1, 2)
         self.channels = c
+        # Sigma times every vertical output at every column offset, once for all ranks (columns (t, j)).
+        self.basis_all = self._basis(self.vertical_all)
+        self.sigma_basis_all = self.sigma_damped.matmul(self.basis_all)
+
+    def _basis(self, vertical: torch.Tensor) -> torch.Tensor:
+        # B[(c, i, j'), (t, j)] = V[(c, i), t] * delta(j', j): the vertical outputs read at each column offset.
+        g, _, rank = vertical.shape
+        eye = torch.eye(self.k_w, dtype=torch.float64)
+        return torch.einsum("gxt,ab->gxatb", vertical, eye).reshape(g, -1, rank * self.k_w)
 
     def factors(self, rank: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         g, o, d = self.weight.shape
         c, kh, kw = self.channels, self.k_h, self.k_w
         vertical = self.vertical_all[:, :, :rank]  # (g, C*kh, r)
-        eye = torch.eye(kw, dtype=torch.float64)
-        # B[(c, i, j'), (t, j)] = V[(c, i), t] * delta(j', j): the vertical outputs read at each column offset.
-        basis = torch.einsum("gxt,ab->gxatb", vertical, eye).reshape(g, d, rank * kw)
-        horizontal = least_squares_refit(self.weight, self.sigma_damped, basis)  # (g, O, r*kw)
+        basis = self.basis_all[:, :, : rank * kw]
+        sigma_b = self.sigma_basis_all[:, :, : rank * kw]
+        gram = basis.transpose(1, 2) @ sigma_b
+        horizontal = torch.linalg.solve(gram, (self.weight @ sigma_b).transpose(1, 2)).transpose(1, 2)
         dense = horizontal @ basis.transpose(1, 2)
         # (g, C*kh, r) -> (g, r, C, kh) -> (g*r, C, kh[, 1])
         vertical_w = vertical.reshape(g, c, kh, rank).permute(0, 3, 1, 2).reshape(g * rank, c, kh)
@@ -208,7 +219,7 @@ class _SpatialSVDFactorizer(LayerFactorizer):
 class _Tucker2Factorizer(LayerFactorizer):
     method_name = "tucker2"
 
-    def __init__(self, layer: nn.Module, sigma: torch.Tensor, damping: float = DEFAULT_DAMPING,
+    def __init__(self, layer: nn.Module, sigma: torch.Tensor | Covariance, damping: float = DEFAULT_DAMPING,
                  weight: torch.Tensor | None = None):
         super().__init__(layer, sigma, damping, weight)
         g, o, d = self.weight.shape
@@ -216,15 +227,13 @@ class _Tucker2Factorizer(LayerFactorizer):
         k = d // i
         self.kernel_volume = k
         # Input-channel covariance: mean over kernel offsets of the diagonal (k, k) blocks of Sigma.
-        sigma_c = self.sigma_damped.reshape(g, i, k, i, k).diagonal(dim1=2, dim2=4).mean(dim=-1)
-        factor = _cholesky(sigma_c)  # L, (g, I, I)
-        whitened = torch.einsum("goik,gij->gjok", self.weight.reshape(g, o, i, k), factor)  # (g, I, O, K)
-        mode1 = whitened.reshape(g, i, o * k)
-        _, u_in = torch.linalg.eigh(mode1 @ mode1.transpose(1, 2))  # ascending eigenvalues
+        self.sigma_c = self.sigma_damped.channel(k)
+        # Whitened input unfolding: rows (o, k), columns the channels times L.
+        whitened = self.sigma_c.sqrt_right(self.weight.reshape(g, o, i, k).transpose(2, 3).reshape(g, o * k, i))
+        _, u_in = torch.linalg.eigh(whitened.transpose(1, 2) @ whitened)  # ascending eigenvalues
         self.u_in = u_in.flip(-1)  # (g, I, I), leading first
-        self.factor = factor
         # Output projection: principal directions of the layer's output on the data.
-        _, u_out = torch.linalg.eigh(self.weight @ self.sigma_damped @ self.weight.transpose(1, 2))
+        _, u_out = torch.linalg.eigh(self.sigma_damped.right(self.weight) @ self.weight.transpose(1, 2))
         self.u_out = u_out.flip(-1)  # (g, O, O)
 
     def factors(self, rank: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -232,15 +241,13 @@ class _Tucker2Factorizer(LayerFactorizer):
         g, o, d = self.weight.shape
         k = self.kernel_volume
         i = d // k
-        # project_in P = U_in~^T L^{-1}: solve P L = U_in~^T.
-        project_in = torch.linalg.solve_triangular(self.factor, self.u_in[:, :, :r_in].transpose(1, 2),
-                                                   upper=False, left=False)  # (g, r_in, I)
-        eye = torch.eye(k, dtype=torch.float64)
-        # B[(i, k'), (s, k)] = P[s, i] * delta(k', k): the projected channels at each kernel offset.
-        basis = torch.einsum("gsi,ab->giasb", project_in, eye).reshape(g, d, r_in * k)
+        # project_in P = U_in~^T L^{-1}.
+        project_in = self.sigma_c.sqrt_right_solve(self.u_in[:, :, :r_in].transpose(1, 2))  # (g, r_in, I)
         u_out = self.u_out[:, :, :r_out]  # (g, O, r_out)
-        core = least_squares_refit(u_out.transpose(1, 2) @ self.weight, self.sigma_damped, basis)
-        dense = u_out @ core @ basis.transpose(1, 2)
+        # The core refit on the basis P^T (x) I_K (the projected channels at each kernel offset).
+        core = self.sigma_damped.channel_refit(u_out.transpose(1, 2) @ self.weight, project_in, k)
+        expanded = torch.einsum("gosk,gsi->goik", core.reshape(g, r_out, r_in, k), project_in)
+        dense = u_out @ expanded.reshape(g, r_out, d)
         kernel = self.geometry.kernel
         ones = (1,) * len(kernel)
         stages = (project_in.reshape(g * r_in, i, *ones), core.reshape(g * r_out, r_in, *kernel),
@@ -255,14 +262,15 @@ _FACTORIZERS: dict[str, type[LayerFactorizer]] = {
 }
 
 
-def layer_factorizer(method_name: str, layer: nn.Module, sigma: torch.Tensor, damping: float = DEFAULT_DAMPING,
-                     weight: torch.Tensor | None = None) -> LayerFactorizer | None:
+def layer_factorizer(method_name: str, layer: nn.Module, sigma: torch.Tensor | Covariance,
+                     damping: float = DEFAULT_DAMPING, weight: torch.Tensor | None = None) -> LayerFactorizer | None:
     """The data-aware factorizer of ``method_name`` for ``layer``, or None if the method has none."""
     cls = _FACTORIZERS.get(method_name)
     return None if cls is None else cls(layer, sigma, damping, weight)
 
 
-def corrected_weight(weight: torch.Tensor, sigma: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
+def corrected_weight(weight: torch.Tensor, sigma: torch.Tensor | Covariance, cross: torch.Tensor | Covariance,
+                     damping: float) -> torch.Tensor:
     """The weight that best maps the inputs a layer now gets to the outputs it gave on the original inputs.
 
     Minimizes E||W p_r - W' p_w||^2 + lam ||W' - W||^2 (p_r: original patches, p_w: the patches after the
@@ -271,11 +279,14 @@ def corrected_weight(weight: torch.Tensor, sigma: torch.Tensor, cross: torch.Ten
     when the inputs are unchanged (cross = Sigma), so exactness at full rank is kept.
 
     Args:
-        weight: (g, O, D). sigma, cross: (g, D, D).
+        weight: (g, O, D). sigma, cross: (g, D, D) tensors or ``Covariance``s of one form.
     Returns:
         (g, O, D) float64.
     """
     weight = weight.to(torch.float64)
-    mismatch = weight @ (cross.transpose(1, 2) - sigma)  # (g, O, D)
-    correction = torch.linalg.solve(damped(sigma, damping), mismatch.transpose(1, 2)).transpose(1, 2)
-    return weight + correction
+    sigma, cross = as_covariance(sigma), as_covariance(cross)
+    if isinstance(sigma, FullCovariance) and isinstance(cross, FullCovariance):
+        mismatch = weight @ (cross.sigma.transpose(1, 2) - sigma.sigma)  # (g, O, D)
+    else:
+        mismatch = cross.transposed().right(weight) - sigma.right(weight)
+    return weight + sigma.damped(damping).solve_right(mismatch)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .calibration import DEFAULT_MAX_ROWS, DEFAULT_MAX_SAMPLES
+from .calibration import DEFAULT_MAX_ROWS, DEFAULT_MAX_SAMPLES, DEFAULT_MEMORY_BUDGET
 from .candidates import FRACTION_GRID
 from .data_aware import DEFAULT_DAMPING
 
@@ -38,6 +38,9 @@ class AutoOptions:
         fidelity_rounds: bisection steps over the budget that hold a policy's fidelity bound.
         speed_check: under a MACs/params target, time each chosen replacement against its layer and
             prefer a similar option that runs faster (``convfactor.auto.slow_forms``).
+        memory_budget: bytes the calibration statistics and one layer's fit may use (default 1 GiB): a
+            layer whose full D x D patch covariance does not fit gets a Kronecker-factored or diagonal
+            statistic instead (reported under ``statistics``); more budget keeps more layers full.
     """
 
     fractions: tuple[float, ...] = FRACTION_GRID
@@ -54,3 +57,4 @@ class AutoOptions:
     fidelity_samples: int = 256
     fidelity_rounds: int = 7
     speed_check: bool = True
+    memory_budget: float = DEFAULT_MEMORY_BUDGET

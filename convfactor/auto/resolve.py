@@ -41,6 +41,7 @@ from ..geometry import layer_kind
 from ..methods import available_methods, get_method
 from ..methods.base import FactorizationMethod, FactorizedLayer, Rank
 from ..policy import AUTO, SKIP, Fidelity, Policy, Rule
+from ..progress import track
 from .allocate import InfeasibleBudget, allocate
 from .calibration import (
     calibration_batches,
@@ -49,7 +50,7 @@ from .calibration import (
     layer_statistics,
     paired_statistics,
 )
-from .candidates import Option, WeightErrors, rank_grid, rank_to_json, replacement_costs
+from .candidates import Option, WeightErrors, grouped_bound, rank_grid, rank_to_json, replacement_costs
 from .data_aware import corrected_weight, grouped_weight, layer_factorizer, output_error2
 from .latency import LatencyModel
 from .options import SLOW_METHODS, AutoOptions
@@ -104,6 +105,7 @@ class _LayerPlan:
     sensitivity: float = 1.0
     chosen: Option | None = None
     decision: str | None = None  # why the chosen option was chosen / the layer was left
+    probe: nn.Module | None = None  # the replacement probed for the sensitivity (calibration data only)
 
     @property
     def open(self) -> bool:
@@ -188,7 +190,8 @@ def resolve_policy(
     stats = None
     if batches is not None:
         layers = {p.name: p.layer for p in plans if p.open}
-        stats = layer_statistics(root, layers, batches, opts.max_rows, opts.seed) if layers else {}
+        stats = layer_statistics(root, layers, batches, opts.max_rows, opts.seed, opts.memory_budget,
+                                 progress) if layers else {}
     model = None
     if timed:
         model = latency_model or LatencyModel(latency)
@@ -203,6 +206,10 @@ def resolve_policy(
         "notes": notes,
         "warnings": [],
     }
+    if stats:
+        reduced = {name: st.covariance.describe() for name, st in stats.items() if st.covariance.kind != "full"}
+        if reduced:
+            info["statistics"] = {"memory_budget": int(opts.memory_budget), "layers": reduced}
     prebuilt: dict[str, FactorizedLayer] = {}
     factorizers: dict[tuple[str, str], Any] = {}
 
@@ -210,9 +217,10 @@ def resolve_policy(
     kind = None
     if target is not None or bound is not None:
         kind, fraction = target if target is not None else ("macs" if inputs is not None else "params", None)
-        _build_options(plans, kind, opts, stats, factorizers, model, progress)
+        _build_options(plans, kind, opts, stats, factorizers, model, progress,
+                       probe=batches is not None and opts.sensitivity)
         if batches is not None and opts.sensitivity:
-            _measure_sensitivities(root, plans, kind, stats, factorizers, batches, opts)
+            _measure_sensitivities(root, plans, kind, stats, factorizers, batches, opts, progress)
         for plan in open_plans:
             for option in plan.options:
                 option.loss = plan.sensitivity * option.error2
@@ -235,7 +243,10 @@ def resolve_policy(
             notes.append(f"speed check of the chosen forms skipped: {type(exc).__name__}: {exc}")
 
     if batches is not None and opts.sequential:
-        _build_prebuilt_sequentially(root, plans, batches, inputs, opts, prebuilt)
+        forms = {name: st.covariance.kind for name, st in stats.items()}
+        stats = None  # the refit collects its own statistics, layer by layer
+        factorizers.clear()
+        _build_prebuilt_sequentially(root, plans, batches, inputs, opts, prebuilt, forms, progress)
         info["selection"] += "; factors refit sequentially on the partially factorized network's activations"
     else:
         _build_prebuilt(plans, stats, factorizers, opts, prebuilt)
@@ -348,10 +359,15 @@ def _error_function(plan: _LayerPlan, method: FactorizationMethod, stats: Any, f
         return factorizer.error2
     groups = plan.layer.groups if hasattr(plan.layer, "groups") else 1
     weight = grouped_weight(plan.layer.weight, groups)
+    bound = grouped_bound(method, plan.layer)
 
     def error2(rank: Rank) -> float:
-        approx = grouped_weight(method.decompose(plan.layer, rank).dense_weight(), groups)
-        return output_error2(weight, approx, sigma)
+        if bound is not None:  # a large grouped layer: the index-order grouping (refined once if chosen)
+            full = (plan.layer.in_channels, plan.layer.out_channels)
+            dense = bound.dense((rank, *full) if isinstance(rank, int) else tuple(rank))
+        else:
+            dense = method.decompose(plan.layer, rank).dense_weight()
+        return output_error2(weight, grouped_weight(dense, groups), sigma)
 
     return error2
 
@@ -366,10 +382,12 @@ def _spread(options: list[Option], count: int) -> list[Option]:
 
 
 def _build_options(plans: list[_LayerPlan], kind: str, opts: AutoOptions, stats: Any, factorizers: dict,
-                   model: LatencyModel | None, progress: bool) -> None:
+                   model: LatencyModel | None, progress: bool, probe: bool = False) -> None:
+    """Candidates of every open layer with cost and error2; with ``probe``, also each layer's sensitivity
+    probe. A layer's data-aware factorizers are dropped once it is scored (memory stays per layer)."""
     timed = kind == "latency"
     todo = [p for p in plans if p.open]
-    for plan in _progress(todo, progress, "candidates"):
+    for plan in track(todo, progress, "candidates"):
         filter_kind = "macs" if timed or kind == "macs" else "params"
         original_cost = plan.original.cost(filter_kind)
         by_method: dict[str, list[Option]] = {}
@@ -408,14 +426,16 @@ def _build_options(plans: list[_LayerPlan], kind: str, opts: AutoOptions, stats:
         if not plan.options:
             plan.decision = ("no replacement measured faster than the original layer" if timed
                              else f"no candidate costs fewer {filter_kind} than the original layer")
+        elif probe:
+            plan.probe = _candidate_module(plan, _probe_option(plan, kind), factorizers)
+        for key in [k for k in factorizers if k[0] == plan.name]:
+            del factorizers[key]
 
 
-def _progress(items: list, progress: bool, desc: str):
-    if not progress or not items:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="layer", leave=False)
+def _probe_option(plan: _LayerPlan, kind: str) -> Option:
+    """The candidate nearest half the original cost (the sensitivity probe)."""
+    half = plan.original.cost(kind) / 2
+    return min(plan.options, key=lambda o: (abs(o.cost(kind) - half), o.error2))
 
 
 def _candidate_module(plan: _LayerPlan, option: Option, factorizers: dict) -> FactorizedLayer:
@@ -426,15 +446,15 @@ def _candidate_module(plan: _LayerPlan, option: Option, factorizers: dict) -> Fa
 
 
 def _measure_sensitivities(root: nn.Module, plans: list[_LayerPlan], kind: str, stats: Any, factorizers: dict,
-                           batches: list, opts: AutoOptions) -> None:
+                           batches: list, opts: AutoOptions, progress: bool = False) -> None:
     """Probe each layer with its candidate nearest half the original cost; sensitivity = output/layer error."""
     probes, layers = {}, {}
     for plan in plans:
         if not plan.options:
             continue
-        half = plan.original.cost(kind) / 2
-        option = min(plan.options, key=lambda o: (abs(o.cost(kind) - half), o.error2))
-        probes[plan.name] = _candidate_module(plan, option, factorizers)
+        probes[plan.name] = plan.probe if plan.probe is not None else \
+            _candidate_module(plan, _probe_option(plan, kind), factorizers)
+        plan.probe = None
         layers[plan.name] = plan.layer
     subset, count = [], 0
     for batch in batches:
@@ -443,7 +463,7 @@ def _measure_sensitivities(root: nn.Module, plans: list[_LayerPlan], kind: str, 
         take = min(len(batch[0]), opts.sensitivity_samples - count)
         subset.append(tuple(t[:take] for t in batch))
         count += take
-    measured = layer_sensitivities(root, layers, probes, subset)
+    measured = layer_sensitivities(root, layers, probes, subset, progress)
     positive = sorted(m["sensitivity"] for m in measured.values() if m["sensitivity"] > 0)
     fallback = positive[len(positive) // 2] if positive else 1.0
     for plan in plans:
@@ -637,7 +657,7 @@ def _rule_rank(plan: _LayerPlan, method: FactorizationMethod) -> Rank:
 
 def _choose_fastest(plans: list[_LayerPlan], opts: AutoOptions, stats: Any, factorizers: dict,
                     model: LatencyModel | None, progress: bool) -> None:
-    for plan in _progress([p for p in plans if p.open], progress, "methods"):
+    for plan in track([p for p in plans if p.open], progress, "methods"):
         rule = plan.rule
         if rule.method != AUTO:
             try:
@@ -714,7 +734,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _build_prebuilt_sequentially(root: nn.Module, plans: list[_LayerPlan], batches: list, inputs: tuple,
-                                 opts: AutoOptions, prebuilt: dict[str, FactorizedLayer]) -> None:
+                                 opts: AutoOptions, prebuilt: dict[str, FactorizedLayer],
+                                 forms: dict[str, str] | None = None, progress: bool = False) -> None:
     """Factorize the chosen layers in execution order, each fitted on the inputs the network now gives it.
 
     A working copy of ``root`` receives every replacement as it is made; the next layer's target is the
@@ -725,10 +746,11 @@ def _build_prebuilt_sequentially(root: nn.Module, plans: list[_LayerPlan], batch
     if not chosen:
         return
     work = copy.deepcopy(root)
-    for name in execution_order(root, list(chosen), inputs):
+    for name in track(execution_order(root, list(chosen), inputs), progress, "refit"):
         plan = chosen[name]
         option = plan.chosen
-        sigma, cross = paired_statistics(root, work, name, batches, opts.max_rows, opts.seed)
+        form = (forms or {}).get(name, "full")
+        sigma, cross = paired_statistics(root, work, name, batches, opts.max_rows, opts.seed, form)
         groups = getattr(plan.layer, "groups", 1)
         weight = corrected_weight(grouped_weight(plan.layer.weight, groups), sigma, cross, opts.damping)
         factorizer = layer_factorizer(option.method, plan.layer, sigma, opts.damping, weight=weight)

