@@ -41,6 +41,7 @@ MUST_SUPPORT = {
     "cp": _kxk_ungrouped_zero_padded,
     "depthwise": _kxk_ungrouped_zero_padded,
     "grouped": _kxk_ungrouped_zero_padded,
+    "channel_svd": lambda case: _dense_conv(case) and case.kernel_volume > 1,
 }
 
 
