@@ -43,7 +43,7 @@ __all__ = [
     "grouped_weight",
 ]
 
-DATA_AWARE_METHODS = ("svd", "spatial_svd", "tucker2", "channel_svd")
+DATA_AWARE_METHODS = ("svd", "spatial_svd", "tucker2", "channel_svd", "shift")
 # Ridge added to Sigma, relative to its mean diagonal (as in GPTQ's 1% dampening): keeps the whitening
 # well conditioned and lets low-variance directions fall back towards plain weight fitting.
 DEFAULT_DAMPING = 1e-2
@@ -259,6 +259,10 @@ _FACTORIZERS: dict[str, type[LayerFactorizer]] = {
     "tucker2": _Tucker2Factorizer,
     "channel_svd": _ChannelSVDFactorizer,
 }
+# shift and dictionary (a fixed basis of the patch space, the 1x1 stage refit): in their own file.
+from .data_aware_taps import EXTRA_FACTORIZERS  # noqa: E402
+
+_FACTORIZERS.update(EXTRA_FACTORIZERS)
 
 
 def layer_factorizer(method_name: str, layer: nn.Module, sigma: torch.Tensor, damping: float = DEFAULT_DAMPING,
