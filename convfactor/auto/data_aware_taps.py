@@ -3,17 +3,20 @@ taps each input channel keeps) and dictionary (which atoms every kernel is writt
 
 Both replace W (g, O, D) by X B^T with a fixed basis B (D, q) of the patch space: for shift, B selects
 the kept (channel, tap) entries; for dictionary, B[(c, t), (c', j)] = delta(c, c') V[j, t] with V the
-atoms. Given B, the output error E||(W - X B^T) p||^2 over the calibration patches p is least squares in
-X (``least_squares_refit``): the 1x1 stage is refit to the data. Shift's taps are chosen by the output
-energy they carry on the data, sum_o W[o, c, t]^2 * E[p_(c,t)^2]. Exact at full rank (B square, invertible).
+atoms (learned from the weight). Given B, the output error E||(W - X B^T) p||^2 over the calibration
+patches p is least squares in X (``least_squares_refit``): the 1x1 stage is refit to the data.
+Shift's taps are chosen by the output energy they carry on the data, sum_o W[o, c, t]^2 * E[p_(c,t)^2].
+Exact at full rank (B square, invertible).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..methods import get_method
 from ..methods._stages import set_weight
 from ..methods.base import FactorizedLayer
+from ..methods.dictionary import learn_dictionary
 from ..methods.shift import ShiftConv, shift_pairs, top_taps
 from .data_aware import LayerFactorizer, least_squares_refit
 
@@ -46,4 +49,30 @@ class _ShiftFactorizer(LayerFactorizer):
         return module
 
 
-EXTRA_FACTORIZERS: dict[str, type[LayerFactorizer]] = {"shift": _ShiftFactorizer}
+class _DictionaryFactorizer(LayerFactorizer):
+    """Atoms learned from the (possibly corrected) weight; the code refit by least squares on the data.
+
+    The refit code is dense: the zeros an ``alpha`` > 0 gave are not kept (a support-preserving refit
+    is one solve per output channel).
+    """
+
+    method_name = "dictionary"
+
+    def factors(self, rank: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        g, o, d = self.weight.shape
+        channels = self.geometry.in_channels // g
+        taps = d // channels
+        _, atoms = learn_dictionary(self.weight.reshape(-1, taps).cpu().numpy(), rank,
+                                    get_method("dictionary").alpha)
+        atoms_t = torch.from_numpy(atoms).to(torch.float64)  # (K, T)
+        eye = torch.eye(channels, dtype=torch.float64)
+        # B[(c, t), (c', j)] = delta(c, c') V[j, t]: input channel c convolved with atom j.
+        basis = torch.einsum("ab,jt->atbj", eye, atoms_t).reshape(1, d, channels * rank).expand(g, -1, -1)
+        code = least_squares_refit(self.weight, self.sigma_damped, basis)  # (g, O, C*K)
+        kernel = self.geometry.kernel
+        depthwise = atoms_t.reshape(1, rank, *kernel).expand(g * channels, -1, *kernel).reshape(-1, 1, *kernel)
+        stages = (depthwise, code.reshape(g * o, channels * rank, *((1,) * len(kernel))))
+        return stages, code @ basis.transpose(1, 2)
+
+
+EXTRA_FACTORIZERS: dict[str, type[LayerFactorizer]] = {"shift": _ShiftFactorizer, "dictionary": _DictionaryFactorizer}

@@ -30,5 +30,5 @@ for _name in BUILTIN_METHODS:
             raise
 
 # The course's other compressions (channel SVD, shift + pointwise, kernel dictionary).
-for _name in ("channel_svd", "shift"):
+for _name in ("channel_svd", "shift", "dictionary"):
     _importlib.import_module(f"{__name__}.{_name}")
