@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import RankError
 from ..geometry import LayerGeometry
 from ._stages import pointwise, set_weight
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
@@ -200,17 +200,11 @@ class Shift(FactorizationMethod):
     def full_rank(self, layer: nn.Module) -> int:
         return LayerGeometry.of(layer).kernel_volume
 
-    def rank_from_energy(self, layer: nn.Module, energy: float) -> int:
-        """The smallest m whose kept taps hold ``energy`` of the kernel's squared weights."""
-        score = tap_energy(layer.weight)
-        total = float(score.sum())
-        kept = torch.sort(score, dim=1, descending=True).values.cumsum(dim=1).sum(dim=0)
-        if total == 0:
-            return 1
-        for m in range(1, score.shape[1] + 1):
-            if float(kept[m - 1]) >= energy * total * (1 - 1e-12):
-                return m
-        raise RankError(f"{self.name}: energy {energy} not reached")  # unreachable: m = T keeps all
+    def spectra(self, layer: nn.Module) -> list[np.ndarray]:
+        """sqrt of sum_c (the m-th largest tap energy of channel c), m = 1..T: decreasing, and its first m
+        squares sum to the kernel energy m taps per channel keep (so ``energy`` picks m exactly)."""
+        sorted_energy = torch.sort(tap_energy(layer.weight), dim=1, descending=True).values
+        return [sorted_energy.sum(dim=0).sqrt().cpu().numpy()]
 
     def decompose(self, layer: nn.Module, rank: int, taps: list[list[int]] | None = None) -> ShiftConv:
         taps = top_taps(tap_energy(layer.weight), rank) if taps is None else taps
