@@ -38,6 +38,9 @@ _LAZY = {
     "resolve_policy": "auto",
     "AutoOptions": "auto",
     "LatencyOptions": "auto",
+    "share_weights": "share",
+    "sharing_report": "share",
+    "export_shared_onnx": "share_onnx",
 }
 
 __all__ = [

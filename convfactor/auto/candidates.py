@@ -43,7 +43,7 @@ __all__ = [
 # Fractions of the full rank tried per method: finer where compression is strong (where budgets bite).
 FRACTION_GRID = (1 / 32, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 7 / 16, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 # Methods whose decomposition is a truncated SVD of a reshaped weight: their error is 1 - kept energy.
-SPECTRAL_METHODS = ("spatial_svd", "svd", "depthwise")
+SPECTRAL_METHODS = ("spatial_svd", "svd", "depthwise", "channel_svd")
 # Grouped layers with at most this many weights are scored by their real decomposition (grouping search
 # and refinement per rank: well under a second each at 64x64x3x3); larger ones by ``GroupedBound``.
 GROUPED_EXACT_WEIGHTS = 1 << 17

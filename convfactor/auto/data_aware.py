@@ -46,7 +46,7 @@ __all__ = [
     "grouped_weight",
 ]
 
-DATA_AWARE_METHODS = ("svd", "spatial_svd", "tucker2")
+DATA_AWARE_METHODS = ("svd", "spatial_svd", "tucker2", "channel_svd", "shift", "dictionary")
 # Ridge added to Sigma, relative to its mean diagonal (as in GPTQ's 1% dampening): keeps the whitening
 # well conditioned and lets low-variance directions fall back towards plain weight fitting.
 DEFAULT_DAMPING = 1e-2
@@ -167,6 +167,11 @@ class _SVDFactorizer(LayerFactorizer):
         return (first.reshape(g * rank, d), second.reshape(g * o, rank)), second @ first
 
 
+class _ChannelSVDFactorizer(_SVDFactorizer):
+    # The same whitened SVD of W as (C_out, D): channel_svd's first stage is the k x k conv.
+    method_name = "channel_svd"
+
+
 class _SpatialSVDFactorizer(LayerFactorizer):
     method_name = "spatial_svd"
 
@@ -259,7 +264,12 @@ _FACTORIZERS: dict[str, type[LayerFactorizer]] = {
     "svd": _SVDFactorizer,
     "spatial_svd": _SpatialSVDFactorizer,
     "tucker2": _Tucker2Factorizer,
+    "channel_svd": _ChannelSVDFactorizer,
 }
+# shift and dictionary (a fixed basis of the patch space, the 1x1 stage refit): in their own file.
+from .data_aware_taps import EXTRA_FACTORIZERS  # noqa: E402
+
+_FACTORIZERS.update(EXTRA_FACTORIZERS)
 
 
 def layer_factorizer(method_name: str, layer: nn.Module, sigma: torch.Tensor | Covariance,

@@ -8,12 +8,17 @@ from .calibration import DEFAULT_MAX_ROWS, DEFAULT_MAX_SAMPLES, DEFAULT_MEMORY_B
 from .candidates import FRACTION_GRID
 from .data_aware import DEFAULT_DAMPING
 
-__all__ = ["AutoOptions", "SLOW_METHODS"]
+__all__ = ["AutoOptions", "SLOW_METHODS", "OPT_IN_METHODS"]
 
 # Excluded from ``method: auto`` unless listed in ``auto_methods``: CP's ALS takes seconds per rank on a
 # 64-channel 3x3 layer (136 s for a 14-rank grid measured on 2 cores), too slow to evaluate a grid of
 # candidates per layer. A rule naming ``method: cp`` still gets its ranks allocated.
 SLOW_METHODS = ("cp",)
+# Also left out of ``method: auto`` unless listed in ``auto_methods`` (so the automatic policy's measured
+# results stay what they were): channel_svd costs more MACs per rank than spatial_svd on a k x k conv
+# (r*(C_in*k_h*k_w + C_out) against r*(C_in*k_h + C_out*k_w)), shift keeps whole taps (its error is coarse
+# and its shift stage is memory traffic), and dictionary learning takes seconds per rank.
+OPT_IN_METHODS = ("channel_svd", "shift", "dictionary")
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,8 @@ class AutoOptions:
 
     Attributes:
         fractions: fractions of each method's full rank tried per layer.
-        auto_methods: methods ``method: auto`` may choose; None: every registered method but SLOW_METHODS.
+        auto_methods: methods ``method: auto`` may choose; None: every registered method but SLOW_METHODS
+            and OPT_IN_METHODS.
         vbmf: add each layer's VBMF rank estimate to the grid (spatial_svd, svd, tucker2).
         max_samples: calibration samples used at most.
         max_rows: input patches per layer used for its covariance at most.

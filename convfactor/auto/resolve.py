@@ -53,7 +53,7 @@ from .calibration import (
 from .candidates import Option, WeightErrors, grouped_bound, rank_grid, rank_to_json, replacement_costs
 from .data_aware import corrected_weight, grouped_weight, layer_factorizer, output_error2
 from .latency import LatencyModel
-from .options import SLOW_METHODS, AutoOptions
+from .options import OPT_IN_METHODS, SLOW_METHODS, AutoOptions
 from .slow_forms import prefer_fast_forms
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
 from .verify import OutputChecker, Probe, SpeedMeter, failures, progress_line, say, search_budget
@@ -284,7 +284,7 @@ def resolve_policy(
 def _auto_methods(opts: AutoOptions) -> list[str]:
     if opts.auto_methods is not None:
         return list(opts.auto_methods)
-    return [m for m in available_methods() if m not in SLOW_METHODS]
+    return [m for m in available_methods() if m not in SLOW_METHODS + OPT_IN_METHODS]
 
 
 def _plan_layers(root: nn.Module, policy: Policy, opts: AutoOptions) -> list[_LayerPlan]:

@@ -1,0 +1,101 @@
+"""k-means weight sharing: codebooks per layer, the elbow rule, the packed ONNX file and the score."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import convfactor
+from convfactor.errors import ConvfactorError
+from convfactor.share import elbow_clusters, kmeans_1d, share_weights, sharing_report
+from convfactor.share_onnx import export_shared_onnx, pack_codebooks
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+
+
+def test_each_layer_keeps_at_most_2_to_the_bits_values_and_the_original_is_untouched() -> None:
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    errors = {}
+    for bits in (2, 4, 8):
+        shared = share_weights(model, bits=bits)
+        report = sharing_report(shared)
+        assert [layer.name for layer in report.layers] == ["0", "2", "6"]
+        for layer in report.layers:
+            weight = shared.get_submodule(layer.name).weight
+            assert len(torch.unique(weight)) == layer.clusters <= 2**bits and layer.bits <= bits
+        for name in ("0.bias", "2.bias", "6.bias"):  # biases are not shared
+            assert torch.equal(shared.state_dict()[name], before[name])
+        errors[bits] = max(layer.weight_error for layer in report.layers)
+    assert errors[8] < errors[4] < errors[2] < 1
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_kmeans_finds_separated_clusters_and_is_exact_on_few_values() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.array([-1.0, -0.2, 0.3, 2.0])
+    values = rng.choice(centres, 5000) + 0.001 * rng.standard_normal(5000)
+    centroids, labels = kmeans_1d(values, 4)
+    assert np.allclose(centroids, centres, atol=1e-3)
+    assert np.abs(values - centroids[labels]).max() <= 0.01
+    few = np.array([0.5, -1.0, 0.5, 3.0])
+    centroids, labels = kmeans_1d(few, 16)
+    assert np.array_equal(centroids[labels], few)
+
+
+def test_elbow_picks_the_number_of_clusters_the_data_has() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.choice(np.linspace(-1, 1, 8), 20000) + 1e-4 * rng.standard_normal(20000)
+    assert elbow_clusters(values) == 8
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"bits": 4, "clusters": 16}, {"bits": 0}, {"bits": 9},
+                                    {"clusters": 1}, {"clusters": 300}, {"bits": 2.5}])
+def test_bad_arguments_are_one_line_errors(kwargs) -> None:
+    with pytest.raises(ConvfactorError) as info:
+        share_weights(_model(), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_packed_onnx_is_smaller_and_runs_the_same(tmp_path) -> None:
+    shared = share_weights(_model(), bits=4)
+    x = torch.randn(2, 3, 8, 8)
+    result, packed = export_shared_onnx(shared, x, tmp_path / "shared.onnx", exporter="torchscript")
+    assert len(packed.packed) == 3 and packed.size_after == result.path.stat().st_size
+    # 16*3*9 + 16*16*9 + 10*16 weights: 4 bytes each before, 1 byte (+ a 16-entry codebook) after.
+    assert packed.size_before - packed.size_after >= 3 * (16 * 3 * 9 + 16 * 16 * 9 + 10 * 16) - 3 * 16 * 4 - 2000
+    proto = onnx.load(str(result.path))
+    onnx.checker.check_model(proto, full_check=True)
+    names = {t.name for t in proto.graph.initializer}
+    assert all({f"{n}__codebook", f"{n}__indices"} <= names and n not in names for n in packed.packed)
+    assert sum(node.op_type == "Gather" for node in proto.graph.node) == 3
+    assert {t.data_type for t in proto.graph.initializer if t.name.endswith("__indices")} == {onnx.TensorProto.UINT8}
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = shared(x).numpy()
+    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+    # Packing an unshared model's file changes nothing (no initializer has few values).
+    plain = convfactor.export_onnx(_model(), x, tmp_path / "plain.onnx", exporter="torchscript")
+    assert pack_codebooks(plain.path, tmp_path / "plain_packed.onnx").packed == []
+
+
+def test_score_counts_the_index_bits() -> None:
+    model = _model()
+    shared = share_weights(model, bits=4)
+    report = sharing_report(shared)
+    params = sum(p.numel() for p in model.parameters())
+    shared_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    expected_bits = (shared_params * 4 + 3 * 16 * 32 + (params - shared_params) * 32) / params
+    assert report.weight_bits() == pytest.approx(expected_bits, rel=1e-12)
+    score = report.score(macs=1000)
+    assert score.params_term == pytest.approx(expected_bits / 32 * params / 5.6e6, rel=1e-12)
+    assert score.score < convfactor.challenge_score(params, 1000).score
