@@ -139,4 +139,5 @@ def spec(quick: bool = False) -> dict:
         "metric_key": "rpa50", "higher_is_better": True,
         "metric_desc": "raw pitch accuracy within 50 cents (median abs. cents error)",
         "input_shape": (1, WINDOW), "capture": {},
+        "capture_fallback": {"concrete_args": {"embed": False}},
     }

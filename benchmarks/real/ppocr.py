@@ -87,4 +87,5 @@ def spec(quick: bool = False) -> dict:
         "metric_key": "cer", "higher_is_better": False,
         "metric_desc": "character error rate (exact-line accuracy)",
         "input_shape": (1, 3, HEIGHT, WIDTH), "capture": {},
+        "capture_fallback": {"trace": False},
     }
