@@ -28,9 +28,10 @@ CENTS_PER_BIN = 20
 class Crepe(nn.Module):
     """torchcrepe.model.Crepe, layer for layer (same state_dict keys)."""
 
-    def __init__(self, capacity: str = "full"):
+    def __init__(self, capacity: str = "full", widths: list[int] | None = None):
         super().__init__()
-        widths = {"full": [1024, 128, 128, 128, 256, 512], "tiny": [128, 16, 16, 16, 32, 64]}[capacity]
+        if widths is None:  # other widths: same kernels and strides, for small stand-ins in tests
+            widths = {"full": [1024, 128, 128, 128, 256, 512], "tiny": [128, 16, 16, 16, 32, 64]}[capacity]
         self.in_features = widths[-1] * 4
         ins = [1] + widths[:-1]
         bn = functools.partial(nn.BatchNorm2d, eps=0.0010000000474974513, momentum=0.0)
