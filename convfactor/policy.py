@@ -202,12 +202,11 @@ class Policy:
         return cls.from_dict(data)
 
     @classmethod
-    def from_yaml(cls, text: str) -> Policy:
+    def from_yaml(cls, text: str, *, source: str = "policy") -> Policy:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise PolicyError(f"policy is not valid YAML: {first_line}") from None
+            raise PolicyError(f"{source} is not valid YAML: {_yaml_error(exc)}") from None
         if data is None:
             raise PolicyError("policy file is empty")
         return cls.from_dict(data)
@@ -223,12 +222,25 @@ class Policy:
             raise PolicyError(f"cannot read policy file {path}: {exc}") from None
         if path.suffix.lower() == ".json":
             return cls.from_json(text)
-        return cls.from_yaml(text)  # YAML is a superset of JSON, so any other suffix reads too
+        return cls.from_yaml(text, source=f"policy file {path}")  # YAML is a superset of JSON: any suffix reads
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
         text = self.to_json() + "\n" if path.suffix.lower() == ".json" else self.to_yaml()
         path.write_text(text)
+
+
+def _yaml_error(exc: Exception) -> str:
+    """PyYAML's problem with its line and column (1-based) and what it was parsing, on one line."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not problem or mark is None:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+    message = f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        message += f" ({context} from line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return message
 
 
 def _looks_like_path(text: str) -> bool:

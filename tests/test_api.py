@@ -35,8 +35,6 @@ def test_policy_forms_give_the_same_result(resnet, tmp_path, form):
 
 @pytest.mark.parametrize("method", ["spatial_svd", "tucker2", "cp", "grouped", "depthwise"])
 def test_full_rank_resnet_every_conv_replaced_output_within_1e5(resnet, method):
-    if method not in convfactor.available_methods():
-        pytest.skip(f"{method} not registered")
     out = convfactor.factorize(resnet, {"rules": [{"types": ["Conv2d"], "method": method, "rank": 1.0}]}, X)
     report = convfactor.get_report(out)
     convs = {n for n, m in resnet.named_modules() if isinstance(m, nn.Conv2d)}

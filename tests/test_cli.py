@@ -261,7 +261,8 @@ def _bad_cases():
                                    ["{ckpt}", "--arch", ARCH, "--policy", "{tmp}/p.yaml"], "matches no layer"),
         "rank too large": (none, ["{ckpt}", "--arch", ARCH, "--policy", "spatial_svd:500"], "out of range"),
         "input shape does not fit": (none, ["{ckpt}", "--arch", ARCH, "--policy", "svd", "--input-shape", "1,5,8,8"],
-                                     "input shape 1,5,8,8 does not fit the model: RuntimeError"),
+                                     "input shape 1,5,8,8 does not fit the model: its first layer conv1 "
+                                     r"\(Conv2d\) takes 3 input channels, the shape gives 5"),
         "input shape malformed": (none, ["{ckpt}", "--arch", ARCH, "--policy", "svd", "--input-shape", "1,3,x"],
                                   "--input-shape must be positive integers"),
         "untraceable": (write("gated.pt", gated), ["{tmp}/gated.pt", "--arch", "tests.cli_models:gated_net",
@@ -472,7 +473,7 @@ def test_convert_profile_adds_time_ratio_column(cli, tmp_path, ckpt):
 
 # -- inspect, export, bench, methods ----------------------------------------------------------------
 def test_inspect_table_and_json(cli, ckpt, net):
-    code, stdout, err = cli("inspect", ckpt, "--arch", ARCH, "--input-shape", SHAPE)
+    code, stdout, err = cli("inspect", ckpt, "--arch", ARCH, "--input-shape", SHAPE, "--wide")
     assert code == 0, err
     assert "computing spectra" in err
     lines = stdout.splitlines()
