@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -146,9 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="replace modules without a torch.fx graph (for untraceable models; no BN folding)")
     convert.add_argument("--leaf-module", action="extend", nargs="+", default=[], metavar="NAME",
                          help="module names or class names torch.fx should not trace into")
-    convert.add_argument("--concrete-arg", action="append", default=[], type=_concrete_arg, metavar="NAME=VALUE",
-                         help="trace forward's non-tensor argument NAME with VALUE (true, 3, 0.5, null, text); "
-                              "arguments with plain defaults are traced with them unless given")
+    _add_concrete_arg_argument(convert)
     _add_onnx_arguments(convert)
     _add_check_arguments(convert)
     _add_bench_arguments(convert)
@@ -163,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--wide", action="store_true",
                          help="every column: type, stride, groups and energy at 25/50/75%% for every method "
                               "(the default table fits 100 columns)")
+    _add_concrete_arg_argument(inspect)
     _add_score_arguments(inspect)
     _add_output_arguments(inspect, force=False)
     inspect.set_defaults(handler=_cmd_inspect)
@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_arguments(methods, force=False)
     methods.set_defaults(handler=_cmd_methods)
     return parser
+
+
+def _add_concrete_arg_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--concrete-arg", action="append", default=[], type=_concrete_arg, metavar="NAME=VALUE",
+                        help="call forward with its non-tensor argument NAME set to VALUE (true, 3, 0.5, null, "
+                             "text); arguments with plain defaults are traced with them unless given")
 
 
 def _concrete_arg(text: str) -> tuple[str, Any]:
@@ -819,6 +825,8 @@ def _cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
         methods = wanted
     arch = _resolve_arch_option(args.arch, args.arch_args)
     source = _load_source(args.checkpoint, arch, trust=args.trust_checkpoint, input_shape=shape, console=console)
+    if args.concrete_arg:  # the model was loaded here: its forward is ours to bind
+        source.model.forward = functools.partial(source.model.forward, **dict(args.concrete_arg))
     x = _example_input(source.model, _require_shape(source, "to count MACs"))
     score_options = _score_options(args)
     console.status("computing spectra")

@@ -58,3 +58,21 @@ def test_cli_concrete_arg(tmp_path, capsys):
     assert fast(X).shape == (2, 8, 8, 8)  # embed=True: the features, not the head
     assert main(common + ["--out", str(tmp_path / "b.pt"), "--concrete-arg", "embed"]) == 2
     assert "expected NAME=VALUE" in capsys.readouterr().err
+
+
+def test_cli_inspect_calls_forward_with_the_concrete_args(tmp_path, capsys):
+    checkpoint = tmp_path / "model.pt"
+    torch.save(flagged().state_dict(), checkpoint)
+    common = ["inspect", str(checkpoint), "--arch", "tests.test_call_signature:flagged", "--input-shape", "2,3,8,8",
+              "--json"]
+
+    def head_macs(extra):
+        capsys.readouterr()
+        assert main(common + extra) == 0
+        layers = {row["name"]: row for row in json.loads(capsys.readouterr().out)["layers"]}
+        return layers["head"]["macs"]
+
+    assert head_macs([]) > 0
+    assert head_macs(["--concrete-arg", "embed=true"]) is None  # embed=True returns before the head
+    assert main(common + ["--concrete-arg", "nope=1"]) == 2
+    assert "unexpected keyword argument 'nope'" in capsys.readouterr().err
