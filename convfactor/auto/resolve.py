@@ -601,7 +601,16 @@ def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fr
     if fraction is not None and fraction < allocator.lowest and kind != "latency":
         allocator.choose(fraction, notes)  # raises the usual "not reachable" error
 
+    spent = [0.0]  # seconds inside trials: allocation, candidate builds and the measurements
+
     def trial(budget: float, measure_speed: bool) -> Probe:
+        started = time.perf_counter()
+        try:
+            return _trial(budget, measure_speed)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    def _trial(budget: float, measure_speed: bool) -> Probe:
         account = allocator.choose(budget, strict=False)
         known = seen.get(account["choice"])
         if known is not None and (known.measured or not measure_speed):
@@ -642,7 +651,8 @@ def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fr
     search["checks"] = {
         "fidelity": [(checker.calls - calls_before) if checker else 0,
                      round((checker.seconds - seconds_before) if checker else 0.0, 3)],
-        "latency": [meter.calls if meter else 0, round(meter.seconds if meter else 0.0, 3)]}
+        "latency": [meter.calls if meter else 0, round(meter.seconds if meter else 0.0, 3)],
+        "total_seconds": round(spent[0], 3)}
     return account, search
 
 
