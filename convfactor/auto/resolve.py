@@ -54,7 +54,7 @@ from .candidates import Option, WeightErrors, grouped_bound, rank_grid, rank_to_
 from .data_aware import corrected_weight, grouped_weight, layer_factorizer, output_error2
 from .latency import LatencyModel
 from .options import OPT_IN_METHODS, SLOW_METHODS, AutoOptions
-from .slow_forms import prefer_fast_forms
+from .slow_forms import prefer_fast_forms, undo_swaps
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
 from .verify import OutputChecker, Probe, SpeedMeter, failures, progress_line, say, search_budget
 
@@ -237,8 +237,20 @@ def resolve_policy(
         info["warnings"].append(WEIGHT_ONLY_WARNING.format(kind=target[0]))
     if kind in ("macs", "params") and opts.speed_check and inputs is not None:
         try:
-            info["speed_check"] = prefer_fast_forms([p for p in plans if p.open], kind,
-                                                    latency_model or LatencyModel(latency), info["warnings"])
+            info["speed_check"] = prefer_fast_forms(open_plans, kind, latency_model or LatencyModel(latency),
+                                                    info["warnings"])
+            if info["speed_check"]["swapped"] and bound is not None and checker is not None \
+                    and failures(_candidate_metrics(root, open_plans, factorizers, checker, bound), bound):
+                undo_swaps(info["speed_check"])
+                notes.append("faster forms of similar predicted error were not kept: the model then failed "
+                             "the fidelity bound")
+            info["speed_check"].pop("undo", None)
+            if info["speed_check"]["swapped"]:  # a swap never costs more; the account follows it exactly
+                account = info["target"]
+                predicted = account["fixed"] + math.fsum(p.original.cost(kind) if p.chosen is None
+                                                         else p.chosen.cost(kind) for p in open_plans)
+                account["predicted"] = int(round(predicted))
+                account["predicted_fraction"] = _round(predicted / account["original"])
         except Exception as exc:  # noqa: BLE001 - timing is advice here, never a reason to fail
             notes.append(f"speed check of the chosen forms skipped: {type(exc).__name__}: {exc}")
 
@@ -531,9 +543,9 @@ class _Allocator:
         for plan, index in zip(self.plans, choice):
             plan.chosen = None if index == 0 else plan.options[index - 1]
             predicted += plan.original.cost(kind) if plan.chosen is None else plan.chosen.cost(kind)
-            plan.decision = None
-            if plan.chosen is None and plan.options:
-                plan.decision = "left as is by the allocation (its candidates cost more fidelity per unit saved)"
+            if plan.options:  # a plan without options keeps the reason it has none
+                plan.decision = None if plan.chosen is not None else (
+                    "left as is by the allocation (its candidates cost more fidelity per unit saved)")
         exact = (lambda v: int(round(v))) if kind != "latency" else (lambda v: _round(v, 4))  # counts stay exact
         return {"kind": kind, "fraction": fraction, "original": exact(total), "budget": exact(budget_total),
                 "fixed": exact(fixed), "predicted": exact(predicted),
@@ -573,6 +585,16 @@ def _output_checker(root: nn.Module, batches: list | None, inputs: tuple | None,
     return None
 
 
+def _candidate_metrics(root: nn.Module, plans: list[_LayerPlan], factorizers: dict, checker: OutputChecker,
+                       bound: Fidelity | None) -> dict[str, Any]:
+    """The checker's measurement of ``root`` with every plan's chosen replacement installed (on a copy)."""
+    work = copy.deepcopy(root).eval()
+    for plan in plans:
+        if plan.chosen is not None:
+            _set_submodule(work, plan.name, _candidate_module(plan, plan.chosen, factorizers).eval())
+    return checker.measure(work, bound)
+
+
 def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fraction: float | None,
                          bound: Fidelity | None, inputs: Any, opts: AutoOptions, model: LatencyModel | None,
                          checker: OutputChecker | None, factorizers: dict, notes: list[str],
@@ -599,7 +621,16 @@ def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fr
     if fraction is not None and fraction < allocator.lowest and kind != "latency":
         allocator.choose(fraction, notes)  # raises the usual "not reachable" error
 
+    spent = [0.0]  # seconds inside trials: allocation, candidate builds and the measurements
+
     def trial(budget: float, measure_speed: bool) -> Probe:
+        started = time.perf_counter()
+        try:
+            return _trial(budget, measure_speed)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    def _trial(budget: float, measure_speed: bool) -> Probe:
         account = allocator.choose(budget, strict=False)
         known = seen.get(account["choice"])
         if known is not None and (known.measured or not measure_speed):
@@ -640,7 +671,8 @@ def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fr
     search["checks"] = {
         "fidelity": [(checker.calls - calls_before) if checker else 0,
                      round((checker.seconds - seconds_before) if checker else 0.0, 3)],
-        "latency": [meter.calls if meter else 0, round(meter.seconds if meter else 0.0, 3)]}
+        "latency": [meter.calls if meter else 0, round(meter.seconds if meter else 0.0, 3)],
+        "total_seconds": round(spent[0], 3)}
     return account, search
 
 
