@@ -144,7 +144,9 @@ def markdown(results: list[dict], args) -> str:
             notes.append(f"last progress: `{r['last_progress'][:160]}`")
         if r.get("speedup_error"):
             notes.append(f"speedup: {r['speedup_error'][:150]}")
-        notes += [n for n in r.get("report_notes", []) if "fidelity" in n or "warn" in n.lower()][:2]
+        notes += [f"warning: {w}" for w in r.get("report_warnings", [])][:2]
+        if r.get("methods"):
+            notes.append("layers: " + ", ".join(f"{k} {v}" for k, v in sorted(r["methods"].items())))
         speed = num("speedup", "{:.2f}x")
         if isinstance(r.get("speedup_p10"), float):
             speed += f" ({r['speedup_p10']:.2f}-{r['speedup_p90']:.2f})"

@@ -115,6 +115,9 @@ def run_row(model_name: str, row: str, quick: bool, max_rel_error: float = 0.1) 
     out["mac_ratio"] = report.macs_after / report.macs_before if report.macs_before else None
     out["param_ratio"] = report.params_after / report.params_before
     out["report_notes"] = list(report.notes)
+    out["report_warnings"] = list(getattr(report, "warnings", []))
+    out["fidelity_check"] = report.extra.get("fidelity_check")
+    out["methods"] = _method_counts(report)
     auto = report.extra.get("auto") or {}
     out["auto_info"] = {k: v for k, v in auto.items() if isinstance(v, (str, int, float, bool, list))
                         and len(str(v)) < 2000}
@@ -124,6 +127,14 @@ def run_row(model_name: str, row: str, quick: bool, max_rel_error: float = 0.1) 
         out["rel_error"] = _rel_error(model(probe), fast(probe))
     out.update(_speedup(model, fast, spec))
     return out
+
+
+def _method_counts(report) -> dict:
+    counts: dict[str, int] = {}
+    for layer in report.layers:
+        key = layer.method or "kept"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _speedup(model, fast, spec: dict) -> dict:
