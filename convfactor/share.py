@@ -143,6 +143,10 @@ def share_weights(model: nn.Module, bits: int | None = None, clusters: int | Non
                                  or not 2 <= clusters <= 256):
         raise ConvfactorError(f"share_weights: clusters must be an int in 2..256, got {clusters!r}")
     shared = copy.deepcopy(model)
+    from .api import REPORT_ATTR
+
+    if hasattr(model, REPORT_ATTR):  # a GraphModule's deepcopy drops the factorize report: keep it
+        setattr(shared, REPORT_ATTR, getattr(model, REPORT_ATTR))
     report = SharingReport(params_total=sum(p.numel() for p in shared.parameters()))
     for name, layer in shared.named_modules():
         if type(layer) not in _SHARED_TYPES:
