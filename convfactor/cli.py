@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--check-inputs", metavar="INPUTS.pt",
                          help="a tensor of real inputs for --check instead of generated standard-normal ones "
                               "(random inputs check the math, not accuracy)")
+    convert.add_argument("--share-weights", metavar="SPEC",
+                         help="then share each layer's weights through a k-means codebook: bits=N, clusters=K "
+                              "or elbow (the ONNX file stores codebook + uint8 indices; the score counts q_w)")
     convert.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the convs first")
     convert.add_argument("--no-trace", action="store_true",
                          help="replace modules without a torch.fx graph (for untraceable models; no BN folding)")
@@ -519,6 +522,7 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     from .cli_checks import check_out_name
     from .errors import ConvfactorError
     from .policy import Policy
+    from .share import parse_share_spec, share_weights, sharing_report
     from .summary import render_summary, summarize
 
     # 1. everything that can be checked without loading the model
@@ -533,6 +537,7 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     thread_counts = _parse_threads(args.threads)
     _check_counts(args)
     score_options = _score_options(args)
+    share = None if args.share_weights is None else parse_share_spec(args.share_weights)
     calibration = _load_inputs_file(args.calibration, "--calibration")
     check_inputs = _load_inputs_file(args.check_inputs, "--check-inputs")
     if check_inputs is not None and not args.check:
@@ -564,6 +569,11 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     for warning in report.warnings:
         console.status(f"warning: {warning}")
     floor = report.extra.get("fidelity_check")
+    if share is not None:
+        console.status(f"sharing weights ({args.share_weights})")
+        fast = share_weights(fast, **share)
+        if args.weight_bits == 32:  # the score counts the shared bits unless --weight-bits says otherwise
+            score_options["weight_bits"] = round(sharing_report(fast).weight_bits(), 3)
     factorize_seconds = time.perf_counter() - started
 
     document: dict[str, Any] = {
@@ -575,6 +585,7 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
                     else str(onnx_path)},
         "factorize": report.to_dict(),
         "factorize_seconds": factorize_seconds,
+        "share_weights": None if share is None else sharing_report(fast).to_dict(),
         "onnx": None,
         "fidelity": None,
         "bench": None,
@@ -704,6 +715,11 @@ def _stage_onnx(staging: StagedOutputs, onnx_path: Path, model: Any, example: An
     result = export_onnx(model, example, staged, opset=args.opset, dynamic_batch=not args.static_batch,
                          exporter=args.exporter, force=True)
     info = result.to_dict()
+    if hasattr(model, "convfactor_sharing"):  # shared weights: store codebook + uint8 indices
+        from .share_onnx import pack_codebooks
+
+        packed = pack_codebooks(staged)
+        info["file_size"], info["packed_codebooks"] = packed.size_after, len(packed.packed)
     info["path"] = str(onnx_path)
     if result.external_data_path is not None:
         data_destination = onnx_path.with_name(result.external_data_path.name)
