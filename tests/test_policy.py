@@ -98,7 +98,7 @@ def test_shorthand(text, expected):
     "rule, message",
     [
         ({"method": "spatial_svd", "rnak": 3}, r"policy rule 1: unknown key 'rnak'"),
-        ({"match": "a.*", "method": "nope"}, r"policy rule 1 \(match 'a\.\*'\): unknown method 'nope'; known methods: cp"),
+        ({"match": "a.*", "method": "nope"}, r"policy rule 1 \(match 'a\.\*'\): unknown method 'nope'; known methods: channel_svd, cp"),
         ({"match": "x"}, r"'method' is required"),
         ({"method": "spatial_svd", "rank": 0}, r"'rank' must be >= 1, got 0"),
         ({"method": "spatial_svd", "rank": -3}, r"'rank' must be >= 1"),

@@ -118,7 +118,7 @@ def test_composes_with_factorize_and_keeps_its_report() -> None:
 
 def test_cli_convert_share_weights(tmp_path, capsys, monkeypatch) -> None:
     from convfactor.cli import main
-    from tests.cli_models import TinyNet, randomized
+    from tests.cli_models import TinyNet, randomized, tiny_net
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     ckpt = tmp_path / "net.pt"
@@ -134,7 +134,7 @@ def test_cli_convert_share_weights(tmp_path, capsys, monkeypatch) -> None:
                                                      for layer in shared["share_weights"]["layers"])
     assert shared["onnx"]["packed_codebooks"] == len(shared["share_weights"]["layers"])
     assert shared["onnx"]["file_size"] == (tmp_path / "shared.onnx").stat().st_size < plain["onnx"]["file_size"]
-    reloaded = convfactor.load(tmp_path / "shared.pt")
+    reloaded = convfactor.load(tmp_path / "shared.pt", arch=tiny_net)
     conv = next(m for m in reloaded.modules() if isinstance(m, nn.Conv2d))
     assert len(torch.unique(conv.weight)) <= 16
     assert main([*base, "--out", str(tmp_path / "bad.pt"), "--share-weights", "bits=four"]) == 2
