@@ -535,6 +535,8 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
                      leaf_modules=args.leaf_module, progress=console.progress, calibration=calibration)
     report = get_report(fast)
     factorize_seconds = time.perf_counter() - started
+    for warning in report.warnings:
+        console.status(f"warning: {warning['message']}")
 
     document: dict[str, Any] = {
         "convfactor_version": __version__,

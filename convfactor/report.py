@@ -76,6 +76,19 @@ class FactorizeReport:
             return None
         return self.macs_after / self.macs_before
 
+    @property
+    def warnings(self) -> list[dict[str, Any]]:
+        """Replacements that save no MACs (parameters when MACs are unknown): each costs as much as the
+        layer it replaces or more, while adding error. ``only_if_cheaper: true`` on a rule skips them."""
+        out = []
+        for d in self.replaced:
+            ratio, what = (d.macs_ratio, "MACs") if d.macs_ratio is not None else (d.params_ratio, "parameters")
+            if ratio is not None and ratio >= 1:
+                out.append({"layer": d.name, "method": d.method, "rule": d.rule, "macs_ratio": d.macs_ratio,
+                            "params_ratio": d.params_ratio, "message": f"{d.name} ({d.method}) costs x{ratio:.3f} "
+                            f"the {what} of the layer it replaces; only_if_cheaper: true on its rule skips it"})
+        return out
+
     def plan(self) -> dict[str, Any]:
         """What ``convfactor.load`` needs to rebuild the factorized structure (JSON-able)."""
         return {
@@ -99,6 +112,7 @@ class FactorizeReport:
             "layers_total": len(self.layers),
         }
         out["plan"] = self.plan()
+        out["warnings"] = self.warnings
         return out
 
     def to_json(self, indent: int = 2) -> str:
@@ -186,6 +200,11 @@ def format_table(report: FactorizeReport) -> str:
                      f"(x{_ratio(report.macs_ratio)})")
     else:
         lines.append("MACs: n/a (pass example_inputs to count them)")
+    selection = (report.extra.get("auto") or {}).get("selection")
+    if selection:
+        lines.append(f"selection: {selection}")
     for note in report.notes:
         lines.append(f"note: {note}")
+    for warning in report.warnings:
+        lines.append(f"warning: {warning['message']}")
     return "\n".join(lines)
