@@ -566,7 +566,7 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
                          concrete_args=dict(args.concrete_arg), progress=console.progress,
                          calibration=calibration)
     report = get_report(fast)
-    for warning in report.warnings:
+    for warning in report.all_warnings():
         console.status(f"warning: {warning}")
     floor = report.extra.get("fidelity_check")
     if share is not None:

@@ -18,7 +18,10 @@ Rank spec per rule (at most one of ``rank``/``energy``; neither means full rank,
   * ``energy: 0.99`` the smallest rank keeping that fraction of the squared singular values,
   * ``rank: vbmf`` the rank VBMF estimates from the layer's weight (spatial_svd, svd, tucker2; resolved
     by ``convfactor.auto``, see ``convfactor.auto.vbmf``),
-  * ``align: 16`` round ranks up to a multiple of 16 (onnxruntime's fast conv path works on blocks of 16).
+  * ``align: 16`` round ranks up to a multiple of 16 (onnxruntime's fast conv path works on blocks of 16),
+  * ``only_if_cheaper: true`` leave a matched layer as is when its replacement would not cost fewer MACs
+    (parameters without example inputs); the default for shorthands with a rank or energy below full
+    (``"tucker2:0.5"``), not for full-rank (exact) ones nor for ranks that ``convfactor.auto`` resolves.
 
 ``method: auto`` lets convfactor choose the method (or to leave the layer as is) per layer. A top-level
 ``target: {macs: 0.5}`` (or ``params``/``latency``, a fraction of the original) asks for a global budget:
@@ -54,7 +57,7 @@ SKIP = "skip"
 AUTO = "auto"
 VBMF = "vbmf"
 TARGET_KINDS = ("macs", "params", "latency")
-_RULE_KEYS = ("match", "types", "method", "rank", "energy", "align")
+_RULE_KEYS = ("match", "types", "method", "rank", "energy", "align", "only_if_cheaper")
 _POLICY_KEYS = ("rules", "target", "fidelity")
 _FIDELITY_KEYS = ("max_rel_error", "min_agreement")
 
@@ -69,6 +72,7 @@ class Rule:
     rank: int | float | tuple[int, ...] | str | None = None  # str: only "vbmf"
     energy: float | None = None
     align: int | None = None
+    only_if_cheaper: bool = False  # skip a layer whose replacement would not cost fewer MACs
 
     def matches(self, name: str, kind: str) -> bool:
         return fnmatch.fnmatchcase(name, self.match) and (not self.types or kind in self.types)
@@ -84,6 +88,8 @@ class Rule:
             out["energy"] = self.energy
         if self.align is not None:
             out["align"] = self.align
+        if self.only_if_cheaper:
+            out["only_if_cheaper"] = True
         return out
 
     def describe(self, index: int) -> str:
@@ -164,6 +170,11 @@ class Policy:
             if key not in ("rank", "energy", "align"):
                 raise PolicyError(f"policy shorthand {text!r}: expected METHOD[:RANK] or METHOD:energy=E")
             rule[key] = _parse_number(value, f"policy shorthand {text!r}")
+            # A shorthand that asks for compression only replaces layers where it saves MACs; a full-rank
+            # one (no rank, rank 1.0, energy 1) is an exact rewrite and replaces every eligible layer.
+            value = rule[key]
+            full = (key == "rank" and isinstance(value, float) and value == 1.0) or (key == "energy" and value == 1)
+            rule["only_if_cheaper"] = key != "align" and not full
         return cls.from_dict({"rules": [rule]})
 
     @classmethod
@@ -306,8 +317,11 @@ def _parse_rule(index: int, raw: Any) -> Rule:
         raise PolicyError(f"{where}: 'energy' must be a number in (0, 1], got {energy!r}")
     if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
         raise PolicyError(f"{where}: 'align' must be a positive int, got {align!r}")
+    cheaper = raw.get("only_if_cheaper", False)
+    if not isinstance(cheaper, bool):
+        raise PolicyError(f"{where}: 'only_if_cheaper' must be true or false, got {cheaper!r}")
     return Rule(method=method, match=match, types=tuple(types), rank=rank,
-                energy=None if energy is None else float(energy), align=align)
+                energy=None if energy is None else float(energy), align=align, only_if_cheaper=cheaper)
 
 
 def _parse_target(raw: Any) -> tuple[str, float] | None:

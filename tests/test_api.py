@@ -22,7 +22,8 @@ def resnet():
 
 @pytest.mark.parametrize("form", ["policy", "dict", "yaml", "json", "shorthand"])
 def test_policy_forms_give_the_same_result(resnet, tmp_path, form):
-    policy = Policy.from_dict({"rules": [{"types": ["Conv2d"], "method": "spatial_svd", "rank": 0.5}]})
+    policy = Policy.from_dict({"rules": [{"types": ["Conv2d"], "method": "spatial_svd", "rank": 0.5,
+                                          "only_if_cheaper": True}]})  # what the shorthand means
     spec = {"policy": policy, "dict": policy.to_dict(), "shorthand": "spatial_svd:0.5"}.get(form)
     if form in ("yaml", "json"):
         spec = tmp_path / f"p.{form}"

@@ -85,9 +85,11 @@ def test_types_filter_and_glob_crosses_dots():
     "text, expected",
     [
         ("spatial_svd", {"rules": [{"match": "*", "method": "spatial_svd"}]}),
-        ("tucker2:0.5", {"rules": [{"match": "*", "method": "tucker2", "rank": 0.5}]}),
-        ("depthwise:2", {"rules": [{"match": "*", "method": "depthwise", "rank": 2}]}),
-        ("spatial_svd:energy=0.95", {"rules": [{"match": "*", "method": "spatial_svd", "energy": 0.95}]}),
+        ("tucker2:0.5", {"rules": [{"match": "*", "method": "tucker2", "rank": 0.5, "only_if_cheaper": True}]}),
+        ("depthwise:2", {"rules": [{"match": "*", "method": "depthwise", "rank": 2, "only_if_cheaper": True}]}),
+        ("spatial_svd:energy=0.95", {"rules": [{"match": "*", "method": "spatial_svd", "energy": 0.95,
+                                                "only_if_cheaper": True}]}),
+        ("spatial_svd:1.0", {"rules": [{"match": "*", "method": "spatial_svd", "rank": 1.0}]}),
     ],
 )
 def test_shorthand(text, expected):

@@ -262,7 +262,7 @@ def resolve_policy(
         info["selection"] += "; factors refit sequentially on the partially factorized network's activations"
     else:
         _build_prebuilt(plans, stats, factorizers, opts, prebuilt)
-    resolved = _resolved_policy(plans)
+    resolved = _resolved_policy(plans, keep_only_if_cheaper=target is None)
     if model is not None and model.options.verify and inputs is not None:
         # A latency target was corrected by measurement above; dropping layers remains the last resort
         # for `auto` rules and for a result still measured slower than the original.
@@ -793,13 +793,15 @@ def _build_prebuilt_sequentially(root: nn.Module, plans: list[_LayerPlan], batch
         _set_submodule(work, name, copy.deepcopy(module))
 
 
-def _resolved_policy(plans: list[_LayerPlan]) -> Policy:
+def _resolved_policy(plans: list[_LayerPlan], keep_only_if_cheaper: bool = False) -> Policy:
     rules = []
     for plan in plans:
         if plan.rule is None:
             continue
         if plan.chosen is not None:
-            rules.append(Rule(method=plan.chosen.method, match=plan.name,
+            # Without a target the user's only_if_cheaper still holds (with one, skipping could break it).
+            cheaper = keep_only_if_cheaper and plan.rule.only_if_cheaper
+            rules.append(Rule(method=plan.chosen.method, match=plan.name, only_if_cheaper=cheaper,
                               rank=plan.chosen.rank if isinstance(plan.chosen.rank, (int, tuple)) else None))
         elif plan.rule.method not in (SKIP, AUTO) and plan.reason is not None:
             # factorize_layers reports the method's own reason (unsupported, tied weights) for this layer.
