@@ -37,7 +37,7 @@ def test_traced_values_survive_save_and_load(tmp_path):
     model = flagged()
     fast = convfactor.factorize(model, "tucker2:0.5", X, concrete_args={"embed": True})
     path = save_factorized(fast, tmp_path / "fast.pt", arch="tests.test_call_signature:flagged")
-    again = load(path, arch=flagged)
+    again = load(path, arch=flagged)  # the architecture is given, the traced values come from the file
     with torch.no_grad():
         assert torch.equal(again(X), fast(X))
         assert torch.equal(again(X, embed=True, scale=1.0), fast(X))
