@@ -246,7 +246,7 @@ def _round(value: float | None) -> float | None:
 
 
 def search_budget(trial: Callable[[float, bool], Probe], *, kind: str, target: float | None, lowest: float,
-                  bound: Fidelity | None, rounds: int = 7, speed_rounds: int = 4) -> SearchResult:
+                  bound: Fidelity | None, rounds: int = 7, speed_rounds: int = 5) -> SearchResult:
     """The budget whose allocation meets the target as measured and holds ``bound``; see the module doc.
 
     Args:
@@ -331,6 +331,8 @@ def _fit_speed(run: Callable[[float, bool], Probe], target: float, lowest: float
             slope = (b.fraction - a.fraction) / (b.budget - a.budget) if b.budget != a.budget else 0.0
             if slope > 1e-6:
                 following = b.budget + (target - b.fraction) / slope  # secant through the last two
+        # One step moves the budget by at most a factor of 2: a noisy timing must not throw it to an extreme.
+        following = min(max(following, probe.budget / 2), probe.budget * 2)
         low = met.budget if met is not None else lowest
         high = missed_at if missed_at is not None else 1.0
         if not low < following < high:
