@@ -43,6 +43,7 @@ __all__ = ["DEFAULT_FLOOR", "SPEED_TOLERANCE", "OutputChecker", "SpeedMeter", "P
 DEFAULT_FLOOR = Fidelity(max_rel_error=0.3, min_agreement=0.9)
 SPEED_TOLERANCE = 0.05  # a latency target is met when the measured speedup is >= (1 - this) x the request
 _EARLY_FACTOR = 1.5  # a running error this far beyond the bound after a quarter of the data: stop
+REFERENCE_BYTES = 256 * 2**20  # the original's outputs kept for the checks (whole batches; at least one)
 
 
 def failures(metrics: dict[str, Any], bound: Fidelity) -> list[str]:
@@ -90,7 +91,16 @@ class OutputChecker:
         self.seconds = 0.0
         self.calls = 0
         started = time.perf_counter()
-        self.reference = [self._run(root, batch) for batch in self.batches]
+        self.reference: list[list[torch.Tensor]] = []
+        kept = 0
+        for batch in self.batches:  # float32 references, at most REFERENCE_BYTES of them
+            outputs = [t.float() for t in self._run(root, batch)]
+            if self.reference and kept + sum(t.numel() * 4 for t in outputs) > REFERENCE_BYTES:
+                break
+            self.reference.append(outputs)
+            kept += sum(t.numel() * 4 for t in outputs)
+        self.batches = self.batches[:len(self.reference)]
+        self.samples = int(sum(len(b[0]) for b in self.batches))
         self.seconds += time.perf_counter() - started
 
     @staticmethod
@@ -114,6 +124,7 @@ class OutputChecker:
             if len(outputs) != len(reference):
                 raise ValueError(f"the candidate returns {len(outputs)} output(s), the original {len(reference)}")
             for a, b in zip(reference, outputs):
+                a = a.double()
                 if not torch.isfinite(b).all():
                     err2 = math.inf
                     continue
