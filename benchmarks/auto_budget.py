@@ -8,6 +8,7 @@ For the shipped digits checkpoints (ResNet-20 and the small MobileNet, ``convfac
   * auto, align 16: the same with ``align: 16`` in the rule (ranks in multiples of 16, the channel blocks
     of onnxruntime's fast CPU conv path), or ``align: 8`` where 16 cannot reach the budget; MAC targets
     only (the latency model tries x16 ranks itself);
+  * auto+fidelity: auto with calibration data and a policy fidelity bound (``--fidelity``);
   * nocal / nocal + fidelity: ``method: auto`` without calibration data (weight-only selection), without
     and with a policy fidelity bound (``--fidelity``, measured on ``--fidelity-images`` training images
     given as the example inputs): the bound buys back accuracy by spending more MACs, and says so;
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--targets", default=",".join(TARGETS), help="KIND:FRACTION, comma-separated")
     parser.add_argument("--checkpoints", type=Path, default=None, help="checkpoint directory (default: shipped)")
     parser.add_argument("--variants", default="auto,auto16,uniform",
-                        help="auto, auto16, nocal, nocal+fidelity, uniform (comma-separated)")
+                        help="auto, auto16, auto+fidelity, nocal, nocal+fidelity, uniform (comma-separated)")
     parser.add_argument("--fidelity", type=float, default=0.1, help="max_rel_error of the nocal+fidelity bound")
     parser.add_argument("--fidelity-images", type=int, default=64,
                         help="training images the nocal variants get as example inputs (the fidelity data)")
@@ -195,19 +196,22 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(result)
                 macs_budget = macs_budget if macs_budget is not None else result["macs_ratio"]
                 print(json.dumps(result), flush=True)
-            for variant in ("nocal", "nocal+fidelity"):
+            for variant in ("nocal", "nocal+fidelity", "auto+fidelity"):
                 if variant not in variants:
                     continue
                 policy = {"rules": [{"types": ["Conv2d"], "method": "auto"}], "target": {kind: fraction}}
-                if variant == "nocal+fidelity":
+                if variant.endswith("+fidelity"):
                     policy["fidelity"] = {"max_rel_error": args.fidelity}
-                example = train_x[:args.fidelity_images]
+                calibrated = variant.startswith("auto")
+                example = x if calibrated else train_x[:args.fidelity_images]
                 started = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    fast = convfactor.factorize(model, policy, example, latency=latency)
+                    fast = convfactor.factorize(model, policy, example, latency=latency,
+                                                calibration=calib if calibrated else None)
                 seconds = time.perf_counter() - started
-                label = "auto, no calibration" + (f", fidelity {args.fidelity}" if "fidelity" in variant else "")
+                label = ("auto + data" if calibrated else "auto, no calibration") + (
+                    f", fidelity {args.fidelity}" if "fidelity" in variant else "")
                 result = row(name, spec, label, model, model, fast, x, args, train_x, test, seconds)
                 rows.append(result)
                 print(json.dumps(result), flush=True)

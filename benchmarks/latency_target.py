@@ -65,9 +65,11 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(f"| {net} | {target} | {1 / target:.2f}x | {speedup:.2f}x | {cut:.2f}x | {speedup / cut:.2f} "
                   f"| {seconds:.0f} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2, default=str)
+            print(f"  probes (budget, measured time fraction): "
+                  f"{[(p['budget'], p['fraction']) for p in (row['search'] or {}).get('probes', [])]}", flush=True)
+            if args.json:
+                with open(args.json, "w") as handle:
+                    json.dump(rows, handle, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from .calibration import (
 )
 from .candidates import Option, WeightErrors, grouped_bound, rank_grid, rank_to_json, replacement_costs
 from .data_aware import DATA_AWARE_METHODS, corrected_weight, grouped_weight, layer_factorizer, output_error2
-from .latency import LatencyModel
+from .latency import LatencyModel, _random_weights
 from .options import OPT_IN_METHODS, SLOW_METHODS, AutoOptions
 from .slow_forms import prefer_fast_forms, undo_swaps
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
@@ -700,7 +700,10 @@ def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fr
             if plan.chosen is not None:
                 key = (plan.name, plan.chosen.method, plan.chosen.rank)
                 if key not in modules:
-                    modules[key] = _candidate_module(plan, plan.chosen, factorizers).eval()
+                    # Timing alone needs the structure, not the factors: skip the decomposition then.
+                    modules[key] = (_candidate_module(plan, plan.chosen, factorizers) if enforce else
+                                    _random_weights(get_method(plan.chosen.method).build(plan.layer, plan.chosen.rank),
+                                                    seed=0)).eval()
                 module = modules[key]
             _set_submodule(work, plan.name, module)
         metrics = known.metrics if known is not None else (checker.measure(work, bound) if enforce else None)

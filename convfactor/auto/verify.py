@@ -43,6 +43,7 @@ __all__ = ["DEFAULT_FLOOR", "SPEED_TOLERANCE", "OutputChecker", "SpeedMeter", "P
 DEFAULT_FLOOR = Fidelity(max_rel_error=0.3, min_agreement=0.9)
 SPEED_TOLERANCE = 0.05  # a latency target is met when the measured speedup is >= (1 - this) x the request
 _EARLY_FACTOR = 1.5  # a running error this far beyond the bound after a quarter of the data: stop
+REFERENCE_BYTES = 256 * 2**20  # the original's outputs kept for the checks (whole batches; at least one)
 
 
 def failures(metrics: dict[str, Any], bound: Fidelity) -> list[str]:
@@ -90,7 +91,16 @@ class OutputChecker:
         self.seconds = 0.0
         self.calls = 0
         started = time.perf_counter()
-        self.reference = [self._run(root, batch) for batch in self.batches]
+        self.reference: list[list[torch.Tensor]] = []
+        kept = 0
+        for batch in self.batches:  # float32 references, at most REFERENCE_BYTES of them
+            outputs = [t.float() for t in self._run(root, batch)]
+            if self.reference and kept + sum(t.numel() * 4 for t in outputs) > REFERENCE_BYTES:
+                break
+            self.reference.append(outputs)
+            kept += sum(t.numel() * 4 for t in outputs)
+        self.batches = self.batches[:len(self.reference)]
+        self.samples = int(sum(len(b[0]) for b in self.batches))
         self.seconds += time.perf_counter() - started
 
     @staticmethod
@@ -114,6 +124,7 @@ class OutputChecker:
             if len(outputs) != len(reference):
                 raise ValueError(f"the candidate returns {len(outputs)} output(s), the original {len(reference)}")
             for a, b in zip(reference, outputs):
+                a = a.double()
                 if not torch.isfinite(b).all():
                     err2 = math.inf
                     continue
@@ -246,7 +257,7 @@ def _round(value: float | None) -> float | None:
 
 
 def search_budget(trial: Callable[[float, bool], Probe], *, kind: str, target: float | None, lowest: float,
-                  bound: Fidelity | None, rounds: int = 7, speed_rounds: int = 4) -> SearchResult:
+                  bound: Fidelity | None, rounds: int = 7, speed_rounds: int = 8) -> SearchResult:
     """The budget whose allocation meets the target as measured and holds ``bound``; see the module doc.
 
     Args:
@@ -300,21 +311,25 @@ def search_budget(trial: Callable[[float, bool], Probe], *, kind: str, target: f
 
 
 def _fit_speed(run: Callable[[float, bool], Probe], target: float, lowest: float, rounds: int) -> Probe:
-    """Secant steps on the measured time fraction until it is within tolerance of ``target``.
+    """Regula falsi on the measured time fraction until it is within tolerance of ``target``.
 
-    The first correction assumes the measured fraction moves one for one with the budget (the
-    per-layer prediction misses a roughly fixed share of the whole graph); later ones follow the
-    secant of the last two measurements, kept inside the bracket of budgets measured to meet and to
-    miss the target.
+    The budget axis is the latency model's prediction, and the whole graph can run quite differently
+    (fusion, overheads, a total measured under other load): the measured fraction is only monotone in
+    the budget. Steps interpolate between the closest budgets measured to meet and to miss the
+    target; the original (budget 1, fraction 1) is the upper anchor until a miss is measured, and a
+    step with nothing measured to meet it yet follows the secant of the last two probes (the first
+    assumes time moves one for one with the budget). Each step stays inside the bracket (bisection
+    when the interpolation would land within 5% of its ends) and moves by at most a factor of 2.
     """
     accept = target / (1 - SPEED_TOLERANCE)
     budget = max(target, lowest)
     met: Probe | None = None  # the largest budget measured to meet the target
-    missed_at: float | None = None  # the smallest budget measured to miss it
+    missed: Probe | None = None  # the smallest budget measured to miss it
     fastest: Probe | None = None
     history: list[Probe] = []
     for _ in range(max(rounds, 1)):
         probe = run(budget, True)
+        history.append(probe)
         if fastest is None or probe.fraction < fastest.fraction:
             fastest = probe
         if probe.fraction <= accept:
@@ -322,21 +337,29 @@ def _fit_speed(run: Callable[[float, bool], Probe], target: float, lowest: float
                 met = probe
             if probe.fraction >= target * (1 - SPEED_TOLERANCE):
                 break  # landed: within tolerance on both sides
+        elif missed is None or probe.budget < missed.budget:
+            missed = probe
+        high_b, high_m = (missed.budget, missed.fraction) if missed is not None else (1.0, 1.0)
+        if met is not None:
+            low_b = met.budget
+            span = high_m - met.fraction
+            following = low_b + (target - met.fraction) * (high_b - low_b) / span if span > 1e-9 else low_b
         else:
-            missed_at = probe.budget if missed_at is None else min(missed_at, probe.budget)
-        history.append(probe)
-        following = probe.budget + (target - probe.fraction)  # first step: time moves with the budget
-        if len(history) >= 2:
-            a, b = history[-2], history[-1]
-            slope = (b.fraction - a.fraction) / (b.budget - a.budget) if b.budget != a.budget else 0.0
-            if slope > 1e-6:
-                following = b.budget + (target - b.fraction) / slope  # secant through the last two
-        low = met.budget if met is not None else lowest
-        high = missed_at if missed_at is not None else 1.0
-        if not low < following < high:
-            following = (low + high) / 2
+            low_b = lowest
+            following = probe.budget + (target - probe.fraction)
+            if len(history) >= 2:
+                a, b = history[-2], history[-1]
+                slope = (b.fraction - a.fraction) / (b.budget - a.budget) if b.budget != a.budget else 0.0
+                if slope > 1e-6:
+                    following = b.budget + (target - b.fraction) / slope
+        # A noisy timing must not throw the budget to an extreme: at most a factor of 2 per step.
+        following = min(max(following, probe.budget / 2), probe.budget * 2)
+        margin = 0.05 * (high_b - low_b)
+        if not low_b + margin <= following <= high_b - margin:
+            following = (low_b + high_b) / 2
         following = min(max(following, lowest), 1.0)
-        if abs(following - probe.budget) < 1e-3 or (missed_at is not None and probe.budget <= lowest):
+        if high_b - low_b < 2e-3 or abs(following - probe.budget) < 1e-3 \
+                or (missed is not None and probe.budget <= lowest):
             break
         budget = following
     return met if met is not None else fastest

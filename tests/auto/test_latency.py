@@ -164,7 +164,7 @@ def test_latency_target_allocates_measured_times_and_falls_back_when_not_faster(
     info = resolution.info
     chosen = {n: layer for n, layer in info["layers"].items() if layer["chosen"] is not None}
     # Measured 1.5x for a 1.11x request: met; the whole model was timed and no layer had to be dropped.
-    assert chosen and 1 <= len(comparisons) <= 4 and "verification" not in info and "missed" not in info["search"]
+    assert chosen and 1 <= len(comparisons) <= 5 and "verification" not in info and "missed" not in info["search"]
     assert all(p["measured"] for p in info["search"]["probes"])
     assert info["target"]["measured_fraction"] == pytest.approx(1 / 1.5, rel=1e-3)
     for layer in chosen.values():

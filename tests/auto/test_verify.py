@@ -116,6 +116,15 @@ def test_output_checker_measures_error_and_agreement_and_stops_early():
     assert quick["stopped_early"] and quick["samples"] == 16  # a quarter of the data made it clear
 
 
+def test_output_checker_keeps_references_within_its_memory_cap(monkeypatch):
+    import convfactor.auto.verify as verify
+
+    monkeypatch.setattr(verify, "REFERENCE_BYTES", 3 * 8 * 4 * 4)  # three batches of 8 x 4 float32 outputs
+    net = torch.nn.Linear(6, 4)
+    checker = OutputChecker(net, [(torch.randn(8, 6),) for _ in range(8)], "calibration samples")
+    assert len(checker.reference) == 3 and checker.samples == 24 and checker.measure(net)["samples"] == 24
+
+
 def test_search_bisects_to_the_cheapest_budget_that_holds_and_reports_the_miss():
     def trial(budget, speed):  # error falls linearly with the budget: holds from 0.62 on
         return Probe(budget, budget, False, {"rel_error": 0.5 - 0.5 * budget, "agreement": None},
