@@ -5,6 +5,11 @@ B, then B then A for the next pair, so that drift in clock speed or cache state 
 speedup is the median of the per-pair ratios ``t_original / t_factorized``, which is steadier than
 the ratio of medians. Each thread setting is measured separately (by default 1 thread and all the
 cores this process may use).
+
+A speedup is only as good as the machine was quiet: when the per-pair ratios spread over more than
+``NOISE_LIMIT`` of their median (p10 to p90), the pairs are timed again with twice the pairs and twice
+the time (``remeasure`` times at most) and the steadiest measurement is kept; if it is still that noisy,
+the result is marked not reliable and no speedup figure is printed for it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,7 +38,11 @@ from .onnx_export import (
     standard_normal_inputs,
 )
 
-__all__ = ["TimingStats", "ThreadResult", "BenchmarkReport", "benchmark", "cpu_model", "available_cores"]
+__all__ = ["TimingStats", "ThreadResult", "BenchmarkReport", "benchmark", "cpu_model", "available_cores",
+           "NOISE_LIMIT"]
+
+# (p90 - p10) / median of the per-pair speedups above which the machine was too noisy to tell.
+NOISE_LIMIT = 0.5
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class ThreadResult:
         speedup_p10, speedup_p90: spread of the per-pair ratios.
         pairs: timed pairs (one run of each model per pair).
         seconds: wall time of the timed pairs.
+        remeasured: how many times the pairs were timed again because the spread was too wide.
     """
 
     threads: int
@@ -77,12 +87,29 @@ class ThreadResult:
     speedup_p90: float
     pairs: int
     seconds: float
+    remeasured: int = 0
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median of the per-pair speedups: 0 on a perfectly quiet machine."""
+        return (self.speedup_p90 - self.speedup_p10) / self.speedup if self.speedup > 0 else math.inf
+
+    @property
+    def reliable(self) -> bool:
+        """False when the spread exceeds ``NOISE_LIMIT``: the speedup figure says nothing."""
+        return self.spread <= NOISE_LIMIT
+
+    def speedup_text(self) -> str:
+        """``1.52x (1.48-1.57)``, or ``not reliable (0.18-13.98x, machine too noisy)``."""
+        span = f"{self.speedup_p10:.2f}-{self.speedup_p90:.2f}"
+        return f"{self.speedup:.2f}x ({span})" if self.reliable else f"not reliable ({span}x, machine too noisy)"
 
     def to_dict(self) -> dict[str, Any]:
         return {"threads": self.threads, "original": self.original.to_dict(),
                 "factorized": self.factorized.to_dict(), "speedup": self.speedup,
                 "speedup_p10": self.speedup_p10, "speedup_p90": self.speedup_p90, "pairs": self.pairs,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "spread": self.spread, "reliable": self.reliable,
+                "remeasured": self.remeasured}
 
 
 @dataclass(frozen=True)
@@ -135,8 +162,11 @@ class BenchmarkReport:
         for r in self.results:
             lines.append(
                 f"{r.threads:>7}  {_span(r.original):>24}  {_span(r.factorized):>24}  "
-                f"{f'{r.speedup:.2f}x ({r.speedup_p10:.2f}-{r.speedup_p90:.2f})':>20}  {r.pairs}"
+                f"{r.speedup_text():>20}  {r.pairs}"
             )
+        if any(not r.reliable for r in self.results):
+            lines.append(f"not reliable: the per-pair speedups spread over more than {NOISE_LIMIT:.0%} of their "
+                         f"median even after timing again for longer; rerun on a quieter machine")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -158,6 +188,7 @@ def benchmark(
     seed: int = 0,
     exporter: str = "auto",
     workdir: str | os.PathLike | None = None,
+    remeasure: int = 2,
 ) -> BenchmarkReport:
     """Time the original and the factorized model, interleaved, at each thread setting.
 
@@ -175,6 +206,8 @@ def benchmark(
         seed: seed of the generated inputs.
         exporter: ``"auto"``, ``"dynamo"`` or ``"torchscript"`` (see ``export_onnx``).
         workdir: where exported files go (default: a temporary directory, removed afterwards).
+        remeasure: at most this many more timings, each with twice the pairs and time of the last, when
+            the speedups spread over more than ``NOISE_LIMIT`` of their median; the steadiest is kept.
     Returns:
         A ``BenchmarkReport``.
     Raises:
@@ -205,7 +238,7 @@ def benchmark(
         for count in settings:
             sessions = [make_session(models[role].path, threads=count, graph_optimization=graph_optimization)
                         for role in ("original", "factorized")]
-            results.append(_time_pairs(sessions, inputs, count, warmup, repeats, min_time, progress))
+            results.append(_steadiest(sessions, inputs, count, warmup, repeats, min_time, progress, remeasure))
 
     return BenchmarkReport(
         results=tuple(results),
@@ -262,6 +295,20 @@ def _time_pairs(sessions: list, inputs: tuple[np.ndarray, ...], threads: int, wa
     p10, median, p90 = np.percentile(ratios, [10, 50, 90])
     return ThreadResult(threads, TimingStats.of(times[0]), TimingStats.of(times[1]), float(median),
                         float(p10), float(p90), len(ratios), seconds)
+
+
+def _steadiest(sessions: list, inputs: tuple[np.ndarray, ...], threads: int, warmup: int, repeats: int,
+               min_time: float, progress: bool, remeasure: int) -> ThreadResult:
+    """Time the pairs; while the spread is too wide, time again with twice the pairs and time (at most
+    ``remeasure`` times, no warm-up: the sessions are warm) and keep the steadiest measurement."""
+    best = _time_pairs(sessions, inputs, threads, warmup, repeats, min_time, progress)
+    tries = 0
+    while not best.reliable and tries < remeasure:
+        tries += 1
+        again = _time_pairs(sessions, inputs, threads, 0, repeats * 2**tries, min_time * 2**tries, progress)
+        if again.spread < best.spread:
+            best = again
+    return replace(best, remeasured=tries)
 
 
 def _runner(session, feeds: dict[str, np.ndarray]):

@@ -57,6 +57,7 @@ __all__ = [
     "check_readable",
     "lift_exported_module",
     "parse_input_shape",
+    "torch_load_reason",
 ]
 
 FACTORIZED_FORMAT = "convfactor/1"
@@ -259,7 +260,8 @@ def _shape_or_none(value: Any) -> tuple[int, ...] | None:
 
 
 def parse_input_shape(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
-    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``; None stays None.
+    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``; None stays None. Only commas separate: ``1x3x224x224``
+    is refused with the comma form it may mean, never read silently.
 
     Raises:
         ConvfactorError: not a list of positive integers.
@@ -272,7 +274,10 @@ def parse_input_shape(text: str | Sequence[int] | None) -> tuple[int, ...] | Non
             raise ConvfactorError(f"input shape must be positive integers, got {text!r}")
         return shape
     compact = re.sub(r"\s+", "", text).strip("()[]")
-    shape = tuple(int(p) for p in re.split(r"[,x]", compact)) if re.fullmatch(r"\d+(?:[,x]\d+)*", compact) else ()
+    if re.fullmatch(r"\d+(?:[xX*]\d+)+", compact):
+        raise ConvfactorError(f"--input-shape must be positive integers separated by commas, like 1,3,224,224; "
+                              f"got {text!r} (did you mean {re.sub(r'[xX*]', ',', compact)}?)")
+    shape = tuple(int(p) for p in compact.split(",")) if re.fullmatch(r"\d+(?:,\d+)*", compact) else ()
     if not shape or any(s <= 0 for s in shape):
         raise ConvfactorError(f"--input-shape must be positive integers separated by commas, "
                               f"like 1,3,224,224; got {text!r}")
@@ -349,12 +354,10 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
                                   f"({_first_line(bad)})") from None
         if not trust:
             found = re.search(r"GLOBAL ([\w.]+)", message)
-            if found is None:  # not a reference to code: a damaged file or a pickle torch.save never writes
-                detail = re.search(r"WeightsUnpickler error:\s*([^\n]+(?:\n+[^\n]+)?)", message)
-                reason = _one_line_text(detail.group(1)) if detail else _first_line(bad)
+            if found is None:  # not a reference to code: a damaged file, or bytes no torch.save wrote
                 raise CheckpointError(
                     f"cannot read checkpoint {path}: the file is corrupt or truncated, or not written by "
-                    f"torch.save ({reason}); if it is a pickle you trust, --trust-checkpoint reads it"
+                    f"torch.save ({torch_load_reason(bad)})"
                 ) from None
             raise CheckpointError(
                 f"{path} holds pickled Python objects (it references {found.group(1)}), not only weights; to load "
@@ -703,6 +706,19 @@ def _lift_batchnorm(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> 
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def torch_load_reason(error: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words: the unpickler's own reason without
+    torch's advice to load with ``weights_only=False`` (which would run code from the file)."""
+    text = str(error)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    if found:
+        reason = _one_line_text(found.group(1))
+    else:
+        reason = f"{type(error).__name__}: {_first_line(error)}"
+    reason = re.sub(r"\s*Check the documentation of torch\.load.*$", "", reason).rstrip(" .")
+    return reason or type(error).__name__
+
+
 def _one_line_text(text: str) -> str:
     return " ".join(text.split())
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ._atomic import StagedOutputs
+from .inspect_table import format_inspect_table
 
 __all__ = ["main", "build_parser", "inspect_layers", "format_inspect_table"]
 
@@ -125,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a .yaml/.json policy file, or a method shorthand: spatial_svd, tucker2:0.5, "
                               "svd:energy=0.95 (every eligible layer)")
     convert.add_argument("--out", required=True, metavar="OUT",
-                         help="the factorized model: .pt (reloadable with convfactor.load) or .pt2 "
-                              "(torch.export program)")
+                         help="the factorized model: .pt or .pth (reloadable with convfactor.load) or .pt2 "
+                              "(torch.export program); for ONNX use --onnx")
     convert.add_argument("--onnx", metavar="OUT.onnx", help="also export the factorized model to ONNX")
     convert.add_argument("--check", action="store_true",
                          help="compare original and factorized in onnxruntime; exit 1 if a tolerance fails")
@@ -140,14 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--check-inputs", metavar="INPUTS.pt",
                          help="a tensor of real inputs for --check instead of generated standard-normal ones "
                               "(random inputs check the math, not accuracy)")
+    convert.add_argument("--share-weights", metavar="SPEC",
+                         help="then share each layer's weights through a k-means codebook: bits=N, clusters=K "
+                              "or elbow (the ONNX file stores codebook + uint8 indices; the score counts q_w)")
     convert.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the convs first")
     convert.add_argument("--no-trace", action="store_true",
                          help="replace modules without a torch.fx graph (for untraceable models; no BN folding)")
     convert.add_argument("--leaf-module", action="extend", nargs="+", default=[], metavar="NAME",
                          help="module names or class names torch.fx should not trace into")
-    convert.add_argument("--concrete-arg", action="append", default=[], type=_concrete_arg, metavar="NAME=VALUE",
-                         help="trace forward's non-tensor argument NAME with VALUE (true, 3, 0.5, null, text); "
-                              "arguments with plain defaults are traced with them unless given")
+    _add_concrete_arg_argument(convert)
     _add_onnx_arguments(convert)
     _add_check_arguments(convert)
     _add_bench_arguments(convert)
@@ -159,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                       _INSPECT_EXAMPLES)
     _add_model_arguments(inspect)
     inspect.add_argument("--methods", metavar="M1,M2", help="methods to show energy for (default: all)")
+    inspect.add_argument("--wide", action="store_true",
+                         help="every column: type, stride, groups and energy at 25/50/75%% for every method "
+                              "(the default table fits 100 columns)")
+    _add_concrete_arg_argument(inspect)
     _add_score_arguments(inspect)
     _add_output_arguments(inspect, force=False)
     inspect.set_defaults(handler=_cmd_inspect)
@@ -206,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_concrete_arg_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--concrete-arg", action="append", default=[], type=_concrete_arg, metavar="NAME=VALUE",
+                        help="call forward with its non-tensor argument NAME set to VALUE (true, 3, 0.5, null, "
+                             "text); arguments with plain defaults are traced with them unless given")
+
+
 def _concrete_arg(text: str) -> tuple[str, Any]:
     """``NAME=VALUE`` -> (name, value): VALUE read as JSON (true, 3, 0.5, null, "x"), else as text."""
     name, sep, raw = text.partition("=")
@@ -233,7 +246,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "model) and importing the architecture factory a factorized checkpoint names "
                              "(otherwise give --arch); only for files you trust")
     parser.add_argument("--input-shape", metavar="N,C,H,W",
-                        help="example input shape, e.g. 1,3,224,224 (default: the architecture's, if it declares "
+                        help="example input shape, integers separated by commas, e.g. 1,3,224,224 (default: the "
+                             "architecture's, if it declares "
                              "one); needed for MACs, ONNX, .pt2, --check and --bench")
 
 
@@ -463,26 +477,16 @@ def _require_shape(source: _Source, why: str) -> tuple[int, ...]:
 
 def _example_input(model: Any, shape: Sequence[int]):
     """A zero tensor of ``shape`` on the model's dtype, after checking the model accepts it."""
-    import torch
+    from .cli_checks import example_input
 
-    from .errors import ConvfactorError
-
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = param.dtype if param is not None else torch.float32
-    x = torch.zeros(tuple(shape), dtype=dtype)
-    try:
-        with torch.no_grad():
-            model(x)
-    except Exception as bad:  # the model's own error names the mismatch
-        raise ConvfactorError(f"input shape {','.join(map(str, shape))} does not fit the model: "
-                              f"{type(bad).__name__}: {_one_line(str(bad))}") from None
-    return x
+    return example_input(model, tuple(shape), _one_line)
 
 
 # -- outputs ------------------------------------------------------------------------------------
 def _check_outputs(paths: Sequence[Path], *, force: bool, inputs: Sequence[str | os.PathLike]) -> None:
     """Before any work: each output may be written (directory exists and is writable, no clobbering)."""
     from ._atomic import check_writable
+    from .cli_checks import cannot_create_error
     from .errors import ConvfactorError
 
     resolved_inputs = {Path(p).resolve() for p in inputs if p}
@@ -502,8 +506,7 @@ def _check_outputs(paths: Sequence[Path], *, force: bool, inputs: Sequence[str |
             os.close(handle)
             os.unlink(probe)
         except OSError as bad:
-            raise ConvfactorError(f"cannot write {path}: directory {path.parent} is not writable "
-                                  f"({bad.strerror or bad})") from None
+            raise cannot_create_error(path, bad) from None
 
 
 def _report_path(out: Path) -> Path:
@@ -516,14 +519,17 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     from .api import factorize, get_report
     from .auto.verify import FidelityWarning
     from .checkpoint import parse_input_shape
+    from .cli_checks import check_out_name
     from .errors import ConvfactorError
     from .policy import Policy
+    from .share import parse_share_spec, share_weights, sharing_report
     from .summary import render_summary, summarize
 
     # 1. everything that can be checked without loading the model
     policy = Policy.from_any(args.policy)
     shape = parse_input_shape(args.input_shape)
     out = Path(args.out)
+    check_out_name(out)
     report_path = _report_path(out)
     onnx_path = Path(args.onnx) if args.onnx else None
     outputs = [out, report_path] + ([onnx_path] if onnx_path else [])
@@ -531,6 +537,7 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     thread_counts = _parse_threads(args.threads)
     _check_counts(args)
     score_options = _score_options(args)
+    share = None if args.share_weights is None else parse_share_spec(args.share_weights)
     calibration = _load_inputs_file(args.calibration, "--calibration")
     check_inputs = _load_inputs_file(args.check_inputs, "--check-inputs")
     if check_inputs is not None and not args.check:
@@ -559,9 +566,14 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
                          concrete_args=dict(args.concrete_arg), progress=console.progress,
                          calibration=calibration)
     report = get_report(fast)
-    for warning in report.warnings:
+    for warning in report.all_warnings():
         console.status(f"warning: {warning}")
     floor = report.extra.get("fidelity_check")
+    if share is not None:
+        console.status(f"sharing weights ({args.share_weights})")
+        fast = share_weights(fast, **share)
+        if args.weight_bits == 32:  # the score counts the shared bits unless --weight-bits says otherwise
+            score_options["weight_bits"] = round(sharing_report(fast).weight_bits(), 3)
     factorize_seconds = time.perf_counter() - started
 
     document: dict[str, Any] = {
@@ -573,6 +585,7 @@ def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
                     else str(onnx_path)},
         "factorize": report.to_dict(),
         "factorize_seconds": factorize_seconds,
+        "share_weights": None if share is None else sharing_report(fast).to_dict(),
         "onnx": None,
         "fidelity": None,
         "bench": None,
@@ -702,6 +715,11 @@ def _stage_onnx(staging: StagedOutputs, onnx_path: Path, model: Any, example: An
     result = export_onnx(model, example, staged, opset=args.opset, dynamic_batch=not args.static_batch,
                          exporter=args.exporter, force=True)
     info = result.to_dict()
+    if hasattr(model, "convfactor_sharing"):  # shared weights: store codebook + uint8 indices
+        from .share_onnx import pack_codebooks
+
+        packed = pack_codebooks(staged)
+        info["file_size"], info["packed_codebooks"] = packed.size_after, len(packed.packed)
     info["path"] = str(onnx_path)
     if result.external_data_path is not None:
         data_destination = onnx_path.with_name(result.external_data_path.name)
@@ -760,6 +778,7 @@ def _load_inputs_file(path: str | None, option: str):
     import numpy as np
     import torch
 
+    from .cli_checks import inputs_file_error
     from .errors import ConvfactorError
 
     file = Path(path)
@@ -771,7 +790,7 @@ def _load_inputs_file(path: str | None, option: str):
         else:
             data = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file: say which, in one line
-        raise ConvfactorError(f"{option}: cannot read {path}: {_one_line(str(error))[:200]}") from None
+        raise inputs_file_error(option, path, error) from None
     if isinstance(data, (list, tuple)) and data and isinstance(data[0], torch.Tensor):
         data = data[0]  # an (inputs, labels) pair
     if not isinstance(data, torch.Tensor) or data.dim() < 2 or len(data) == 0:
@@ -822,6 +841,8 @@ def _cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
         methods = wanted
     arch = _resolve_arch_option(args.arch, args.arch_args)
     source = _load_source(args.checkpoint, arch, trust=args.trust_checkpoint, input_shape=shape, console=console)
+    if args.concrete_arg:  # the model was loaded here: its forward is ours to bind
+        source.model.forward = functools.partial(source.model.forward, **dict(args.concrete_arg))
     x = _example_input(source.model, _require_shape(source, "to count MACs"))
     score_options = _score_options(args)
     console.status("computing spectra")
@@ -830,7 +851,7 @@ def _cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
     if args.json:
         console.document({"command": "inspect", "input": source.describe(), **table})
     else:
-        console.result(format_inspect_table(table))
+        console.result(format_inspect_table(table, wide=args.wide))
     return EXIT_OK
 
 
@@ -910,52 +931,6 @@ def inspect_layers(model: Any, example: Any, methods: Sequence[str],
         "layers": rows,
         "totals": {"params": count_params(model), "layer_macs": total_macs, "layers": len(rows)},
     }
-
-
-def format_inspect_table(table: dict[str, Any]) -> str:
-    """The fixed-width text form of ``inspect_layers``' result."""
-    from .report import human_count
-
-    fractions = "/".join(f"{round(f * 100)}" for f in table["fractions"])
-    headers = ["layer", "type", "shape", "stride", "groups", "params", "MACs", "MACs %"]
-    headers += [f"{m} {fractions}%" for m in table["methods"]]
-    lines_data = []
-    for row in table["layers"]:
-        shape = f"{row['in']}->{row['out']}" + (" " + "x".join(map(str, row["kernel"])) if row["kernel"] else "")
-        stride = "-" if not row["stride"] else (
-            str(row["stride"][0]) if len(set(row["stride"])) == 1 else ",".join(map(str, row["stride"])))
-        cells = [row["name"], row["type"], shape, stride, str(row["groups"]), human_count(row["params"]),
-                 human_count(row["macs"]),
-                 "n/a" if row["macs_share"] is None else f"{100 * row['macs_share']:.1f}"]
-        for method in table["methods"]:
-            value = row["energy"][method]
-            if value is None:
-                cells.append("-")
-            elif isinstance(value, dict):
-                cells.append("n/a")
-            else:
-                cells.append("/".join(f"{e:.2f}" for e in value))
-        lines_data.append(cells)
-    widths = [max([len(h)] + [len(r[i]) for r in lines_data]) for i, h in enumerate(headers)]
-    numeric = set(range(3, len(headers)))
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    lines = [fmt(headers).rstrip(), "-" * (sum(widths) + 2 * (len(widths) - 1))]
-    lines += [fmt(r).rstrip() for r in lines_data]
-    totals = table["totals"]
-    lines.append("")
-    lines.append(f"{totals['layers']} Conv/Linear layers; params {human_count(totals['params'])}; "
-                 f"Conv/Linear MACs per sample {human_count(totals['layer_macs'])} "
-                 f"at input {','.join(map(str, table['input_shape']))}")
-    lines.append(f"energy: fraction of squared singular values kept at {fractions}% of the full rank; "
-                 f"'-' no spectrum, 'n/a' the method cannot represent the layer")
-    score = table.get("challenge_score")
-    if score:
-        lines.append(f"challenge score {score['score']:.4f} (params term {score['params_term']:.4f} + MACs term "
-                     f"{score['macs_term']:.4f}; {score['weight_bits']}-bit weights, {score['activation_bits']}-bit "
-                     f"activations, pruning {score['structured_pruning']:g}/{score['unstructured_pruning']:g})")
-    return "\n".join(lines)
 
 
 # -- export -------------------------------------------------------------------------------------

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import io
 import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +34,7 @@ import torch
 from torch import nn
 
 from ._atomic import check_writable, publish
+from ._quiet import quiet
 from .errors import ConvfactorError, ExportError
 
 __all__ = [
@@ -364,7 +362,7 @@ def _export_checked(spec: _ExportSpec, staged: Path, order: tuple[str, ...]) -> 
 
 def _export_one(spec: _ExportSpec, staged: Path, exporter: str) -> Path:
     try:
-        with _quiet_exporter():
+        with quiet():
             if exporter == "dynamo":
                 _export_dynamo(spec, staged)
             else:
@@ -504,50 +502,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in flags:
             module.training = training
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Silence an export attempt: warnings, logging, and whatever it prints (Python or C++).
-
-    A failed dynamo attempt prints the whole ATen graph (thousands of lines for a real network); its
-    reason is kept in the exception instead.
-    """
-    previous = logging.root.manager.disable
-    logging.disable(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings(), _silenced_output():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
-
-
-@contextlib.contextmanager
-def _silenced_output() -> Iterator[None]:
-    """Send what is written to stdout and stderr, by Python or by native code, to a discarded file."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            saved = [os.dup(1), os.dup(2)]
-        except OSError:  # no file descriptors to redirect (an embedded interpreter)
-            yield
-            return
-        with tempfile.TemporaryFile() as sink:
-            for stream in (sys.__stdout__, sys.__stderr__):
-                if stream is not None:
-                    stream.flush()
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
-            try:
-                yield
-            finally:
-                for stream in (sys.__stdout__, sys.__stderr__):
-                    if stream is not None:
-                        stream.flush()
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-                os.close(saved[0])
-                os.close(saved[1])
 
 
 def _count_outputs(model: nn.Module, args: tuple[torch.Tensor, ...]) -> int:

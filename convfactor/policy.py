@@ -18,7 +18,10 @@ Rank spec per rule (at most one of ``rank``/``energy``; neither means full rank,
   * ``energy: 0.99`` the smallest rank keeping that fraction of the squared singular values,
   * ``rank: vbmf`` the rank VBMF estimates from the layer's weight (spatial_svd, svd, tucker2; resolved
     by ``convfactor.auto``, see ``convfactor.auto.vbmf``),
-  * ``align: 16`` round ranks up to a multiple of 16 (onnxruntime's fast conv path works on blocks of 16).
+  * ``align: 16`` round ranks up to a multiple of 16 (onnxruntime's fast conv path works on blocks of 16),
+  * ``only_if_cheaper: true`` leave a matched layer as is when its replacement would not cost fewer MACs
+    (parameters without example inputs); the default for shorthands with a rank or energy below full
+    (``"tucker2:0.5"``), not for full-rank (exact) ones nor for ranks that ``convfactor.auto`` resolves.
 
 ``method: auto`` lets convfactor choose the method (or to leave the layer as is) per layer. A top-level
 ``target: {macs: 0.5}`` (or ``params``/``latency``, a fraction of the original) asks for a global budget:
@@ -54,7 +57,7 @@ SKIP = "skip"
 AUTO = "auto"
 VBMF = "vbmf"
 TARGET_KINDS = ("macs", "params", "latency")
-_RULE_KEYS = ("match", "types", "method", "rank", "energy", "align")
+_RULE_KEYS = ("match", "types", "method", "rank", "energy", "align", "only_if_cheaper")
 _POLICY_KEYS = ("rules", "target", "fidelity")
 _FIDELITY_KEYS = ("max_rel_error", "min_agreement")
 
@@ -69,6 +72,7 @@ class Rule:
     rank: int | float | tuple[int, ...] | str | None = None  # str: only "vbmf"
     energy: float | None = None
     align: int | None = None
+    only_if_cheaper: bool = False  # skip a layer whose replacement would not cost fewer MACs
 
     def matches(self, name: str, kind: str) -> bool:
         return fnmatch.fnmatchcase(name, self.match) and (not self.types or kind in self.types)
@@ -84,6 +88,8 @@ class Rule:
             out["energy"] = self.energy
         if self.align is not None:
             out["align"] = self.align
+        if self.only_if_cheaper:
+            out["only_if_cheaper"] = True
         return out
 
     def describe(self, index: int) -> str:
@@ -164,6 +170,11 @@ class Policy:
             if key not in ("rank", "energy", "align"):
                 raise PolicyError(f"policy shorthand {text!r}: expected METHOD[:RANK] or METHOD:energy=E")
             rule[key] = _parse_number(value, f"policy shorthand {text!r}")
+            # A shorthand that asks for compression only replaces layers where it saves MACs; a full-rank
+            # one (no rank, rank 1.0, energy 1) is an exact rewrite and replaces every eligible layer.
+            value = rule[key]
+            full = (key == "rank" and isinstance(value, float) and value == 1.0) or (key == "energy" and value == 1)
+            rule["only_if_cheaper"] = key != "align" and not full
         return cls.from_dict({"rules": [rule]})
 
     @classmethod
@@ -202,12 +213,11 @@ class Policy:
         return cls.from_dict(data)
 
     @classmethod
-    def from_yaml(cls, text: str) -> Policy:
+    def from_yaml(cls, text: str, *, source: str = "policy") -> Policy:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise PolicyError(f"policy is not valid YAML: {first_line}") from None
+            raise PolicyError(f"{source} is not valid YAML: {_yaml_error(exc)}") from None
         if data is None:
             raise PolicyError("policy file is empty")
         return cls.from_dict(data)
@@ -223,12 +233,25 @@ class Policy:
             raise PolicyError(f"cannot read policy file {path}: {exc}") from None
         if path.suffix.lower() == ".json":
             return cls.from_json(text)
-        return cls.from_yaml(text)  # YAML is a superset of JSON, so any other suffix reads too
+        return cls.from_yaml(text, source=f"policy file {path}")  # YAML is a superset of JSON: any suffix reads
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
         text = self.to_json() + "\n" if path.suffix.lower() == ".json" else self.to_yaml()
         path.write_text(text)
+
+
+def _yaml_error(exc: Exception) -> str:
+    """PyYAML's problem with its line and column (1-based) and what it was parsing, on one line."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not problem or mark is None:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+    message = f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        message += f" ({context} from line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return message
 
 
 def _looks_like_path(text: str) -> bool:
@@ -294,8 +317,11 @@ def _parse_rule(index: int, raw: Any) -> Rule:
         raise PolicyError(f"{where}: 'energy' must be a number in (0, 1], got {energy!r}")
     if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
         raise PolicyError(f"{where}: 'align' must be a positive int, got {align!r}")
+    cheaper = raw.get("only_if_cheaper", False)
+    if not isinstance(cheaper, bool):
+        raise PolicyError(f"{where}: 'only_if_cheaper' must be true or false, got {cheaper!r}")
     return Rule(method=method, match=match, types=tuple(types), rank=rank,
-                energy=None if energy is None else float(energy), align=align)
+                energy=None if energy is None else float(energy), align=align, only_if_cheaper=cheaper)
 
 
 def _parse_target(raw: Any) -> tuple[str, float] | None:

@@ -77,6 +77,23 @@ class FactorizeReport:
             return None
         return self.macs_after / self.macs_before
 
+    @property
+    def costlier(self) -> list[dict[str, Any]]:
+        """Replacements that save no MACs (parameters when MACs are unknown): each costs as much as the
+        layer it replaces or more, while adding error. ``only_if_cheaper: true`` on a rule skips them."""
+        out = []
+        for d in self.replaced:
+            ratio, what = (d.macs_ratio, "MACs") if d.macs_ratio is not None else (d.params_ratio, "parameters")
+            if ratio is not None and ratio >= 1:
+                out.append({"layer": d.name, "method": d.method, "rule": d.rule, "macs_ratio": d.macs_ratio,
+                            "params_ratio": d.params_ratio, "message": f"{d.name} ({d.method}) costs x{ratio:.3f} "
+                            f"the {what} of the layer it replaces; only_if_cheaper: true on its rule skips it"})
+        return out
+
+    def all_warnings(self) -> list[str]:
+        """Every warning as one line: the result's own (fidelity, missed target) and costlier replacements."""
+        return list(self.warnings) + [c["message"] for c in self.costlier]
+
     def plan(self) -> dict[str, Any]:
         """What ``convfactor.load`` needs to rebuild the factorized structure (JSON-able)."""
         return {
@@ -100,6 +117,7 @@ class FactorizeReport:
             "layers_total": len(self.layers),
         }
         out["plan"] = self.plan()
+        out["costlier"] = self.costlier
         return out
 
     def to_json(self, indent: int = 2) -> str:
@@ -193,8 +211,11 @@ def format_table(report: FactorizeReport) -> str:
         bound = ", ".join(f"{k} {v:g}" for k, v in check["bound"].items())
         lines.append(f"output vs original: relative error {check['rel_error']:.4g}{agreement} on {check['samples']} "
                      f"{check['data']} ({'within' if check['passed'] else 'OUTSIDE'} {check['bound_source']}: {bound})")
+    selection = (report.extra.get("auto") or {}).get("selection")
+    if selection:
+        lines.append(f"selection: {selection}")
     for note in report.notes:
         lines.append(f"note: {note}")
-    for warning in report.warnings:
-        lines.append(f"WARNING: {warning}")
+    for warning in report.all_warnings():
+        lines.append(f"warning: {warning}")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from .errors import ConvfactorError
 from .score import ChallengeScore, challenge_score
 
 __all__ = ["SharedLayer", "SharingReport", "kmeans_1d", "elbow_clusters", "share_weights", "sharing_report",
-           "ELBOW_CANDIDATES"]
+           "parse_share_spec", "ELBOW_CANDIDATES"]
 
 SHARING_ATTR = "convfactor_sharing"
 MAX_FIT_VALUES = 65536
@@ -143,6 +143,10 @@ def share_weights(model: nn.Module, bits: int | None = None, clusters: int | Non
                                  or not 2 <= clusters <= 256):
         raise ConvfactorError(f"share_weights: clusters must be an int in 2..256, got {clusters!r}")
     shared = copy.deepcopy(model)
+    from .api import REPORT_ATTR
+
+    if hasattr(model, REPORT_ATTR):  # a GraphModule's deepcopy drops the factorize report: keep it
+        setattr(shared, REPORT_ATTR, getattr(model, REPORT_ATTR))
     report = SharingReport(params_total=sum(p.numel() for p in shared.parameters()))
     for name, layer in shared.named_modules():
         if type(layer) not in _SHARED_TYPES:
@@ -165,3 +169,18 @@ def sharing_report(model: nn.Module) -> SharingReport:
     if report is None:
         raise ConvfactorError("this module was not produced by convfactor.share_weights (no sharing report)")
     return report
+
+
+def parse_share_spec(text: str) -> dict:
+    """``"bits=4"`` / ``"clusters=12"`` / ``"elbow"`` (the CLI's ``--share-weights``) -> share_weights kwargs.
+
+    Raises:
+        ConvfactorError: anything else (one line).
+    """
+    spec = text.strip()
+    if spec == "elbow":
+        return {"elbow": True}
+    key, sep, value = spec.partition("=")
+    if sep and key.strip() in ("bits", "clusters") and value.strip().isdigit():
+        return {key.strip(): int(value)}
+    raise ConvfactorError(f"--share-weights: expected bits=N, clusters=K or elbow, got {text!r}")

@@ -37,7 +37,8 @@ def summarize(document: dict[str, Any], *, weight_bits: int = 32, activation_bit
     if bench:
         summary["latency"] = [
             {"threads": r["threads"], "original_ms": r["original"]["median_ms"],
-             "factorized_ms": r["factorized"]["median_ms"], "speedup": r["speedup"]}
+             "factorized_ms": r["factorized"]["median_ms"], "speedup": r["speedup"],
+             "speedup_p10": r["speedup_p10"], "speedup_p90": r["speedup_p90"], "reliable": r.get("reliable", True)}
             for r in bench["results"]
         ]
     fidelity = document.get("fidelity")
@@ -67,9 +68,13 @@ def render_summary(summary: dict[str, Any]) -> str:
     if "onnx_file_size" in summary:
         lines.append(f"  ONNX file         {summary['onnx_file_size'] / 1e6:.2f} MB")
     for lat in summary.get("latency", []):
+        head = f"  latency {lat['threads']} thr     {lat['original_ms']:.3f} ms -> {lat['factorized_ms']:.3f} ms"
+        if not lat.get("reliable", True):  # a spread that wide says nothing: no figure, no verdict
+            lines.append(f"{head}  speedup not reliable: per-pair ratios {lat['speedup_p10']:.2f}-"
+                         f"{lat['speedup_p90']:.2f}x (machine too noisy; rerun with a longer --min-time)")
+            continue
         verdict = "faster" if lat["speedup"] > 1 else "SLOWER"
-        lines.append(f"  latency {lat['threads']} thr     {lat['original_ms']:.3f} ms -> {lat['factorized_ms']:.3f} ms"
-                     f"  speedup {lat['speedup']:.2f}x ({verdict}, onnxruntime, measured)")
+        lines.append(f"{head}  speedup {lat['speedup']:.2f}x ({verdict}, onnxruntime, measured)")
     if "fidelity" in summary:
         lines.append(f"  fidelity          {summary['fidelity']}")
     if "output_check" in summary:

@@ -128,7 +128,7 @@ def capture(
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:
         if isinstance(model, torch.fx.GraphModule):
-            return _own_graph(model, exc)
+            return _own_graph(model, exc, given)
         raise TraceError(_explain(model, tracer, exc, n_inputs)) from exc
     graph_module = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     _keep_signature(graph_module, concrete)
@@ -187,13 +187,15 @@ def _keep_signature(graph_module: torch.fx.GraphModule, concrete: Mapping[str, A
     return traced
 
 
-def _own_graph(model: torch.fx.GraphModule, exc: Exception) -> PassResult:
+def _own_graph(model: torch.fx.GraphModule, exc: Exception, given: Mapping[str, Any]) -> PassResult:
     """A GraphModule that cannot be traced again: rewrite its own graph (it already is one)."""
     model.graph.lint()
     model.meta.setdefault(CONCRETE_ARGS_META, {})
-    note = (f"the model is a torch.fx GraphModule that could not be traced again ({_first_line(exc)}): "
-            f"its own graph was used")
-    return PassResult(model, False, [note], "capture")
+    notes = [f"the model is a torch.fx GraphModule that could not be traced again ({_first_line(exc)}): "
+             f"its own graph was used"]
+    if given:
+        notes.append(f"concrete_args {sorted(given)} were not applied: the GraphModule's own graph was used")
+    return PassResult(model, False, notes, "capture")
 
 
 def _first_line(exc: BaseException) -> str:

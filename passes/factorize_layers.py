@@ -67,6 +67,20 @@ def weight_error(original: nn.Module, factorized: FactorizedLayer) -> float:
     return float((w - w_hat).norm() / norm) if norm > 0 else float((w - w_hat).norm())
 
 
+def _costlier(method, layer: nn.Module, rank, in_out, decision: LayerDecision) -> str | None:
+    """Why the replacement would not pay (it costs as many MACs or more; parameters without shapes), or None."""
+    from convfactor.auto.candidates import replacement_costs  # late: convfactor.auto imports this module
+
+    macs, params = replacement_costs(method, layer, rank, in_out[0] if in_out else None)
+    before, after, what = ((decision.macs_before, macs, "MACs") if macs is not None and decision.macs_before
+                           else (decision.params_before, params, "parameters"))
+    if after < before:
+        return None
+    rank_text = "x".join(map(str, rank)) if isinstance(rank, tuple) else str(rank)
+    return (f"{method.name} at rank {rank_text} would cost x{after / before:.2f} the {what} of the layer "
+            f"(only_if_cheaper)")
+
+
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     parent, _, name = target.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
@@ -148,6 +162,11 @@ def factorize_layers(
             rank = method.resolve_rank(layer, rank=rule.rank, energy=rule.energy, align=rule.align)
         except RankError as exc:
             raise RankError(f"{rule.describe(index)}, layer {name!r} ({decision.shape}): {exc}") from None
+        if rule.only_if_cheaper:
+            costlier = _costlier(method, layer, rank, in_out, decision)
+            if costlier:
+                decision.status, decision.reason = SKIPPED, costlier
+                continue
         todo.append((decision, layer, method, rank))
 
     iterator = todo

@@ -32,7 +32,7 @@ def net():
 
 
 # -- input shape and --arch-args --------------------------------------------------------------------
-@pytest.mark.parametrize("text, shape", [("1,3,224,224", (1, 3, 224, 224)), ("1x3x8x8", (1, 3, 8, 8)),
+@pytest.mark.parametrize("text, shape", [("1,3,224,224", (1, 3, 224, 224)), ("[1, 3, 8, 8]", (1, 3, 8, 8)),
                                          (" (2, 16) ", (2, 16)), (None, None)])
 def test_parse_input_shape(text, shape):
     assert parse_input_shape(text) == shape
@@ -42,6 +42,11 @@ def test_parse_input_shape(text, shape):
 def test_parse_input_shape_rejects(text):
     with pytest.raises(ConvfactorError, match="--input-shape"):
         parse_input_shape(text)
+
+
+def test_parse_input_shape_refuses_x_separators_with_the_comma_form():
+    with pytest.raises(ConvfactorError, match=r"got '1x3x8x8' \(did you mean 1,3,8,8\?\)"):
+        parse_input_shape("1x3x8x8")
 
 
 def test_parse_arch_kwargs():

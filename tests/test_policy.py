@@ -85,9 +85,11 @@ def test_types_filter_and_glob_crosses_dots():
     "text, expected",
     [
         ("spatial_svd", {"rules": [{"match": "*", "method": "spatial_svd"}]}),
-        ("tucker2:0.5", {"rules": [{"match": "*", "method": "tucker2", "rank": 0.5}]}),
-        ("depthwise:2", {"rules": [{"match": "*", "method": "depthwise", "rank": 2}]}),
-        ("spatial_svd:energy=0.95", {"rules": [{"match": "*", "method": "spatial_svd", "energy": 0.95}]}),
+        ("tucker2:0.5", {"rules": [{"match": "*", "method": "tucker2", "rank": 0.5, "only_if_cheaper": True}]}),
+        ("depthwise:2", {"rules": [{"match": "*", "method": "depthwise", "rank": 2, "only_if_cheaper": True}]}),
+        ("spatial_svd:energy=0.95", {"rules": [{"match": "*", "method": "spatial_svd", "energy": 0.95,
+                                                "only_if_cheaper": True}]}),
+        ("spatial_svd:1.0", {"rules": [{"match": "*", "method": "spatial_svd", "rank": 1.0}]}),
     ],
 )
 def test_shorthand(text, expected):
@@ -98,7 +100,7 @@ def test_shorthand(text, expected):
     "rule, message",
     [
         ({"method": "spatial_svd", "rnak": 3}, r"policy rule 1: unknown key 'rnak'"),
-        ({"match": "a.*", "method": "nope"}, r"policy rule 1 \(match 'a\.\*'\): unknown method 'nope'; known methods: cp"),
+        ({"match": "a.*", "method": "nope"}, r"policy rule 1 \(match 'a\.\*'\): unknown method 'nope'; known methods: channel_svd, cp"),
         ({"match": "x"}, r"'method' is required"),
         ({"method": "spatial_svd", "rank": 0}, r"'rank' must be >= 1, got 0"),
         ({"method": "spatial_svd", "rank": -3}, r"'rank' must be >= 1"),

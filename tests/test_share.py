@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -99,3 +102,41 @@ def test_score_counts_the_index_bits() -> None:
     score = report.score(macs=1000)
     assert score.params_term == pytest.approx(expected_bits / 32 * params / 5.6e6, rel=1e-12)
     assert score.score < convfactor.challenge_score(params, 1000).score
+
+
+def test_composes_with_factorize_and_keeps_its_report() -> None:
+    model = _model()
+    x = torch.randn(1, 3, 8, 8)
+    fast = convfactor.factorize(model, "spatial_svd:0.5", x)
+    shared = convfactor.share_weights(fast, bits=5)
+    assert convfactor.get_report(shared) is convfactor.get_report(fast)
+    names = [layer.name for layer in convfactor.sharing_report(shared).layers]
+    assert any(name.endswith(".vertical") for name in names) and any(name.endswith(".horizontal") for name in names)
+    with torch.no_grad():
+        assert torch.allclose(shared(x), fast(x), rtol=0.1, atol=0.1 * float(fast(x).abs().max()))
+
+
+def test_cli_convert_share_weights(tmp_path, capsys, monkeypatch) -> None:
+    from convfactor.cli import main
+    from tests.cli_models import TinyNet, randomized, tiny_net
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    ckpt = tmp_path / "net.pt"
+    torch.save(randomized(TinyNet()).state_dict(), ckpt)
+    base = ["convert", str(ckpt), "--arch", "tests.cli_models:tiny_net", "--policy", "spatial_svd:0.5",
+            "--input-shape", "1,3,8,8", "--json", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "plain.pt"), "--onnx", str(tmp_path / "plain.onnx")]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*base, "--out", str(tmp_path / "shared.pt"), "--onnx", str(tmp_path / "shared.onnx"),
+                 "--share-weights", "bits=4"]) == 0
+    shared = json.loads(capsys.readouterr().out)
+    assert shared["share_weights"]["layers"] and all(layer["clusters"] <= 16
+                                                     for layer in shared["share_weights"]["layers"])
+    assert shared["onnx"]["packed_codebooks"] == len(shared["share_weights"]["layers"])
+    assert shared["onnx"]["file_size"] == (tmp_path / "shared.onnx").stat().st_size < plain["onnx"]["file_size"]
+    reloaded = convfactor.load(tmp_path / "shared.pt", arch=tiny_net)
+    conv = next(m for m in reloaded.modules() if isinstance(m, nn.Conv2d))
+    assert len(torch.unique(conv.weight)) <= 16
+    assert main([*base, "--out", str(tmp_path / "bad.pt"), "--share-weights", "bits=four"]) == 2
+    assert "expected bits=N, clusters=K or elbow" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()

@@ -3,12 +3,13 @@
 Statistics: for each layer, Sigma = E[p p^T] over the input patches p of its output positions (the
 C_in/g * k_h * k_w values one output pixel reads, per group; for a Linear, its input vector), collected
 with forward pre-hooks while the (BatchNorm-folded) network runs on the calibration batches. Patches are
-extracted by a one-hot depthwise conv with the layer's own stride, padding, dilation and padding mode, so
-every geometry is handled the way the layer sees it. At most ``max_rows`` positions per layer are used
-(a seeded random subset), which bounds the cost for high-resolution layers; patches are extracted a
-few samples at a time, so their memory is bounded too. A full D x D covariance is kept only where it
-fits ``memory_budget``; other layers get a Kronecker-factored (channels x kernel taps) or diagonal
-statistic (``convfactor.auto.covariance``), and the report says which.
+extracted by ``unfold`` (im2col) after the layer's own padding (``padding_mode`` and 'same' included),
+with its stride and dilation, so every geometry is handled the way the layer sees it. At most
+``max_rows`` positions per layer are used (a seeded random subset), which bounds the cost for
+high-resolution layers; patches are extracted a few samples at a time, so their memory is bounded too.
+A full D x D covariance is kept only where it fits ``memory_budget``; other layers get a
+Kronecker-factored (channels x kernel taps) or diagonal statistic (``convfactor.auto.covariance``),
+and the report says which.
 
 Sensitivity: how much of a layer's output error reaches the network output. A probe replacement is
 swapped in for one layer at a time (a forward hook), and the network output's relative squared error is
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConvfactorError
@@ -136,18 +138,20 @@ def patch_extractor(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     geo = LayerGeometry.of(layer)
     if geo.kind == "Linear":
         return lambda x: x.reshape(-1, x.shape[-1])
-    volume = geo.kernel_volume
-    extractor = type(layer)(geo.in_channels, geo.in_channels * volume, layer.kernel_size, stride=layer.stride,
-                            padding=layer.padding, dilation=layer.dilation, groups=geo.in_channels, bias=False,
-                            padding_mode=layer.padding_mode, device=layer.weight.device, dtype=layer.weight.dtype)
-    with torch.no_grad():
-        one_hot = torch.eye(volume, dtype=layer.weight.dtype, device=layer.weight.device)
-        extractor.weight.copy_(one_hot.repeat(geo.in_channels, 1).reshape(extractor.weight.shape))
-    extractor.requires_grad_(False)
+    # The layer's own padding (PyTorch keeps it as F.pad widths, 'same' included), then im2col.
+    widths = tuple(layer._reversed_padding_repeated_twice)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    one_d = geo.dims == 1
+    kernel = (*layer.kernel_size, 1) if one_d else tuple(layer.kernel_size)
+    dilation = (*layer.dilation, 1) if one_d else tuple(layer.dilation)
+    stride = (*layer.stride, 1) if one_d else tuple(layer.stride)
 
     def patches(x: torch.Tensor) -> torch.Tensor:
-        out = extractor(x.to(layer.weight.dtype))  # (N, C_in*K, *spatial)
-        return out.flatten(2).transpose(1, 2).reshape(-1, out.shape[1])
+        x = F.pad(x.to(layer.weight.dtype), widths, mode=mode) if any(widths) else x.to(layer.weight.dtype)
+        if one_d:
+            x = x.unsqueeze(-1)
+        out = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C_in*K, positions)
+        return out.transpose(1, 2).reshape(-1, out.shape[1])
 
     return patches
 
@@ -159,27 +163,41 @@ class _Moments:
         self.form, self.groups, self.channels, self.kernel, self.note = form, groups, channels, kernel, note
         self.sums: list[torch.Tensor] | None = None
         self.rows = 0
+        self.channel_sum: torch.Tensor | None = None  # Kronecker: sum of x_l x_r^T over input positions
+        self.positions = 0
 
     def add(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Patches (g, rows, D); for the Kronecker form they give the kernel-tap factor only."""
         g, rows, _ = left.shape
         if self.form == "full":
             parts = [left.transpose(1, 2) @ right]
         elif self.form == "kronecker":
             x_l = left.reshape(g, rows, self.channels, self.kernel)
             x_r = right.reshape(g, rows, self.channels, self.kernel)
-            parts = [torch.einsum("grck,grek->gce", x_l, x_r), torch.einsum("grck,grcl->gkl", x_l, x_r)]
+            parts = [torch.einsum("grck,grcl->gkl", x_l, x_r)]
         else:
             parts = [(left * right).sum(1)]
         parts = [t.to(torch.float64).cpu() for t in parts]
         self.sums = parts if self.sums is None else [s + t for s, t in zip(self.sums, parts)]
         self.rows += rows
 
+    def add_channels(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Kronecker form: input vectors (g, positions, C) at the same positions of both inputs.
+
+        The channel factor E[X X^T] = sum over taps of E[x x^T] at the tapped positions, i.e. K times
+        the second moment of the input's channel vectors (edges aside): read off the input positions,
+        which costs positions * C^2 instead of patches * C^2 * K.
+        """
+        part = (left.transpose(1, 2) @ right).to(torch.float64).cpu()
+        self.channel_sum = part if self.channel_sum is None else self.channel_sum + part
+        self.positions += left.shape[1]
+
     def result(self) -> Covariance:
         means = [s / self.rows for s in self.sums]
         if self.form == "full":
             return FullCovariance(means[0])
         if self.form == "kronecker":
-            a, b = means
+            a, b = self.channel_sum * (self.kernel / self.positions), means[0]
             trace = a.diagonal(dim1=1, dim2=2).sum(-1)
             trace = torch.where(trace.abs() > 1e-300, trace, torch.ones_like(trace))
             return KroneckerCovariance(a, b / trace[:, None, None], self.note)
@@ -218,6 +236,12 @@ def _chunks(x: torch.Tensor, layer: nn.Module) -> list[torch.Tensor]:
     per_sample = x[0].numel() * geo.kernel_volume * x.element_size() / math.prod(geo.stride)
     size = max(1, int(_CHUNK_BYTES // max(per_sample, 1)))
     return list(x.split(size)) if size < x.shape[0] else [x]
+
+
+def _positions(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """A conv input (N, C, *spatial) as (g, N * positions, C/g) channel vectors."""
+    flat = x.flatten(2).transpose(1, 2).reshape(-1, x.shape[1])
+    return flat.reshape(flat.shape[0], groups, -1).transpose(0, 1)
 
 
 def _sampled(p: torch.Tensor, keep: int, generator: torch.Generator) -> torch.Tensor | None:
@@ -265,6 +289,11 @@ def layer_statistics(
 
         def hook(module, args, extract=extract, acc=acc, per_batch=per_batch, layer=layer):
             x = args[0]
+            if acc.form == "kronecker":
+                v = _positions(x.to(layer.weight.dtype), acc.groups)
+                keep = _sampled(v[0], max_rows // len(batches) + 1, generator)
+                v = v if keep is None else v[:, keep]
+                acc.add_channels(v, v)
             for chunk in _chunks(x, layer):
                 p = extract(chunk)
                 keep = _sampled(p, max(1, math.ceil(per_batch * len(chunk) / len(x))), generator)
@@ -340,6 +369,14 @@ def paired_statistics(
             run(reference, batch)
             run(work, batch)
             x_ref, x_work = captured.pop("reference"), captured.pop("work")
+            if form == "kronecker":
+                v_ref = _positions(x_ref.to(layer.weight.dtype), geo.groups)
+                v_work = _positions(x_work.to(layer.weight.dtype), geo.groups)
+                keep = _sampled(v_ref[0], max_rows // len(batches) + 1, generator)
+                if keep is not None:
+                    v_ref, v_work = v_ref[:, keep], v_work[:, keep]
+                sigma.add_channels(v_work, v_work)
+                cross.add_channels(v_work, v_ref)
             for c_ref, c_work in zip(_chunks(x_ref, layer), _chunks(x_work, layer)):
                 p_ref, p_work = extract(c_ref), extract(c_work)
                 keep = _sampled(p_ref, max(1, math.ceil(per_batch * len(c_ref) / len(x_ref))), generator)

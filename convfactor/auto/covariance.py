@@ -94,6 +94,10 @@ class Covariance(abc.ABC):
     def nbytes(self) -> int:
         """Bytes held."""
 
+    @abc.abstractmethod
+    def diagonal(self) -> torch.Tensor:
+        """The variances Sigma_ii per group, (g, D)."""
+
     def quad(self, w: torch.Tensor) -> float:
         """sum over groups of tr(W Sigma W^T)."""
         return float((self.right(w) * w).sum())
@@ -131,6 +135,9 @@ class FullCovariance(Covariance):
 
     def right(self, w: torch.Tensor) -> torch.Tensor:
         return w @ self.sigma
+
+    def diagonal(self) -> torch.Tensor:
+        return self.sigma.diagonal(dim1=-2, dim2=-1)
 
     def damped(self, damping: float) -> FullCovariance:
         return FullCovariance(_ridge(self.sigma, damping))
@@ -194,6 +201,11 @@ class KroneckerCovariance(Covariance):
 
     def right(self, w: torch.Tensor) -> torch.Tensor:
         return _apply_kron(w, self.a, self.b, torch.matmul)
+
+    def diagonal(self) -> torch.Tensor:
+        # diag(A (x) B)[(c, t)] = A_cc B_tt, channel-major like the patch.
+        a, b = self.a.diagonal(dim1=-2, dim2=-1), self.b.diagonal(dim1=-2, dim2=-1)
+        return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
 
     def damped(self, damping: float) -> KroneckerCovariance:
         # (A + t a I) (x) (B + t b I) adds about (2t + t^2) = damping times the mean diagonal.
@@ -259,6 +271,9 @@ class DiagonalCovariance(Covariance):
 
     def right(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.v[:, None, :]
+
+    def diagonal(self) -> torch.Tensor:
+        return self.v
 
     def damped(self, damping: float) -> DiagonalCovariance:
         return DiagonalCovariance(self.v + damping * self.v.mean(-1, keepdim=True).clamp_min(1e-30), self.note)

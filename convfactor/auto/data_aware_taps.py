@@ -29,7 +29,7 @@ class _ShiftFactorizer(LayerFactorizer):
     def _taps(self, rank: int) -> list[list[int]]:
         _, o, d = self.weight.shape
         c = self.geometry.in_channels
-        variance = self.sigma[0].diagonal().reshape(c, d // c)
+        variance = self.sigma.diagonal()[0].reshape(c, d // c)
         return top_taps(self.weight[0].reshape(o, c, d // c).pow(2).sum(dim=0) * variance, rank)
 
     def factors(self, rank: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

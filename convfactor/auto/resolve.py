@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,14 +52,22 @@ from .calibration import (
     paired_statistics,
 )
 from .candidates import Option, WeightErrors, grouped_bound, rank_grid, rank_to_json, replacement_costs
-from .data_aware import corrected_weight, grouped_weight, layer_factorizer, output_error2
+from .data_aware import DATA_AWARE_METHODS, corrected_weight, grouped_weight, layer_factorizer, output_error2
 from .latency import LatencyModel
 from .options import OPT_IN_METHODS, SLOW_METHODS, AutoOptions
-from .slow_forms import prefer_fast_forms
+from .slow_forms import prefer_fast_forms, undo_swaps
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
 from .verify import OutputChecker, Probe, SpeedMeter, failures, progress_line, say, search_budget
 
-__all__ = ["Resolution", "resolve_policy", "VBMF_RANK"]
+__all__ = ["Resolution", "resolve_policy", "VBMF_RANK", "SCORED_RANKS"]
+
+# Ranks whose data-aware output error is evaluated per (layer, method) when the layer's statistics are
+# reduced (each evaluation costs O*C*K*(C+K)); the others are interpolated.
+SCORED_RANKS = 6
+# Network MACs the sensitivity probes and the sequential refit may spend (about a minute on 2 cores):
+# each uses at most that many calibration samples (but at least _MIN_PASS_SAMPLES).
+PASS_MACS = 2e11
+_MIN_PASS_SAMPLES = 16
 
 # A rule's ``rank: vbmf`` asks for the VBMF estimate (needs the policy change described in the report).
 VBMF_RANK = "vbmf"
@@ -106,6 +115,7 @@ class _LayerPlan:
     chosen: Option | None = None
     decision: str | None = None  # why the chosen option was chosen / the layer was left
     probe: nn.Module | None = None  # the replacement probed for the sensitivity (calibration data only)
+    notes: list[str] = field(default_factory=list)  # how the candidates were scored, where it is not exact
 
     @property
     def open(self) -> bool:
@@ -219,8 +229,11 @@ def resolve_policy(
         kind, fraction = target if target is not None else ("macs" if inputs is not None else "params", None)
         _build_options(plans, kind, opts, stats, factorizers, model, progress,
                        probe=batches is not None and opts.sensitivity)
+        scoring = {p.name: sorted(set(p.notes)) for p in plans if p.notes}
+        if scoring:
+            info.setdefault("statistics", {})["scoring"] = scoring
         if batches is not None and opts.sensitivity:
-            _measure_sensitivities(root, plans, kind, stats, factorizers, batches, opts, progress)
+            _measure_sensitivities(root, plans, kind, stats, factorizers, batches, opts, progress, notes)
         for plan in open_plans:
             for option in plan.options:
                 option.loss = plan.sensitivity * option.error2
@@ -237,8 +250,20 @@ def resolve_policy(
         info["warnings"].append(WEIGHT_ONLY_WARNING.format(kind=target[0]))
     if kind in ("macs", "params") and opts.speed_check and inputs is not None:
         try:
-            info["speed_check"] = prefer_fast_forms([p for p in plans if p.open], kind,
-                                                    latency_model or LatencyModel(latency), info["warnings"])
+            info["speed_check"] = prefer_fast_forms(open_plans, kind, latency_model or LatencyModel(latency),
+                                                    info["warnings"])
+            if info["speed_check"]["swapped"] and bound is not None and checker is not None \
+                    and failures(_candidate_metrics(root, open_plans, factorizers, checker, bound), bound):
+                undo_swaps(info["speed_check"])
+                notes.append("faster forms of similar predicted error were not kept: the model then failed "
+                             "the fidelity bound")
+            info["speed_check"].pop("undo", None)
+            if info["speed_check"]["swapped"]:  # a swap never costs more; the account follows it exactly
+                account = info["target"]
+                predicted = account["fixed"] + math.fsum(p.original.cost(kind) if p.chosen is None
+                                                         else p.chosen.cost(kind) for p in open_plans)
+                account["predicted"] = int(round(predicted))
+                account["predicted_fraction"] = _round(predicted / account["original"])
         except Exception as exc:  # noqa: BLE001 - timing is advice here, never a reason to fail
             notes.append(f"speed check of the chosen forms skipped: {type(exc).__name__}: {exc}")
 
@@ -246,11 +271,13 @@ def resolve_policy(
         forms = {name: st.covariance.kind for name, st in stats.items()}
         stats = None  # the refit collects its own statistics, layer by layer
         factorizers.clear()
-        _build_prebuilt_sequentially(root, plans, batches, inputs, opts, prebuilt, forms, progress)
+        used = _build_prebuilt_sequentially(root, plans, batches, inputs, opts, prebuilt, forms, progress)
         info["selection"] += "; factors refit sequentially on the partially factorized network's activations"
+        if used is not None and used < sum(len(b[0]) for b in batches):
+            notes.append(f"sequential refit on the first {used} calibration samples (a large network)")
     else:
         _build_prebuilt(plans, stats, factorizers, opts, prebuilt)
-    resolved = _resolved_policy(plans)
+    resolved = _resolved_policy(plans, keep_only_if_cheaper=target is None)
     if model is not None and model.options.verify and inputs is not None:
         # A latency target was corrected by measurement above; dropping layers remains the last resort
         # for `auto` rules and for a result still measured slower than the original.
@@ -357,6 +384,11 @@ def _error_function(plan: _LayerPlan, method: FactorizationMethod, stats: Any, f
     if factorizer is not None:
         factorizers[(plan.name, method.name)] = factorizer
         return factorizer.error2
+    if sigma.kind != "full":
+        # Without data-aware factors the method decomposes the weight; scoring it in the output norm of
+        # a large layer costs a decomposition and O*C*K*(C+K) per rank: use its weight error instead.
+        plan.notes.append(f"{method.name}: scored by its relative weight error (large layer, reduced statistics)")
+        return WeightErrors(method, plan.layer)
     groups = plan.layer.groups if hasattr(plan.layer, "groups") else 1
     weight = grouped_weight(plan.layer.weight, groups)
     bound = grouped_bound(method, plan.layer)
@@ -420,8 +452,7 @@ def _build_options(plans: list[_LayerPlan], kind: str, opts: AutoOptions, stats:
             if not kept:
                 continue
             error2 = _error_function(plan, method, stats, factorizers, opts)
-            for option in kept:
-                option.error2 = float(error2(option.rank))
+            _score(plan, method, kept, error2, stats)
             plan.options.extend(kept)
         if not plan.options:
             plan.decision = ("no replacement measured faster than the original layer" if timed
@@ -430,6 +461,49 @@ def _build_options(plans: list[_LayerPlan], kind: str, opts: AutoOptions, stats:
             plan.probe = _candidate_module(plan, _probe_option(plan, kind), factorizers)
         for key in [k for k in factorizers if k[0] == plan.name]:
             del factorizers[key]
+
+
+def _score(plan: _LayerPlan, method: FactorizationMethod, options: list[Option], error2, stats: Any) -> None:
+    """Set each option's error2. Where one evaluation is expensive (a data-aware fit of a layer with
+    reduced statistics), at most SCORED_RANKS ranks spread over the costs are evaluated and the rest
+    interpolated (log error, linear in parameters); the chosen rank is fitted exactly later."""
+    expensive = stats is not None and stats[plan.name].covariance.kind != "full" and \
+        layer_factorizer_exists(method.name)
+    if not expensive or len(options) <= SCORED_RANKS:
+        for option in options:
+            option.error2 = float(error2(option.rank))
+        return
+    ordered = sorted(options, key=lambda o: o.params)
+    picks = sorted({round(i * (len(ordered) - 1) / (SCORED_RANKS - 1)) for i in range(SCORED_RANKS)})
+    xs = [float(ordered[i].params) for i in picks]
+    ys = [math.log(max(float(error2(ordered[i].rank)), 1e-300)) for i in picks]
+    for option in ordered:
+        option.error2 = math.exp(float(np.interp(float(option.params), xs, ys)))
+    plan.notes.append(f"{method.name}: output error evaluated at {len(picks)} of {len(options)} ranks, "
+                      "interpolated between them")
+
+
+def layer_factorizer_exists(method_name: str) -> bool:
+    return method_name in DATA_AWARE_METHODS
+
+
+def _pass_samples(plans: list[_LayerPlan], passes: int, wanted: int) -> int:
+    """Samples for ``passes`` forward passes of the network within PASS_MACS (at least _MIN_PASS_SAMPLES)."""
+    per_sample = sum(p.original.macs or 0 for p in plans if p.original is not None)
+    if per_sample <= 0 or passes <= 0:
+        return wanted
+    return int(min(wanted, max(_MIN_PASS_SAMPLES, PASS_MACS // (passes * per_sample))))
+
+
+def _first_samples(batches: list, count: int) -> list:
+    subset, taken = [], 0
+    for batch in batches:
+        if taken >= count:
+            break
+        take = min(len(batch[0]), count - taken)
+        subset.append(tuple(t[:take] for t in batch))
+        taken += take
+    return subset
 
 
 def _probe_option(plan: _LayerPlan, kind: str) -> Option:
@@ -446,7 +520,8 @@ def _candidate_module(plan: _LayerPlan, option: Option, factorizers: dict) -> Fa
 
 
 def _measure_sensitivities(root: nn.Module, plans: list[_LayerPlan], kind: str, stats: Any, factorizers: dict,
-                           batches: list, opts: AutoOptions, progress: bool = False) -> None:
+                           batches: list, opts: AutoOptions, progress: bool = False,
+                           notes: list[str] | None = None) -> None:
     """Probe each layer with its candidate nearest half the original cost; sensitivity = output/layer error."""
     probes, layers = {}, {}
     for plan in plans:
@@ -456,14 +531,11 @@ def _measure_sensitivities(root: nn.Module, plans: list[_LayerPlan], kind: str, 
             _candidate_module(plan, _probe_option(plan, kind), factorizers)
         plan.probe = None
         layers[plan.name] = plan.layer
-    subset, count = [], 0
-    for batch in batches:
-        if count >= opts.sensitivity_samples:
-            break
-        take = min(len(batch[0]), opts.sensitivity_samples - count)
-        subset.append(tuple(t[:take] for t in batch))
-        count += take
-    measured = layer_sensitivities(root, layers, probes, subset, progress)
+    limit = _pass_samples(plans, len(probes), opts.sensitivity_samples)
+    if limit < opts.sensitivity_samples and notes is not None and sum(len(b[0]) for b in batches) > limit:
+        notes.append(f"sensitivities measured on {limit} calibration samples (of {opts.sensitivity_samples} "
+                     f"asked): {len(probes)} probes of a large network")
+    measured = layer_sensitivities(root, layers, probes, _first_samples(batches, limit), progress)
     positive = sorted(m["sensitivity"] for m in measured.values() if m["sensitivity"] > 0)
     fallback = positive[len(positive) // 2] if positive else 1.0
     for plan in plans:
@@ -531,9 +603,9 @@ class _Allocator:
         for plan, index in zip(self.plans, choice):
             plan.chosen = None if index == 0 else plan.options[index - 1]
             predicted += plan.original.cost(kind) if plan.chosen is None else plan.chosen.cost(kind)
-            plan.decision = None
-            if plan.chosen is None and plan.options:
-                plan.decision = "left as is by the allocation (its candidates cost more fidelity per unit saved)"
+            if plan.options:  # a plan without options keeps the reason it has none
+                plan.decision = None if plan.chosen is not None else (
+                    "left as is by the allocation (its candidates cost more fidelity per unit saved)")
         exact = (lambda v: int(round(v))) if kind != "latency" else (lambda v: _round(v, 4))  # counts stay exact
         return {"kind": kind, "fraction": fraction, "original": exact(total), "budget": exact(budget_total),
                 "fixed": exact(fixed), "predicted": exact(predicted),
@@ -573,6 +645,16 @@ def _output_checker(root: nn.Module, batches: list | None, inputs: tuple | None,
     return None
 
 
+def _candidate_metrics(root: nn.Module, plans: list[_LayerPlan], factorizers: dict, checker: OutputChecker,
+                       bound: Fidelity | None) -> dict[str, Any]:
+    """The checker's measurement of ``root`` with every plan's chosen replacement installed (on a copy)."""
+    work = copy.deepcopy(root).eval()
+    for plan in plans:
+        if plan.chosen is not None:
+            _set_submodule(work, plan.name, _candidate_module(plan, plan.chosen, factorizers).eval())
+    return checker.measure(work, bound)
+
+
 def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fraction: float | None,
                          bound: Fidelity | None, inputs: Any, opts: AutoOptions, model: LatencyModel | None,
                          checker: OutputChecker | None, factorizers: dict, notes: list[str],
@@ -599,7 +681,16 @@ def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fr
     if fraction is not None and fraction < allocator.lowest and kind != "latency":
         allocator.choose(fraction, notes)  # raises the usual "not reachable" error
 
+    spent = [0.0]  # seconds inside trials: allocation, candidate builds and the measurements
+
     def trial(budget: float, measure_speed: bool) -> Probe:
+        started = time.perf_counter()
+        try:
+            return _trial(budget, measure_speed)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    def _trial(budget: float, measure_speed: bool) -> Probe:
         account = allocator.choose(budget, strict=False)
         known = seen.get(account["choice"])
         if known is not None and (known.measured or not measure_speed):
@@ -640,7 +731,8 @@ def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fr
     search["checks"] = {
         "fidelity": [(checker.calls - calls_before) if checker else 0,
                      round((checker.seconds - seconds_before) if checker else 0.0, 3)],
-        "latency": [meter.calls if meter else 0, round(meter.seconds if meter else 0.0, 3)]}
+        "latency": [meter.calls if meter else 0, round(meter.seconds if meter else 0.0, 3)],
+        "total_seconds": round(spent[0], 3)}
     return account, search
 
 
@@ -735,7 +827,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def _build_prebuilt_sequentially(root: nn.Module, plans: list[_LayerPlan], batches: list, inputs: tuple,
                                  opts: AutoOptions, prebuilt: dict[str, FactorizedLayer],
-                                 forms: dict[str, str] | None = None, progress: bool = False) -> None:
+                                 forms: dict[str, str] | None = None, progress: bool = False) -> int | None:
     """Factorize the chosen layers in execution order, each fitted on the inputs the network now gives it.
 
     A working copy of ``root`` receives every replacement as it is made; the next layer's target is the
@@ -744,8 +836,11 @@ def _build_prebuilt_sequentially(root: nn.Module, plans: list[_LayerPlan], batch
     """
     chosen = {p.name: p for p in plans if p.chosen is not None}
     if not chosen:
-        return
+        return None
     work = copy.deepcopy(root)
+    # Each refit runs both networks up to its layer (about one full pass per layer in all).
+    used = _pass_samples(plans, len(chosen), sum(len(b[0]) for b in batches))
+    batches = _first_samples(batches, used)
     for name in track(execution_order(root, list(chosen), inputs), progress, "refit"):
         plan = chosen[name]
         option = plan.chosen
@@ -759,15 +854,18 @@ def _build_prebuilt_sequentially(root: nn.Module, plans: list[_LayerPlan], batch
         else:
             module = prebuilt[name] = factorizer.module(option.rank)
         _set_submodule(work, name, copy.deepcopy(module))
+    return used
 
 
-def _resolved_policy(plans: list[_LayerPlan]) -> Policy:
+def _resolved_policy(plans: list[_LayerPlan], keep_only_if_cheaper: bool = False) -> Policy:
     rules = []
     for plan in plans:
         if plan.rule is None:
             continue
         if plan.chosen is not None:
-            rules.append(Rule(method=plan.chosen.method, match=plan.name,
+            # Without a target the user's only_if_cheaper still holds (with one, skipping could break it).
+            cheaper = keep_only_if_cheaper and plan.rule.only_if_cheaper
+            rules.append(Rule(method=plan.chosen.method, match=plan.name, only_if_cheaper=cheaper,
                               rank=plan.chosen.rank if isinstance(plan.chosen.rank, (int, tuple)) else None))
         elif plan.rule.method not in (SKIP, AUTO) and plan.reason is not None:
             # factorize_layers reports the method's own reason (unsupported, tied weights) for this layer.

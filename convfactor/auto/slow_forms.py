@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["SIMILAR_LOSS", "prefer_fast_forms"]
+__all__ = ["SIMILAR_LOSS", "prefer_fast_forms", "undo_swaps"]
 
 SIMILAR_LOSS = 1.25
 _ALTERNATIVES = 6  # options of a slow layer timed at most
@@ -30,7 +30,7 @@ def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[st
         warnings: where a warning per replacement left slower goes.
     """
     started = time.perf_counter()
-    swapped, slower = [], []
+    swapped, slower, undo = [], [], []
     for plan in plans:
         option = plan.chosen
         if option is None or plan.in_shape is None:
@@ -49,6 +49,7 @@ def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[st
         speed = original_ms / ms if ms > 0 else float("inf")
         if faster:
             best = min(faster, key=lambda o: (o.loss, o.cost(kind)))
+            undo.append((plan, option, plan.decision))
             plan.chosen = best
             plan.decision = (f"{best.label()} instead of {option.label()}, which measured {speed:.2f}x the original "
                              f"layer's speed (similar cost and predicted loss, runs faster)")
@@ -59,4 +60,11 @@ def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[st
                             f"(slower) in {model.options.runtime} at {model.options.threads} thread(s), and no option "
                             f"of similar cost and error runs faster; a latency target avoids it")
     return {"swapped": swapped, "slower": slower, "seconds": round(time.perf_counter() - started, 3),
-            "runtime": model.options.runtime, "threads": model.options.threads}
+            "runtime": model.options.runtime, "threads": model.options.threads, "undo": undo}
+
+
+def undo_swaps(account: dict[str, Any]) -> None:
+    """Put back the options ``prefer_fast_forms`` swapped out (e.g. when the result then fails a fidelity bound)."""
+    for plan, option, decision in account.pop("undo", []):
+        plan.chosen, plan.decision = option, decision
+    account["swapped"] = []

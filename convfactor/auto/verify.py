@@ -362,7 +362,10 @@ def progress_line(checks: dict[str, list], total: float) -> str:
     (f_calls, f_seconds), (t_calls, t_seconds) = checks["fidelity"], checks["latency"]
     parts = [f"{f_calls} fidelity checks {f_seconds:.1f} s"] if f_calls else []
     parts += [f"{t_calls} whole-model timings {t_seconds:.1f} s"] if t_calls else []
-    share = f" ({100 * (f_seconds + t_seconds) / total:.0f}% of {total:.1f} s)" if total > 0 else ""
+    whole = checks.get("total_seconds", f_seconds + t_seconds)  # with allocations and candidate builds
+    other = whole - f_seconds - t_seconds
+    parts += [f"allocations and candidate builds {other:.1f} s"] if other >= 0.05 else []
+    share = f" ({100 * whole / total:.0f}% of {total:.1f} s)" if total > 0 else ""
     return "verify: " + (", ".join(parts) or "nothing measured") + share
 
 

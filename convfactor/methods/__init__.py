@@ -23,11 +23,7 @@ import importlib as _importlib  # noqa: E402
 
 BUILTIN_METHODS = ("spatial_svd", "tucker2", "cp", "depthwise", "grouped", "svd")
 for _name in BUILTIN_METHODS:
-    try:
-        _importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _missing:  # TEMPORARY while methods are being written
-        if _missing.name != f"{__name__}.{_name}":
-            raise
+    _importlib.import_module(f"{__name__}.{_name}")
 
 # The course's other compressions (channel SVD, shift + pointwise, kernel dictionary).
 for _name in ("channel_svd", "shift", "dictionary"):

@@ -1,6 +1,6 @@
 """The contract every factorization method fulfils, and the registry that finds them by name.
 
-A method is three things (see STYLE.md):
+A method is three things:
   1. a pure weight function in its own module: weights in, factor weights out, no nn.Modules;
   2. a small module, a ``FactorizedLayer`` subclass, built from an existing layer by ``from_conv``
      (or with empty weights by ``build``, for reloading a saved plan);

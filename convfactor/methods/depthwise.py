@@ -7,8 +7,8 @@ m = min(C_out, k_h*k_w). Grouped convs are factorized per group: each input chan
 (C_out/g, k_h*k_w) and the 1x1 conv keeps ``groups``.
 
 Known alternative (not implemented): the m > 1 depthwise conv runs slowly in onnxruntime (its
-channel count leaves the 16-channel-block fast path, see MEASUREMENTS.md); the same math as m
-multiplier-1 depthwise convs whose outputs are concatenated ran 1.16-1.26x faster there (m=4).
+channel count leaves the 16-channel-block fast path, see benchmarks/methods_speedup.py); the same math
+as m multiplier-1 depthwise convs whose outputs are concatenated ran 1.16-1.26x faster there (m=4).
 """
 
 from __future__ import annotations

@@ -82,6 +82,10 @@ def test_the_cheapest_allocation_breaks_the_output_so_the_bound_buys_back_just_e
     assert not probes[0]["fidelity_ok"] and any(p["fidelity_ok"] for p in probes)
     cheaper_ok = [p["fraction"] for p in probes if p["fidelity_ok"]]
     assert report.macs_ratio <= min(cheaper_ok) + 2e-3
+    # The verify loop states its cost: one fidelity check per distinct allocation probed, and its share.
+    search = report.extra["auto"]["search"]
+    assert 1 <= search["checks"]["fidelity"][0] <= len(probes)
+    assert search["share"].startswith(f"verify: {search['checks']['fidelity'][0]} fidelity checks") and "% of" in search["share"]
 
 
 def test_fidelity_without_a_target_minimizes_cost_within_the_bound(net):

@@ -56,3 +56,15 @@ def test_course_methods_are_opt_in_for_auto() -> None:
                                 options=AutoOptions(auto_methods=("channel_svd",), sensitivity=False))
     chosen = {rule.method for rule in resolution.policy.rules} - {"skip"}
     assert chosen == {"channel_svd"}
+
+
+@pytest.mark.parametrize("method_name", COURSE_METHODS)
+def test_save_and_load_reproduce_the_factorized_model(tmp_path, method_name: str) -> None:
+    model = tiny_resnet(width=8)
+    x = inputs(2, seed=0)
+    fast = convfactor.factorize(model, {"rules": [{"types": ["Conv2d"], "method": method_name, "rank": 0.5}]}, x)
+    path = tmp_path / "fast.pt"
+    convfactor.save_factorized(fast, path, arch={"factory": "tests.nets:TinyResNet", "kwargs": {"width": 8}})
+    reloaded = convfactor.load(path, trust_code=True)  # the test's own factory
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), fast(x))

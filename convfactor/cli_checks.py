@@ -1,0 +1,116 @@
+"""Checks of what a user gave the command line, with messages naming it and what would work instead.
+
+Each helper does one check and raises ``ConvfactorError`` (printed as one ``error:`` line, exit 2):
+the ``--out`` file name, an unreadable inputs file, an output directory where no file can be created,
+and an input shape the model's first layer cannot take.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import torch_load_reason
+from .errors import ConvfactorError
+
+__all__ = ["OUT_SUFFIXES", "check_out_name", "inputs_file_error", "cannot_create_error", "example_input"]
+
+OUT_SUFFIXES = (".pt", ".pth", ".pt2")
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def check_out_name(out: Path) -> None:
+    """``--out`` must name a format convert writes: ``.pt``/``.pth`` (convfactor.load) or ``.pt2``.
+
+    Raises:
+        ConvfactorError: another suffix (``.onnx`` points to ``--onnx``).
+    """
+    suffix = out.suffix.lower()
+    if suffix in OUT_SUFFIXES:
+        return
+    if suffix == ".onnx":
+        raise ConvfactorError(f"--out {out}: --out writes the factorized model as .pt (for convfactor.load) or .pt2 "
+                              f"(torch.export), not ONNX; for ONNX add --onnx {out} and give --out "
+                              f"{out.with_suffix('.pt')}")
+    raise ConvfactorError(f"--out {out}: the name must end in .pt or .pth (a factorized checkpoint for "
+                          f"convfactor.load) or .pt2 (a torch.export program)")
+
+
+def inputs_file_error(option: str, path: str | Path, error: BaseException) -> ConvfactorError:
+    """The error for an inputs file (``--check-inputs``, ``--calibration``) that could not be read."""
+    return ConvfactorError(f"{option}: cannot read {path}: not a tensor saved with torch.save (.pt) or numpy.save "
+                           f"(.npy), or the file is corrupt or truncated ({torch_load_reason(error)})")
+
+
+def cannot_create_error(path: Path, error: OSError) -> ConvfactorError:
+    """The error when no file can be created beside ``path``: unwritable, or refused for another reason."""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ConvfactorError(f"cannot write {path}: directory {path.parent} is not writable ({reason})")
+    return ConvfactorError(f"cannot write {path}: cannot create a file in {path.parent} ({reason}); "
+                           f"choose another directory")
+
+
+class _Misfit(Exception):
+    pass
+
+
+def _first_layer_check(name: str, layer: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """Why ``layer`` cannot take an input of ``shape`` (batch first), or None."""
+    if isinstance(layer, nn.Linear):
+        if shape[-1] != layer.in_features:
+            return (f"its first layer {name} (Linear) takes {layer.in_features} features in the last dimension, "
+                    f"the shape gives {shape[-1]}")
+        return None
+    dims = len(layer.kernel_size)
+    spatial = ("length",) if dims == 1 else ("height", "width") if dims == 2 else ("depth", "height", "width")
+    if len(shape) != dims + 2:
+        return (f"its first layer {name} ({type(layer).__name__}) takes {dims + 2} dimensions (batch, "
+                f"{layer.in_channels} channels, {', '.join(spatial)}), the shape has {len(shape)}")
+    if shape[1] != layer.in_channels:
+        return (f"its first layer {name} ({type(layer).__name__}) takes {layer.in_channels} input channels, "
+                f"the shape gives {shape[1]}")
+    return None
+
+
+def example_input(model: nn.Module, shape: tuple[int, ...], one_line: Any = str) -> torch.Tensor:
+    """A zero tensor of ``shape`` on the model's dtype, after checking the model runs on it.
+
+    When the first Conv/Linear layer the model calls receives the input as given and cannot take it, the
+    message says so in terms of the shape the user gave (not the reshaped tensor PyTorch reports).
+
+    Raises:
+        ConvfactorError: the model cannot run on that shape.
+    """
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    x = torch.zeros(tuple(shape), dtype=param.dtype if param is not None else torch.float32)
+    text = ",".join(map(str, shape))
+    names = {layer: name for name, layer in model.named_modules() if isinstance(layer, _LAYERS)}
+    seen: list[bool] = []
+
+    def hook(layer: nn.Module, args: tuple[Any, ...]) -> None:
+        if seen:
+            return
+        seen.append(True)
+        if args and isinstance(args[0], torch.Tensor) and tuple(args[0].shape) == tuple(x.shape):
+            reason = _first_layer_check(names[layer], layer, tuple(x.shape))
+            if reason:
+                raise _Misfit(reason)
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    except _Misfit as misfit:
+        raise ConvfactorError(f"input shape {text} does not fit the model: {misfit}") from None
+    except Exception as bad:  # the model's own error names the mismatch
+        raise ConvfactorError(f"input shape {text} does not fit the model: "
+                              f"{type(bad).__name__}: {one_line(str(bad))}") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return x

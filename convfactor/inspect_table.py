@@ -1,0 +1,129 @@
+"""The text form of ``convfactor inspect``: a table that fits 100 columns, or every column with ``--wide``.
+
+The default table keeps what decides a policy: each layer's shape (kernel, ``/stride``, ``gGROUPS``),
+params, MACs and share, and for each method with a spectrum the energy kept at half its full rank.
+``--wide`` adds the type, stride and groups columns and the energy at 25/50/75% for every method.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+from .report import human_count
+
+__all__ = ["format_inspect_table", "WIDTH"]
+
+WIDTH = 100
+_SHORT = {"spatial_svd": "spsvd", "tucker2": "tuck2", "depthwise": "dwise", "grouped": "group"}
+
+
+def format_inspect_table(table: dict[str, Any], *, wide: bool = False, width: int = WIDTH) -> str:
+    """The fixed-width text form of ``inspect_layers``' result.
+
+    Args:
+        table: what ``convfactor.cli.inspect_layers`` returns.
+        wide: every column (about 190 characters for six methods); else a table of at most ``width``
+            columns where the layer names allow it (names are never cut).
+        width: the line length of the default table and of its wrapped notes.
+    """
+    if wide:
+        return _wide(table)
+    return _compact(table, width)
+
+
+def _energy_cell(value: Any, index: int | None = None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return "n/a"
+    if index is None:
+        return "/".join(f"{e:.2f}" for e in value)
+    return f"{value[index]:.2f}"
+
+
+def _shape(row: dict[str, Any]) -> str:
+    text = f"{row['in']}->{row['out']}"
+    if row["kernel"]:
+        text += " " + "x".join(map(str, row["kernel"]))
+    stride = row["stride"] or []
+    if any(s != 1 for s in stride):
+        text += " /" + (str(stride[0]) if len(set(stride)) == 1 else ",".join(map(str, stride)))
+    if row["groups"] > 1:
+        text += f" g{row['groups']}"
+    return text
+
+
+def _grid(headers: list[str], rows: list[list[str]], left: int) -> list[str]:
+    """Columns padded to their widest cell; the first ``left`` columns left-aligned, the rest right."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [fmt(headers).rstrip(), "-" * (sum(widths) + 2 * (len(widths) - 1))] + [fmt(r).rstrip() for r in rows]
+
+
+def _compact(table: dict[str, Any], width: int) -> str:
+    fractions = table["fractions"]
+    middle = min(range(len(fractions)), key=lambda i: abs(fractions[i] - 0.5))
+    shown = [m for m in table["methods"] if any(isinstance(r["energy"][m], list) for r in table["layers"])]
+    hidden = [m for m in table["methods"] if m not in shown]
+    rows = []
+    for row in table["layers"]:
+        share = "n/a" if row["macs_share"] is None else f"{100 * row['macs_share']:.1f}"
+        rows.append([row["name"], _shape(row), human_count(row["params"]), human_count(row["macs"]), share]
+                    + [_energy_cell(row["energy"][m], middle) for m in shown])
+    base = ["layer", "shape", "params", "MACs", "MACs %"]
+    lines = _grid(base + shown, rows, 2)
+    abbreviated = False
+    if max(map(len, lines)) > width:
+        lines = _grid(base + [_SHORT.get(m, m[:5]) for m in shown], rows, 2)
+        abbreviated = True
+    notes = [f"energy: fraction of squared singular values kept at {round(100 * fractions[middle])}% of each "
+             f"method's full rank; '-' no spectrum, 'n/a' the method cannot represent the layer"]
+    if abbreviated:
+        notes.append("columns: " + ", ".join(f"{_SHORT.get(m, m[:5])} = {m}" for m in shown
+                                             if _SHORT.get(m, m[:5]) != m))
+    if hidden:
+        notes.append(f"not shown: {', '.join(hidden)} (no singular-value spectrum for any layer)")
+    notes.append("--wide: type, stride and groups columns, energy at "
+                 f"{'/'.join(str(round(100 * f)) for f in fractions)}% for every method")
+    return "\n".join(lines + _footer(table, None, notes, width))
+
+
+def _footer(table: dict[str, Any], fractions: str | None, notes: list[str] | None,
+            width: int | None = None) -> list[str]:
+    totals = table["totals"]
+    lines = ["", f"{totals['layers']} Conv/Linear layers; params {human_count(totals['params'])}; "
+                 f"Conv/Linear MACs per sample {human_count(totals['layer_macs'])} "
+                 f"at input {','.join(map(str, table['input_shape']))}"]
+    if notes is None:
+        lines.append(f"energy: fraction of squared singular values kept at {fractions}% of the full rank; "
+                     f"'-' no spectrum, 'n/a' the method cannot represent the layer")
+    else:
+        lines += notes
+    score = table.get("challenge_score")
+    if score:
+        lines.append(f"challenge score {score['score']:.4f} (params term {score['params_term']:.4f} + MACs term "
+                     f"{score['macs_term']:.4f}; {score['weight_bits']}-bit weights, {score['activation_bits']}-bit "
+                     f"activations, pruning {score['structured_pruning']:g}/{score['unstructured_pruning']:g})")
+    if width is None:
+        return lines
+    return [wrapped for line in lines for wrapped in (textwrap.wrap(line, width, subsequent_indent="  ") or [""])]
+
+
+def _wide(table: dict[str, Any]) -> str:
+    """Every column: type, shape, stride, groups, and each method's energy at every fraction."""
+    fractions = "/".join(f"{round(f * 100)}" for f in table["fractions"])
+    headers = ["layer", "type", "shape", "stride", "groups", "params", "MACs", "MACs %"]
+    headers += [f"{m} {fractions}%" for m in table["methods"]]
+    rows = []
+    for row in table["layers"]:
+        shape = f"{row['in']}->{row['out']}" + (" " + "x".join(map(str, row["kernel"])) if row["kernel"] else "")
+        stride = "-" if not row["stride"] else (
+            str(row["stride"][0]) if len(set(row["stride"])) == 1 else ",".join(map(str, row["stride"])))
+        share = "n/a" if row["macs_share"] is None else f"{100 * row['macs_share']:.1f}"
+        rows.append([row["name"], row["type"], shape, stride, str(row["groups"]), human_count(row["params"]),
+                     human_count(row["macs"]), share] + [_energy_cell(row["energy"][m]) for m in table["methods"]])
+    return "\n".join(_grid(headers, rows, 3) + _footer(table, fractions, None))
