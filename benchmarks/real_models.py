@@ -76,7 +76,8 @@ def run_in_child(model: str, row: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="convfactor-real-") as tmp:
         path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, row, "--result", path,
-               "--max-rel-error", str(args.max_rel_error)] + (["--quick"] if args.quick else [])
+               "--max-rel-error", str(args.max_rel_error), "--timeout", str(args.timeout)]
+        cmd += ["--quick"] if args.quick else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         start = time.perf_counter()
         child = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -97,7 +98,8 @@ def run_in_child(model: str, row: str, args) -> dict:
         peak_mb = usage.ru_maxrss / 1024.0
         if timed_out:
             return {"model": model, "row": row, "error": f"did not finish in {args.timeout:.0f} s",
-                    "peak_rss_mb": peak_mb, "wall_s": wall, "last_progress": _last_line(tmp)}
+                    "peak_rss_mb": peak_mb, "wall_s": wall, "last_progress": _last_line(tmp),
+                    "stack_before_timeout": _stack(tmp)}
         try:
             with open(path) as f:
                 result = json.load(f)
@@ -116,6 +118,14 @@ def _last_line(tmp: str) -> str:
         text = f.read()[-4000:]
     parts = [p.strip() for p in text.replace("\r", "\n").split("\n") if p.strip()]
     return parts[-1][:300] if parts else ""
+
+
+def _stack(tmp: str) -> str:
+    """The worker's Python stack shortly before the time limit (faulthandler), innermost first."""
+    with open(os.path.join(tmp, "stderr"), errors="replace") as f:
+        text = f.read()
+    start = text.rfind("Timeout (")
+    return text[start:start + 6000] if start >= 0 else ""
 
 
 def _fmt_metric(r: dict) -> str:
@@ -164,6 +174,9 @@ def markdown(results: list[dict], args) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(max(1.0, args.timeout - 15), exit=False)
         return worker_main(args.worker[0], args.worker[1], args.quick, args.max_rel_error, args.result)
     results = []
     if args.update and args.out and args.out.with_suffix(".json").exists():
