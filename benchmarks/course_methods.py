@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                            challenge_score(base_params, base_macs).score, None)
             rows.append({"model": name, **base})
             print(json.dumps(rows[-1]), flush=True)
-            for spec in args.variants.split(","):
+            for spec in [v for v in args.variants.split(",") if v]:
                 method, rank, *flags = spec.split(":")
                 rank_value = float(rank) if "." in rank else int(rank)
                 first_conv = next(n for n, m in folded.named_modules() if isinstance(m, nn.Conv2d))
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
                 row.update(model=name, layers=f"{len(report.replaced)}/{len(report.layers)}", zeros=p_u)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            for bits in (int(b) for b in args.bits.split(",")):
+            for bits in (int(b) for b in args.bits.split(",") if b):
                 shared = share_weights(folded, bits=bits)
                 path = Path(tmp) / f"{name}-share{bits}.onnx"
                 export_shared_onnx(shared, x, path, exporter="torchscript")
