@@ -27,7 +27,7 @@ from .errors import ConvfactorError
 from .score import ChallengeScore, challenge_score
 
 __all__ = ["SharedLayer", "SharingReport", "kmeans_1d", "elbow_clusters", "share_weights", "sharing_report",
-           "parse_share_spec", "ELBOW_CANDIDATES"]
+           "parse_share_spec", "finetune_codebooks", "ELBOW_CANDIDATES"]
 
 SHARING_ATTR = "convfactor_sharing"
 MAX_FIT_VALUES = 65536
@@ -169,6 +169,42 @@ def sharing_report(model: nn.Module) -> SharingReport:
     if report is None:
         raise ConvfactorError("this module was not produced by convfactor.share_weights (no sharing report)")
     return report
+
+
+class _Codebook(nn.Module):
+    """weight = codebook[indices]: the parametrization that lets a fine-tune move only the centroids."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        codebook, indices = torch.unique(weight.detach(), return_inverse=True)
+        self.codebook = nn.Parameter(codebook)
+        self.register_buffer("indices", indices)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.codebook[self.indices]
+
+
+def finetune_codebooks(shared: nn.Module, teacher: nn.Module, data, **finetune_options):
+    """Distil ``teacher`` into ``shared`` (in place) moving each shared layer's centroids, not its weights.
+
+    Deep Compression's centroid fine-tuning: the gradient of every weight goes to its centroid, so the
+    layers keep their K values and their indices. Other parameters (biases, BatchNorm) train as usual.
+    Options as for ``convfactor.finetune`` (steps, lr, loss, ...); returns its ``FinetuneResult``.
+    """
+    from torch.nn.utils import parametrize
+
+    from .auto import finetune
+
+    names = [layer.name for layer in sharing_report(shared).layers]
+    for name in names:
+        layer = shared.get_submodule(name)
+        parametrize.register_parametrization(layer, "weight", _Codebook(layer.weight), unsafe=True)
+        layer.parametrizations.weight.original.requires_grad_(False)
+    try:
+        return finetune(shared, teacher, data, **finetune_options)
+    finally:
+        for name in names:
+            parametrize.remove_parametrizations(shared.get_submodule(name), "weight", leave_parametrized=True)
 
 
 def parse_share_spec(text: str) -> dict:

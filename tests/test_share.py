@@ -140,3 +140,18 @@ def test_cli_convert_share_weights(tmp_path, capsys, monkeypatch) -> None:
     assert main([*base, "--out", str(tmp_path / "bad.pt"), "--share-weights", "bits=four"]) == 2
     assert "expected bits=N, clusters=K or elbow" in capsys.readouterr().err
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_finetuning_the_codebooks_keeps_the_sharing() -> None:
+    model = _model()
+    shared = share_weights(model, bits=2)
+    before = {name: torch.unique(shared.get_submodule(name).weight.detach()) for name in ("0", "2", "6")}
+    data = [torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    result = convfactor.share.finetune_codebooks(shared, model, data, steps=30, lr=1e-3, loss="mse",
+                                                   progress=False)
+    assert result.last < result.first
+    for name, values in before.items():
+        weight = shared.get_submodule(name).weight
+        after = torch.unique(weight.detach())
+        assert len(after) <= len(values) and not torch.equal(after, values)  # centroids moved, K kept
+        assert type(weight) is nn.Parameter and not hasattr(shared.get_submodule(name), "parametrizations")

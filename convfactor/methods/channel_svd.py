@@ -84,7 +84,8 @@ class ChannelSVDConv(FactorizedLayer):
 class ChannelSVD(FactorizationMethod):
     name = "channel_svd"
     summary = "k_h x k_w -> (k_h x k_w, C_in->r) then (1x1, r->C_out); SVD of W as (C_out, C_in*k_h*k_w)"
-    rank_meaning = "r: basis filters, the channels between the k x k and the 1x1 conv (per group)"
+    rank_meaning = ("r: basis filters, the channels between the k x k and the 1x1 conv (per group); exact at "
+                    "min(C_out/g, C_in/g*k_h*k_w)")
     module_cls = ChannelSVDConv
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:

@@ -121,7 +121,8 @@ class Dictionary(FactorizationMethod):
 
     name = "dictionary"
     summary = "k_h x k_w -> depthwise with K shared atoms (multiplier K), 1x1 (C_in*K->C_out) holding sparse codes"
-    rank_meaning = "K: atoms of the dictionary every kernel is written in (the depthwise multiplier)"
+    rank_meaning = ("K: atoms of the dictionary every kernel is written in (the depthwise multiplier); exact at "
+                    "k_h*k_w (identity atoms); code sparsity: get_method('dictionary').alpha")
     module_cls = DictionaryConv
 
     def __init__(self, alpha: float = DEFAULT_ALPHA):

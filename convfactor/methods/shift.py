@@ -180,7 +180,7 @@ class ShiftConv(FactorizedLayer):
 class Shift(FactorizationMethod):
     name = "shift"
     summary = "k_h x k_w -> shift each input channel by its m strongest taps (no MACs), 1x1 (m*C_in->C_out)"
-    rank_meaning = "m: kernel taps (shift offsets) kept per input channel"
+    rank_meaning = "m: kernel taps (shift offsets) kept per input channel; exact at k_h*k_w"
     module_cls = ShiftConv
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
