@@ -401,7 +401,7 @@ def _report_from_dict(data: Any) -> FactorizeReport | None:
     """The FactorizeReport back from its ``to_dict()`` form (None if absent or not readable)."""
     if not isinstance(data, Mapping):
         return None
-    fields = {k: v for k, v in data.items() if k not in ("totals", "plan", "warnings")}
+    fields = {k: v for k, v in data.items() if k not in ("totals", "plan", "costlier")}  # derived
     try:
         fields["layers"] = [LayerDecision(**d) for d in fields.get("layers", [])]
         return FactorizeReport(**fields)
