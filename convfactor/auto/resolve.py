@@ -208,7 +208,7 @@ def resolve_policy(
         _choose_fastest(plans, opts, stats, factorizers, model, progress)
 
     if batches is not None and opts.sequential:
-        _build_prebuilt_sequentially(root, plans, batches, inputs, opts, prebuilt)
+        _build_prebuilt_sequentially(root, plans, batches, inputs, opts, prebuilt, progress)
         info["selection"] += "; factors refit sequentially on the partially factorized network's activations"
     else:
         _build_prebuilt(plans, stats, factorizers, opts, prebuilt)
@@ -550,7 +550,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _build_prebuilt_sequentially(root: nn.Module, plans: list[_LayerPlan], batches: list, inputs: tuple,
-                                 opts: AutoOptions, prebuilt: dict[str, FactorizedLayer]) -> None:
+                                 opts: AutoOptions, prebuilt: dict[str, FactorizedLayer],
+                                 progress: bool = False) -> None:
     """Factorize the chosen layers in execution order, each fitted on the inputs the network now gives it.
 
     A working copy of ``root`` receives every replacement as it is made; the next layer's target is the
@@ -561,7 +562,7 @@ def _build_prebuilt_sequentially(root: nn.Module, plans: list[_LayerPlan], batch
     if not chosen:
         return
     work = copy.deepcopy(root)
-    for name in execution_order(root, list(chosen), inputs):
+    for name in _progress(execution_order(root, list(chosen), inputs), progress, "refit"):
         plan = chosen[name]
         option = plan.chosen
         sigma, cross = paired_statistics(root, work, name, batches, opts.max_rows, opts.seed)
