@@ -61,6 +61,7 @@ def factorize(
     progress: bool = False,
     calibration: Any = None,
     latency: Mapping[str, Any] | None = None,
+    auto_options: Any = None,
 ) -> nn.Module:
     """Rewrite the Conv/Linear layers of a trained ``model`` as the policy says.
 
@@ -84,6 +85,8 @@ def factorize(
             (see ``convfactor.auto``).
         latency: options of the latency model used by a ``latency`` target or ``method: auto``
             (e.g. ``{"threads": 1, "cache": path}``; see ``convfactor.auto``).
+        auto_options: ``convfactor.auto.AutoOptions`` for a policy that is resolved (a target, ``auto``
+            rules, calibration data): rank grid, methods ``auto`` may choose, sample counts.
     Returns:
         The factorized module, in eval mode, with ``convfactor_report`` (see ``get_report``).
     Raises:
@@ -129,7 +132,8 @@ def factorize(
         from .auto import resolve_policy  # budget / auto-method allocation (issue: automatic policy)
 
         resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
-                                    calibration=calibration, latency=latency, progress=progress)
+                                    calibration=calibration, latency=latency, progress=progress,
+                                    options=auto_options)
         report.extra["auto"] = resolution.info
         report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
         policy, prebuilt = resolution.policy, resolution.prebuilt
