@@ -60,6 +60,7 @@ def factorize(
     progress: bool = False,
     calibration: Any = None,
     latency: Mapping[str, Any] | None = None,
+    memory_budget: float | None = None,
 ) -> nn.Module:
     """Rewrite the Conv/Linear layers of a trained ``model`` as the policy says.
 
@@ -81,6 +82,9 @@ def factorize(
             (see ``convfactor.auto``).
         latency: options of the latency model used by a ``latency`` target or ``method: auto``
             (e.g. ``{"threads": 1, "cache": path}``; see ``convfactor.auto``).
+        memory_budget: bytes the calibration statistics may use (default 1 GiB, ``AutoOptions``); layers
+            whose full patch covariance does not fit get a Kronecker-factored or diagonal one (the report's
+            ``auto.statistics`` lists them). Give more to keep more layers' statistics full.
     Returns:
         The factorized module, in eval mode, with ``convfactor_report`` (see ``get_report``).
     Raises:
@@ -117,10 +121,11 @@ def factorize(
 
     prebuilt = None
     if policy.needs_resolution or calibration is not None:
-        from .auto import resolve_policy  # budget / auto-method allocation (issue: automatic policy)
+        from .auto import AutoOptions, resolve_policy  # budget / auto-method allocation
 
-        resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
-                                    calibration=calibration, latency=latency, progress=progress)
+        options = None if memory_budget is None else AutoOptions(memory_budget=float(memory_budget))
+        resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs, calibration=calibration,
+                                    latency=latency, progress=progress, options=options)
         report.extra["auto"] = resolution.info
         report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
         policy, prebuilt = resolution.policy, resolution.prebuilt
