@@ -18,13 +18,18 @@ resnet18 (the issue's targets on 2 cores). Prints one table row per case, median
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
-import time
+
+# Idle OpenMP threads sleep instead of spinning (as in benchmarks/auto_budget.py): spinning threads
+# starve each other on a busy 2-core machine. Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
 CASES = ("crepe:cal", "crepe:nocal", "resnet18:cal", "resnet18:nocal")
 TIME_CEILING_S = {"crepe": 180.0, "resnet18": 120.0}

@@ -9,6 +9,7 @@ of the model with layers swapped in place) carrying its report as ``result.convf
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -62,6 +63,7 @@ def factorize(
     calibration: Any = None,
     latency: Mapping[str, Any] | None = None,
     auto_options: Any = None,
+    memory_budget: float | None = None,
 ) -> nn.Module:
     """Rewrite the Conv/Linear layers of a trained ``model`` as the policy says.
 
@@ -87,6 +89,9 @@ def factorize(
             (e.g. ``{"threads": 1, "cache": path}``; see ``convfactor.auto``).
         auto_options: ``convfactor.auto.AutoOptions`` for a policy that is resolved (a target, ``auto``
             rules, calibration data): rank grid, methods ``auto`` may choose, sample counts.
+        memory_budget: bytes the calibration statistics may use (default 1 GiB, ``AutoOptions``); layers
+            whose full patch covariance does not fit get a Kronecker-factored or diagonal one (the report's
+            ``auto.statistics`` lists them). Give more to keep more layers' statistics full.
     Returns:
         The factorized module, in eval mode, with ``convfactor_report`` (see ``get_report``).
     Raises:
@@ -129,11 +134,14 @@ def factorize(
     prebuilt = resolution = None
     bound = policy.fidelity
     if policy.needs_resolution or calibration is not None:
-        from .auto import resolve_policy  # budget / auto-method allocation (issue: automatic policy)
+        from .auto import AutoOptions, resolve_policy  # budget / auto-method allocation
 
+        options = auto_options
+        if memory_budget is not None:
+            options = dataclasses.replace(options or AutoOptions(), memory_budget=float(memory_budget))
         resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
                                     calibration=calibration, latency=latency, progress=progress,
-                                    options=auto_options)
+                                    options=options)
         report.extra["auto"] = resolution.info
         report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
         policy, prebuilt = resolution.policy, resolution.prebuilt

@@ -47,6 +47,8 @@ class AutoOptions:
         memory_budget: bytes the calibration statistics and one layer's fit may use (default 1 GiB): a
             layer whose full D x D patch covariance does not fit gets a Kronecker-factored or diagonal
             statistic instead (reported under ``statistics``); more budget keeps more layers full.
+        workers: threads scoring layers' candidates at once (None: 1, the bounded-memory default; each
+            worker holds one layer's fit, so peak memory grows with it).
     """
 
     fractions: tuple[float, ...] = FRACTION_GRID
@@ -64,3 +66,4 @@ class AutoOptions:
     fidelity_rounds: int = 7
     speed_check: bool = True
     memory_budget: float = DEFAULT_MEMORY_BUDGET
+    workers: int | None = None

@@ -26,6 +26,7 @@ import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,9 +65,10 @@ __all__ = ["Resolution", "resolve_policy", "VBMF_RANK", "SCORED_RANKS"]
 # Ranks whose data-aware output error is evaluated per (layer, method) when the layer's statistics are
 # reduced (each evaluation costs O*C*K*(C+K)); the others are interpolated.
 SCORED_RANKS = 6
-# Network MACs the sensitivity probes and the sequential refit may spend (about a minute on 2 cores):
-# each uses at most that many calibration samples (but at least _MIN_PASS_SAMPLES).
-PASS_MACS = 2e11
+# Network MACs the sensitivity probes and the sequential refit may each spend (a few minutes on 2 cores;
+# the shipped digits models stay far below it): each uses at most that many calibration samples (but at
+# least _MIN_PASS_SAMPLES).
+PASS_MACS = 5e11
 _MIN_PASS_SAMPLES = 16
 
 # A rule's ``rank: vbmf`` asks for the VBMF estimate (needs the policy change described in the report).
@@ -419,48 +421,78 @@ def _build_options(plans: list[_LayerPlan], kind: str, opts: AutoOptions, stats:
     probe. A layer's data-aware factorizers are dropped once it is scored (memory stays per layer)."""
     timed = kind == "latency"
     todo = [p for p in plans if p.open]
-    for plan in track(todo, progress, "candidates"):
-        filter_kind = "macs" if timed or kind == "macs" else "params"
-        original_cost = plan.original.cost(filter_kind)
-        by_method: dict[str, list[Option]] = {}
-        for method in plan.methods:
-            kept = []
-            for rank in _ranks_for(plan, method, opts, timed):
-                macs, params = replacement_costs(method, plan.layer, rank, plan.in_shape)
-                option = Option(method.name, rank, None if macs is None else macs * plan.calls, params)
-                if option.cost(filter_kind) >= original_cost:
-                    plan.dropped.append(f"{option.label()}: {filter_kind} >= original")
-                else:
-                    kept.append(option)
-            if timed:
-                kept = _spread(kept, model.options.max_candidates)
-            by_method[method.name] = kept
+    costed = {}
+    for plan in track(todo, progress, "candidate costs" if timed else "costs"):
+        costed[plan.name] = _costed_options(plan, kind, opts, model)
+    # Scoring is independent per layer (a function of the layer, its statistics and the options): run
+    # it on a thread pool (NumPy and torch release the GIL in their kernels); a distributed engine could
+    # take the same calls as tasks.
+    workers = max(1, min(opts.workers or 1, len(todo)))
+
+    def score(plan: _LayerPlan) -> None:
+        _score_layer(plan, costed[plan.name], kind, opts, stats, probe)
+
+    if workers == 1:
+        for plan in track(todo, progress, "candidates"):
+            score(plan)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        for future in track(as_completed([pool.submit(score, p) for p in todo]), progress, "candidates"):
+            future.result()
+
+
+def _costed_options(plan: _LayerPlan, kind: str, opts: AutoOptions,
+                    model: LatencyModel | None) -> dict[str, list[Option]]:
+    """{method: candidate options cheaper than the layer (and measured faster, for latency)} with costs."""
+    timed = kind == "latency"
+    filter_kind = "macs" if timed or kind == "macs" else "params"
+    original_cost = plan.original.cost(filter_kind)
+    by_method: dict[str, list[Option]] = {}
+    for method in plan.methods:
+        kept = []
+        for rank in _ranks_for(plan, method, opts, timed):
+            macs, params = replacement_costs(method, plan.layer, rank, plan.in_shape)
+            option = Option(method.name, rank, None if macs is None else macs * plan.calls, params)
+            if option.cost(filter_kind) >= original_cost:
+                plan.dropped.append(f"{option.label()}: {filter_kind} >= original")
+            else:
+                kept.append(option)
         if timed:
-            variants = [(o.method, o.rank) for kept in by_method.values() for o in kept]
-            original_ms, times = model.layer_times(plan.layer, plan.in_shape, variants)
-            plan.original.latency_ms = original_ms * plan.calls
-            for kept in by_method.values():
-                for option in kept:
-                    option.latency_ms = times[(option.method, option.rank)] * plan.calls
-            for method_name, kept in by_method.items():
-                slower = [o for o in kept if o.latency_ms >= plan.original.latency_ms]
-                plan.dropped.extend(f"{o.label()}: measured {o.latency_ms:.4f} ms >= original "
-                                    f"{plan.original.latency_ms:.4f} ms" for o in slower)
-                by_method[method_name] = [o for o in kept if o.latency_ms < plan.original.latency_ms]
-        for method in plan.methods:
-            kept = by_method[method.name]
-            if not kept:
-                continue
-            error2 = _error_function(plan, method, stats, factorizers, opts)
-            _score(plan, method, kept, error2, stats)
-            plan.options.extend(kept)
-        if not plan.options:
-            plan.decision = ("no replacement measured faster than the original layer" if timed
-                             else f"no candidate costs fewer {filter_kind} than the original layer")
-        elif probe:
-            plan.probe = _candidate_module(plan, _probe_option(plan, kind), factorizers)
-        for key in [k for k in factorizers if k[0] == plan.name]:
-            del factorizers[key]
+            kept = _spread(kept, model.options.max_candidates)
+        by_method[method.name] = kept
+    if timed:
+        variants = [(o.method, o.rank) for kept in by_method.values() for o in kept]
+        original_ms, times = model.layer_times(plan.layer, plan.in_shape, variants)
+        plan.original.latency_ms = original_ms * plan.calls
+        for kept in by_method.values():
+            for option in kept:
+                option.latency_ms = times[(option.method, option.rank)] * plan.calls
+        for method_name, kept in by_method.items():
+            slower = [o for o in kept if o.latency_ms >= plan.original.latency_ms]
+            plan.dropped.extend(f"{o.label()}: measured {o.latency_ms:.4f} ms >= original "
+                                f"{plan.original.latency_ms:.4f} ms" for o in slower)
+            by_method[method_name] = [o for o in kept if o.latency_ms < plan.original.latency_ms]
+    return by_method
+
+
+def _score_layer(plan: _LayerPlan, by_method: dict[str, list[Option]], kind: str, opts: AutoOptions,
+                 stats: Any, probe: bool) -> None:
+    """Error2 of one layer's options (``plan.options``), and its sensitivity probe when asked. Its
+    data-aware factorizers live only here, so memory stays per layer."""
+    factorizers: dict = {}
+    for method in plan.methods:
+        kept = by_method[method.name]
+        if not kept:
+            continue
+        error2 = _error_function(plan, method, stats, factorizers, opts)
+        _score(plan, method, kept, error2, stats)
+        plan.options.extend(kept)
+    if not plan.options:
+        plan.decision = ("no replacement measured faster than the original layer" if kind == "latency"
+                         else f"no candidate costs fewer {'macs' if kind != 'params' else 'params'} "
+                         "than the original layer")
+    elif probe:
+        plan.probe = _candidate_module(plan, _probe_option(plan, kind), factorizers)
 
 
 def _score(plan: _LayerPlan, method: FactorizationMethod, options: list[Option], error2, stats: Any) -> None:
