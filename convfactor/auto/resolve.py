@@ -55,7 +55,17 @@ from .latency import LatencyModel, _random_weights
 from .options import SLOW_METHODS, AutoOptions
 from .slow_forms import prefer_fast_forms, undo_swaps
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
-from .verify import OutputChecker, Probe, SpeedMeter, failures, progress_line, say, search_budget
+from .verify import (
+    OutputChecker,
+    Probe,
+    SearchResult,
+    SpeedMeter,
+    failures,
+    missed_target,
+    progress_line,
+    say,
+    search_budget,
+)
 
 __all__ = ["Resolution", "resolve_policy", "VBMF_RANK"]
 
@@ -249,6 +259,9 @@ def resolve_policy(
     if batches is not None and opts.sequential:
         _build_prebuilt_sequentially(root, plans, batches, inputs, opts, prebuilt)
         info["selection"] += "; factors refit sequentially on the partially factorized network's activations"
+        rerun = (info.get("search") or {}).pop("_rerun", None)
+        if rerun is not None and not info["search"]["probes"][0]["fidelity_ok"]:  # the bound cost budget
+            prebuilt = _tighten_after_refit(root, plans, batches, inputs, opts, prebuilt, checker, bound, rerun, info)
     else:
         _build_prebuilt(plans, stats, factorizers, opts, prebuilt)
     resolved = _resolved_policy(plans)
@@ -271,6 +284,7 @@ def resolve_policy(
         info["fidelity_bound"] = bound.to_dict()
     search = info.get("search")
     if search is not None:
+        search.pop("_rerun", None)
         if search.get("missed"):
             info["warnings"].append(search["missed"]["message"])
         search["share"] = progress_line(search["checks"], time.perf_counter() - started)
@@ -644,6 +658,7 @@ def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fr
             meter.close()
     account = allocator.choose(result.budget, notes, strict=False)
     account.pop("choice")
+    account["fraction"], account["budget_fraction"] = fraction, _round(result.budget, 4)  # requested, used
     account["measured_fraction" if result.probe.measured else "fraction_reached"] = _round(result.probe.fraction, 4)
     search: dict[str, Any] = {"probes": [p.to_dict() for p in result.probes], "budget": _round(result.budget, 4)}
     if result.probe.metrics is not None:
@@ -656,6 +671,23 @@ def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fr
                      round((checker.seconds - seconds_before) if checker else 0.0, 3)],
         "latency": [meter.calls if meter else 0, round(meter.seconds if meter else 0.0, 3)],
         "total_seconds": round(spent[0], 3)}
+    if enforce and kind != "latency" and result.probe.metrics is not None:
+        def rerun(scaled: Fidelity) -> tuple[dict[str, Any], SearchResult]:
+            """The search again, probes judged by ``scaled`` (their metrics are reused where measured)."""
+            def judged(budget: float, speed: bool) -> Probe:
+                probe = trial(budget, speed)
+                return Probe(probe.budget, probe.fraction, probe.measured, probe.metrics,
+                             not failures(probe.metrics, scaled))
+
+            again = search_budget(judged, kind=kind, target=fraction, lowest=allocator.lowest, bound=scaled,
+                                  rounds=opts.fidelity_rounds)
+            redone = allocator.choose(again.budget, strict=False)
+            redone.pop("choice")
+            redone["fraction"], redone["budget_fraction"] = fraction, _round(again.budget, 4)
+            redone["fraction_reached"] = _round(again.probe.fraction, 4)
+            return redone, again
+
+        search["_rerun"] = rerun
     return account, search
 
 
@@ -772,6 +804,57 @@ def _build_prebuilt_sequentially(root: nn.Module, plans: list[_LayerPlan], batch
         else:
             module = prebuilt[name] = factorizer.module(option.rank)
         _set_submodule(work, name, copy.deepcopy(module))
+
+
+def _installed_metrics(root: nn.Module, plans: list[_LayerPlan], prebuilt: dict, checker: OutputChecker) -> dict:
+    """The checker's full measurement of ``root`` with the chosen replacements (``prebuilt`` first) installed."""
+    work = copy.deepcopy(root).eval()
+    for plan in plans:
+        if plan.chosen is not None:
+            module = prebuilt.get(plan.name)
+            if module is None:
+                module = get_method(plan.chosen.method).decompose(plan.layer, plan.chosen.rank)
+            _set_submodule(work, plan.name, copy.deepcopy(module).eval())
+    return checker.measure(work)
+
+
+def _tighten_after_refit(root: nn.Module, plans: list[_LayerPlan], batches: list, inputs: tuple, opts: AutoOptions,
+                         prebuilt: dict, checker: OutputChecker, bound: Fidelity, rerun: Any,
+                         info: dict[str, Any]) -> dict:
+    """The search judged probes built without the sequential refit, which the result gets: measure how much
+    the refit lowers the error, search again with the bound scaled by that, and keep the cheaper allocation
+    when its refit model measures within the bound (else the first one, as it was)."""
+    search = info["search"]
+    probe_error = search["fidelity"].get("rel_error")
+    final = _installed_metrics(root, plans, prebuilt, checker)
+    ratio = final["rel_error"] / probe_error if probe_error else 1.0
+    search["refit"] = {"probe_rel_error": probe_error, "refit_rel_error": _round(final["rel_error"])}
+    if bound.max_rel_error is None or not 0 < ratio < 0.8 or failures(final, bound):
+        return prebuilt
+    saved = {p.name: (p.chosen, p.decision) for p in plans}
+    scaled = Fidelity(bound.max_rel_error / ratio, bound.min_agreement)
+    account, again = rerun(scaled)
+    if account["predicted"] >= info["target"]["predicted"]:
+        for plan in plans:
+            plan.chosen, plan.decision = saved[plan.name]
+        return prebuilt
+    tighter: dict[str, FactorizedLayer] = {}
+    _build_prebuilt_sequentially(root, plans, batches, inputs, opts, tighter)
+    measured = _installed_metrics(root, plans, tighter, checker)
+    search["refit"]["retry"] = {"budget": _round(again.budget, 4), "fraction": account["fraction_reached"],
+                                "refit_rel_error": _round(measured["rel_error"]), "kept": not failures(measured, bound)}
+    if failures(measured, bound):
+        for plan in plans:
+            plan.chosen, plan.decision = saved[plan.name]
+        return prebuilt
+    info["target"] = account
+    search["budget"] = _round(again.budget, 4)
+    search["probes"] += [p.to_dict() for p in again.probes]
+    if "missed" in search:
+        why = search["missed"]["message"].split("; ", 1)[1]
+        reached = Probe(again.budget, account["fraction_reached"], False)
+        search["missed"] = missed_target(account["kind"], account["fraction"], reached, why)
+    return tighter
 
 
 def _resolved_policy(plans: list[_LayerPlan]) -> Policy:
