@@ -849,6 +849,7 @@ def _tighten_after_refit(root: nn.Module, plans: list[_LayerPlan], batches: list
         return prebuilt
     info["target"] = account
     search["budget"] = _round(again.budget, 4)
+    search["fidelity"] = again.probe.to_dict()
     search["probes"] += [p.to_dict() for p in again.probes]
     if "missed" in search:
         why = search["missed"]["message"].split("; ", 1)[1]
