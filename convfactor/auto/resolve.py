@@ -42,9 +42,8 @@ from ..errors import PolicyError, RankError
 from ..geometry import layer_kind
 from ..methods import available_methods, get_method
 from ..methods.base import FactorizationMethod, FactorizedLayer, Rank
-from ..policy import AUTO, SKIP, Fidelity, Policy, Rule
+from ..policy import AUTO, SKIP, Policy, Rule
 from ..progress import track
-from .allocate import InfeasibleBudget, allocate
 from .calibration import (
     calibration_batches,
     execution_order,
@@ -54,11 +53,18 @@ from .calibration import (
 )
 from .candidates import Option, WeightErrors, grouped_bound, rank_grid, rank_to_json, replacement_costs
 from .data_aware import DATA_AWARE_METHODS, corrected_weight, grouped_weight, layer_factorizer, output_error2
-from .latency import LatencyModel, _random_weights
+from .latency import LatencyModel
+from .measured import candidate_metrics, measured_allocation, output_checker, tighten_after_refit
+from .measured import rounded as _round
 from .options import OPT_IN_METHODS, SLOW_METHODS, AutoOptions
 from .slow_forms import prefer_fast_forms, undo_swaps
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
-from .verify import OutputChecker, Probe, SpeedMeter, failures, progress_line, say, search_budget
+from .verify import (
+    OutputChecker,
+    failures,
+    progress_line,
+    say,
+)
 
 __all__ = ["Resolution", "resolve_policy", "VBMF_RANK", "SCORED_RANKS"]
 
@@ -130,12 +136,6 @@ def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     return tuple(example_inputs)
-
-
-def _round(value: float | None, digits: int = 6) -> float | None:
-    if value is None or value == 0 or not math.isfinite(value):
-        return value
-    return round(value, digits - 1 - int(math.floor(math.log10(abs(value)))))
 
 
 def resolve_policy(
@@ -225,7 +225,7 @@ def resolve_policy(
     prebuilt: dict[str, FactorizedLayer] = {}
     factorizers: dict[tuple[str, str], Any] = {}
 
-    checker = _output_checker(root, batches, inputs, opts)
+    checker = output_checker(root, batches, inputs, opts)
     kind = None
     if target is not None or bound is not None:
         kind, fraction = target if target is not None else ("macs" if inputs is not None else "params", None)
@@ -239,7 +239,7 @@ def resolve_policy(
         for plan in open_plans:
             for option in plan.options:
                 option.loss = plan.sensitivity * option.error2
-        info["target"], search = _measured_allocation(root, plans, kind, fraction, bound, inputs, opts, model,
+        info["target"], search = measured_allocation(root, plans, kind, fraction, bound, inputs, opts, model,
                                                       checker, factorizers, notes, progress)
         if search is not None:
             info["search"] = search
@@ -255,7 +255,7 @@ def resolve_policy(
             info["speed_check"] = prefer_fast_forms(open_plans, kind, latency_model or LatencyModel(latency),
                                                     info["warnings"])
             if info["speed_check"]["swapped"] and bound is not None and checker is not None \
-                    and failures(_candidate_metrics(root, open_plans, factorizers, checker, bound), bound):
+                    and failures(candidate_metrics(root, open_plans, factorizers, checker, bound), bound):
                 undo_swaps(info["speed_check"])
                 notes.append("faster forms of similar predicted error were not kept: the model then failed "
                              "the fidelity bound")
@@ -277,6 +277,9 @@ def resolve_policy(
         info["selection"] += "; factors refit sequentially on the partially factorized network's activations"
         if used is not None and used < sum(len(b[0]) for b in batches):
             notes.append(f"sequential refit on the first {used} calibration samples (a large network)")
+        rerun = (info.get("search") or {}).pop("_rerun", None)
+        if rerun is not None and not info["search"]["probes"][0]["fidelity_ok"]:  # the bound cost budget
+            prebuilt = tighten_after_refit(root, plans, batches, inputs, opts, prebuilt, checker, bound, rerun, info)
     else:
         _build_prebuilt(plans, stats, factorizers, opts, prebuilt)
     resolved = _resolved_policy(plans, keep_only_if_cheaper=target is None)
@@ -299,6 +302,7 @@ def resolve_policy(
         info["fidelity_bound"] = bound.to_dict()
     search = info.get("search")
     if search is not None:
+        search.pop("_rerun", None)
         if search.get("missed"):
             info["warnings"].append(search["missed"]["message"])
         search["share"] = progress_line(search["checks"], time.perf_counter() - started)
@@ -578,197 +582,6 @@ def _measure_sensitivities(root: nn.Module, plans: list[_LayerPlan], kind: str, 
 
 
 # -- allocation ------------------------------------------------------------------------------------
-
-
-def _model_total(root: nn.Module, kind: str, inputs: Any, plans: list[_LayerPlan], model: LatencyModel | None) -> float:
-    if kind == "macs":
-        return float(sum(per_layer_macs(root, inputs).values()))
-    if kind == "params":
-        return float(count_params(root))
-    return float(model.model_ms(root, inputs))
-
-
-class _Allocator:
-    """The knapsack of one resolution: its totals fixed once, solved at any budget fraction."""
-
-    def __init__(self, root: nn.Module, plans: list[_LayerPlan], kind: str, inputs: Any, opts: AutoOptions,
-                 model: LatencyModel | None):
-        self.plans = [p for p in plans if p.open]
-        self.kind, self.opts = kind, opts
-        self.total = _model_total(root, kind, inputs, plans, model)
-        self.fixed = self.total - math.fsum(p.original.cost(kind) for p in self.plans)
-        self.groups = [[(p.original.cost(kind), 0.0)] + [(o.cost(kind), o.loss) for o in p.options]
-                       for p in self.plans]
-        cheapest = self.fixed + math.fsum(min(c for c, _ in g) for g in self.groups)
-        self.lowest = cheapest / self.total if self.total else 1.0  # the smallest reachable fraction
-
-    def budget_total(self, fraction: float) -> float:
-        if self.kind == "latency":
-            return fraction * self.total
-        # The largest integer count whose ratio to the original does not exceed the fraction.
-        budget_total = math.floor(fraction * self.total)
-        while budget_total > 0 and budget_total / self.total > fraction:
-            budget_total -= 1
-        return budget_total
-
-    def choose(self, fraction: float, notes: list[str] | None = None, *, strict: bool = True) -> dict[str, Any]:
-        """Allocate at ``fraction`` of the original cost: sets every open plan's ``chosen``; returns the account."""
-        kind, total, fixed = self.kind, self.total, self.fixed
-        budget_total = self.budget_total(fraction)
-        groups = self.groups
-        try:
-            allocation = allocate(groups, budget_total - fixed, self.opts.bins)
-            solver, choice = allocation.solver, allocation.choice
-        except InfeasibleBudget as infeasible:
-            reachable = (infeasible.minimum + fixed) / total if total else 1.0
-            if kind != "latency" and strict:
-                raise PolicyError(
-                    f"target {kind} {fraction} is not reachable: the cheapest candidates leave {reachable:.3f} of "
-                    f"the original {kind} (layers the policy leaves alone: {max(fixed, 0) / total:.3f})") from None
-            if notes is not None:
-                source = "latency model" if kind == "latency" else "candidates"
-                notes.append(f"{kind} target {fraction} not reachable by the {source}: every layer takes its "
-                             f"cheapest candidate (predicted {reachable:.3f} of the original)")
-            choice = tuple(min(range(len(g)), key=lambda i: (g[i][0], g[i][1])) for g in groups)
-            solver = "cheapest per layer"
-        predicted = fixed
-        for plan, index in zip(self.plans, choice):
-            plan.chosen = None if index == 0 else plan.options[index - 1]
-            predicted += plan.original.cost(kind) if plan.chosen is None else plan.chosen.cost(kind)
-            if plan.options:  # a plan without options keeps the reason it has none
-                plan.decision = None if plan.chosen is not None else (
-                    "left as is by the allocation (its candidates cost more fidelity per unit saved)")
-        exact = (lambda v: int(round(v))) if kind != "latency" else (lambda v: _round(v, 4))  # counts stay exact
-        return {"kind": kind, "fraction": fraction, "original": exact(total), "budget": exact(budget_total),
-                "fixed": exact(fixed), "predicted": exact(predicted),
-                "predicted_fraction": _round(predicted / total) if total else None, "solver": solver,
-                "choice": tuple(choice),
-                "basis": {"macs": "per sample, all Conv/Linear layers (convfactor.costs)",
-                          "params": "parameters of the BatchNorm-folded model (<= the original's)",
-                          "latency": "ms in the latency runtime (info['latency']): whole original model minus the "
-                                     "per-layer savings measured"}[kind]}
-
-
-def _allocate(root: nn.Module, plans: list[_LayerPlan], kind: str, fraction: float, inputs: Any,
-              opts: AutoOptions, model: LatencyModel | None, notes: list[str]) -> dict[str, Any]:
-    out = _Allocator(root, plans, kind, inputs, opts, model).choose(fraction, notes)
-    out.pop("choice")
-    return out
-
-
-def _first_samples(batches: list, count: int) -> list:
-    subset, seen = [], 0
-    for batch in batches:
-        if seen >= count:
-            break
-        take = min(len(batch[0]), count - seen)
-        subset.append(tuple(t[:take] for t in batch))
-        seen += take
-    return subset
-
-
-def _output_checker(root: nn.Module, batches: list | None, inputs: tuple | None,
-                    opts: AutoOptions) -> OutputChecker | None:
-    """The original's outputs on the calibration inputs (else the example inputs), for every fidelity check."""
-    if batches is not None:
-        return OutputChecker(root, _first_samples(batches, opts.fidelity_samples), "calibration samples")
-    if inputs is not None:
-        return OutputChecker(root, [inputs], "example inputs")
-    return None
-
-
-def _candidate_metrics(root: nn.Module, plans: list[_LayerPlan], factorizers: dict, checker: OutputChecker,
-                       bound: Fidelity | None) -> dict[str, Any]:
-    """The checker's measurement of ``root`` with every plan's chosen replacement installed (on a copy)."""
-    work = copy.deepcopy(root).eval()
-    for plan in plans:
-        if plan.chosen is not None:
-            _set_submodule(work, plan.name, _candidate_module(plan, plan.chosen, factorizers).eval())
-    return checker.measure(work, bound)
-
-
-def _measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fraction: float | None,
-                         bound: Fidelity | None, inputs: Any, opts: AutoOptions, model: LatencyModel | None,
-                         checker: OutputChecker | None, factorizers: dict, notes: list[str],
-                         progress: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Allocate at the target, then correct the budget by measuring whole candidate models (``verify``).
-
-    Returns the allocation's account and the search's (None when nothing was measured).
-    """
-    allocator = _Allocator(root, plans, kind, inputs, opts, model)
-    speed = (kind == "latency" and fraction is not None and model is not None and model.options.verify
-             and inputs is not None)
-    enforce = bound is not None and checker is not None
-    if bound is not None and checker is None:
-        notes.append("fidelity bound not enforced: no example inputs or calibration data to measure it on")
-    if not speed and not enforce:
-        account = allocator.choose(fraction if fraction is not None else allocator.lowest, notes)
-        account.pop("choice")
-        return account, None
-    meter = SpeedMeter(model, root, inputs) if speed else None
-    work = copy.deepcopy(root).eval()
-    originals = {p.name: work.get_submodule(p.name) for p in allocator.plans}
-    modules: dict[tuple, nn.Module] = {}
-    seen: dict[tuple, Probe] = {}
-    if fraction is not None and fraction < allocator.lowest and kind != "latency":
-        allocator.choose(fraction, notes)  # raises the usual "not reachable" error
-
-    spent = [0.0]  # seconds inside trials: allocation, candidate builds and the measurements
-
-    def trial(budget: float, measure_speed: bool) -> Probe:
-        started = time.perf_counter()
-        try:
-            return _trial(budget, measure_speed)
-        finally:
-            spent[0] += time.perf_counter() - started
-
-    def _trial(budget: float, measure_speed: bool) -> Probe:
-        account = allocator.choose(budget, strict=False)
-        known = seen.get(account["choice"])
-        if known is not None and (known.measured or not measure_speed):
-            return Probe(budget, known.fraction, known.measured, known.metrics, known.ok)
-        for plan in allocator.plans:
-            module = originals[plan.name]
-            if plan.chosen is not None:
-                key = (plan.name, plan.chosen.method, plan.chosen.rank)
-                if key not in modules:
-                    # Timing alone needs the structure, not the factors: skip the decomposition then.
-                    modules[key] = (_candidate_module(plan, plan.chosen, factorizers) if enforce else
-                                    _random_weights(get_method(plan.chosen.method).build(plan.layer, plan.chosen.rank),
-                                                    seed=0)).eval()
-                module = modules[key]
-            _set_submodule(work, plan.name, module)
-        metrics = known.metrics if known is not None else (checker.measure(work, bound) if enforce else None)
-        ok = not failures(metrics, bound) if enforce else True
-        if measure_speed:
-            probe = Probe(budget, 1.0 / meter.speedup(work, threshold=1.0 / fraction), True, metrics, ok)
-        else:
-            probe = Probe(budget, account["predicted_fraction"] or 0.0, False, metrics, ok)
-        seen[account["choice"]] = probe
-        return probe
-
-    calls_before, seconds_before = checker.calls if checker else 0, checker.seconds if checker else 0.0
-    try:
-        result = search_budget(trial, kind=kind, target=fraction, lowest=allocator.lowest,
-                               bound=bound if enforce else None, rounds=opts.fidelity_rounds)
-    finally:
-        if meter is not None:
-            meter.close()
-    account = allocator.choose(result.budget, notes, strict=False)
-    account.pop("choice")
-    account["measured_fraction" if result.probe.measured else "fraction_reached"] = _round(result.probe.fraction, 4)
-    search: dict[str, Any] = {"probes": [p.to_dict() for p in result.probes], "budget": _round(result.budget, 4)}
-    if result.probe.metrics is not None:
-        search["fidelity"] = result.probe.to_dict()
-    if result.missed is not None:
-        search["missed"] = result.missed
-        notes.append(result.missed["message"])
-    search["checks"] = {
-        "fidelity": [(checker.calls - calls_before) if checker else 0,
-                     round((checker.seconds - seconds_before) if checker else 0.0, 3)],
-        "latency": [meter.calls if meter else 0, round(meter.seconds if meter else 0.0, 3)],
-        "total_seconds": round(spent[0], 3)}
-    return account, search
 
 
 # -- auto without a target -------------------------------------------------------------------------

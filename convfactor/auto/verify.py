@@ -283,7 +283,7 @@ def search_budget(trial: Callable[[float, bool], Probe], *, kind: str, target: f
         best = run(start, False)
     result = SearchResult(best.budget, best, probes)
     if kind == "latency" and target is not None and best.fraction > target / (1 - SPEED_TOLERANCE):
-        result.missed = _missed(kind, target, best, "the latency model cannot reach it on this runtime")
+        result.missed = missed_target(kind, target, best, "the latency model cannot reach it on this runtime")
     if bound is None or best.ok:
         return result
     # Fidelity: more budget, less error. Bisect between the failing budget and the original (error 0).
@@ -305,7 +305,7 @@ def search_budget(trial: Callable[[float, bool], Probe], *, kind: str, target: f
     result.budget, result.probe = kept.budget, kept
     if target is not None:
         why = "the fidelity bound " + ", ".join(f"{k} {v:g}" for k, v in bound.to_dict().items())
-        result.missed = _missed(kind, target, kept, f"{why} does not hold at the target "
+        result.missed = missed_target(kind, target, kept, f"{why} does not hold at the target "
                                 f"({'; '.join(failures(best.metrics or {}, bound))})")
     return result
 
@@ -365,7 +365,7 @@ def _fit_speed(run: Callable[[float, bool], Probe], target: float, lowest: float
     return met if met is not None else fastest
 
 
-def _missed(kind: str, target: float, probe: Probe, why: str) -> dict[str, Any]:
+def missed_target(kind: str, target: float, probe: Probe, why: str) -> dict[str, Any]:
     what = {"macs": "MACs", "params": "parameters", "latency": "time"}[kind]
     text = f"target {kind} {target:g} missed: the result costs {probe.fraction:.3f} of the original {what}"
     if kind == "latency":

@@ -184,3 +184,29 @@ def test_macs_target_prefers_fast_forms_and_warns_for_slow_ones(tmp_path):
     total = sum(layer["chosen"]["macs"] if layer.get("chosen") else layer.get("original", {}).get("macs", 0)
                 for layer in checked.info["layers"].values())
     assert total <= checked.info["target"]["budget"]
+
+
+def test_calibrated_bound_is_held_on_the_refit_model_the_user_gets(monkeypatch):
+    import functools
+
+    import convfactor.auto.resolve as resolve
+
+    # The speed check of the chosen forms is tested above; here it would only time layers.
+    monkeypatch.setattr(resolve, "AutoOptions", functools.partial(resolve.AutoOptions, speed_check=False))
+    net = tiny_resnet(seed=2, width=8)
+    calibration = inputs(64, seed=5)
+    policy = {**TARGET, "fidelity": {"max_rel_error": 0.01}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = convfactor.factorize(net, policy, X[:1], calibration=calibration)
+    report = convfactor.get_report(fast)
+    with torch.no_grad():  # measured here on the calibration inputs the bound is stated on
+        ya, yb = net(calibration), fast(calibration)
+    measured = float((ya - yb).norm() / ya.norm())
+    assert measured <= 0.01 and report.extra["fidelity_check"]["rel_error"] == pytest.approx(measured, rel=1e-3)
+    search = report.extra["auto"]["search"]
+    assert not search["probes"][0]["fidelity_ok"] and 0.3 < report.macs_ratio < 1  # the bound cost MACs
+    # The probes were built without the sequential refit; the refit model was measured too, and is no worse.
+    assert search["refit"]["refit_rel_error"] <= search["refit"]["probe_rel_error"] * 1.05
+    assert report.extra["auto"]["target"]["fraction"] == 0.3  # the account keeps the requested target
+    assert search["missed"]["target"] == 0.3

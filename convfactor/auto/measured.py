@@ -1,0 +1,307 @@
+"""Allocations corrected by measurement: the knapsack at any budget, and whole candidate models measured.
+
+``resolve_policy`` (``convfactor.auto.resolve``) builds the candidates; this module turns them into an
+allocation that measures within the policy's target and fidelity bound (``convfactor.auto.verify``):
+
+  * ``Allocator``: the knapsack of one resolution, its totals fixed once, solved at any budget fraction;
+  * ``measured_allocation``: the search over the budget, each probe a whole candidate network (real
+    factors when a fidelity bound is checked, structure with random weights when only timed);
+  * ``tighten_after_refit``: the probes use per-layer factors; the result is refit sequentially and is
+    usually more accurate: measure by how much and search again with the bound scaled by it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ..costs import count_params, per_layer_macs
+from ..errors import PolicyError
+from ..methods import get_method
+from ..methods.base import FactorizedLayer
+from ..policy import Fidelity
+from .allocate import InfeasibleBudget, allocate
+from .latency import LatencyModel, _random_weights
+from .options import AutoOptions
+from .verify import OutputChecker, Probe, SearchResult, SpeedMeter, failures, missed_target, search_budget
+
+if TYPE_CHECKING:
+    from .resolve import _LayerPlan
+
+__all__ = ["rounded", "Allocator", "model_total", "output_checker", "measured_allocation",
+           "tighten_after_refit", "candidate_metrics", "installed_metrics"]
+
+
+def rounded(value: float | None, digits: int = 6) -> float | None:
+    """``value`` to ``digits`` significant digits (None, 0 and non-finite values as they are)."""
+    if value is None or value == 0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - int(math.floor(math.log10(abs(value)))))
+
+
+def _helpers():
+    """resolve's helpers, imported when first needed (resolve imports this module)."""
+    from . import resolve
+
+    return resolve
+
+
+def model_total(root: nn.Module, kind: str, inputs: Any, plans: list[_LayerPlan], model: LatencyModel | None) -> float:
+    if kind == "macs":
+        return float(sum(per_layer_macs(root, inputs).values()))
+    if kind == "params":
+        return float(count_params(root))
+    return float(model.model_ms(root, inputs))
+
+
+class Allocator:
+    """The knapsack of one resolution: its totals fixed once, solved at any budget fraction."""
+
+    def __init__(self, root: nn.Module, plans: list[_LayerPlan], kind: str, inputs: Any, opts: AutoOptions,
+                 model: LatencyModel | None):
+        self.plans = [p for p in plans if p.open]
+        self.kind, self.opts = kind, opts
+        self.total = model_total(root, kind, inputs, plans, model)
+        self.fixed = self.total - math.fsum(p.original.cost(kind) for p in self.plans)
+        self.groups = [[(p.original.cost(kind), 0.0)] + [(o.cost(kind), o.loss) for o in p.options]
+                       for p in self.plans]
+        cheapest = self.fixed + math.fsum(min(c for c, _ in g) for g in self.groups)
+        self.lowest = cheapest / self.total if self.total else 1.0  # the smallest reachable fraction
+
+    def budget_total(self, fraction: float) -> float:
+        if self.kind == "latency":
+            return fraction * self.total
+        # The largest integer count whose ratio to the original does not exceed the fraction.
+        budget_total = math.floor(fraction * self.total)
+        while budget_total > 0 and budget_total / self.total > fraction:
+            budget_total -= 1
+        return budget_total
+
+    def choose(self, fraction: float, notes: list[str] | None = None, *, strict: bool = True) -> dict[str, Any]:
+        """Allocate at ``fraction`` of the original cost: sets every open plan's ``chosen``; returns the account."""
+        kind, total, fixed = self.kind, self.total, self.fixed
+        budget_total = self.budget_total(fraction)
+        groups = self.groups
+        try:
+            allocation = allocate(groups, budget_total - fixed, self.opts.bins)
+            solver, choice = allocation.solver, allocation.choice
+        except InfeasibleBudget as infeasible:
+            reachable = (infeasible.minimum + fixed) / total if total else 1.0
+            if kind != "latency" and strict:
+                raise PolicyError(
+                    f"target {kind} {fraction} is not reachable: the cheapest candidates leave {reachable:.3f} of "
+                    f"the original {kind} (layers the policy leaves alone: {max(fixed, 0) / total:.3f})") from None
+            if notes is not None:
+                source = "latency model" if kind == "latency" else "candidates"
+                notes.append(f"{kind} target {fraction} not reachable by the {source}: every layer takes its "
+                             f"cheapest candidate (predicted {reachable:.3f} of the original)")
+            choice = tuple(min(range(len(g)), key=lambda i: (g[i][0], g[i][1])) for g in groups)
+            solver = "cheapest per layer"
+        predicted = fixed
+        for plan, index in zip(self.plans, choice):
+            plan.chosen = None if index == 0 else plan.options[index - 1]
+            predicted += plan.original.cost(kind) if plan.chosen is None else plan.chosen.cost(kind)
+            if plan.options:  # a plan without options keeps the reason it has none
+                plan.decision = None if plan.chosen is not None else (
+                    "left as is by the allocation (its candidates cost more fidelity per unit saved)")
+        exact = (lambda v: int(round(v))) if kind != "latency" else (lambda v: rounded(v, 4))  # counts stay exact
+        return {"kind": kind, "fraction": fraction, "original": exact(total), "budget": exact(budget_total),
+                "fixed": exact(fixed), "predicted": exact(predicted),
+                "predicted_fraction": rounded(predicted / total) if total else None, "solver": solver,
+                "choice": tuple(choice),
+                "basis": {"macs": "per sample, all Conv/Linear layers (convfactor.costs)",
+                          "params": "parameters of the BatchNorm-folded model (<= the original's)",
+                          "latency": "ms in the latency runtime (info['latency']): whole original model minus the "
+                                     "per-layer savings measured"}[kind]}
+
+
+def first_samples(batches: list, count: int) -> list:
+    subset, seen = [], 0
+    for batch in batches:
+        if seen >= count:
+            break
+        take = min(len(batch[0]), count - seen)
+        subset.append(tuple(t[:take] for t in batch))
+        seen += take
+    return subset
+
+
+def output_checker(root: nn.Module, batches: list | None, inputs: tuple | None,
+                    opts: AutoOptions) -> OutputChecker | None:
+    """The original's outputs on the calibration inputs (else the example inputs), for every fidelity check."""
+    if batches is not None:
+        return OutputChecker(root, first_samples(batches, opts.fidelity_samples), "calibration samples")
+    if inputs is not None:
+        return OutputChecker(root, [inputs], "example inputs")
+    return None
+
+
+def candidate_metrics(root: nn.Module, plans: list[_LayerPlan], factorizers: dict, checker: OutputChecker,
+                       bound: Fidelity | None) -> dict[str, Any]:
+    """The checker's measurement of ``root`` with every plan's chosen replacement installed (on a copy)."""
+    work = copy.deepcopy(root).eval()
+    for plan in plans:
+        if plan.chosen is not None:
+            module = _helpers()._candidate_module(plan, plan.chosen, factorizers).eval()
+            _helpers()._set_submodule(work, plan.name, module)
+    return checker.measure(work, bound)
+
+
+def measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fraction: float | None,
+                         bound: Fidelity | None, inputs: Any, opts: AutoOptions, model: LatencyModel | None,
+                         checker: OutputChecker | None, factorizers: dict, notes: list[str],
+                         progress: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Allocate at the target, then correct the budget by measuring whole candidate models (``verify``).
+
+    Returns the allocation's account and the search's (None when nothing was measured).
+    """
+    allocator = Allocator(root, plans, kind, inputs, opts, model)
+    speed = (kind == "latency" and fraction is not None and model is not None and model.options.verify
+             and inputs is not None)
+    enforce = bound is not None and checker is not None
+    if bound is not None and checker is None:
+        notes.append("fidelity bound not enforced: no example inputs or calibration data to measure it on")
+    if not speed and not enforce:
+        account = allocator.choose(fraction if fraction is not None else allocator.lowest, notes)
+        account.pop("choice")
+        return account, None
+    meter = SpeedMeter(model, root, inputs) if speed else None
+    work = copy.deepcopy(root).eval()
+    originals = {p.name: work.get_submodule(p.name) for p in allocator.plans}
+    modules: dict[tuple, nn.Module] = {}
+    seen: dict[tuple, Probe] = {}
+    if fraction is not None and fraction < allocator.lowest and kind != "latency":
+        allocator.choose(fraction, notes)  # raises the usual "not reachable" error
+
+    spent = [0.0]  # seconds inside trials: allocation, candidate builds and the measurements
+
+    def trial(budget: float, measure_speed: bool) -> Probe:
+        started = time.perf_counter()
+        try:
+            return _trial(budget, measure_speed)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    def _trial(budget: float, measure_speed: bool) -> Probe:
+        account = allocator.choose(budget, strict=False)
+        known = seen.get(account["choice"])
+        if known is not None and (known.measured or not measure_speed):
+            return Probe(budget, known.fraction, known.measured, known.metrics, known.ok)
+        for plan in allocator.plans:
+            module = originals[plan.name]
+            if plan.chosen is not None:
+                key = (plan.name, plan.chosen.method, plan.chosen.rank)
+                if key not in modules:
+                    # Timing alone needs the structure, not the factors: skip the decomposition then.
+                    modules[key] = (_helpers()._candidate_module(plan, plan.chosen, factorizers) if enforce else
+                                    _random_weights(get_method(plan.chosen.method).build(plan.layer, plan.chosen.rank),
+                                                    seed=0)).eval()
+                module = modules[key]
+            _helpers()._set_submodule(work, plan.name, module)
+        metrics = known.metrics if known is not None else (checker.measure(work, bound) if enforce else None)
+        ok = not failures(metrics, bound) if enforce else True
+        if measure_speed:
+            probe = Probe(budget, 1.0 / meter.speedup(work, threshold=1.0 / fraction), True, metrics, ok)
+        else:
+            probe = Probe(budget, account["predicted_fraction"] or 0.0, False, metrics, ok)
+        seen[account["choice"]] = probe
+        return probe
+
+    calls_before, seconds_before = checker.calls if checker else 0, checker.seconds if checker else 0.0
+    try:
+        result = search_budget(trial, kind=kind, target=fraction, lowest=allocator.lowest,
+                               bound=bound if enforce else None, rounds=opts.fidelity_rounds)
+    finally:
+        if meter is not None:
+            meter.close()
+    account = allocator.choose(result.budget, notes, strict=False)
+    account.pop("choice")
+    account["fraction"], account["budget_fraction"] = fraction, rounded(result.budget, 4)  # requested, used
+    reached = "measured_fraction" if result.probe.measured else "fraction_reached"
+    account[reached] = rounded(result.probe.fraction, 4)
+    search: dict[str, Any] = {"probes": [p.to_dict() for p in result.probes], "budget": rounded(result.budget, 4)}
+    if result.probe.metrics is not None:
+        search["fidelity"] = result.probe.to_dict()
+    if result.missed is not None:
+        search["missed"] = result.missed
+        notes.append(result.missed["message"])
+    search["checks"] = {
+        "fidelity": [(checker.calls - calls_before) if checker else 0,
+                     round((checker.seconds - seconds_before) if checker else 0.0, 3)],
+        "latency": [meter.calls if meter else 0, round(meter.seconds if meter else 0.0, 3)],
+        "total_seconds": round(spent[0], 3)}
+    if enforce and kind != "latency" and result.probe.metrics is not None:
+        def rerun(scaled: Fidelity) -> tuple[dict[str, Any], SearchResult]:
+            """The search again, probes judged by ``scaled`` (their metrics are reused where measured)."""
+            def judged(budget: float, speed: bool) -> Probe:
+                probe = trial(budget, speed)
+                return Probe(probe.budget, probe.fraction, probe.measured, probe.metrics,
+                             not failures(probe.metrics, scaled))
+
+            again = search_budget(judged, kind=kind, target=fraction, lowest=allocator.lowest, bound=scaled,
+                                  rounds=opts.fidelity_rounds)
+            redone = allocator.choose(again.budget, strict=False)
+            redone.pop("choice")
+            redone["fraction"], redone["budget_fraction"] = fraction, rounded(again.budget, 4)
+            redone["fraction_reached"] = rounded(again.probe.fraction, 4)
+            return redone, again
+
+        search["_rerun"] = rerun
+    return account, search
+
+
+def installed_metrics(root: nn.Module, plans: list[_LayerPlan], prebuilt: dict, checker: OutputChecker) -> dict:
+    """The checker's full measurement of ``root`` with the chosen replacements (``prebuilt`` first) installed."""
+    work = copy.deepcopy(root).eval()
+    for plan in plans:
+        if plan.chosen is not None:
+            module = prebuilt.get(plan.name)
+            if module is None:
+                module = get_method(plan.chosen.method).decompose(plan.layer, plan.chosen.rank)
+            _helpers()._set_submodule(work, plan.name, copy.deepcopy(module).eval())
+    return checker.measure(work)
+
+
+def tighten_after_refit(root: nn.Module, plans: list[_LayerPlan], batches: list, inputs: tuple, opts: AutoOptions,
+                         prebuilt: dict, checker: OutputChecker, bound: Fidelity, rerun: Any,
+                         info: dict[str, Any]) -> dict:
+    """The search judged probes built without the sequential refit, which the result gets: measure how much
+    the refit lowers the error, search again with the bound scaled by that, and keep the cheaper allocation
+    when its refit model measures within the bound (else the first one, as it was)."""
+    search = info["search"]
+    probe_error = search["fidelity"].get("rel_error")
+    final = installed_metrics(root, plans, prebuilt, checker)
+    ratio = final["rel_error"] / probe_error if probe_error else 1.0
+    search["refit"] = {"probe_rel_error": probe_error, "refit_rel_error": rounded(final["rel_error"])}
+    if bound.max_rel_error is None or not 0 < ratio < 0.8 or failures(final, bound):
+        return prebuilt
+    saved = {p.name: (p.chosen, p.decision) for p in plans}
+    scaled = Fidelity(bound.max_rel_error / ratio, bound.min_agreement)
+    account, again = rerun(scaled)
+    if account["predicted"] >= info["target"]["predicted"]:
+        for plan in plans:
+            plan.chosen, plan.decision = saved[plan.name]
+        return prebuilt
+    tighter: dict[str, FactorizedLayer] = {}
+    _helpers()._build_prebuilt_sequentially(root, plans, batches, inputs, opts, tighter)
+    measured = installed_metrics(root, plans, tighter, checker)
+    search["refit"]["retry"] = {"budget": rounded(again.budget, 4), "fraction": account["fraction_reached"],
+                                "refit_rel_error": rounded(measured["rel_error"]),
+                                "kept": not failures(measured, bound)}
+    if failures(measured, bound):
+        for plan in plans:
+            plan.chosen, plan.decision = saved[plan.name]
+        return prebuilt
+    info["target"] = account
+    search["budget"] = rounded(again.budget, 4)
+    search["fidelity"] = again.probe.to_dict()
+    search["probes"] += [p.to_dict() for p in again.probes]
+    if "missed" in search:
+        why = search["missed"]["message"].split("; ", 1)[1]
+        reached = Probe(again.budget, account["fraction_reached"], False)
+        search["missed"] = missed_target(account["kind"], account["fraction"], reached, why)
+    return tighter
