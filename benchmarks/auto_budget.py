@@ -15,6 +15,13 @@ For the shipped digits checkpoints (ResNet-20 and the small MobileNet, ``convfac
   * uniform: every conv as spatial_svd at one rank fraction, the largest that meets the same MAC budget
     (found by bisection), factorized from the weights alone (for the latency row: the MACs auto reached).
 
+and two controls that separate what each mechanism buys:
+
+  * uniform + data: the uniform rank fraction above (same MACs), factorized data-aware from the same
+    calibration images (whitened factors, sequential refit): what calibration data buys without allocation;
+  * auto weight-only: the auto row without calibration data (weight-error selection and factors): what
+    allocation buys without data.
+
 Reported per row: MACs and params of the result (ratios to the original), held-out accuracy (450
 images, ``convfactor.zoo.digits``) without fine-tuning and after a short distillation
 (``convfactor.auto.finetune``, training images, labels unused), and the measured onnxruntime speedup
@@ -62,8 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help="checkpoints, comma-separated")
     parser.add_argument("--targets", default=",".join(TARGETS), help="KIND:FRACTION, comma-separated")
     parser.add_argument("--checkpoints", type=Path, default=None, help="checkpoint directory (default: shipped)")
-    parser.add_argument("--variants", default="auto,auto16,uniform",
-                        help="auto, auto16, auto+fidelity, nocal, nocal+fidelity, uniform (comma-separated)")
+    parser.add_argument("--variants", default="auto,auto16,uniform,uniform_data,auto_weight",
+                        help="auto, auto16, uniform, uniform_data, auto_weight, auto+fidelity, nocal, "
+                             "nocal+fidelity (comma-separated)")
     parser.add_argument("--fidelity", type=float, default=0.1, help="max_rel_error of the nocal+fidelity bound")
     parser.add_argument("--fidelity-images", type=int, default=64,
                         help="training images the nocal variants get as example inputs (the fidelity data)")
@@ -96,10 +104,11 @@ def uniform_for_macs(model: nn.Module, x: torch.Tensor, macs_ratio: float) -> tu
     return low, best
 
 
-def speedup(original: nn.Module, factorized: nn.Module, x: torch.Tensor, min_time: float) -> float:
+def speedup(original: nn.Module, factorized: nn.Module, x: torch.Tensor, min_time: float) -> tuple[float, bool]:
+    """The median per-pair speedup, and whether its spread was narrow enough to mean something."""
     report = benchmark(original, factorized, x, threads=1, warmup=20, repeats=100, min_time=min_time,
                        progress=False, exporter="torchscript")
-    return report.results[0].speedup
+    return report.results[0].speedup, report.results[0].reliable
 
 
 def finetuned_accuracy(model: nn.Module, teacher: nn.Module, args, train_x, test) -> float | None:
@@ -120,7 +129,7 @@ def row(name, target, method, model, teacher, factorized, x, args, train_x, test
         "macs_ratio": report.macs_ratio, "params_ratio": report.params_ratio,
         "accuracy": evaluate_accuracy(factorized, *test),
         "accuracy_finetuned": finetuned_accuracy(factorized, teacher, args, train_x, test),
-        "speedup": speedup(model, factorized, x, args.min_time),
+        **dict(zip(("speedup", "speedup_reliable"), speedup(model, factorized, x, args.min_time))),
         "layers": f"{len(report.replaced)}/{len(report.layers)}",
         "output_error": (report.extra.get("fidelity_check") or {}).get("rel_error"),
         "warnings": report.warnings,
@@ -141,10 +150,11 @@ def markdown(rows: list[dict], baselines: dict[str, dict]) -> str:
     for name, base in baselines.items():
         lines.append(f"| {name} | - | original | 1.000 | 1.000 | - | 0 | {fmt(base['accuracy'])} | - | 1.00x | - |")
     for r in rows:
+        noisy = "" if r["speedup_reliable"] else " (noisy)"
         lines.append(f"| {r['model']} | {r['target']} | {r['method']} | {fmt(r['macs_ratio'])} | "
                      f"{fmt(r['params_ratio'])} | {r['layers']} | {fmt(r.get('output_error'))} | "
                      f"{fmt(r['accuracy'])} | "
-                     f"{fmt(r['accuracy_finetuned'])} | {r['speedup']:.2f}x | {r['seconds']:.0f} |")
+                     f"{fmt(r['accuracy_finetuned'])} | {r['speedup']:.2f}x{noisy} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -215,14 +225,36 @@ def main(argv: list[str] | None = None) -> int:
                 result = row(name, spec, label, model, model, fast, x, args, train_x, test, seconds)
                 rows.append(result)
                 print(json.dumps(result), flush=True)
-            if "uniform" in variants and macs_budget is not None:
+            if "auto_weight" in variants:
+                started = time.perf_counter()
+                rule = {"types": ["Conv2d"], "method": "auto"}
+                try:
+                    auto = convfactor.factorize(model, {"rules": [rule], "target": {kind: fraction}}, x,
+                                                latency=latency)
+                    result = row(name, spec, "auto, weight-only (no data)", model, model, auto, x, args, train_x,
+                                 test, time.perf_counter() - started)
+                    rows.append(result)
+                    macs_budget = macs_budget if macs_budget is not None else result["macs_ratio"]
+                    print(json.dumps(result), flush=True)
+                except convfactor.PolicyError as unreachable:
+                    print(f"{name} {spec} weight-only: {unreachable}", flush=True)
+            if {"uniform", "uniform_data"} & set(variants) and macs_budget is not None:
                 started = time.perf_counter()
                 uniform_fraction, uniform = uniform_for_macs(model, x, macs_budget)
                 seconds = time.perf_counter() - started
-                label = f"uniform spatial_svd r={uniform_fraction:.3f}"
-                result = row(name, spec, label, model, model, uniform, x, args, train_x, test, seconds)
-                rows.append(result)
-                print(json.dumps(result), flush=True)
+                if "uniform" in variants:
+                    label = f"uniform spatial_svd r={uniform_fraction:.3f}"
+                    result = row(name, spec, label, model, model, uniform, x, args, train_x, test, seconds)
+                    rows.append(result)
+                    print(json.dumps(result), flush=True)
+                if "uniform_data" in variants:
+                    started = time.perf_counter()
+                    aware = convfactor.factorize(model, uniform_policy(uniform_fraction), x, calibration=calib)
+                    label = f"uniform spatial_svd r={uniform_fraction:.3f} + data"
+                    result = row(name, spec, label, model, model, aware, x, args, train_x, test,
+                                 seconds + time.perf_counter() - started)
+                    rows.append(result)
+                    print(json.dumps(result), flush=True)
     print()
     print(f"machine: {machine()}")
     print(f"fine-tuning: {args.finetune_steps} Adam steps, lr {args.finetune_lr}, batch 64, KL to the original's "
