@@ -290,3 +290,16 @@ def test_factorize_with_a_latency_target_in_torch_end_to_end(tmp_path):
     assert entries and all(json.loads(key)["runtime"] == "torch" for key in entries)
     with torch.no_grad():
         assert factorized(X).shape == net(X).shape
+
+
+def test_latency_budget_stays_sane_when_layers_alone_add_up_to_more_than_the_model(net, tmp_path):
+    """Per-layer times from the cache (other load, other day) can exceed the whole model measured now."""
+    from convfactor.auto import resolve_policy
+
+    model = LatencyModel({"cache": tmp_path / "latency.json"}, timer=StubTimer(),
+                         comparer=lambda original, candidate, example_inputs, opts: 1.5,
+                         model_timer=lambda module, example_inputs, opts: 0.5)  # less than the layers' sum
+    policy = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd"}], "target": {"latency": 0.9}}
+    info = resolve_policy(net, policy, example_inputs=X, latency_model=model).info
+    assert 0 < info["target"]["layer_time_scale"] < 1 and info["target"]["fixed"] >= 0
+    assert all(0 <= p["budget"] <= 1 for p in info["search"]["probes"])
