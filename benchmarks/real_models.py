@@ -117,7 +117,9 @@ def run_in_child(model: str, row: str, args) -> dict:
 def _last_line(tmp: str) -> str:
     """The worker's last progress line (tqdm redraws with carriage returns)."""
     with open(os.path.join(tmp, "stderr"), errors="replace") as f:
-        text = f.read()[-4000:]
+        text = f.read()
+    text = text[:text.rfind("Timeout (")] if "Timeout (" in text else text
+    text = text[-4000:]
     parts = [p.strip() for p in text.replace("\r", "\n").split("\n") if p.strip()]
     return parts[-1][:300] if parts else ""
 
