@@ -57,6 +57,8 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     p.add_argument("--update", action="store_true",
                    help="keep the rows of an existing OUT.json that this run does not redo")
+    p.add_argument("--render", nargs="+", type=Path, metavar="JSON",
+                   help="only merge these result files (later rows win) into --out and print the table")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "ROW"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -115,7 +117,9 @@ def run_in_child(model: str, row: str, args) -> dict:
 def _last_line(tmp: str) -> str:
     """The worker's last progress line (tqdm redraws with carriage returns)."""
     with open(os.path.join(tmp, "stderr"), errors="replace") as f:
-        text = f.read()[-4000:]
+        text = f.read()
+    text = text[:text.rfind("Timeout (")] if "Timeout (" in text else text
+    text = text[-4000:]
     parts = [p.strip() for p in text.replace("\r", "\n").split("\n") if p.strip()]
     return parts[-1][:300] if parts else ""
 
@@ -179,6 +183,15 @@ def main(argv=None) -> int:
         faulthandler.dump_traceback_later(max(1.0, args.timeout - 15), exit=False)
         return worker_main(args.worker[0], args.worker[1], args.quick, args.max_rel_error, args.result)
     results = []
+    if args.render:
+        for path in args.render:
+            for result in json.loads(path.read_text())["results"]:
+                results = [r for r in results if (r["model"], r["row"]) != (result["model"], result["row"])]
+                results.append(result)
+        if args.out:
+            _write(args, results)
+        print(markdown(results, args))
+        return 0
     if args.update and args.out and args.out.with_suffix(".json").exists():
         results = json.loads(args.out.with_suffix(".json").read_text())["results"]
     for model in args.models.split(","):
