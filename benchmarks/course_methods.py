@@ -77,7 +77,8 @@ def distilled(student: nn.Module, teacher: nn.Module, train_x: torch.Tensor, arg
 
 
 def tuned_codebooks(shared: nn.Module, teacher: nn.Module, train_x: torch.Tensor, args) -> nn.Module:
-    shared = copy.deepcopy(shared)
+    report, shared = sharing_report(shared), copy.deepcopy(shared)
+    shared.convfactor_sharing = report  # a GraphModule's deepcopy drops it
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
     batches = [(train_x[order[i:i + 64]],) for i in range(0, len(order) - 63, 64)]
     finetune_codebooks(shared, teacher, batches, steps=args.finetune_steps, lr=args.finetune_lr, progress=False)
