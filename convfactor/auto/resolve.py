@@ -42,7 +42,7 @@ from ..geometry import layer_kind
 from ..methods import available_methods, get_method
 from ..methods.base import FactorizationMethod, FactorizedLayer, Rank
 from ..policy import AUTO, SKIP, Policy, Rule
-from ..progress import track
+from ..progress import phase, track
 from .allocate import InfeasibleBudget, allocate
 from .calibration import (
     calibration_batches,
@@ -223,7 +223,9 @@ def resolve_policy(
         for plan in open_plans:
             for option in plan.options:
                 option.loss = plan.sensitivity * option.error2
-        info["target"] = _allocate(root, plans, kind, fraction, inputs, opts, model, notes)
+        with phase(progress, "allocation", total=1) as bar:
+            info["target"] = _allocate(root, plans, kind, fraction, inputs, opts, model, notes)
+            bar.update()
         ignored = sorted({p.rule_index + 1 for p in open_plans if p.rule.rank is not None or p.rule.energy is not None})
         if ignored:
             notes.append(f"rule(s) {', '.join(map(str, ignored))}: rank/energy ignored, the target allocates ranks")
