@@ -43,7 +43,7 @@ from ..geometry import layer_kind
 from ..methods import available_methods, get_method
 from ..methods.base import FactorizationMethod, FactorizedLayer, Rank
 from ..policy import AUTO, SKIP, Policy, Rule
-from ..progress import track
+from ..progress import phase, track
 from .calibration import (
     calibration_batches,
     execution_order,
@@ -239,8 +239,10 @@ def resolve_policy(
         for plan in open_plans:
             for option in plan.options:
                 option.loss = plan.sensitivity * option.error2
-        info["target"], search = measured_allocation(root, plans, kind, fraction, bound, inputs, opts, model,
-                                                      checker, factorizers, notes, progress)
+        with phase(progress, "allocation", total=1) as bar:
+            info["target"], search = measured_allocation(root, plans, kind, fraction, bound, inputs, opts, model,
+                                                          checker, factorizers, notes, progress)
+            bar.update()
         if search is not None:
             info["search"] = search
         ignored = sorted({p.rule_index + 1 for p in open_plans if p.rule.rank is not None or p.rule.energy is not None})
