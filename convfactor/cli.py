@@ -340,8 +340,8 @@ class _Console:
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
-        # Progress bars only on a terminal: in logs and pipes their redraws are noise.
-        self.progress = not quiet and sys.stderr.isatty()
+        # Bars on a terminal; in logs and pipes (where redraws are noise) plain lines with count and ETA.
+        self.progress: bool | str = False if quiet else (True if sys.stderr.isatty() else "lines")
 
     def status(self, message: str) -> None:
         if not self.quiet:

@@ -8,6 +8,9 @@
 Phases of ``factorize`` with a target or ``method: auto``: statistics (calibration batches),
 candidates (layers), sensitivities (layers), allocation, refit (layers), latency check.
 Disabled bars cost nothing and print nothing, so callers pass their ``progress`` flag straight in.
+``progress="lines"`` (what the CLI passes when stderr is a log or a pipe, not a terminal) prints plain
+lines instead of redrawn bars: one when a phase starts, then at most one every ``LINE_INTERVAL`` seconds
+with the count, elapsed time and ETA, and one when it ends.
 """
 
 from __future__ import annotations
@@ -15,26 +18,71 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["track", "phase"]
+__all__ = ["track", "phase", "LINE_INTERVAL"]
 
 T = TypeVar("T")
 _FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}]"
 
 
-def _bar(enabled: bool, name: str, total: int | None, unit: str) -> Any:
+LINE_INTERVAL = 30.0
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class _Lines:
+    """A tqdm-like counter that prints plain lines to stderr (for logs): start, every interval, end."""
+
+    def __init__(self, name: str, total: int | None, unit: str, interval: float = LINE_INTERVAL):
+        import sys
+        import time
+
+        self._time, self._file = time.monotonic, sys.stderr
+        self.name, self.total, self.unit, self.interval = name, total, unit, interval
+        self.n, self.started = 0, self._time()
+        self._last = self.started
+        self._say(f"{name}: started" + ("" if total is None else f" ({total} {unit}s)"))
+
+    def _say(self, text: str) -> None:
+        print(text, file=self._file, flush=True)
+
+    def _line(self) -> str:
+        elapsed = self._time() - self.started
+        count = f"{self.n}" if self.total is None else f"{self.n}/{self.total}"
+        eta = ""
+        if self.total and 0 < self.n < self.total:
+            eta = f", ETA {_clock(elapsed / self.n * (self.total - self.n))}"
+        return f"{self.name}: {count} {self.unit}s [{_clock(elapsed)} elapsed{eta}]"
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._time() - self._last >= self.interval:
+            self._last = self._time()
+            self._say(self._line())
+
+    def close(self) -> None:
+        self._say(self._line().replace("]", ", done]", 1))
+
+
+def _bar(enabled: bool | str, name: str, total: int | None, unit: str) -> Any:
     from tqdm.auto import tqdm
+
+    if enabled == "lines":
+        return _Lines(name, total, unit)
 
     return tqdm(total=total, desc=name, unit=unit, leave=False, disable=not enabled, bar_format=None
                 if total is None else "{desc}: {percentage:3.0f}%|{bar:20}| " + _FORMAT.split(": ", 1)[1])
 
 
-def track(items: Iterable[T], enabled: bool, name: str, unit: str = "layer") -> Iterator[T]:
+def track(items: Iterable[T], enabled: bool | str, name: str, unit: str = "layer") -> Iterator[T]:
     """Iterate ``items`` with a bar named ``name`` (count and ETA when ``items`` has a length)."""
     if not enabled:
         yield from items
         return
     total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
-    bar = _bar(True, name, total, unit)
+    bar = _bar(enabled, name, total, unit)
     try:
         for item in items:
             yield item
@@ -46,7 +94,7 @@ def track(items: Iterable[T], enabled: bool, name: str, unit: str = "layer") -> 
 class phase:  # noqa: N801 - used as a context manager, like open()
     """A bar for a step updated by hand: ``with phase(enabled, "refit", total=n) as bar: bar.update()``."""
 
-    def __init__(self, enabled: bool, name: str, total: int | None = None, unit: str = "step"):
+    def __init__(self, enabled: bool | str, name: str, total: int | None = None, unit: str = "step"):
         self._bar = _bar(enabled, name, total, unit)
 
     def __enter__(self) -> Any:
