@@ -28,7 +28,8 @@ is what a free core would need):
     resnet18:nocal    393      41      991      2182      0.496
 
 Before this change, crepe:cal tried to allocate a 17 GB patch moment (65,536 x 65,536 float32) and
-failed under an 8 GB address-space cap; crepe:nocal was still refining grouped candidates after 20 min.
+failed under an 8 GB address-space cap (same command, ``ulimit -v 8000000``); crepe:nocal was not
+re-run here (the issue reports grouped refinement still running after 20 minutes).
 """
 
 from __future__ import annotations
