@@ -14,6 +14,22 @@ resnet18 (the issue's targets on 2 cores). Prints one table row per case, median
 
     python benchmarks/auto_scale.py                       # all cases, 1 repeat
     python benchmarks/auto_scale.py --cases crepe:cal --repeats 3 --samples 128
+
+Measured (one run each, 128 calibration inputs, 1 torch thread, on a 2-core machine shared with about
+ten other busy processes, so wall time is 5-8x the CPU time; the CPU time (user+sys, ``/usr/bin/time -v``)
+is what a free core would need):
+
+    CONVFACTOR_BENCH_THREADS=1 /usr/bin/time -v python benchmarks/auto_scale.py --one CASE --samples 128
+
+    case            wall s   CPU s   peak MB  ceiling MB  MACs
+    crepe:cal         854     144     1608      2303      0.495
+    crepe:nocal       411      34     1154      2303      0.487
+    resnet18:cal      390     186     2131      2182      0.500   (1299 s wall, 188 s CPU, 2111 MB earlier)
+    resnet18:nocal    393      41      991      2182      0.496
+
+Before this change, crepe:cal tried to allocate a 17 GB patch moment (65,536 x 65,536 float32) and
+failed under an 8 GB address-space cap (same command, ``ulimit -v 8000000``); crepe:nocal was not
+re-run here (the issue reports grouped refinement still running after 20 minutes).
 """
 
 from __future__ import annotations

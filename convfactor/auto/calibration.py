@@ -62,6 +62,7 @@ KRONECKER_ROWS = 4096
 # Working memory of the statistics and of one layer's fit (bytes); see ``statistic_forms``.
 DEFAULT_MEMORY_BUDGET = 1 << 30
 _SPLIT_BATCH = 64
+_SPLIT_BYTES = 8 << 20
 _CHUNK_BYTES = 64 << 20  # patches extracted at once, at most about this much
 
 
@@ -88,9 +89,9 @@ def calibration_batches(
     """The calibration data as a list of input tuples, at most ``max_samples`` samples in all.
 
     Args:
-        calibration: a tensor (split into batches of 64), a tuple of tensors (one batch of a
-            multi-input model), or an iterable of batches (a list, a DataLoader); a batch that is a
-            list/tuple holding more than the model's inputs (``(x, y)``) keeps its first ``n_inputs``.
+        calibration: a tensor (split into batches of at most 64 samples and about 8 MB), a tuple of
+            tensors (one batch of a multi-input model), or an iterable of batches (a list, a DataLoader);
+            a batch that is a list/tuple holding more than the model's inputs (``(x, y)``) keeps its first ``n_inputs``.
         n_inputs: how many tensors the model takes.
         max_samples: stop after this many samples (the last batch is cut).
         like: example inputs whose dtype and device floating-point batches are cast to.
@@ -98,7 +99,11 @@ def calibration_batches(
         ConvfactorError: nothing usable was given.
     """
     if isinstance(calibration, torch.Tensor):
-        source: Iterable[Any] = calibration[:max_samples].split(_SPLIT_BATCH)
+        # Batches of at most _SPLIT_BATCH samples and about _SPLIT_BYTES of input: the activations of a
+        # forward pass grow with both (64 ImageNet-size images would hold over 1 GB of activations).
+        sample_bytes = max(1, calibration[:1].numel() * calibration.element_size())
+        size = max(1, min(_SPLIT_BATCH, _SPLIT_BYTES // sample_bytes))
+        source: Iterable[Any] = calibration[:max_samples].split(size)
     elif isinstance(calibration, tuple) and all(isinstance(t, torch.Tensor) for t in calibration) \
             and len(calibration) == n_inputs:
         source = [calibration]
