@@ -285,7 +285,11 @@ def test_factorize_with_a_latency_target_in_torch_end_to_end(tmp_path):
                "verify_min_time": 0.2}
     factorized = convfactor.factorize(net, policy, X, latency=options)
     info = convfactor.get_report(factorized).extra["auto"]
-    assert info["latency"]["measured_variants"] > 0 and "verification" in info
+    assert info["latency"]["measured_variants"] > 0
+    # The whole model was timed against the original: by the target's search (its probes) or, when the
+    # search could not land, by the drop-layers verification. Which one depends on the machine's timings.
+    probes = (info.get("search") or {}).get("probes", [])
+    assert "verification" in info or any(p.get("measured") for p in probes)
     entries = json.loads(cache.read_text())["entries"]
     assert entries and all(json.loads(key)["runtime"] == "torch" for key in entries)
     with torch.no_grad():
