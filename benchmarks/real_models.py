@@ -219,13 +219,22 @@ def _command(args, model: str, row: str) -> str:
             f" --max-rel-error {args.max_rel_error:g}{flags}")
 
 
+def _local_paths_removed(text: str) -> str:
+    """Stack traces without this machine's directories (repository-relative, site-packages/...)."""
+    import re
+
+    text = text.replace(str(ROOT) + os.sep, "")
+    text = re.sub(r"/[^\s\"']*/site-packages/", "site-packages/", text)
+    return re.sub(r"/[^\s\"']*/lib/python3\.\d+/", "python/", text)
+
+
 def _write(args, results) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"argv": sys.argv[1:], "quick": args.quick, "timeout": args.timeout,
+    meta = {"argv": [os.path.basename(a) for a in sys.argv[1:]], "quick": args.quick, "timeout": args.timeout,
             "max_rel_error": args.max_rel_error, "cpu_count": os.cpu_count()}
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1,
-                                                        default=str))
-    args.out.with_suffix(".md").write_text(markdown(results, args) + "\n")
+    text = json.dumps({"meta": meta, "results": results}, indent=1, default=str)
+    args.out.with_suffix(".json").write_text(_local_paths_removed(text))
+    args.out.with_suffix(".md").write_text(_local_paths_removed(markdown(results, args)) + "\n")
 
 
 if __name__ == "__main__":
