@@ -54,7 +54,7 @@ from .calibration import (
 from .candidates import Option, WeightErrors, grouped_bound, rank_grid, rank_to_json, replacement_costs
 from .data_aware import DATA_AWARE_METHODS, corrected_weight, grouped_weight, layer_factorizer, output_error2
 from .latency import LatencyModel
-from .measured import candidate_metrics, measured_allocation, output_checker, tighten_after_refit
+from .measured import candidate_metrics, first_samples, measured_allocation, output_checker, tighten_after_refit
 from .measured import rounded as _round
 from .options import OPT_IN_METHODS, SLOW_METHODS, AutoOptions
 from .slow_forms import prefer_fast_forms, undo_swaps
@@ -533,17 +533,6 @@ def _pass_samples(plans: list[_LayerPlan], passes: int, wanted: int) -> int:
     return int(min(wanted, max(_MIN_PASS_SAMPLES, PASS_MACS // (passes * per_sample))))
 
 
-def _first_samples(batches: list, count: int) -> list:
-    subset, taken = [], 0
-    for batch in batches:
-        if taken >= count:
-            break
-        take = min(len(batch[0]), count - taken)
-        subset.append(tuple(t[:take] for t in batch))
-        taken += take
-    return subset
-
-
 def _probe_option(plan: _LayerPlan, kind: str) -> Option:
     """The candidate nearest half the original cost (the sensitivity probe)."""
     half = plan.original.cost(kind) / 2
@@ -573,7 +562,7 @@ def _measure_sensitivities(root: nn.Module, plans: list[_LayerPlan], kind: str, 
     if limit < opts.sensitivity_samples and notes is not None and sum(len(b[0]) for b in batches) > limit:
         notes.append(f"sensitivities measured on {limit} calibration samples (of {opts.sensitivity_samples} "
                      f"asked): {len(probes)} probes of a large network")
-    measured = layer_sensitivities(root, layers, probes, _first_samples(batches, limit), progress)
+    measured = layer_sensitivities(root, layers, probes, first_samples(batches, limit), progress)
     positive = sorted(m["sensitivity"] for m in measured.values() if m["sensitivity"] > 0)
     fallback = positive[len(positive) // 2] if positive else 1.0
     for plan in plans:
@@ -690,7 +679,7 @@ def _build_prebuilt_sequentially(root: nn.Module, plans: list[_LayerPlan], batch
     work = copy.deepcopy(root)
     # Each refit runs both networks up to its layer (about one full pass per layer in all).
     used = _pass_samples(plans, len(chosen), sum(len(b[0]) for b in batches))
-    batches = _first_samples(batches, used)
+    batches = first_samples(batches, used)
     for name in track(execution_order(root, list(chosen), inputs), progress, "refit"):
         plan = chosen[name]
         option = plan.chosen
