@@ -56,9 +56,10 @@ def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[st
             swapped.append({"layer": plan.name, "from": option.label(), "to": best.label(), "speed": round(speed, 3)})
         else:
             slower.append({"layer": plan.name, "form": option.label(), "speed": round(speed, 3)})
+            verdict = "slower" if speed < 0.995 else "not faster"  # 1.00x after rounding is not "slower"
             warnings.append(f"layer {plan.name}: {option.label()} measured {speed:.2f}x the original layer's speed "
-                            f"(slower) in {model.options.runtime} at {model.options.threads} thread(s), and no option "
-                            f"of similar cost and error runs faster (a latency target, or align: 16, avoids it)")
+                            f"({verdict}) in {model.options.runtime} at {model.options.threads} thread(s), and no "
+                            f"option of similar cost and error runs faster (a latency target, or align: 16, avoids it)")
     return {"swapped": swapped, "slower": slower, "seconds": round(time.perf_counter() - started, 3),
             "runtime": model.options.runtime, "threads": model.options.threads, "undo": undo}
 
