@@ -6,9 +6,26 @@ under test sets onnxruntime's threads explicitly and is unaffected.
 """
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch's OpenMP runtime starts
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``main(argv)`` in-process from the repository root; returns (exit code, stdout, stderr)."""
+    from convfactor.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # so --arch tests.cli_models:... imports
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -19,7 +19,6 @@ import torch
 import convfactor
 import convfactor.onnx_export
 from convfactor.checkpoint import lift_exported_module, read_checkpoint
-from convfactor.cli import main
 from convfactor.errors import ExportError
 from convfactor.ranks import fraction_to_rank, kept_energy
 from convfactor.serialize import load
@@ -29,19 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 ARCH = "tests.cli_models:tiny_net"
 SHAPE = "1,3,8,8"
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """Run ``main(argv)`` in-process from the repository root; returns (exit code, stdout, stderr)."""
-    monkeypatch.chdir(REPO)  # so --arch tests.cli_models:... imports, as it would for a user
-
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 @pytest.fixture

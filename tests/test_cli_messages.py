@@ -7,24 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from convfactor.cli import format_inspect_table, inspect_layers, main
+from convfactor.cli import format_inspect_table, inspect_layers
 from tests.cli_models import TinyNet, randomized
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "tests.cli_models:tiny_net"
 SHAPE = "1,3,8,8"
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    monkeypatch.chdir(REPO)
-
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 @pytest.fixture
