@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from convfactor.cli import format_inspect_table, inspect_layers
+from convfactor import inspect_model
+from convfactor.cli.inspect_table import format_inspect_table
 from tests.cli_models import TinyNet, randomized
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def test_inspect_table_of_zoo_models_fits_100_columns(name):
     from convfactor.zoo import MODELS, get_model
 
     model = get_model(name)
-    table = inspect_layers(model, torch.zeros(MODELS[name].input_shape), ["spatial_svd", "tucker2", "svd",
+    table = inspect_model(model, torch.zeros(MODELS[name].input_shape), ["spatial_svd", "tucker2", "svd",
                                                                          "depthwise", "cp", "grouped"])
     assert max(map(len, format_inspect_table(table).splitlines())) <= 100
     assert max(map(len, format_inspect_table(table, wide=True).splitlines())) > 100  # the wide form is wider

@@ -139,6 +139,7 @@ def _auto_options(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``convert``; returns the exit code (1 when ``--check`` failed, files written)."""
     from .. import __version__
+    from .._atomic import StagedOutputs
     from ..api import factorize, get_report
     from ..auto.verify import FidelityWarning
     from ..checkpoint import parse_input_shape
@@ -146,7 +147,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from ..policy import Policy
     from ..share import parse_share_spec, share_weights, sharing_report
     from ..summary import summarize
-    from .._atomic import StagedOutputs
     from .checks import check_counts, check_out_name, example_input, load_inputs_file, parse_threads
     from .measure import failed_criteria, run_benchmark, run_fidelity, run_profile
     from .options import read_score_options

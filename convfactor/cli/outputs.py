@@ -24,8 +24,8 @@ __all__ = ["check_outputs", "report_file_for", "stage_model", "stage_onnx", "ren
 def check_outputs(paths: Sequence[Path], *, force: bool, inputs: Sequence[str | os.PathLike]) -> None:
     """Before any work: each output may be written (directory exists and is writable, no clobbering)."""
     from .._atomic import check_writable
-    from .checks import cannot_create_error
     from ..errors import ConvfactorError
+    from .checks import cannot_create_error
 
     resolved_inputs = {Path(p).resolve() for p in inputs if p}
     seen = set()
