@@ -55,7 +55,7 @@ class _Lines:
         eta = ""
         if self.total and 0 < self.n < self.total:
             eta = f", ETA {_clock(elapsed / self.n * (self.total - self.n))}"
-        return f"{self.name}: {count} {self.unit}s [{_clock(elapsed)} elapsed{eta}]{self.postfix}"
+        return f"{self.name}: {count} {self.unit}s [{_clock(elapsed)} elapsed{eta}{self.postfix}]"
 
     def update(self, n: int = 1) -> None:
         self.n += n
