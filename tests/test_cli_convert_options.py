@@ -13,17 +13,9 @@ import torch
 
 import convfactor.api
 from convfactor.cli.options import memory_size, unit_fraction
-from tests.cli_models import TinyNet, randomized
 
 ARCH = "tests.cli_models:tiny_net"
 SHAPE = "1,3,8,8"
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    path = tmp_path / "net.pt"
-    torch.save(randomized(TinyNet()).state_dict(), path)
-    return path
 
 
 @pytest.fixture

@@ -9,18 +9,10 @@ import torch
 
 from convfactor import inspect_model
 from convfactor.cli.inspect_table import format_inspect_table
-from tests.cli_models import TinyNet, randomized
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "tests.cli_models:tiny_net"
 SHAPE = "1,3,8,8"
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    path = tmp_path / "net.pt"
-    torch.save(randomized(TinyNet()).state_dict(), path)
-    return path
 
 
 def _convert(cli, ckpt, *extra, out=None):
