@@ -16,7 +16,8 @@ __all__ = ["run_fidelity", "failed_criteria", "run_benchmark", "run_profile"]
 
 
 def run_fidelity(original: Any, fast: Any, shape: Sequence[int], args: argparse.Namespace, console: Console,
-                  workdir: str | None = None, inputs: Any = None):
+                 workdir: str | None = None, inputs: Any = None):
+    """``check_fidelity`` with the ``--check-*`` tolerances (on ``inputs`` when given, else generated ones)."""
     from ..fidelity import check_fidelity
 
     console.status("checking fidelity in onnxruntime")
@@ -31,6 +32,7 @@ def run_fidelity(original: Any, fast: Any, shape: Sequence[int], args: argparse.
 
 
 def failed_criteria(fidelity: Any) -> str:
+    """The failed criteria of a fidelity report, as one line."""
     failed = [f"{o.name}.{c.name} = {c.value:.4g} (needs {c.comparison} {c.threshold:g})"
               for o in fidelity.outputs for c in o.criteria if not c.passed]
     failed += [f"{c.model} export differs from its module (rel. L2 {c.rel_l2_error:.2e} > {c.tolerance:g})"
@@ -39,7 +41,8 @@ def failed_criteria(fidelity: Any) -> str:
 
 
 def run_benchmark(original: Any, fast: Any, shape: Sequence[int], threads: list[int] | None,
-                   args: argparse.Namespace, console: Console):
+                  args: argparse.Namespace, console: Console):
+    """``benchmark`` with the latency options (``--threads``, ``--warmup``, ``--repeats``, ``--min-time``)."""
     from ..benchmarking import benchmark
 
     console.status("timing original and factorized in onnxruntime")
@@ -49,7 +52,8 @@ def run_benchmark(original: Any, fast: Any, shape: Sequence[int], threads: list[
 
 
 def run_profile(original: Any, fast: Any, report: Any, shape: Sequence[int], args: argparse.Namespace,
-                 console: Console):
+                console: Console):
+    """``profile_layers`` of both models, naming the replaced layers of ``report``."""
     from ..profiling import profile_layers
 
     console.status("profiling each layer in onnxruntime")

@@ -54,6 +54,7 @@ def unit_fraction(text: str) -> float:
 
 
 def add_concrete_arg_argument(parser: argparse.ArgumentParser) -> None:
+    """``--concrete-arg NAME=VALUE`` (repeatable): a non-tensor forward argument's value."""
     parser.add_argument("--concrete-arg", action="append", default=[], type=_concrete_arg, metavar="NAME=VALUE",
                         help="call forward with its non-tensor argument NAME set to VALUE (true, 3, 0.5, null, "
                              "text); arguments with plain defaults are traced with them unless given")
@@ -73,6 +74,7 @@ def _concrete_arg(text: str) -> tuple[str, Any]:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """CHECKPOINT and how to build it: ``--arch``, ``--arch-args``, ``--trust-checkpoint``, ``--input-shape``."""
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="a state_dict (.pt/.pth), a factorized convfactor checkpoint, a torch.export "
                              "program (.pt2), or a pickled model (with --trust-checkpoint)")
@@ -92,6 +94,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
+    """How to export: ``--opset``, ``--static-batch``, ``--exporter``."""
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--static-batch", action="store_true", help="export a fixed batch size (default: dynamic)")
     parser.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
@@ -99,6 +102,7 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--check`` tolerances."""
     group = parser.add_argument_group("fidelity tolerances (--check)")
     group.add_argument("--check-samples", type=int, default=32, metavar="N",
                        help="random samples to compare (default 32)")
@@ -111,6 +115,7 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """How to time: ``--threads``, ``--warmup``, ``--repeats``, ``--min-time``."""
     group = parser.add_argument_group("latency (bench)")
     group.add_argument("--threads", metavar="N[,N]", help="intra-op thread counts (default: 1 and all cores)")
     group.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed runs first (default 10)")
@@ -120,6 +125,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    """The challenge score's bits and pruning ratios."""
     group = parser.add_argument_group("challenge score (efficient-deep-learning course formula)")
     group.add_argument("--weight-bits", type=int, default=32, metavar="Q", help="q_w (default 32)")
     group.add_argument("--activation-bits", type=int, default=32, metavar="Q", help="q_a (default 32)")
@@ -128,6 +134,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_score_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The challenge-score keyword arguments, checked before any work is done."""
     from ..score import challenge_score
 
     options = {"weight_bits": args.weight_bits, "activation_bits": args.activation_bits,
@@ -137,6 +144,7 @@ def read_score_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, *, force: bool) -> None:
+    """``--json``, ``--quiet``, and ``--force`` for a command that writes files."""
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--quiet", action="store_true", help="print only errors (and --json output)")
     if force:

@@ -53,7 +53,8 @@ def report_file_for(out: Path) -> Path:
 
 
 def stage_model(staging: StagedOutputs, out: Path, fast: Any, source: Source, example: Any,
-                 args: argparse.Namespace, console: Console) -> None:
+                args: argparse.Namespace, console: Console) -> None:
+    """Stage OUT: a torch.export program (.pt2), or a factorized checkpoint checked to reload first."""
     import torch
 
     from ..serialize import exported_program_bytes, factorized_payload
@@ -70,7 +71,7 @@ def stage_model(staging: StagedOutputs, out: Path, fast: Any, source: Source, ex
 
 
 def verify_reload(payload: dict[str, Any], fast: Any, example: Any, arch: Any, trust: bool,
-                   console: Console) -> None:
+                  console: Console) -> None:
     """Rebuild the model from the payload as ``convfactor.load`` will, so a file that would not reload is
     never written (an architecture whose structure changes between builds, say). ``arch`` is the user's
     ``--arch`` (None: the input file named its architecture, and was already allowed to)."""
@@ -105,7 +106,8 @@ def rename_paths(data: Any, renamed: dict[str, str | None]) -> Any:
 
 
 def stage_onnx(staging: StagedOutputs, onnx_path: Path, model: Any, example: Any, args: argparse.Namespace,
-                console: Console) -> tuple[dict[str, Any], Path]:
+               console: Console) -> tuple[dict[str, Any], Path]:
+    """Stage the ``--onnx`` export (codebooks packed for shared weights); returns its record and staged path."""
     from ..onnx_export import export_onnx
 
     console.status(f"exporting ONNX to {onnx_path}")

@@ -34,6 +34,7 @@ class Source:
 
 
 def resolve_arch_option(spec: str | None, arch_args: str | None):
+    """The ``--arch``/``--arch-args`` architecture, or None when ``--arch`` is not given."""
     from ..checkpoint import parse_arch_kwargs, resolve_arch
     from ..errors import ConvfactorError
 
@@ -114,6 +115,7 @@ def _exported_input_shape(program: Any) -> tuple[int, ...] | None:
 
 
 def require_shape(source: Source, why: str) -> tuple[int, ...]:
+    """The input shape, or an error saying ``--input-shape`` is needed ``why``."""
     from ..errors import ConvfactorError
 
     if source.input_shape is None:
