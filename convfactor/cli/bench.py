@@ -110,7 +110,8 @@ def _time_alone(model: Any, example: Any, threads: list[int] | None, args: argpa
             for _ in range(args.warmup):
                 session.run(None, feeds)
             times, started = [], time.perf_counter()
-            with phase(console.progress, f"timing, {count} thread(s)", total=args.repeats, unit="run") as bar:
+            # No total: runs continue past --repeats until --min-time has passed.
+            with phase(console.progress, f"timing, {count} thread(s)", unit="run") as bar:
                 while len(times) < args.repeats or time.perf_counter() - started < args.min_time:
                     start = time.perf_counter()
                     session.run(None, feeds)
