@@ -5,6 +5,7 @@
     convfactor.export_onnx(model_fast, example_input, "fast.onnx")
     print(convfactor.check_fidelity(model, model_fast, input_shape=(8, 3, 32, 32)))
     print(convfactor.benchmark(model, model_fast, input_shape=(1, 3, 32, 32)))
+    table = convfactor.inspect_model(model, example_input)  # per-layer MACs, params, spectra
 """
 
 from importlib import import_module
@@ -31,6 +32,7 @@ _LAZY = {
     "profile_model": "profiling",
     "LayerProfileReport": "profiling",
     "challenge_score": "score",
+    "inspect_model": "inspection",
     "load": "serialize",
     "save_factorized": "serialize",
     "apply_plan": "serialize",

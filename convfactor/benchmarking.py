@@ -37,6 +37,7 @@ from .onnx_export import (
     session_feeds,
     standard_normal_inputs,
 )
+from .progress import open_bar
 
 __all__ = ["TimingStats", "ThreadResult", "BenchmarkReport", "benchmark", "cpu_model", "available_cores",
            "NOISE_LIMIT"]
@@ -268,11 +269,9 @@ def _time_pairs(sessions: list, inputs: tuple[np.ndarray, ...], threads: int, wa
         for run in runs:
             run()
 
-    from tqdm.auto import tqdm
-
     show = progress and sys.stderr.isatty()
     times: list[list[float]] = [[], []]
-    bar = tqdm(total=repeats, desc=f"benchmark, {threads} thread(s)", unit="pair", leave=False, disable=not show)
+    bar = open_bar(show, f"benchmark, {threads} thread(s)", total=repeats, unit="pair")
     started = time.perf_counter()
     try:
         while True:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import ConvfactorError
+from .tables import format_grid
 
 __all__ = ["run_demo", "DEFAULT_BUDGETS", "demo_policy", "demo_options", "heaviest_layers"]
 
@@ -291,16 +292,17 @@ def _summary_table(rows: list[dict[str, Any]], rounds: int, threads: int) -> str
     original_ms = round(rows[0]["latency_ms"], 3)
     lines = [f"      summary: held-out accuracy in onnxruntime; latency: median of {rounds} rounds, each running "
              f"every model once (onnxruntime CPU, {threads} thread(s), batch 1); speedup = "
-             f"{original_ms:.3f} ms / latency",
-             f"      {'model':<14} {'MACs':>8} {'params':>8} {'accuracy':>9} {'agree':>6} {'latency':>10} "
-             f"{'speedup':>8} {'score':>7}"]
+             f"{original_ms:.3f} ms / latency"]
+    cells = []
     for row in rows:
         label = "original" if row["budget"] is None else f"MACs<={row['budget']:g}"
         latency = round(row["latency_ms"], 3)
-        speedup = f"{original_ms / latency:7.2f}x" if row["speedup_reliable"] else f"{'noisy':>8}"
-        lines.append(f"      {label:<14} {row['macs'] / 1e6:7.2f}M {row['params'] / 1e3:7.1f}k "
-                     f"{100 * row['accuracy']:8.1f}% {100 * row['agreement']:5.1f}% {latency:8.3f}ms "
-                     f"{speedup} {row['score']:7.4f}")
+        speedup = f"{original_ms / latency:.2f}x" if row["speedup_reliable"] else "noisy"
+        cells.append([label, f"{row['macs'] / 1e6:.2f}M", f"{row['params'] / 1e3:.1f}k",
+                      f"{100 * row['accuracy']:.1f}%", f"{100 * row['agreement']:.1f}%", f"{latency:.3f}ms",
+                      speedup, f"{row['score']:.4f}"])
+    headers = ["model", "MACs", "params", "accuracy", "agree", "latency", "speedup", "score"]
+    lines += ["      " + line for line in format_grid(headers, cells, left=1)]
     if any(not row["speedup_reliable"] for row in rows):
         lines.append("      noisy: the per-round speedups spread over more than half their median even after "
                      "timing longer; the machine is too busy to tell (rerun with a longer --min-time)")

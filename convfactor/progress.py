@@ -1,4 +1,4 @@
-"""Progress bars for long steps: the phase name, a count and an ETA on stderr (tqdm), or nothing.
+"""The one progress helper: the phase name, a count and an ETA on stderr (tqdm bars), or nothing.
 
     for layer in track(layers, enabled, "candidates"):
         ...
@@ -8,6 +8,7 @@
 Phases of ``factorize`` with a target or ``method: auto``: statistics (calibration batches),
 candidates (layers), sensitivities (layers), allocation, refit (layers), latency check.
 Disabled bars cost nothing and print nothing, so callers pass their ``progress`` flag straight in.
+Nothing else in convfactor imports tqdm: every wait goes through ``track`` or ``phase``.
 ``progress="lines"`` (what the CLI passes when stderr is a log or a pipe, not a terminal) prints plain
 lines instead of redrawn bars: one when a phase starts, then at most one every ``LINE_INTERVAL`` seconds
 with the count, elapsed time and ETA, and one when it ends.
@@ -18,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["track", "phase", "LINE_INTERVAL"]
+__all__ = ["track", "phase", "open_bar", "LINE_INTERVAL"]
 
 T = TypeVar("T")
 _FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}]"
@@ -41,7 +42,7 @@ class _Lines:
 
         self._time, self._file = time.monotonic, sys.stderr
         self.name, self.total, self.unit, self.interval = name, total, unit, interval
-        self.n, self.started = 0, self._time()
+        self.n, self.started, self.postfix = 0, self._time(), ""
         self._last = self.started
         self._say(f"{name}: started" + ("" if total is None else f" ({total} {unit}s)"))
 
@@ -54,7 +55,7 @@ class _Lines:
         eta = ""
         if self.total and 0 < self.n < self.total:
             eta = f", ETA {_clock(elapsed / self.n * (self.total - self.n))}"
-        return f"{self.name}: {count} {self.unit}s [{_clock(elapsed)} elapsed{eta}]"
+        return f"{self.name}: {count} {self.unit}s [{_clock(elapsed)} elapsed{eta}{self.postfix}]"
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -62,11 +63,24 @@ class _Lines:
             self._last = self._time()
             self._say(self._line())
 
+    def set_postfix(self, **values: Any) -> None:
+        """Values shown after the count (tqdm's ``set_postfix``), e.g. ``loss=0.12``."""
+        self.postfix = "".join(f", {k}={v}" for k, v in values.items())
+
+    def refresh(self) -> None:
+        """Nothing to redraw: the next periodic line shows a changed ``total``."""
+
     def close(self) -> None:
         self._say(self._line().replace("]", ", done]", 1))
 
 
-def _bar(enabled: bool | str, name: str, total: int | None, unit: str) -> Any:
+def open_bar(enabled: bool | str, name: str, total: int | None = None, unit: str = "step") -> Any:
+    """A bar to ``update()`` and ``close()`` by hand (``phase`` closes it for you).
+
+    It takes ``bar.total = n`` with ``bar.refresh()`` (a re-estimated length) and
+    ``bar.set_postfix(loss=...)`` in every mode: a tqdm bar (``True``), plain lines (``"lines"``) or a
+    disabled bar that prints nothing (``False``).
+    """
     from tqdm.auto import tqdm
 
     if enabled == "lines":
@@ -82,7 +96,7 @@ def track(items: Iterable[T], enabled: bool | str, name: str, unit: str = "layer
         yield from items
         return
     total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
-    bar = _bar(enabled, name, total, unit)
+    bar = open_bar(enabled, name, total, unit)
     try:
         for item in items:
             yield item
@@ -95,7 +109,7 @@ class phase:  # noqa: N801 - used as a context manager, like open()
     """A bar for a step updated by hand: ``with phase(enabled, "refit", total=n) as bar: bar.update()``."""
 
     def __init__(self, enabled: bool | str, name: str, total: int | None = None, unit: str = "step"):
-        self._bar = _bar(enabled, name, total, unit)
+        self._bar = open_bar(enabled, name, total, unit)
 
     def __enter__(self) -> Any:
         return self._bar

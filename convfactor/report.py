@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .tables import format_grid
+
 __all__ = ["LayerDecision", "FactorizeReport", "format_table", "human_count"]
 
 REPLACED, SKIPPED, UNMATCHED = "replaced", "skipped", "unmatched"
@@ -188,12 +190,7 @@ def format_table(report: FactorizeReport) -> str:
             f"{d.weight_error:.2e}" if d.weight_error is not None else "",
             note,
         ])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    # The note column is free text: don't pad it.
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers[:-1], widths[:-1])) + "  " + headers[-1]]
-    lines.append("-" * (sum(widths[:-1]) + 2 * (len(widths) - 1) + len(headers[-1])))
-    for r in rows:
-        lines.append(("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths[:-1])) + "  " + r[-1]).rstrip())
+    lines = format_grid(headers, rows, free_last=True)  # the note column is free text: not padded
     lines.append("")
     n_rep = len(report.replaced)
     lines.append(f"layers replaced: {n_rep}/{len(report.layers)}"

@@ -1,7 +1,7 @@
 """The summary block: one glance at what a conversion bought and whether it is faithful.
 
 Built from the JSON document the CLI writes (the factorize report plus the optional ``onnx``,
-``fidelity`` and ``bench`` sections), so the text and the JSON say the same thing.
+``fidelity``, ``bench`` and ``fidelity_bound`` sections), so the text and the JSON say the same thing.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 
 from .report import human_count
 from .score import challenge_score
+from .tables import format_grid
 
 __all__ = ["summarize", "render_summary"]
 
@@ -44,6 +45,9 @@ def summarize(document: dict[str, Any], *, weight_bits: int = 32, activation_bit
     fidelity = document.get("fidelity")
     if fidelity:
         summary["fidelity"] = fidelity["verdict"]
+    bound = document.get("fidelity_bound")
+    if bound:  # the policy's fidelity bound as the command line set it: {"bound": {key: value}, "from": {key: where}}
+        summary["fidelity_bound"] = bound
     check = document["factorize"].get("extra", {}).get("fidelity_check")
     if check:  # the automatic policy's own check of the result against the original (convfactor.auto.verify)
         summary["output_check"] = {k: check.get(k) for k in ("rel_error", "agreement", "samples", "data",
@@ -52,34 +56,38 @@ def summarize(document: dict[str, Any], *, weight_bits: int = 32, activation_bit
 
 
 def render_summary(summary: dict[str, Any]) -> str:
-    """Fixed-width text of ``summarize``'s result."""
+    """Fixed-width text of ``summarize``'s result: a label and a value per line."""
     p0, p1, pr = summary["params"]
-    lines = ["summary",
-             f"  layers replaced   {summary['layers_replaced'][0]}/{summary['layers_replaced'][1]}",
-             f"  params            {human_count(p0)} -> {human_count(p1)}  (x{pr:.3f})"]
+    rows = [["layers replaced", f"{summary['layers_replaced'][0]}/{summary['layers_replaced'][1]}"],
+            ["params", f"{human_count(p0)} -> {human_count(p1)}  (x{pr:.3f})"]]
     m0, m1, mr = summary["macs"]
     if m0 is not None:
-        lines.append(f"  MACs/sample       {human_count(m0)} -> {human_count(m1)}  (x{mr:.3f})")
+        rows.append(["MACs/sample", f"{human_count(m0)} -> {human_count(m1)}  (x{mr:.3f})"])
     if "challenge_score" in summary:
         s0, s1 = summary["challenge_score"]
         bits = summary["challenge_score_options"]
-        lines.append(f"  challenge score   {s0:.4f} -> {s1:.4f}  ({bits['weight_bits']}-bit weights, "
-                     f"{bits['activation_bits']}-bit activations; lower is better)")
+        rows.append(["challenge score", f"{s0:.4f} -> {s1:.4f}  ({bits['weight_bits']}-bit weights, "
+                                        f"{bits['activation_bits']}-bit activations; lower is better)"])
     if "onnx_file_size" in summary:
-        lines.append(f"  ONNX file         {summary['onnx_file_size'] / 1e6:.2f} MB")
+        rows.append(["ONNX file", f"{summary['onnx_file_size'] / 1e6:.2f} MB"])
     for lat in summary.get("latency", []):
-        head = f"  latency {lat['threads']} thr     {lat['original_ms']:.3f} ms -> {lat['factorized_ms']:.3f} ms"
+        head = f"{lat['original_ms']:.3f} ms -> {lat['factorized_ms']:.3f} ms"
         if not lat.get("reliable", True):  # a spread that wide says nothing: no figure, no verdict
-            lines.append(f"{head}  speedup not reliable: per-pair ratios {lat['speedup_p10']:.2f}-"
-                         f"{lat['speedup_p90']:.2f}x (machine too noisy; rerun with a longer --min-time)")
+            rows.append([f"latency {lat['threads']} thr", f"{head}  speedup not reliable: per-pair ratios "
+                         f"{lat['speedup_p10']:.2f}-{lat['speedup_p90']:.2f}x (machine too noisy; rerun with a "
+                         f"longer --min-time)"])
             continue
         verdict = "faster" if lat["speedup"] > 1 else "SLOWER"
-        lines.append(f"{head}  speedup {lat['speedup']:.2f}x ({verdict}, onnxruntime, measured)")
+        rows.append([f"latency {lat['threads']} thr",
+                     f"{head}  speedup {lat['speedup']:.2f}x ({verdict}, onnxruntime, measured)"])
     if "fidelity" in summary:
-        lines.append(f"  fidelity          {summary['fidelity']}")
+        rows.append(["fidelity", summary["fidelity"]])
+    if "fidelity_bound" in summary:
+        bound = summary["fidelity_bound"]
+        rows.append(["fidelity bound", ", ".join(f"{k} {v:g} ({bound['from'][k]})" for k, v in bound["bound"].items())])
     if "output_check" in summary:
         c = summary["output_check"]
         agreement = "" if c["agreement"] is None else f", top-1 agreement {c['agreement']:.3f}"
-        lines.append(f"  output error      {c['rel_error']:.4g} relative{agreement} on {c['samples']} {c['data']} "
-                     f"({'within' if c['passed'] else 'OUTSIDE'} the {c['bound_source']})")
-    return "\n".join(lines)
+        rows.append(["output error", f"{c['rel_error']:.4g} relative{agreement} on {c['samples']} {c['data']} "
+                                     f"({'within' if c['passed'] else 'OUTSIDE'} the {c['bound_source']})"])
+    return "\n".join(["summary"] + ["  " + line for line in format_grid(None, rows, free_last=True)])

@@ -17,6 +17,7 @@ from convfactor.geometry import LayerGeometry, layer_kind
 from convfactor.methods import get_method
 from convfactor.methods.base import FactorizedLayer
 from convfactor.policy import SKIP, Policy
+from convfactor.progress import track
 from convfactor.report import REPLACED, SKIPPED, UNMATCHED, LayerDecision
 
 from .manager import PassResult
@@ -169,13 +170,8 @@ def factorize_layers(
                 continue
         todo.append((decision, layer, method, rank))
 
-    iterator = todo
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(todo, desc="factorizing", unit="layer", leave=False)
     prebuilt = prebuilt or {}
-    for decision, layer, method, rank in iterator:
+    for decision, layer, method, rank in track(todo, progress if todo else False, "factorizing"):
         new = prebuilt.get(decision.name)
         if new is None:
             new = method.decompose(layer, rank)

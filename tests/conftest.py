@@ -29,3 +29,13 @@ def cli(capsys, monkeypatch):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A state_dict of ``tests.cli_models:tiny_net`` with random weights, saved as ``tmp_path/net.pt``."""
+    from tests.cli_models import TinyNet, randomized
+
+    path = tmp_path / "net.pt"
+    torch.save(randomized(TinyNet()).state_dict(), path)
+    return path

@@ -7,19 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from convfactor.cli import format_inspect_table, inspect_layers
-from tests.cli_models import TinyNet, randomized
+from convfactor import inspect_model
+from convfactor.cli.inspect_table import format_inspect_table
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "tests.cli_models:tiny_net"
 SHAPE = "1,3,8,8"
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    path = tmp_path / "net.pt"
-    torch.save(randomized(TinyNet()).state_dict(), path)
-    return path
 
 
 def _convert(cli, ckpt, *extra, out=None):
@@ -136,7 +129,7 @@ def test_inspect_table_of_zoo_models_fits_100_columns(name):
     from convfactor.zoo import MODELS, get_model
 
     model = get_model(name)
-    table = inspect_layers(model, torch.zeros(MODELS[name].input_shape), ["spatial_svd", "tucker2", "svd",
+    table = inspect_model(model, torch.zeros(MODELS[name].input_shape), ["spatial_svd", "tucker2", "svd",
                                                                          "depthwise", "cp", "grouped"])
     assert max(map(len, format_inspect_table(table).splitlines())) <= 100
     assert max(map(len, format_inspect_table(table, wide=True).splitlines())) > 100  # the wide form is wider

@@ -29,3 +29,26 @@ def test_track_in_lines_mode_yields_every_item(capsys):
 def test_disabled_progress_prints_nothing(capsys):
     assert list(progress.track(range(3), False, "refit")) == [0, 1, 2]
     assert capsys.readouterr().err == ""
+
+
+def test_lines_mode_takes_what_tqdm_callers_use(capsys):
+    """finetune sets a postfix and benchmarking re-estimates the total: both work on a plain-lines bar."""
+    bar = progress.open_bar("lines", "finetune", total=2, unit="step")
+    bar.update()
+    bar.set_postfix(loss="0.125")
+    bar.total = 3
+    bar.refresh()
+    bar.update(2)
+    bar.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("finetune: 3/3 steps [") and lines[-1].endswith(", loss=0.125, done]")
+
+
+def test_a_disabled_bar_takes_the_same_calls_and_prints_nothing(capsys):
+    bar = progress.open_bar(False, "benchmark", total=5, unit="pair")
+    bar.update()
+    bar.set_postfix(loss="1")
+    bar.total = 9
+    bar.refresh()
+    bar.close()
+    assert capsys.readouterr().err == ""

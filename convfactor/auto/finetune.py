@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConvfactorError
+from ..progress import open_bar
 from .calibration import flat_outputs
 
 __all__ = ["FinetuneResult", "finetune", "distillation_loss", "LOSSES"]
@@ -139,11 +140,7 @@ def finetune(
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     result = FinetuneResult(steps=steps, lr=lr, loss=loss)
     stream = itertools.chain.from_iterable(source() for _ in itertools.count())
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="finetune", unit="step", leave=False)
+    bar = open_bar(progress, "finetune", total=steps, unit="step")
     try:
         for _, batch in zip(range(steps), stream):
             with torch.no_grad():
@@ -154,12 +151,10 @@ def finetune(
             value.backward()
             optimizer.step()
             result.losses.append(float(value.detach()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{result.losses[-1]:.4g}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.losses[-1]:.4g}")
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         for p, flag in zip(params, grad_flags):
             p.requires_grad_(flag)
         factorized.train(was_training[0])

@@ -1,5 +1,7 @@
 """The text form of ``convfactor inspect``: a table that fits 100 columns, or every column with ``--wide``.
 
+It formats what ``convfactor.inspect_model`` returns; the analysis itself lives in the library.
+
 The default table keeps what decides a policy: each layer's shape (kernel, ``/stride``, ``gGROUPS``),
 params, MACs and share, and for each method with a spectrum the energy kept at half its full rank.
 ``--wide`` adds the type, stride and groups columns and the energy at 25/50/75% for every method.
@@ -10,7 +12,8 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from .report import human_count
+from ..report import human_count
+from ..tables import format_grid
 
 __all__ = ["format_inspect_table", "WIDTH"]
 
@@ -19,10 +22,10 @@ _SHORT = {"spatial_svd": "spsvd", "tucker2": "tuck2", "depthwise": "dwise", "gro
 
 
 def format_inspect_table(table: dict[str, Any], *, wide: bool = False, width: int = WIDTH) -> str:
-    """The fixed-width text form of ``inspect_layers``' result.
+    """The fixed-width text form of ``convfactor.inspect_model``'s result.
 
     Args:
-        table: what ``convfactor.cli.inspect_layers`` returns.
+        table: what ``convfactor.inspect_model`` returns.
         wide: every column (about 190 characters for six methods); else a table of at most ``width``
             columns where the layer names allow it (names are never cut).
         width: the line length of the default table and of its wrapped notes.
@@ -54,16 +57,6 @@ def _shape(row: dict[str, Any]) -> str:
     return text
 
 
-def _grid(headers: list[str], rows: list[list[str]], left: int) -> list[str]:
-    """Columns padded to their widest cell; the first ``left`` columns left-aligned, the rest right."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return [fmt(headers).rstrip(), "-" * (sum(widths) + 2 * (len(widths) - 1))] + [fmt(r).rstrip() for r in rows]
-
-
 def _compact(table: dict[str, Any], width: int) -> str:
     fractions = table["fractions"]
     middle = min(range(len(fractions)), key=lambda i: abs(fractions[i] - 0.5))
@@ -75,10 +68,10 @@ def _compact(table: dict[str, Any], width: int) -> str:
         rows.append([row["name"], _shape(row), human_count(row["params"]), human_count(row["macs"]), share]
                     + [_energy_cell(row["energy"][m], middle) for m in shown])
     base = ["layer", "shape", "params", "MACs", "MACs %"]
-    lines = _grid(base + shown, rows, 2)
+    lines = format_grid(base + shown, rows, left=2)
     abbreviated = False
     if max(map(len, lines)) > width:
-        lines = _grid(base + [_SHORT.get(m, m[:5]) for m in shown], rows, 2)
+        lines = format_grid(base + [_SHORT.get(m, m[:5]) for m in shown], rows, left=2)
         abbreviated = True
     notes = [f"energy: fraction of squared singular values kept at {round(100 * fractions[middle])}% of each "
              f"method's full rank; '-' no spectrum, 'n/a' the method cannot represent the layer"]
@@ -126,4 +119,4 @@ def _wide(table: dict[str, Any]) -> str:
         share = "n/a" if row["macs_share"] is None else f"{100 * row['macs_share']:.1f}"
         rows.append([row["name"], row["type"], shape, stride, str(row["groups"]), human_count(row["params"]),
                      human_count(row["macs"]), share] + [_energy_cell(row["energy"][m]) for m in table["methods"]])
-    return "\n".join(_grid(headers, rows, 3) + _footer(table, fractions, None))
+    return "\n".join(format_grid(headers, rows, left=3) + _footer(table, fractions, None))

@@ -1,0 +1,297 @@
+"""``convfactor convert``: factorize a checkpoint, save it, and optionally export, check and time it.
+
+The order is the command line's promise: everything that can be checked without the model first
+(paths, outputs, policy, options), then the model (loaded, weights finite, input shape runs), then the
+work. Outputs are staged and published together at the end, or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .console import EXIT_CHECK_FAILED, EXIT_OK, Console
+from .options import (
+    add_bench_arguments,
+    add_check_arguments,
+    add_concrete_arg_argument,
+    add_model_arguments,
+    add_onnx_arguments,
+    add_output_arguments,
+    add_score_arguments,
+    memory_size,
+    unit_fraction,
+)
+
+__all__ = ["NAME", "HELP", "EXAMPLES", "add_arguments", "run"]
+
+NAME = "convert"
+HELP = "factorize a checkpoint and save it (optionally ONNX, fidelity check, latency)"
+EXAMPLES = """\
+examples:
+  # a state_dict + the function that builds its architecture (importable from the current directory)
+  convfactor convert resnet.pt --arch models:resnet20 --policy spatial_svd:0.5 --out resnet_svd.pt
+
+  # a model file by path, factory arguments as JSON, a YAML policy, ONNX + fidelity check + latency
+  convfactor convert ckpt.pth --arch path/to/net.py:build --arch-args '{"num_classes": 100}' \\
+      --policy policy.yaml --input-shape 1,3,224,224 --out net.pt --onnx net.onnx --check --bench
+
+  # a torch.export program in, a torch.export program out
+  convfactor convert model.pt2 --policy tucker2:energy=0.9 --out model_tucker.pt2
+
+  # an automatic policy held to a fidelity bound, with more memory for the calibration statistics
+  convfactor convert resnet.pt --arch models:resnet20 --policy auto.yaml --calibration x.pt \\
+      --max-rel-error 0.05 --memory-budget 4GiB --out resnet_auto.pt
+
+outputs: OUT (reload with convfactor.load(OUT), or a .pt2 program), OUT's stem + .report.json
+(the full JSON report), and --onnx. Nothing is written if any step fails.
+exit codes: 0 ok, 1 --check failed (files written, report marks it), 2 bad input (nothing written).
+"""
+
+
+def add_arguments(convert: argparse.ArgumentParser) -> None:
+    """The options of ``convert``."""
+    add_model_arguments(convert)
+    convert.add_argument("--policy", required=True, metavar="POLICY",
+                         help="a .yaml/.json policy file, or a method shorthand: spatial_svd, tucker2:0.5, "
+                              "svd:energy=0.95 (every eligible layer)")
+    convert.add_argument("--out", required=True, metavar="OUT",
+                         help="the factorized model: .pt or .pth (reloadable with convfactor.load) or .pt2 "
+                              "(torch.export program); for ONNX use --onnx")
+    convert.add_argument("--onnx", metavar="OUT.onnx", help="also export the factorized model to ONNX")
+    convert.add_argument("--check", action="store_true",
+                         help="compare original and factorized in onnxruntime; exit 1 if a tolerance fails")
+    convert.add_argument("--bench", action="store_true", help="time original and factorized in onnxruntime")
+    convert.add_argument("--profile", action="store_true",
+                         help="profile both models in onnxruntime and show each replaced layer's measured time "
+                              "ratio next to its MACs ratio")
+    convert.add_argument("--calibration", metavar="INPUTS.pt",
+                         help="a tensor of real inputs (N, ...) saved with torch.save (or .npy): data-aware "
+                              "factorization and sensitivities for a policy with a target or 'auto' rules")
+    convert.add_argument("--check-inputs", metavar="INPUTS.pt",
+                         help="a tensor of real inputs for --check instead of generated standard-normal ones "
+                              "(random inputs check the math, not accuracy)")
+    convert.add_argument("--share-weights", metavar="SPEC",
+                         help="then share each layer's weights through a k-means codebook: bits=N, clusters=K "
+                              "or elbow (the ONNX file stores codebook + uint8 indices; the score counts q_w)")
+    convert.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the convs first")
+    convert.add_argument("--no-trace", action="store_true",
+                         help="replace modules without a torch.fx graph (for untraceable models; no BN folding)")
+    convert.add_argument("--leaf-module", action="extend", nargs="+", default=[], metavar="NAME",
+                         help="module names or class names torch.fx should not trace into")
+    add_concrete_arg_argument(convert)
+    _add_auto_arguments(convert)
+    add_onnx_arguments(convert)
+    add_check_arguments(convert)
+    add_bench_arguments(convert)
+    add_score_arguments(convert)
+    add_output_arguments(convert, force=True)
+
+
+def _add_auto_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("automatic policy (a target, a fidelity bound, 'auto' rules or --calibration)")
+    group.add_argument("--max-rel-error", type=unit_fraction, metavar="X",
+                       help="fidelity bound: the largest relative L2 error of the outputs against the original, "
+                            "in (0, 1]; overrides the policy's fidelity: max_rel_error")
+    group.add_argument("--min-agreement", type=unit_fraction, metavar="X",
+                       help="fidelity bound: the smallest top-1 agreement with the original, in (0, 1]; "
+                            "overrides the policy's fidelity: min_agreement")
+    group.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
+                       help="memory the calibration statistics and one layer's fit may use: 2GB, 512MiB or "
+                            "bytes (default 1GiB); a layer whose full statistics do not fit gets factored ones")
+    group.add_argument("--no-refit", action="store_true",
+                       help="do not refit the chosen layers in order on the partially factorized network's "
+                            "activations (faster; errors may accumulate)")
+
+
+def _with_fidelity_options(policy: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
+    """The policy with ``--max-rel-error``/``--min-agreement`` merged into its fidelity section (they win),
+    and what the summary shows of it: ``{"bound": {key: value}, "from": {key: option or "policy"}}``."""
+    from ..policy import Fidelity
+
+    given = {key: value for key, value in (("max_rel_error", args.max_rel_error),
+                                           ("min_agreement", args.min_agreement)) if value is not None}
+    if not given:
+        return policy, None
+    merged = {**(policy.fidelity.to_dict() if policy.fidelity else {}), **given}
+    sources = {key: "--" + key.replace("_", "-") if key in given else "policy" for key in merged}
+    return dataclasses.replace(policy, fidelity=Fidelity(**merged)), {"bound": merged, "from": sources}
+
+
+def _auto_options(args: argparse.Namespace) -> Any:
+    """``AutoOptions`` changed as the automatic-policy options say, or None (factorize's defaults)."""
+    changes: dict[str, Any] = {}  # one AutoOptions field per option of the group
+    if args.no_refit:
+        changes["sequential"] = False
+    if not changes:
+        return None
+    from ..auto import AutoOptions
+
+    return AutoOptions(**changes)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Run ``convert``; returns the exit code (1 when ``--check`` failed, files written)."""
+    from .. import __version__
+    from .._atomic import StagedOutputs
+    from ..api import factorize, get_report
+    from ..auto.verify import FidelityWarning
+    from ..checkpoint import parse_input_shape
+    from ..errors import ConvfactorError
+    from ..policy import Policy
+    from ..share import parse_share_spec, share_weights, sharing_report
+    from ..summary import summarize
+    from .checks import check_counts, check_out_name, example_input, load_inputs_file, parse_threads
+    from .measure import failed_criteria, run_benchmark, run_fidelity, run_profile
+    from .options import read_score_options
+    from .outputs import check_outputs, rename_paths, report_file_for, stage_model, stage_onnx
+    from .source import load_source, require_shape, resolve_arch_option
+
+    # 1. everything that can be checked without loading the model
+    policy, fidelity_bound = _with_fidelity_options(Policy.from_any(args.policy), args)
+    auto_options = _auto_options(args)
+    shape = parse_input_shape(args.input_shape)
+    out = Path(args.out)
+    check_out_name(out)
+    report_path = report_file_for(out)
+    onnx_path = Path(args.onnx) if args.onnx else None
+    outputs = [out, report_path] + ([onnx_path] if onnx_path else [])
+    check_outputs(outputs, force=args.force, inputs=[args.checkpoint])
+    thread_counts = parse_threads(args.threads)
+    check_counts(args)
+    score_options = read_score_options(args)
+    share = None if args.share_weights is None else parse_share_spec(args.share_weights)
+    calibration = load_inputs_file(args.calibration, "--calibration")
+    check_inputs = load_inputs_file(args.check_inputs, "--check-inputs")
+    if check_inputs is not None and not args.check:
+        raise ConvfactorError("--check-inputs is only used with --check")
+    if (args.memory_budget is not None or auto_options is not None) and not (
+            policy.needs_resolution or calibration is not None):
+        console.status("note: --memory-budget and --no-refit apply to an automatic policy (a target, a fidelity "
+                       "bound, 'auto' rules or --calibration); this policy gives each layer's rank itself")
+    arch = resolve_arch_option(args.arch, args.arch_args)
+
+    # 2. the model, checked
+    source = load_source(args.checkpoint, arch, trust=args.trust_checkpoint, input_shape=shape, console=console)
+    if source.kind == "factorized":
+        raise ConvfactorError(f"{args.checkpoint} is already factorized; convert the original checkpoint instead "
+                              f"(a plan cannot be stacked on another)")
+    needs_shape = [why for why, needed in (("for a .pt2 output", out.suffix == ".pt2"), ("for --onnx", onnx_path),
+                                           ("for --check", args.check), ("for --bench", args.bench),
+                                           ("for --profile", args.profile)) if needed]
+    if needs_shape:
+        require_shape(source, needs_shape[0])
+    example = example_input(source.model, source.input_shape) if source.input_shape else None
+
+    # 3. the work
+    console.status(f"factorizing with {len(policy.rules)} policy rule(s)")
+    started = time.perf_counter()
+    with warnings.catch_warnings():  # printed below as one line each
+        warnings.simplefilter("ignore", FidelityWarning)
+        fast = factorize(source.model, policy, example, fold_batchnorm=not args.no_fold_bn,
+                         trace=not args.no_trace, leaf_modules=args.leaf_module,
+                         concrete_args=dict(args.concrete_arg), progress=console.progress,
+                         calibration=calibration, auto_options=auto_options, memory_budget=args.memory_budget)
+    report = get_report(fast)
+    for warning in report.all_warnings():
+        console.status(f"warning: {warning}")
+    floor = report.extra.get("fidelity_check")
+    if share is not None:
+        console.status(f"sharing weights ({args.share_weights})")
+        fast = share_weights(fast, **share)
+        if args.weight_bits == 32:  # the score counts the shared bits unless --weight-bits says otherwise
+            score_options["weight_bits"] = round(sharing_report(fast).weight_bits(), 3)
+    factorize_seconds = time.perf_counter() - started
+
+    document: dict[str, Any] = {
+        "convfactor_version": __version__,
+        "command": "convert",
+        "status": "ok",
+        "input": source.describe(),
+        "outputs": {"model": str(out), "report": str(report_path), "onnx": None if onnx_path is None
+                    else str(onnx_path)},
+        "factorize": report.to_dict(),
+        "factorize_seconds": factorize_seconds,
+        "share_weights": None if share is None else sharing_report(fast).to_dict(),
+        "onnx": None,
+        "fidelity": None,
+        "bench": None,
+    }
+    if fidelity_bound is not None:
+        document["fidelity_bound"] = fidelity_bound
+    with StagedOutputs(args.force) as staging, tempfile.TemporaryDirectory(prefix="convfactor-") as scratch:
+        stage_model(staging, out, fast, source, example, args, console)
+        export, onnx_files, renamed = None, {}, {scratch: None}
+        if onnx_path is not None:
+            export, onnx_files["factorized"] = stage_onnx(staging, onnx_path, fast, example, args, console)
+            document["onnx"] = export
+            renamed[str(onnx_files["factorized"])] = str(onnx_path)
+        fidelity = None
+        if args.check:
+            fidelity = run_fidelity(source.model, fast, source.input_shape, args, console, workdir=scratch,
+                                    inputs=check_inputs)
+            document["fidelity"] = fidelity.to_dict()
+            if not fidelity.passed:
+                document["status"] = f"fidelity check failed: {failed_criteria(fidelity)}"
+            elif floor is not None and not floor["passed"]:
+                document["status"] = (f"output check failed: relative error {floor['rel_error']:.4g} "
+                                      f"({floor['bound_source']})")
+            # Its exports are reused by the benchmark: each model is exported once.
+            onnx_files.update({role: Path(scratch) / f"{role}.onnx" for role in ("original", "factorized")})
+        bench = None
+        if args.bench:
+            bench = run_benchmark(onnx_files.get("original", source.model), onnx_files.get("factorized", fast),
+                                  source.input_shape, thread_counts, args, console)
+            document["bench"] = bench.to_dict()
+        if args.profile:
+            profile = run_profile(source.model, fast, report, source.input_shape, args, console)
+            document["profile"] = profile.to_dict()
+            report.extra["layer_times"] = {row["layer"]: row for row in document["profile"]["layers"]}
+            document["factorize"] = report.to_dict()
+        document["summary"] = summarize(document, **score_options)
+        document = rename_paths(document, renamed)
+        text = json.dumps(document, indent=2, default=str) + "\n"
+        staging.write(report_path, lambda p: p.write_text(text, encoding="utf-8"))
+        staging.commit()
+
+    if args.json:
+        console.document(document)
+    else:
+        _print_results(console, report, document, out, report_path, onnx_path, export, fidelity, bench)
+    if fidelity is not None and not fidelity.passed:
+        console.error(f"fidelity check failed ({fidelity.verdict}): {failed_criteria(fidelity)}; "
+                      f"the files were written and {report_path} marks them failing")
+        return EXIT_CHECK_FAILED
+    if args.check and floor is not None and not floor["passed"]:
+        console.error(f"output check failed: the result is outside the {floor['bound_source']} "
+                      f"(see the warnings); the files were written and {report_path} marks them failing")
+        return EXIT_CHECK_FAILED
+    return EXIT_OK
+
+
+def _print_results(console: Console, report: Any, document: dict[str, Any], out: Path, report_path: Path,
+                   onnx_path: Path | None, export: dict[str, Any] | None, fidelity: Any, bench: Any) -> None:
+    """The text form: the per-layer table, what was written, the checks, the summary block."""
+    from ..summary import render_summary
+
+    console.result(report.format_table())
+    console.result("")
+    console.result(f"wrote {out}" + (" (torch.export program)" if out.suffix == ".pt2" else
+                                     f" (reload: convfactor.load({str(out)!r}))") + f" and {report_path}")
+    if export is not None:
+        console.result(f"wrote {onnx_path}: opset {export['opset']}, exporter {export['exporter']}, "
+                       f"{export['file_size'] / 1e6:.2f} MB")
+    if fidelity is not None:
+        console.result("")
+        console.result(fidelity.render())
+    if bench is not None:
+        console.result("")
+        console.result(bench.render())
+    console.result("")
+    console.result(render_summary(document["summary"]))
