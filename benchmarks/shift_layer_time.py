@@ -24,7 +24,8 @@ from torch import nn
 
 from convfactor.benchmarking import available_cores, cpu_model
 from convfactor.methods import get_method
-from convfactor.onnx_export import export_onnx, make_session
+from convfactor.onnx_export import export_onnx
+from convfactor.sessions import make_session
 
 # (label, channels, spatial size, stride)
 LAYERS = [

@@ -5,6 +5,10 @@
     convfactor.export_onnx(model_fast, example_input, "fast.onnx")
     print(convfactor.check_fidelity(model, model_fast, input_shape=(8, 3, 32, 32)))
     print(convfactor.benchmark(model, model_fast, input_shape=(1, 3, 32, 32)))
+
+Dependency direction: ``convfactor`` imports the top-level ``passes`` package (generic torch.fx passes);
+``passes`` never imports ``convfactor``. ``convfactor.pipeline`` chains the passes for ``factorize`` and
+``load``.
 """
 
 from importlib import import_module
@@ -16,15 +20,14 @@ from .methods import available_methods, get_method  # noqa: E402
 from .policy import Policy, Rule  # noqa: E402
 from .report import FactorizeReport, LayerDecision  # noqa: E402
 
-# Loaded on first use: `import convfactor` stays quick (ONNX, onnxruntime), and `import passes` first
-# works (the passes import convfactor's core modules, which api.py builds on).
+# Loaded on first use: `import convfactor` stays quick (ONNX, onnxruntime are imported when needed).
 _LAZY = {
     "factorize": "api",
     "get_report": "api",
     "export_onnx": "onnx_export",
     "ExportResult": "onnx_export",
     "check_fidelity": "fidelity",
-    "FidelityReport": "fidelity",
+    "FidelityReport": "fidelity_report",
     "benchmark": "benchmarking",
     "BenchmarkReport": "benchmarking",
     "profile_layers": "profiling",

@@ -388,7 +388,7 @@ class _Source:
 
 
 def _resolve_arch_option(spec: str | None, arch_args: str | None):
-    from .checkpoint import parse_arch_kwargs, resolve_arch
+    from .architecture import parse_arch_kwargs, resolve_arch
     from .errors import ConvfactorError
 
     kwargs = parse_arch_kwargs(arch_args)
@@ -402,8 +402,9 @@ def _resolve_arch_option(spec: str | None, arch_args: str | None):
 def _load_source(path: str, arch, *, trust: bool, input_shape: tuple[int, ...] | None, console: _Console,
                  what: str = "checkpoint") -> _Source:
     """Read the checkpoint and build the model it describes (weights loaded, finite, eval mode)."""
-    from .checkpoint import check_finite, lift_exported_module, load_weights, read_checkpoint
+    from .checkpoint import check_finite, load_weights, read_checkpoint
     from .errors import CheckpointError
+    from .exported_program import lift_exported_module
 
     console.status(f"loading {path}")
     checkpoint = read_checkpoint(path, trust=trust)
@@ -444,7 +445,7 @@ def _load_source(path: str, arch, *, trust: bool, input_shape: tuple[int, ...] |
 
 
 def _shape_attribute(model: Any) -> tuple[int, ...] | None:
-    from .checkpoint import parse_input_shape
+    from .architecture import parse_input_shape
     from .errors import ConvfactorError
 
     value = getattr(model, "input_shape", None)
@@ -518,8 +519,8 @@ def _report_path(out: Path) -> Path:
 def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     from . import __version__
     from .api import factorize, get_report
+    from .architecture import parse_input_shape
     from .auto.verify import FidelityWarning
-    from .checkpoint import parse_input_shape
     from .cli_checks import check_out_name
     from .errors import ConvfactorError
     from .policy import Policy
@@ -827,7 +828,7 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 # -- inspect ------------------------------------------------------------------------------------
 def _cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
-    from .checkpoint import parse_input_shape
+    from .architecture import parse_input_shape
     from .errors import ConvfactorError
     from .methods import available_methods
 
@@ -936,7 +937,7 @@ def inspect_layers(model: Any, example: Any, methods: Sequence[str],
 
 # -- export -------------------------------------------------------------------------------------
 def _cmd_export(args: argparse.Namespace, console: _Console) -> int:
-    from .checkpoint import parse_input_shape
+    from .architecture import parse_input_shape
     from .onnx_export import export_onnx
 
     shape = parse_input_shape(args.input_shape)
@@ -957,7 +958,8 @@ def _cmd_export(args: argparse.Namespace, console: _Console) -> int:
 
 # -- bench --------------------------------------------------------------------------------------
 def _cmd_bench(args: argparse.Namespace, console: _Console) -> int:
-    from .checkpoint import check_readable, parse_input_shape, resolve_arch, stored_architecture
+    from .architecture import parse_input_shape, resolve_arch, stored_architecture
+    from .checkpoint import check_readable
 
     shape = parse_input_shape(args.input_shape)
     threads = _parse_threads(args.threads)
@@ -1006,7 +1008,7 @@ def _time_alone(model: Any, example: Any, threads: list[int] | None, args: argpa
     import onnxruntime
 
     from .benchmarking import TimingStats, available_cores, cpu_model
-    from .onnx_export import make_session, prepare_onnx, session_feeds
+    from .sessions import make_session, prepare_onnx, session_feeds
 
     inputs = (example.detach().cpu().numpy(),)
     results = []

@@ -64,7 +64,7 @@ def heaviest_layers(macs: dict[str, int], count: int = 5) -> list[str]:
 
 
 def _accuracy_onnx(path: Path, x: torch.Tensor, y: torch.Tensor) -> tuple[float, np.ndarray]:
-    from .onnx_export import make_session
+    from .sessions import make_session
 
     session = make_session(path, threads=None)
     logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]

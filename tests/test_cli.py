@@ -18,8 +18,9 @@ import torch
 
 import convfactor
 import convfactor.onnx_export
-from convfactor.checkpoint import lift_exported_module, read_checkpoint
+from convfactor.checkpoint import read_checkpoint
 from convfactor.errors import ExportError
+from convfactor.exported_program import lift_exported_module
 from convfactor.ranks import fraction_to_rank, kept_energy
 from convfactor.serialize import load
 from tests.cli_models import GatedNet, TinyNet, randomized

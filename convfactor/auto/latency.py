@@ -135,7 +135,7 @@ class LatencyOptions:
                 raise ConvfactorError(f"latency: {name} must be a positive int, got {value!r}")
         if options.runtime not in RUNTIMES:
             raise ConvfactorError(f"latency: unknown runtime {options.runtime!r} (known: {', '.join(RUNTIMES)})")
-        from ..onnx_export import EXPORTERS
+        from ..exporters import EXPORTERS
 
         if options.exporter not in EXPORTERS:
             raise ConvfactorError(f"latency: unknown exporter {options.exporter!r} (known: {', '.join(EXPORTERS)})")
@@ -376,7 +376,7 @@ def time_layers(modules: Sequence[nn.Module], input_shape: Sequence[int], option
 def _time_layers_onnxruntime(modules: Sequence[nn.Module], input_shape: Sequence[int],
                              options: LatencyOptions) -> list[float]:
     """Median onnxruntime time (ms) of each module on ``input_shape``, interleaved, minus call overhead."""
-    from ..onnx_export import make_session
+    from ..sessions import make_session
 
     x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
     variants = [nn.Identity(), *modules]
@@ -488,7 +488,7 @@ def compare_models(original: nn.Module, candidate: nn.Module, inputs: tuple[torc
     if options.runtime == "torch":
         return _compare_models_torch(original, candidate, inputs, options)
     from ..benchmarking import benchmark
-    from ..onnx_export import exporter_order
+    from ..exporters import exporter_order
 
     report = benchmark(original, candidate, inputs, threads=options.threads,
                        graph_optimization=options.graph_optimization, warmup=10, repeats=30,
@@ -509,7 +509,9 @@ def time_model(module: nn.Module, inputs: tuple[torch.Tensor, ...], options: Lat
     """
     if options.runtime == "torch":
         return _time_model_torch(module, inputs, options)
-    from ..onnx_export import export_onnx, exporter_order, make_session, session_feeds
+    from ..exporters import exporter_order
+    from ..onnx_export import export_onnx
+    from ..sessions import make_session, session_feeds
 
     with tempfile.TemporaryDirectory(prefix="convfactor-latency-") as scratch:
         path = Path(scratch) / "model.onnx"

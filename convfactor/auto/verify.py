@@ -194,7 +194,7 @@ class SpeedMeter:
 
     def _onnxruntime(self, candidate: nn.Module, threshold: float | None) -> float:
         from ..benchmarking import benchmark
-        from ..onnx_export import prepare_onnx
+        from ..sessions import prepare_onnx
 
         options = self.model.options
         if self._original is None:
