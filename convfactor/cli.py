@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._atomic import StagedOutputs
+from .files.atomic import StagedOutputs
 from .inspect_table import format_inspect_table
 
 __all__ = ["main", "build_parser", "inspect_layers", "format_inspect_table"]
@@ -388,8 +388,8 @@ class _Source:
 
 
 def _resolve_arch_option(spec: str | None, arch_args: str | None):
-    from .architecture import parse_arch_kwargs, resolve_arch
     from .errors import ConvfactorError
+    from .files.architecture import parse_arch_kwargs, resolve_arch
 
     kwargs = parse_arch_kwargs(arch_args)
     if spec is None:
@@ -402,9 +402,9 @@ def _resolve_arch_option(spec: str | None, arch_args: str | None):
 def _load_source(path: str, arch, *, trust: bool, input_shape: tuple[int, ...] | None, console: _Console,
                  what: str = "checkpoint") -> _Source:
     """Read the checkpoint and build the model it describes (weights loaded, finite, eval mode)."""
-    from .checkpoint import check_finite, load_weights, read_checkpoint
     from .errors import CheckpointError
-    from .exported_program import lift_exported_module
+    from .files.checkpoint import check_finite, load_weights, read_checkpoint
+    from .files.exported_program import lift_exported_module
 
     console.status(f"loading {path}")
     checkpoint = read_checkpoint(path, trust=trust)
@@ -431,7 +431,7 @@ def _load_source(path: str, arch, *, trust: bool, input_shape: tuple[int, ...] |
         default_shape = _exported_input_shape(checkpoint.content)
         notes.append("torch.export program: aten conv/linear/batch_norm calls lifted to modules")
     else:  # factorized
-        from .serialize import rebuild
+        from .files.serialize import rebuild
 
         payload = checkpoint.content
         model = rebuild(payload, arch, trust_checkpoint=trust, trust_code=trust, where=path)
@@ -445,8 +445,8 @@ def _load_source(path: str, arch, *, trust: bool, input_shape: tuple[int, ...] |
 
 
 def _shape_attribute(model: Any) -> tuple[int, ...] | None:
-    from .architecture import parse_input_shape
     from .errors import ConvfactorError
+    from .files.architecture import parse_input_shape
 
     value = getattr(model, "input_shape", None)
     try:
@@ -487,9 +487,9 @@ def _example_input(model: Any, shape: Sequence[int]):
 # -- outputs ------------------------------------------------------------------------------------
 def _check_outputs(paths: Sequence[Path], *, force: bool, inputs: Sequence[str | os.PathLike]) -> None:
     """Before any work: each output may be written (directory exists and is writable, no clobbering)."""
-    from ._atomic import check_writable
     from .cli_checks import cannot_create_error
     from .errors import ConvfactorError
+    from .files.atomic import check_writable
 
     resolved_inputs = {Path(p).resolve() for p in inputs if p}
     seen = set()
@@ -519,10 +519,10 @@ def _report_path(out: Path) -> Path:
 def _cmd_convert(args: argparse.Namespace, console: _Console) -> int:
     from . import __version__
     from .api import factorize, get_report
-    from .architecture import parse_input_shape
     from .auto.verify import FidelityWarning
     from .cli_checks import check_out_name
     from .errors import ConvfactorError
+    from .files.architecture import parse_input_shape
     from .policy import Policy
     from .share import parse_share_spec, share_weights, sharing_report
     from .summary import render_summary, summarize
@@ -660,7 +660,7 @@ def _stage_model(staging: StagedOutputs, out: Path, fast: Any, source: _Source, 
                  args: argparse.Namespace, console: _Console) -> None:
     import torch
 
-    from .serialize import exported_program_bytes, factorized_payload
+    from .files.serialize import exported_program_bytes, factorized_payload
 
     if out.suffix == ".pt2":
         console.status(f"torch.export to {out}")
@@ -681,7 +681,7 @@ def _verify_reload(payload: dict[str, Any], fast: Any, example: Any, arch: Any, 
     import torch
 
     from .errors import CheckpointError
-    from .serialize import rebuild
+    from .files.serialize import rebuild
 
     console.status("checking that the saved model reloads")
     reloaded = rebuild(payload, arch, trust_checkpoint=trust, trust_code=trust)
@@ -710,7 +710,7 @@ def _rename_paths(data: Any, renamed: dict[str, str | None]) -> Any:
 
 def _stage_onnx(staging: StagedOutputs, onnx_path: Path, model: Any, example: Any, args: argparse.Namespace,
                 console: _Console) -> tuple[dict[str, Any], Path]:
-    from .onnx_export import export_onnx
+    from .runtime.export import export_onnx
 
     console.status(f"exporting ONNX to {onnx_path}")
     staged = staging.path_for(onnx_path)
@@ -732,7 +732,7 @@ def _stage_onnx(staging: StagedOutputs, onnx_path: Path, model: Any, example: An
 
 def _run_fidelity(original: Any, fast: Any, shape: Sequence[int], args: argparse.Namespace, console: _Console,
                   workdir: str | None = None, inputs: Any = None):
-    from .fidelity import check_fidelity
+    from .runtime.fidelity import check_fidelity
 
     console.status("checking fidelity in onnxruntime")
     if inputs is not None and args.static_batch:  # a static-batch export takes batches of its own size
@@ -755,7 +755,7 @@ def _failed_criteria(fidelity: Any) -> str:
 
 def _run_benchmark(original: Any, fast: Any, shape: Sequence[int], threads: list[int] | None,
                    args: argparse.Namespace, console: _Console):
-    from .benchmarking import benchmark
+    from .runtime.benchmarking import benchmark
 
     console.status("timing original and factorized in onnxruntime")
     return benchmark(original, fast, input_shape=tuple(shape), threads=threads, warmup=args.warmup,
@@ -765,7 +765,7 @@ def _run_benchmark(original: Any, fast: Any, shape: Sequence[int], threads: list
 
 def _run_profile(original: Any, fast: Any, report: Any, shape: Sequence[int], args: argparse.Namespace,
                  console: _Console):
-    from .profiling import profile_layers
+    from .runtime.profiling import profile_layers
 
     console.status("profiling each layer in onnxruntime")
     # From the modules, not the ONNX files: modules give the most reliable layer names.
@@ -828,8 +828,8 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 # -- inspect ------------------------------------------------------------------------------------
 def _cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
-    from .architecture import parse_input_shape
     from .errors import ConvfactorError
+    from .files.architecture import parse_input_shape
     from .methods import available_methods
 
     shape = parse_input_shape(args.input_shape)
@@ -937,8 +937,8 @@ def inspect_layers(model: Any, example: Any, methods: Sequence[str],
 
 # -- export -------------------------------------------------------------------------------------
 def _cmd_export(args: argparse.Namespace, console: _Console) -> int:
-    from .architecture import parse_input_shape
-    from .onnx_export import export_onnx
+    from .files.architecture import parse_input_shape
+    from .runtime.export import export_onnx
 
     shape = parse_input_shape(args.input_shape)
     onnx_path = Path(args.onnx)
@@ -958,8 +958,8 @@ def _cmd_export(args: argparse.Namespace, console: _Console) -> int:
 
 # -- bench --------------------------------------------------------------------------------------
 def _cmd_bench(args: argparse.Namespace, console: _Console) -> int:
-    from .architecture import parse_input_shape, resolve_arch, stored_architecture
-    from .checkpoint import check_readable
+    from .files.architecture import parse_input_shape, resolve_arch, stored_architecture
+    from .files.checkpoint import check_readable
 
     shape = parse_input_shape(args.input_shape)
     threads = _parse_threads(args.threads)
@@ -1007,8 +1007,8 @@ def _time_alone(model: Any, example: Any, threads: list[int] | None, args: argpa
     """One model's onnxruntime latency per thread setting (``benchmark`` needs two models)."""
     import onnxruntime
 
-    from .benchmarking import TimingStats, available_cores, cpu_model
-    from .sessions import make_session, prepare_onnx, session_feeds
+    from .runtime.benchmarking import TimingStats, available_cores, cpu_model
+    from .runtime.sessions import make_session, prepare_onnx, session_feeds
 
     inputs = (example.detach().cpu().numpy(),)
     results = []

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import torch_load_reason
 from .errors import ConvfactorError
+from .files.checkpoint import torch_load_reason
 
 __all__ = ["OUT_SUFFIXES", "check_out_name", "inputs_file_error", "cannot_create_error", "example_input"]
 

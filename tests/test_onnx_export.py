@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor import exporters
-from convfactor._atomic import OutputExistsError
 from convfactor.errors import ConvfactorError, ExportError
+from convfactor.files.atomic import OutputExistsError
 from convfactor.methods import available_methods, get_method
-from convfactor.onnx_export import export_onnx
-from convfactor.onnx_graph import conv_nodes, nonstandard_ops, onnx_node_counts
+from convfactor.runtime import exporters
+from convfactor.runtime.export import export_onnx
+from convfactor.runtime.onnx_graph import conv_nodes, nonstandard_ops, onnx_node_counts
 
 # (layer factory, input shape): small, and covering stride per axis, groups, 1-d, 1x1 and Linear.
 LAYERS = {
@@ -277,12 +277,12 @@ class _Printing(nn.Module):
 
 def test_fallback_is_quiet_with_one_line_saying_why(tmp_path, capfd, caplog):
     x = torch.randn(1, 3, 5, 5)
-    with caplog.at_level("WARNING", logger="convfactor.exporters"):
+    with caplog.at_level("WARNING", logger="convfactor.runtime.exporters"):
         result = export_onnx(_Printing(), x, tmp_path / "m.onnx", exporter="auto")
     out, err = capfd.readouterr()
     assert result.exporter == "torchscript"
     assert len((out + err).splitlines()) <= 1, (out + err)[:500]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "convfactor.exporters"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "convfactor.runtime.exporters"]
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert "dynamo export failed" in warnings[0] and "torchscript" in warnings[0]
     assert result.fallback_reason in warnings[0] and "\x1b[" not in result.fallback_reason

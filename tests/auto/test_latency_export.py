@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 import convfactor
-from convfactor import exporters, onnx_export, sessions
 from convfactor.auto.latency import LatencyOptions, compare_models, time_model
 from convfactor.errors import ConvfactorError
+from convfactor.runtime import export as onnx_export
+from convfactor.runtime import exporters, sessions
 
 
 class Flagged(nn.Module):

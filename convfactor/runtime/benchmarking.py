@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .errors import InputSpecError
-from .inputs import numpy_inputs
+from ..errors import InputSpecError
+from ..inputs import numpy_inputs
 from .sessions import (
     make_session,
     prepare_onnx,

@@ -27,10 +27,10 @@ import onnx
 import torch
 from torch import nn
 
-from ._atomic import check_writable, publish
-from .errors import ExportError, one_line
+from ..errors import ExportError, one_line
+from ..files.atomic import check_writable, publish
+from ..inputs import as_input_tuple
 from .exporters import ExportSpec, export_checked, exporters_to_try
-from .inputs import as_input_tuple
 from .onnx_graph import default_opset, onnx_node_counts, value_shape
 
 __all__ = [

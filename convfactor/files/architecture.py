@@ -25,7 +25,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import CheckpointError, ConvfactorError, one_line
+from ..errors import CheckpointError, ConvfactorError, one_line
 
 __all__ = ["Architecture", "resolve_arch", "stored_architecture", "builtin_factories", "parse_arch_kwargs",
            "parse_input_shape", "cwd_importable"]
@@ -129,7 +129,7 @@ def resolve_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> Architec
 
 def builtin_factories() -> set[str]:
     """The factories of convfactor's own zoo: code shipped with convfactor, safe for any file to name."""
-    from .zoo import MODELS
+    from ..zoo import MODELS
 
     return {spec.factory for spec in MODELS.values()}
 
@@ -210,7 +210,7 @@ def _declared_input_shape(factory: str, build_fn: Any, kwargs: Mapping[str, Any]
     if declared is not None:
         return declared
     try:
-        from .zoo import MODELS
+        from ..zoo import MODELS
     except ImportError:  # the zoo is optional for the CLI
         return None
     for spec in MODELS.values():

@@ -20,9 +20,9 @@ import onnx
 import torch
 from torch import nn
 
-from ._quiet import quiet
-from .errors import ExportError, one_line
+from ..errors import ExportError, one_line
 from .onnx_graph import all_initializers
+from .quiet import quiet
 
 __all__ = ["EXPORTERS", "ExportSpec", "exporter_order", "exporters_to_try", "export_checked"]
 

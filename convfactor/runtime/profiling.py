@@ -28,8 +28,8 @@ import numpy as np
 import onnx
 from torch import nn
 
-from .errors import InputSpecError
-from .inputs import numpy_inputs
+from ..errors import InputSpecError
+from ..inputs import numpy_inputs
 from .node_scopes import REORDER_OPS, optimized_node_scopes
 from .onnx_graph import op_key
 from .sessions import (

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from .errors import ExportError
+from ..errors import ExportError
 
 __all__ = ["STANDARD_DOMAINS", "ConvNode", "onnx_node_counts", "nonstandard_ops", "conv_nodes", "op_key",
            "all_initializers", "default_opset", "value_shape"]

@@ -17,8 +17,8 @@ import onnx
 import torch
 from torch import nn
 
-from .errors import InputSpecError, one_line
-from .onnx_export import ExportResult, export_onnx
+from ..errors import InputSpecError, one_line
+from .export import ExportResult, export_onnx
 
 __all__ = ["GRAPH_OPTIMIZATION_LEVELS", "PreparedModel", "prepare_onnx", "make_session", "session_feeds",
            "run_checked"]

@@ -12,7 +12,7 @@ Accepted inputs, with the one rule that keeps loading safe: **every read uses**
   ``nn.Conv1d``/``nn.Conv2d``/``nn.Linear``/``nn.BatchNorm`` modules with the original names; the result
   traces with torch.fx, folds BatchNorm and factorizes like an eager model (``trace=False`` works too;
   see ``exported_program``);
-* a factorized checkpoint written by ``convfactor.serialize`` (recognized here, rebuilt there).
+* a factorized checkpoint written by ``convfactor.files.serialize`` (recognized here, rebuilt there).
 
 The architecture a state_dict needs is resolved in ``architecture``.
 """
@@ -32,8 +32,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..errors import CheckpointError, one_line
 from .architecture import cwd_importable
-from .errors import CheckpointError, one_line
 
 __all__ = [
     "FACTORIZED_FORMAT",
@@ -64,7 +64,7 @@ class Checkpoint:
     Attributes:
         path: the file.
         kind: ``"state_dict"``, ``"module"`` (a pickled nn.Module), ``"exported"`` (a .pt2 program) or
-            ``"factorized"`` (written by ``convfactor.serialize``).
+            ``"factorized"`` (written by ``convfactor.files.serialize``).
         content: the state_dict, the module, the ExportedProgram, or the factorized payload dict.
         notes: what was done to read it (nesting key, stripped prefix), for the report.
     """

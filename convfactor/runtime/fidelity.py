@@ -29,9 +29,9 @@ import onnx
 import torch
 from torch import nn
 
-from .errors import InputSpecError
+from ..errors import InputSpecError
+from ..inputs import as_input_tuple, input_shapes, standard_normal_inputs
 from .fidelity_report import ExportCheck, FidelityReport, OutputFidelity, criteria
-from .inputs import as_input_tuple, input_shapes, standard_normal_inputs
 from .sessions import (
     PreparedModel,
     make_session,

@@ -33,18 +33,18 @@ from torch import nn
 from passes import PassResult, factorize_layers
 from passes.factorize_layers import Build
 
-from . import __version__
-from ._atomic import atomic_torch_save, atomic_write_bytes
-from .api import get_report
+from .. import __version__
+from ..api import get_report
+from ..errors import CheckpointError, ConvfactorError, one_line
+from ..geometry import layer_kind
+from ..inputs import as_input_tuple
+from ..methods import get_method
+from ..pipeline import run_pipeline
+from ..report import FactorizeReport, LayerDecision
 from .architecture import Architecture, resolve_arch, stored_architecture
+from .atomic import atomic_torch_save, atomic_write_bytes
 from .checkpoint import FACTORIZED_FORMAT, check_finite, load_weights, read_checkpoint
-from .errors import CheckpointError, ConvfactorError, one_line
 from .exported_program import lift_exported_module
-from .geometry import layer_kind
-from .inputs import as_input_tuple
-from .methods import get_method
-from .pipeline import run_pipeline
-from .report import FactorizeReport, LayerDecision
 
 __all__ = [
     "FORMAT",
@@ -344,7 +344,7 @@ def rebuild(
     check_finite(root, "factorized checkpoint")
     report = _report_from_dict(payload.get("report"))
     if report is not None:
-        from .api import REPORT_ATTR
+        from ..api import REPORT_ATTR
 
         setattr(root, REPORT_ATTR, report)
     return root.eval()
