@@ -25,7 +25,7 @@ and two controls that separate what each mechanism buys:
 Reported per row: MACs and params of the result (ratios to the original), held-out accuracy (450
 images, ``convfactor.zoo.digits``) without fine-tuning and after a short distillation
 (``convfactor.auto.finetune``, training images, labels unused), and the measured onnxruntime speedup
-(``convfactor.benchmarking``: batch 1, 1 thread, original and factorized interleaved, median ratio).
+(``convfactor.runtime.benchmarking``: batch 1, 1 thread, original and factorized interleaved, median ratio).
 
     python benchmarks/auto_budget.py                          # everything (~30-60 min on 2 cores)
     python benchmarks/auto_budget.py --models resnet20_digits --targets macs:0.5 --finetune-steps 0
@@ -56,7 +56,7 @@ from torch import nn  # noqa: E402
 
 import convfactor  # noqa: E402
 from convfactor.auto import finetune  # noqa: E402
-from convfactor.benchmarking import available_cores, benchmark, cpu_model  # noqa: E402
+from convfactor.runtime.benchmarking import available_cores, benchmark, cpu_model  # noqa: E402
 from convfactor.zoo import evaluate_accuracy, load_pretrained  # noqa: E402
 from convfactor.zoo.digits import calibration_subset, load_digits_split  # noqa: E402
 

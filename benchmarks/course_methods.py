@@ -5,7 +5,7 @@ For each trained checkpoint (``convfactor.zoo``: ResNet-20 and the small MobileN
 variant, one row: layers replaced, MACs and params (ratios to the BatchNorm-folded original), held-out
 accuracy (450 images) without and with a short distillation (``convfactor.auto.finetune``, KL to the
 original's logits on training images), the ONNX file size (for weight sharing: codebook + uint8 indices,
-``convfactor.share_onnx``), the measured onnxruntime speedup (``convfactor.benchmarking``: batch 1, 1 thread,
+``convfactor.share_onnx``), the measured onnxruntime speedup (``convfactor.runtime.benchmarking``: batch 1, 1 thread,
 interleaved, median ratio) and the challenge score (``convfactor.score``; the dictionary's zero codes
 count as unstructured pruning p_u, weight sharing as q_w = the average index + codebook bits).
 
@@ -38,8 +38,8 @@ from torch import nn  # noqa: E402
 
 import convfactor  # noqa: E402
 from convfactor.auto import finetune  # noqa: E402
-from convfactor.benchmarking import available_cores, benchmark, cpu_model  # noqa: E402
 from convfactor.costs import count_params, module_macs  # noqa: E402
+from convfactor.runtime.benchmarking import available_cores, benchmark, cpu_model  # noqa: E402
 from convfactor.score import challenge_score  # noqa: E402
 from convfactor.share import finetune_codebooks, share_weights, sharing_report  # noqa: E402
 from convfactor.share_onnx import export_shared_onnx  # noqa: E402

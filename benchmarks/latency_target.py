@@ -4,7 +4,7 @@ For each network (random weights: latency only) and each latency target F (a 1/F
 ``factorize`` with ``{"rules": [{"types": ["Conv2d"], "method": M}], "target": {"latency": F}}`` in
 onnxruntime at 1 thread (the latency model times each layer's candidates, unaligned and x16-aligned
 ranks, then the whole candidate network is timed and the budget corrected, ``convfactor.auto.verify``).
-The result is then timed again, independently (``convfactor.benchmarking``: interleaved pairs, median
+The result is then timed again, independently (``convfactor.runtime.benchmarking``: interleaved pairs, median
 ratio), and reported with its MAC reduction:
 
     efficiency = measured speedup / MAC reduction (1.0: every MAC cut turns into time)
@@ -27,7 +27,7 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 
 import convfactor  # noqa: E402
-from convfactor.benchmarking import benchmark, cpu_model  # noqa: E402
+from convfactor.runtime.benchmarking import benchmark, cpu_model  # noqa: E402
 from convfactor.zoo import MODELS, get_model  # noqa: E402
 
 

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 import convfactor
-from convfactor.benchmarking import available_cores, cpu_model
 from convfactor.costs import per_layer_macs
-from convfactor.onnx_export import export_onnx, make_session
+from convfactor.runtime.benchmarking import available_cores, cpu_model
+from convfactor.runtime.export import export_onnx
+from convfactor.runtime.sessions import make_session
 from convfactor.zoo import get_model
 from passes.annotate_shapes import layer_io_shapes
 

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from convfactor.benchmarking import available_cores, cpu_model
 from convfactor.methods import get_method
-from convfactor.onnx_export import export_onnx, make_session
+from convfactor.runtime.benchmarking import available_cores, cpu_model
+from convfactor.runtime.export import export_onnx
+from convfactor.runtime.sessions import make_session
 
 # (label, channels, spatial size, stride)
 LAYERS = [

@@ -6,6 +6,10 @@
     print(convfactor.check_fidelity(model, model_fast, input_shape=(8, 3, 32, 32)))
     print(convfactor.benchmark(model, model_fast, input_shape=(1, 3, 32, 32)))
     table = convfactor.inspect_model(model, example_input)  # per-layer MACs, params, spectra
+
+Dependency direction: ``convfactor`` imports the top-level ``passes`` package (generic torch.fx passes);
+``passes`` never imports ``convfactor``. ``convfactor.pipeline`` chains the passes for ``factorize`` and
+``load``.
 """
 
 from importlib import import_module
@@ -17,25 +21,24 @@ from .methods import available_methods, get_method  # noqa: E402
 from .policy import Policy, Rule  # noqa: E402
 from .report import FactorizeReport, LayerDecision  # noqa: E402
 
-# Loaded on first use: `import convfactor` stays quick (ONNX, onnxruntime), and `import passes` first
-# works (the passes import convfactor's core modules, which api.py builds on).
+# Loaded on first use: `import convfactor` stays quick (ONNX, onnxruntime are imported when needed).
 _LAZY = {
     "factorize": "api",
     "get_report": "api",
-    "export_onnx": "onnx_export",
-    "ExportResult": "onnx_export",
-    "check_fidelity": "fidelity",
-    "FidelityReport": "fidelity",
-    "benchmark": "benchmarking",
-    "BenchmarkReport": "benchmarking",
-    "profile_layers": "profiling",
-    "profile_model": "profiling",
-    "LayerProfileReport": "profiling",
+    "export_onnx": "runtime.export",
+    "ExportResult": "runtime.export",
+    "check_fidelity": "runtime.fidelity",
+    "FidelityReport": "runtime.fidelity_report",
+    "benchmark": "runtime.benchmarking",
+    "BenchmarkReport": "runtime.benchmarking",
+    "profile_layers": "runtime.profiling",
+    "profile_model": "runtime.profiling",
+    "LayerProfileReport": "runtime.profiling",
     "challenge_score": "score",
     "inspect_model": "inspection",
-    "load": "serialize",
-    "save_factorized": "serialize",
-    "apply_plan": "serialize",
+    "load": "files.serialize",
+    "save_factorized": "files.serialize",
+    "apply_plan": "files.serialize",
     "finetune": "auto",
     "resolve_policy": "auto",
     "AutoOptions": "auto",

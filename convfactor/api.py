@@ -1,6 +1,7 @@
-"""``factorize(model, policy)``: the pass pipeline behind one call.
+"""``factorize(model, policy)``: the pass pipeline (``convfactor.pipeline``) behind one call.
 
-    copy -> capture (torch.fx) -> annotate shapes -> fold BatchNorm -> factorize layers -> clean-up
+    copy -> capture (torch.fx) -> annotate shapes -> fold BatchNorm -> [resolve the policy] ->
+    factorize layers -> clean-up
 
 The caller's model is never modified. The result is a GraphModule (or, with ``trace=False``, a copy
 of the model with layers swapped in place) carrying its report as ``result.convfactor_report``.
@@ -16,30 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from passes import annotate_shapes, capture, cleanup, factorize_layers
-from passes import fold_batchnorm as fold_batchnorm_pass  # the keyword argument shadows the name
-from passes.annotate_shapes import layer_io_shapes
 from passes.capture import CONCRETE_ARGS_META
 
 from .costs import count_params, per_layer_macs
+from .decisions import apply_policy
 from .errors import ConvfactorError, PolicyError
+from .inputs import as_input_tuple
+from .pipeline import run_pipeline
 from .policy import Policy
 from .report import SKIPPED, UNMATCHED, FactorizeReport
 
-__all__ = ["factorize", "get_report", "as_input_tuple"]
+__all__ = ["factorize", "get_report"]
 
 REPORT_ATTR = "convfactor_report"
-
-
-def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
-    """None, a tensor, or a sequence of tensors -> a tuple of tensors (or None)."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, Sequence) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise ConvfactorError("example_inputs must be a tensor or a sequence of tensors")
 
 
 def get_report(module: nn.Module) -> FactorizeReport:
@@ -105,7 +95,7 @@ def factorize(
     if not isinstance(model, nn.Module):
         raise ConvfactorError(f"factorize needs an nn.Module, got {type(model).__name__}")
     policy = Policy.from_any(policy)
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs, allow_none=True)
     report = FactorizeReport(policy=policy.to_dict(), fold_batchnorm=fold_batchnorm and trace)
 
     work = copy.deepcopy(model).eval()
@@ -114,44 +104,41 @@ def factorize(
         report.input_shapes = [list(t.shape) for t in inputs]
         report.macs_before = sum(per_layer_macs(work, inputs).values())
 
+    resolution = None
+
+    def rewrite(root: nn.Module, shapes, folded) -> Any:
+        nonlocal policy, resolution
+        prebuilt = None
+        if policy.needs_resolution or calibration is not None:
+            from .auto import AutoOptions, resolve_policy  # budget / auto-method allocation
+
+            options = auto_options
+            if memory_budget is not None:
+                options = dataclasses.replace(options or AutoOptions(), memory_budget=float(memory_budget))
+            resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
+                                        calibration=calibration, latency=latency, progress=progress,
+                                        options=options)
+            report.extra["auto"] = resolution.info
+            report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
+            policy, prebuilt = resolution.policy, resolution.prebuilt
+        result = apply_policy(root, policy, shapes, progress=progress, prebuilt=prebuilt)
+        report.layers = result.changes
+        _explain_auto_skips(report)
+        _check_policy_matched(policy, report)
+        return result
+
+    bound = policy.fidelity
+    done = run_pipeline(work, rewrite, example_inputs=inputs, trace=trace, fold_batchnorm=fold_batchnorm,
+                        leaf_modules=leaf_modules, concrete_args=concrete_args)
+    root = done.module
     if trace:
-        captured = capture(work, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                           n_inputs=None if inputs is None else len(inputs))
-        root = captured.graph_module
-        report.notes.extend(captured.changes)
+        report.notes[:0] = done.changes("capture")
         if root.meta.get(CONCRETE_ARGS_META):
             report.extra["concrete_args"] = dict(root.meta[CONCRETE_ARGS_META])
-        shapes = annotate_shapes(root, inputs).changes[0] if inputs is not None else {}
-        if fold_batchnorm:
-            # Folding keeps each layer's name and output shape, so the shapes above stay valid.
-            report.folded = fold_batchnorm_pass(root).changes
+        report.folded = done.changes("fold_batchnorm")
     else:
-        root = work
         report.capture = "modules"
-        report.notes.append("module-level replacement without a traced graph: BatchNorm was not folded")
-        shapes = layer_io_shapes(root, inputs) if inputs is not None else {}
-
-    prebuilt = resolution = None
-    bound = policy.fidelity
-    if policy.needs_resolution or calibration is not None:
-        from .auto import AutoOptions, resolve_policy  # budget / auto-method allocation
-
-        options = auto_options
-        if memory_budget is not None:
-            options = dataclasses.replace(options or AutoOptions(), memory_budget=float(memory_budget))
-        resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
-                                    calibration=calibration, latency=latency, progress=progress,
-                                    options=options)
-        report.extra["auto"] = resolution.info
-        report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
-        policy, prebuilt = resolution.policy, resolution.prebuilt
-
-    result = factorize_layers(root, policy, shapes, progress=progress, prebuilt=prebuilt)
-    report.layers = result.changes
-    _explain_auto_skips(report)
-    _check_policy_matched(policy, report)
-    if trace:
-        root = cleanup(root).graph_module
+        report.notes.insert(0, "module-level replacement without a traced graph: BatchNorm was not folded")
 
     report.params_after = count_params(root)
     if inputs is not None:

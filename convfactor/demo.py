@@ -65,7 +65,7 @@ def heaviest_layers(macs: dict[str, int], count: int = 5) -> list[str]:
 
 
 def _accuracy_onnx(path: Path, x: torch.Tensor, y: torch.Tensor) -> tuple[float, np.ndarray]:
-    from .onnx_export import make_session
+    from .runtime.sessions import make_session
 
     session = make_session(path, threads=None)
     logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
@@ -101,7 +101,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], spectra: dict[str, np.ndarray]
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
     fig.tight_layout()
-    from ._atomic import atomic_write
+    from .files.atomic import atomic_write
 
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110), force=True)
     plt.close(fig)
@@ -174,8 +174,8 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
 def _run(model_name: str, budgets: Sequence[float], out: Path, method: str, threads: int, min_time: float,
          plot: bool, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
     from . import factorize, get_report
+    from .runtime.shared_timing import time_together
     from .score import challenge_score
-    from .shared_timing import time_together
     from .zoo import load_pretrained
     from .zoo.digits import calibration_subset, load_digits_split
 
@@ -274,7 +274,7 @@ def _run(model_name: str, budgets: Sequence[float], out: Path, method: str, thre
         "rows": rows, "timing": timing.to_dict(), "reports": {f"{b:g}": r.to_dict() for b, r in reports.items()},
         "seconds": time.perf_counter() - started,
     }
-    from ._atomic import atomic_write_text
+    from .files.atomic import atomic_write_text
 
     atomic_write_text(out / "report.json", json.dumps(document, indent=2, default=str) + "\n", force=True)
     wrote = [str(out / "report.json")]

@@ -1,10 +1,14 @@
 """Exceptions a user can cause. Each carries a one-line message meant to be printed as is.
 
 The CLI turns ``ConvfactorError`` into ``error: <message>`` and exit code 2; anything else is a bug
-and keeps its traceback.
+and keeps its traceback. ``ConvfactorError`` derives from the passes' ``PassInputError``, so the pass
+runner lets a user mistake found inside a pass through unchanged; ``one_line`` formats a message.
 """
 
+from passes.errors import CaptureError, PassInputError, one_line
+
 __all__ = [
+    "one_line",
     "ConvfactorError",
     "PolicyError",
     "RankError",
@@ -12,10 +16,11 @@ __all__ = [
     "TraceError",
     "CheckpointError",
     "ExportError",
+    "InputSpecError",
 ]
 
 
-class ConvfactorError(Exception):
+class ConvfactorError(PassInputError):
     """Base class of every error caused by user input (model, policy, file, option)."""
 
 
@@ -34,8 +39,8 @@ class UnknownMethodError(PolicyError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class TraceError(ConvfactorError, RuntimeError):
-    """torch.fx could not trace the model."""
+class TraceError(ConvfactorError, CaptureError):
+    """torch.fx could not trace the model (a ``RuntimeError``, like the passes' ``CaptureError``)."""
 
 
 class CheckpointError(ConvfactorError, ValueError):
@@ -44,3 +49,7 @@ class CheckpointError(ConvfactorError, ValueError):
 
 class ExportError(ConvfactorError, RuntimeError):
     """ONNX export or its checks failed."""
+
+
+class InputSpecError(ConvfactorError, ValueError):
+    """Example inputs, an input shape or an ONNX path given by the user cannot be used."""

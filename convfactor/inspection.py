@@ -53,14 +53,14 @@ def inspect_model(model: nn.Module, example_inputs: torch.Tensor | Sequence[torc
     """
     from passes.annotate_shapes import layer_io_shapes
 
-    from .api import as_input_tuple
+    from .inputs import as_input_tuple
     from .costs import count_params, layer_macs
     from .errors import RankError
     from .geometry import LayerGeometry, layer_kind
     from .methods import available_methods, get_method
     from .ranks import fraction_to_rank, kept_energy
 
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs, allow_none=True)
     if not inputs:
         raise ConvfactorError("inspect_model needs example_inputs: a tensor or a sequence of tensors")
     methods = list(available_methods() if methods is None else methods)

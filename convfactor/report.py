@@ -17,6 +17,11 @@ __all__ = ["LayerDecision", "FactorizeReport", "format_table", "human_count"]
 REPLACED, SKIPPED, UNMATCHED = "replaced", "skipped", "unmatched"
 
 
+def _macs_ratio(before: int | None, after: int | None) -> float | None:
+    """MACs after / before, or None when either is unknown (no example inputs) or before is 0."""
+    return after / before if before and after is not None else None
+
+
 @dataclass
 class LayerDecision:
     """What happened to one Conv/Linear layer."""
@@ -37,9 +42,7 @@ class LayerDecision:
 
     @property
     def macs_ratio(self) -> float | None:
-        if not self.macs_before or self.macs_after is None:
-            return None
-        return self.macs_after / self.macs_before
+        return _macs_ratio(self.macs_before, self.macs_after)
 
     @property
     def params_ratio(self) -> float | None:
@@ -75,9 +78,7 @@ class FactorizeReport:
 
     @property
     def macs_ratio(self) -> float | None:
-        if not self.macs_before or self.macs_after is None:
-            return None
-        return self.macs_after / self.macs_before
+        return _macs_ratio(self.macs_before, self.macs_after)
 
     @property
     def costlier(self) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._atomic import atomic_write_bytes
+from .files.atomic import atomic_write_bytes
 
 __all__ = ["PackResult", "pack_codebooks", "export_shared_onnx"]
 
@@ -88,7 +88,7 @@ def pack_codebooks(source: str | os.PathLike, target: str | os.PathLike | None =
 def export_shared_onnx(model: Any, example_inputs: Any, path: str | os.PathLike, *, force: bool = False,
                        **export_options: Any) -> tuple[Any, PackResult]:
     """``export_onnx`` (same options) then ``pack_codebooks`` on the written file: (ExportResult, PackResult)."""
-    from .onnx_export import export_onnx
+    from .runtime.export import export_onnx
 
     result = export_onnx(model, example_inputs, path, force=force, **export_options)
     return result, pack_codebooks(result.path)

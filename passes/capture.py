@@ -26,19 +26,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from convfactor.errors import ConvfactorError, TraceError
-from convfactor.methods.base import FactorizedLayer
-
+from .errors import CaptureError, TracedArgumentError, one_line
 from .manager import PassResult
 
 __all__ = ["FactorizeTracer", "TracedArgumentError", "capture", "default_concrete_args", "CONCRETE_ARGS_META"]
 
 CONCRETE_ARGS_META = "convfactor_concrete_args"  # GraphModule.meta key: {argument: traced value}
 _PLAIN_TYPES = (bool, int, float, str, type(None))
-
-
-class TracedArgumentError(ConvfactorError, ValueError):
-    """A captured model was called with a value other than the one an argument was traced with."""
 
 
 @torch.fx.node.has_side_effect  # dead-code elimination must keep the check
@@ -54,11 +48,12 @@ def check_traced_argument(value: Any, name: str, traced: Any) -> None:
 
 
 class FactorizeTracer(torch.fx.Tracer):
-    """A Tracer that keeps factorized layers and user-named modules as leaves and remembers where it was.
+    """A Tracer that keeps the modules it is told to as leaves and remembers where it was.
 
     Args:
         leaf_modules: qualified module names (``"backbone.attn"``), class names (``"MyBlock"``) or
-            classes to call as black boxes instead of tracing through them.
+            classes (a library passes its own replacement modules) to call as black boxes instead of
+            tracing through them.
     """
 
     def __init__(self, leaf_modules: Iterable[str | type] = ()):
@@ -72,7 +67,7 @@ class FactorizeTracer(torch.fx.Tracer):
         self.failed_value: torch.fx.Proxy | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, FactorizedLayer) or isinstance(m, self.leaf_classes):
+        if isinstance(m, self.leaf_classes):
             return True
         if module_qualified_name in self.leaf_names or type(m).__name__ in self.leaf_names:
             return True
@@ -117,7 +112,7 @@ def capture(
         A PassResult whose ``changes`` are notes for the report (one line each); the traced values of
         the concrete arguments are in ``graph_module.meta[CONCRETE_ARGS_META]``.
     Raises:
-        TraceError: naming the module where tracing stopped (or the non-tensor argument it stopped on),
+        CaptureError: naming the module where tracing stopped (or the non-tensor argument it stopped on),
             the construct, and the ways on.
     """
     given = dict(concrete_args or {})
@@ -129,7 +124,7 @@ def capture(
     except Exception as exc:
         if isinstance(model, torch.fx.GraphModule):
             return _own_graph(model, exc, given)
-        raise TraceError(_explain(model, tracer, exc, n_inputs)) from exc
+        raise CaptureError(_explain(model, tracer, exc, n_inputs)) from exc
     graph_module = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     _keep_signature(graph_module, concrete)
     notes = [f"forward argument {name!r} was not given: traced with its default {value!r} (other values are "
@@ -191,16 +186,11 @@ def _own_graph(model: torch.fx.GraphModule, exc: Exception, given: Mapping[str, 
     """A GraphModule that cannot be traced again: rewrite its own graph (it already is one)."""
     model.graph.lint()
     model.meta.setdefault(CONCRETE_ARGS_META, {})
-    notes = [f"the model is a torch.fx GraphModule that could not be traced again ({_first_line(exc)}): "
+    notes = [f"the model is a torch.fx GraphModule that could not be traced again ({one_line(exc)}): "
              f"its own graph was used"]
     if given:
         notes.append(f"concrete_args {sorted(given)} were not applied: the GraphModule's own graph was used")
     return PassResult(model, False, notes, "capture")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _cli_value(value: Any) -> str:
@@ -232,7 +222,7 @@ def _argument_of(tracer: FactorizeTracer, model: nn.Module, n_inputs: int | None
 
 
 def _explain(model: nn.Module, tracer: FactorizeTracer, exc: Exception, n_inputs: int | None) -> str:
-    cause = _first_line(exc)
+    cause = one_line(exc)
     name = type(model).__name__
     argument = _argument_of(tracer, model, n_inputs)
     if argument is not None:

@@ -16,13 +16,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from convfactor.geometry import layer_kind
-
 from .manager import PassResult
+from .modules import set_submodule
 
 __all__ = ["fold_batchnorm", "fold_batchnorm_into"]
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Exact types on purpose: a subclass (a quantized or LoRA conv, say) may change what forward computes.
+_FOLDABLE = {nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Linear: "Linear"}
 
 
 @torch.no_grad()
@@ -46,11 +47,6 @@ def fold_batchnorm_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -
     return fused
 
 
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
 def fold_batchnorm(graph_module: torch.fx.GraphModule) -> PassResult:
     """Fold every BatchNorm whose input is a Conv1d/Conv2d (or a 2-d Linear output) used only by it.
 
@@ -71,7 +67,7 @@ def fold_batchnorm(graph_module: torch.fx.GraphModule) -> PassResult:
         if not (isinstance(producer, torch.fx.Node) and producer.op == "call_module"):
             continue
         layer = modules.get(producer.target)
-        kind = layer_kind(layer) if layer is not None else None
+        kind = _FOLDABLE.get(type(layer))
         if kind is None or len(producer.users) != 1 or calls[producer.target] != 1 or calls[node.target] != 1:
             continue
         if bn.running_mean is None or bn.running_var is None:
@@ -80,7 +76,7 @@ def fold_batchnorm(graph_module: torch.fx.GraphModule) -> PassResult:
             meta = producer.meta.get("tensor_meta")
             if meta is None or len(meta.shape) != 2:
                 continue
-        _set_submodule(graph_module, producer.target, fold_batchnorm_into(layer, bn))
+        set_submodule(graph_module, producer.target, fold_batchnorm_into(layer, bn))
         node.replace_all_uses_with(producer)
         graph_module.graph.erase_node(node)
         folded.append([producer.target, node.target])

@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch.fx
+from torch import nn
 
-from convfactor.errors import ConvfactorError
+from .errors import PassInputError
 
 __all__ = ["PassResult", "PassFailed", "run_passes"]
 
@@ -17,7 +17,7 @@ __all__ = ["PassResult", "PassFailed", "run_passes"]
 class PassResult:
     """The new GraphModule, whether the pass changed anything, and what it changed."""
 
-    graph_module: torch.fx.GraphModule
+    graph_module: nn.Module  # a torch.fx.GraphModule, or the module itself when it was not traced
     modified: bool
     changes: list[Any] = field(default_factory=list)
     name: str = ""
@@ -28,20 +28,21 @@ class PassFailed(RuntimeError):
 
 
 def run_passes(
-    graph_module: torch.fx.GraphModule,
-    passes: Sequence[Callable[[torch.fx.GraphModule], PassResult]],
-) -> tuple[torch.fx.GraphModule, list[PassResult]]:
+    graph_module: nn.Module,
+    passes: Sequence[Callable[[nn.Module], PassResult]],
+) -> tuple[nn.Module, list[PassResult]]:
     """Run ``passes`` in order, each on the previous one's output.
 
-    A ``ConvfactorError`` (a user mistake) passes through unchanged; anything else is re-raised as
-    ``PassFailed`` naming the pass and its predecessors, so a bug report says where it broke.
+    A ``PassInputError`` (a user mistake; library errors derive from it) passes through unchanged;
+    anything else is re-raised as ``PassFailed`` naming the pass and its predecessors, so a bug report
+    says where it broke.
     """
     results: list[PassResult] = []
     for pass_fn in passes:
         name = getattr(pass_fn, "__name__", repr(pass_fn))
         try:
             result = pass_fn(graph_module)
-        except ConvfactorError:
+        except PassInputError:
             raise
         except Exception as exc:
             ran = ", ".join(r.name for r in results) or "none"

@@ -77,7 +77,7 @@ def test_bad_arguments():
         convfactor.factorize("model", "spatial_svd")
     with pytest.raises(ConvfactorError, match="no Conv1d, Conv2d or Linear"):
         convfactor.factorize(nn.Sequential(nn.ReLU()), "spatial_svd")
-    with pytest.raises(ConvfactorError, match="example_inputs must be a tensor"):
+    with pytest.raises(ConvfactorError, match="example input 0 is a int; give tensors"):
         convfactor.factorize(nn.Conv2d(2, 2, 3), "spatial_svd", example_inputs=[1, 2])
     with pytest.raises(ConvfactorError, match="not produced by convfactor"):
         convfactor.get_report(nn.Conv2d(2, 2, 3))
@@ -115,3 +115,27 @@ def test_vbmf_rank_spec_round_trips_and_resolves(resnet):
     assert policy.needs_resolution and Policy.from_yaml(policy.to_yaml()) == policy
     report = convfactor.get_report(convfactor.factorize(resnet, policy, X))
     assert report.replaced and all(isinstance(d.rank, int) and d.rank >= 1 for d in report.replaced)
+
+
+@pytest.mark.parametrize("given", [torch.zeros(1), [torch.zeros(1)], (torch.zeros(1), torch.ones(2))])
+def test_as_input_tuple_takes_a_tensor_or_a_sequence_of_them(given):
+    from convfactor.inputs import as_input_tuple
+
+    got = as_input_tuple(given)
+    assert isinstance(got, tuple) and all(isinstance(t, torch.Tensor) for t in got)
+    assert len(got) == (1 if isinstance(given, torch.Tensor) else len(given))
+
+
+def test_as_input_tuple_none_only_when_allowed_and_numpy_becomes_tensor():
+    import numpy as np
+
+    from convfactor.errors import InputSpecError
+    from convfactor.inputs import as_input_tuple
+
+    assert as_input_tuple(None, allow_none=True) is None
+    with pytest.raises(InputSpecError, match="example input 0 is a NoneType"):
+        as_input_tuple(None)
+    with pytest.raises(InputSpecError, match="no example inputs given"):
+        as_input_tuple([])
+    (t,) = as_input_tuple(np.arange(3, dtype=np.float32))
+    assert torch.equal(t, torch.arange(3, dtype=torch.float32))

@@ -8,7 +8,8 @@ import stat
 import pytest
 import torch
 
-from convfactor._atomic import (
+from convfactor.errors import ConvfactorError
+from convfactor.files.atomic import (
     OutputExistsError,
     StagedOutputs,
     atomic_torch_save,
@@ -16,7 +17,6 @@ from convfactor._atomic import (
     atomic_write_bytes,
     atomic_write_text,
 )
-from convfactor.errors import ConvfactorError
 
 
 def _names(directory) -> list[str]:

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor.benchmarking import available_cores, benchmark, cpu_model
 from convfactor.errors import ConvfactorError
 from convfactor.methods import get_method
-from convfactor.onnx_export import export_onnx
+from convfactor.runtime.benchmarking import available_cores, benchmark, cpu_model
+from convfactor.runtime.export import export_onnx
 
 EXPORTER = "torchscript"
 

@@ -7,8 +7,8 @@ import copy
 import pytest
 from torch import nn
 
-from convfactor import benchmarking
-from convfactor.benchmarking import NOISE_LIMIT, ThreadResult, TimingStats, benchmark
+from convfactor.runtime import benchmarking
+from convfactor.runtime.benchmarking import NOISE_LIMIT, ThreadResult, TimingStats, benchmark
 from convfactor.summary import render_summary
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import convfactor
 from convfactor.cli import main
-from convfactor.serialize import load, save_factorized
+from convfactor.files.serialize import load, save_factorized
 from passes.capture import TracedArgumentError
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -9,17 +9,10 @@ import torch
 from torch import nn
 
 import convfactor
-from convfactor.checkpoint import (
-    check_finite,
-    extract_state_dict,
-    lift_exported_module,
-    load_weights,
-    parse_arch_kwargs,
-    parse_input_shape,
-    read_checkpoint,
-    resolve_arch,
-)
 from convfactor.errors import CheckpointError, ConvfactorError
+from convfactor.files.architecture import parse_arch_kwargs, parse_input_shape, resolve_arch
+from convfactor.files.checkpoint import check_finite, extract_state_dict, load_weights, read_checkpoint
+from convfactor.files.exported_program import lift_exported_module
 from tests.cli_models import LinearBNNet, TinyNet, randomized
 from tests.nets import TinyMobileNet, TinyResNet, randomize_batchnorm
 

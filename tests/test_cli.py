@@ -17,11 +17,12 @@ import pytest
 import torch
 
 import convfactor
-import convfactor.onnx_export
-from convfactor.checkpoint import lift_exported_module, read_checkpoint
+import convfactor.runtime.export
 from convfactor.errors import ExportError
+from convfactor.files.checkpoint import read_checkpoint
+from convfactor.files.exported_program import lift_exported_module
+from convfactor.files.serialize import load
 from convfactor.ranks import fraction_to_rank, kept_energy
-from convfactor.serialize import load
 from tests.cli_models import GatedNet, TinyNet, randomized
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,7 +212,7 @@ def _bad_cases():
 
     def factorized(path, ckpt):
         fast = convfactor.factorize(TinyNet(), "svd", X[:1])
-        convfactor.serialize.save_factorized(fast, path, arch=ARCH)
+        convfactor.files.serialize.save_factorized(fast, path, arch=ARCH)
 
     none = lambda tmp_path, ckpt: []  # noqa: E731
     base = ["--arch", ARCH, "--policy", "spatial_svd:0.5", "--input-shape", SHAPE]
@@ -289,7 +290,7 @@ def test_convert_bad_input_exits_2_and_writes_nothing(cli, tmp_path, ckpt, case)
 
 def _fail_on_publish(monkeypatch, failing_call):
     """Make the ``failing_call``-th file move into place fail as a full disk would."""
-    import convfactor._atomic as atomic
+    import convfactor.files.atomic as atomic
 
     real, calls = atomic.publish, []
 
@@ -321,7 +322,7 @@ def test_outputs_are_all_or_nothing_over_existing_files(cli, tmp_path, ckpt, mon
     argv = ["convert", ckpt, "--arch", ARCH, "--policy", "spatial_svd:0.5", "--input-shape", SHAPE,
             "--out", tmp_path / "fast.pt", "--onnx", tmp_path / "fast.onnx", "--exporter", "torchscript", "--quiet",
             "--force"]
-    import convfactor._atomic as atomic
+    import convfactor.files.atomic as atomic
 
     real_publish = atomic.publish
     calls = _fail_on_publish(monkeypatch, 3)
@@ -394,7 +395,7 @@ def test_failure_after_the_model_is_staged_publishes_nothing(cli, tmp_path, ckpt
     def failing_export(*args, **kwargs):
         raise ExportError("dynamo export failed: simulated")
 
-    monkeypatch.setattr(convfactor.onnx_export, "export_onnx", failing_export)
+    monkeypatch.setattr(convfactor.runtime.export, "export_onnx", failing_export)
     code, _, err = cli("convert", ckpt, "--arch", ARCH, "--policy", "svd", "--out", tmp_path / "fast.pt",
                        "--onnx", tmp_path / "fast.onnx", "--input-shape", SHAPE, "--quiet")
     assert code == 2 and err == "error: dynamo export failed: simulated\n"
@@ -547,7 +548,7 @@ def test_export_and_bench_a_factorized_checkpoint(cli, tmp_path, ckpt):
 def test_a_factorized_file_naming_code_runs_nothing(cli, tmp_path, net, command):
     marker = tmp_path / "pwned"
     fast = convfactor.factorize(net, "spatial_svd:0.5", X[:1])
-    payload = convfactor.serialize.factorized_payload(
+    payload = convfactor.files.serialize.factorized_payload(
         fast, arch={"factory": "subprocess:getoutput", "kwargs": {"cmd": f"touch {marker}"}})
     evil = tmp_path / "evil.pt"
     torch.save(payload, evil)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from convfactor.demo import _summary_table, heaviest_layers
-from convfactor.onnx_export import export_onnx
-from convfactor.shared_timing import time_together
+from convfactor.runtime.export import export_onnx
+from convfactor.runtime.shared_timing import time_together
 
 
 def test_heaviest_layers_break_ties_in_model_order():

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor import fidelity
 from convfactor.errors import ConvfactorError
-from convfactor.fidelity import check_fidelity, output_metrics
 from convfactor.methods import get_method
-from convfactor.onnx_export import export_onnx
+from convfactor.runtime import fidelity
+from convfactor.runtime.export import export_onnx
+from convfactor.runtime.fidelity import check_fidelity, output_metrics
 
 EXPORTER = "torchscript"  # fast; the dynamo exporter is covered in test_onnx_export
 

@@ -12,16 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor import onnx_export
-from convfactor._atomic import OutputExistsError
 from convfactor.errors import ConvfactorError, ExportError
+from convfactor.files.atomic import OutputExistsError
 from convfactor.methods import available_methods, get_method
-from convfactor.onnx_export import (
-    conv_nodes,
-    export_onnx,
-    nonstandard_ops,
-    onnx_node_counts,
-)
+from convfactor.runtime import exporters
+from convfactor.runtime.export import export_onnx
+from convfactor.runtime.onnx_graph import conv_nodes, nonstandard_ops, onnx_node_counts
 
 # (layer factory, input shape): small, and covering stride per axis, groups, 1-d, 1x1 and Linear.
 LAYERS = {
@@ -239,7 +235,7 @@ def test_explicit_exporter_does_not_fall_back(tmp_path, monkeypatch):
     def failing_dynamo(spec, staged):
         raise RuntimeError("cannot capture\nmore detail")
 
-    monkeypatch.setattr(onnx_export, "_export_dynamo", failing_dynamo)
+    monkeypatch.setattr(exporters, "_export_dynamo", failing_dynamo)
     with pytest.raises(ExportError, match="dynamo export failed: RuntimeError: cannot capture$"):
         export_onnx(nn.Conv2d(3, 4, 3), torch.randn(1, 3, 5, 5), tmp_path / "m.onnx", exporter="dynamo")
     assert list(tmp_path.iterdir()) == []
@@ -281,22 +277,22 @@ class _Printing(nn.Module):
 
 def test_fallback_is_quiet_with_one_line_saying_why(tmp_path, capfd, caplog):
     x = torch.randn(1, 3, 5, 5)
-    with caplog.at_level("WARNING", logger="convfactor.onnx_export"):
+    with caplog.at_level("WARNING", logger="convfactor.runtime.exporters"):
         result = export_onnx(_Printing(), x, tmp_path / "m.onnx", exporter="auto")
     out, err = capfd.readouterr()
     assert result.exporter == "torchscript"
     assert len((out + err).splitlines()) <= 1, (out + err)[:500]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "convfactor.onnx_export"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "convfactor.runtime.exporters"]
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert "dynamo export failed" in warnings[0] and "torchscript" in warnings[0]
     assert result.fallback_reason in warnings[0] and "\x1b[" not in result.fallback_reason
 
 
 def test_exporter_order_tries_torchscript_first_then_dynamo(tmp_path, monkeypatch):
-    assert onnx_export.exporter_order("torchscript") == ("torchscript", "dynamo")
-    assert onnx_export.exporter_order("auto") == onnx_export.exporter_order("dynamo") == ("dynamo", "torchscript")
+    assert exporters.exporter_order("torchscript") == ("torchscript", "dynamo")
+    assert exporters.exporter_order("auto") == exporters.exporter_order("dynamo") == ("dynamo", "torchscript")
     with pytest.raises(ExportError, match="unknown exporter"):
-        onnx_export.exporter_order("fast")
+        exporters.exporter_order("fast")
     with pytest.raises(ExportError, match="distinct names"):
         export_onnx(nn.Conv2d(3, 4, 3), torch.randn(1, 3, 5, 5), tmp_path / "m.onnx",
                     exporter=("torchscript", "torchscript"))
@@ -304,7 +300,7 @@ def test_exporter_order_tries_torchscript_first_then_dynamo(tmp_path, monkeypatc
     def failing_torchscript(spec, staged):
         raise RuntimeError("We don't have an op for aten::eq\nArgument types: Tensor, bool")
 
-    monkeypatch.setattr(onnx_export, "_export_torchscript", failing_torchscript)
+    monkeypatch.setattr(exporters, "_export_torchscript", failing_torchscript)
     model, x = nn.Conv2d(3, 4, 3), torch.randn(1, 3, 5, 5)
     result = export_onnx(model, x, tmp_path / "m.onnx", exporter=("torchscript", "dynamo"))
     assert result.exporter == "dynamo"

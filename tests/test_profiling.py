@@ -12,8 +12,9 @@ from torch import nn
 
 from convfactor.errors import ConvfactorError
 from convfactor.methods import get_method
-from convfactor.onnx_export import export_onnx
-from convfactor.profiling import OUTSIDE_LAYERS, profile_layers, profile_model, source_scopes
+from convfactor.runtime.export import export_onnx
+from convfactor.runtime.node_scopes import source_scopes
+from convfactor.runtime.profiling import OUTSIDE_LAYERS, profile_layers, profile_model
 
 
 class Block(nn.Module):

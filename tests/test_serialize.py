@@ -9,7 +9,7 @@ from torch import nn
 
 import convfactor
 from convfactor.errors import CheckpointError, ConvfactorError
-from convfactor.serialize import (
+from convfactor.files.serialize import (
     FORMAT,
     apply_plan,
     factorized_payload,

@@ -133,48 +133,11 @@ def detect_boxes(score: np.ndarray, text_threshold=0.7, link_threshold=0.4, low_
     return boxes
 
 
-def _iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def box_fscore(predicted: list[list], truth: list[list], iou: float = 0.5) -> dict:
-    """Greedy one-to-one matching at IoU >= ``iou``, pooled over images."""
-    hits = n_pred = n_true = 0
-    for pred, gt in zip(predicted, truth):
-        n_pred, n_true = n_pred + len(pred), n_true + len(gt)
-        free = list(gt)
-        for p in pred:
-            scores = [_iou(p, g) for g in free]
-            if scores and max(scores) >= iou:
-                free.pop(int(np.argmax(scores)))
-                hits += 1
-    precision, recall = hits / max(1, n_pred), hits / max(1, n_true)
-    f = 2 * precision * recall / max(1e-12, precision + recall)
-    return {"fscore": f, "precision": precision, "recall": recall}
-
-
-def scenes(count: int, seed: int):
-    rng = np.random.default_rng(seed)
-    made = [textdata.text_scene(rng, SIZE) for _ in range(count)]
-    return torch.stack([to_input(img) for img, _, _ in made]), [words for _, words, _ in made]
-
-
 def spec(quick: bool = False) -> dict:
     n_eval, n_cal = (8, 8) if quick else (24, 16)
-    x_eval, truth = scenes(n_eval, seed=21)
-    x_cal, _ = scenes(n_cal, seed=22)
-
-    def metric(run) -> dict:
-        with torch.no_grad():
-            maps = torch.cat([run(x_eval[i:i + 4]) for i in range(0, len(x_eval), 4)]).numpy()
-        boxes = [detect_boxes(m) for m in maps]
-        result = box_fscore(boxes, truth)
-        result["fscore70"] = box_fscore(boxes, truth, iou=0.7)["fscore"]
-        return result
+    x_eval, truth = textdata.scene_batch(n_eval, 21, SIZE, to_input, "words")
+    x_cal, _ = textdata.scene_batch(n_cal, 22, SIZE, to_input, "words")
+    metric = textdata.detection_metric(x_eval, truth, detect_boxes)
 
     return {
         "name": "craft_mlt_25k", "domain": "vision: scene-text detection",

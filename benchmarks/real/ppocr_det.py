@@ -17,7 +17,6 @@ import torch
 from scipy import ndimage
 
 from . import textdata
-from .craft import box_fscore
 
 SIZE = 320
 ONNX_FILE = ("rapidocr_onnxruntime", "models", "ch_PP-OCRv4_det_infer.onnx")
@@ -52,24 +51,11 @@ def detect_boxes(prob: np.ndarray, thresh=0.3, box_thresh=0.5, unclip_ratio=1.6,
     return boxes
 
 
-def scenes(count: int, seed: int):
-    rng = np.random.default_rng(seed)
-    made = [textdata.text_scene(rng, SIZE) for _ in range(count)]
-    return torch.stack([to_input(img) for img, _, _ in made]), [lines for _, _, lines in made]
-
-
 def spec(quick: bool = False) -> dict:
     n_eval, n_cal = (12, 16) if quick else (32, 32)
-    x_eval, truth = scenes(n_eval, seed=31)
-    x_cal, _ = scenes(n_cal, seed=32)
-
-    def metric(run) -> dict:
-        with torch.no_grad():
-            maps = torch.cat([run(x_eval[i:i + 4]) for i in range(0, len(x_eval), 4)]).numpy()
-        boxes = [detect_boxes(m[0]) for m in maps]
-        result = box_fscore(boxes, truth)
-        result["fscore70"] = box_fscore(boxes, truth, iou=0.7)["fscore"]
-        return result
+    x_eval, truth = textdata.scene_batch(n_eval, 31, SIZE, to_input, "lines")
+    x_cal, _ = textdata.scene_batch(n_cal, 32, SIZE, to_input, "lines")
+    metric = textdata.detection_metric(x_eval, truth, lambda out: detect_boxes(out[0]))
 
     return {
         "name": "ppocrv4_det", "domain": "text detection (from ONNX)",

@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Callable
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 
@@ -119,6 +121,52 @@ def text_scene(rng: np.random.Generator, size: int = 256, lines: int = 4):
             break
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(0, 6), size=(size, size, 3))
     return arr.clip(0, 255).astype(np.uint8), boxes, line_boxes
+
+
+def scene_batch(count: int, seed: int, size: int, to_input: Callable, truth: str = "words"):
+    """``count`` text scenes as one input batch (each image through ``to_input``) and their ground-truth
+    boxes per image: word boxes (``truth="words"``) or line boxes (``"lines"``)."""
+    rng = np.random.default_rng(seed)
+    made = [text_scene(rng, size) for _ in range(count)]
+    boxes = [line_boxes if truth == "lines" else word_boxes for _, word_boxes, line_boxes in made]
+    return torch.stack([to_input(img) for img, _, _ in made]), boxes
+
+
+def _iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def box_fscore(predicted: list[list], truth: list[list], iou: float = 0.5) -> dict:
+    """Greedy one-to-one matching at IoU >= ``iou``, pooled over images."""
+    hits = n_pred = n_true = 0
+    for pred, gt in zip(predicted, truth):
+        n_pred, n_true = n_pred + len(pred), n_true + len(gt)
+        free = list(gt)
+        for p in pred:
+            scores = [_iou(p, g) for g in free]
+            if scores and max(scores) >= iou:
+                free.pop(int(np.argmax(scores)))
+                hits += 1
+    precision, recall = hits / max(1, n_pred), hits / max(1, n_true)
+    f = 2 * precision * recall / max(1e-12, precision + recall)
+    return {"fscore": f, "precision": precision, "recall": recall}
+
+
+def detection_metric(x_eval, truth: list[list], detect: Callable) -> Callable:
+    """The metric of a text detector: run it on ``x_eval`` in batches of 4, ``detect`` boxes in each output
+    map, and score them against ``truth`` (F-score at IoU 0.5, and at 0.7 as ``fscore70``)."""
+    def metric(run) -> dict:
+        with torch.no_grad():
+            maps = torch.cat([run(x_eval[i:i + 4]) for i in range(0, len(x_eval), 4)]).numpy()
+        boxes = [detect(m) for m in maps]
+        result = box_fscore(boxes, truth)
+        result["fscore70"] = box_fscore(boxes, truth, iou=0.7)["fscore"]
+        return result
+    return metric
 
 
 def edit_distance(a: str, b: str) -> int:

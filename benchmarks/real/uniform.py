@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convfactor.costs import layer_macs
+from convfactor.costs import layer_macs, module_macs
 from convfactor.methods import get_method
 
 
@@ -25,21 +25,6 @@ def _layer_inputs(model: nn.Module, example: tuple) -> dict[str, tuple]:
         for h in handles:
             h.remove()
     return found
-
-
-def _module_macs(module: nn.Module, shape: tuple) -> int:
-    total = 0
-    handles = [sub.register_forward_hook(lambda m, a, o: totals.append(layer_macs(m, o.shape)))
-               for sub in module.modules() if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Linear))]
-    totals: list[int] = []
-    try:
-        with torch.no_grad():
-            module(torch.zeros(shape))
-    finally:
-        for h in handles:
-            h.remove()
-    total = sum(totals)
-    return total
 
 
 def uniform_policy(method: str, fraction: float, types=("Conv2d",)) -> dict:
@@ -66,7 +51,7 @@ def fraction_for_macs(model: nn.Module, example: tuple, method: str, target: flo
             rank = meth.resolve_rank(layer, fraction)
             key = (name, rank)
             if key not in cache:
-                cache[key] = _module_macs(meth.build(layer, rank), shape)
+                cache[key] = module_macs(meth.build(layer, rank), shape)
             total += cache[key]
         return total / original
 

@@ -233,7 +233,7 @@ class WeightErrors:
             if (r_in + 1, r_out + 1) == self._core_energy.shape:
                 return 0.0  # both bases square orthogonal: exact (1 - ratio would leave rounding ~1e-16)
             return float(max(0.0, 1.0 - self._core_energy[r_in, r_out] / self._total))
-        from passes.factorize_layers import weight_error
+        from ..decisions import weight_error
 
         return weight_error(self.layer, self.method.decompose(self.layer, rank)) ** 2
 

@@ -23,8 +23,8 @@ matches a timing taken under other conditions or in the other runtime, and a war
 resolution free.
 
 Whole models (the final check that the factorized network is faster): for onnxruntime they are exported
-by ``convfactor.onnx_export`` (``exporter`` first, the other exporter when it fails) and timed by
-``convfactor.benchmarking``; for torch the two modules run in
+by ``convfactor.runtime.export`` (``exporter`` first, the other exporter when it fails) and timed by
+``convfactor.runtime.benchmarking``; for torch the two modules run in
 eager mode. Both time interleaved pairs and take the median of the per-pair ratios.
 """
 
@@ -135,7 +135,7 @@ class LatencyOptions:
                 raise ConvfactorError(f"latency: {name} must be a positive int, got {value!r}")
         if options.runtime not in RUNTIMES:
             raise ConvfactorError(f"latency: unknown runtime {options.runtime!r} (known: {', '.join(RUNTIMES)})")
-        from ..onnx_export import EXPORTERS
+        from ..runtime.exporters import EXPORTERS
 
         if options.exporter not in EXPORTERS:
             raise ConvfactorError(f"latency: unknown exporter {options.exporter!r} (known: {', '.join(EXPORTERS)})")
@@ -165,7 +165,7 @@ def machine_key(runtime: str = "onnxruntime", device: str = "cpu") -> dict[str, 
     Returns:
         CPU model and cores, plus the onnxruntime version, or the torch version and device (and GPU name).
     """
-    from ..benchmarking import available_cores, cpu_model
+    from ..runtime.benchmarking import available_cores, cpu_model
 
     key: dict[str, Any] = {"cpu": cpu_model(), "cores": available_cores(), "logical_cores": os.cpu_count() or 1}
     if runtime == "onnxruntime":
@@ -226,7 +226,7 @@ class LatencyCache:
         """
         if self.path is None:
             return
-        from .._atomic import atomic_write_text
+        from ..files.atomic import atomic_write_text
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _cache_lock(self.path):
@@ -376,7 +376,7 @@ def time_layers(modules: Sequence[nn.Module], input_shape: Sequence[int], option
 def _time_layers_onnxruntime(modules: Sequence[nn.Module], input_shape: Sequence[int],
                              options: LatencyOptions) -> list[float]:
     """Median onnxruntime time (ms) of each module on ``input_shape``, interleaved, minus call overhead."""
-    from ..onnx_export import make_session
+    from ..runtime.sessions import make_session
 
     x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
     variants = [nn.Identity(), *modules]
@@ -487,8 +487,8 @@ def compare_models(original: nn.Module, candidate: nn.Module, inputs: tuple[torc
     """
     if options.runtime == "torch":
         return _compare_models_torch(original, candidate, inputs, options)
-    from ..benchmarking import benchmark
-    from ..onnx_export import exporter_order
+    from ..runtime.benchmarking import benchmark
+    from ..runtime.exporters import exporter_order
 
     report = benchmark(original, candidate, inputs, threads=options.threads,
                        graph_optimization=options.graph_optimization, warmup=10, repeats=30,
@@ -509,7 +509,9 @@ def time_model(module: nn.Module, inputs: tuple[torch.Tensor, ...], options: Lat
     """
     if options.runtime == "torch":
         return _time_model_torch(module, inputs, options)
-    from ..onnx_export import export_onnx, exporter_order, make_session, session_feeds
+    from ..runtime.export import export_onnx
+    from ..runtime.exporters import exporter_order
+    from ..runtime.sessions import make_session, session_feeds
 
     with tempfile.TemporaryDirectory(prefix="convfactor-latency-") as scratch:
         path = Path(scratch) / "model.onnx"

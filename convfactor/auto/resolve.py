@@ -35,9 +35,11 @@ import torch
 from torch import nn
 
 from passes.annotate_shapes import layer_io_shapes
-from passes.factorize_layers import blocked_layers, candidate_layers, describe_shape, factorize_layers
+from passes.factorize_layers import blocked_layers
 
 from ..costs import count_params, layer_macs, per_layer_macs
+from ..decisions import apply_policy as factorize_layers  # the factorize_layers pass, driven by a policy
+from ..decisions import candidate_layers, describe_shape
 from ..errors import PolicyError, RankError
 from ..geometry import layer_kind
 from ..methods import available_methods, get_method

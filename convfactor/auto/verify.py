@@ -193,8 +193,8 @@ class SpeedMeter:
             self.seconds += time.perf_counter() - started
 
     def _onnxruntime(self, candidate: nn.Module, threshold: float | None) -> float:
-        from ..benchmarking import benchmark
-        from ..onnx_export import prepare_onnx
+        from ..runtime.benchmarking import benchmark
+        from ..runtime.sessions import prepare_onnx
 
         options = self.model.options
         if self._original is None:

@@ -44,7 +44,8 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``bench``; returns the exit code."""
-    from ..checkpoint import check_readable, parse_input_shape, resolve_arch, stored_architecture
+    from ..files.architecture import parse_input_shape, resolve_arch, stored_architecture
+    from ..files.checkpoint import check_readable
     from .checks import check_counts, example_input, parse_threads
     from .measure import run_benchmark
     from .source import load_source, require_shape, resolve_arch_option
@@ -95,9 +96,9 @@ def _time_alone(model: Any, example: Any, threads: list[int] | None, args: argpa
     """One model's onnxruntime latency per thread setting (``benchmark`` needs two models)."""
     import onnxruntime
 
-    from ..benchmarking import TimingStats, available_cores, cpu_model
-    from ..onnx_export import make_session, prepare_onnx, session_feeds
     from ..progress import phase
+    from ..runtime.benchmarking import TimingStats, available_cores, cpu_model
+    from ..runtime.sessions import make_session, prepare_onnx, session_feeds
 
     inputs = (example.detach().cpu().numpy(),)
     results = []

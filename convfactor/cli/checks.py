@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import torch_load_reason
 from ..errors import ConvfactorError
+from ..files.checkpoint import torch_load_reason
 from .console import one_line
 
 __all__ = ["OUT_SUFFIXES", "check_out_name", "load_inputs_file", "inputs_file_error", "parse_threads", "check_counts",

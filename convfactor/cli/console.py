@@ -13,6 +13,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from .. import errors
+
 __all__ = ["Console", "one_line", "EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 # 0 success; 1 the fidelity check (--check) failed (files written); 2 a user error (nothing written).
@@ -49,6 +51,6 @@ class Console:
             yield
 
 
-def one_line(text: str) -> str:
-    """``text`` on one line (whitespace runs, newlines included, become one space): how errors print."""
-    return " ".join(str(text).split()) or "unknown error"
+def one_line(text: str | BaseException) -> str:
+    """``text`` on one line (every line joined, whitespace runs collapsed): how errors print."""
+    return errors.one_line(text, whole=True)

@@ -139,11 +139,11 @@ def _auto_options(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``convert``; returns the exit code (1 when ``--check`` failed, files written)."""
     from .. import __version__
-    from .._atomic import StagedOutputs
     from ..api import factorize, get_report
     from ..auto.verify import FidelityWarning
-    from ..checkpoint import parse_input_shape
     from ..errors import ConvfactorError
+    from ..files.architecture import parse_input_shape
+    from ..files.atomic import StagedOutputs
     from ..policy import Policy
     from ..share import parse_share_spec, share_weights, sharing_report
     from ..summary import summarize

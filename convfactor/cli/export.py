@@ -29,8 +29,8 @@ def add_arguments(export: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``export``; returns the exit code."""
-    from ..checkpoint import parse_input_shape
-    from ..onnx_export import export_onnx
+    from ..files.architecture import parse_input_shape
+    from ..runtime.export import export_onnx
     from .checks import example_input
     from .outputs import check_outputs
     from .source import load_source, require_shape, resolve_arch_option

@@ -42,8 +42,8 @@ def add_arguments(inspect: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``inspect``; returns the exit code."""
-    from ..checkpoint import parse_input_shape
     from ..errors import ConvfactorError
+    from ..files.architecture import parse_input_shape
     from ..inspection import inspect_model
     from ..methods import available_methods
     from .checks import example_input

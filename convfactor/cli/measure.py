@@ -1,6 +1,6 @@
 """Measuring a conversion from the command line: fidelity, latency and per-layer profile in onnxruntime.
 
-Thin calls into ``convfactor.fidelity``, ``convfactor.benchmarking`` and ``convfactor.profiling`` with
+Thin calls into ``convfactor.runtime`` (fidelity, benchmarking, profiling) with
 the command's options, each announced on the console first.
 """
 
@@ -18,7 +18,7 @@ __all__ = ["run_fidelity", "failed_criteria", "run_benchmark", "run_profile"]
 def run_fidelity(original: Any, fast: Any, shape: Sequence[int], args: argparse.Namespace, console: Console,
                  workdir: str | None = None, inputs: Any = None):
     """``check_fidelity`` with the ``--check-*`` tolerances (on ``inputs`` when given, else generated ones)."""
-    from ..fidelity import check_fidelity
+    from ..runtime.fidelity import check_fidelity
 
     console.status("checking fidelity in onnxruntime")
     if inputs is not None and args.static_batch:  # a static-batch export takes batches of its own size
@@ -43,7 +43,7 @@ def failed_criteria(fidelity: Any) -> str:
 def run_benchmark(original: Any, fast: Any, shape: Sequence[int], threads: list[int] | None,
                   args: argparse.Namespace, console: Console):
     """``benchmark`` with the latency options (``--threads``, ``--warmup``, ``--repeats``, ``--min-time``)."""
-    from ..benchmarking import benchmark
+    from ..runtime.benchmarking import benchmark
 
     console.status("timing original and factorized in onnxruntime")
     return benchmark(original, fast, input_shape=tuple(shape), threads=threads, warmup=args.warmup,
@@ -54,7 +54,7 @@ def run_benchmark(original: Any, fast: Any, shape: Sequence[int], threads: list[
 def run_profile(original: Any, fast: Any, report: Any, shape: Sequence[int], args: argparse.Namespace,
                 console: Console):
     """``profile_layers`` of both models, naming the replaced layers of ``report``."""
-    from ..profiling import profile_layers
+    from ..runtime.profiling import profile_layers
 
     console.status("profiling each layer in onnxruntime")
     # From the modules, not the ONNX files: modules give the most reliable layer names.

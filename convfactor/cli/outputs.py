@@ -1,7 +1,7 @@
 """Outputs of a command: checked before any work, staged beside their destination, published together.
 
 ``check_outputs`` refuses what cannot be written before the model is loaded. ``stage_model`` and
-``stage_onnx`` write into a ``convfactor._atomic.StagedOutputs``, which moves every file into place with
+``stage_onnx`` write into a ``convfactor.files.atomic.StagedOutputs``, which moves every file into place with
 an atomic rename at ``commit()``, or none of them.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._atomic import StagedOutputs
+from ..files.atomic import StagedOutputs
 from .console import Console
 from .source import Source
 
@@ -23,8 +23,8 @@ __all__ = ["check_outputs", "report_file_for", "stage_model", "stage_onnx", "ren
 
 def check_outputs(paths: Sequence[Path], *, force: bool, inputs: Sequence[str | os.PathLike]) -> None:
     """Before any work: each output may be written (directory exists and is writable, no clobbering)."""
-    from .._atomic import check_writable
     from ..errors import ConvfactorError
+    from ..files.atomic import check_writable
     from .checks import cannot_create_error
 
     resolved_inputs = {Path(p).resolve() for p in inputs if p}
@@ -57,7 +57,7 @@ def stage_model(staging: StagedOutputs, out: Path, fast: Any, source: Source, ex
     """Stage OUT: a torch.export program (.pt2), or a factorized checkpoint checked to reload first."""
     import torch
 
-    from ..serialize import exported_program_bytes, factorized_payload
+    from ..files.serialize import exported_program_bytes, factorized_payload
 
     if out.suffix == ".pt2":
         console.status(f"torch.export to {out}")
@@ -78,7 +78,7 @@ def verify_reload(payload: dict[str, Any], fast: Any, example: Any, arch: Any, t
     import torch
 
     from ..errors import CheckpointError
-    from ..serialize import rebuild
+    from ..files.serialize import rebuild
 
     console.status("checking that the saved model reloads")
     reloaded = rebuild(payload, arch, trust_checkpoint=trust, trust_code=trust)
@@ -108,7 +108,7 @@ def rename_paths(data: Any, renamed: dict[str, str | None]) -> Any:
 def stage_onnx(staging: StagedOutputs, onnx_path: Path, model: Any, example: Any, args: argparse.Namespace,
                console: Console) -> tuple[dict[str, Any], Path]:
     """Stage the ``--onnx`` export (codebooks packed for shared weights); returns its record and staged path."""
-    from ..onnx_export import export_onnx
+    from ..runtime.export import export_onnx
 
     console.status(f"exporting ONNX to {onnx_path}")
     staged = staging.path_for(onnx_path)

@@ -35,8 +35,8 @@ class Source:
 
 def resolve_arch_option(spec: str | None, arch_args: str | None):
     """The ``--arch``/``--arch-args`` architecture, or None when ``--arch`` is not given."""
-    from ..checkpoint import parse_arch_kwargs, resolve_arch
     from ..errors import ConvfactorError
+    from ..files.architecture import parse_arch_kwargs, resolve_arch
 
     kwargs = parse_arch_kwargs(arch_args)
     if spec is None:
@@ -49,8 +49,9 @@ def resolve_arch_option(spec: str | None, arch_args: str | None):
 def load_source(path: str, arch, *, trust: bool, input_shape: tuple[int, ...] | None, console: Console,
                 what: str = "checkpoint") -> Source:
     """Read the checkpoint and build the model it describes (weights loaded, finite, eval mode)."""
-    from ..checkpoint import check_finite, lift_exported_module, load_weights, read_checkpoint
     from ..errors import CheckpointError
+    from ..files.checkpoint import check_finite, load_weights, read_checkpoint
+    from ..files.exported_program import lift_exported_module
 
     console.status(f"loading {path}")
     checkpoint = read_checkpoint(path, trust=trust)
@@ -77,7 +78,7 @@ def load_source(path: str, arch, *, trust: bool, input_shape: tuple[int, ...] | 
         default_shape = _exported_input_shape(checkpoint.content)
         notes.append("torch.export program: aten conv/linear/batch_norm calls lifted to modules")
     else:  # factorized
-        from ..serialize import rebuild
+        from ..files.serialize import rebuild
 
         payload = checkpoint.content
         model = rebuild(payload, arch, trust_checkpoint=trust, trust_code=trust, where=path)
@@ -91,8 +92,8 @@ def load_source(path: str, arch, *, trust: bool, input_shape: tuple[int, ...] | 
 
 
 def _shape_attribute(model: Any) -> tuple[int, ...] | None:
-    from ..checkpoint import parse_input_shape
     from ..errors import ConvfactorError
+    from ..files.architecture import parse_input_shape
 
     value = getattr(model, "input_shape", None)
     try:

@@ -6,8 +6,8 @@ from torch import nn
 
 from convfactor.auto.candidates import WeightErrors, rank_grid, rank_to_json, replacement_costs
 from convfactor.costs import count_params, per_layer_macs
+from convfactor.decisions import weight_error
 from convfactor.methods import available_methods, get_method
-from passes.factorize_layers import weight_error
 
 LAYERS = {
     "conv3x3": (lambda: nn.Conv2d(16, 24, 3, 1, 1), (1, 16, 9, 9)),

@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 import convfactor
-from convfactor import onnx_export
 from convfactor.auto.latency import LatencyOptions, compare_models, time_model
 from convfactor.errors import ConvfactorError
+from convfactor.runtime import export as onnx_export
+from convfactor.runtime import exporters, sessions
 
 
 class Flagged(nn.Module):
@@ -34,7 +35,7 @@ def test_whole_model_timing_of_a_factorized_model_with_a_traced_flag():
 
 def test_timing_falls_back_to_dynamo_when_torchscript_fails(monkeypatch):
     used = []
-    export_one = onnx_export._export_one
+    export_one = exporters._export_one
 
     def recording(spec, staged, exporter):
         used.append(exporter)
@@ -43,8 +44,8 @@ def test_timing_falls_back_to_dynamo_when_torchscript_fails(monkeypatch):
     def failing(spec, staged):
         raise RuntimeError("We don't have an op for aten::eq but it isn't a special case.\nArgument types: Tensor, bool")
 
-    monkeypatch.setattr(onnx_export, "_export_one", recording)
-    monkeypatch.setattr(onnx_export, "_export_torchscript", failing)
+    monkeypatch.setattr(exporters, "_export_one", recording)
+    monkeypatch.setattr(exporters, "_export_torchscript", failing)
     model = Flagged().eval()
     x = torch.randn(1, 3, 8, 8)
     options = LatencyOptions(**FAST)
@@ -61,7 +62,7 @@ def test_comparison_asks_for_the_same_fallback(monkeypatch):
         orders.append(exporter)
         return export_onnx(model, inputs, path, exporter="torchscript", **kwargs)
 
-    monkeypatch.setattr(onnx_export, "export_onnx", recording)
+    monkeypatch.setattr(sessions, "export_onnx", recording)  # prepare_onnx exports with it
     model = Flagged().eval()
     assert compare_models(model, model, (torch.randn(1, 3, 8, 8),), LatencyOptions(**FAST)) > 0
     assert orders == [("torchscript", "dynamo")] * 2

@@ -12,7 +12,8 @@ from torch import nn
 from convfactor.errors import RankError
 from convfactor.methods import get_method
 from convfactor.methods.shift import ShiftConv, tap_energy
-from convfactor.onnx_export import conv_nodes, export_onnx, onnx_node_counts
+from convfactor.runtime.export import export_onnx
+from convfactor.runtime.onnx_graph import conv_nodes, onnx_node_counts
 
 from .conftest import LayerCase, factorize, relative_error
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import convfactor
-from convfactor import TraceError
 from passes import capture
 from passes.capture import CONCRETE_ARGS_META, TracedArgumentError
+from passes.errors import CaptureError
 
 
 class DataDependent(nn.Module):
@@ -54,7 +54,7 @@ def test_trace_keeps_module_names():
 
 
 def test_untraceable_module_is_named_with_hints():
-    with pytest.raises(TraceError) as info:
+    with pytest.raises(CaptureError) as info:
         capture(Net())
     message = str(info.value)
     assert "\n" not in message
@@ -172,7 +172,7 @@ class Branchy(nn.Module):
 
 
 def test_a_non_tensor_argument_that_stops_tracing_is_named_with_the_fix():
-    with pytest.raises(TraceError) as info:
+    with pytest.raises(CaptureError) as info:
         capture(Branchy(), n_inputs=1)
     message = str(info.value)
     assert "\n" not in message
@@ -186,6 +186,6 @@ def test_a_non_tensor_argument_that_stops_tracing_is_named_with_the_fix():
 
 
 def test_a_tensor_branch_is_not_blamed_on_an_argument():
-    with pytest.raises(TraceError) as info:
+    with pytest.raises(CaptureError) as info:
         capture(Net(), n_inputs=1)
     assert "argument" not in str(info.value) and "module 'block'" in str(info.value)

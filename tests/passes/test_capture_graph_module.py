@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import convfactor
-from convfactor.onnx_export import export_onnx, make_session
+from convfactor.runtime.export import export_onnx
+from convfactor.runtime.sessions import make_session
 
 
 class BinaryMath(nn.Module):

@@ -27,17 +27,15 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .onnx_export import (
-    InputSpecError,
-    as_input_tuple,
-    input_shapes,
+from ..errors import InputSpecError
+from ..inputs import numpy_inputs
+from ..progress import open_bar
+from .sessions import (
     make_session,
     prepare_onnx,
     run_checked,
     session_feeds,
-    standard_normal_inputs,
 )
-from .progress import open_bar
 
 __all__ = ["TimingStats", "ThreadResult", "BenchmarkReport", "benchmark", "cpu_model", "available_cores",
            "NOISE_LIMIT"]
@@ -218,14 +216,8 @@ def benchmark(
     if warmup < 0 or repeats < 1 or min_time < 0:
         raise InputSpecError(f"need warmup >= 0, repeats >= 1, min_time >= 0; got {warmup}, {repeats}, {min_time}")
     settings = _thread_settings(threads)
-    if example_inputs is not None:
-        inputs = tuple(t.detach().cpu().numpy() for t in as_input_tuple(example_inputs))
-        generated = False
-    elif input_shape is not None:
-        inputs = standard_normal_inputs(input_shapes(input_shape), seed=seed)
-        generated = True
-    else:
-        raise InputSpecError("give example_inputs or input_shape, e.g. input_shape=(1, 3, 224, 224)")
+    inputs = numpy_inputs(example_inputs, input_shape, seed)
+    generated = example_inputs is None
 
     import onnxruntime as ort
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from ..inputs import standard_normal_inputs
 from .benchmarking import NOISE_LIMIT, TimingStats
-from .onnx_export import make_session, run_checked, session_feeds, standard_normal_inputs
+from .sessions import make_session, run_checked, session_feeds
 
 __all__ = ["SharedTiming", "time_together"]
 

@@ -1,22 +1,11 @@
 """Per-layer time in onnxruntime, original vs factorized: which replacements pay.
 
 onnxruntime's profiler (``SessionOptions.enable_profiling``) times every node of the *optimized*
-graph. Those nodes are traced back to the PyTorch module that produced them in three steps:
-
-1. optimized node -> exported ONNX node. Fusions rename nodes: a fused Conv+Relu keeps the Conv's name
-   (``FusedConv``), while the NCHWc layout pass names a conv after the tensor it now produces plus
-   ``_nchwc`` (``/layer1/relu/Relu_output_0_nchwc``); that tensor's producer is followed back through
-   element-wise ops (Relu, Add, BatchNormalization, ...) to the Conv/Gemm/MatMul that was fused.
-   Layout reorders that onnxruntime inserts (``ReorderInput``/``ReorderOutput``) are charged to the
-   neighbour that runs in the plain layout, the node that made the conversion necessary, and are also
-   totalled separately.
-2. exported ONNX node -> module scopes: a Conv/Gemm whose weight is named after its parameter
-   (``layer1.0.conv1.weight``) belongs to that module; otherwise the dynamo exporter's
-   ``pkg.torch.onnx.name_scopes`` metadata, or the TorchScript scope in the node name
-   (``/layer1/layer1.0/conv1/Conv``).
-3. For the comparison, a factorized node is charged to the deepest of its scopes that is a layer of the
-   original model, so the stages ``layer1.0.conv1.vertical`` and ``.horizontal`` both count for
-   ``layer1.0.conv1``.
+graph. ``node_scopes`` traces those nodes back to the PyTorch module that produced them (through
+onnxruntime's fusions and layout passes; layout reorders are charged to a neighbour and also totalled
+separately). For the comparison, a factorized node is charged to the deepest of its scopes that is a
+layer of the original model, so the stages ``layer1.0.conv1.vertical`` and ``.horizontal`` both count
+for ``layer1.0.conv1``.
 
 The dynamo exporter's metadata attributes every node. The TorchScript exporter writes GraphModule scopes
 badly (``/seq.0_1/Conv``): convs and gemms are still found through their parameter-named weights, other
@@ -25,7 +14,6 @@ nodes of such an export may land in ``OUTSIDE_LAYERS`` (prefer ``exporter="dynam
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
@@ -40,15 +28,15 @@ import numpy as np
 import onnx
 from torch import nn
 
-from .onnx_export import (
-    InputSpecError,
-    as_input_tuple,
-    input_shapes,
+from ..errors import InputSpecError
+from ..inputs import numpy_inputs
+from .node_scopes import REORDER_OPS, optimized_node_scopes
+from .onnx_graph import op_key
+from .sessions import (
     make_session,
     prepare_onnx,
     run_checked,
     session_feeds,
-    standard_normal_inputs,
 )
 
 __all__ = [
@@ -59,15 +47,9 @@ __all__ = [
     "OUTSIDE_LAYERS",
     "profile_model",
     "profile_layers",
-    "source_scopes",
 ]
 
 OUTSIDE_LAYERS = "(outside any layer)"  # nodes of the top-level forward (torch.flatten, x.mean, ...)
-_REORDER_OPS = ("ReorderInput", "ReorderOutput")
-_COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "QLinearConv")
-# Ops onnxruntime fuses into a preceding conv/gemm; followed backwards to find the fused layer.
-_FUSIBLE_OPS = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh", "Elu", "Selu",
-                "Softplus", "BatchNormalization", "Add", "Sum", "Mul", "Div", "Sub", "Identity")
 
 
 @dataclass(frozen=True)
@@ -260,7 +242,7 @@ def profile_model(
     Returns:
         A ``ModelProfile``.
     """
-    inputs = _inputs(example_inputs, input_shape, seed)
+    inputs = numpy_inputs(example_inputs, input_shape, seed)
     _check_counts(warmup, iterations)
     with tempfile.TemporaryDirectory(prefix="convfactor-profile-") as scratch:
         directory = Path(scratch if workdir is None else workdir)
@@ -294,7 +276,7 @@ def profile_layers(
     Returns:
         A ``LayerProfileReport``; layers sorted by original time, slowest first.
     """
-    inputs = _inputs(example_inputs, input_shape, seed)
+    inputs = numpy_inputs(example_inputs, input_shape, seed)
     _check_counts(warmup, iterations)
     with tempfile.TemporaryDirectory(prefix="convfactor-profile-") as scratch:
         directory = Path(scratch if workdir is None else workdir)
@@ -309,14 +291,6 @@ def profile_layers(
 
 
 # -- profiling one model ----------------------------------------------------------------------------
-
-
-def _inputs(example_inputs: Any, input_shape: Any, seed: int) -> tuple[np.ndarray, ...]:
-    if example_inputs is not None:
-        return tuple(t.detach().cpu().numpy() for t in as_input_tuple(example_inputs))
-    if input_shape is not None:
-        return standard_normal_inputs(input_shapes(input_shape), seed=seed)
-    raise InputSpecError("give example_inputs or input_shape, e.g. input_shape=(1, 3, 224, 224)")
 
 
 def _check_counts(warmup: int, iterations: int) -> None:
@@ -343,13 +317,13 @@ def _profile(model: Any, inputs: tuple[np.ndarray, ...], directory: Path, name: 
 
     source = onnx.load(str(prepared.path), load_external_data=False)
     optimized = onnx.load(str(optimized_path), load_external_data=False)
-    scopes = _optimized_node_scopes(source, optimized, module_names)
-    optimized_ops = {n.name: _op_key(n) for n in optimized.graph.node}
+    scopes = optimized_node_scopes(source, optimized, module_names)
+    optimized_ops = {n.name: op_key(n) for n in optimized.graph.node}
     nodes = []
     for node_name, times in per_run.items():
         op_type = optimized_ops.get(node_name, "?")
         nodes.append(NodeTiming(node_name, op_type, scopes.get(node_name, ()),
-                                op_type.split("::")[-1] in _REORDER_OPS, float(np.median(times)),
+                                op_type.split("::")[-1] in REORDER_OPS, float(np.median(times)),
                                 float(np.mean(times))))
     nodes.sort(key=lambda n: -n.median_us)
     path = str(prepared.path) if kept or prepared.module is None else None
@@ -383,169 +357,6 @@ def _node_times(events: list[dict[str, Any]], iterations: int) -> tuple[dict[str
 
 
 # -- attribution ------------------------------------------------------------------------------------
-
-
-def source_scopes(node: onnx.NodeProto, module_names: set[str] | None = None,
-                  initializer_names: set[str] | None = None) -> tuple[str, ...]:
-    """Qualified module names an exported ONNX node came from, outermost first.
-
-    Sources, most reliable first: the weight of a Conv/Gemm/MatMul when it is an initializer named
-    after its parameter (``layer1.0.conv1.weight``; exporter fusions such as Conv+BatchNorm keep it but
-    give the node the BatchNorm's metadata); the dynamo exporter's ``pkg.torch.onnx.name_scopes``;
-    a TorchScript-style node name.
-
-    Args:
-        node: a node of a graph written by torch.onnx.
-        module_names: the model's ``named_modules()`` names; when given, only those count as scopes.
-        initializer_names: the graph's initializer names, to recognize parameter-named weights.
-    Returns:
-        e.g. ``("layer1", "layer1.0", "layer1.0.conv1")``; empty for ops of the top-level forward.
-    """
-    owner = _weight_owner(node, module_names, initializer_names or set())
-    if owner is not None:
-        parts = owner.split(".")
-        return tuple(".".join(parts[: i + 1]) for i in range(len(parts)))
-    metadata = {entry.key: entry.value for entry in node.metadata_props}
-    scopes: list[str] | None = None
-    raw = metadata.get("pkg.torch.onnx.name_scopes")
-    if raw:
-        try:
-            parsed = ast.literal_eval(raw)
-            # The last entry names the op (``conv2d_1``), the others the enclosing modules.
-            scopes = [s for s in parsed[:-1] if isinstance(s, str) and s]
-        except (ValueError, SyntaxError):
-            scopes = None
-    if scopes is None:
-        scopes = _torchscript_scopes(node.name)
-    if module_names is not None:
-        scopes = [s for s in scopes if s in module_names]
-    return tuple(scopes)
-
-
-def _weight_owner(node: onnx.NodeProto, module_names: set[str] | None, initializers: set[str]) -> str | None:
-    """``layer1.0.conv1`` for a Conv/Gemm/MatMul whose weight initializer is ``layer1.0.conv1.weight``."""
-    if node.op_type not in _COMPUTE_OPS or len(node.input) < 2:
-        return None
-    weight = node.input[1]
-    if weight not in initializers or not weight.endswith(".weight"):
-        return None
-    owner = weight[: -len(".weight")]
-    if not owner or (module_names is not None and owner not in module_names):
-        return None
-    return owner
-
-
-def _torchscript_scopes(name: str) -> list[str]:
-    """``/layer1/layer1.0/conv1/Conv`` -> ``[layer1, layer1.0, layer1.0.conv1]``.
-
-    Each path part is the child's attribute name, except that children of containers are written
-    ``<container attribute>.<index>`` (``layer1.0``, ``seq.1``), i.e. prefixed by the previous part.
-    """
-    if not name.startswith("/"):
-        return []
-    parts = [p for p in name.split("/")[1:-1] if p]
-    scopes: list[str] = []
-    previous_part, previous_scope = "", ""
-    for part in parts:
-        if previous_part and part.startswith(previous_part + "."):
-            scope = previous_scope + part[len(previous_part):]
-        else:
-            scope = f"{previous_scope}.{part}" if previous_scope else part
-        scopes.append(scope)
-        previous_part, previous_scope = part, scope
-    return scopes
-
-
-def _optimized_node_scopes(source: onnx.ModelProto, optimized: onnx.ModelProto,
-                           module_names: set[str] | None) -> dict[str, tuple[str, ...]]:
-    """Scopes of each optimized-graph node, through the exported node it derives from."""
-    graph = _SourceGraph(source)
-    scopes: dict[str, tuple[str, ...]] = {}
-    reorders = []
-    for node in optimized.graph.node:
-        if node.op_type in _REORDER_OPS:
-            reorders.append(node)
-            continue
-        origin = graph.origin_of(node)
-        if origin is not None:
-            scopes[node.name] = source_scopes(origin, module_names, graph.initializers)
-    # A reorder exists because a node next to it runs in the plain layout: charge that node.
-    producers = {out: n for n in optimized.graph.node for out in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in optimized.graph.node:
-        for name in n.input:
-            consumers[name].append(n)
-    for node in reorders:
-        upstream = [producers[name] for name in node.input[:1] if name in producers]
-        downstream = [c for name in node.output for c in consumers.get(name, [])]
-        # ReorderOutput (NCHWc -> NCHW) feeds a plain consumer; ReorderInput is fed by a plain producer.
-        neighbours = downstream + upstream if node.op_type == "ReorderOutput" else upstream + downstream
-        for neighbour in neighbours:
-            if scopes.get(neighbour.name):
-                scopes[node.name] = scopes[neighbour.name]
-                break
-    return scopes
-
-
-class _SourceGraph:
-    """The exported graph, indexed to trace optimized nodes back to exported ones."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.nodes = {n.name: n for n in model.graph.node if n.name}
-        self.producer = {out: n for n in model.graph.node for out in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for n in model.graph.node:
-            for name in n.input:
-                self.consumers[name].append(n)
-        self.initializers = {t.name for t in model.graph.initializer}
-        self.constants = set(self.initializers)
-        self.constants |= {out for n in model.graph.node if n.op_type == "Constant" for out in n.output}
-
-    def origin_of(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
-        """The exported node an optimized node stands for (the conv, for a conv with fused activations)."""
-        if node.name in self.nodes:
-            return self.nodes[node.name]  # unchanged, or fused under the first node's name (FusedConv)
-        base = node.name.removesuffix("_nchwc")
-        if base in self.nodes:
-            return self.nodes[base]
-        if base in self.producer:  # NCHWc nodes are named after the tensor they produce
-            return self._fused_origin(self.producer[base])
-        for name in node.output:
-            if name in self.producer:
-                return self._fused_origin(self.producer[name])
-        prefixed = [n for n in self.nodes if node.name.startswith(n) and node.name[len(n):][:1] in ("/", "_")]
-        if prefixed:  # fusions that name the new node after the old one plus a suffix
-            return self.nodes[max(prefixed, key=len)]
-        for name in node.input:  # surviving initializers, e.g. a conv's bias
-            if name in self.constants:
-                users = [c for c in self.consumers.get(name, []) if c.op_type in _COMPUTE_OPS]
-                if len(users) == 1:
-                    return users[0]
-        return None
-
-    def _fused_origin(self, node: onnx.NodeProto) -> onnx.NodeProto:
-        """Follow element-wise ops back to the conv/gemm they were fused into (or stop where unclear)."""
-        current = node
-        for _ in range(16):  # fused chains are short; the bound guards against odd graphs
-            if current.op_type in _COMPUTE_OPS or current.op_type not in _FUSIBLE_OPS:
-                break
-            candidates = [self.producer[name] for name in current.input
-                          if name in self.producer and name not in self.constants]
-            if len(candidates) > 1:
-                # A residual Add: the branch fused into it is the conv whose only consumer is the Add.
-                candidates = [c for c in candidates
-                              if c.op_type in _COMPUTE_OPS + _FUSIBLE_OPS and len(self._users(c)) == 1]
-            if len(candidates) != 1:
-                break
-            current = candidates[0]
-        return current if current.op_type in _COMPUTE_OPS else node
-
-    def _users(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
-        return [c for name in node.output for c in self.consumers.get(name, [])]
-
-
-def _op_key(node: onnx.NodeProto) -> str:
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
 
 
 # -- comparison -------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ConvfactorError
+from ..errors import ConvfactorError
 
 __all__ = [
     "OutputExistsError",

@@ -30,23 +30,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from ._atomic import atomic_torch_save, atomic_write_bytes
-from .api import as_input_tuple, get_report
-from .checkpoint import (
-    FACTORIZED_FORMAT,
-    Architecture,
-    check_finite,
-    lift_exported_module,
-    load_weights,
-    read_checkpoint,
-    resolve_arch,
-    stored_architecture,
-)
-from .errors import CheckpointError, ConvfactorError
-from .geometry import layer_kind
-from .methods import get_method
-from .report import FactorizeReport, LayerDecision
+from passes import PassResult, factorize_layers
+from passes.factorize_layers import Build
+
+from .. import __version__
+from ..api import get_report
+from ..errors import CheckpointError, ConvfactorError, one_line
+from ..geometry import layer_kind
+from ..inputs import as_input_tuple
+from ..methods import get_method
+from ..pipeline import run_pipeline
+from ..report import FactorizeReport, LayerDecision
+from .architecture import Architecture, resolve_arch, stored_architecture
+from .atomic import atomic_torch_save, atomic_write_bytes
+from .checkpoint import FACTORIZED_FORMAT, check_finite, load_weights, read_checkpoint
+from .exported_program import lift_exported_module
 
 __all__ = [
     "FORMAT",
@@ -173,9 +171,7 @@ def exported_program_bytes(model: nn.Module, example_inputs: Any) -> bytes:
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
     except Exception as bad:
-        text = str(bad).strip()
-        raise ConvfactorError(f"torch.export of the factorized model failed: {type(bad).__name__}: "
-                              f"{text.splitlines()[0] if text else ''}") from None
+        raise ConvfactorError(f"torch.export of the factorized model failed: {one_line(bad, with_type=True)}") from None
     return buffer.getvalue()
 
 
@@ -202,11 +198,6 @@ def _check_plan(plan: Any) -> dict[str, Any]:
 
 def _rank(value: Any) -> int | tuple[int, ...]:
     return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
-
-
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def apply_plan(
@@ -237,38 +228,41 @@ def apply_plan(
     Raises:
         CheckpointError: the plan names a layer the architecture lacks, or folding differs.
     """
-    from passes import annotate_shapes, capture, cleanup, fold_batchnorm  # late: passes import convfactor
-
     plan = _check_plan(plan)
-    inputs = as_input_tuple(example_inputs)
-    root = copy.deepcopy(model).eval()
-    if plan["capture"] == "fx":
-        root = capture(root, leaf_modules=leaf_modules, concrete_args=concrete_args).graph_module
-        if plan.get("fold_batchnorm", False):
-            if inputs is not None:
-                annotate_shapes(root, inputs)
-            folded = fold_batchnorm(root).changes
-            if expected_folded is not None and sorted(map(list, folded)) != sorted(map(list, expected_folded)):
-                raise CheckpointError(
-                    f"BatchNorm folding differs from the saved model ({len(folded)} pairs now, "
-                    f"{len(expected_folded)} saved): the architecture is not the one that was factorized"
-                )
-    for name, entry in plan["layers"].items():
-        try:
-            layer = root.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"the plan replaces layer {name!r}, which the architecture does not have") from None
-        if layer_kind(layer) is None:
-            raise CheckpointError(f"the plan replaces layer {name!r}, but it is a {type(layer).__name__} in the "
-                                  f"architecture, not a Conv1d/Conv2d/Linear")
-        method = get_method(entry["method"])
-        _set_submodule(root, name, method.build(layer, _rank(entry["rank"])))
-    if plan["capture"] == "fx":
-        root.recompile()
-        root = cleanup(root).graph_module
+    inputs = as_input_tuple(example_inputs, allow_none=True)
+
+    def rewrite(root: nn.Module, shapes, folded) -> PassResult:
+        if expected_folded is not None and sorted(map(list, folded)) != sorted(map(list, expected_folded)):
+            raise CheckpointError(
+                f"BatchNorm folding differs from the saved model ({len(folded)} pairs now, "
+                f"{len(expected_folded)} saved): the architecture is not the one that was factorized"
+            )
+        builds = {name: _planned_build(root, name, entry) for name, entry in plan["layers"].items()}
+        return factorize_layers(root, builds)
+
+    root = run_pipeline(copy.deepcopy(model).eval(), rewrite, example_inputs=inputs, trace=plan["capture"] == "fx",
+                        fold_batchnorm=plan.get("fold_batchnorm", False), leaf_modules=leaf_modules,
+                        concrete_args=concrete_args).module
     root.eval()
     setattr(root, PLAN_ATTR, plan)
     return root
+
+
+def _planned_build(root: nn.Module, name: str, entry: Mapping[str, Any]) -> Build:
+    """How to build planned layer ``name`` of ``root`` from the architecture's layer (weights come later).
+
+    Raises:
+        CheckpointError: ``root`` has no layer ``name``, or not a Conv1d/Conv2d/Linear one.
+    """
+    try:
+        layer = root.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"the plan replaces layer {name!r}, which the architecture does not have") from None
+    if layer_kind(layer) is None:
+        raise CheckpointError(f"the plan replaces layer {name!r}, but it is a {type(layer).__name__} in the "
+                              f"architecture, not a Conv1d/Conv2d/Linear")
+    method, rank = get_method(entry["method"]), _rank(entry["rank"])
+    return lambda layer: method.build(layer, rank)
 
 
 def _floating_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype | None:
@@ -350,7 +344,7 @@ def rebuild(
     check_finite(root, "factorized checkpoint")
     report = _report_from_dict(payload.get("report"))
     if report is not None:
-        from .api import REPORT_ATTR
+        from ..api import REPORT_ATTR
 
         setattr(root, REPORT_ATTR, report)
     return root.eval()
