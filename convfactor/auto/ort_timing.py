@@ -1,0 +1,173 @@
+"""onnxruntime timing: one-layer ONNX graphs written directly, timed interleaved; whole models exported.
+
+Each candidate (and the original layer) runs alone as a one-layer ONNX model on the layer's real input
+shape. The graph is written directly from the module's stages (Conv / Gemm / MatMul nodes with the
+stages' attributes, standard-normal weights), which takes milliseconds, where a torch exporter takes
+seconds. Whole models are exported by ``convfactor.onnx_export`` (``exporter`` first, the other exporter
+when it fails) and timed by ``convfactor.benchmarking`` (interleaved pairs, median of the pair ratios).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from ..errors import ConvfactorError
+from .latency_options import LatencyOptions
+from .round_robin import round_robin
+
+__all__ = ["layer_onnx", "time_layers_onnxruntime", "compare_models_onnxruntime", "time_model_onnxruntime"]
+
+_OPSET = 18
+
+
+def _pads(stage: nn.Module) -> list[int]:
+    """ONNX ``pads`` (all begins, then all ends) for a Conv stage, resolving 'same' as PyTorch does."""
+    dims = len(stage.kernel_size)
+    if stage.padding == "same":
+        total = [d * (k - 1) for d, k in zip(stage.dilation, stage.kernel_size)]
+        begins = [t // 2 for t in total]
+        return begins + [t - b for t, b in zip(total, begins)]
+    padding = (0,) * dims if stage.padding == "valid" else tuple(stage.padding)
+    return list(padding) * 2
+
+
+def _stages(module: nn.Module) -> list[nn.Module]:
+    if isinstance(module, nn.Sequential):
+        return [s for child in module.children() for s in _stages(child)]
+    return [module]
+
+
+def layer_onnx(module: nn.Module, input_shape: Sequence[int], seed: int = 0,
+               module_weights: bool = False) -> onnx.ModelProto:
+    """A float32 ONNX model of ``module`` (an Identity, a Conv1d/Conv2d/Linear or a Sequential of them).
+
+    Args:
+        module: what to time; only its structure matters unless ``module_weights``.
+        input_shape: the input's shape, batch first.
+        seed: seed of the generated weights.
+        module_weights: use the module's own weights and biases (to check the graph against PyTorch).
+            By default weights are standard normal scaled by 1/sqrt(fan-in) and biases zero: values do
+            not change the time of a dense conv, but uninitialized memory can hold denormals, which would.
+    Returns:
+        The model (input ``x``); non-zero padding modes become a Pad node before the Conv.
+    Raises:
+        ConvfactorError: a stage of another type.
+    """
+    rng = np.random.default_rng(seed)
+
+    def values(tensor: torch.Tensor | None, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+        if module_weights and tensor is not None:
+            return tensor.detach().cpu().float().numpy().reshape(shape)
+        if fan_in == 0:  # a bias
+            return np.zeros(shape, np.float32)
+        return (rng.standard_normal(shape) / math.sqrt(max(1, fan_in))).astype(np.float32)
+
+    nodes, initializers = [], []
+    current = "x"
+    for index, stage in enumerate(_stages(module)):
+        out = f"y{index}"
+        if isinstance(stage, nn.Identity):
+            nodes.append(helper.make_node("Identity", [current], [out]))
+        elif isinstance(stage, (nn.Conv1d, nn.Conv2d)):
+            shape = tuple(stage.weight.shape)
+            weight = values(stage.weight, shape, math.prod(shape[1:]))
+            initializers.append(numpy_helper.from_array(weight, f"w{index}"))
+            inputs = [current, f"w{index}"]
+            if stage.bias is not None:
+                initializers.append(numpy_helper.from_array(values(stage.bias, (stage.out_channels,), 0), f"b{index}"))
+                inputs.append(f"b{index}")
+            pads = _pads(stage)
+            if stage.padding_mode != "zeros" and any(pads):
+                mode = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[stage.padding_mode]
+                dims = len(stage.kernel_size)
+                full = [0, 0] + pads[:dims] + [0, 0] + pads[dims:]
+                initializers.append(numpy_helper.from_array(np.asarray(full, np.int64), f"p{index}"))
+                nodes.append(helper.make_node("Pad", [current, f"p{index}"], [f"padded{index}"], mode=mode))
+                inputs[0], pads = f"padded{index}", [0] * len(pads)
+            nodes.append(helper.make_node("Conv", inputs, [out], kernel_shape=list(stage.kernel_size),
+                                          strides=list(stage.stride), dilations=list(stage.dilation),
+                                          pads=pads, group=stage.groups))
+        elif isinstance(stage, nn.Linear):
+            shape = (stage.out_features, stage.in_features)
+            weight = np.ascontiguousarray(values(stage.weight, shape, stage.in_features).T)  # x @ W^T
+            initializers.append(numpy_helper.from_array(weight, f"w{index}"))
+            if stage.bias is None:
+                nodes.append(helper.make_node("MatMul", [current, f"w{index}"], [out]))
+            else:
+                initializers.append(numpy_helper.from_array(values(stage.bias, (stage.out_features,), 0), f"b{index}"))
+                nodes.append(helper.make_node("MatMul", [current, f"w{index}"], [f"m{index}"]))
+                nodes.append(helper.make_node("Add", [f"m{index}", f"b{index}"], [out]))
+        else:
+            raise ConvfactorError(f"the latency model cannot time a {type(stage).__name__} stage")
+        current = out
+    graph = helper.make_graph(
+        nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
+    model.ir_version = 9
+    return model
+
+
+def time_layers_onnxruntime(modules: Sequence[nn.Module], input_shape: Sequence[int],
+                             options: LatencyOptions) -> list[float]:
+    """Median onnxruntime time (ms) of each module on ``input_shape``, interleaved, minus call overhead."""
+    from ..onnx_export import make_session
+
+    x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
+    variants = [nn.Identity(), *modules]
+    with tempfile.TemporaryDirectory(prefix="convfactor-latency-") as scratch:
+        sessions = []
+        for index, module in enumerate(variants):
+            path = Path(scratch) / f"v{index}.onnx"
+            onnx.save(layer_onnx(module, input_shape, seed=index), str(path))
+            sessions.append(make_session(path, threads=options.threads,
+                                         graph_optimization=options.graph_optimization))
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for session, feed in zip(sessions, feeds):
+        for _ in range(options.warmup):
+            session.run(None, feed)
+    runs = [lambda session=session, feed=feed: session.run(None, feed) for session, feed in zip(sessions, feeds)]
+    return round_robin(runs, options)
+
+
+def compare_models_onnxruntime(original: nn.Module, candidate: nn.Module, inputs: tuple[torch.Tensor, ...],
+                               options: LatencyOptions) -> float:
+    """Speedup of ``candidate`` over ``original`` in onnxruntime (median of interleaved pair ratios)."""
+    from ..benchmarking import benchmark
+    from ..onnx_export import exporter_order
+
+    report = benchmark(original, candidate, inputs, threads=options.threads,
+                       graph_optimization=options.graph_optimization, warmup=10, repeats=30,
+                       min_time=options.verify_min_time, progress=False,
+                       exporter=exporter_order(options.exporter))
+    return report.results[0].speedup
+
+
+def time_model_onnxruntime(module: nn.Module, inputs: tuple[torch.Tensor, ...], options: LatencyOptions) -> float:
+    """Median onnxruntime time (ms) of one run of a whole model on ``inputs``."""
+    from ..onnx_export import export_onnx, exporter_order, make_session, session_feeds
+
+    with tempfile.TemporaryDirectory(prefix="convfactor-latency-") as scratch:
+        path = Path(scratch) / "model.onnx"
+        export_onnx(module, inputs, path, exporter=exporter_order(options.exporter))
+        session = make_session(path, threads=options.threads, graph_optimization=options.graph_optimization)
+    feeds = session_feeds(session, inputs)
+    for _ in range(10):
+        session.run(None, feeds)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < 30 or time.perf_counter() - started < options.verify_min_time / 2:
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
