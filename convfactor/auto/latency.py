@@ -6,9 +6,10 @@ Two targets (``latency={"runtime": ..., "device": ...}``, ``convfactor.auto.late
 - ``runtime="torch"``, ``device="cpu"`` or ``"cuda"``: PyTorch eager modules (``convfactor.auto.torch_timing``).
 
 In both, all variants of one layer are timed in the same process, interleaved round-robin, and an empty
-(Identity) variant on the same input measures the per-call overhead, which is subtracted
-(``convfactor.auto.round_robin``). Times are cached on disk per machine, runtime, threads, geometry,
-method and rank (``convfactor.auto.latency_cache``).
+(Identity) variant on the same input measures the per-call overhead, which is subtracted; each time is
+the fastest decile of its runs, robust to other jobs (``convfactor.auto.round_robin``). Variants are
+stored as ratios to their original timed with them, cached on disk per machine, runtime, threads,
+geometry, method and rank (``convfactor.auto.latency_cache``).
 
 Whole models (the final check that the factorized network is faster) are timed in the same runtime:
 interleaved pairs, median of the per-pair ratios.
@@ -48,17 +49,20 @@ __all__ = [
 ]
 
 _ORIGINAL = "original"
+# Keys of entries stored as ratios to their original timed in the same rounds (older entries, each timed
+# on its own, mixed times taken under different load: they are not reused).
+TIMING_FORM = 2
 
-# (modules, input shape, options) -> median milliseconds per module, overhead already subtracted.
+# (modules, input shape, options) -> milliseconds per module (fastest decile), overhead already subtracted.
 LayerTimer = Callable[[Sequence[nn.Module], Sequence[int], LatencyOptions], list[float]]
 # (original, candidate, example inputs, options) -> speedup of the candidate (> 1: faster).
 ModelComparer = Callable[[nn.Module, nn.Module, tuple[torch.Tensor, ...], LatencyOptions], float]
-# (model, example inputs, options) -> median milliseconds of one run.
+# (model, example inputs, options) -> milliseconds of one run (fastest decile).
 ModelTimer = Callable[[nn.Module, tuple[torch.Tensor, ...], LatencyOptions], float]
 
 
 def time_layers(modules: Sequence[nn.Module], input_shape: Sequence[int], options: LatencyOptions) -> list[float]:
-    """Median time (ms) of each module on ``input_shape`` in ``options.runtime``, interleaved, minus call overhead.
+    """Time (ms) of each module on ``input_shape`` in ``options.runtime``, interleaved, minus call overhead.
 
     Args:
         modules: what to time (an Identity, a Conv1d/Conv2d/Linear or a Sequential of them); only their
@@ -91,14 +95,14 @@ def compare_models(original: nn.Module, candidate: nn.Module, inputs: tuple[torc
 
 
 def time_model(module: nn.Module, inputs: tuple[torch.Tensor, ...], options: LatencyOptions) -> float:
-    """Median time (ms) of one run of a whole model on ``inputs`` in ``options.runtime``.
+    """Time (ms) of one run of a whole model on ``inputs`` in ``options.runtime`` (its fastest decile of runs).
 
     Args:
         module: the model.
         inputs: its example inputs.
         options: runtime, device, threads and verify_min_time (half of it is spent timing, at least 30 runs).
     Returns:
-        The median time of one run, in ms.
+        The time of one run, in ms.
     """
     if options.runtime == "torch":
         return time_model_torch(module, inputs, options)
@@ -148,26 +152,33 @@ class LatencyModel:
                  "rank": list(rank) if isinstance(rank, tuple) else rank}
         if options.runtime == "onnxruntime":
             parts["graph_optimization"] = options.graph_optimization
+            parts["context"] = options.context
         else:
             parts.update(runtime=options.runtime, device=options.device)
+        parts["timing"] = TIMING_FORM
         return LatencyCache.key(parts)
 
     def layer_times(self, layer: nn.Module, input_shape: Sequence[int],
                     variants: Sequence[tuple[str, Rank]]) -> tuple[float, dict[tuple[str, Rank], float]]:
-        """(time of the original layer, {(method, rank): time}) in ms, timing only what the cache lacks."""
+        """(time of the original layer, {(method, rank): time}) in ms, timing only what the cache lacks.
+
+        The original is timed again with every batch of new variants and each variant stored with its
+        ratio to it; a variant's time is that ratio times the original's latest time, so variants timed
+        at different times, under different load, still compare.
+        """
         wanted = [(_ORIGINAL, None), *variants]
         keys = [self.key(layer, input_shape, m, r) for m, r in wanted]
-        missing = [i for i, k in enumerate(keys) if self.cache.get(k) is None]
-        if missing:
+        missing = [i for i in range(1, len(wanted)) if self.cache.ratio(keys[i]) is None]
+        if missing or self.cache.get(keys[0]) is None:
+            batch = [0, *missing]
             template = layer.to("cpu") if layer.weight.device.type != "cpu" else layer
-            modules = [_float32_module(template, *wanted[i]) for i in missing]
-            times = self.timer(modules, input_shape, self.options)
-            self.measured += len(missing)
-            for i, ms in zip(missing, times):
-                self.cache.put(keys[i], ms)
+            times = self.timer([_float32_module(template, *wanted[i]) for i in batch], input_shape, self.options)
+            self.measured += len(batch)
+            for i, ms in zip(batch, times):
+                self.cache.put(keys[i], ms, ratio=ms / times[0])
             self.cache.save()
-        values = [self.cache.get(k) for k in keys]
-        return values[0], {v: t for v, t in zip(variants, values[1:])}
+        original = self.cache.get(keys[0])
+        return original, {v: self.cache.ratio(k) * original for v, k in zip(variants, keys[1:])}
 
     def model_ms(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
         """Measured time of one run of a whole model, in ms (not cached: it depends on every weight's layout)."""

@@ -3,11 +3,12 @@
 The file defaults to ``~/.cache/convfactor/latency.json`` (``$CONVFACTOR_CACHE_DIR`` or
 ``latency={"cache": path}`` move it). An entry's key holds everything the time depends on: the machine
 (CPU model, usable and logical cores), the runtime and its version, threads, the layer geometry and input
-shape, the method and the rank. onnxruntime keys hold the onnxruntime version and the graph optimization
-level (their form predates the torch target and is unchanged, so older caches stay valid); torch keys hold
+shape, the method and the rank. onnxruntime keys hold the onnxruntime version, the graph optimization
+level and whether layers were timed between blocked neighbours (``context``); torch keys hold
 ``"runtime": "torch"``, the device (and GPU name on CUDA) and the torch version. A key therefore never
 matches a timing taken under other conditions or in the other runtime, and a warm cache makes a repeated
-resolution free.
+resolution free. Entries hold the time and the ratio to the original layer timed in the same rounds
+(``timing`` 2 in the key; entries of the first form, timed one by one, are not reused).
 """
 
 from __future__ import annotations
@@ -93,8 +94,15 @@ class LatencyCache:
         entry = self.entries.get(key)
         return None if entry is None else float(entry["ms"])
 
-    def put(self, key: str, ms: float) -> None:
+    def ratio(self, key: str) -> float | None:
+        """The entry's time relative to its layer's original timed in the same rounds (None: not stored)."""
+        entry = self.entries.get(key)
+        return None if entry is None or entry.get("ratio") is None else float(entry["ratio"])
+
+    def put(self, key: str, ms: float, ratio: float | None = None) -> None:
         self.entries[key] = {"ms": float(ms), "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if ratio is not None:
+            self.entries[key]["ratio"] = float(ratio)
 
     def save(self) -> None:
         """Merge with the file's current entries (another process may have added some) and write atomically.

@@ -36,6 +36,8 @@ class LatencyOptions:
         verify_rounds: whole-model comparisons allowed while dropping layers.
         exporter: torch exporter tried first for whole models ("torchscript" is fast; "dynamo"; "auto" means
             dynamo); the other one is tried when it fails. onnxruntime only.
+        context: onnxruntime times each layer between two cheap channel-blocked neighbours, as inside a
+            network (``ort_timing.layer_onnx``), so the layout reorders a form causes are counted.
     """
 
     runtime: str = "onnxruntime"
@@ -51,6 +53,7 @@ class LatencyOptions:
     verify_min_time: float = 1.0
     verify_rounds: int = 5
     exporter: str = "torchscript"
+    context: bool = True
 
     @classmethod
     def from_any(cls, spec: LatencyOptions | Mapping[str, Any] | None) -> LatencyOptions:

@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..errors import ConvfactorError
 from .latency_options import LatencyOptions
-from .round_robin import round_robin
+from .round_robin import fast_time, round_robin
 
 __all__ = ["layer_onnx", "time_layers_onnxruntime", "compare_models_onnxruntime", "time_model_onnxruntime"]
 
@@ -47,8 +48,22 @@ def _stages(module: nn.Module) -> list[nn.Module]:
     return [module]
 
 
+def _channels_out(stages: Sequence[nn.Module], channels_in: int) -> int:
+    for stage in reversed(stages):
+        if isinstance(stage, (nn.Conv1d, nn.Conv2d)):
+            return stage.out_channels
+    return channels_in
+
+
+def _neighbour(name: str, source: str, target: str, channels: int, dims: int) -> tuple[Any, Any]:
+    """A depthwise 1x1 conv with unit weights (``source`` -> ``target``): a cheap channel-blocked neighbour."""
+    weight = numpy_helper.from_array(np.ones((channels, 1) + (1,) * dims, np.float32), name)
+    node = helper.make_node("Conv", [source, name], [target], kernel_shape=[1] * dims, group=channels)
+    return node, weight
+
+
 def layer_onnx(module: nn.Module, input_shape: Sequence[int], seed: int = 0,
-               module_weights: bool = False) -> onnx.ModelProto:
+               module_weights: bool = False, context: bool = False) -> onnx.ModelProto:
     """A float32 ONNX model of ``module`` (an Identity, a Conv1d/Conv2d/Linear or a Sequential of them).
 
     Args:
@@ -58,6 +73,11 @@ def layer_onnx(module: nn.Module, input_shape: Sequence[int], seed: int = 0,
         module_weights: use the module's own weights and biases (to check the graph against PyTorch).
             By default weights are standard normal scaled by 1/sqrt(fan-in) and biases zero: values do
             not change the time of a dense conv, but uninitialized memory can hold denormals, which would.
+        context: put the module between two depthwise 1x1 convs (unit weights) on its input and output
+            channels, as inside a network: onnxruntime runs them in its channel-blocked layout when the
+            channel counts allow, so a form it cannot block pays the layout reorders around it that it
+            pays in a real network (alone, the graph's own input and output reorders hide that cost).
+            Conv inputs only; subtract the same graph around an Identity.
     Returns:
         The model (input ``x``); non-zero padding modes become a Pad node before the Conv.
     Raises:
@@ -74,7 +94,15 @@ def layer_onnx(module: nn.Module, input_shape: Sequence[int], seed: int = 0,
 
     nodes, initializers = [], []
     current = "x"
-    for index, stage in enumerate(_stages(module)):
+    stages = _stages(module)
+    dims = len(input_shape) - 2
+    wrap = context and dims in (1, 2) and not any(isinstance(s, nn.Linear) for s in stages)
+    if wrap:
+        node, weight = _neighbour("before_w", "x", "before", int(input_shape[1]), dims)
+        nodes.append(node)
+        initializers.append(weight)
+        current = "before"
+    for index, stage in enumerate(stages):
         out = f"y{index}"
         if isinstance(stage, nn.Identity):
             nodes.append(helper.make_node("Identity", [current], [out]))
@@ -110,6 +138,11 @@ def layer_onnx(module: nn.Module, input_shape: Sequence[int], seed: int = 0,
         else:
             raise ConvfactorError(f"the latency model cannot time a {type(stage).__name__} stage")
         current = out
+    if wrap:
+        node, weight = _neighbour("after_w", current, "after", _channels_out(stages, int(input_shape[1])), dims)
+        nodes.append(node)
+        initializers.append(weight)
+        current = "after"
     graph = helper.make_graph(
         nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
         [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)], initializers)
@@ -120,7 +153,7 @@ def layer_onnx(module: nn.Module, input_shape: Sequence[int], seed: int = 0,
 
 def time_layers_onnxruntime(modules: Sequence[nn.Module], input_shape: Sequence[int],
                              options: LatencyOptions) -> list[float]:
-    """Median onnxruntime time (ms) of each module on ``input_shape``, interleaved, minus call overhead."""
+    """onnxruntime time (ms) of each module on ``input_shape``, interleaved, minus call overhead."""
     from ..onnx_export import make_session
 
     x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
@@ -129,7 +162,7 @@ def time_layers_onnxruntime(modules: Sequence[nn.Module], input_shape: Sequence[
         sessions = []
         for index, module in enumerate(variants):
             path = Path(scratch) / f"v{index}.onnx"
-            onnx.save(layer_onnx(module, input_shape, seed=index), str(path))
+            onnx.save(layer_onnx(module, input_shape, seed=index, context=options.context), str(path))
             sessions.append(make_session(path, threads=options.threads,
                                          graph_optimization=options.graph_optimization))
     feeds = [{s.get_inputs()[0].name: x} for s in sessions]
@@ -154,7 +187,7 @@ def compare_models_onnxruntime(original: nn.Module, candidate: nn.Module, inputs
 
 
 def time_model_onnxruntime(module: nn.Module, inputs: tuple[torch.Tensor, ...], options: LatencyOptions) -> float:
-    """Median onnxruntime time (ms) of one run of a whole model on ``inputs``."""
+    """Time (ms) of one run of a whole model on ``inputs`` in onnxruntime (``round_robin.fast_time``)."""
     from ..onnx_export import export_onnx, exporter_order, make_session, session_feeds
 
     with tempfile.TemporaryDirectory(prefix="convfactor-latency-") as scratch:
@@ -170,4 +203,4 @@ def time_model_onnxruntime(module: nn.Module, inputs: tuple[torch.Tensor, ...], 
         t0 = time.perf_counter()
         session.run(None, feeds)
         times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+    return fast_time(times)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .latency_options import LatencyOptions
-from .round_robin import round_robin
+from .round_robin import fast_time, round_robin
 
 __all__ = ["random_weights", "time_layers_torch", "compare_models_torch", "time_model_torch"]
 
@@ -61,7 +61,7 @@ def random_weights(module: nn.Module, seed: int) -> nn.Module:
 
 def time_layers_torch(modules: Sequence[nn.Module], input_shape: Sequence[int],
                        options: LatencyOptions) -> list[float]:
-    """Median PyTorch eager time (ms) of each module on ``input_shape``, interleaved, minus call overhead."""
+    """PyTorch eager time (ms) of each module on ``input_shape``, interleaved, minus call overhead."""
     device = torch.device(options.device)
     x = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0)).to(device)
     variants = [nn.Identity(), *(random_weights(m, seed=i + 1).to(device).eval() for i, m in enumerate(modules))]
@@ -111,7 +111,7 @@ def compare_models_torch(original: nn.Module, candidate: nn.Module, inputs: tupl
 
 
 def time_model_torch(module: nn.Module, inputs: tuple[torch.Tensor, ...], options: LatencyOptions) -> float:
-    """Median PyTorch eager time (ms) of one run of a whole model on ``inputs``."""
+    """Time (ms) of one run of a whole model on ``inputs`` in PyTorch eager (``round_robin.fast_time``)."""
     run, sync = _on_device(module, inputs, options.device)
     times: list[float] = []
     with torch.no_grad(), _torch_threads(options):
@@ -120,4 +120,4 @@ def time_model_torch(module: nn.Module, inputs: tuple[torch.Tensor, ...], option
         started = time.perf_counter()
         while len(times) < 30 or time.perf_counter() - started < options.verify_min_time / 2:
             times.append(_timed(run, sync))
-    return float(np.median(times)) * 1e3
+    return fast_time(times)
