@@ -7,17 +7,25 @@ against its original layer in the latency model (one variant per layer, cached o
 slower is swapped for an option of the same layer that costs no more, has a similar predicted loss
 (at most ``SIMILAR_LOSS`` times) and is measured faster; when there is none it stays, with a warning.
 The budget still holds: a swap never costs more.
+
+Layers can each be faster alone and the network still slower (layout reorders between forms onnxruntime
+cannot block, overheads of many small convs): ``check_whole_model`` then times the whole network with the
+chosen forms against the original once, when that is cheap, and warns when it is not faster.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
-__all__ = ["SIMILAR_LOSS", "prefer_fast_forms", "undo_swaps"]
+__all__ = ["SIMILAR_LOSS", "WHOLE_MODEL_MACS", "prefer_fast_forms", "undo_swaps", "check_whole_model"]
 
 SIMILAR_LOSS = 1.25
 _ALTERNATIVES = 6  # options of a slow layer timed at most
+# The whole network is timed against the original when it costs at most this many MACs per sample (two
+# exports and a few seconds of pairs; ResNet-18 @224 has 1.8e9).
+WHOLE_MODEL_MACS = 2e10
 
 
 def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[str]) -> dict[str, Any]:
@@ -69,3 +77,39 @@ def undo_swaps(account: dict[str, Any]) -> None:
     for plan, option, decision in account.pop("undo", []):
         plan.chosen, plan.decision = option, decision
     account["swapped"] = []
+
+
+def check_whole_model(root: Any, plans: list[Any], model: Any, inputs: tuple, warnings: list[str],
+                      max_macs: float = WHOLE_MODEL_MACS) -> dict[str, Any] | None:
+    """Time the network with every chosen form (random weights: the structure is what runs) against the
+    original; a warning when it is not faster. None when nothing was replaced; skipped above ``max_macs``.
+
+    Args:
+        root: the network the plans belong to (not modified).
+        plans: the resolution's layer plans (``chosen``, ``layer``, ``original``).
+        model: a ``LatencyModel`` (its runtime, threads and whole-model comparer).
+        inputs: example inputs of ``root``.
+        warnings: where the warning goes.
+    """
+    from ..methods import get_method
+    from .resolve import _set_submodule
+    from .torch_timing import random_weights
+
+    chosen = [p for p in plans if p.chosen is not None]
+    if not chosen or inputs is None:
+        return None
+    macs = sum(p.original.macs or 0 for p in plans if p.original is not None)
+    if macs > max_macs:
+        return {"skipped": f"{macs:.3g} MACs per sample > {max_macs:.3g}: the whole network was not timed"}
+    started = time.perf_counter()
+    candidate = copy.deepcopy(root).eval()
+    for plan in chosen:
+        module = get_method(plan.chosen.method).build(plan.layer, plan.chosen.rank)
+        _set_submodule(candidate, plan.name, random_weights(module, seed=0).eval())
+    speed = float(model.speedup(root, candidate, inputs))
+    if speed <= 1.0:
+        verdict = "slower than" if speed < 0.995 else "not faster than"
+        warnings.append(f"the factorized network as a whole measured {speed:.2f}x the original's speed ({verdict} "
+                        f"the original) in {model.options.runtime} at {model.options.threads} thread(s), though "
+                        f"its {len(chosen)} replacements save MACs; a latency target, or align: 16, makes it faster")
+    return {"speedup": round(speed, 3), "seconds": round(time.perf_counter() - started, 3)}

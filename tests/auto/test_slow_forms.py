@@ -1,0 +1,69 @@
+"""Under a MACs target the whole network is timed once: a result slower than the original is said so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convfactor.auto import AutoOptions, LatencyModel, resolve_policy
+from convfactor.auto.slow_forms import check_whole_model
+
+from .conftest import inputs, tiny_resnet
+
+X = inputs(1, seed=3)
+POLICY = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd"}], "target": {"macs": 0.5}}
+
+
+def stub_model(tmp_path, speedup):
+    """Every replacement twice as fast alone as its layer; the whole network runs at ``speedup``."""
+    compared = []
+
+    def timer(modules, input_shape, options):
+        return [1.0 if isinstance(m, torch.nn.Conv2d) else 0.5 for m in modules]
+
+    def comparer(original, candidate, example_inputs, options):
+        compared.append(candidate)
+        return speedup
+
+    return LatencyModel({"cache": tmp_path / "latency.json"}, timer=timer, comparer=comparer), compared
+
+
+@pytest.mark.parametrize("speedup, warned", [(0.65, True), (1.0, True), (1.4, False)])
+def test_a_network_not_faster_as_a_whole_is_said_so(tmp_path, speedup, warned):
+    model, compared = stub_model(tmp_path, speedup)
+    net = tiny_resnet(seed=1)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    resolution = resolve_policy(net, POLICY, example_inputs=X, latency_model=model,
+                                options=AutoOptions(auto_methods=("spatial_svd",)))
+    account = resolution.info["speed_check"]
+    assert account["slower"] == []  # every replacement alone is faster ...
+    assert account["whole_model"]["speedup"] == pytest.approx(speedup)  # ... the network timed once
+    assert len(compared) == 1
+    replaced = [n for n, layer in resolution.info["layers"].items() if layer.get("chosen")]
+    assert replaced and all(type(compared[0].get_submodule(n)) is not torch.nn.Conv2d for n in replaced)
+    said = [w for w in resolution.info["warnings"] if "as a whole" in w]
+    assert bool(said) == warned
+    if warned:
+        assert f"{speedup:.2f}x" in said[0] and ("slower" in said[0]) == (speedup < 0.995)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the caller's model unchanged
+
+
+def test_large_networks_are_not_timed_whole(tmp_path):
+    model, compared = stub_model(tmp_path, 0.5)
+    net = tiny_resnet(seed=1)
+    resolution = resolve_policy(net, POLICY, example_inputs=X, latency_model=model,
+                                options=AutoOptions(auto_methods=("spatial_svd",), speed_check=False))
+    plans_seen = []
+
+    class Plan:  # the few fields check_whole_model reads
+        def __init__(self, name, chosen, macs):
+            self.name, self.chosen, self.layer = name, chosen, net.get_submodule(name)
+            self.original = type("Original", (), {"macs": macs})()
+            plans_seen.append(self)
+
+    for name, layer in resolution.info["layers"].items():
+        Plan(name, None, layer.get("original", {}).get("macs", 0))
+    plans_seen[0].chosen = object()
+    warnings: list[str] = []
+    out = check_whole_model(net, plans_seen, model, (X,), warnings, max_macs=1.0)
+    assert "was not timed" in out["skipped"] and compared == [] and warnings == []
