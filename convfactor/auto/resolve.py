@@ -376,8 +376,9 @@ def _ranks_for(plan: _LayerPlan, method: FactorizationMethod, opts: AutoOptions,
         extra.append(vbmf_layer_rank(method.name, plan.layer))
     align = plan.rule.align
     ranks = rank_grid(method, plan.layer, opts.fractions, align=align, extra_ranks=extra)
-    if timed and align is None:
-        # Measured time decides, so offer the x8- and x16-aligned ranks onnxruntime's blocked path prefers too.
+    if align is None:
+        # Offer the x8- and x16-aligned ranks onnxruntime's blocked path prefers too: measured time decides
+        # for a latency target, ``slow_forms.prefer_fast_forms`` under a MACs/params target.
         for each in _ALIGN_CHOICES:
             for rank in rank_grid(method, plan.layer, opts.fractions, align=each, extra_ranks=extra):
                 if rank not in ranks:

@@ -5,7 +5,10 @@ onnxruntime's 16-channel blocks, can take longer than the dense layer they repla
 convs measured 0.59x on a real network). After the allocation, each chosen replacement is timed alone
 against its original layer in the latency model (one variant per layer, cached on disk). One measured
 slower is swapped for an option of the same layer that costs no more, has a similar predicted loss
-(at most ``SIMILAR_LOSS`` times) and is measured faster; when there is none it stays, with a warning.
+(at most ``SIMILAR_LOSS`` times) and is measured faster; when there is none it stays, with a warning. A
+chosen rank off onnxruntime's channel blocks (not a multiple of ``BLOCK``) is also timed beside the
+blocked options of similar cost and loss (the candidates hold x8/x16-aligned ranks), and the fastest of
+those measured ``FASTER_BY`` faster takes its place.
 The budget still holds: a swap never costs more.
 
 Layers can each be faster alone and the network still slower (layout reorders between forms onnxruntime
@@ -19,17 +22,31 @@ import copy
 import time
 from typing import Any
 
-__all__ = ["SIMILAR_LOSS", "WHOLE_MODEL_MACS", "prefer_fast_forms", "undo_swaps", "check_whole_model"]
+__all__ = ["SIMILAR_LOSS", "BLOCK", "FASTER_BY", "WHOLE_MODEL_MACS", "blocked", "prefer_fast_forms", "undo_swaps",
+           "check_whole_model"]
 
 SIMILAR_LOSS = 1.25
 _ALTERNATIVES = 6  # options of a slow layer timed at most
+BLOCK = 8  # channels: ranks that are multiples of it run in onnxruntime's blocked conv path unpadded or nearly
+FASTER_BY = 0.05  # a blocked option replaces an unblocked choice when measured at least this much faster
 # The whole network is timed against the original when it costs at most this many MACs per sample (two
 # exports and a few seconds of pairs; ResNet-18 @224 has 1.8e9).
 WHOLE_MODEL_MACS = 2e10
 
 
+def blocked(rank: Any) -> bool:
+    """Every channel count of ``rank`` is a multiple of ``BLOCK`` (what onnxruntime's blocked conv path runs
+    without padding or layout reorders)."""
+    parts = rank if isinstance(rank, tuple) else (rank,)
+    return all(isinstance(p, int) and p % BLOCK == 0 for p in parts)
+
+
 def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[str]) -> dict[str, Any]:
     """Swap or flag each chosen replacement measured slower than its layer; returns the account.
+
+    A chosen rank off onnxruntime's channel blocks is timed beside the blocked options of the same layer
+    that cost no more and have a similar predicted loss; one measured at least ``FASTER_BY`` faster
+    replaces it ("aligned": the MACs and error hardly change, the time does).
 
     Args:
         plans: the resolution's layer plans (``chosen``, ``options``, ``layer``, ``in_shape``, ``original``).
@@ -43,24 +60,31 @@ def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[st
         option = plan.chosen
         if option is None or plan.in_shape is None:
             continue
-        original_ms, times = model.layer_times(plan.layer, plan.in_shape, [(option.method, option.rank)])
-        ms = times[(option.method, option.rank)]
-        if ms < original_ms:
-            continue
         limit = max(option.loss * SIMILAR_LOSS, option.loss + 1e-12)
-        alternatives = sorted((o for o in plan.options if o is not option and o.cost(kind) <= option.cost(kind)
-                               and o.loss <= limit), key=lambda o: o.loss)[:_ALTERNATIVES]
-        faster = []
-        if alternatives:
-            _, alt_times = model.layer_times(plan.layer, plan.in_shape, [(o.method, o.rank) for o in alternatives])
-            faster = [o for o in alternatives if alt_times[(o.method, o.rank)] < original_ms]
+        similar = sorted((o for o in plan.options if o is not option and o.cost(kind) <= option.cost(kind)
+                          and o.loss <= limit), key=lambda o: o.loss)
+        aligned = [] if blocked(option.rank) else [o for o in similar if blocked(o.rank)][:_ALTERNATIVES]
+        timed = [option, *aligned]
+        original_ms, times = model.layer_times(plan.layer, plan.in_shape, [(o.method, o.rank) for o in timed])
+        ms = times[(option.method, option.rank)]
         speed = original_ms / ms if ms > 0 else float("inf")
+        quicker = [o for o in aligned if times[(o.method, o.rank)] <= (1 - FASTER_BY) * min(ms, original_ms)]
+        if ms < original_ms and not quicker:
+            continue
+        faster = quicker
+        if ms >= original_ms and not faster:
+            alternatives = similar[:_ALTERNATIVES]
+            if alternatives:
+                _, alt_times = model.layer_times(plan.layer, plan.in_shape, [(o.method, o.rank) for o in alternatives])
+                faster = [o for o in alternatives if alt_times[(o.method, o.rank)] < original_ms]
         if faster:
             best = min(faster, key=lambda o: (o.loss, o.cost(kind)))
             undo.append((plan, option, plan.decision))
             plan.chosen = best
-            plan.decision = (f"{best.label()} instead of {option.label()}, which measured {speed:.2f}x the original "
-                             f"layer's speed (similar cost and predicted loss, runs faster)")
+            why = (f"which measured {speed:.2f}x the original layer's speed" if ms >= original_ms else
+                   "whose rank is off onnxruntime's channel blocks")
+            plan.decision = (f"{best.label()} instead of {option.label()}, {why} (similar cost and predicted loss, "
+                             "runs faster)")
             swapped.append({"layer": plan.name, "from": option.label(), "to": best.label(), "speed": round(speed, 3)})
         else:
             slower.append({"layer": plan.name, "form": option.label(), "speed": round(speed, 3)})

@@ -67,3 +67,31 @@ def test_large_networks_are_not_timed_whole(tmp_path):
     warnings: list[str] = []
     out = check_whole_model(net, plans_seen, model, (X,), warnings, max_macs=1.0)
     assert "was not timed" in out["skipped"] and compared == [] and warnings == []
+
+
+def test_a_rank_off_the_channel_blocks_gives_way_to_a_blocked_one_that_runs_faster(tmp_path):
+    def off_blocks(module):
+        return any(isinstance(m, torch.nn.Conv2d) and m.out_channels % 8 for m in module.modules())
+
+    def timer(modules, input_shape, options):  # replacements beat the layer; blocked ones by far
+        return [2.0 if isinstance(m, torch.nn.Conv2d) else 1.0 if off_blocks(m) else 0.3 for m in modules]
+
+    model = LatencyModel({"cache": tmp_path / "latency.json"}, timer=timer,
+                         comparer=lambda original, candidate, example_inputs, options: 1.5)
+    net = tiny_resnet(seed=1, width=16)
+    policy = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd"}], "target": {"macs": 0.5}}
+    blind = resolve_policy(net, policy, example_inputs=X, latency_model=model,
+                           options=AutoOptions(auto_methods=("spatial_svd",), speed_check=False))
+    off = [n for n, layer in blind.info["layers"].items() if layer.get("chosen") and layer["chosen"]["rank"] % 8]
+    assert off  # the allocation alone picks ranks off the blocks
+    checked = resolve_policy(net, policy, example_inputs=X, latency_model=model,
+                             options=AutoOptions(auto_methods=("spatial_svd",)))
+    swaps = {s["layer"]: s for s in checked.info["speed_check"]["swapped"]}
+    assert swaps and set(swaps) <= set(off)
+    for name in swaps:
+        chosen = checked.info["layers"][name]["chosen"]
+        assert chosen["rank"] % 8 == 0 and "off onnxruntime's channel blocks" in checked.info["layers"][name]["why"]
+        assert chosen["macs"] <= blind.info["layers"][name]["chosen"]["macs"]  # never costs more
+    total = sum(layer["chosen"]["macs"] if layer.get("chosen") else layer.get("original", {}).get("macs", 0)
+                for layer in checked.info["layers"].values())
+    assert total <= checked.info["target"]["budget"]
