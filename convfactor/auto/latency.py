@@ -29,7 +29,13 @@ from ..methods import get_method
 from ..methods.base import Rank
 from .latency_cache import CACHE_FORMAT, LatencyCache, default_cache_path, machine_key
 from .latency_options import DEVICES, RUNTIMES, LatencyOptions
-from .ort_timing import compare_models_onnxruntime, layer_onnx, time_layers_onnxruntime, time_model_onnxruntime
+from .ort_timing import (
+    compare_models_onnxruntime,
+    layer_onnx,
+    time_layers_onnxruntime,
+    time_model_onnxruntime,
+    time_originals_onnxruntime,
+)
 from .torch_timing import compare_models_torch, time_layers_torch, time_model_torch
 from .torch_timing import random_weights as _random_weights  # noqa: F401 - measured.py imports it from here
 
@@ -138,6 +144,7 @@ class LatencyModel:
         self.comparer = comparer or compare_models
         self.model_timer = model_timer or time_model
         self.measured = 0  # variants actually timed (not found in the cache)
+        self.reference: dict[str, float] = {}  # geometry key -> original layer time timed with all others
         self._machine: dict[str, Any] | None = None
 
     def key(self, layer: nn.Module, input_shape: Sequence[int], method: str, rank: Rank | None) -> str:
@@ -163,8 +170,9 @@ class LatencyModel:
         """(time of the original layer, {(method, rank): time}) in ms, timing only what the cache lacks.
 
         The original is timed again with every batch of new variants and each variant stored with its
-        ratio to it; a variant's time is that ratio times the original's latest time, so variants timed
-        at different times, under different load, still compare.
+        ratio to it; a variant's time is that ratio times the original's time: the reference ``calibrate``
+        measured with every other layer, else the original's latest time. So variants timed at different
+        times, under different load, still compare.
         """
         wanted = [(_ORIGINAL, None), *variants]
         keys = [self.key(layer, input_shape, m, r) for m, r in wanted]
@@ -177,8 +185,29 @@ class LatencyModel:
             for i, ms in zip(batch, times):
                 self.cache.put(keys[i], ms, ratio=ms / times[0])
             self.cache.save()
-        original = self.cache.get(keys[0])
+        original = self.reference.get(self._geometry(layer, input_shape)) or self.cache.get(keys[0])
         return original, {v: self.cache.ratio(k) * original for v, k in zip(variants, keys[1:])}
+
+    def _geometry(self, layer: nn.Module, input_shape: Sequence[int]) -> str:
+        return LatencyCache.key(_geometry_key(layer, input_shape))
+
+    def calibrate(self, layers: Sequence[tuple[nn.Module, Sequence[int]]]) -> None:
+        """Time every distinct original layer in the same interleaved rounds (onnxruntime): their times
+        become the references the variants' ratios scale, so layers compare with each other too.
+
+        Layers timed one after the other, each with its own variants, are timed under whatever load the
+        machine had then; on this 2-core machine shared with other jobs a cached 3x3 conv of ResNet-18's
+        layer4 read 34 ms, others of the same MACs 2-6 ms, and the allocator cut layer4 48x for time it
+        never saved. Not cached: the point is that they are measured together, now.
+        """
+        if self.options.runtime != "onnxruntime" or self.timer is not time_layers:
+            return  # torch times, or test stubs
+        distinct: dict[str, tuple[nn.Module, Sequence[int]]] = {}
+        for layer, shape in layers:
+            distinct.setdefault(self._geometry(layer, shape), (_float32_module(layer, _ORIGINAL, None), shape))
+        if distinct:
+            times = time_originals_onnxruntime(list(distinct.values()), self.options)
+            self.reference = dict(zip(distinct, times))
 
     def model_ms(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
         """Measured time of one run of a whole model, in ms (not cached: it depends on every weight's layout)."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from ..errors import ConvfactorError
 from .latency_options import LatencyOptions
 from .round_robin import fast_time, round_robin
 
-__all__ = ["layer_onnx", "time_layers_onnxruntime", "compare_models_onnxruntime", "time_model_onnxruntime"]
+__all__ = ["layer_onnx", "time_layers_onnxruntime", "time_originals_onnxruntime", "compare_models_onnxruntime",
+           "time_model_onnxruntime"]
 
 _OPSET = 18
 
@@ -151,26 +153,43 @@ def layer_onnx(module: nn.Module, input_shape: Sequence[int], seed: int = 0,
     return model
 
 
-def time_layers_onnxruntime(modules: Sequence[nn.Module], input_shape: Sequence[int],
-                             options: LatencyOptions) -> list[float]:
-    """onnxruntime time (ms) of each module on ``input_shape``, interleaved, minus call overhead."""
+def _warm_runs(variants: Sequence[tuple[nn.Module, Sequence[int]]], options: LatencyOptions) -> list[Callable[[], Any]]:
+    """A warmed-up zero-argument onnxruntime call per (module, input shape)."""
     from ..onnx_export import make_session
 
-    x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
-    variants = [nn.Identity(), *modules]
+    runs = []
     with tempfile.TemporaryDirectory(prefix="convfactor-latency-") as scratch:
-        sessions = []
-        for index, module in enumerate(variants):
+        for index, (module, shape) in enumerate(variants):
             path = Path(scratch) / f"v{index}.onnx"
-            onnx.save(layer_onnx(module, input_shape, seed=index, context=options.context), str(path))
-            sessions.append(make_session(path, threads=options.threads,
-                                         graph_optimization=options.graph_optimization))
-    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
-    for session, feed in zip(sessions, feeds):
-        for _ in range(options.warmup):
-            session.run(None, feed)
-    runs = [lambda session=session, feed=feed: session.run(None, feed) for session, feed in zip(sessions, feeds)]
-    return round_robin(runs, options)
+            onnx.save(layer_onnx(module, shape, seed=index, context=options.context), str(path))
+            session = make_session(path, threads=options.threads, graph_optimization=options.graph_optimization)
+            feed = {session.get_inputs()[0].name:
+                    np.random.default_rng(0).standard_normal(tuple(shape)).astype(np.float32)}
+            for _ in range(options.warmup):
+                session.run(None, feed)
+            runs.append(lambda session=session, feed=feed: session.run(None, feed))
+    return runs
+
+
+def time_layers_onnxruntime(modules: Sequence[nn.Module], input_shape: Sequence[int],
+                            options: LatencyOptions) -> list[float]:
+    """onnxruntime time (ms) of each module on ``input_shape``, interleaved, minus call overhead."""
+    return round_robin(_warm_runs([(nn.Identity(), input_shape), *((m, input_shape) for m in modules)], options),
+                       options)
+
+
+def time_originals_onnxruntime(layers: Sequence[tuple[nn.Module, Sequence[int]]], options: LatencyOptions,
+                               max_seconds: float = 30.0) -> list[float]:
+    """onnxruntime time (ms) of each layer on its own input shape, all interleaved in the same rounds.
+
+    Layers timed one after the other are timed under whatever load the machine had at each moment: timed
+    together, their times compare. Each layer's overhead (an Identity on its input, with the same
+    neighbours) runs in the same rounds and is subtracted.
+    """
+    variants = [v for layer, shape in layers for v in ((nn.Identity(), shape), (layer, shape))]
+    budget = replace(options, max_seconds_per_layer=min(max_seconds, options.max_seconds_per_layer * len(layers)))
+    times = round_robin([lambda: None, *_warm_runs(variants, options)], budget)
+    return [max(times[2 * i + 1] - times[2 * i], 1e-4) for i in range(len(layers))]
 
 
 def compare_models_onnxruntime(original: nn.Module, candidate: nn.Module, inputs: tuple[torch.Tensor, ...],

@@ -208,6 +208,8 @@ def resolve_policy(
         model = latency_model or LatencyModel(latency)
         if model.cache.load_error:
             notes.append(model.cache.load_error)
+        if target is not None:  # a latency target weighs layers against each other: time them together
+            model.calibrate([(p.layer, p.in_shape) for p in open_plans if p.in_shape is not None])
 
     info: dict[str, Any] = {
         "selection": WEIGHT_BASED if batches is None else

@@ -332,3 +332,24 @@ def test_latency_budget_stays_sane_when_layers_alone_add_up_to_more_than_the_mod
     info = resolve_policy(net, policy, example_inputs=X, latency_model=model).info
     assert 0 < info["target"]["layer_time_scale"] < 1 and info["target"]["fixed"] >= 0
     assert all(0 <= p["budget"] <= 1 for p in info["search"]["probes"])
+
+
+def test_a_calibrated_reference_scales_the_variants_of_that_geometry(tmp_path):
+    model, _, _ = stub_model(tmp_path)
+    original, times = model.layer_times(LAYER, (1, 16, 8, 8), VARIANTS)
+    model.reference[model._geometry(LAYER, (1, 16, 8, 8))] = 0.5 * original  # timed with the other layers
+    together, variants = model.layer_times(LAYER, (1, 16, 8, 8), VARIANTS)
+    assert together == pytest.approx(0.5 * original, rel=1e-12)
+    assert all(variants[v] == pytest.approx(0.5 * times[v], rel=1e-12) for v in VARIANTS)
+    other = nn.Conv2d(16, 16, 3, 1, 1)  # no reference: its own time
+    assert model.layer_times(other, (1, 16, 8, 8), [])[0] == pytest.approx(StubTimer()([other], None, None)[0])
+
+
+def test_originals_are_timed_together_in_onnxruntime():
+    from convfactor.auto.ort_timing import time_originals_onnxruntime
+
+    small, large = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
+    options = LatencyOptions(repeats=5, warmup=1, max_seconds_per_layer=0.5)
+    times = time_originals_onnxruntime([(small, (1, 8, 16, 16)), (large, (1, 64, 16, 16))], options)
+    assert len(times) == 2 and all(np.isfinite(t) and t > 0 for t in times)
+    assert times[1] > times[0]  # 64x the MACs; not a timing-precision claim, an order one
