@@ -57,7 +57,7 @@ from .latency import LatencyModel
 from .measured import candidate_metrics, first_samples, measured_allocation, output_checker, tighten_after_refit
 from .measured import rounded as _round
 from .options import OPT_IN_METHODS, SLOW_METHODS, AutoOptions
-from .slow_forms import check_whole_model, prefer_fast_forms, undo_swaps
+from .slow_forms import check_whole_model, flush_denormals, prefer_fast_forms, undo_swaps
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
 from .verify import (
     OutputChecker,
@@ -287,6 +287,9 @@ def resolve_policy(
             prebuilt = tighten_after_refit(root, plans, batches, inputs, opts, prebuilt, checker, bound, rerun, info)
     else:
         _build_prebuilt(plans, stats, factorizers, opts, prebuilt)
+    flushed = sum(flush_denormals(module) for module in prebuilt.values())
+    if flushed:
+        notes.append(f"{flushed} denormal weights of the data-aware factors set to 0 (they run many times slower)")
     resolved = _resolved_policy(plans, keep_only_if_cheaper=target is None)
     if model is not None and model.options.verify and inputs is not None:
         # A latency target was corrected by measurement above; dropping layers remains the last resort

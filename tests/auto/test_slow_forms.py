@@ -95,3 +95,22 @@ def test_a_rank_off_the_channel_blocks_gives_way_to_a_blocked_one_that_runs_fast
     total = sum(layer["chosen"]["macs"] if layer.get("chosen") else layer.get("original", {}).get("macs", 0)
                 for layer in checked.info["layers"].values())
     assert total <= checked.info["target"]["budget"]
+
+
+def test_denormal_weights_are_set_to_zero_and_nothing_else_changes():
+    from convfactor.auto.slow_forms import flush_denormals
+
+    layer = torch.nn.Conv2d(4, 4, 1)
+    tiny = torch.finfo(torch.float32).tiny
+    with torch.no_grad():
+        layer.weight[0, 0] = tiny / 4  # denormal
+        layer.weight[1, 1] = -tiny / 1024  # denormal
+        layer.weight[2, 2] = tiny  # the smallest normal: kept
+        layer.bias[0] = tiny / 2
+    before = layer.weight.detach().clone()
+    assert flush_denormals(layer) == 3
+    assert layer.weight[0, 0].item() == 0.0 and layer.weight[1, 1].item() == 0.0 and layer.bias[0].item() == 0.0
+    kept = torch.ones_like(before, dtype=torch.bool)
+    kept[0, 0] = kept[1, 1] = False
+    assert torch.equal(layer.weight[kept], before[kept])
+    assert flush_denormals(layer) == 0
