@@ -13,18 +13,21 @@ ratio), and reported with its MAC reduction:
     python benchmarks/latency_target.py --nets resnet20 --targets 0.5    # a quick one
     python benchmarks/latency_target.py --profile                        # + per-layer times in both networks
 
-Measured with ``python benchmarks/latency_target.py --profile`` (one process, both targets; 2-vCPU
-AMD EPYC shared with four other engineers' jobs, load average 11-16 throughout: 110 user + 5 sys
-CPU-s, 11:43 wall; the re-timing is the median of interleaved pair ratios over 3 s):
+Measured with ``python benchmarks/latency_target.py --profile`` twice (one process each, both targets;
+a 2-vCPU AMD EPYC shared with four other engineers' jobs; the re-timing is the median of interleaved
+pair ratios over 3 s):
 
-    | network        | target | requested | measured speedup | MAC cut | speedup / MAC cut | factorize s |
-    |----------------|--------|-----------|------------------|---------|-------------------|-------------|
-    | ResNet-18 @224 | 0.5    | 2.00x     | 1.94x            | 2.02x   | 0.96              | 263         |
-    | ResNet-18 @224 | 0.25   | 4.00x     | 4.07x            | 5.10x   | 0.80              | 166         |
+    | network        | target | requested | measured speedup | MAC cut | speedup / MAC cut | factorize s | load  |
+    |----------------|--------|-----------|------------------|---------|-------------------|-------------|-------|
+    | ResNet-18 @224 | 0.5    | 2.00x     | 1.94x            | 2.02x   | 0.96              | 263         | 11-16 |
+    | ResNet-18 @224 | 0.25   | 4.00x     | 4.07x            | 5.10x   | 0.80              | 166         | 11-16 |
+    | ResNet-18 @224 | 0.5    | 2.00x     | 1.96x            | 2.11x   | 0.93              | 120         | 3-9   |
+    | ResNet-18 @224 | 0.25   | 4.00x     | 3.89x            | 4.52x   | 0.86              | 84          | 3-9   |
 
-At that load the per-layer profile printed with ``--profile`` is not reliable: convs of the same MACs
-read 1.0-22 ms in the original network (the 7x7 layer4 convs, memory-bound, suffer most), so these
-ratios say what the allocator did under contention, not what an idle machine would give.
+(110 + 5 and 104 + 5 user + sys CPU-s; 11:43 and 4:48 wall.) Under the heavier load the per-layer
+profile printed with ``--profile`` is not reliable: convs of the same MACs read 1.0-22 ms in the
+original network (the 7x7 layer4 convs, memory-bound, suffer most); under the lighter one they read
+1.1-2.9 ms. The 4x ratio moved by 0.06 between the two runs: read it as 0.80-0.86.
 """
 
 from __future__ import annotations
