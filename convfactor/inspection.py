@@ -53,10 +53,10 @@ def inspect_model(model: nn.Module, example_inputs: torch.Tensor | Sequence[torc
     """
     from passes.annotate_shapes import layer_io_shapes
 
-    from .inputs import as_input_tuple
     from .costs import count_params, layer_macs
     from .errors import RankError
     from .geometry import LayerGeometry, layer_kind
+    from .inputs import as_input_tuple
     from .methods import available_methods, get_method
     from .ranks import fraction_to_rank, kept_energy
 

@@ -15,7 +15,7 @@ the chosen rank is refined once, when the layer is decomposed); other methods de
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,6 @@ __all__ = [
     "meta_twin",
     "replacement_costs",
     "WeightErrors",
-    "weight_error2",
     "rank_to_json",
 ]
 
@@ -77,11 +76,6 @@ class Option:
     error2: float = 0.0
     loss: float = 0.0
     latency_ms: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_original(self) -> bool:
-        return self.method is None
 
     def cost(self, kind: str) -> float:
         """The cost this option adds under a target of ``kind`` (macs, params or latency)."""
@@ -255,7 +249,3 @@ def _tucker2_core_energy(layer: nn.Module) -> tuple[np.ndarray, float]:
     energy[1:, 1:] = core2.T.cumsum(0).cumsum(1).numpy()  # [r_in, r_out]
     return energy, float((w**2).sum())
 
-
-def weight_error2(method: FactorizationMethod, layer: nn.Module, rank: Rank) -> float:
-    """||W - W_hat||^2 / ||W||^2 of ``method.decompose(layer, rank)`` (see ``WeightErrors``)."""
-    return WeightErrors(method, layer)(rank)

@@ -59,7 +59,7 @@ from .latency import LatencyModel
 from .measured import candidate_metrics, first_samples, measured_allocation, output_checker, tighten_after_refit
 from .measured import rounded as _round
 from .options import OPT_IN_METHODS, SLOW_METHODS, AutoOptions
-from .slow_forms import prefer_fast_forms, undo_swaps
+from .slow_forms import check_whole_model, flush_denormals, prefer_fast_forms, undo_swaps
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
 from .verify import (
     OutputChecker,
@@ -86,7 +86,6 @@ WEIGHT_ONLY_WARNING = (
     "selection was weight-only (no calibration data): the {kind} target was met on the weights' own errors and "
     "the result may not keep accuracy; pass real inputs as calibration=... to factorize (CLI: --calibration "
     "INPUTS.pt) and add a policy fidelity bound (fidelity: {{max_rel_error: 0.05}})")
-_ALIGN_FOR_LATENCY = 16  # onnxruntime's CPU conv fast path works on blocks of 16 channels
 _ALIGN_CHOICES = (8, 16)  # alignments ``method: auto`` without a target times beside the exact rank
 
 
@@ -211,6 +210,8 @@ def resolve_policy(
         model = latency_model or LatencyModel(latency)
         if model.cache.load_error:
             notes.append(model.cache.load_error)
+        if target is not None:  # a latency target weighs layers against each other: time them together
+            model.calibrate([(p.layer, p.in_shape) for p in open_plans if p.in_shape is not None])
 
     info: dict[str, Any] = {
         "selection": WEIGHT_BASED if batches is None else
@@ -256,14 +257,16 @@ def resolve_policy(
         info["warnings"].append(WEIGHT_ONLY_WARNING.format(kind=target[0]))
     if kind in ("macs", "params") and opts.speed_check and inputs is not None:
         try:
-            info["speed_check"] = prefer_fast_forms(open_plans, kind, latency_model or LatencyModel(latency),
-                                                    info["warnings"])
+            speed_model = latency_model or LatencyModel(latency)
+            info["speed_check"] = prefer_fast_forms(open_plans, kind, speed_model, info["warnings"])
             if info["speed_check"]["swapped"] and bound is not None and checker is not None \
                     and failures(candidate_metrics(root, open_plans, factorizers, checker, bound), bound):
                 undo_swaps(info["speed_check"])
                 notes.append("faster forms of similar predicted error were not kept: the model then failed "
                              "the fidelity bound")
             info["speed_check"].pop("undo", None)
+            info["speed_check"]["whole_model"] = check_whole_model(root, open_plans, speed_model, inputs,
+                                                                   info["warnings"])
             if info["speed_check"]["swapped"]:  # a swap never costs more; the account follows it exactly
                 account = info["target"]
                 predicted = account["fixed"] + math.fsum(p.original.cost(kind) if p.chosen is None
@@ -286,6 +289,9 @@ def resolve_policy(
             prebuilt = tighten_after_refit(root, plans, batches, inputs, opts, prebuilt, checker, bound, rerun, info)
     else:
         _build_prebuilt(plans, stats, factorizers, opts, prebuilt)
+    flushed = sum(flush_denormals(module) for module in prebuilt.values())
+    if flushed:
+        notes.append(f"{flushed} denormal weights of the data-aware factors set to 0 (they run many times slower)")
     resolved = _resolved_policy(plans, keep_only_if_cheaper=target is None)
     if model is not None and model.options.verify and inputs is not None:
         # A latency target was corrected by measurement above; dropping layers remains the last resort
@@ -377,11 +383,13 @@ def _ranks_for(plan: _LayerPlan, method: FactorizationMethod, opts: AutoOptions,
         extra.append(vbmf_layer_rank(method.name, plan.layer))
     align = plan.rule.align
     ranks = rank_grid(method, plan.layer, opts.fractions, align=align, extra_ranks=extra)
-    if timed and align is None:
-        # Measured time decides, so offer the x16-aligned ranks onnxruntime's fast path prefers too.
-        for rank in rank_grid(method, plan.layer, opts.fractions, align=_ALIGN_FOR_LATENCY, extra_ranks=extra):
-            if rank not in ranks:
-                ranks.append(rank)
+    if align is None:
+        # Offer the x8- and x16-aligned ranks onnxruntime's blocked path prefers too: measured time decides
+        # for a latency target, ``slow_forms.prefer_fast_forms`` under a MACs/params target.
+        for each in _ALIGN_CHOICES:
+            for rank in rank_grid(method, plan.layer, opts.fractions, align=each, extra_ranks=extra):
+                if rank not in ranks:
+                    ranks.append(rank)
     return ranks
 
 

@@ -64,9 +64,32 @@ def test_cache_survives_a_new_instance_without_measuring_again(tmp_path):
     second, timer2, _ = stub_model(tmp_path)
     assert second.layer_times(LAYER, (1, 16, 8, 8), VARIANTS) == (original, times)
     assert timer2.calls == 0 and second.measured == 0
-    # One new variant: only it is measured.
+    # One new variant: it is measured with the original (its ratio to it is what is stored).
     second.layer_times(LAYER, (1, 16, 8, 8), VARIANTS + [("spatial_svd", 4)])
-    assert timer2.modules == 1
+    assert timer2.modules == 2
+
+
+class LoadedTimer(StubTimer):
+    """The stub's times, all multiplied by ``load`` (a machine busy with other jobs)."""
+
+    def __init__(self, load):
+        super().__init__()
+        self.load = load
+
+    def __call__(self, modules, input_shape, options):
+        return [t * self.load for t in super().__call__(modules, input_shape, options)]
+
+
+def test_variants_timed_under_other_load_keep_their_ratio_to_the_original(tmp_path):
+    quiet = LatencyModel({"cache": tmp_path / "latency.json"}, timer=LoadedTimer(1.0))
+    original, times = quiet.layer_times(LAYER, (1, 16, 8, 8), VARIANTS[:1])
+    busy = LatencyModel({"cache": tmp_path / "latency.json"}, timer=LoadedTimer(3.0))
+    later_original, later = busy.layer_times(LAYER, (1, 16, 8, 8), VARIANTS)
+    # The new variant was timed three times slower, with its original: its ratio to it is unchanged.
+    ratio = StubTimer()([get_method("tucker2").build(LAYER, (8, 16))], None, None)[0] / \
+        StubTimer()([LAYER], None, None)[0]
+    assert later[VARIANTS[1]] / later_original == pytest.approx(ratio, rel=1e-9)
+    assert later[VARIANTS[0]] / later_original == pytest.approx(times[VARIANTS[0]] / original, rel=1e-9)
 
 
 def test_keys_separate_everything_a_time_depends_on(tmp_path, monkeypatch):
@@ -258,8 +281,10 @@ def test_torch_and_onnxruntime_timings_never_share_a_cache_entry(tmp_path):
     assert ort_key != torch_key
     parts = json.loads(torch_key)
     assert (parts["runtime"], parts["device"], parts["machine"]["torch"]) == ("torch", "cpu", torch.__version__)
-    # The onnxruntime key keeps the form it had before the torch target existed (old caches stay valid).
-    assert set(json.loads(ort_key)) == {"machine", "threads", "graph_optimization", "layer", "method", "rank"}
+    # The onnxruntime key has no runtime field (its form predates the torch target); "timing" marks entries
+    # stored as ratios to their original, "context" whether layers were timed between blocked neighbours.
+    assert set(json.loads(ort_key)) == {"machine", "threads", "graph_optimization", "layer", "method", "rank",
+                                        "timing", "context"}
     assert "runtime" not in json.loads(ort_key)["machine"]
 
     ort_model.layer_times(LAYER, (1, 16, 8, 8), VARIANTS)
@@ -307,3 +332,24 @@ def test_latency_budget_stays_sane_when_layers_alone_add_up_to_more_than_the_mod
     info = resolve_policy(net, policy, example_inputs=X, latency_model=model).info
     assert 0 < info["target"]["layer_time_scale"] < 1 and info["target"]["fixed"] >= 0
     assert all(0 <= p["budget"] <= 1 for p in info["search"]["probes"])
+
+
+def test_a_calibrated_reference_scales_the_variants_of_that_geometry(tmp_path):
+    model, _, _ = stub_model(tmp_path)
+    original, times = model.layer_times(LAYER, (1, 16, 8, 8), VARIANTS)
+    model.reference[model._geometry(LAYER, (1, 16, 8, 8))] = 0.5 * original  # timed with the other layers
+    together, variants = model.layer_times(LAYER, (1, 16, 8, 8), VARIANTS)
+    assert together == pytest.approx(0.5 * original, rel=1e-12)
+    assert all(variants[v] == pytest.approx(0.5 * times[v], rel=1e-12) for v in VARIANTS)
+    other = nn.Conv2d(16, 16, 3, 1, 1)  # no reference: its own time
+    assert model.layer_times(other, (1, 16, 8, 8), [])[0] == pytest.approx(StubTimer()([other], None, None)[0])
+
+
+def test_originals_are_timed_together_in_onnxruntime():
+    from convfactor.auto.ort_timing import time_originals_onnxruntime
+
+    small, large = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
+    options = LatencyOptions(repeats=5, warmup=1, max_seconds_per_layer=0.5)
+    times = time_originals_onnxruntime([(small, (1, 8, 16, 16)), (large, (1, 64, 16, 16))], options)
+    assert len(times) == 2 and all(np.isfinite(t) and t > 0 for t in times)
+    assert times[1] > times[0]  # 64x the MACs; not a timing-precision claim, an order one
