@@ -194,9 +194,13 @@ class _SpatialSVDFactorizer(LayerFactorizer):
         # Vertical filters V = L_v^{-T} U sqrt(S), all ranks at once (truncation keeps leading columns).
         self.vertical_all = sigma_v.sqrt_right_solve(vh * s.sqrt()[:, :, None]).transpose(1, 2)
         self.channels = c
-        # Sigma times every vertical output at every column offset, once for all ranks (columns (t, j)).
+        # Every vertical output at every column offset (columns (t, j)), and Sigma times them for the
+        # ranks asked so far (extended on demand: the candidates rarely go past half the full rank).
         self.basis_all = self._basis(self.vertical_all)
-        self.sigma_basis_all = self.sigma_damped.matmul(self.basis_all)
+        self.sigma_basis = self.basis_all[:, :, :0]
+        # A full statistic damped by an exact ridge: output errors follow from the fit's own products.
+        full = isinstance(self.sigma, FullCovariance) and isinstance(self.sigma_damped, FullCovariance)
+        self._ridge = (self.sigma_damped.diagonal() - self.sigma.diagonal()).mean(dim=-1) if full else None
 
     def _basis(self, vertical: torch.Tensor) -> torch.Tensor:
         # B[(c, i, j'), (t, j)] = V[(c, i), t] * delta(j', j): the vertical outputs read at each column offset.
@@ -204,14 +208,40 @@ class _SpatialSVDFactorizer(LayerFactorizer):
         eye = torch.eye(self.k_w, dtype=torch.float64)
         return torch.einsum("gxt,ab->gxatb", vertical, eye).reshape(g, -1, rank * self.k_w)
 
+    def _fit(self, rank: int) -> tuple[torch.Tensor, ...]:
+        """(basis B, Sigma_d B, gram B^T Sigma_d B, W Sigma_d B, horizontal H) at ``rank``: W_hat = H B^T."""
+        columns = rank * self.k_w
+        have = self.sigma_basis.shape[2]
+        if columns > have:
+            more = self.sigma_damped.matmul(self.basis_all[:, :, have:columns])
+            self.sigma_basis = torch.cat([self.sigma_basis, more], dim=2)
+        basis = self.basis_all[:, :, :columns]
+        sigma_b = self.sigma_basis[:, :, :columns]
+        gram = basis.transpose(1, 2) @ sigma_b
+        cross = self.weight @ sigma_b
+        horizontal = torch.linalg.solve(gram, cross.transpose(1, 2)).transpose(1, 2)
+        return basis, sigma_b, gram, cross, horizontal
+
+    def error2(self, rank: int) -> float:
+        """As ``LayerFactorizer.error2``; with a full statistic, from the fit's (D x r*k_w) products:
+        tr(E Sigma E^T) = tr(W Sigma W^T) - 2 <H, W Sigma B> + <H, H B^T Sigma B>, Sigma = Sigma_d - lam I."""
+        if self._ridge is None:
+            return super().error2(rank)
+        if self._signal is None:
+            self._signal = self.sigma.quad(self.weight)
+        basis, _, gram, cross, horizontal = self._fit(rank)
+        lam = self._ridge[:, None, None]
+        cross = cross - lam * (self.weight @ basis)  # W Sigma B
+        gram = gram - lam * (basis.transpose(1, 2) @ basis)  # B^T Sigma B
+        error = self._signal - 2 * float((horizontal * cross).sum()) + float((horizontal * (horizontal @ gram)).sum())
+        error = max(error, 0.0)
+        return error / self._signal if self._signal > 0 else error
+
     def factors(self, rank: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         g, o, d = self.weight.shape
         c, kh, kw = self.channels, self.k_h, self.k_w
         vertical = self.vertical_all[:, :, :rank]  # (g, C*kh, r)
-        basis = self.basis_all[:, :, : rank * kw]
-        sigma_b = self.sigma_basis_all[:, :, : rank * kw]
-        gram = basis.transpose(1, 2) @ sigma_b
-        horizontal = torch.linalg.solve(gram, (self.weight @ sigma_b).transpose(1, 2)).transpose(1, 2)
+        basis, _, _, _, horizontal = self._fit(rank)
         dense = horizontal @ basis.transpose(1, 2)
         # (g, C*kh, r) -> (g, r, C, kh) -> (g*r, C, kh[, 1])
         vertical_w = vertical.reshape(g, c, kh, rank).permute(0, 3, 1, 2).reshape(g * rank, c, kh)

@@ -9,8 +9,8 @@
 A sequentially refit layer depends on the choices of every layer before it, so its module is cached
 under that prefix of choices: the fidelity search's probes share the prefixes they have in common, and
 the model returned is the last probe's modules, not a new fit. The original network's inputs of each
-layer on the refit samples are kept (within REFERENCE_INPUT_BYTES), so later probes run only the
-partially factorized network up to each layer.
+layer on the refit samples are read in one pass and kept (within REFERENCE_INPUT_BYTES), so each refit
+runs only the partially factorized network up to its layer.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import copy
 import time
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..methods import get_method
@@ -120,6 +121,7 @@ class Replacements:
             # first allocation's layer count fixes the samples, the same for every later build.
             self.used = pass_samples(list(self.plans.values()), len(chosen), sum(len(b[0]) for b in self.batches))
             self.batches = first_samples(self.batches, self.used)
+            self._prefill_reference()
         work, built, prefix = self._work, {}, ()
         for name in track(self._order, progress, "refit"):
             plan = self.plans[name]
@@ -135,6 +137,32 @@ class Replacements:
             built[name] = module
         self._trim(prefix)
         return built
+
+    @torch.no_grad()
+    def _prefill_reference(self) -> None:
+        """The original's input of every layer on the refit samples, from one pass (within the byte cap)."""
+        stored: dict[str, dict[int, torch.Tensor]] = {name: {} for name in self._order}
+        index = [0]
+
+        def hook_for(name: str):
+            def hook(module, args):
+                x = args[0]
+                size = x.numel() * x.element_size()
+                if index[0] not in stored[name] and self._reference_bytes + size <= REFERENCE_INPUT_BYTES:
+                    stored[name][index[0]] = x  # the first call's input, as paired_statistics reads it
+                    self._reference_bytes += size
+            return hook
+
+        handles = [self.root.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in self._order]
+        try:
+            for index[0], batch in enumerate(self.batches):
+                self.root(*batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._reference = {name: got for name, got in stored.items() if len(got) == len(self.batches)}
+        self._reference_bytes = sum(t.numel() * t.element_size() for got in self._reference.values()
+                                    for t in got.values())
 
     def _refit(self, work: nn.Module, plan: LayerPlan) -> nn.Module:
         option = plan.chosen

@@ -149,22 +149,30 @@ def _costed_options(plan: LayerPlan, kind: str, opts: AutoOptions,
 
 def _score_layer(plan: LayerPlan, by_method: dict[str, list[Option]], kind: str, opts: AutoOptions,
                  stats: Any, probe: bool) -> None:
-    """Error2 of one layer's options (``plan.options``), and its sensitivity probe when asked. Its
-    data-aware factorizers live only here, so memory stays per layer."""
-    factorizers: dict = {}
+    """Error2 of one layer's options (``plan.options``), and its sensitivity probe when asked. One method's
+    data-aware factorizer lives at a time (the probe is built from it while it does), so memory stays at
+    one fit of one layer."""
+    best: tuple | None = None  # (key of the probe option so far, its module)
     for method in plan.methods:
         kept = by_method[method.name]
         if not kept:
             continue
+        factorizers: dict = {}
         error2 = error_function(plan, method, stats, factorizers, opts)
         _score(plan, method, kept, error2, stats)
         plan.options.extend(kept)
+        if probe:
+            option = _probe_option(kept, plan, kind)
+            key = _probe_key(option, plan, kind)
+            if best is None or key < best[0]:
+                best = (key, candidate_module(plan, option, factorizers))
+        del factorizers, error2
     if not plan.options:
         plan.decision = ("no replacement measured faster than the original layer" if kind == "latency"
                          else f"no candidate costs fewer {'macs' if kind != 'params' else 'params'} "
                          "than the original layer")
     elif probe:
-        plan.probe = candidate_module(plan, _probe_option(plan, kind), factorizers)
+        plan.probe = best[1]
 
 
 def _score(plan: LayerPlan, method: FactorizationMethod, options: list[Option], error2, stats: Any) -> None:
@@ -191,10 +199,13 @@ def layer_factorizer_exists(method_name: str) -> bool:
     return method_name in DATA_AWARE_METHODS
 
 
-def _probe_option(plan: LayerPlan, kind: str) -> Option:
+def _probe_key(option: Option, plan: LayerPlan, kind: str) -> tuple[float, float]:
+    return abs(option.cost(kind) - plan.original.cost(kind) / 2), option.error2
+
+
+def _probe_option(options: list[Option], plan: LayerPlan, kind: str) -> Option:
     """The candidate nearest half the original cost (the sensitivity probe)."""
-    half = plan.original.cost(kind) / 2
-    return min(plan.options, key=lambda o: (abs(o.cost(kind) - half), o.error2))
+    return min(options, key=lambda o: _probe_key(o, plan, kind))
 
 
 def candidate_module(plan: LayerPlan, option: Option, factorizers: dict) -> FactorizedLayer:
@@ -217,7 +228,7 @@ def measure_sensitivities(root: nn.Module, plans: list[LayerPlan], kind: str, ba
         if not plan.options:
             continue
         probes[plan.name] = plan.probe if plan.probe is not None else \
-            candidate_module(plan, _probe_option(plan, kind), {})
+            candidate_module(plan, _probe_option(plan.options, plan, kind), {})
         plan.probe = None
         layers[plan.name] = plan.layer
     limit = pass_samples(plans, len(probes), opts.sensitivity_samples)

@@ -121,3 +121,31 @@ def test_a_generous_time_budget_changes_nothing(net):
 def test_time_budget_must_be_positive_seconds(bad):
     with pytest.raises(ValueError, match="time_budget must be a positive number of seconds"):
         AutoOptions(time_budget=bad)
+
+
+def test_refits_are_cached_by_prefix_and_reproduce_a_fresh_refit(net):
+    from convfactor.auto.candidates import Option
+    from convfactor.auto.plans import plan_layers, set_shapes_and_calls
+    from convfactor.auto.refit import Replacements
+    from convfactor.policy import Policy
+
+    opts = AutoOptions()
+    plans = plan_layers(net, Policy.from_any(policy(0.3)), opts)
+    set_shapes_and_calls(net, plans, {}, None)
+    conv1, conv2 = (p for p in plans if p.name in ("conv1", "conv2"))
+    batches = [(CALIBRATION[:32],), (CALIBRATION[32:],)]
+
+    def replacements():
+        return Replacements(net, plans, opts, batches=batches, inputs=(CALIBRATION[:1],))
+
+    conv1.chosen, conv2.chosen = Option("spatial_svd", 6, None, 0), Option("spatial_svd", 12, None, 0)
+    cached = replacements()
+    first = cached.build()
+    assert cached.fits == 2
+    conv2.chosen = Option("spatial_svd", 16, None, 0)  # conv1's prefix is unchanged: only conv2 is refit
+    second = cached.build()
+    assert cached.fits == 3 and second["conv1"] is first["conv1"]
+    fresh = replacements().build()
+    for name in ("conv1", "conv2"):
+        for a, b in zip(second[name].parameters(), fresh[name].parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
