@@ -270,17 +270,69 @@ class _Tucker2Factorizer(LayerFactorizer):
         # Output projection: principal directions of the layer's output on the data.
         _, u_out = torch.linalg.eigh(self.sigma_damped.right(self.weight) @ self.weight.transpose(1, 2))
         self.u_out = u_out.flip(-1)  # (g, O, O)
+        # With a full statistic damped by an exact ridge, the core refit's products with the basis are kept
+        # for the input ranks asked so far (nested: rank r uses the first r*K columns) and output errors
+        # follow from them (as in spatial_svd), instead of D x D products per rank.
+        full = isinstance(self.sigma, FullCovariance) and isinstance(self.sigma_damped, FullCovariance)
+        self._ridge = (self.sigma_damped.diagonal() - self.sigma.diagonal()).mean(dim=-1) if full else None
+        self._basis = self._sigma_basis = self._weight_sigma_basis = None
+
+    def _products(self, r_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(project_in P, basis B = P^T (x) I_K, Sigma_d B, W Sigma_d B) for the first ``r_in`` input ranks."""
+        g, o, d = self.weight.shape
+        k = self.kernel_volume
+        project_in = self.sigma_c.sqrt_right_solve(self.u_in[:, :, :r_in].transpose(1, 2))  # (g, r_in, I)
+        eye = torch.eye(k, dtype=torch.float64)
+        basis = torch.einsum("gsi,ab->giasb", project_in, eye).reshape(g, d, r_in * k)
+        have = 0 if self._basis is None else self._basis.shape[2]
+        if r_in * k > have:
+            more = self.sigma_damped.matmul(basis[:, :, have:])
+            self._sigma_basis = more if self._basis is None else torch.cat([self._sigma_basis, more], dim=2)
+            more_w = self.weight @ more
+            self._weight_sigma_basis = more_w if self._basis is None else \
+                torch.cat([self._weight_sigma_basis, more_w], dim=2)
+            self._basis = basis
+        columns = r_in * k
+        return project_in, basis, self._sigma_basis[:, :, :columns], self._weight_sigma_basis[:, :, :columns]
+
+    def _core(self, rank: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """(project_in, u_out, core (g, r_out, r_in*K), basis, gram B^T Sigma_d B, W Sigma_d B)."""
+        r_in, r_out = rank
+        project_in, basis, sigma_b, weight_sigma_b = self._products(r_in)
+        u_out = self.u_out[:, :, :r_out]  # (g, O, r_out)
+        gram = basis.transpose(1, 2) @ sigma_b
+        # The core refit on the basis P^T (x) I_K (least squares, as Covariance.refit): T Sigma B (B^T Sigma B)^-1.
+        target_sigma_b = u_out.transpose(1, 2) @ weight_sigma_b
+        core = torch.linalg.solve(gram, target_sigma_b.transpose(1, 2)).transpose(1, 2)
+        return project_in, u_out, core, basis, gram, weight_sigma_b
+
+    def error2(self, rank: tuple[int, int]) -> float:
+        """As ``spatial_svd``'s: W_hat = A B^T with A = U_out core, from the refit's products."""
+        if self._ridge is None:
+            return super().error2(rank)
+        if self._signal is None:
+            self._signal = self.sigma.quad(self.weight)
+        _, u_out, core, basis, gram, weight_sigma_b = self._core(rank)
+        lam = self._ridge[:, None, None]
+        a = u_out @ core
+        cross = weight_sigma_b - lam * (self.weight @ basis)  # W Sigma B
+        gram = gram - lam * (basis.transpose(1, 2) @ basis)  # B^T Sigma B
+        error = max(self._signal - 2 * float((a * cross).sum()) + float((a * (a @ gram)).sum()), 0.0)
+        return error / self._signal if self._signal > 0 else error
 
     def factors(self, rank: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         r_in, r_out = rank
         g, o, d = self.weight.shape
         k = self.kernel_volume
         i = d // k
-        # project_in P = U_in~^T L^{-1}.
-        project_in = self.sigma_c.sqrt_right_solve(self.u_in[:, :, :r_in].transpose(1, 2))  # (g, r_in, I)
-        u_out = self.u_out[:, :, :r_out]  # (g, O, r_out)
-        # The core refit on the basis P^T (x) I_K (the projected channels at each kernel offset).
-        core = self.sigma_damped.channel_refit(u_out.transpose(1, 2) @ self.weight, project_in, k)
+        if self._ridge is None:
+            # project_in P = U_in~^T L^{-1}.
+            project_in = self.sigma_c.sqrt_right_solve(self.u_in[:, :, :r_in].transpose(1, 2))  # (g, r_in, I)
+            u_out = self.u_out[:, :, :r_out]  # (g, O, r_out)
+            # The core refit on the basis P^T (x) I_K (the projected channels at each kernel offset).
+            core = self.sigma_damped.channel_refit(u_out.transpose(1, 2) @ self.weight, project_in, k)
+        else:
+            project_in, u_out, core = self._core(rank)[:3]
         expanded = torch.einsum("gosk,gsi->goik", core.reshape(g, r_out, r_in, k), project_in)
         dense = u_out @ expanded.reshape(g, r_out, d)
         kernel = self.geometry.kernel
