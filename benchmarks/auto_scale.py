@@ -24,16 +24,21 @@ and a 2-core wall time lies between half of it (perfect scaling) and all of it (
 
     case            N    commit   wall s  load (start/end)  CPU s   peak MB  ceiling MB  MACs   output error
     crepe:cal     128   74f0876     623     10.4 / 5.8       126     1418      2302     0.495    0.136
+    crepe:cal     128   f37b453     665      2.4 / 6.4       130     1460      2302     0.495    0.136
     crepe:cal     256   74f0876     906     15.7 / 9.8       128     1499      2302     0.495    0.151
     resnet18:cal  128   74f0876    1164     15.7 / 10.3      195     1626      2182     0.500    0.039
     resnet18:cal  128   f37b453     417      6.5 / 2.8       189     1660      2182     0.500    0.039
     resnet18:cal  256   74f0876     993      9.4 / 4.7       225     1722      2182     0.500    0.039
+    resnet18:cal  256   f37b453     841      2.4 / 4.0       216     1734      2182     0.500    0.039
+
+(f37b453 changed only the spatial_svd/tucker2 scoring: same allocations and errors; CPU times of the
+same case differ by up to ~4% between runs on this machine.)
 
 Before this change (fcf1015, same command, 128 inputs): crepe:cal 144 CPU-s (166 under cProfile in this
 session) and 1608 MB; resnet18:cal 186-198 CPU-s and 2131-2241 MB (over its 2182 MB ceiling). The nocal
 cases were not re-run (earlier: crepe:nocal 34 CPU-s, 1154 MB; resnet18:nocal 41 CPU-s, 991 MB).
 
-CREPE at 126-128 CPU-s on one thread meets the 180 s target. ResNet-18 at 189 CPU-s does not meet 120 s
+CREPE at 126-130 CPU-s on one thread meets the 180 s target. ResNet-18 at 189 CPU-s does not meet 120 s
 on one thread and would need a 2-thread speedup of 1.6x, not measured here (the machine was never
 idle). Where ResNet-18's time goes (phase bars of the f37b453 run, wall under load ~5): statistics
 1:09, costs 1:08 (VBMF spectra), candidates 3:31, sensitivities 0:18, refit and checks the rest of 6:57.
