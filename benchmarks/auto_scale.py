@@ -34,13 +34,19 @@ and a 2-core wall time lies between half of it (perfect scaling) and all of it (
 (f37b453 changed only the spatial_svd/tucker2 scoring: same allocations and errors; CPU times of the
 same case differ by up to ~4% between runs on this machine.)
 
+At 2 threads, when the load had dropped to 1-3 (``CONVFACTOR_BENCH_THREADS=2``, same command, 128
+inputs, 81c8a9f): crepe:cal 161 s wall, 161 CPU-s, 1467 MB (load 2.8 / 3.0); resnet18:cal 212 s wall,
+230 CPU-s, 1634 MB (load 1.3 / 2.9). Other jobs still held about a core, so these walls are upper
+bounds for an idle machine.
+
 Before this change (fcf1015, same command, 128 inputs): crepe:cal 144 CPU-s (166 under cProfile in this
 session) and 1608 MB; resnet18:cal 186-198 CPU-s and 2131-2241 MB (over its 2182 MB ceiling). The nocal
 cases were not re-run (earlier: crepe:nocal 34 CPU-s, 1154 MB; resnet18:nocal 41 CPU-s, 991 MB).
 
-CREPE at 126-130 CPU-s on one thread meets the 180 s target. ResNet-18 at 189 CPU-s does not meet 120 s
-on one thread and would need a 2-thread speedup of 1.6x, not measured here (the machine was never
-idle). Where ResNet-18's time goes (phase bars of the f37b453 run, wall under load ~5): statistics
+CREPE at 126-130 CPU-s on one thread (161 s wall at 2 threads, load ~3) meets the 180 s target.
+ResNet-18 does not meet 120 s: 189 CPU-s on one thread, 212 s wall at 2 threads under load ~2; on an
+idle machine it would need a 1.6x 2-thread speedup, not measured here (the machine was never idle).
+Where ResNet-18's time goes (phase bars of the f37b453 run, wall under load ~5): statistics
 1:09, costs 1:08 (VBMF spectra), candidates 3:31, sensitivities 0:18, refit and checks the rest of 6:57.
 
 Before the bounded statistics, crepe:cal tried to allocate a 17 GB patch moment (65,536 x 65,536
