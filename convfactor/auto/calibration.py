@@ -2,11 +2,11 @@
 
 Statistics: for each layer, Sigma = E[p p^T] over the input patches p of its output positions (the
 C_in/g * k_h * k_w values one output pixel reads, per group; for a Linear, its input vector), collected
-with forward pre-hooks while the (BatchNorm-folded) network runs on the calibration batches. Patches are
-extracted by ``unfold`` (im2col) after the layer's own padding (``padding_mode`` and 'same' included),
-with its stride and dilation, so every geometry is handled the way the layer sees it. At most
-``max_rows`` positions per layer are used (a seeded random subset), which bounds the cost for
-high-resolution layers; patches are extracted a few samples at a time, so their memory is bounded too.
+with forward pre-hooks while the (BatchNorm-folded) network runs on the calibration batches. Patches
+(``convfactor.auto.patches``) are read after the layer's own padding (``padding_mode`` and 'same'
+included), with its stride and dilation, so every geometry is handled the way the layer sees it. At
+most ``max_rows`` positions per layer are used (a seeded random subset, gathered without unfolding the
+other positions), which bounds the cost for high-resolution layers and large kernels.
 A full D x D covariance is kept only where it fits ``memory_budget``; other layers get a
 Kronecker-factored (channels x kernel taps) or diagonal statistic (``convfactor.auto.covariance``),
 and the report says which.
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConvfactorError
@@ -33,11 +32,9 @@ from ..progress import track
 from .covariance import (
     WORKING_COPIES,
     Covariance,
-    DiagonalCovariance,
-    FullCovariance,
-    KroneckerCovariance,
     choose_form,
 )
+from .patches import Moments, chunks, patch_extractor, positions, sampled, sampled_rows
 
 __all__ = [
     "LayerStatistics",
@@ -48,6 +45,7 @@ __all__ = [
     "paired_statistics",
     "execution_order",
     "flat_outputs",
+    "output_leaves",
     "DEFAULT_MAX_SAMPLES",
     "DEFAULT_MAX_ROWS",
     "DEFAULT_MEMORY_BUDGET",
@@ -63,7 +61,6 @@ KRONECKER_ROWS = 4096
 DEFAULT_MEMORY_BUDGET = 1 << 30
 _SPLIT_BATCH = 64
 _SPLIT_BYTES = 8 << 20
-_CHUNK_BYTES = 64 << 20  # patches extracted at once, at most about this much
 
 
 @dataclass
@@ -133,82 +130,6 @@ def calibration_batches(
     return batches
 
 
-def patch_extractor(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function mapping the layer's input to its patches, (rows, C_in * K), channels-major per row.
-
-    Column c*K + k holds input channel c at kernel offset k (row-major over the kernel), the order of
-    ``layer.weight[o].flatten()`` when groups == 1; group q's patch is the q-th block of C_in/g * K
-    columns. A Linear's "patch" is its input vector.
-    """
-    geo = LayerGeometry.of(layer)
-    if geo.kind == "Linear":
-        return lambda x: x.reshape(-1, x.shape[-1])
-    # The layer's own padding (PyTorch keeps it as F.pad widths, 'same' included), then im2col.
-    widths = tuple(layer._reversed_padding_repeated_twice)
-    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    one_d = geo.dims == 1
-    kernel = (*layer.kernel_size, 1) if one_d else tuple(layer.kernel_size)
-    dilation = (*layer.dilation, 1) if one_d else tuple(layer.dilation)
-    stride = (*layer.stride, 1) if one_d else tuple(layer.stride)
-
-    def patches(x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x.to(layer.weight.dtype), widths, mode=mode) if any(widths) else x.to(layer.weight.dtype)
-        if one_d:
-            x = x.unsqueeze(-1)
-        out = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C_in*K, positions)
-        return out.transpose(1, 2).reshape(-1, out.shape[1])
-
-    return patches
-
-
-class _Moments:
-    """Running sums of E[p_left p_right^T] in one covariance form, fed (g, rows, D) patch blocks."""
-
-    def __init__(self, form: str, groups: int, channels: int, kernel: int, note: str = ""):
-        self.form, self.groups, self.channels, self.kernel, self.note = form, groups, channels, kernel, note
-        self.sums: list[torch.Tensor] | None = None
-        self.rows = 0
-        self.channel_sum: torch.Tensor | None = None  # Kronecker: sum of x_l x_r^T over input positions
-        self.positions = 0
-
-    def add(self, left: torch.Tensor, right: torch.Tensor) -> None:
-        """Patches (g, rows, D); for the Kronecker form they give the kernel-tap factor only."""
-        g, rows, _ = left.shape
-        if self.form == "full":
-            parts = [left.transpose(1, 2) @ right]
-        elif self.form == "kronecker":
-            x_l = left.reshape(g, rows, self.channels, self.kernel)
-            x_r = right.reshape(g, rows, self.channels, self.kernel)
-            parts = [torch.einsum("grck,grcl->gkl", x_l, x_r)]
-        else:
-            parts = [(left * right).sum(1)]
-        parts = [t.to(torch.float64).cpu() for t in parts]
-        self.sums = parts if self.sums is None else [s + t for s, t in zip(self.sums, parts)]
-        self.rows += rows
-
-    def add_channels(self, left: torch.Tensor, right: torch.Tensor) -> None:
-        """Kronecker form: input vectors (g, positions, C) at the same positions of both inputs.
-
-        The channel factor E[X X^T] = sum over taps of E[x x^T] at the tapped positions, i.e. K times
-        the second moment of the input's channel vectors (edges aside): read off the input positions,
-        which costs positions * C^2 instead of patches * C^2 * K.
-        """
-        part = (left.transpose(1, 2) @ right).to(torch.float64).cpu()
-        self.channel_sum = part if self.channel_sum is None else self.channel_sum + part
-        self.positions += left.shape[1]
-
-    def result(self) -> Covariance:
-        means = [s / self.rows for s in self.sums]
-        if self.form == "full":
-            return FullCovariance(means[0])
-        if self.form == "kronecker":
-            a, b = self.channel_sum * (self.kernel / self.positions), means[0]
-            trace = a.diagonal(dim1=1, dim2=2).sum(-1)
-            trace = torch.where(trace.abs() > 1e-300, trace, torch.ones_like(trace))
-            return KroneckerCovariance(a, b / trace[:, None, None], self.note)
-        return DiagonalCovariance(means[0], self.note)
-
-
 def statistic_forms(layers: Mapping[str, nn.Module], memory_budget: float) -> dict[str, tuple[str, str]]:
     """{name: (form, why)}: full covariances, smallest first, while they fit half the budget together
     (and WORKING_COPIES of each fit the other half); the rest as ``choose_form`` says."""
@@ -233,29 +154,6 @@ def statistic_forms(layers: Mapping[str, nn.Module], memory_budget: float) -> di
     return forms
 
 
-def _chunks(x: torch.Tensor, layer: nn.Module) -> list[torch.Tensor]:
-    """``x`` split along the batch so that one chunk's patch matrix stays near _CHUNK_BYTES."""
-    geo = LayerGeometry.of(layer)
-    if geo.kind == "Linear" or x.shape[0] <= 1:
-        return [x]
-    per_sample = x[0].numel() * geo.kernel_volume * x.element_size() / math.prod(geo.stride)
-    size = max(1, int(_CHUNK_BYTES // max(per_sample, 1)))
-    return list(x.split(size)) if size < x.shape[0] else [x]
-
-
-def _positions(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """A conv input (N, C, *spatial) as (g, N * positions, C/g) channel vectors."""
-    flat = x.flatten(2).transpose(1, 2).reshape(-1, x.shape[1])
-    return flat.reshape(flat.shape[0], groups, -1).transpose(0, 1)
-
-
-def _sampled(p: torch.Tensor, keep: int, generator: torch.Generator) -> torch.Tensor | None:
-    """A seeded random subset of ``keep`` rows of ``p`` (all when it has fewer)."""
-    if p.shape[0] <= keep:
-        return None
-    return torch.randperm(p.shape[0], generator=generator)[:keep].to(p.device)
-
-
 @torch.no_grad()
 def layer_statistics(
     root: nn.Module,
@@ -265,6 +163,7 @@ def layer_statistics(
     seed: int = 0,
     memory_budget: float = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
+    on_output: Callable[[int, Any], None] | None = None,
 ) -> dict[str, LayerStatistics]:
     """Patch covariances of the named layers while ``root`` runs on ``batches``.
 
@@ -276,41 +175,44 @@ def layer_statistics(
             (KRONECKER_ROWS for a Kronecker-factored statistic).
         memory_budget: bytes the statistics and one layer's fit may use (see ``statistic_forms``).
         progress: show a progress bar over the batches.
+        on_output: called with (batch index, the network's output) after each batch, so that a caller
+            needing the original's outputs on these batches (the fidelity checks) need not run it again.
     Returns:
         {name: LayerStatistics}.
     """
     generator = torch.Generator().manual_seed(seed)
     forms = statistic_forms(layers, memory_budget)
-    moments: dict[str, _Moments] = {}
+    moments: dict[str, Moments] = {}
     handles = []
     for name, layer in layers.items():
         extract = patch_extractor(layer)
         geo = LayerGeometry.of(layer)
         form, why = forms[name]
         kernel = 1 if geo.kind == "Linear" else geo.kernel_volume
-        acc = moments[name] = _Moments(form, geo.groups, geo.in_channels // geo.groups, kernel, why)
+        acc = moments[name] = Moments(form, geo.groups, geo.in_channels // geo.groups, kernel, why)
         limit = min(max_rows, KRONECKER_ROWS) if form == "kronecker" else max_rows
         per_batch = max(1, math.ceil(limit / len(batches)))
 
         def hook(module, args, extract=extract, acc=acc, per_batch=per_batch, layer=layer):
             x = args[0]
             if acc.form == "kronecker":
-                v = _positions(x.to(layer.weight.dtype), acc.groups)
-                keep = _sampled(v[0], max_rows // len(batches) + 1, generator)
+                v = positions(x.to(layer.weight.dtype), acc.groups)
+                keep = sampled(v[0], max_rows // len(batches) + 1, generator)
                 v = v if keep is None else v[:, keep]
                 acc.add_channels(v, v)
-            for chunk in _chunks(x, layer):
-                p = extract(chunk)
-                keep = _sampled(p, max(1, math.ceil(per_batch * len(chunk) / len(x))), generator)
-                if keep is not None:
-                    p = p[keep]
+            for chunk in chunks(x, layer):
+                keep = sampled_rows(extract.positions(chunk), max(1, math.ceil(per_batch * len(chunk) / len(x))),
+                                     generator, chunk.device)
+                p = extract(chunk, keep)
                 p = p.reshape(p.shape[0], acc.groups, -1).transpose(0, 1)  # (g, rows, D)
                 acc.add(p, p)
 
         handles.append(layer.register_forward_pre_hook(hook))
     try:
-        for batch in track(batches, progress, "statistics", unit="batch"):
-            root(*batch)
+        for index, batch in enumerate(track(batches, progress, "statistics", unit="batch")):
+            output = root(*batch)
+            if on_output is not None:
+                on_output(index, output)
     finally:
         for handle in handles:
             handle.remove()
@@ -333,12 +235,15 @@ def paired_statistics(
     max_rows: int = DEFAULT_MAX_ROWS,
     seed: int = 0,
     form: str = "full",
+    reference_inputs: dict[int, torch.Tensor] | None = None,
 ) -> tuple[Covariance, Covariance]:
     """Moments of one layer's input patches in two networks run on the same batches.
 
     ``reference`` is the original network, ``work`` the partially factorized one (its layer ``name`` not
     yet replaced). The same positions are sampled in both. Each forward pass stops once the layer has
-    its input (the rest of the network is not run).
+    its input (the rest of the network is not run). ``reference_inputs`` ({batch index: the layer's
+    input in ``reference``}) is read where it has a batch and filled where not, so that a later call
+    for the same layer and batches runs only ``work``.
 
     Returns:
         sigma: E[p_w p_w^T] of the patches ``work`` feeds the layer, in ``form``;
@@ -368,25 +273,29 @@ def paired_statistics(
 
     handles = [reference.get_submodule(name).register_forward_pre_hook(hook_for("reference")),
                work.get_submodule(name).register_forward_pre_hook(hook_for("work"))]
-    sigma, cross = _Moments(form, geo.groups, channels, kernel), _Moments(form, geo.groups, channels, kernel)
+    sigma, cross = Moments(form, geo.groups, channels, kernel), Moments(form, geo.groups, channels, kernel)
     try:
-        for batch in batches:
-            run(reference, batch)
+        for index, batch in enumerate(batches):
+            x_ref = None if reference_inputs is None else reference_inputs.get(index)
+            if x_ref is None:
+                run(reference, batch)
+                x_ref = captured.pop("reference")
+                if reference_inputs is not None:
+                    reference_inputs[index] = x_ref
             run(work, batch)
-            x_ref, x_work = captured.pop("reference"), captured.pop("work")
+            x_work = captured.pop("work")
             if form == "kronecker":
-                v_ref = _positions(x_ref.to(layer.weight.dtype), geo.groups)
-                v_work = _positions(x_work.to(layer.weight.dtype), geo.groups)
-                keep = _sampled(v_ref[0], max_rows // len(batches) + 1, generator)
+                v_ref = positions(x_ref.to(layer.weight.dtype), geo.groups)
+                v_work = positions(x_work.to(layer.weight.dtype), geo.groups)
+                keep = sampled(v_ref[0], max_rows // len(batches) + 1, generator)
                 if keep is not None:
                     v_ref, v_work = v_ref[:, keep], v_work[:, keep]
                 sigma.add_channels(v_work, v_work)
                 cross.add_channels(v_work, v_ref)
-            for c_ref, c_work in zip(_chunks(x_ref, layer), _chunks(x_work, layer)):
-                p_ref, p_work = extract(c_ref), extract(c_work)
-                keep = _sampled(p_ref, max(1, math.ceil(per_batch * len(c_ref) / len(x_ref))), generator)
-                if keep is not None:
-                    p_ref, p_work = p_ref[keep], p_work[keep]
+            for c_ref, c_work in zip(chunks(x_ref, layer), chunks(x_work, layer)):
+                keep = sampled_rows(extract.positions(c_ref), max(1, math.ceil(per_batch * len(c_ref) / len(x_ref))),
+                                     generator, c_ref.device)
+                p_ref, p_work = extract(c_ref, keep), extract(c_work, keep)
                 p_ref = p_ref.reshape(p_ref.shape[0], geo.groups, -1).transpose(0, 1)
                 p_work = p_work.reshape(p_work.shape[0], geo.groups, -1).transpose(0, 1)
                 sigma.add(p_work, p_work)
@@ -426,6 +335,12 @@ def flat_outputs(output: Any) -> list[torch.Tensor]:
     return []
 
 
+def output_leaves(output: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (any nesting), detached, in pytree order."""
+    return [t.detach() for t in torch.utils._pytree.tree_leaves(output)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
 def _without_bias(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
     if layer.bias is None:
         return out
@@ -441,6 +356,8 @@ def layer_sensitivities(
     probes: Mapping[str, nn.Module],
     batches: Sequence[tuple[torch.Tensor, ...]],
     progress: bool = False,
+    reference: Sequence[Sequence[torch.Tensor]] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Network-output error caused by each probe replacement alone, relative to the layer's own error.
 
@@ -449,14 +366,19 @@ def layer_sensitivities(
         layers: {name: layer in root}.
         probes: {name: module to run instead of that layer} (same input and output shapes).
         batches: input tuples.
+        reference: the network's ``output_leaves`` per batch, when already known (else computed).
+        stop: asked before each probe; True ends the probing (the layers not probed are left out).
     Returns:
         {name: {"layer_error2": E||y' - y||^2 / E||y - b||^2, "output_error2": the same for the
         network's outputs, "sensitivity": their ratio}} (sensitivity 0 when the probe is exact).
     """
-    reference = [[t.detach() for t in flat_outputs(root(*batch))] for batch in batches]
+    if reference is None:
+        reference = [output_leaves(root(*batch)) for batch in batches]
     signal = sum(float((t.double() ** 2).sum()) for outs in reference for t in outs)
     result: dict[str, dict[str, float]] = {}
     for name, probe in track(list(probes.items()), progress, "sensitivities"):
+        if stop is not None and stop():
+            break
         layer = layers[name]
         totals = {"error": 0.0, "signal": 0.0}
 
@@ -470,7 +392,7 @@ def layer_sensitivities(
         try:
             output_error = 0.0
             for batch, outs in zip(batches, reference):
-                new_outs = flat_outputs(root(*batch))
+                new_outs = output_leaves(root(*batch))
                 output_error += sum(float(((a - b).double() ** 2).sum()) for a, b in zip(new_outs, outs))
         finally:
             handle.remove()

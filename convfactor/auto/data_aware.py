@@ -172,6 +172,47 @@ class _ChannelSVDFactorizer(_SVDFactorizer):
     method_name = "channel_svd"
 
 
+class _NestedProducts:
+    """W and Sigma_d against the leading n columns of a nested basis B (columns never change once made):
+    B^T Sigma_d B, W Sigma_d B, B^T B and W B, extended when n grows and sliced for smaller n, so a rank
+    grid pays for each column once. With an exact ridge (Sigma_d = Sigma + lam I, full statistics) the
+    output error of W_hat = A B^T follows from them: tr(E Sigma E^T) = tr(W Sigma W^T) - 2 <A, W Sigma B>
+    + <A, A B^T Sigma B>, no D x D product per rank."""
+
+    def __init__(self, weight: torch.Tensor, sigma: Covariance, sigma_damped: Covariance):
+        self.weight, self.sigma_damped = weight, sigma_damped
+        full = isinstance(sigma, FullCovariance) and isinstance(sigma_damped, FullCovariance)
+        self.ridge = (sigma_damped.diagonal() - sigma.diagonal()).mean(dim=-1) if full else None
+        g, o, _ = weight.shape
+        empty = weight.new_zeros
+        self.gram, self.weight_sigma, self.overlap, self.weight_basis = \
+            empty(g, 0, 0), empty(g, o, 0), empty(g, 0, 0), empty(g, o, 0)
+
+    def extend(self, basis: torch.Tensor) -> None:
+        """Products for every column of ``basis`` (g, D, n) not yet covered."""
+        have = self.gram.shape[2]
+        if basis.shape[2] <= have:
+            return
+        old, new = basis[:, :, :have], basis[:, :, have:]
+        sigma_new = self.sigma_damped.matmul(new)
+        self.gram = _grown(self.gram, old.transpose(1, 2) @ sigma_new, new.transpose(1, 2) @ sigma_new)
+        self.overlap = _grown(self.overlap, old.transpose(1, 2) @ new, new.transpose(1, 2) @ new)
+        self.weight_sigma = torch.cat([self.weight_sigma, self.weight @ sigma_new], dim=2)
+        self.weight_basis = torch.cat([self.weight_basis, self.weight @ new], dim=2)
+
+    def error(self, a: torch.Tensor, columns: int, signal: float) -> float:
+        """tr(E Sigma E^T) for W_hat = A B^T, A (g, O, columns)."""
+        lam = self.ridge[:, None, None]
+        cross = self.weight_sigma[:, :, :columns] - lam * self.weight_basis[:, :, :columns]  # W Sigma B
+        gram = self.gram[:, :columns, :columns] - lam * self.overlap[:, :columns, :columns]  # B^T Sigma B
+        return max(signal - 2 * float((a * cross).sum()) + float((a * (a @ gram)).sum()), 0.0)
+
+
+def _grown(block: torch.Tensor, top: torch.Tensor, corner: torch.Tensor) -> torch.Tensor:
+    """The symmetric [[block, top], [top^T, corner]]."""
+    return torch.cat([torch.cat([block, top], dim=2), torch.cat([top.transpose(1, 2), corner], dim=2)], dim=1)
+
+
 class _SpatialSVDFactorizer(LayerFactorizer):
     method_name = "spatial_svd"
 
@@ -194,9 +235,10 @@ class _SpatialSVDFactorizer(LayerFactorizer):
         # Vertical filters V = L_v^{-T} U sqrt(S), all ranks at once (truncation keeps leading columns).
         self.vertical_all = sigma_v.sqrt_right_solve(vh * s.sqrt()[:, :, None]).transpose(1, 2)
         self.channels = c
-        # Sigma times every vertical output at every column offset, once for all ranks (columns (t, j)).
+        # Every vertical output at every column offset (columns (t, j)); their products with Sigma and W
+        # are made for the ranks asked so far (the candidates rarely go past half the full rank).
         self.basis_all = self._basis(self.vertical_all)
-        self.sigma_basis_all = self.sigma_damped.matmul(self.basis_all)
+        self.products = _NestedProducts(self.weight, self.sigma, self.sigma_damped)
 
     def _basis(self, vertical: torch.Tensor) -> torch.Tensor:
         # B[(c, i, j'), (t, j)] = V[(c, i), t] * delta(j', j): the vertical outputs read at each column offset.
@@ -204,14 +246,31 @@ class _SpatialSVDFactorizer(LayerFactorizer):
         eye = torch.eye(self.k_w, dtype=torch.float64)
         return torch.einsum("gxt,ab->gxatb", vertical, eye).reshape(g, -1, rank * self.k_w)
 
+    def _fit(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(basis B, horizontal H) at ``rank``: W_hat = H B^T, H = W Sigma_d B (B^T Sigma_d B)^-1."""
+        columns = rank * self.k_w
+        products = self.products
+        products.extend(self.basis_all[:, :, :columns])
+        gram = products.gram[:, :columns, :columns]
+        cross = products.weight_sigma[:, :, :columns]
+        horizontal = torch.linalg.solve(gram, cross.transpose(1, 2)).transpose(1, 2)
+        return self.basis_all[:, :, :columns], horizontal
+
+    def error2(self, rank: int) -> float:
+        """As ``LayerFactorizer.error2``; with a full statistic, from the fit's products (``_NestedProducts``)."""
+        if self.products.ridge is None:
+            return super().error2(rank)
+        if self._signal is None:
+            self._signal = self.sigma.quad(self.weight)
+        _, horizontal = self._fit(rank)
+        error = self.products.error(horizontal, rank * self.k_w, self._signal)
+        return error / self._signal if self._signal > 0 else error
+
     def factors(self, rank: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         g, o, d = self.weight.shape
         c, kh, kw = self.channels, self.k_h, self.k_w
         vertical = self.vertical_all[:, :, :rank]  # (g, C*kh, r)
-        basis = self.basis_all[:, :, : rank * kw]
-        sigma_b = self.sigma_basis_all[:, :, : rank * kw]
-        gram = basis.transpose(1, 2) @ sigma_b
-        horizontal = torch.linalg.solve(gram, (self.weight @ sigma_b).transpose(1, 2)).transpose(1, 2)
+        basis, horizontal = self._fit(rank)
         dense = horizontal @ basis.transpose(1, 2)
         # (g, C*kh, r) -> (g, r, C, kh) -> (g*r, C, kh[, 1])
         vertical_w = vertical.reshape(g, c, kh, rank).permute(0, 3, 1, 2).reshape(g * rank, c, kh)
@@ -240,17 +299,51 @@ class _Tucker2Factorizer(LayerFactorizer):
         # Output projection: principal directions of the layer's output on the data.
         _, u_out = torch.linalg.eigh(self.sigma_damped.right(self.weight) @ self.weight.transpose(1, 2))
         self.u_out = u_out.flip(-1)  # (g, O, O)
+        # The core refit's products with the input basis P^T (x) I_K, nested in the input rank (rank r uses
+        # the first r*K columns): made once per column (``_NestedProducts``).
+        self.products = _NestedProducts(self.weight, self.sigma, self.sigma_damped)
+
+    def _core(self, rank: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(project_in P (g, r_in, I), u_out (g, O, r_out), core (g, r_out, r_in*K)): the core refit by least
+        squares on the basis P^T (x) I_K (as ``Covariance.channel_refit``), from the nested products."""
+        r_in, r_out = rank
+        g, o, d = self.weight.shape
+        k = self.kernel_volume
+        # project_in P = U_in~^T L^{-1}.
+        project_in = self.sigma_c.sqrt_right_solve(self.u_in[:, :, :r_in].transpose(1, 2))  # (g, r_in, I)
+        eye = torch.eye(k, dtype=torch.float64)
+        basis = torch.einsum("gsi,ab->giasb", project_in, eye).reshape(g, d, r_in * k)
+        products = self.products
+        products.extend(basis)
+        columns = r_in * k
+        u_out = self.u_out[:, :, :r_out]  # (g, O, r_out)
+        target_sigma_b = u_out.transpose(1, 2) @ products.weight_sigma[:, :, :columns]
+        core = torch.linalg.solve(products.gram[:, :columns, :columns], target_sigma_b.transpose(1, 2)).transpose(1, 2)
+        return project_in, u_out, core
+
+    def error2(self, rank: tuple[int, int]) -> float:
+        """As ``spatial_svd``'s: W_hat = A B^T with A = U_out core, from the refit's products."""
+        if self.products.ridge is None:
+            return super().error2(rank)
+        if self._signal is None:
+            self._signal = self.sigma.quad(self.weight)
+        _, u_out, core = self._core(rank)
+        error = self.products.error(u_out @ core, rank[0] * self.kernel_volume, self._signal)
+        return error / self._signal if self._signal > 0 else error
 
     def factors(self, rank: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         r_in, r_out = rank
         g, o, d = self.weight.shape
         k = self.kernel_volume
         i = d // k
-        # project_in P = U_in~^T L^{-1}.
-        project_in = self.sigma_c.sqrt_right_solve(self.u_in[:, :, :r_in].transpose(1, 2))  # (g, r_in, I)
-        u_out = self.u_out[:, :, :r_out]  # (g, O, r_out)
-        # The core refit on the basis P^T (x) I_K (the projected channels at each kernel offset).
-        core = self.sigma_damped.channel_refit(u_out.transpose(1, 2) @ self.weight, project_in, k)
+        if self.products.ridge is None:
+            # project_in P = U_in~^T L^{-1}.
+            project_in = self.sigma_c.sqrt_right_solve(self.u_in[:, :, :r_in].transpose(1, 2))  # (g, r_in, I)
+            u_out = self.u_out[:, :, :r_out]  # (g, O, r_out)
+            # The core refit on the basis P^T (x) I_K (the projected channels at each kernel offset).
+            core = self.sigma_damped.channel_refit(u_out.transpose(1, 2) @ self.weight, project_in, k)
+        else:
+            project_in, u_out, core = self._core(rank)
         expanded = torch.einsum("gosk,gsi->goik", core.reshape(g, r_out, r_in, k), project_in)
         dense = u_out @ expanded.reshape(g, r_out, d)
         kernel = self.geometry.kernel

@@ -4,10 +4,9 @@
 allocation that measures within the policy's target and fidelity bound (``convfactor.auto.verify``):
 
   * ``Allocator``: the knapsack of one resolution, its totals fixed once, solved at any budget fraction;
-  * ``measured_allocation``: the search over the budget, each probe a whole candidate network (real
-    factors when a fidelity bound is checked, structure with random weights when only timed);
-  * ``tighten_after_refit``: the probes use per-layer factors; the result is refit sequentially and is
-    usually more accurate: measure by how much and search again with the bound scaled by it.
+  * ``measured_allocation``: the search over the budget, each probe a whole candidate network: the
+    modules the allocation would really return (``convfactor.auto.refit``: refit sequentially with
+    calibration data) when a fidelity bound is checked, structure with random weights when only timed.
 """
 
 from __future__ import annotations
@@ -19,21 +18,24 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from passes.modules import set_submodule
+
 from ..costs import count_params, per_layer_macs
 from ..errors import PolicyError
 from ..methods import get_method
-from ..methods.base import FactorizedLayer
 from ..policy import Fidelity
 from .allocate import InfeasibleBudget, allocate
 from .latency import LatencyModel, _random_weights
 from .options import AutoOptions
-from .verify import OutputChecker, Probe, SearchResult, SpeedMeter, failures, missed_target, search_budget
+from .verify import OutputChecker, Probe, SpeedMeter, failures, search_budget
 
 if TYPE_CHECKING:
-    from .resolve import _LayerPlan
+    from .deadline import Deadline
+    from .plans import LayerPlan
+    from .refit import Replacements
 
-__all__ = ["rounded", "Allocator", "model_total", "output_checker", "measured_allocation",
-           "tighten_after_refit", "candidate_metrics", "installed_metrics"]
+__all__ = ["rounded", "Allocator", "model_total", "first_samples", "output_checker", "install", "allocation_metrics",
+           "measured_allocation"]
 
 
 def rounded(value: float | None, digits: int = 6) -> float | None:
@@ -43,14 +45,7 @@ def rounded(value: float | None, digits: int = 6) -> float | None:
     return round(value, digits - 1 - int(math.floor(math.log10(abs(value)))))
 
 
-def _helpers():
-    """resolve's helpers, imported when first needed (resolve imports this module)."""
-    from . import resolve
-
-    return resolve
-
-
-def model_total(root: nn.Module, kind: str, inputs: Any, plans: list[_LayerPlan], model: LatencyModel | None) -> float:
+def model_total(root: nn.Module, kind: str, inputs: Any, plans: list[LayerPlan], model: LatencyModel | None) -> float:
     if kind == "macs":
         return float(sum(per_layer_macs(root, inputs).values()))
     if kind == "params":
@@ -61,7 +56,7 @@ def model_total(root: nn.Module, kind: str, inputs: Any, plans: list[_LayerPlan]
 class Allocator:
     """The knapsack of one resolution: its totals fixed once, solved at any budget fraction."""
 
-    def __init__(self, root: nn.Module, plans: list[_LayerPlan], kind: str, inputs: Any, opts: AutoOptions,
+    def __init__(self, root: nn.Module, plans: list[LayerPlan], kind: str, inputs: Any, opts: AutoOptions,
                  model: LatencyModel | None):
         self.plans = [p for p in plans if p.open]
         self.kind, self.opts = kind, opts
@@ -136,33 +131,42 @@ def first_samples(batches: list, count: int) -> list:
     return subset
 
 
-def output_checker(root: nn.Module, batches: list | None, inputs: tuple | None,
-                    opts: AutoOptions) -> OutputChecker | None:
-    """The original's outputs on the calibration inputs (else the example inputs), for every fidelity check."""
+def output_checker(root: nn.Module, batches: list | None, inputs: tuple | None, opts: AutoOptions,
+                   outputs: list | None = None) -> OutputChecker | None:
+    """The original's outputs on the calibration inputs (else the example inputs), for every fidelity check
+    (``outputs``: those already computed on the first calibration batches)."""
     if batches is not None:
-        return OutputChecker(root, first_samples(batches, opts.fidelity_samples), "calibration samples")
+        return OutputChecker(root, first_samples(batches, opts.fidelity_samples), "calibration samples", outputs)
     if inputs is not None:
         return OutputChecker(root, [inputs], "example inputs")
     return None
 
 
-def candidate_metrics(root: nn.Module, plans: list[_LayerPlan], factorizers: dict, checker: OutputChecker,
-                       bound: Fidelity | None) -> dict[str, Any]:
-    """The checker's measurement of ``root`` with every plan's chosen replacement installed (on a copy)."""
-    work = copy.deepcopy(root).eval()
+def install(work: nn.Module, plans: list[LayerPlan], modules: dict[str, nn.Module],
+            originals: dict[str, nn.Module]) -> nn.Module:
+    """``work`` with each plan's module from ``modules`` in place (its original where it has none)."""
     for plan in plans:
-        if plan.chosen is not None:
-            module = _helpers()._candidate_module(plan, plan.chosen, factorizers).eval()
-            _helpers()._set_submodule(work, plan.name, module)
-    return checker.measure(work, bound)
+        set_submodule(work, plan.name, modules.get(plan.name, originals[plan.name]))
+    return work
 
 
-def measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fraction: float | None,
-                         bound: Fidelity | None, inputs: Any, opts: AutoOptions, model: LatencyModel | None,
-                         checker: OutputChecker | None, factorizers: dict, notes: list[str],
-                         progress: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def allocation_metrics(root: nn.Module, plans: list[LayerPlan], replacements: Replacements,
+                       checker: OutputChecker, bound: Fidelity | None) -> dict[str, Any]:
+    """The checker's measurement of ``root`` with the plans' current choices as they would be returned."""
+    work = copy.deepcopy(root).eval()
+    open_plans = [p for p in plans if p.open]
+    originals = {p.name: work.get_submodule(p.name) for p in open_plans}
+    return checker.measure(install(work, open_plans, replacements.build(), originals), bound)
+
+
+def measured_allocation(root: nn.Module, plans: list[LayerPlan], kind: str, fraction: float | None,
+                        bound: Fidelity | None, inputs: Any, opts: AutoOptions, model: LatencyModel | None,
+                        checker: OutputChecker | None, replacements: Replacements, notes: list[str],
+                        deadline: Deadline | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Allocate at the target, then correct the budget by measuring whole candidate models (``verify``).
 
+    With a fidelity bound, each probe is the model the allocation would really return (``replacements``:
+    the sequential refit with calibration data), so the bound is held at the lowest cost measured.
     Returns the allocation's account and the search's (None when nothing was measured).
     """
     allocator = Allocator(root, plans, kind, inputs, opts, model)
@@ -178,7 +182,7 @@ def measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fra
     meter = SpeedMeter(model, root, inputs) if speed else None
     work = copy.deepcopy(root).eval()
     originals = {p.name: work.get_submodule(p.name) for p in allocator.plans}
-    modules: dict[tuple, nn.Module] = {}
+    timing_modules: dict[tuple, nn.Module] = {}
     seen: dict[tuple, Probe] = {}
     if fraction is not None and fraction < allocator.lowest and kind != "latency":
         allocator.choose(fraction, notes)  # raises the usual "not reachable" error
@@ -192,22 +196,24 @@ def measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fra
         finally:
             spent[0] += time.perf_counter() - started
 
+    def _timing_modules() -> dict[str, nn.Module]:
+        # Timing alone needs the structure, not the factors: skip the decomposition then.
+        out = {}
+        for plan in allocator.plans:
+            if plan.chosen is not None:
+                key = (plan.name, plan.chosen.method, plan.chosen.rank)
+                if key not in timing_modules:
+                    built = get_method(plan.chosen.method).build(plan.layer, plan.chosen.rank)
+                    timing_modules[key] = _random_weights(built, seed=0).eval()
+                out[plan.name] = timing_modules[key]
+        return out
+
     def _trial(budget: float, measure_speed: bool) -> Probe:
         account = allocator.choose(budget, strict=False)
         known = seen.get(account["choice"])
         if known is not None and (known.measured or not measure_speed):
             return Probe(budget, known.fraction, known.measured, known.metrics, known.ok)
-        for plan in allocator.plans:
-            module = originals[plan.name]
-            if plan.chosen is not None:
-                key = (plan.name, plan.chosen.method, plan.chosen.rank)
-                if key not in modules:
-                    # Timing alone needs the structure, not the factors: skip the decomposition then.
-                    modules[key] = (_helpers()._candidate_module(plan, plan.chosen, factorizers) if enforce else
-                                    _random_weights(get_method(plan.chosen.method).build(plan.layer, plan.chosen.rank),
-                                                    seed=0)).eval()
-                module = modules[key]
-            _helpers()._set_submodule(work, plan.name, module)
+        install(work, allocator.plans, replacements.build() if enforce else _timing_modules(), originals)
         metrics = known.metrics if known is not None else (checker.measure(work, bound) if enforce else None)
         ok = not failures(metrics, bound) if enforce else True
         if measure_speed:
@@ -218,9 +224,10 @@ def measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fra
         return probe
 
     calls_before, seconds_before = checker.calls if checker else 0, checker.seconds if checker else 0.0
+    builds_before, build_seconds_before = replacements.builds, replacements.seconds
     try:
         result = search_budget(trial, kind=kind, target=fraction, lowest=allocator.lowest,
-                               bound=bound if enforce else None, rounds=opts.fidelity_rounds)
+                               bound=bound if enforce else None, rounds=opts.fidelity_rounds, deadline=deadline)
     finally:
         if meter is not None:
             meter.close()
@@ -232,6 +239,7 @@ def measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fra
     search: dict[str, Any] = {"probes": [p.to_dict() for p in result.probes], "budget": rounded(result.budget, 4)}
     if result.probe.metrics is not None:
         search["fidelity"] = result.probe.to_dict()
+        search["probe_models"] = "as returned (sequential refit)" if replacements.sequential else "as returned"
     if result.missed is not None:
         search["missed"] = result.missed
         notes.append(result.missed["message"])
@@ -239,75 +247,6 @@ def measured_allocation(root: nn.Module, plans: list[_LayerPlan], kind: str, fra
         "fidelity": [(checker.calls - calls_before) if checker else 0,
                      round((checker.seconds - seconds_before) if checker else 0.0, 3)],
         "latency": [meter.calls if meter else 0, round(meter.seconds if meter else 0.0, 3)],
+        "builds": [replacements.builds - builds_before, round(replacements.seconds - build_seconds_before, 3)],
         "total_seconds": round(spent[0], 3)}
-    if enforce and kind != "latency" and result.probe.metrics is not None:
-        def rerun(scaled: Fidelity) -> tuple[dict[str, Any], SearchResult]:
-            """The search again, probes judged by ``scaled`` (their metrics are reused where measured)."""
-            def judged(budget: float, speed: bool) -> Probe:
-                probe = trial(budget, speed)
-                return Probe(probe.budget, probe.fraction, probe.measured, probe.metrics,
-                             not failures(probe.metrics, scaled))
-
-            again = search_budget(judged, kind=kind, target=fraction, lowest=allocator.lowest, bound=scaled,
-                                  rounds=opts.fidelity_rounds)
-            redone = allocator.choose(again.budget, strict=False)
-            redone.pop("choice")
-            redone["fraction"], redone["budget_fraction"] = fraction, rounded(again.budget, 4)
-            redone["fraction_reached"] = rounded(again.probe.fraction, 4)
-            return redone, again
-
-        search["_rerun"] = rerun
     return account, search
-
-
-def installed_metrics(root: nn.Module, plans: list[_LayerPlan], prebuilt: dict, checker: OutputChecker) -> dict:
-    """The checker's full measurement of ``root`` with the chosen replacements (``prebuilt`` first) installed."""
-    work = copy.deepcopy(root).eval()
-    for plan in plans:
-        if plan.chosen is not None:
-            module = prebuilt.get(plan.name)
-            if module is None:
-                module = get_method(plan.chosen.method).decompose(plan.layer, plan.chosen.rank)
-            _helpers()._set_submodule(work, plan.name, copy.deepcopy(module).eval())
-    return checker.measure(work)
-
-
-def tighten_after_refit(root: nn.Module, plans: list[_LayerPlan], batches: list, inputs: tuple, opts: AutoOptions,
-                         prebuilt: dict, checker: OutputChecker, bound: Fidelity, rerun: Any,
-                         info: dict[str, Any]) -> dict:
-    """The search judged probes built without the sequential refit, which the result gets: measure how much
-    the refit lowers the error, search again with the bound scaled by that, and keep the cheaper allocation
-    when its refit model measures within the bound (else the first one, as it was)."""
-    search = info["search"]
-    probe_error = search["fidelity"].get("rel_error")
-    final = installed_metrics(root, plans, prebuilt, checker)
-    ratio = final["rel_error"] / probe_error if probe_error else 1.0
-    search["refit"] = {"probe_rel_error": probe_error, "refit_rel_error": rounded(final["rel_error"])}
-    if bound.max_rel_error is None or not 0 < ratio < 0.8 or failures(final, bound):
-        return prebuilt
-    saved = {p.name: (p.chosen, p.decision) for p in plans}
-    scaled = Fidelity(bound.max_rel_error / ratio, bound.min_agreement)
-    account, again = rerun(scaled)
-    if account["predicted"] >= info["target"]["predicted"]:
-        for plan in plans:
-            plan.chosen, plan.decision = saved[plan.name]
-        return prebuilt
-    tighter: dict[str, FactorizedLayer] = {}
-    _helpers()._build_prebuilt_sequentially(root, plans, batches, inputs, opts, tighter)
-    measured = installed_metrics(root, plans, tighter, checker)
-    search["refit"]["retry"] = {"budget": rounded(again.budget, 4), "fraction": account["fraction_reached"],
-                                "refit_rel_error": rounded(measured["rel_error"]),
-                                "kept": not failures(measured, bound)}
-    if failures(measured, bound):
-        for plan in plans:
-            plan.chosen, plan.decision = saved[plan.name]
-        return prebuilt
-    info["target"] = account
-    search["budget"] = rounded(again.budget, 4)
-    search["fidelity"] = again.probe.to_dict()
-    search["probes"] += [p.to_dict() for p in again.probes]
-    if "missed" in search:
-        why = search["missed"]["message"].split("; ", 1)[1]
-        reached = Probe(again.budget, account["fraction_reached"], False)
-        search["missed"] = missed_target(account["kind"], account["fraction"], reached, why)
-    return tighter

@@ -49,6 +49,11 @@ class AutoOptions:
             statistic instead (reported under ``statistics``); more budget keeps more layers full.
         workers: threads scoring layers' candidates at once (None: 1, the bounded-memory default; each
             worker holds one layer's fit, so peak memory grows with it).
+        time_budget: seconds the resolution may take before its refinement phases stop early (None: no
+            limit). Statistics, candidates, the allocation and one build of the result always run; the
+            sensitivity probes, fidelity bisection rounds, latency corrections and the sequential refit
+            stop once it is spent (the refit's remaining layers are decomposed from their weights), and
+            ``report.warnings`` names each phase cut and when.
     """
 
     fractions: tuple[float, ...] = FRACTION_GRID
@@ -67,3 +72,8 @@ class AutoOptions:
     speed_check: bool = True
     memory_budget: float = DEFAULT_MEMORY_BUDGET
     workers: int | None = None
+    time_budget: float | None = None
+
+    def __post_init__(self):
+        if self.time_budget is not None and (isinstance(self.time_budget, bool) or not self.time_budget > 0):
+            raise ValueError(f"time_budget must be a positive number of seconds, got {self.time_budget!r}")

@@ -27,6 +27,8 @@ import copy
 import time
 from typing import Any
 
+from passes.modules import set_submodule
+
 __all__ = ["SIMILAR_LOSS", "BLOCK", "FASTER_BY", "WHOLE_MODEL_MACS", "blocked", "prefer_fast_forms", "undo_swaps",
            "check_whole_model", "flush_denormals"]
 
@@ -121,7 +123,6 @@ def check_whole_model(root: Any, plans: list[Any], model: Any, inputs: tuple, wa
         warnings: where the warning goes.
     """
     from ..methods import get_method
-    from .resolve import _set_submodule
     from .torch_timing import random_weights
 
     chosen = [p for p in plans if p.chosen is not None]
@@ -134,7 +135,7 @@ def check_whole_model(root: Any, plans: list[Any], model: Any, inputs: tuple, wa
     candidate = copy.deepcopy(root).eval()
     for plan in chosen:
         module = get_method(plan.chosen.method).build(plan.layer, plan.chosen.rank)
-        _set_submodule(candidate, plan.name, random_weights(module, seed=0).eval())
+        set_submodule(candidate, plan.name, random_weights(module, seed=0).eval())
     speed = float(model.speedup(root, candidate, inputs))
     if speed <= 1.0:
         verdict = "slower than" if speed < 0.995 else "not faster than"

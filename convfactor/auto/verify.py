@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from ..policy import Fidelity
+from .calibration import output_leaves
+from .deadline import Deadline
 
 __all__ = ["DEFAULT_FLOOR", "SPEED_TOLERANCE", "OutputChecker", "SpeedMeter", "Probe", "SearchResult",
            "search_budget", "failures", "describe_metrics"]
@@ -71,8 +73,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _leaves(outputs: Any) -> list[torch.Tensor]:
-    leaves = torch.utils._pytree.tree_leaves(outputs)
-    return [t.detach().to(torch.float64) for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t.to(torch.float64) for t in output_leaves(outputs)]
 
 
 class OutputChecker:
@@ -82,9 +83,11 @@ class OutputChecker:
         root: the original (BatchNorm-folded) network, in eval mode; not modified.
         batches: list of input tuples (the calibration batches, or the example inputs as one batch).
         data: how the report names the inputs ("calibration samples", "example inputs").
+        outputs: the original's ``output_leaves`` on the first batches, when already computed.
     """
 
-    def __init__(self, root: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], data: str):
+    def __init__(self, root: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], data: str,
+                 outputs: Sequence[list[torch.Tensor]] | None = None):
         self.batches = list(batches)
         self.data = data
         self.samples = int(sum(len(b[0]) for b in self.batches))
@@ -93,8 +96,10 @@ class OutputChecker:
         started = time.perf_counter()
         self.reference: list[list[torch.Tensor]] = []
         kept = 0
-        for batch in self.batches:  # float32 references, at most REFERENCE_BYTES of them
-            outputs = [t.float() for t in self._run(root, batch)]
+        known = list(outputs or [])
+        for index, batch in enumerate(self.batches):  # float32 references, at most REFERENCE_BYTES of them
+            leaves = known[index] if index < len(known) else self._run(root, batch)
+            outputs = [t.float() for t in leaves]
             if self.reference and kept + sum(t.numel() * 4 for t in outputs) > REFERENCE_BYTES:
                 break
             self.reference.append(outputs)
@@ -102,6 +107,23 @@ class OutputChecker:
         self.batches = self.batches[:len(self.reference)]
         self.samples = int(sum(len(b[0]) for b in self.batches))
         self.seconds += time.perf_counter() - started
+
+    def reference_for(self, batches: Sequence[tuple[torch.Tensor, ...]]) -> list[list[torch.Tensor]] | None:
+        """The original's outputs on ``batches`` when they are a prefix of the checker's (a last batch cut
+        short included, for outputs with a batch axis); else None."""
+        if len(batches) > len(self.reference):
+            return None
+        out = []
+        for batch, mine, reference in zip(batches, self.batches, self.reference):
+            size, full = len(batch[0]), len(mine[0])
+            if size == full:
+                out.append(reference)
+            elif size < full and all(t.dim() > 0 and t.shape[0] == full for t in reference) \
+                    and all(torch.equal(a, b[:size]) for a, b in zip(batch, mine)):
+                out.append([t[:size] for t in reference])
+            else:
+                return None
+        return out
 
     @staticmethod
     @torch.no_grad()
@@ -257,7 +279,8 @@ def _round(value: float | None) -> float | None:
 
 
 def search_budget(trial: Callable[[float, bool], Probe], *, kind: str, target: float | None, lowest: float,
-                  bound: Fidelity | None, rounds: int = 7, speed_rounds: int = 8) -> SearchResult:
+                  bound: Fidelity | None, rounds: int = 7, speed_rounds: int = 8,
+                  deadline: Deadline | None = None) -> SearchResult:
     """The budget whose allocation meets the target as measured and holds ``bound``; see the module doc.
 
     Args:
@@ -268,6 +291,8 @@ def search_budget(trial: Callable[[float, bool], Probe], *, kind: str, target: f
         bound: the fidelity bound; None: only the target is corrected.
         rounds: bisection steps for the fidelity bound.
         speed_rounds: whole-model timings to correct a latency target.
+        deadline: the time budget: once spent, no further correction or bisection round starts (the
+            best budget measured so far is kept; without one that holds the bound, the original side).
     """
     probes: list[Probe] = []
 
@@ -278,7 +303,7 @@ def search_budget(trial: Callable[[float, bool], Probe], *, kind: str, target: f
 
     start = lowest if target is None else max(target, lowest)
     if kind == "latency" and target is not None:
-        best = _fit_speed(run, target, lowest, speed_rounds)
+        best = _fit_speed(run, target, lowest, speed_rounds, deadline)
     else:
         best = run(start, False)
     result = SearchResult(best.budget, best, probes)
@@ -288,8 +313,12 @@ def search_budget(trial: Callable[[float, bool], Probe], *, kind: str, target: f
         return result
     # Fidelity: more budget, less error. Bisect between the failing budget and the original (error 0).
     failing, holding, kept = best.budget, 1.0, None
-    for _ in range(rounds):
+    for done in range(rounds):
         if holding - failing < 1e-3:
+            break
+        if deadline is not None and deadline.spent():
+            deadline.cut("fidelity bisection", f"stopped after {done} of {rounds} rounds (the cheapest budget "
+                         "measured within the bound so far is kept)")
             break
         middle = (failing + holding) / 2
         probe = run(middle, False)
@@ -310,7 +339,8 @@ def search_budget(trial: Callable[[float, bool], Probe], *, kind: str, target: f
     return result
 
 
-def _fit_speed(run: Callable[[float, bool], Probe], target: float, lowest: float, rounds: int) -> Probe:
+def _fit_speed(run: Callable[[float, bool], Probe], target: float, lowest: float, rounds: int,
+               deadline: Deadline | None = None) -> Probe:
     """Regula falsi on the measured time fraction until it is within tolerance of ``target``.
 
     The budget axis is the latency model's prediction, and the whole graph can run quite differently
@@ -327,7 +357,10 @@ def _fit_speed(run: Callable[[float, bool], Probe], target: float, lowest: float
     missed: Probe | None = None  # the smallest budget measured to miss it
     fastest: Probe | None = None
     history: list[Probe] = []
-    for _ in range(max(rounds, 1)):
+    for done in range(max(rounds, 1)):
+        if done and deadline is not None and deadline.spent():
+            deadline.cut("latency correction", f"stopped after {done} of {rounds} whole-model timings")
+            break
         probe = run(budget, True)
         history.append(probe)
         if fastest is None or probe.fraction < fastest.fraction:
@@ -383,11 +416,13 @@ def missed_target(kind: str, target: float, probe: Probe, why: str) -> dict[str,
 def progress_line(checks: dict[str, list], total: float) -> str:
     """'verify: 6 fidelity checks 0.8 s, 3 whole-model timings 7.1 s (38% of 20.9 s)'."""
     (f_calls, f_seconds), (t_calls, t_seconds) = checks["fidelity"], checks["latency"]
+    b_calls, b_seconds = checks.get("builds", (0, 0.0))
     parts = [f"{f_calls} fidelity checks {f_seconds:.1f} s"] if f_calls else []
     parts += [f"{t_calls} whole-model timings {t_seconds:.1f} s"] if t_calls else []
+    parts += [f"{b_calls} candidate models built {b_seconds:.1f} s"] if b_calls and b_seconds >= 0.05 else []
     whole = checks.get("total_seconds", f_seconds + t_seconds)  # with allocations and candidate builds
-    other = whole - f_seconds - t_seconds
-    parts += [f"allocations and candidate builds {other:.1f} s"] if other >= 0.05 else []
+    other = whole - f_seconds - t_seconds - b_seconds
+    parts += [f"allocations {other:.1f} s"] if other >= 0.05 else []
     share = f" ({100 * whole / total:.0f}% of {total:.1f} s)" if total > 0 else ""
     return "verify: " + (", ".join(parts) or "nothing measured") + share
 

@@ -201,3 +201,19 @@ def test_sequential_refit_lowers_the_network_error():
     assert "sequentially" in resolution.info["selection"]
     # Measured here (float64, deterministic): 0.618 without, 0.558 with the sequential refit.
     assert errors[True] < 0.95 * errors[False]
+
+
+@pytest.mark.parametrize("method, ranks", [("spatial_svd", (1, 3, 2)), ("tucker2", ((1, 1), (3, 2), (2, 4)))])
+@pytest.mark.parametrize("layer", [torch.nn.Conv2d(8, 12, 3), torch.nn.Conv2d(8, 12, (3, 2), groups=2),
+                                   torch.nn.Conv1d(6, 5, 4)], ids=["conv2d", "grouped", "conv1d"])
+def test_output_errors_from_the_fit_products_equal_the_direct_output_error(layer, method, ranks):
+    from convfactor.auto.data_aware import LayerFactorizer, layer_factorizer
+
+    torch.manual_seed(0)
+    groups, d = layer.groups, layer.weight[0].numel()
+    a = torch.randn(groups, d, 3 * d, dtype=torch.float64)
+    a[:, :, : d // 2] *= 10  # anisotropic inputs
+    factorizer = layer_factorizer(method, layer, a @ a.transpose(1, 2) / (3 * d), 1e-2)
+    for rank in ranks:  # not in increasing order: the cached products are extended and sliced
+        # The shortcut (no D x D product per rank) against tr(E Sigma E^T) of the dense error.
+        assert factorizer.error2(rank) == pytest.approx(LayerFactorizer.error2(factorizer, rank), rel=1e-9)
