@@ -67,6 +67,9 @@ def test_unit_fraction_is_the_policy_range(text, ok):
     ("--memory-budget", "0", "argument --memory-budget: a size must be at least 1 byte, got '0'"),
     ("--max-rel-error", "2", "argument --max-rel-error: expected a number in (0, 1], got '2'"),
     ("--min-agreement", "high", "argument --min-agreement: expected a number in (0, 1], got 'high'"),
+    ("--time-budget", "0", "argument --time-budget: expected a positive number of seconds, got '0'"),
+    ("--time-budget", "soon", "argument --time-budget: expected a positive number of seconds, got 'soon'"),
+    ("--time-budget", "inf", "argument --time-budget: expected a positive number of seconds, got 'inf'"),
 ])
 def test_bad_values_are_one_line_exit_2_and_nothing_written(cli, tmp_path, ckpt, option, value, expected):
     code, stdout, err = _convert(cli, ckpt, option, value)
@@ -88,6 +91,20 @@ def test_memory_budget_and_no_refit_reach_factorize(cli, tmp_path, ckpt, calls):
     assert "refit sequentially" not in report["factorize"]["extra"]["auto"]["selection"]
 
 
+def test_time_budget_reaches_factorize_and_a_spent_budget_is_reported(cli, tmp_path, ckpt, calls):
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0)), calib)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"target": {"macs": 0.5}, "rules": [{"match": "*", "method": "auto"}]}))
+    code, _, err = _convert(cli, ckpt, "--calibration", calib, "--time-budget", "1e-6", "--quiet", policy=policy)
+    assert code in (0, 1), err  # 1: the default fidelity floor may fail once refinement was cut
+    (call,) = calls
+    assert call["auto_options"].time_budget == pytest.approx(1e-6) and call["auto_options"].sequential is True
+    report = json.loads(ckpt.with_name("fast.report.json").read_text())
+    budget = report["factorize"]["extra"]["auto"]["time_budget"]
+    assert budget["seconds"] == pytest.approx(1e-6) and budget["cut"], budget
+
+
 def test_without_the_options_factorize_gets_its_defaults(cli, ckpt, calls):
     code, _, err = _convert(cli, ckpt, "--quiet")
     assert code == 0, err
@@ -98,7 +115,7 @@ def test_without_the_options_factorize_gets_its_defaults(cli, ckpt, calls):
 def test_options_of_the_automatic_policy_on_a_plain_policy_say_they_do_nothing(cli, ckpt, calls):
     code, _, err = _convert(cli, ckpt, "--memory-budget", "2GB")
     assert code == 0
-    assert "note: --memory-budget and --no-refit apply to an automatic policy" in err
+    assert "note: --memory-budget, --no-refit and --time-budget apply to an automatic policy" in err
 
 
 def test_fidelity_options_override_the_policy_file_and_show_in_the_summary(cli, tmp_path, ckpt, calls):

@@ -26,6 +26,7 @@ from .options import (
     add_output_arguments,
     add_score_arguments,
     memory_size,
+    seconds,
     unit_fraction,
 )
 
@@ -108,6 +109,9 @@ def _add_auto_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-refit", action="store_true",
                        help="do not refit the chosen layers in order on the partially factorized network's "
                             "activations (faster; errors may accumulate)")
+    group.add_argument("--time-budget", type=seconds, metavar="SECONDS",
+                       help="seconds the automatic policy's refinement may take (sensitivity probes, fidelity "
+                            "search, sequential refit); phases cut short are named in the report's warnings")
 
 
 def _with_fidelity_options(policy: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
@@ -129,6 +133,8 @@ def _auto_options(args: argparse.Namespace) -> Any:
     changes: dict[str, Any] = {}  # one AutoOptions field per option of the group
     if args.no_refit:
         changes["sequential"] = False
+    if args.time_budget is not None:
+        changes["time_budget"] = args.time_budget
     if not changes:
         return None
     from ..auto import AutoOptions
@@ -173,8 +179,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise ConvfactorError("--check-inputs is only used with --check")
     if (args.memory_budget is not None or auto_options is not None) and not (
             policy.needs_resolution or calibration is not None):
-        console.status("note: --memory-budget and --no-refit apply to an automatic policy (a target, a fidelity "
-                       "bound, 'auto' rules or --calibration); this policy gives each layer's rank itself")
+        console.status("note: --memory-budget, --no-refit and --time-budget apply to an automatic policy (a target, "
+                       "a fidelity bound, 'auto' rules or --calibration); this policy gives each layer's rank itself")
     arch = resolve_arch_option(args.arch, args.arch_args)
 
     # 2. the model, checked

@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = ["add_model_arguments", "add_onnx_arguments", "add_check_arguments", "add_bench_arguments",
            "add_score_arguments", "add_output_arguments", "add_concrete_arg_argument", "read_score_options",
-           "memory_size", "unit_fraction"]
+           "memory_size", "unit_fraction", "seconds"]
 
 # kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024 (as the IEC writes them); no unit: bytes.
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -50,6 +50,21 @@ def unit_fraction(text: str) -> float:
         value = float("nan")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds (``--time-budget 120``).
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, or not above 0.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
