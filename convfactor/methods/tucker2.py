@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..geometry import LayerGeometry
+from ..ranks import shared_rank_spectrum
 from ._stages import make_conv, pointwise, set_weight
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
@@ -176,7 +177,7 @@ class Tucker2(FactorizationMethod):
     def spectra(self, layer: nn.Module) -> list[np.ndarray]:
         # All groups share (r_in, r_out): the j-th energy of a mode is summed over the groups.
         s_in, s_out = tucker2_spectra(layer.weight, layer.groups)
-        return [np.sqrt((s_in**2).sum(axis=0)), np.sqrt((s_out**2).sum(axis=0))]
+        return [shared_rank_spectrum(s_in), shared_rank_spectrum(s_out)]
 
     def decompose(self, layer: nn.Module, rank: tuple[int, int]) -> Tucker2Conv:
         module = Tucker2Conv.empty(layer, rank)
