@@ -83,15 +83,26 @@ class FactorizedLayer(nn.Sequential):
 ALREADY_DEPTHWISE = "already depthwise (groups == in_channels): nothing to factorize across channels"
 
 
-def conv_reason(method_name: str, layer: nn.Module) -> str | None:
-    """Why a method that factorizes across channels of a Conv1d/Conv2d cannot take ``layer``, or None.
+def conv_reason(method_name: str, layer: nn.Module, *, pointwise: str | None = None, grouped: str | None = None,
+                allow_depthwise: bool = False) -> str | None:
+    """Why a method that rewrites a Conv1d/Conv2d cannot take ``layer``, or None: the one check every conv
+    method's ``unsupported_reason`` makes, with the method's own wording for what it refuses.
 
-    Shared first checks of the conv methods: the layer is a plain Conv1d/Conv2d, and not depthwise.
+    Args:
+        method_name: named in the type message.
+        pointwise: the reason a 1x1 conv is refused; None accepts it.
+        grouped: the reason a grouped conv is refused, ``{groups}`` filled in; None accepts it.
+        allow_depthwise: accept an already depthwise conv (groups == in_channels).
     """
     if layer_kind(layer) not in ("Conv1d", "Conv2d"):
         return f"{method_name} factorizes Conv1d/Conv2d, not {type(layer).__name__} (use svd)"
-    if LayerGeometry.of(layer).is_depthwise:
+    geo = LayerGeometry.of(layer)
+    if geo.is_depthwise and not allow_depthwise:
         return ALREADY_DEPTHWISE
+    if grouped is not None and geo.groups > 1:
+        return grouped.format(groups=geo.groups)
+    if pointwise is not None and geo.kernel_volume == 1:
+        return pointwise
     return None
 
 

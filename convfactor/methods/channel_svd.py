@@ -89,12 +89,7 @@ class ChannelSVD(FactorizationMethod):
     module_cls = ChannelSVDConv
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        reason = conv_reason(self.name, layer)
-        if reason:
-            return reason
-        if LayerGeometry.of(layer).kernel_volume == 1:
-            return "a 1x1 conv: channel SVD of it is svd"
-        return None
+        return conv_reason(self.name, layer, pointwise="a 1x1 conv: channel SVD of it is svd")
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("r",)

@@ -426,15 +426,9 @@ class CP(FactorizationMethod):
         return RankChain(layer.weight, self.max_sweeps, self.warm_sweeps, self.tolerance)
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        reason = conv_reason(self.name, layer)
-        if reason:
-            return reason
-        geo = LayerGeometry.of(layer)
-        if geo.groups > 1:
-            return f"cp does not factorize grouped convs (groups={geo.groups})"
-        if geo.kernel_volume == 1:
-            return "a 1x1 conv is a matrix: cp would only add per-channel scales to its SVD (use svd)"
-        return None
+        return conv_reason(self.name, layer, grouped="cp does not factorize grouped convs (groups={groups})",
+                           pointwise="a 1x1 conv is a matrix: cp would only add per-channel scales to its SVD "
+                                     "(use svd)")
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("R",)

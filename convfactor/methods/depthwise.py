@@ -104,13 +104,8 @@ class Depthwise(FactorizationMethod):
     module_cls = DepthwiseConv
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        reason = conv_reason(self.name, layer)
-        if reason:
-            return reason
-        geo = LayerGeometry.of(layer)
-        if geo.kernel_volume == 1:
-            return "a 1x1 conv: its depthwise part would be a per-channel scale (use svd)"
-        return None
+        return conv_reason(self.name, layer,
+                           pointwise="a 1x1 conv: its depthwise part would be a per-channel scale (use svd)")
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("m",)

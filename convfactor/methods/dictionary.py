@@ -129,12 +129,8 @@ class Dictionary(FactorizationMethod):
         self.alpha = alpha
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        reason = conv_reason(self.name, layer)
-        if reason:
-            return reason
-        if LayerGeometry.of(layer).kernel_volume == 1:
-            return "a 1x1 conv: its kernels are scalars, a dictionary of them is a scale (use svd)"
-        return None
+        return conv_reason(self.name, layer,
+                           pointwise="a 1x1 conv: its kernels are scalars, a dictionary of them is a scale (use svd)")
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("K",)

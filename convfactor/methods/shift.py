@@ -184,15 +184,8 @@ class Shift(FactorizationMethod):
     module_cls = ShiftConv
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        reason = conv_reason(self.name, layer)
-        if reason:
-            return reason
-        geo = LayerGeometry.of(layer)
-        if geo.kernel_volume == 1:
-            return "a 1x1 conv has nothing to shift (use svd)"
-        if geo.groups != 1:
-            return f"shift handles ungrouped convs only (groups={geo.groups})"
-        return None
+        return conv_reason(self.name, layer, pointwise="a 1x1 conv has nothing to shift (use svd)",
+                           grouped="shift handles ungrouped convs only (groups={groups})")
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("m",)
