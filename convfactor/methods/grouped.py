@@ -13,9 +13,10 @@ need not be monotone in g).
 How channels are grouped (by energy, not index order): take bases U, V, the core G = U^T W V and its
 energy matrix E[a, b] = sum_k G[a, b, k]^2, and split the rows and columns of E into g equal groups
 (plus, when r < C, a "dropped" group) maximizing the block-diagonal energy:
-  1. starts: index order, and a spectral co-clustering of E (Dhillon 2001) made balanced;
+  1. starts: index order, and a spectral co-clustering of E (Dhillon 2001; scikit-learn's
+     ``SpectralCoclustering``) made balanced;
   2. alternating balanced assignment: rows given the column groups, then columns given the rows,
-     each by greedy assignment improved by rounds of disjoint best swaps (never losing energy);
+     each optimal for its side (SciPy's ``linear_sum_assignment`` over the groups' slots);
   3. refinement of the bases: for each pair of groups, the union of their subspaces is re-split
      into the best pair of subspaces (top eigenvectors of A_1 - A_2, A_q the energy the block sees),
      which is optimal for that pair and never decreases the kept energy (Jacobi-like sweeps over
@@ -29,11 +30,14 @@ permutation is found there); the better grouping is refined.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import SpectralCoclustering
 from torch import nn
 
 from ..errors import RankError
@@ -91,54 +95,32 @@ def valid_group_counts(in_channels: int, out_channels: int) -> list[int]:
 
 
 # -- balanced assignment ---------------------------------------------------------------------------
-def _greedy_assignment(scores: np.ndarray, capacities: np.ndarray) -> np.ndarray:
-    """Items to groups by decreasing score, respecting capacities (a feasible start for the swaps)."""
-    n = scores.shape[0]
-    labels = np.full(n, -1)
-    left = capacities.copy()
-    for flat in np.argsort(-scores, axis=None, kind="stable"):
-        item, group = divmod(int(flat), scores.shape[1])
-        if labels[item] < 0 and left[group] > 0:
-            labels[item] = group
-            left[group] -= 1
-    return labels
+def balanced_assignment(scores: np.ndarray, capacities: np.ndarray) -> np.ndarray:
+    """Assign n items to groups with fixed sizes, maximizing sum_i scores[i, label_i] (optimal).
 
+    SciPy's ``linear_sum_assignment`` on the capacities expanded into slots (group q repeated
+    capacities[q] times): an (n, n) assignment problem whose optimum is the best balanced assignment.
 
-def balanced_assignment(scores: np.ndarray, capacities: np.ndarray, start: np.ndarray | None = None,
-                        max_rounds: int = 100) -> np.ndarray:
-    """Assign n items to groups with fixed sizes, maximizing sum_i scores[i, label_i].
-
-    Greedy (or ``start``), then rounds of swaps: each round computes the gain of swapping the groups
-    of every two items and applies the best disjoint positive swaps (disjoint swaps' gains add up).
-    Every swap keeps the sizes and raises the total, so the result is never worse than the start.
+    It replaced hand-written code (a greedy start improved by rounds of pairwise swaps, and its own
+    k-means++ for the spectral start, now scikit-learn's ``SpectralCoclustering``). Measured with
+    ``grouped_factors`` on a seeded random 512x512x3x3 weight, one thread, CPU seconds (load 5-13 on
+    2 cores), kept energy before -> after: g=2 0.7293 -> 0.7293 (4.1 -> 3.6 s), g=8 0.414 -> 0.414
+    (16.2 -> 18.6 s), g=64 0.2086 -> 0.2099 (56.7 -> 56.6 s); a shuffled 8-block weight plus noise at
+    g=8: 0.6795 -> 0.6795 (15.7 -> 15.7 s). Without the refinement (refine_sweeps=0) the assignment
+    alone is slower at g=8 (3.8 -> 6.2 s, 0.1631 -> 0.1629) and better at g=64 (0.0280 -> 0.0289):
+    the refinement decides the result, so the library version is kept for its guarantee (optimal per
+    side) and its smaller code.
 
     Args:
         scores: (n, G) gain of putting item i in group q.
         capacities: (G,) group sizes, summing to n.
-        start: optional feasible labels to improve.
-        max_rounds: bound on the rounds of swaps.
     Returns:
         labels: (n,) group of each item.
     """
-    labels = _greedy_assignment(scores, capacities) if start is None else start.copy()
-    n = len(labels)
-    tolerance = 1e-12 * (float(np.abs(scores).max()) if scores.size else 0.0)
-    items = np.arange(n)
-    for _ in range(max_rounds):
-        cross = scores[:, labels]  # cross[i, j]: score of item i in item j's group
-        own = cross[items, items]
-        gain = np.triu(cross + cross.T - own[:, None] - own[None, :], 1)
-        positive = np.flatnonzero(gain > tolerance)
-        if positive.size == 0:
-            break
-        if positive.size > 4 * n:  # only the best few can be disjoint anyway
-            positive = positive[np.argpartition(-gain.flat[positive], 4 * n)[: 4 * n]]
-        used = np.zeros(n, dtype=bool)
-        for flat in positive[np.argsort(-gain.flat[positive], kind="stable")]:
-            i, j = divmod(int(flat), n)
-            if not (used[i] or used[j]):
-                labels[i], labels[j] = labels[j], labels[i]
-                used[i] = used[j] = True
+    slots = np.repeat(np.arange(len(capacities)), capacities)
+    items, chosen = linear_sum_assignment(scores[:, slots], maximize=True)
+    labels = np.empty(len(items), dtype=np.int64)
+    labels[items] = slots[chosen]
     return labels
 
 
@@ -160,13 +142,17 @@ def _scores(energy: np.ndarray, other_labels: np.ndarray, groups: int) -> np.nda
 
 def _alternate(energy: np.ndarray, rows: np.ndarray, cols: np.ndarray, groups: int,
                row_caps: np.ndarray, col_caps: np.ndarray, rounds: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Improve rows given columns, then columns given rows, until neither changes."""
+    """Best rows given the columns, then best columns given the rows, until the block energy stops
+    rising (each step is optimal for its side, so it never decreases)."""
+    kept = _block_energy(energy, rows, cols, groups)
+    tolerance = 1e-12 * float(energy.sum())
     for _ in range(rounds):
-        new_rows = balanced_assignment(_scores(energy, cols, groups), row_caps, start=rows)
-        new_cols = balanced_assignment(_scores(energy.T, new_rows, groups), col_caps, start=cols)
-        if np.array_equal(new_rows, rows) and np.array_equal(new_cols, cols):
+        new_rows = balanced_assignment(_scores(energy, cols, groups), row_caps)
+        new_cols = balanced_assignment(_scores(energy.T, new_rows, groups), col_caps)
+        new_kept = _block_energy(energy, new_rows, new_cols, groups)
+        if new_kept <= kept + tolerance:
             break
-        rows, cols = new_rows, new_cols
+        rows, cols, kept = new_rows, new_cols, new_kept
     return rows, cols
 
 
@@ -177,67 +163,26 @@ def _index_order(size: int, kept: int, groups: int) -> np.ndarray:
     return labels
 
 
-def _squared_distances(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """(n, k) squared Euclidean distances, by ||x||^2 - 2 x.c + ||c||^2 (no (n, k, d) temporary)."""
-    d2 = (points**2).sum(1)[:, None] - 2 * points @ centers.T + (centers**2).sum(1)[None, :]
-    return np.maximum(d2, 0.0)
-
-
-def _kmeans(points: np.ndarray, k: int, iterations: int = 50) -> np.ndarray:
-    """Lloyd's k-means with k-means++ seeding from a fixed seed; returns the (k, d) centers."""
-    rng = np.random.default_rng(_SEED)
-    centers = np.empty((k, points.shape[1]))
-    centers[0] = points[rng.integers(len(points))]
-    nearest_d2 = _squared_distances(points, centers[:1])[:, 0]
-    for c in range(1, k):
-        total = nearest_d2.sum()
-        pick = rng.integers(len(points)) if total <= 0 else rng.choice(len(points), p=nearest_d2 / total)
-        centers[c] = points[pick]
-        nearest_d2 = np.minimum(nearest_d2, _squared_distances(points, centers[c:c + 1])[:, 0])
-    for _ in range(iterations):
-        nearest = _squared_distances(points, centers).argmin(1)
-        counts = np.bincount(nearest, minlength=k)
-        sums = np.zeros_like(centers)
-        np.add.at(sums, nearest, points)
-        moved = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
-        if np.allclose(moved, centers):
-            break
-        centers = moved
-    return centers
-
-
 def _spectral_start(energy: np.ndarray, groups: int, row_caps: np.ndarray,
                     col_caps: np.ndarray, r_out: int, r_in: int) -> tuple[np.ndarray, np.ndarray]:
-    """Balanced spectral co-clustering of the leading (r_out, r_in) block of E.
+    """Balanced spectral co-clustering (Dhillon 2001, scikit-learn's ``SpectralCoclustering``) of the
+    leading (r_out, r_in) block of E.
 
-    Rows and columns are embedded together (singular vectors 2..l+1 of D_r^-1/2 E D_c^-1/2,
-    l = ceil(log2 g)); k-means gives g centers; each side is then assigned to the centers with
-    balanced sizes, so row group q and column group q share a center. Components beyond r are dropped.
+    The co-clusters come unbalanced; rows are then assigned to g groups of the fixed sizes by the energy
+    they share with each column co-cluster, and columns by the energy they share with those row groups.
+    Components beyond r are dropped.
     """
     block = energy[:r_out, :r_in]
     floor = 1e-12 * max(float(block.sum()), 1e-300)  # keeps empty rows/columns finite
-    row_sum = np.maximum(block.sum(1), floor)
-    col_sum = np.maximum(block.sum(0), floor)
-    normalized = block / np.sqrt(row_sum)[:, None] / np.sqrt(col_sum)[None, :]
-    u, _, vt = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(normalized), full_matrices=False))
-    # The first singular pair is trivial (sqrt of the degrees); the next ceil(log2 g) separate groups.
-    available = u.shape[1]
-    width = max(1, math.ceil(math.log2(groups)))
-    vectors = slice(1, 1 + min(width, available - 1)) if available > 1 else slice(0, 1)
-    z_rows = u[:, vectors] / np.sqrt(row_sum)[:, None]
-    z_cols = vt[vectors].T / np.sqrt(col_sum)[:, None]
-    points = np.vstack([z_rows, z_cols])
-    if not np.isfinite(points).all():  # degenerate degrees: fall back to index order
-        return _index_order(energy.shape[0], r_out, groups), _index_order(energy.shape[1], r_in, groups)
-    centers = _kmeans(points, groups)
-
-    def assign(z: np.ndarray, caps: np.ndarray, size: int) -> np.ndarray:
-        closeness = -_squared_distances(z, centers)
-        labels = np.full(size, groups)
-        labels[: len(z)] = balanced_assignment(closeness, caps[:groups].copy())
-        return labels
-
-    return assign(z_rows, row_caps, energy.shape[0]), assign(z_cols, col_caps, energy.shape[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "fewer distinct clusters than n_clusters" on degenerate blocks
+        model = SpectralCoclustering(n_clusters=groups, random_state=_SEED).fit(block + floor)
+    rows = np.full(energy.shape[0], groups)
+    rows[:r_out] = balanced_assignment(_scores(block, model.column_labels_, groups)[:, :groups],
+                                       row_caps[:groups])
+    cols = np.full(energy.shape[1], groups)
+    cols[:r_in] = balanced_assignment(_scores(block.T, rows[:r_out], groups)[:, :groups], col_caps[:groups])
+    return rows, cols
 
 
 # -- refinement of the bases -----------------------------------------------------------------------
@@ -530,13 +475,8 @@ class Grouped(FactorizationMethod):
         self.refine_sweeps = refine_sweeps
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        reason = conv_reason(self.name, layer)
-        if reason:
-            return reason
-        geo = LayerGeometry.of(layer)
-        if geo.groups > 1:
-            return f"grouped does not regroup a grouped conv (groups={geo.groups}); use tucker2, per group"
-        return None
+        return conv_reason(self.name, layer, grouped="grouped does not regroup a grouped conv (groups={groups}); "
+                                                     "use tucker2, per group")
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("g", "r_in", "r_out")
