@@ -113,6 +113,8 @@ class FactorizationMethod(abc.ABC):
     summary: ClassVar[str]  # one line of math, shown by `convfactor methods` and the README
     rank_meaning: ClassVar[str]  # what an int rank means for this method
     module_cls: ClassVar[type[FactorizedLayer]]  # its module; ``module_cls.empty(layer, rank)`` builds it
+    # A pruning form (sal) keeps the layer's shape and saves zeros (p_u), not MACs: only_if_cheaper keeps it.
+    pruning: ClassVar[bool] = False
 
     # -- which layers -------------------------------------------------------------------------
     @abc.abstractmethod

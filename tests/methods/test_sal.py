@@ -16,7 +16,7 @@ from convfactor.methods.sal import SALConv, sal_weight
 from convfactor.score import challenge_score
 from tests.auto.conftest import inputs, tiny_resnet
 
-from .conftest import LayerCase, factorize, relative_error
+from .conftest import LayerCase, factorize, near_subspace, relative_error
 
 SAL = get_method("sal")
 
@@ -67,15 +67,8 @@ def test_data_aware_refit_lowers_the_output_error_on_correlated_inputs() -> None
     torch.manual_seed(0)
     layer = nn.Conv2d(8, 16, 3, padding=1).double()
     mix = torch.randn(2, 8, dtype=torch.float64)
-
-    def data(seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        z = torch.randn(32, 2, 8, 8, generator=g, dtype=torch.float64)
-        return torch.einsum("nlhw,lc->nchw", z, mix) + 0.05 * torch.randn(32, 8, 8, 8, generator=g,
-                                                                           dtype=torch.float64)
-
-    stats = layer_statistics(layer, {"": layer}, [(data(1),)])[""]
-    heldout = data(2)
+    stats = layer_statistics(layer, {"": layer}, [(near_subspace(mix, 32, 8, seed=1, noise=0.05),)])[""]
+    heldout = near_subspace(mix, 32, 8, seed=2, noise=0.05)
     with torch.no_grad():
         signal = (layer(heldout) - layer.bias.reshape(1, -1, 1, 1)).norm()
         for m in (1, 2):
@@ -102,3 +95,11 @@ def test_the_challenge_score_counts_the_zeros_as_unstructured_pruning() -> None:
     assert p_u >= 0.5
     pruned = challenge_score(report.params_after, report.macs_after, unstructured_pruning=p_u).score
     assert pruned < challenge_score(report.params_after, report.macs_after).score
+
+
+def test_the_cli_shorthand_replaces_layers_although_they_save_no_macs() -> None:
+    # A shorthand below full rank sets only_if_cheaper; a pruning form is never "cheaper" in MACs.
+    model = tiny_resnet(width=8)
+    fast = convfactor.factorize(model, "sal:2", inputs(2, seed=0))
+    replaced = convfactor.get_report(fast).replaced
+    assert replaced and all(d.method == "sal" for d in replaced)
