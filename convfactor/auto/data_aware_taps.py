@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 
 from ..methods import get_method
-from ..methods._stages import set_weight
 from ..methods.base import FactorizedLayer
 from ..methods.dictionary import learn_dictionary
 from ..methods.sal import SALConv, kernel_tap_mask
@@ -130,9 +129,7 @@ class _ShiftFactorizer(LayerFactorizer):
 
     def module(self, rank: int) -> FactorizedLayer:
         (taps, mixing), _ = self.factors(rank)
-        module = ShiftConv.empty(self.layer, rank, taps)
-        set_weight(module.pointwise, mixing, None if self.layer.bias is None else self.layer.bias.detach())
-        return module
+        return ShiftConv.empty(self.layer, rank, taps).load_factors([mixing], self.layer)
 
 
 class _SALFactorizer(LayerFactorizer):
@@ -151,9 +148,7 @@ class _SALFactorizer(LayerFactorizer):
 
     def module(self, rank: int) -> FactorizedLayer:
         (weight,), _ = self.factors(rank)
-        module = SALConv.empty(self.layer, rank)
-        set_weight(module.conv, weight, None if self.layer.bias is None else self.layer.bias.detach())
-        return module
+        return SALConv.empty(self.layer, rank).load_factors([weight], self.layer)
 
 
 class _DictionaryFactorizer(LayerFactorizer):

@@ -13,6 +13,7 @@ Ranks are JSON-able: an int, or a tuple of ints for methods with several (Tucker
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,6 +23,7 @@ from torch import nn
 from ..errors import RankError, UnknownMethodError
 from ..geometry import LayerGeometry, layer_kind
 from ..ranks import align_rank, check_rank, fraction_to_rank, is_fraction, smallest_rank_for_energy
+from ._stages import set_weight
 
 __all__ = [
     "Rank",
@@ -75,6 +77,15 @@ class FactorizedLayer(nn.Sequential):
         if reason:
             raise RankError(f"{method.name} cannot represent this layer: {reason}")
         return method.decompose(layer, method.resolve_rank(layer, rank=rank, energy=energy))
+
+    def load_factors(self, weights: Sequence[torch.Tensor], layer: nn.Module) -> FactorizedLayer:
+        """Copy float64 factors into the stages that have weights, in order, casting to their dtype and device;
+        the last takes ``layer``'s bias. Returns the module."""
+        stages = [stage for stage in self.children() if isinstance(getattr(stage, "weight", None), torch.Tensor)]
+        bias = None if layer.bias is None else layer.bias.detach()
+        for index, (stage, weight) in enumerate(zip(stages, weights, strict=True)):
+            set_weight(stage, weight, bias if index == len(stages) - 1 else None)
+        return self
 
     def extra_repr(self) -> str:
         return f"method={self.method_name}, rank={self.rank}"

@@ -42,7 +42,7 @@ from ..errors import RankError
 from ..geometry import LayerGeometry
 from ..ranks import fraction_to_rank
 from ._cp_als import DEFAULT_MAX_SWEEPS, DEFAULT_TOLERANCE, CPResult, balance, cp_als
-from ._stages import axis_conv, pointwise, set_weight
+from ._stages import axis_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = [
@@ -329,12 +329,8 @@ class CP(FactorizationMethod):
     def decompose(self, layer: nn.Module, rank: int) -> CPConv:
         module = CPConv.empty(layer, rank)
         result = self.chain(layer).fit(rank)
-        out_f, in_f, h_f = result.factors[:3]
-        set_weight(module.project_in, in_f.T)
-        set_weight(module.depthwise_h, h_f.T)
-        if module.geometry.dims == 2:
-            set_weight(module.depthwise_w, result.factors[3].T)
-        set_weight(module.project_out, out_f, None if layer.bias is None else layer.bias.detach())
+        out_f, in_f, *kernel_f = result.factors  # stage order: C_in, k_h[, k_w], C_out
+        module.load_factors([in_f.T, *(f.T for f in kernel_f), out_f], layer)
         module.relative_squared_error = result.relative_squared_error
         return module
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry
 from ..ranks import shared_rank_spectrum
-from ._stages import make_conv, pointwise, set_weight
+from ._stages import make_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["depthwise_factors", "depthwise_spectra", "DepthwiseConv", "Depthwise"]
@@ -119,11 +119,7 @@ class Depthwise(FactorizationMethod):
         return [shared_rank_spectrum(s)]
 
     def decompose(self, layer: nn.Module, rank: int) -> DepthwiseConv:
-        module = DepthwiseConv.empty(layer, rank)
-        depthwise, mixing = depthwise_factors(layer.weight, rank, layer.groups)
-        set_weight(module.depthwise, depthwise)
-        set_weight(module.pointwise, mixing, None if layer.bias is None else layer.bias.detach())
-        return module
+        return DepthwiseConv.empty(layer, rank).load_factors(depthwise_factors(layer.weight, rank, layer.groups), layer)
 
 
 

@@ -51,7 +51,7 @@ from ._grouping import (
     index_order,
     refine,
 )
-from ._stages import make_conv, pointwise, set_weight
+from ._stages import make_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, Rank, conv_reason, register
 
 __all__ = [
@@ -350,9 +350,7 @@ class Grouped(FactorizationMethod):
         module = GroupedConv.empty(layer, rank)
         g, r_in, r_out = _expand_rank(module.geometry, rank)
         result = grouped_factors(layer.weight, g, r_in, r_out, self.refine_sweeps)
-        set_weight(module.project_in, result.project_in)
-        set_weight(module.core, result.core)
-        set_weight(module.project_out, result.project_out, None if layer.bias is None else layer.bias.detach())
+        module.load_factors((result.project_in, result.core, result.project_out), layer)
         module.kept_energy = result.kept_energy
         module.index_order_energy = result.index_order_energy
         return module

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..geometry import LayerGeometry
-from ._stages import make_conv, set_weight
+from ._stages import make_conv
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["kernel_tap_mask", "sal_weight", "SALConv", "SAL"]
@@ -92,9 +92,7 @@ class SAL(FactorizationMethod):
         return [torch.sort(squares, dim=-1, descending=True).values.sum(dim=(0, 1)).sqrt().cpu().numpy()]
 
     def decompose(self, layer: nn.Module, rank: int) -> SALConv:
-        module = SALConv.empty(layer, rank)
-        set_weight(module.conv, sal_weight(layer.weight, rank), None if layer.bias is None else layer.bias.detach())
-        return module
+        return SALConv.empty(layer, rank).load_factors([sal_weight(layer.weight, rank)], layer)
 
 
 register(SAL())

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry import LayerGeometry
-from ._stages import pointwise, set_weight
+from ._stages import pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["tap_energy", "top_taps", "shift_pairs", "shift_factors", "ChannelShift", "ShiftConv", "Shift"]
@@ -201,10 +201,7 @@ class Shift(FactorizationMethod):
 
     def decompose(self, layer: nn.Module, rank: int, taps: list[list[int]] | None = None) -> ShiftConv:
         taps = top_taps(tap_energy(layer.weight), rank) if taps is None else taps
-        module = ShiftConv.empty(layer, rank, taps)
-        set_weight(module.pointwise, shift_factors(layer.weight, taps),
-                   None if layer.bias is None else layer.bias.detach())
-        return module
+        return ShiftConv.empty(layer, rank, taps).load_factors([shift_factors(layer.weight, taps)], layer)
 
 
 register(Shift())

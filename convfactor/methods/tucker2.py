@@ -21,7 +21,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry
 from ..ranks import shared_rank_spectrum
-from ._stages import make_conv, pointwise, set_weight
+from ._stages import make_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = [
@@ -180,13 +180,8 @@ class Tucker2(FactorizationMethod):
         return [shared_rank_spectrum(s_in), shared_rank_spectrum(s_out)]
 
     def decompose(self, layer: nn.Module, rank: tuple[int, int]) -> Tucker2Conv:
-        module = Tucker2Conv.empty(layer, rank)
-        project_in, core, project_out = tucker2_factors(layer.weight, tuple(rank), layer.groups,
-                                                        self.hooi_iterations)
-        set_weight(module.project_in, project_in)
-        set_weight(module.core, core)
-        set_weight(module.project_out, project_out, None if layer.bias is None else layer.bias.detach())
-        return module
+        return Tucker2Conv.empty(layer, rank).load_factors(
+            tucker2_factors(layer.weight, tuple(rank), layer.groups, self.hooi_iterations), layer)
 
 
 
