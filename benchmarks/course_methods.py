@@ -1,5 +1,5 @@
-"""The course's other compressions on the shipped digits models: channel SVD, shift, kernel dictionary at two
-budgets each, and k-means weight sharing at 8/5/4/3 bits.
+"""The course's other compressions on the shipped digits models: channel SVD, shift, kernel dictionary, per-kernel
+SAL at two budgets each, and k-means weight sharing at 8/5/4/3 bits (``B:data``: weighted by the calibration data).
 
 For each trained checkpoint (``convfactor.zoo``: ResNet-20 and the small MobileNet on 8x8 digits) and each
 variant, one row: layers replaced, MACs and params (ratios to the BatchNorm-folded original), held-out
@@ -10,7 +10,12 @@ interleaved, median ratio) and the challenge score (``convfactor.score``; the di
 count as unstructured pruning p_u, weight sharing as q_w = the average index + codebook bits).
 
 Every 3x3 conv but the first is factorized with calibration data (256 training images: data-aware fits),
-except in the variants marked nodata.
+except in the variants marked nodata. ``sal`` keeps m taps of every kernel slice: its zeros count as p_u.
+
+``--real ppocr_rec`` (or another model of ``benchmarks/real``, installed as ``benchmarks/real_models.py``
+says) runs the same variants on that pretrained network with its own calibration data and task metric,
+every conv but the first taken (no fine-tune, no timing: the rows give the metric, MACs, params, zeros
+and score).
 Weight sharing runs on the BatchNorm-folded original, as ``factorize`` leaves a model: sharing the unfolded
 one keeps more accuracy (at 4 bits, no fine-tune: 0.942 held-out against 0.887 folded), but both ONNX
 exporters fold BatchNorm into the conv weights, which leaves nothing to pack. Its fine-tuned row moves
@@ -18,6 +23,7 @@ the centroids only (``convfactor.share.finetune_codebooks``), so the result stil
 
     python benchmarks/course_methods.py                          # both models (~15 min on 2 cores)
     python benchmarks/course_methods.py --models resnet20_digits --finetune-steps 0 --min-time 0.5
+    python benchmarks/course_methods.py --real ppocr_rec --variants channel_svd:0.5,sal:2,sal:1 --bits 4,4:data
 """
 
 from __future__ import annotations
@@ -51,8 +57,8 @@ MODELS = ("resnet20_digits", "mobilenet_digits")
 # "dictionary:4:nodata" fits from the weights alone, so its lasso code keeps its zeros (with data the code is
 # refit densely).
 VARIANTS = ("channel_svd:0.5", "channel_svd:0.25", "shift:3", "shift:2", "dictionary:4", "dictionary:2",
-            "dictionary:4:nodata")
-SHARE_BITS = (8, 5, 4, 3)
+            "dictionary:4:nodata", "sal:2", "sal:1")
+SHARE_BITS = ("8", "5", "4", "3", "4:data", "3:data")
 
 
 def parse_args(argv):
@@ -65,6 +71,8 @@ def parse_args(argv):
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--min-time", type=float, default=2.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--real", default=None, help="a model of benchmarks/real (e.g. ppocr_rec) instead of digits")
+    parser.add_argument("--quick", action="store_true", help="--real: fewer evaluation and calibration inputs")
     return parser.parse_args(argv)
 
 
@@ -101,9 +109,77 @@ def measure(label, model, reference, onnx_path, x, args, test, macs, params, sco
     }
 
 
+def variant_policy(model: nn.Module, spec: str) -> tuple[dict, list[str]]:
+    """The policy of a variant ``METHOD:RANK[:FLAGS]``: that method for every Conv2d but the first."""
+    method, rank, *flags = spec.split(":")
+    rank_value = float(rank) if "." in rank else int(rank)
+    first_conv = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    return {"rules": [{"match": first_conv, "method": "skip"},
+                      {"types": ["Conv2d"], "method": method, "rank": rank_value}]}, [method, rank, *flags]
+
+
+def real_rows(args) -> list[dict]:
+    """The variants and sharing rows on a pretrained network of ``benchmarks/real`` (its task metric)."""
+    root = Path(__file__).resolve().parent.parent
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.real.runs import load_spec
+
+    spec = load_spec(args.real, args.quick)
+    model = spec["build"]().eval()
+    x = spec["example"]
+
+    def factorize(policy: dict, **kwargs) -> nn.Module:
+        try:
+            return convfactor.factorize(model, policy, x, **spec["capture"], **kwargs)
+        except convfactor.TraceError:
+            if not spec.get("capture_fallback"):
+                raise
+            return convfactor.factorize(model, policy, x, **spec["capture_fallback"], **kwargs)
+
+    folded = factorize({"rules": [{"match": "*", "method": "skip"}]})
+    base_macs, base_params = module_macs(folded, x[0].shape), count_params(folded)
+    key = spec["metric_key"]
+    rows = [{"model": spec["name"], "variant": "original", "layers": "-", "macs": 1.0, "params": 1.0,
+             "zeros": zero_fraction(folded),
+             key: spec["metric"](folded)[key], "score": challenge_score(base_params, base_macs).score}]
+    print(json.dumps(rows[-1]), flush=True)
+    for variant in [v for v in args.variants.split(",") if v]:
+        policy, (method, rank, *flags) = variant_policy(folded, variant)
+        fast = factorize(policy, calibration=None if "nodata" in flags else spec["calibration"])
+        report = convfactor.get_report(fast)
+        p_u = zero_fraction(fast)
+        rows.append({"model": spec["name"], "variant": " ".join([method, rank, *flags]),
+                     "layers": f"{len(report.replaced)}/{len(report.layers)}", "macs": report.macs_after / base_macs,
+                     "params": report.params_after / base_params, "zeros": p_u, key: spec["metric"](fast)[key],
+                     "score": challenge_score(report.params_after, report.macs_after, unstructured_pruning=p_u).score})
+        print(json.dumps(rows[-1]), flush=True)
+    for entry in [b for b in args.bits.split(",") if b]:
+        bits, _, data = entry.partition(":")
+        shared = share_weights(folded, bits=int(bits), calibration=spec["calibration"] if data else None)
+        sharing = sharing_report(shared)
+        rows.append({"model": spec["name"], "variant": f"share {entry} (q_w {sharing.weight_bits():.2f})",
+                     "layers": "all", "macs": 1.0, "params": 1.0, "zeros": zero_fraction(shared),
+                     key: spec["metric"](shared)[key],
+                     "score": sharing.score(base_macs).score})
+        print(json.dumps(rows[-1]), flush=True)
+    print()
+    print(f"| variant | layers | MACs | params | zeros (p_u) | {key} | score |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['layers']} | {r['macs']:.3f} | {r['params']:.3f} | {r['zeros']:.3f} | "
+              f"{r[key]:.4f} | {r['score']:.5f} |")
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
+    if args.real:
+        rows = real_rows(args)
+        if args.json is not None:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return 0
     test = load_digits_split("test")
     train_x, _ = load_digits_split("train")
     calib, _ = calibration_subset(args.calibration)
@@ -123,11 +199,7 @@ def main(argv=None) -> int:
             rows.append({"model": name, **base})
             print(json.dumps(rows[-1]), flush=True)
             for spec in [v for v in args.variants.split(",") if v]:
-                method, rank, *flags = spec.split(":")
-                rank_value = float(rank) if "." in rank else int(rank)
-                first_conv = next(n for n, m in folded.named_modules() if isinstance(m, nn.Conv2d))
-                policy = {"rules": [{"match": first_conv, "method": "skip"},
-                                    {"types": ["Conv2d"], "method": method, "rank": rank_value}]}
+                policy, (method, rank, *flags) = variant_policy(folded, spec)
                 fast = convfactor.factorize(model, policy, x, calibration=None if "nodata" in flags else calib)
                 report = convfactor.get_report(fast)
                 path = Path(tmp) / f"{name}-{spec.replace(':', '-')}.onnx"
@@ -142,16 +214,17 @@ def main(argv=None) -> int:
                 row.update(model=name, layers=f"{len(report.replaced)}/{len(report.layers)}", zeros=p_u)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            for bits in (int(b) for b in args.bits.split(",") if b):
-                shared = share_weights(folded, bits=bits)
-                path = Path(tmp) / f"{name}-share{bits}.onnx"
+            for entry in [b for b in args.bits.split(",") if b]:
+                bits, _, data = entry.partition(":")
+                shared = share_weights(folded, bits=int(bits), calibration=calib if data else None)
+                path = Path(tmp) / f"{name}-share{bits}{data}.onnx"
                 export_shared_onnx(shared, x, path, exporter="torchscript")
                 score = sharing_report(shared).score(base_macs).score
                 tuned = None
                 if args.finetune_steps > 0:
                     tuned = evaluate_accuracy(tuned_codebooks(shared, model, train_x, args), *test)
-                row = measure(f"share {bits} bits", shared, str(base_onnx), path, x, args, test, 1.0, 1.0,
-                              score, tuned)
+                label = f"share {bits} bits{' data' if data else ''}"
+                row = measure(label, shared, str(base_onnx), path, x, args, test, 1.0, 1.0, score, tuned)
                 row.update(model=name, layers="all", weight_bits=sharing_report(shared).weight_bits())
                 rows.append(row)
                 print(json.dumps(row), flush=True)

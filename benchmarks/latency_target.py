@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_profile(model: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, report) -> None:
     """Per replaced layer: the form chosen, its MAC cut, and its time inside each network (median of 30 runs)."""
-    from convfactor.profiling import profile_layers
+    from convfactor.runtime.profiling import profile_layers
 
     layers = report.extra["auto"]["layers"]
     replaced = [name for name, layer in layers.items() if layer.get("chosen")]

@@ -75,6 +75,8 @@ def _costlier(method, layer: nn.Module, rank, in_out, decision: LayerDecision) -
     """Why the replacement would not pay (it costs as many MACs or more; parameters without shapes), or None."""
     from .auto.candidates import replacement_costs  # late: convfactor.auto imports this module
 
+    if method.pruning:  # a pruning form (sal) saves zeros, not MACs: it is never "not cheaper"
+        return None
     macs, params = replacement_costs(method, layer, rank, in_out[0] if in_out else None)
     before, after, what = ((decision.macs_before, macs, "MACs") if macs is not None and decision.macs_before
                            else (decision.params_before, params, "parameters"))

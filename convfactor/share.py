@@ -11,6 +11,13 @@ q_w = ceil(log2 K) bits per weight in the challenge score.
 
 k-means is fit on at most ``MAX_FIT_VALUES`` weights of a layer (a seeded subset; 1-D k-means needs few),
 then every weight takes its nearest centroid, so memory and time stay linear in the layer's size.
+
+Data-aware (``calibration=`` inputs): each weight W[o, j] is weighted in the k-means by its output
+sensitivity E[p_j^2], the second moment on the calibration data of the input value it multiplies. A
+layer's output error E||(W - W_shared) p||^2 is sum_(o, j) (W - W_shared)[o, j]^2 E[p_j^2] plus the
+cross terms of correlated inputs, so the weighted k-means minimizes its diagonal part: centroids move
+towards the weights that touch the inputs the data excites. The second moments are the diagonal patch
+statistics of ``convfactor.auto.calibration`` (D values per layer: bounded memory).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +35,7 @@ from .errors import ConvfactorError
 from .score import ChallengeScore, challenge_score
 
 __all__ = ["SharedLayer", "SharingReport", "kmeans_1d", "elbow_clusters", "share_weights", "sharing_report",
-           "parse_share_spec", "finetune_codebooks", "ELBOW_CANDIDATES"]
+           "output_sensitivities", "parse_share_spec", "finetune_codebooks", "ELBOW_CANDIDATES"]
 
 SHARING_ATTR = "convfactor_sharing"
 MAX_FIT_VALUES = 65536
@@ -82,10 +90,13 @@ def _nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.searchsorted(midpoints, values)
 
 
-def kmeans_1d(values: np.ndarray, clusters: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def kmeans_1d(values: np.ndarray, clusters: int, seed: int = 0,
+              sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(sorted centroids (K,), index of each value's centroid) by 1-D k-means with linear initialization.
 
-    K is capped at the number of distinct values (then the sharing is exact).
+    K is capped at the number of distinct values (then the sharing is exact). ``sample_weight`` (one
+    nonnegative weight per value) makes it the weighted k-means: each centroid is the weighted mean of
+    its values (the nearest centroid is the same either way).
     """
     values = np.asarray(values, dtype=np.float64).ravel()
     distinct = np.unique(values)
@@ -93,11 +104,13 @@ def kmeans_1d(values: np.ndarray, clusters: int, seed: int = 0) -> tuple[np.ndar
         return distinct, _nearest(values, distinct)
     from sklearn.cluster import KMeans
 
-    fit = values
+    fit, weight = values, sample_weight
     if len(values) > MAX_FIT_VALUES:
-        fit = np.random.default_rng(seed).choice(values, MAX_FIT_VALUES, replace=False)
+        subset = np.random.default_rng(seed).choice(len(values), MAX_FIT_VALUES, replace=False)
+        fit, weight = values[subset], None if sample_weight is None else sample_weight[subset]
     init = np.linspace(values.min(), values.max(), clusters).reshape(-1, 1)
-    kmeans = KMeans(n_clusters=clusters, init=init, n_init=1, random_state=seed).fit(fit.reshape(-1, 1))
+    kmeans = KMeans(n_clusters=clusters, init=init, n_init=1, random_state=seed).fit(fit.reshape(-1, 1),
+                                                                                    sample_weight=weight)
     centroids = np.unique(kmeans.cluster_centers_.ravel())  # sorted; empty clusters may merge
     return centroids, _nearest(values, centroids)
 
@@ -117,7 +130,7 @@ def elbow_clusters(values: np.ndarray, candidates: tuple[int, ...] = ELBOW_CANDI
 
 
 def share_weights(model: nn.Module, bits: int | None = None, clusters: int | None = None, elbow: bool = False,
-                  seed: int = 0) -> nn.Module:
+                  seed: int = 0, calibration: Any = None) -> nn.Module:
     """A copy of ``model`` whose Conv/Linear weights are shared through per-layer k-means codebooks.
 
     Args:
@@ -126,6 +139,8 @@ def share_weights(model: nn.Module, bits: int | None = None, clusters: int | Non
         clusters: K directly (2..256).
         elbow: choose K per layer by the elbow rule (``elbow_clusters``).
         seed: seed of the k-means fit subset.
+        calibration: optional inputs of ``model`` (a tensor, a tuple for a multi-input model, or a list of
+            batches): weight each weight by its output sensitivity on them (see the module docstring).
     Returns:
         The shared copy, in the mode ``model`` was, with a ``SharingReport`` as ``convfactor_sharing``
         (see ``sharing_report``).
@@ -148,19 +163,46 @@ def share_weights(model: nn.Module, bits: int | None = None, clusters: int | Non
     if hasattr(model, REPORT_ATTR):  # a GraphModule's deepcopy drops the factorize report: keep it
         setattr(shared, REPORT_ATTR, getattr(model, REPORT_ATTR))
     report = SharingReport(params_total=sum(p.numel() for p in shared.parameters()))
-    for name, layer in shared.named_modules():
-        if type(layer) not in _SHARED_TYPES:
-            continue
+    layers = {name: layer for name, layer in shared.named_modules() if type(layer) in _SHARED_TYPES}
+    sensitivities = {} if calibration is None else output_sensitivities(shared, layers, calibration)
+    for name, layer in layers.items():
         weight = layer.weight.detach()
         values = weight.cpu().to(torch.float64).numpy().ravel()
         k = elbow_clusters(values, seed=seed) if elbow else clusters
-        centroids, labels = kmeans_1d(values, k, seed)
+        centroids, labels = kmeans_1d(values, k, seed, sensitivities.get(name))
         with torch.no_grad():
             layer.weight.copy_(torch.from_numpy(centroids[labels]).reshape(weight.shape).to(weight))
         report.layers.append(SharedLayer(name, len(centroids), max(1, math.ceil(math.log2(len(centroids)))),
                                          weight.numel(), _relative_error(values, centroids, labels)))
     setattr(shared, SHARING_ATTR, report)
     return shared
+
+
+def output_sensitivities(model: nn.Module, layers: dict[str, nn.Module],
+                        calibration: Any) -> dict[str, np.ndarray | None]:
+    """{name: E[p_j^2] for every weight W[o, j] of the layer, flattened like its weight}: the diagonal patch
+    statistics of each layer's input while ``model`` runs on ``calibration``."""
+    from .auto.calibration import calibration_batches, layer_statistics
+
+    multi = isinstance(calibration, tuple) and len(calibration) > 1
+    batches = calibration_batches(calibration, len(calibration) if multi else 1,
+                                  like=None if multi else [next(model.parameters())])
+    was_training = model.training
+    model.eval()
+    try:
+        # A budget of one byte makes every statistic the diagonal one (the variances, D values per layer).
+        stats = layer_statistics(model, layers, batches, memory_budget=1.0)
+    finally:
+        model.train(was_training)
+    out = {}
+    for name, layer in layers.items():
+        second = stats[name].covariance.diagonal().cpu().numpy()  # (g, D)
+        rows_per_group = layer.weight.shape[0] // second.shape[0]
+        per_weight = np.repeat(second, rows_per_group, axis=0).ravel()
+        mean = float(per_weight.mean())
+        # Relative, with a floor: a weight on an input the data never excites still counts a little.
+        out[name] = per_weight / mean + 1e-6 if mean > 0 else None
+    return out
 
 
 def sharing_report(model: nn.Module) -> SharingReport:

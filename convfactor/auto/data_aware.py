@@ -46,7 +46,7 @@ __all__ = [
     "grouped_weight",
 ]
 
-DATA_AWARE_METHODS = ("svd", "spatial_svd", "tucker2", "channel_svd", "shift", "dictionary")
+DATA_AWARE_METHODS = ("svd", "spatial_svd", "tucker2", "channel_svd", "shift", "dictionary", "sal")
 # Ridge added to Sigma, relative to its mean diagonal (as in GPTQ's 1% dampening): keeps the whitening
 # well conditioned and lets low-variance directions fall back towards plain weight fitting.
 DEFAULT_DAMPING = 1e-2

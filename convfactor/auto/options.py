@@ -18,7 +18,7 @@ SLOW_METHODS = ("cp",)
 # results stay what they were): channel_svd costs more MACs per rank than spatial_svd on a k x k conv
 # (r*(C_in*k_h*k_w + C_out) against r*(C_in*k_h + C_out*k_w)), shift keeps whole taps (its error is coarse
 # and its shift stage is memory traffic), and dictionary learning takes seconds per rank.
-OPT_IN_METHODS = ("channel_svd", "shift", "dictionary")
+OPT_IN_METHODS = ("channel_svd", "shift", "dictionary", "sal")
 
 
 @dataclass(frozen=True)

@@ -26,5 +26,6 @@ for _name in BUILTIN_METHODS:
     _importlib.import_module(f"{__name__}.{_name}")
 
 # The course's other compressions (channel SVD, shift + pointwise, kernel dictionary).
-for _name in ("channel_svd", "shift", "dictionary"):
+# sal: the per-kernel form of the shift attention layer (an unstructured-pruning option).
+for _name in ("channel_svd", "shift", "dictionary", "sal"):
     _importlib.import_module(f"{__name__}.{_name}")

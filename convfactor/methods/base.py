@@ -13,6 +13,7 @@ Ranks are JSON-able: an int, or a tuple of ints for methods with several (Tucker
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,6 +23,7 @@ from torch import nn
 from ..errors import RankError, UnknownMethodError
 from ..geometry import LayerGeometry, layer_kind
 from ..ranks import align_rank, check_rank, fraction_to_rank, is_fraction, smallest_rank_for_energy
+from ._stages import set_weight
 
 __all__ = [
     "Rank",
@@ -76,6 +78,15 @@ class FactorizedLayer(nn.Sequential):
             raise RankError(f"{method.name} cannot represent this layer: {reason}")
         return method.decompose(layer, method.resolve_rank(layer, rank=rank, energy=energy))
 
+    def load_factors(self, weights: Sequence[torch.Tensor], layer: nn.Module) -> FactorizedLayer:
+        """Copy float64 factors into the stages that have weights, in order, casting to their dtype and device;
+        the last takes ``layer``'s bias. Returns the module."""
+        stages = [stage for stage in self.children() if isinstance(getattr(stage, "weight", None), torch.Tensor)]
+        bias = None if layer.bias is None else layer.bias.detach()
+        for index, (stage, weight) in enumerate(zip(stages, weights, strict=True)):
+            set_weight(stage, weight, bias if index == len(stages) - 1 else None)
+        return self
+
     def extra_repr(self) -> str:
         return f"method={self.method_name}, rank={self.rank}"
 
@@ -83,15 +94,26 @@ class FactorizedLayer(nn.Sequential):
 ALREADY_DEPTHWISE = "already depthwise (groups == in_channels): nothing to factorize across channels"
 
 
-def conv_reason(method_name: str, layer: nn.Module) -> str | None:
-    """Why a method that factorizes across channels of a Conv1d/Conv2d cannot take ``layer``, or None.
+def conv_reason(method_name: str, layer: nn.Module, *, pointwise: str | None = None, grouped: str | None = None,
+                allow_depthwise: bool = False) -> str | None:
+    """Why a method that rewrites a Conv1d/Conv2d cannot take ``layer``, or None: the one check every conv
+    method's ``unsupported_reason`` makes, with the method's own wording for what it refuses.
 
-    Shared first checks of the conv methods: the layer is a plain Conv1d/Conv2d, and not depthwise.
+    Args:
+        method_name: named in the type message.
+        pointwise: the reason a 1x1 conv is refused; None accepts it.
+        grouped: the reason a grouped conv is refused, ``{groups}`` filled in; None accepts it.
+        allow_depthwise: accept an already depthwise conv (groups == in_channels).
     """
     if layer_kind(layer) not in ("Conv1d", "Conv2d"):
         return f"{method_name} factorizes Conv1d/Conv2d, not {type(layer).__name__} (use svd)"
-    if LayerGeometry.of(layer).is_depthwise:
+    geo = LayerGeometry.of(layer)
+    if geo.is_depthwise and not allow_depthwise:
         return ALREADY_DEPTHWISE
+    if grouped is not None and geo.groups > 1:
+        return grouped.format(groups=geo.groups)
+    if pointwise is not None and geo.kernel_volume == 1:
+        return pointwise
     return None
 
 
@@ -102,6 +124,8 @@ class FactorizationMethod(abc.ABC):
     summary: ClassVar[str]  # one line of math, shown by `convfactor methods` and the README
     rank_meaning: ClassVar[str]  # what an int rank means for this method
     module_cls: ClassVar[type[FactorizedLayer]]  # its module; ``module_cls.empty(layer, rank)`` builds it
+    # A pruning form (sal) keeps the layer's shape and saves zeros (p_u), not MACs: only_if_cheaper keeps it.
+    pruning: ClassVar[bool] = False
 
     # -- which layers -------------------------------------------------------------------------
     @abc.abstractmethod

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry
 from ..ranks import shared_rank_spectrum
-from ._stages import make_conv, pointwise, set_weight
+from ._stages import make_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["channel_svd_factors", "channel_svd_spectra", "ChannelSVDConv", "ChannelSVD"]
@@ -89,12 +89,7 @@ class ChannelSVD(FactorizationMethod):
     module_cls = ChannelSVDConv
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        reason = conv_reason(self.name, layer)
-        if reason:
-            return reason
-        if LayerGeometry.of(layer).kernel_volume == 1:
-            return "a 1x1 conv: channel SVD of it is svd"
-        return None
+        return conv_reason(self.name, layer, pointwise="a 1x1 conv: channel SVD of it is svd")
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("r",)
@@ -108,11 +103,8 @@ class ChannelSVD(FactorizationMethod):
         return [shared_rank_spectrum(channel_svd_spectra(layer.weight, layer.groups))]
 
     def decompose(self, layer: nn.Module, rank: int) -> ChannelSVDConv:
-        module = ChannelSVDConv.empty(layer, rank)
-        basis, mixing = channel_svd_factors(layer.weight, rank, layer.groups)
-        set_weight(module.basis, basis)
-        set_weight(module.mixing, mixing, None if layer.bias is None else layer.bias.detach())
-        return module
+        return ChannelSVDConv.empty(layer, rank).load_factors(channel_svd_factors(layer.weight, rank, layer.groups),
+                                                              layer)
 
 
 register(ChannelSVD())

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry
 from ..ranks import shared_rank_spectrum
-from ._stages import make_conv, pointwise, set_weight
+from ._stages import make_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["depthwise_factors", "depthwise_spectra", "DepthwiseConv", "Depthwise"]
@@ -104,13 +104,8 @@ class Depthwise(FactorizationMethod):
     module_cls = DepthwiseConv
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        reason = conv_reason(self.name, layer)
-        if reason:
-            return reason
-        geo = LayerGeometry.of(layer)
-        if geo.kernel_volume == 1:
-            return "a 1x1 conv: its depthwise part would be a per-channel scale (use svd)"
-        return None
+        return conv_reason(self.name, layer,
+                           pointwise="a 1x1 conv: its depthwise part would be a per-channel scale (use svd)")
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("m",)
@@ -124,11 +119,7 @@ class Depthwise(FactorizationMethod):
         return [shared_rank_spectrum(s)]
 
     def decompose(self, layer: nn.Module, rank: int) -> DepthwiseConv:
-        module = DepthwiseConv.empty(layer, rank)
-        depthwise, mixing = depthwise_factors(layer.weight, rank, layer.groups)
-        set_weight(module.depthwise, depthwise)
-        set_weight(module.pointwise, mixing, None if layer.bias is None else layer.bias.detach())
-        return module
+        return DepthwiseConv.empty(layer, rank).load_factors(depthwise_factors(layer.weight, rank, layer.groups), layer)
 
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..geometry import LayerGeometry
-from ._stages import make_conv, pointwise, set_weight
+from ._stages import make_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["DEFAULT_ALPHA", "dictionary_factors", "DictionaryConv", "Dictionary"]
@@ -129,12 +129,8 @@ class Dictionary(FactorizationMethod):
         self.alpha = alpha
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        reason = conv_reason(self.name, layer)
-        if reason:
-            return reason
-        if LayerGeometry.of(layer).kernel_volume == 1:
-            return "a 1x1 conv: its kernels are scalars, a dictionary of them is a scale (use svd)"
-        return None
+        return conv_reason(self.name, layer,
+                           pointwise="a 1x1 conv: its kernels are scalars, a dictionary of them is a scale (use svd)")
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("K",)
@@ -147,11 +143,8 @@ class Dictionary(FactorizationMethod):
         return [np.linalg.svd(_kernels(layer.weight), compute_uv=False)]
 
     def decompose(self, layer: nn.Module, rank: int) -> DictionaryConv:
-        module = DictionaryConv.empty(layer, rank)
-        depthwise, code = dictionary_factors(layer.weight, rank, layer.groups, self.alpha)
-        set_weight(module.atoms, depthwise)
-        set_weight(module.codes, code, None if layer.bias is None else layer.bias.detach())
-        return module
+        return DictionaryConv.empty(layer, rank).load_factors(
+            dictionary_factors(layer.weight, rank, layer.groups, self.alpha), layer)
 
 
 register(Dictionary())

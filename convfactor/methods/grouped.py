@@ -13,9 +13,10 @@ need not be monotone in g).
 How channels are grouped (by energy, not index order): take bases U, V, the core G = U^T W V and its
 energy matrix E[a, b] = sum_k G[a, b, k]^2, and split the rows and columns of E into g equal groups
 (plus, when r < C, a "dropped" group) maximizing the block-diagonal energy:
-  1. starts: index order, and a spectral co-clustering of E (Dhillon 2001) made balanced;
+  1. starts: index order, and a spectral co-clustering of E (Dhillon 2001; scikit-learn's
+     ``SpectralCoclustering``) made balanced;
   2. alternating balanced assignment: rows given the column groups, then columns given the rows,
-     each by greedy assignment improved by rounds of disjoint best swaps (never losing energy);
+     each optimal for its side (SciPy's ``linear_sum_assignment`` over the groups' slots);
   3. refinement of the bases: for each pair of groups, the union of their subspaces is re-split
      into the best pair of subspaces (top eigenvectors of A_1 - A_2, A_q the energy the block sees),
      which is optimal for that pair and never decreases the kept energy (Jacobi-like sweeps over
@@ -39,7 +40,18 @@ from torch import nn
 from ..errors import RankError
 from ..geometry import LayerGeometry
 from ..ranks import align_rank, check_rank, is_fraction
-from ._stages import make_conv, pointwise, set_weight
+from ._grouping import (
+    DEFAULT_REFINE_SWEEPS,
+    MAX_DROPPED_EXCHANGE_GROUPS,
+    ROUND_BUDGET,
+    balanced_assignment,
+    block_energy,
+    eigenvectors,
+    group_channels,
+    index_order,
+    refine,
+)
+from ._stages import make_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, Rank, conv_reason, register
 
 __all__ = [
@@ -56,16 +68,6 @@ __all__ = [
     "ROUND_BUDGET",
 ]
 
-# Sweeps of pairwise re-splitting (each is monotone; a sweep gaining < 1e-6 of ||W||^2 ends it).
-# More keep helping slowly on random weights (128x128x3x3, g=4: 0.51 / 0.54 / 0.56 kept after 2/4/8).
-DEFAULT_REFINE_SWEEPS = 4
-# A sweep is g-1 rounds, each rewriting the whole core, so large g get fewer sweeps (at least one):
-# sweeps = min(refine_sweeps, max(1, ROUND_BUDGET // (g - 1))), i.e. 4 up to g=32, 2 at 64, 1 above.
-ROUND_BUDGET = 128
-# With r < C, each group is also re-split with the dropped components: one eigh of size up to C per
-# group and sweep, so only for g up to this.
-MAX_DROPPED_EXCHANGE_GROUPS = 64
-_SEED = 0
 
 
 @dataclass
@@ -90,261 +92,6 @@ def valid_group_counts(in_channels: int, out_channels: int) -> list[int]:
     return [g for g in range(1, d + 1) if d % g == 0]
 
 
-# -- balanced assignment ---------------------------------------------------------------------------
-def _greedy_assignment(scores: np.ndarray, capacities: np.ndarray) -> np.ndarray:
-    """Items to groups by decreasing score, respecting capacities (a feasible start for the swaps)."""
-    n = scores.shape[0]
-    labels = np.full(n, -1)
-    left = capacities.copy()
-    for flat in np.argsort(-scores, axis=None, kind="stable"):
-        item, group = divmod(int(flat), scores.shape[1])
-        if labels[item] < 0 and left[group] > 0:
-            labels[item] = group
-            left[group] -= 1
-    return labels
-
-
-def balanced_assignment(scores: np.ndarray, capacities: np.ndarray, start: np.ndarray | None = None,
-                        max_rounds: int = 100) -> np.ndarray:
-    """Assign n items to groups with fixed sizes, maximizing sum_i scores[i, label_i].
-
-    Greedy (or ``start``), then rounds of swaps: each round computes the gain of swapping the groups
-    of every two items and applies the best disjoint positive swaps (disjoint swaps' gains add up).
-    Every swap keeps the sizes and raises the total, so the result is never worse than the start.
-
-    Args:
-        scores: (n, G) gain of putting item i in group q.
-        capacities: (G,) group sizes, summing to n.
-        start: optional feasible labels to improve.
-        max_rounds: bound on the rounds of swaps.
-    Returns:
-        labels: (n,) group of each item.
-    """
-    labels = _greedy_assignment(scores, capacities) if start is None else start.copy()
-    n = len(labels)
-    tolerance = 1e-12 * (float(np.abs(scores).max()) if scores.size else 0.0)
-    items = np.arange(n)
-    for _ in range(max_rounds):
-        cross = scores[:, labels]  # cross[i, j]: score of item i in item j's group
-        own = cross[items, items]
-        gain = np.triu(cross + cross.T - own[:, None] - own[None, :], 1)
-        positive = np.flatnonzero(gain > tolerance)
-        if positive.size == 0:
-            break
-        if positive.size > 4 * n:  # only the best few can be disjoint anyway
-            positive = positive[np.argpartition(-gain.flat[positive], 4 * n)[: 4 * n]]
-        used = np.zeros(n, dtype=bool)
-        for flat in positive[np.argsort(-gain.flat[positive], kind="stable")]:
-            i, j = divmod(int(flat), n)
-            if not (used[i] or used[j]):
-                labels[i], labels[j] = labels[j], labels[i]
-                used[i] = used[j] = True
-    return labels
-
-
-def _block_energy(energy: np.ndarray, rows: np.ndarray, cols: np.ndarray, groups: int) -> float:
-    """Energy on the block diagonal: entries whose row and column share a group (< groups)."""
-    same = (rows[:, None] == cols[None, :]) & (rows[:, None] < groups)
-    return float(energy[same].sum())
-
-
-def _scores(energy: np.ndarray, other_labels: np.ndarray, groups: int) -> np.ndarray:
-    """(n, groups+1): energy item i would keep in group q given the other side's labels; the last
-    column, the dropped group, keeps nothing."""
-    onehot = np.zeros((len(other_labels), groups + 1))
-    onehot[np.arange(len(other_labels)), other_labels] = 1.0
-    out = energy @ onehot
-    out[:, groups] = 0.0
-    return out
-
-
-def _alternate(energy: np.ndarray, rows: np.ndarray, cols: np.ndarray, groups: int,
-               row_caps: np.ndarray, col_caps: np.ndarray, rounds: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Improve rows given columns, then columns given rows, until neither changes."""
-    for _ in range(rounds):
-        new_rows = balanced_assignment(_scores(energy, cols, groups), row_caps, start=rows)
-        new_cols = balanced_assignment(_scores(energy.T, new_rows, groups), col_caps, start=cols)
-        if np.array_equal(new_rows, rows) and np.array_equal(new_cols, cols):
-            break
-        rows, cols = new_rows, new_cols
-    return rows, cols
-
-
-def _index_order(size: int, kept: int, groups: int) -> np.ndarray:
-    """The first ``kept`` components in g consecutive blocks; the rest dropped (label g)."""
-    labels = np.full(size, groups)
-    labels[:kept] = np.arange(kept) // (kept // groups)
-    return labels
-
-
-def _squared_distances(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """(n, k) squared Euclidean distances, by ||x||^2 - 2 x.c + ||c||^2 (no (n, k, d) temporary)."""
-    d2 = (points**2).sum(1)[:, None] - 2 * points @ centers.T + (centers**2).sum(1)[None, :]
-    return np.maximum(d2, 0.0)
-
-
-def _kmeans(points: np.ndarray, k: int, iterations: int = 50) -> np.ndarray:
-    """Lloyd's k-means with k-means++ seeding from a fixed seed; returns the (k, d) centers."""
-    rng = np.random.default_rng(_SEED)
-    centers = np.empty((k, points.shape[1]))
-    centers[0] = points[rng.integers(len(points))]
-    nearest_d2 = _squared_distances(points, centers[:1])[:, 0]
-    for c in range(1, k):
-        total = nearest_d2.sum()
-        pick = rng.integers(len(points)) if total <= 0 else rng.choice(len(points), p=nearest_d2 / total)
-        centers[c] = points[pick]
-        nearest_d2 = np.minimum(nearest_d2, _squared_distances(points, centers[c:c + 1])[:, 0])
-    for _ in range(iterations):
-        nearest = _squared_distances(points, centers).argmin(1)
-        counts = np.bincount(nearest, minlength=k)
-        sums = np.zeros_like(centers)
-        np.add.at(sums, nearest, points)
-        moved = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
-        if np.allclose(moved, centers):
-            break
-        centers = moved
-    return centers
-
-
-def _spectral_start(energy: np.ndarray, groups: int, row_caps: np.ndarray,
-                    col_caps: np.ndarray, r_out: int, r_in: int) -> tuple[np.ndarray, np.ndarray]:
-    """Balanced spectral co-clustering of the leading (r_out, r_in) block of E.
-
-    Rows and columns are embedded together (singular vectors 2..l+1 of D_r^-1/2 E D_c^-1/2,
-    l = ceil(log2 g)); k-means gives g centers; each side is then assigned to the centers with
-    balanced sizes, so row group q and column group q share a center. Components beyond r are dropped.
-    """
-    block = energy[:r_out, :r_in]
-    floor = 1e-12 * max(float(block.sum()), 1e-300)  # keeps empty rows/columns finite
-    row_sum = np.maximum(block.sum(1), floor)
-    col_sum = np.maximum(block.sum(0), floor)
-    normalized = block / np.sqrt(row_sum)[:, None] / np.sqrt(col_sum)[None, :]
-    u, _, vt = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(normalized), full_matrices=False))
-    # The first singular pair is trivial (sqrt of the degrees); the next ceil(log2 g) separate groups.
-    available = u.shape[1]
-    width = max(1, math.ceil(math.log2(groups)))
-    vectors = slice(1, 1 + min(width, available - 1)) if available > 1 else slice(0, 1)
-    z_rows = u[:, vectors] / np.sqrt(row_sum)[:, None]
-    z_cols = vt[vectors].T / np.sqrt(col_sum)[:, None]
-    points = np.vstack([z_rows, z_cols])
-    if not np.isfinite(points).all():  # degenerate degrees: fall back to index order
-        return _index_order(energy.shape[0], r_out, groups), _index_order(energy.shape[1], r_in, groups)
-    centers = _kmeans(points, groups)
-
-    def assign(z: np.ndarray, caps: np.ndarray, size: int) -> np.ndarray:
-        closeness = -_squared_distances(z, centers)
-        labels = np.full(size, groups)
-        labels[: len(z)] = balanced_assignment(closeness, caps[:groups].copy())
-        return labels
-
-    return assign(z_rows, row_caps, energy.shape[0]), assign(z_cols, col_caps, energy.shape[1])
-
-
-# -- refinement of the bases -----------------------------------------------------------------------
-def _round_robin(players: int) -> list[list[tuple[int, int]]]:
-    """All pairs of ``players`` in rounds of disjoint pairs (circle method)."""
-    ring = list(range(players)) + ([-1] if players % 2 else [])
-    rounds = []
-    for _ in range(len(ring) - 1):
-        half = len(ring) // 2
-        rounds.append([(a, b) for a, b in zip(ring[:half], reversed(ring[half:])) if a >= 0 and b >= 0])
-        ring = [ring[0], ring[-1], *ring[1:-1]]
-    return rounds
-
-
-def _slots(labels: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """(g, size) positions of each group's components, and the dropped positions."""
-    return np.stack([np.flatnonzero(labels == q) for q in range(groups)]), np.flatnonzero(labels == groups)
-
-
-def _resplit(core: np.ndarray, basis: np.ndarray, slots: np.ndarray, dropped: np.ndarray,
-             other: np.ndarray, exchange_dropped: bool) -> None:
-    """One sweep over group pairs on the row side of ``core`` (in place).
-
-    For groups a, b with rows R = slots[a] u slots[b], A_x = B_x B_x^T where B_x is the block
-    (R, columns of group x); the best split of span(R) gives a the top-|a| eigenvectors of
-    A_a - A_b (A = 0 for the dropped rows). The current split is one candidate, so the kept energy
-    cannot go down. Pairs of a round are disjoint and are solved as one batch.
-
-    Args:
-        core: (n, m, K) in the current bases, rows = this side. basis: (C, n), its columns the rows'
-        vectors. slots: (g, size) positions per group; dropped: positions of dropped rows.
-        other: (g, size_other) positions of the column groups.
-        exchange_dropped: also re-split each group with the dropped rows (one eigh of size
-        |group| + |dropped| per group).
-    """
-    def grams(sub: np.ndarray, columns: np.ndarray) -> np.ndarray:
-        # sub (P, R, m, K), columns (P, c): the (P, R, R) Gram matrices of the blocks.
-        block = np.take_along_axis(sub, columns[:, None, :, None], axis=2).reshape(len(sub), sub.shape[1], -1)
-        return block @ block.transpose(0, 2, 1)
-
-    def rotate(rows: np.ndarray, sub: np.ndarray, target: np.ndarray) -> None:
-        # eigh sorts ascending; reversed columns put the |a| best directions in a's slots.
-        rotation = _eigenvectors(target)  # (P, R, R)
-        core[rows] = (rotation.transpose(0, 2, 1) @ sub.reshape(*rows.shape, -1)).reshape(sub.shape)
-        basis[:, rows] = np.einsum("cps,psr->cpr", basis[:, rows], rotation)
-
-    for pairs in _round_robin(len(slots)):
-        if not pairs:
-            continue
-        a = np.array([p for p, _ in pairs])
-        b = np.array([q for _, q in pairs])
-        rows = np.concatenate([slots[a], slots[b]], axis=1)  # (P, 2 size)
-        sub = core[rows]
-        rotate(rows, sub, grams(sub, other[a]) - grams(sub, other[b]))
-    if exchange_dropped and len(dropped):
-        for q in range(len(slots)):
-            rows = np.concatenate([slots[q], dropped])[None]  # (1, size + |dropped|)
-            sub = core[rows]
-            rotate(rows, sub, grams(sub, other[q:q + 1]))
-
-
-def _refine(core: np.ndarray, u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-            groups: int, sweeps: int, total: float) -> np.ndarray:
-    """Alternate pairwise re-splitting of the output and input bases (``u``, ``v`` in place).
-
-    Stops after ``sweeps`` (fewer for large g, see ROUND_BUDGET) or when a sweep gains less than
-    1e-6 of ||W||^2. Returns the new core.
-    """
-    row_slots, row_dropped = _slots(rows, groups)
-    col_slots, col_dropped = _slots(cols, groups)
-    exchange_dropped = groups <= MAX_DROPPED_EXCHANGE_GROUPS
-    sweeps = min(sweeps, max(1, ROUND_BUDGET // max(1, groups - 1)))
-    before = _block_energy((core**2).sum(-1), rows, cols, groups)
-    for _ in range(sweeps):
-        _resplit(core, u, row_slots, row_dropped, col_slots, exchange_dropped)
-        transposed = np.ascontiguousarray(core.transpose(1, 0, 2))
-        _resplit(transposed, v, col_slots, col_dropped, row_slots, exchange_dropped)
-        core = np.ascontiguousarray(transposed.transpose(1, 0, 2))
-        after = _block_energy((core**2).sum(-1), rows, cols, groups)
-        if after - before <= 1e-6 * total:
-            break
-        before = after
-    return core
-
-
-def _group(energy: np.ndarray, groups: int, row_caps: np.ndarray, col_caps: np.ndarray,
-           r_out: int, r_in: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Best balanced co-clustering of ``energy`` from the index-order and the spectral starts."""
-    c_out, c_in = energy.shape
-    index = (_index_order(c_out, r_out, groups), _index_order(c_in, r_in, groups))
-    if groups == 1 or not energy.any():  # a zero weight: every grouping keeps all of nothing
-        return index[0], index[1], _block_energy(energy, *index, groups)
-    best = (index[0], index[1], -1.0)
-    for start_rows, start_cols in (index, _spectral_start(energy, groups, row_caps, col_caps, r_out, r_in)):
-        rows, cols = _alternate(energy, start_rows, start_cols, groups, row_caps, col_caps)
-        kept = _block_energy(energy, rows, cols, groups)
-        if kept > best[2]:
-            best = (rows, cols, kept)
-    return best
-
-
-def _eigenvectors(matrix: np.ndarray) -> np.ndarray:
-    """Eigenvectors of symmetric (..., n, n) matrices, largest eigenvalue first. torch's eigh: NumPy's
-    took 7x longer on a 1,024 x 1,024 matrix here (14.0 s against 2.0 s, one thread)."""
-    return torch.linalg.eigh(torch.from_numpy(np.ascontiguousarray(matrix)))[1].numpy()[..., ::-1]
-
-
 def hosvd(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Full HOSVD bases of a conv weight (eigenvectors of the unfoldings' Gram matrices, by decreasing
     energy) and its core in them: u (O, O), v (I, I), core (O, I, K), float64."""
@@ -352,8 +99,8 @@ def hosvd(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     flat = w.reshape(w.shape[0], w.shape[1], -1)  # (O, I, K)
     unfold_out = flat.reshape(flat.shape[0], -1)
     unfold_in = flat.transpose(0, 1).reshape(flat.shape[1], -1)
-    u = _eigenvectors((unfold_out @ unfold_out.T).numpy())
-    v = _eigenvectors((unfold_in @ unfold_in.T).numpy())
+    u = eigenvectors((unfold_out @ unfold_out.T).numpy())
+    v = eigenvectors((unfold_in @ unfold_in.T).numpy())
     core = torch.einsum("oik,oa,ib->abk", flat, torch.from_numpy(u.copy()), torch.from_numpy(v.copy()))
     return u, v, core.numpy()
 
@@ -375,13 +122,13 @@ class GroupedBound:
 
     def _labels(self, rank: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         g, r_in, r_out = rank
-        return _index_order(self.energy.shape[0], r_out, g), _index_order(self.energy.shape[1], r_in, g)
+        return index_order(self.energy.shape[0], r_out, g), index_order(self.energy.shape[1], r_in, g)
 
     def kept(self, rank: tuple[int, int, int]) -> float:
         """Share of ||W||^2 kept by the index-order grouping at (g, r_in, r_out)."""
         if self.total == 0:
             return 1.0
-        return _block_energy(self.energy, *self._labels(rank), rank[0]) / self.total
+        return block_energy(self.energy, *self._labels(rank), rank[0]) / self.total
 
     def dense(self, rank: tuple[int, int, int]) -> torch.Tensor:
         """The weight of the index-order grouping at (g, r_in, r_out), (O, I, *k) float64."""
@@ -425,19 +172,19 @@ def grouped_factors(
 
     row_caps = np.array([r_out // groups] * groups + [c_out - r_out])
     col_caps = np.array([r_in // groups] * groups + [c_in - r_in])
-    index_rows, index_cols = _index_order(c_out, r_out, groups), _index_order(c_in, r_in, groups)
+    index_rows, index_cols = index_order(c_out, r_out, groups), index_order(c_in, r_in, groups)
     best = None
     order_energies = []
     for u, v, core in ((u_hosvd, v_hosvd, core_hosvd), (np.eye(c_out), np.eye(c_in), flat)):
         energy = (core**2).sum(-1)
-        order_energies.append(_block_energy(energy, index_rows, index_cols, groups))
-        rows, cols, kept = _group(energy, groups, row_caps, col_caps, r_out, r_in)
+        order_energies.append(block_energy(energy, index_rows, index_cols, groups))
+        rows, cols, kept = group_channels(energy, groups, row_caps, col_caps, r_out, r_in)
         if best is None or kept > best[-1]:
             best = (u.copy(), v.copy(), core.copy(), rows.copy(), cols.copy(), kept)
     u, v, core, rows, cols, _ = best
 
     if groups > 1 or r_in < c_in or r_out < c_out:
-        core = _refine(core, u, v, rows, cols, groups, refine_sweeps, total)
+        core = refine(core, u, v, rows, cols, groups, refine_sweeps, total)
 
     row_order = np.concatenate([np.flatnonzero(rows == q) for q in range(groups)])
     col_order = np.concatenate([np.flatnonzero(cols == q) for q in range(groups)])
@@ -530,13 +277,8 @@ class Grouped(FactorizationMethod):
         self.refine_sweeps = refine_sweeps
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        reason = conv_reason(self.name, layer)
-        if reason:
-            return reason
-        geo = LayerGeometry.of(layer)
-        if geo.groups > 1:
-            return f"grouped does not regroup a grouped conv (groups={geo.groups}); use tucker2, per group"
-        return None
+        return conv_reason(self.name, layer, grouped="grouped does not regroup a grouped conv (groups={groups}); "
+                                                     "use tucker2, per group")
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("g", "r_in", "r_out")
@@ -608,9 +350,7 @@ class Grouped(FactorizationMethod):
         module = GroupedConv.empty(layer, rank)
         g, r_in, r_out = _expand_rank(module.geometry, rank)
         result = grouped_factors(layer.weight, g, r_in, r_out, self.refine_sweeps)
-        set_weight(module.project_in, result.project_in)
-        set_weight(module.core, result.core)
-        set_weight(module.project_out, result.project_out, None if layer.bias is None else layer.bias.detach())
+        module.load_factors((result.project_in, result.core, result.project_out), layer)
         module.kept_energy = result.kept_energy
         module.index_order_energy = result.index_order_energy
         return module

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry import LayerGeometry
-from ._stages import pointwise, set_weight
+from ._stages import pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["tap_energy", "top_taps", "shift_pairs", "shift_factors", "ChannelShift", "ShiftConv", "Shift"]
@@ -184,15 +184,8 @@ class Shift(FactorizationMethod):
     module_cls = ShiftConv
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
-        reason = conv_reason(self.name, layer)
-        if reason:
-            return reason
-        geo = LayerGeometry.of(layer)
-        if geo.kernel_volume == 1:
-            return "a 1x1 conv has nothing to shift (use svd)"
-        if geo.groups != 1:
-            return f"shift handles ungrouped convs only (groups={geo.groups})"
-        return None
+        return conv_reason(self.name, layer, pointwise="a 1x1 conv has nothing to shift (use svd)",
+                           grouped="shift handles ungrouped convs only (groups={groups})")
 
     def rank_component_names(self) -> tuple[str, ...]:
         return ("m",)
@@ -208,10 +201,7 @@ class Shift(FactorizationMethod):
 
     def decompose(self, layer: nn.Module, rank: int, taps: list[list[int]] | None = None) -> ShiftConv:
         taps = top_taps(tap_energy(layer.weight), rank) if taps is None else taps
-        module = ShiftConv.empty(layer, rank, taps)
-        set_weight(module.pointwise, shift_factors(layer.weight, taps),
-                   None if layer.bias is None else layer.bias.detach())
-        return module
+        return ShiftConv.empty(layer, rank, taps).load_factors([shift_factors(layer.weight, taps)], layer)
 
 
 register(Shift())

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry
 from ..ranks import shared_rank_spectrum
-from ._stages import axis_conv, pointwise, set_weight
+from ._stages import axis_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["spatial_svd_factors", "SpatialSVDConv", "SpatialSVD"]
@@ -120,11 +120,8 @@ class SpatialSVD(FactorizationMethod):
         return [shared_rank_spectrum(s)]
 
     def decompose(self, layer: nn.Module, rank: int) -> SpatialSVDConv:
-        module = SpatialSVDConv.empty(layer, rank)
-        vertical, horizontal = spatial_svd_factors(layer.weight, rank, layer.groups)
-        set_weight(module.vertical, vertical)
-        set_weight(module.horizontal, horizontal, None if layer.bias is None else layer.bias.detach())
-        return module
+        return SpatialSVDConv.empty(layer, rank).load_factors(
+            spatial_svd_factors(layer.weight, rank, layer.groups), layer)
 
 
 

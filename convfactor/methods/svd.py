@@ -15,7 +15,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry, layer_kind
 from ..ranks import shared_rank_spectrum
-from ._stages import make_conv, pointwise, set_weight
+from ._stages import make_conv, pointwise
 from .base import ALREADY_DEPTHWISE, FactorizationMethod, FactorizedLayer, register
 
 __all__ = ["svd_factors", "svd_spectra", "SVDLayer", "SVD"]
@@ -115,10 +115,7 @@ class SVD(FactorizationMethod):
 
     def decompose(self, layer: nn.Module, rank: int) -> SVDLayer:
         module = SVDLayer.empty(layer, rank)
-        first, second = svd_factors(layer.weight, rank, module.geometry.groups)
-        set_weight(module.first, first)
-        set_weight(module.second, second, None if layer.bias is None else layer.bias.detach())
-        return module
+        return module.load_factors(svd_factors(layer.weight, rank, module.geometry.groups), layer)
 
 
 

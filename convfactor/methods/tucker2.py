@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..geometry import LayerGeometry
-from ._stages import make_conv, pointwise, set_weight
+from ..ranks import shared_rank_spectrum
+from ._stages import make_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = [
@@ -176,16 +177,11 @@ class Tucker2(FactorizationMethod):
     def spectra(self, layer: nn.Module) -> list[np.ndarray]:
         # All groups share (r_in, r_out): the j-th energy of a mode is summed over the groups.
         s_in, s_out = tucker2_spectra(layer.weight, layer.groups)
-        return [np.sqrt((s_in**2).sum(axis=0)), np.sqrt((s_out**2).sum(axis=0))]
+        return [shared_rank_spectrum(s_in), shared_rank_spectrum(s_out)]
 
     def decompose(self, layer: nn.Module, rank: tuple[int, int]) -> Tucker2Conv:
-        module = Tucker2Conv.empty(layer, rank)
-        project_in, core, project_out = tucker2_factors(layer.weight, tuple(rank), layer.groups,
-                                                        self.hooi_iterations)
-        set_weight(module.project_in, project_in)
-        set_weight(module.core, core)
-        set_weight(module.project_out, project_out, None if layer.bias is None else layer.bias.detach())
-        return module
+        return Tucker2Conv.empty(layer, rank).load_factors(
+            tucker2_factors(layer.weight, tuple(rank), layer.groups, self.hooi_iterations), layer)
 
 
 

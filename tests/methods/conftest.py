@@ -6,14 +6,19 @@ matching input in any dtype; ``relative_error`` is the one error measure every e
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["LayerCase", "relative_error", "factorize"]
+__all__ = ["LayerCase", "relative_error", "factorize", "measure_in_subprocess", "near_subspace"]
 
 # The team's exactness standard at full rank (relative, see STYLE/preamble).
 FLOAT64_TOLERANCE = 1e-10
@@ -113,3 +118,23 @@ def factorize(method, layer: nn.Module, rank=1.0, energy=None):
     """``method.decompose`` at a resolved rank spec (the path a policy takes)."""
     return method.decompose(layer, method.resolve_rank(layer, rank=None if energy is not None else rank,
                                                        energy=energy))
+
+
+def measure_in_subprocess(code: str, *args: str, timeout: float = 300) -> dict:
+    """Run ``code`` in a fresh Python with this repository first on its path (so its peak memory is its own);
+    its last line of output, parsed as JSON."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def near_subspace(mix: torch.Tensor, count: int, size: int, seed: int, noise: float) -> torch.Tensor:
+    """Images whose channels are ``mix`` (latent, C) of a few latent channels, plus ``noise``: correlated inputs
+    on which data-aware fits must beat weight-only ones."""
+    g = torch.Generator().manual_seed(seed)
+    latent, channels = mix.shape
+    z = torch.randn(count, latent, size, size, generator=g, dtype=torch.float64)
+    return torch.einsum("nlhw,lc->nchw", z, mix) + noise * torch.randn(count, channels, size, size, generator=g,
+                                                                        dtype=torch.float64)

@@ -13,7 +13,7 @@ from convfactor.errors import RankError
 from convfactor.methods import get_method
 from convfactor.methods.channel_svd import ChannelSVDConv
 
-from .conftest import LayerCase, factorize, relative_error
+from .conftest import LayerCase, factorize, near_subspace, relative_error
 
 CHANNEL_SVD = get_method("channel_svd")
 
@@ -68,14 +68,7 @@ def test_data_aware_beats_weight_fitting_on_correlated_inputs() -> None:
     torch.manual_seed(0)
     layer = nn.Conv2d(8, 32, 3, padding=1).double()
     mix = torch.randn(1, 8, dtype=torch.float64)
-
-    def data(seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        z = torch.randn(16, 1, 8, 8, generator=g, dtype=torch.float64)
-        return torch.einsum("nlhw,lc->nchw", z, mix) + 0.02 * torch.randn(16, 8, 8, 8, generator=g,
-                                                                           dtype=torch.float64)
-
-    calib, heldout = data(1), data(2)
+    calib, heldout = (near_subspace(mix, 16, 8, seed=seed, noise=0.02) for seed in (1, 2))
     stats = layer_statistics(layer, {"": layer}, [(calib,)])[""]
     data_aware = layer_factorizer("channel_svd", layer, stats.covariance).module(9)
     weight_only = CHANNEL_SVD.decompose(layer, 9)

@@ -11,7 +11,7 @@ from convfactor.auto.resolve import _auto_methods
 from convfactor.methods import get_method
 from tests.auto.conftest import inputs, tiny_resnet
 
-COURSE_METHODS = [m for m in ("channel_svd", "shift", "dictionary") if m in convfactor.available_methods()]
+COURSE_METHODS = [m for m in ("channel_svd", "shift", "dictionary", "sal") if m in convfactor.available_methods()]
 
 
 def _output_error(reference: torch.nn.Module, candidate: torch.nn.Module, x: torch.Tensor) -> float:

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +19,7 @@ from convfactor.methods.cp import (
     cp_truncated_exact_factors,
 )
 
-from .conftest import FLOAT32_TOLERANCE, FLOAT64_TOLERANCE, LayerCase, factorize, relative_error
+from .conftest import FLOAT32_TOLERANCE, FLOAT64_TOLERANCE, LayerCase, factorize, measure_in_subprocess, relative_error
 
 CP = get_method("cp")
 EVEN_SAME_WARNING = "ignore:Using padding='same' with even kernel lengths:UserWarning"
@@ -253,11 +248,7 @@ def test_als_memory_and_time_stay_small() -> None:
     W x R would be 256*256*9*256 doubles = 1.2 GB; ALS needs ~(C*9*R) doubles per MTTKRP, ~5 MB here.
     CPU time, not wall time, so a loaded machine does not fail it; one thread, as measured.
     """
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", _MEASURE, "256", "256"], capture_output=True, text=True,
-                          env=env, timeout=300, check=True)
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = measure_in_subprocess(_MEASURE, "256", "256")
     assert measured["peak_delta_mib"] < 256, measured
     assert measured["cpu_s"] < 20, measured
     assert measured["sweeps"] >= 1

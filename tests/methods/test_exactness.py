@@ -44,6 +44,7 @@ MUST_SUPPORT = {
     "channel_svd": lambda case: _dense_conv(case) and case.kernel_volume > 1,
     "shift": lambda case: case.is_conv and case.kernel_volume > 1 and case.groups == 1,
     "dictionary": lambda case: _dense_conv(case) and case.kernel_volume > 1,
+    "sal": lambda case: case.is_conv and case.kernel_volume > 1,
 }
 
 
