@@ -167,14 +167,14 @@ def _score_layer(plan: LayerPlan, by_method: dict[str, list[Option]], kind: str,
             option = _probe_option(kept, plan, kind)
             key = _probe_key(option, plan, kind)
             if best is None or key < best[0]:
-                best = (key, candidate_module(plan, option, factorizers))
+                best = (key, _probe_builder(plan, option, factorizers))
         del factorizers, error2
     if not plan.options:
         plan.decision = ("no replacement measured faster than the original layer" if kind == "latency"
                          else f"no candidate costs fewer {'macs' if kind != 'params' else 'params'} "
                          "than the original layer")
     elif probe:
-        plan.probe = best[1]
+        plan.probe = best[1]()
 
 
 def _score(plan: LayerPlan, method: FactorizationMethod, options: list[Option], error2, stats: Any) -> None:
@@ -208,6 +208,16 @@ def _probe_key(option: Option, plan: LayerPlan, kind: str) -> tuple[float, float
 def _probe_option(options: list[Option], plan: LayerPlan, kind: str) -> Option:
     """The candidate nearest half the original cost (the sensitivity probe)."""
     return min(options, key=lambda o: _probe_key(o, plan, kind))
+
+
+def _probe_builder(plan: LayerPlan, option: Option, factorizers: dict):
+    """A callable giving the probe module of ``option``. A data-aware probe is built now, while its method's
+    factorizer lives; a weight-only one (grouped's iterative fit: 20% of ResNet-18's resolution time when
+    every better-so-far probe was built) only if it is still the best once every method was scored."""
+    if factorizers.get((plan.name, option.method)) is not None:
+        module = candidate_module(plan, option, factorizers)
+        return lambda: module
+    return lambda: get_method(option.method).decompose(plan.layer, option.rank)
 
 
 def candidate_module(plan: LayerPlan, option: Option, factorizers: dict) -> FactorizedLayer:
