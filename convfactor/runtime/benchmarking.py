@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import InputSpecError
 from ..inputs import numpy_inputs
 from ..progress import open_bar
+from ..tables import format_grid
 from .sessions import (
     make_session,
     prepare_onnx,
@@ -155,14 +156,11 @@ class BenchmarkReport:
             f"{self.cpu_model}, {self.available_cores} of {self.logical_cores} cores available",
             f"inputs {shapes}; original and factorized interleaved in pairs, {self.warmup} warm-up runs each, "
             f"then medians over >= {self.repeats} pairs and >= {self.min_time:g} s",
-            f"{'threads':>7}  {'original ms (p10-p90)':>24}  {'factorized ms (p10-p90)':>24}  "
-            f"{'speedup (p10-p90)':>20}  pairs",
         ]
-        for r in self.results:
-            lines.append(
-                f"{r.threads:>7}  {_span(r.original):>24}  {_span(r.factorized):>24}  "
-                f"{r.speedup_text():>20}  {r.pairs}"
-            )
+        lines += format_grid(["threads", "original ms (p10-p90)", "factorized ms (p10-p90)", "speedup (p10-p90)",
+                              "pairs"],
+                             [[str(r.threads), _span(r.original), _span(r.factorized), r.speedup_text(), str(r.pairs)]
+                              for r in self.results], left=0)
         if any(not r.reliable for r in self.results):
             lines.append(f"not reliable: the per-pair speedups spread over more than {NOISE_LIMIT:.0%} of their "
                          f"median even after timing again for longer; rerun on a quieter machine")

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import InputSpecError
 from ..inputs import numpy_inputs
+from ..tables import format_grid
 from .node_scopes import REORDER_OPS, optimized_node_scopes
 from .onnx_graph import op_key
 from .sessions import (
@@ -185,25 +186,25 @@ class LayerProfileReport:
         Args:
             limit: show at most this many layers (None: all).
         """
-        width = max([len("layer")] + [len(row.layer) for row in self.layers])
         lines = [
             f"per-layer time, onnxruntime CPU, {self.threads} thread(s), graph optimization {self.graph_optimization}, "
             f"inputs {', '.join(str(list(s)) for s in self.input_shapes)}",
-            f"{'layer':<{width}}  {'original ms':>11}  {'factorized ms':>13}  {'(reorder)':>9}  {'speedup':>7}",
         ]
-        rows = self.layers if limit is None else self.layers[:limit]
-        for row in rows:
-            mark = " replaced" if row.replaced else ""
+        rows = []
+        for row in self.layers if limit is None else self.layers[:limit]:
+            mark = "replaced" if row.replaced else ""
             if row.replaced and not row.pays:
-                mark = " replaced, SLOWER"
+                mark = "replaced, SLOWER"
             speedup = f"{row.speedup:.2f}x" if math.isfinite(row.speedup) else "-"
-            lines.append(f"{row.layer:<{width}}  {row.original_ms:>11.4f}  {row.factorized_ms:>13.4f}  "
-                         f"{row.factorized_reorder_ms:>9.4f}  {speedup:>7}{mark}")
-        if limit is not None and len(self.layers) > limit:
-            lines.append(f"... {len(self.layers) - limit} more layers")
-        lines.append(f"{'sum of nodes':<{width}}  {self.original.node_total_ms:>11.4f}  "
-                     f"{self.factorized.node_total_ms:>13.4f}")
-        lines.append(f"{'median run':<{width}}  {self.original.run_ms:>11.4f}  {self.factorized.run_ms:>13.4f}")
+            rows.append([row.layer, f"{row.original_ms:.4f}", f"{row.factorized_ms:.4f}",
+                         f"{row.factorized_reorder_ms:.4f}", speedup, mark])
+        more = [[f"... {len(self.layers) - limit} more layers", "", "", "", "", ""]] \
+            if limit is not None and len(self.layers) > limit else []
+        totals = [["sum of nodes", f"{self.original.node_total_ms:.4f}", f"{self.factorized.node_total_ms:.4f}",
+                   "", "", ""],
+                  ["median run", f"{self.original.run_ms:.4f}", f"{self.factorized.run_ms:.4f}", "", "", ""]]
+        lines += format_grid(["layer", "original ms", "factorized ms", "(reorder)", "speedup", ""],
+                             rows + more + totals, left=1, free_last=True)
         return "\n".join(lines)
 
     def __str__(self) -> str:
