@@ -38,16 +38,21 @@ def memory_size(text: str) -> int:
     return size
 
 
+def _number(text: str) -> float:
+    """``text`` as a float; NaN (outside every range) when it is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
 def unit_fraction(text: str) -> float:
     """A number in (0, 1], the range of a policy's fidelity bounds.
 
     Raises:
         argparse.ArgumentTypeError: not a number, or outside (0, 1].
     """
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
@@ -59,10 +64,7 @@ def seconds(text: str) -> float:
     Raises:
         argparse.ArgumentTypeError: not a number, or not above 0.
     """
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _number(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
