@@ -35,7 +35,7 @@ SCORED_RANKS = 6
 ALIGN_CHOICES = (8, 16)  # onnxruntime's CPU conv blocked path works on blocks of 8 or 16 channels
 
 
-def _ranks_for(plan: LayerPlan, method: FactorizationMethod, opts: AutoOptions, timed: bool) -> list[Rank]:
+def _ranks_for(plan: LayerPlan, method: FactorizationMethod, opts: AutoOptions) -> list[Rank]:
     extra: list[Rank] = []
     if opts.vbmf and method.name in VBMF_METHODS:
         extra.append(vbmf_layer_rank(method.name, plan.layer))
@@ -124,7 +124,7 @@ def _costed_options(plan: LayerPlan, kind: str, opts: AutoOptions,
     by_method: dict[str, list[Option]] = {}
     for method in plan.methods:
         kept = []
-        for rank in _ranks_for(plan, method, opts, timed):
+        for rank in _ranks_for(plan, method, opts):
             macs, params = replacement_costs(method, plan.layer, rank, plan.in_shape)
             option = Option(method.name, rank, None if macs is None else macs * plan.calls, params)
             if option.cost(filter_kind) >= original_cost:
