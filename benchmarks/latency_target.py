@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nets", default="resnet18")
     parser.add_argument("--targets", default="0.5,0.25")
     parser.add_argument("--method", default="spatial_svd")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated layer names left as they are (a control row, e.g. conv1: the stem)")
+    parser.add_argument("--calibration", type=int, default=0,
+                        help="this many random inputs as calibration data (a control row: measured sensitivities)")
     parser.add_argument("--cache", default=None, help="latency cache file (default: convfactor's)")
     parser.add_argument("--json", default=None, help="write the rows here too")
     parser.add_argument("--profile", action="store_true",
@@ -67,18 +71,21 @@ def main(argv: list[str] | None = None) -> None:
     for net in args.nets.split(","):
         model = get_model(net).eval()
         x = torch.randn(MODELS[net].input_shape)
+        calibration = torch.randn(args.calibration, *x.shape[1:]) if args.calibration else None
         for target in (float(t) for t in args.targets.split(",")):
-            policy = {"rules": [{"types": ["Conv2d"], "method": args.method}], "target": {"latency": target}}
+            skipped = [{"match": name, "method": "skip"} for name in args.skip.split(",") if name]
+            policy = {"rules": [*skipped, {"types": ["Conv2d"], "method": args.method}], "target": {"latency": target}}
             started = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                fast = convfactor.factorize(model, policy, x, latency={"threads": 1, "cache": args.cache},
-                                            progress=True)
+                fast = convfactor.factorize(model, policy, x, calibration=calibration, progress=True,
+                                            latency={"threads": 1, "cache": args.cache})
             seconds = time.perf_counter() - started
             report = convfactor.get_report(fast)
             speedup = benchmark(model, fast, x, threads=1, progress=False, min_time=3.0).results[0].speedup
             cut = 1 / report.macs_ratio
-            row = {"net": net, "target": target, "requested": 1 / target, "speedup": speedup, "macs_cut": cut,
+            row = {"net": net, "skip": args.skip, "calibration": args.calibration,
+                   "target": target, "requested": 1 / target, "speedup": speedup, "macs_cut": cut,
                    "efficiency": speedup / cut, "seconds": seconds,
                    "search": report.extra["auto"].get("search"), "warnings": report.warnings}
             rows.append(row)

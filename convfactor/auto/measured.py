@@ -217,7 +217,9 @@ def measured_allocation(root: nn.Module, plans: list[LayerPlan], kind: str, frac
         metrics = known.metrics if known is not None else (checker.measure(work, bound) if enforce else None)
         ok = not failures(metrics, bound) if enforce else True
         if measure_speed:
-            probe = Probe(budget, 1.0 / meter.speedup(work, threshold=1.0 / fraction), True, metrics, ok)
+            predicted = account["predicted_fraction"]
+            speedup = meter.speedup(work, threshold=1.0 / fraction, expected=1.0 / predicted if predicted else None)
+            probe = Probe(budget, 1.0 / speedup, True, metrics, ok)
         else:
             probe = Probe(budget, account["predicted_fraction"] or 0.0, False, metrics, ok)
         seen[account["choice"]] = probe
