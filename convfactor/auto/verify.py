@@ -357,8 +357,8 @@ def _fit_speed(run: Callable[[float, bool], Probe], target: float, lowest: float
     the budget. Steps interpolate between the closest budgets measured to meet and to miss the
     target; the original (budget 1, fraction 1) is the upper anchor until a miss is measured, and a
     step with nothing measured to meet it yet follows the secant of the last two probes (the first
-    assumes time moves one for one with the budget). Each step stays inside the bracket (bisection
-    when the interpolation would land within 5% of its ends) and moves by at most a factor of 2.
+    assumes time moves one for one with the budget). Each step stays inside the bracket, at least 5% of
+    its width from either end, and moves by at most a factor of 2.
     Returned: the largest budget measured to meet the target (least cut, least error); else the one
     within tolerance of it; else the fastest measured.
     """
@@ -396,9 +396,10 @@ def _fit_speed(run: Callable[[float, bool], Probe], target: float, lowest: float
                     following = b.budget + (aim - b.fraction) / slope
         # A noisy timing must not throw the budget to an extreme: at most a factor of 2 per step.
         following = min(max(following, probe.budget / 2), probe.budget * 2)
+        # Inside the bracket by 5% of its width (so it shrinks every step): clamped, not bisected, since
+        # the upper end is often the original itself (budget 1) and its middle is far from any answer.
         margin = 0.05 * (high_b - low_b)
-        if not low_b + margin <= following <= high_b - margin:
-            following = (low_b + high_b) / 2
+        following = min(max(following, low_b + margin), high_b - margin)
         following = min(max(following, lowest), 1.0)
         if high_b - low_b < 2e-3 or abs(following - probe.budget) < 1e-3 \
                 or (missed is not None and probe.budget <= lowest):
