@@ -81,7 +81,7 @@ def run_in_child(model: str, row: str, args) -> dict:
                "--max-rel-error", str(args.max_rel_error), "--timeout", str(args.timeout)]
         cmd += ["--quick"] if args.quick else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        start = time.perf_counter()
+        start, load_before = time.perf_counter(), os.getloadavg()[0]
         child = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                  stderr=open(os.path.join(tmp, "stderr"), "w"))
         timed_out = False
@@ -98,9 +98,11 @@ def run_in_child(model: str, row: str, args) -> dict:
         child.returncode = 0  # reaped above
         wall = time.perf_counter() - start
         peak_mb = usage.ru_maxrss / 1024.0
+        context = {"commit": _commit(), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+                   "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
         if timed_out:
             return {"model": model, "row": row, "error": f"did not finish in {args.timeout:.0f} s",
-                    "peak_rss_mb": peak_mb, "wall_s": wall, "last_progress": _last_line(tmp),
+                    "peak_rss_mb": peak_mb, "wall_s": wall, **context, "last_progress": _last_line(tmp),
                     "stack_before_timeout": _stack(tmp)}
         try:
             with open(path) as f:
@@ -109,9 +111,17 @@ def run_in_child(model: str, row: str, args) -> dict:
             with open(os.path.join(tmp, "stderr")) as f:
                 tail = f.read()[-2000:]
             result = {"model": model, "row": row, "error": f"worker died (status {status}): {tail}"}
-        result["peak_rss_mb"] = peak_mb
-        result["wall_s"] = wall
+        result.update(peak_rss_mb=peak_mb, wall_s=wall, **context)
         return result
+
+
+def _commit() -> str:
+    """The commit the row ran at (``+changes`` when the working tree differed from it)."""
+    def git(*argv):
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _last_line(tmp: str) -> str:
@@ -146,7 +156,7 @@ def markdown(results: list[dict], args) -> str:
     models = list(dict.fromkeys(r["model"] for r in results))
     results = sorted(results, key=lambda r: (models.index(r["model"]), order.get(r["row"], 99)))
     lines = ["| model | run | task metric | MACs | speedup (ORT, 1 thr) | output rel. err | "
-             "factorize s | peak RSS GB | notes |", "|---|---|---|---|---|---|---|---|---|"]
+             "factorize s | peak RSS GB | commit, load | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         def num(key, fmt, r=r):
             v = r.get(key)
@@ -168,6 +178,7 @@ def markdown(results: list[dict], args) -> str:
             f"| {r['model']}", r["row"], _fmt_metric(r), num("mac_ratio", "{:.3f}"), speed,
             num("rel_error", "{:.3g}"), num("factorize_s", "{:.0f}"),
             f"{r['peak_rss_mb'] / 1024:.2f}" if r.get("peak_rss_mb") else "-",
+            f"{r['commit']}, {r['load'][0]:.1f}-{r['load'][1]:.1f}" if r.get("commit") else "-",
             "; ".join(n.replace("|", "/").replace("\n", " ") for n in notes)]) + " |")
     commands = list(dict.fromkeys(r.get("command", "") for r in results))
     lines += ["", "Each row: `" + "`; `".join(c for c in commands if c) + "`"] if len(commands) <= 3 else \
