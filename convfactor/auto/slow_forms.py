@@ -111,9 +111,10 @@ def undo_swaps(account: dict[str, Any]) -> None:
 
 
 def check_whole_model(root: Any, plans: list[Any], model: Any, inputs: tuple, warnings: list[str],
-                      max_macs: float = WHOLE_MODEL_MACS) -> dict[str, Any] | None:
-    """Time the network with every chosen form (random weights: the structure is what runs) against the
-    original; a warning when it is not faster. None when nothing was replaced; skipped above ``max_macs``.
+                      max_macs: float = WHOLE_MODEL_MACS,
+                      modules: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Time the network with every chosen form against the original; a warning when it is not faster.
+    None when nothing was replaced; skipped above ``max_macs``.
 
     Args:
         root: the network the plans belong to (not modified).
@@ -121,6 +122,8 @@ def check_whole_model(root: Any, plans: list[Any], model: Any, inputs: tuple, wa
         model: a ``LatencyModel`` (its runtime, threads and whole-model comparer).
         inputs: example inputs of ``root``.
         warnings: where the warning goes.
+        modules: {layer: the replacement the result gets} (its real weights: weights change the time,
+            see the module doc); a layer without one is timed with its form at random weights.
     """
     from ..methods import get_method
     from .torch_timing import random_weights
@@ -133,16 +136,21 @@ def check_whole_model(root: Any, plans: list[Any], model: Any, inputs: tuple, wa
         return {"skipped": f"{macs:.3g} MACs per sample > {max_macs:.3g}: the whole network was not timed"}
     started = time.perf_counter()
     candidate = copy.deepcopy(root).eval()
+    real = 0
     for plan in chosen:
-        module = get_method(plan.chosen.method).build(plan.layer, plan.chosen.rank)
-        set_submodule(candidate, plan.name, random_weights(module, seed=0).eval())
+        module = (modules or {}).get(plan.name)
+        real += module is not None
+        if module is None:
+            module = random_weights(get_method(plan.chosen.method).build(plan.layer, plan.chosen.rank), seed=0)
+        set_submodule(candidate, plan.name, module.eval())
     speed = float(model.speedup(root, candidate, inputs))
     if speed <= 1.0:
         verdict = "slower than" if speed < 0.995 else "not faster than"
         warnings.append(f"the factorized network as a whole measured {speed:.2f}x the original's speed ({verdict} "
                         f"the original) in {model.options.runtime} at {model.options.threads} thread(s), though "
                         f"its {len(chosen)} replacements save MACs; a latency target, or align: 16, makes it faster")
-    return {"speedup": round(speed, 3), "seconds": round(time.perf_counter() - started, 3)}
+    return {"speedup": round(speed, 3), "seconds": round(time.perf_counter() - started, 3),
+            "weights": "the result's" if real == len(chosen) else f"the result's for {real} of {len(chosen)} layers"}
 
 
 def flush_denormals(module: Any) -> int:

@@ -41,6 +41,11 @@ def test_a_network_not_faster_as_a_whole_is_said_so(tmp_path, speedup, warned):
     assert len(compared) == 1
     replaced = [n for n, layer in resolution.info["layers"].items() if layer.get("chosen")]
     assert replaced and all(type(compared[0].get_submodule(n)) is not torch.nn.Conv2d for n in replaced)
+    # ... with the weights the caller gets (weights change the time: denormals), not random ones
+    assert account["whole_model"]["weights"] == "the result's"
+    for name in replaced:
+        timed, returned = compared[0].get_submodule(name).state_dict(), resolution.prebuilt[name].state_dict()
+        assert timed.keys() == returned.keys() and all(torch.equal(timed[k], returned[k]) for k in timed)
     said = [w for w in resolution.info["warnings"] if "as a whole" in w]
     assert bool(said) == warned
     if warned:
