@@ -25,24 +25,18 @@ from ..errors import PolicyError
 from ..methods import get_method
 from ..policy import Fidelity
 from .allocate import InfeasibleBudget, allocate
+from .budget_search import Probe, search_budget
 from .latency import LatencyModel, _random_weights
 from .options import AutoOptions
-from .verify import OutputChecker, Probe, SpeedMeter, failures, search_budget
+from .verify import OutputChecker, SpeedMeter, failures, rounded
 
 if TYPE_CHECKING:
     from .deadline import Deadline
     from .plans import LayerPlan
     from .refit import Replacements
 
-__all__ = ["rounded", "Allocator", "model_total", "first_samples", "output_checker", "install", "allocation_metrics",
+__all__ = ["Allocator", "model_total", "first_samples", "output_checker", "install", "allocation_metrics",
            "measured_allocation"]
-
-
-def rounded(value: float | None, digits: int = 6) -> float | None:
-    """``value`` to ``digits`` significant digits (None, 0 and non-finite values as they are)."""
-    if value is None or value == 0 or not math.isfinite(value):
-        return value
-    return round(value, digits - 1 - int(math.floor(math.log10(abs(value)))))
 
 
 def model_total(root: nn.Module, kind: str, inputs: Any, plans: list[LayerPlan], model: LatencyModel | None) -> float:

@@ -18,8 +18,8 @@ from ..decisions import describe_shape
 from ..policy import AUTO, SKIP, Policy, Rule
 from .candidates import Option, rank_to_json
 from .latency import LatencyModel
-from .measured import rounded as _round
 from .plans import LayerPlan
+from .verify import rounded as _round
 
 __all__ = ["resolved_policy", "verify_faster", "layer_info"]
 

@@ -43,12 +43,12 @@ from ..errors import PolicyError
 from ..inputs import as_input_tuple
 from ..policy import AUTO, Policy
 from ..progress import phase
+from .budget_search import progress_line
 from .calibration import calibration_batches, layer_statistics, output_leaves
 from .deadline import Deadline
 from .fastest import VBMF_RANK, choose_fastest
 from .latency import LatencyModel
 from .measured import allocation_metrics, first_samples, measured_allocation, output_checker
-from .measured import rounded as _round
 from .options import AutoOptions
 from .outcome import layer_info, resolved_policy, verify_faster
 from .plans import auto_methods as _auto_methods  # noqa: F401 - the name tests and older callers import
@@ -56,7 +56,8 @@ from .plans import plan_layers, set_shapes_and_calls
 from .refit import Replacements
 from .scoring import SCORED_RANKS, build_options, measure_sensitivities
 from .slow_forms import check_whole_model, flush_denormals, prefer_fast_forms, undo_swaps
-from .verify import REFERENCE_BYTES, OutputChecker, failures, progress_line, say
+from .verify import REFERENCE_BYTES, OutputChecker, failures, say
+from .verify import rounded as _round
 
 __all__ = ["Resolution", "resolve_policy", "VBMF_RANK", "SCORED_RANKS"]
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import convfactor
-from convfactor.auto.verify import DEFAULT_FLOOR, FidelityWarning, OutputChecker, Probe, search_budget
+from convfactor.auto.budget_search import Probe, search_budget
+from convfactor.auto.verify import DEFAULT_FLOOR, FidelityWarning, OutputChecker
 from convfactor.errors import PolicyError
 from convfactor.policy import Fidelity, Policy
 
