@@ -102,7 +102,8 @@ def run_in_child(model: str, row: str, args) -> dict:
                    "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
         if timed_out:
             return {"model": model, "row": row, "error": f"did not finish in {args.timeout:.0f} s",
-                    "peak_rss_mb": peak_mb, "wall_s": wall, **context, "last_progress": _last_line(tmp),
+                    "peak_rss_mb": peak_mb, "wall_s": wall, "phases": _phases(tmp), **context,
+                    "last_progress": _last_line(tmp),
                     "stack_before_timeout": _stack(tmp)}
         try:
             with open(path) as f:
@@ -111,8 +112,21 @@ def run_in_child(model: str, row: str, args) -> dict:
             with open(os.path.join(tmp, "stderr")) as f:
                 tail = f.read()[-2000:]
             result = {"model": model, "row": row, "error": f"worker died (status {status}): {tail}"}
-        result.update(peak_rss_mb=peak_mb, wall_s=wall, **context)
+        result.update(peak_rss_mb=peak_mb, wall_s=wall, phases=_phases(tmp), **context)
         return result
+
+
+def _phases(tmp: str) -> dict[str, float]:
+    """Seconds of each progress phase the worker finished ('refit: 27/27 layers [5:07 elapsed, done]';
+    a phase that ran more than once is summed)."""
+    import re
+
+    with open(os.path.join(tmp, "stderr"), errors="replace") as f:
+        text = f.read()
+    out: dict[str, float] = {}
+    for name, minutes, seconds in re.findall(r"^([\w .-]+): [^\[\n]*\[(\d+):(\d\d) elapsed[^\]]*, done\]", text, re.M):
+        out[name] = out.get(name, 0.0) + 60 * int(minutes) + int(seconds)
+    return out
 
 
 def _commit() -> str:

@@ -60,14 +60,14 @@ def _factorize(model, plan: dict, spec: dict) -> tuple:
     and say so (``spec['capture_fallback']``)."""
     try:
         return convfactor.factorize(model, plan["policy"], spec["example"], **spec["capture"],
-                                    progress=True, **plan["kwargs"]), None
+                                    progress="lines", **plan["kwargs"]), None
     except convfactor.TraceError as exc:
         fallback = spec.get("capture_fallback")
         if not fallback:
             raise
         note = f"capture failed ({str(exc)[:120]}...); retried with {fallback}"
         return convfactor.factorize(model, plan["policy"], spec["example"], **fallback,
-                                    progress=True, **plan["kwargs"]), note
+                                    progress="lines", **plan["kwargs"]), note
 
 
 def _peak_rss_mb() -> float:
