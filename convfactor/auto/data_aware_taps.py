@@ -46,13 +46,20 @@ def selection_gram(sigma: Covariance, rows: torch.Tensor) -> torch.Tensor:
         elif isinstance(sigma, KroneckerCovariance):
             k = sigma.b.shape[-1]
             c, t = r // k, r % k
-            block = sigma.a[group][c[:, :, None], c[:, None, :]] * sigma.b[group][t[:, :, None], t[:, None, :]]
+            if bool((c == c[:1]).all()):  # the same channels in every selection (sal: m taps of each): once
+                a = sigma.a[group][c[0][:, None], c[0][None, :]][None]
+            else:
+                a = sigma.a[group][c[:, :, None], c[:, None, :]]
+            # B[t_i, t_j] as products with one-hot rows (exact: one nonzero term each), 4x faster than a gather
+            taps = torch.nn.functional.one_hot(t, k).to(sigma.b.dtype)
+            block = torch.bmm(taps @ sigma.b[group], taps.mT).mul_(a)
         elif isinstance(sigma, DiagonalCovariance):
             block = torch.diag_embed(sigma.v[group][r])
         else:
             raise TypeError(f"no selection Gram matrix for a {type(sigma).__name__}")
         gathered.append(block)
-    return torch.stack(gathered).reshape(*rows.shape, rows.shape[-1])
+    stacked = gathered[0][None] if g == 1 else torch.stack(gathered)  # one group: no copy
+    return stacked.reshape(*rows.shape, rows.shape[-1])
 
 
 def selection_refit(weight: torch.Tensor, sigma: Covariance, rows: torch.Tensor) -> torch.Tensor:
