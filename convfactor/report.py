@@ -95,9 +95,14 @@ class FactorizeReport:
     @property
     def costlier(self) -> list[dict[str, Any]]:
         """Replacements that save no MACs (parameters when MACs are unknown): each costs as much as the
-        layer it replaces or more, while adding error. ``only_if_cheaper: true`` on a rule skips them."""
+        layer it replaces or more, while adding error. ``only_if_cheaper: true`` on a rule skips them. A pruning
+        form (sal) is not one: it keeps the layer's cost and saves zeros, counted in ``zeros_after``."""
+        from .methods import available_methods, get_method  # late: the methods do not need the report
+
         out = []
         for d in self.replaced:
+            if d.method in available_methods() and get_method(d.method).pruning:
+                continue
             ratio, what = (d.macs_ratio, "MACs") if d.macs_ratio is not None else (d.params_ratio, "parameters")
             if ratio is not None and ratio >= 1:
                 out.append({"layer": d.name, "method": d.method, "rule": d.rule, "macs_ratio": d.macs_ratio,

@@ -98,3 +98,12 @@ def test_convert_prints_and_writes_the_produced_models_zeros(cli, tmp_path) -> N
     document = json.loads((tmp_path / "shared.report.json").read_text())
     shared = convfactor.load(tmp_path / "shared.pt", arch="tests.cli_models:tiny_net")
     assert document["summary"]["zeros"][1] == _zeros_by_hand(shared)[0] < zeros
+
+
+def test_a_pruning_form_is_not_warned_about_as_costlier() -> None:
+    """sal keeps the layer's MACs and saves zeros: only_if_cheaper keeps it, so no warning may say it would
+    skip it; its saving is the zero count."""
+    report = convfactor.get_report(convfactor.factorize(randomized(TinyNet()), SAL, X))
+    assert [d.method for d in report.replaced] == ["sal", "sal"] and report.replaced[0].macs_ratio == 1.0
+    assert report.costlier == [] and not any("only_if_cheaper" in w for w in report.all_warnings())
+    assert report.zeros_after > 0
