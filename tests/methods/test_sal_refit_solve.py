@@ -9,9 +9,12 @@ import textwrap
 import pytest
 import torch
 
+import convfactor
+from convfactor.auto import data_aware_taps
 from convfactor.auto.covariance import DiagonalCovariance, FullCovariance, KroneckerCovariance
 from convfactor.auto.data_aware_taps import selection_gram, selection_refit
 from convfactor.methods.sal import kernel_tap_mask
+from tests.auto.conftest import inputs, tiny_resnet
 
 from .conftest import measure_in_subprocess
 
@@ -84,3 +87,26 @@ def test_the_sal_refit_of_a_wide_layer_stays_in_bounded_memory() -> None:
     648 MiB; the refit holds O x D values, a (2,048 x 2,048) Gram batch of 32 MiB and its factors."""
     measured = measure_in_subprocess(_MEASURE, "1024", "4")
     assert measured["peak_delta_mib"] < 200, measured
+
+
+def test_a_long_refit_shows_the_channels_solved(monkeypatch, capsys) -> None:
+    generator = torch.Generator().manual_seed(3)
+    sigma = _sigma("full", generator)
+    rows = _sal_rows(generator)
+    w = torch.randn(G, O, C * T, dtype=torch.float64, generator=generator)
+    selection_refit(w, sigma, rows, progress="lines")  # 2 x 6 x 10^3 flops: short, no bar
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(data_aware_taps, "_LONG_REFIT", 0)
+    selection_refit(w, sigma, rows, progress=False)
+    assert capsys.readouterr().err == ""
+    selection_refit(w, sigma, rows, progress="lines")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"sal refit: started ({O} channels)" and lines[-1].startswith(f"sal refit: {O}/{O} channels")
+
+
+def test_factorize_passes_its_progress_to_a_long_sal_refit(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(data_aware_taps, "_LONG_REFIT", 0)
+    x = inputs(8, seed=2)
+    convfactor.factorize(tiny_resnet(seed=1), {"rules": [{"match": "layer1.0.conv1", "method": "sal", "rank": 2}]},
+                         x[:1], calibration=x, progress="lines")
+    assert "sal refit: started (8 channels)" in capsys.readouterr().err
