@@ -44,7 +44,7 @@ from torch import nn  # noqa: E402
 
 import convfactor  # noqa: E402
 from convfactor.auto import finetune  # noqa: E402
-from convfactor.costs import count_params, module_macs  # noqa: E402
+from convfactor.costs import count_params, count_zeros, module_macs  # noqa: E402
 from convfactor.runtime.benchmarking import available_cores, benchmark, cpu_model  # noqa: E402
 from convfactor.score import challenge_score  # noqa: E402
 from convfactor.share import finetune_codebooks, share_weights, sharing_report  # noqa: E402
@@ -94,8 +94,7 @@ def tuned_codebooks(shared: nn.Module, teacher: nn.Module, train_x: torch.Tensor
 
 
 def zero_fraction(model: nn.Module) -> float:
-    params = list(model.parameters())
-    return sum(int((p == 0).sum()) for p in params) / sum(p.numel() for p in params)
+    return count_zeros(model) / count_params(model)
 
 
 def measure(label, model, reference, onnx_path, x, args, test, macs, params, score, finetuned_accuracy):

@@ -19,7 +19,7 @@ from torch import nn
 
 from passes.capture import CONCRETE_ARGS_META
 
-from .costs import count_params, per_layer_macs
+from .costs import count_params, count_zeros, per_layer_macs
 from .decisions import apply_policy
 from .errors import ConvfactorError, PolicyError
 from .inputs import as_input_tuple
@@ -100,6 +100,7 @@ def factorize(
 
     work = copy.deepcopy(model).eval()
     report.params_before = count_params(work)
+    report.zeros_before = count_zeros(work)
     if inputs is not None:
         report.input_shapes = [list(t.shape) for t in inputs]
         report.macs_before = sum(per_layer_macs(work, inputs).values())
@@ -141,6 +142,7 @@ def factorize(
         report.notes.insert(0, "module-level replacement without a traced graph: BatchNorm was not folded")
 
     report.params_after = count_params(root)
+    report.zeros_after = count_zeros(root)
     if inputs is not None:
         report.macs_after = sum(per_layer_macs(root, inputs).values())
     root.eval()

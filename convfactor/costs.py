@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["layer_macs", "count_params", "module_macs", "per_layer_macs"]
+__all__ = ["layer_macs", "count_params", "count_zeros", "module_macs", "per_layer_macs"]
 
 
 def layer_macs(layer: nn.Module, output_shape: Sequence[int]) -> int:
@@ -28,6 +28,11 @@ def layer_macs(layer: nn.Module, output_shape: Sequence[int]) -> int:
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def count_zeros(module: nn.Module) -> int:
+    """Parameter entries that are exactly zero (unstructured pruning: p_u = count_zeros / count_params)."""
+    return sum(int((p == 0).sum()) for p in module.parameters())
 
 
 def per_layer_macs(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, int]:

@@ -56,6 +56,8 @@ class FactorizeReport:
     layers: list[LayerDecision] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
+    zeros_before: int = 0  # parameter entries exactly zero (p_u's numerator), the caller's model
+    zeros_after: int = 0  # the same on the factorized model
     macs_before: int | None = None  # whole model, per sample (Conv + Linear)
     macs_after: int | None = None
     input_shapes: list[list[int]] | None = None
@@ -81,11 +83,26 @@ class FactorizeReport:
         return _macs_ratio(self.macs_before, self.macs_after)
 
     @property
+    def zero_fraction_before(self) -> float:
+        """Exact zeros / parameters of the original (unstructured pruning it already had)."""
+        return self.zeros_before / self.params_before if self.params_before else 0.0
+
+    @property
+    def zero_fraction_after(self) -> float:
+        """Exact zeros / parameters of the factorized model: the p_u the challenge score can count."""
+        return self.zeros_after / self.params_after if self.params_after else 0.0
+
+    @property
     def costlier(self) -> list[dict[str, Any]]:
         """Replacements that save no MACs (parameters when MACs are unknown): each costs as much as the
-        layer it replaces or more, while adding error. ``only_if_cheaper: true`` on a rule skips them."""
+        layer it replaces or more, while adding error. ``only_if_cheaper: true`` on a rule skips them. A pruning
+        form (sal) is not one: it keeps the layer's cost and saves zeros, counted in ``zeros_after``."""
+        from .methods import available_methods, get_method  # late: the methods do not need the report
+
         out = []
         for d in self.replaced:
+            if d.method in available_methods() and get_method(d.method).pruning:
+                continue
             ratio, what = (d.macs_ratio, "MACs") if d.macs_ratio is not None else (d.params_ratio, "parameters")
             if ratio is not None and ratio >= 1:
                 out.append({"layer": d.name, "method": d.method, "rule": d.rule, "macs_ratio": d.macs_ratio,
@@ -113,6 +130,10 @@ class FactorizeReport:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "params_ratio": self.params_ratio,
+            "zeros_before": self.zeros_before,
+            "zeros_after": self.zeros_after,
+            "zero_fraction_before": self.zero_fraction_before,
+            "zero_fraction_after": self.zero_fraction_after,
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "macs_ratio": self.macs_ratio,
@@ -198,6 +219,8 @@ def format_table(report: FactorizeReport) -> str:
                  + (f"; BatchNorm folded into {len(report.folded)} layer(s)" if report.folded else ""))
     lines.append(f"params: {human_count(report.params_before)} -> {human_count(report.params_after)} "
                  f"(x{report.params_ratio:.3f})")
+    lines.append(f"zeros (p_u): {report.zero_fraction_before:.3f} -> {report.zero_fraction_after:.3f} of the params "
+                 f"({human_count(report.zeros_before)} -> {human_count(report.zeros_after)} exact zeros)")
     if report.macs_before is not None:
         lines.append(f"MACs/sample: {human_count(report.macs_before)} -> {human_count(report.macs_after)} "
                      f"(x{_ratio(report.macs_ratio)})")

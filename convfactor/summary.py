@@ -24,6 +24,9 @@ def summarize(document: dict[str, Any], *, weight_bits: int = 32, activation_bit
         "macs": [totals["macs_before"], totals["macs_after"], totals["macs_ratio"]],
         "layers_replaced": [totals["layers_replaced"], totals["layers_total"]],
     }
+    if "zeros_after" in totals:  # [zeros before, after, fraction before, after] (older documents lack them)
+        summary["zeros"] = [totals["zeros_before"], totals["zeros_after"], totals["zero_fraction_before"],
+                            totals["zero_fraction_after"]]
     score_options = {"weight_bits": weight_bits, "activation_bits": activation_bits,
                      "structured_pruning": structured_pruning, "unstructured_pruning": unstructured_pruning}
     if totals["macs_before"] is not None:
@@ -60,14 +63,22 @@ def render_summary(summary: dict[str, Any]) -> str:
     p0, p1, pr = summary["params"]
     rows = [["layers replaced", f"{summary['layers_replaced'][0]}/{summary['layers_replaced'][1]}"],
             ["params", f"{human_count(p0)} -> {human_count(p1)}  (x{pr:.3f})"]]
+    if "zeros" in summary:
+        z0, z1, f0, f1 = summary["zeros"]
+        rows.append(["zeros (p_u)", f"{f0:.3f} -> {f1:.3f}  ({human_count(z0)} -> {human_count(z1)} parameters "
+                                    f"exactly zero, measured)"])
     m0, m1, mr = summary["macs"]
     if m0 is not None:
         rows.append(["MACs/sample", f"{human_count(m0)} -> {human_count(m1)}  (x{mr:.3f})"])
     if "challenge_score" in summary:
         s0, s1 = summary["challenge_score"]
         bits = summary["challenge_score_options"]
+        uncounted = ("zeros" in summary and summary["zeros"][3] > 0 and bits["unstructured_pruning"] == 0
+                     and bits["structured_pruning"] == 0)
+        hint = (f"; zeros not counted: --unstructured-pruning {summary['zeros'][3]:.3f} counts them"
+                if uncounted else "")
         rows.append(["challenge score", f"{s0:.4f} -> {s1:.4f}  ({bits['weight_bits']}-bit weights, "
-                                        f"{bits['activation_bits']}-bit activations; lower is better)"])
+                                        f"{bits['activation_bits']}-bit activations; lower is better{hint})"])
     if "onnx_file_size" in summary:
         rows.append(["ONNX file", f"{summary['onnx_file_size'] / 1e6:.2f} MB"])
     for lat in summary.get("latency", []):

@@ -120,6 +120,7 @@ class LayerFactorizer(abc.ABC):
     """
 
     method_name: str = ""
+    progress: bool | str = False  # a fit long enough to need its own bar shows one (sal's per-channel solves)
 
     def __init__(self, layer: nn.Module, sigma: torch.Tensor | Covariance, damping: float = DEFAULT_DAMPING,
                  weight: torch.Tensor | None = None):
@@ -366,10 +367,15 @@ _FACTORIZERS.update(EXTRA_FACTORIZERS)
 
 
 def layer_factorizer(method_name: str, layer: nn.Module, sigma: torch.Tensor | Covariance,
-                     damping: float = DEFAULT_DAMPING, weight: torch.Tensor | None = None) -> LayerFactorizer | None:
+                     damping: float = DEFAULT_DAMPING, weight: torch.Tensor | None = None,
+                     progress: bool | str = False) -> LayerFactorizer | None:
     """The data-aware factorizer of ``method_name`` for ``layer``, or None if the method has none."""
     cls = _FACTORIZERS.get(method_name)
-    return None if cls is None else cls(layer, sigma, damping, weight)
+    if cls is None:
+        return None
+    factorizer = cls(layer, sigma, damping, weight)
+    factorizer.progress = progress
+    return factorizer
 
 
 def corrected_weight(weight: torch.Tensor, sigma: torch.Tensor | Covariance, cross: torch.Tensor | Covariance,

@@ -24,6 +24,7 @@ from ..methods.base import FactorizedLayer
 from ..methods.dictionary import learn_dictionary
 from ..methods.sal import SALConv, kernel_tap_mask
 from ..methods.shift import ShiftConv, shift_pairs, top_taps
+from ..progress import open_bar
 from .covariance import Covariance, DiagonalCovariance, FullCovariance, KroneckerCovariance
 from .data_aware import LayerFactorizer
 
@@ -31,6 +32,9 @@ __all__ = ["EXTRA_FACTORIZERS", "selection_gram", "selection_refit", "dictionary
 
 # Output channels whose (q x q) Gram matrices are solved at once by the per-output selection refit (sal).
 _GRAM_BYTES = 64 * 2**20
+# O * q^3 above which a per-output selection refit shows its own bar (channels solved, ETA): about 5 s on one
+# core (a 512 -> 512 3x3 sal layer at m = 2 is 5.5e11, 25-35 CPU-s here).
+_LONG_REFIT = 1e11
 
 
 def selection_gram(sigma: Covariance, rows: torch.Tensor) -> torch.Tensor:
@@ -46,21 +50,30 @@ def selection_gram(sigma: Covariance, rows: torch.Tensor) -> torch.Tensor:
         elif isinstance(sigma, KroneckerCovariance):
             k = sigma.b.shape[-1]
             c, t = r // k, r % k
-            block = sigma.a[group][c[:, :, None], c[:, None, :]] * sigma.b[group][t[:, :, None], t[:, None, :]]
+            if bool((c == c[:1]).all()):  # the same channels in every selection (sal: m taps of each): once
+                a = sigma.a[group][c[0][:, None], c[0][None, :]][None]
+            else:
+                a = sigma.a[group][c[:, :, None], c[:, None, :]]
+            # B[t_i, t_j] as products with one-hot rows (exact: one nonzero term each), 4x faster than a gather
+            taps = torch.nn.functional.one_hot(t, k).to(sigma.b.dtype)
+            block = torch.bmm(taps @ sigma.b[group], taps.mT).mul_(a)
         elif isinstance(sigma, DiagonalCovariance):
             block = torch.diag_embed(sigma.v[group][r])
         else:
             raise TypeError(f"no selection Gram matrix for a {type(sigma).__name__}")
         gathered.append(block)
-    return torch.stack(gathered).reshape(*rows.shape, rows.shape[-1])
+    stacked = gathered[0][None] if g == 1 else torch.stack(gathered)  # one group: no copy
+    return stacked.reshape(*rows.shape, rows.shape[-1])
 
 
-def selection_refit(weight: torch.Tensor, sigma: Covariance, rows: torch.Tensor) -> torch.Tensor:
+def selection_refit(weight: torch.Tensor, sigma: Covariance, rows: torch.Tensor,
+                    progress: bool | str = False) -> torch.Tensor:
     """Least-squares values on a selection of the patch entries: X[o] = (W Sigma)[o, S_o] Sigma[S_o, S_o]^-1.
 
     Args:
         weight: W (g, O, D). sigma: the (damped) covariance.
         rows: (g, q) one selection for every output channel, or (g, O, q) one per output channel.
+        progress: a bar of the output channels solved (with an ETA) when the per-output solves are long.
     Returns:
         X (g, O, q), the values at the selected entries.
     """
@@ -72,10 +85,15 @@ def selection_refit(weight: torch.Tensor, sigma: Covariance, rows: torch.Tensor)
     g, o, q = rows.shape
     out = torch.empty(g, o, q, dtype=torch.float64)
     chunk = max(1, _GRAM_BYTES // (8 * q * q))
-    for start in range(0, o, chunk):
-        part = rows[:, start:start + chunk]  # (g, n, q)
-        rhs = torch.gather(w_sigma[:, start:start + chunk], 2, part)  # (g, n, q)
-        out[:, start:start + chunk] = torch.linalg.solve(selection_gram(sigma, part), rhs[..., None])[..., 0]
+    bar = open_bar(progress if g * o * q**3 >= _LONG_REFIT else False, "sal refit", total=o, unit="channel")
+    try:
+        for start in range(0, o, chunk):
+            part = rows[:, start:start + chunk]  # (g, n, q)
+            rhs = torch.gather(w_sigma[:, start:start + chunk], 2, part)  # (g, n, q)
+            out[:, start:start + chunk] = torch.linalg.solve(selection_gram(sigma, part), rhs[..., None])[..., 0]
+            bar.update(part.shape[1])
+    finally:
+        bar.close()
     return out
 
 
@@ -142,7 +160,7 @@ class _SALFactorizer(LayerFactorizer):
         g, o, d = self.weight.shape
         mask = kernel_tap_mask(_tap_energy(self), rank).reshape(g, o, d)
         rows = torch.nonzero(mask)[:, 2].reshape(g, o, -1)  # (g, O, m*C) in increasing order
-        values = selection_refit(self.weight, self.sigma_damped, rows)
+        values = selection_refit(self.weight, self.sigma_damped, rows, self.progress)
         dense = torch.zeros_like(self.weight).scatter_(2, rows, values)
         return (dense.reshape(self.layer.weight.shape),), dense
 

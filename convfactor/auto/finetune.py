@@ -7,6 +7,12 @@ or mean squared error of the raw outputs).
 
 The student is trained in eval mode: factorize folds BatchNorm away, and a model that still has
 BatchNorm should not have its running statistics overwritten by a few small batches.
+
+Structural zeros stay zero: a module that declares some of its parameters' entries fixed at zero (a
+``structural_zeros()`` method returning {parameter name: bool mask}, as sal's and the dictionary's modules
+do) has those entries' gradients zeroed before every step and the entries set back to zero after it, so
+neither the gradient nor the optimizer's momentum or weight decay moves them (``keep_zeros=False`` lets
+them move). The fine-tuner knows no method by name: the modules say which entries are fixed.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from ..errors import ConvfactorError
 from ..progress import open_bar
 from .calibration import flat_outputs
 
-__all__ = ["FinetuneResult", "finetune", "distillation_loss", "LOSSES"]
+__all__ = ["FinetuneResult", "finetune", "distillation_loss", "structural_masks", "LOSSES"]
 
 LOSSES = ("kl", "mse")
 
@@ -37,6 +43,7 @@ class FinetuneResult:
     steps: int = 0
     lr: float = 0.0
     loss: str = "kl"
+    fixed_zeros: int = 0  # parameter entries held at zero (structural zeros, see the module docstring)
 
     @property
     def first(self) -> float:
@@ -63,6 +70,27 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = 
         log_q = F.log_softmax(student / temperature, dim=-1)
         return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * temperature**2
     raise ConvfactorError(f"unknown distillation loss {kind!r}; choose one of {', '.join(LOSSES)}")
+
+
+def structural_masks(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, keep mask: 0 at a structural zero, 1 elsewhere, the parameter's dtype) for every parameter
+    of ``model`` whose module declares fixed zeros (``structural_zeros()``); a parameter named twice gets
+    the union of its zeros. A name that is not a plain parameter (e.g. a parametrized weight) is skipped."""
+    masks: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    for module in model.modules():
+        declare = getattr(module, "structural_zeros", None)
+        if not callable(declare):
+            continue
+        for name, zeros in declare().items():
+            try:
+                param = module.get_parameter(name)
+            except AttributeError:
+                continue
+            keep = (~zeros.to(device=param.device, dtype=torch.bool)).to(param.dtype)
+            if id(param) in masks:
+                keep = keep * masks[id(param)][1]
+            masks[id(param)] = (param, keep)
+    return [(param, keep) for param, keep in masks.values() if not bool(keep.all())]
 
 
 def _batches(data: Any, n_inputs: int) -> Callable[[], list[tuple[torch.Tensor, ...]]]:
@@ -99,6 +127,7 @@ def finetune(
     temperature: float = 1.0,
     n_inputs: int = 1,
     weight_decay: float = 0.0,
+    keep_zeros: bool = True,
 ) -> FinetuneResult:
     """Distil ``teacher`` into ``factorized`` for ``steps`` Adam steps (optional; modifies ``factorized``).
 
@@ -114,8 +143,10 @@ def finetune(
         temperature: softening of the KL loss.
         n_inputs: how many tensors the model takes.
         weight_decay: Adam weight decay.
+        keep_zeros: keep the structural zeros the modules declare (sal's pruned taps, the dictionary's
+            sparse code) at zero; ``False`` trains every entry.
     Returns:
-        A ``FinetuneResult`` with the loss of every step.
+        A ``FinetuneResult`` with the loss of every step and the number of entries held at zero.
 
     Example:
         >>> small = convfactor.factorize(model, policy, x, calibration=calib)
@@ -138,7 +169,9 @@ def finetune(
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    result = FinetuneResult(steps=steps, lr=lr, loss=loss)
+    masks = structural_masks(factorized) if keep_zeros else []
+    result = FinetuneResult(steps=steps, lr=lr, loss=loss,
+                            fixed_zeros=sum(int((keep == 0).sum()) for _, keep in masks))
     stream = itertools.chain.from_iterable(source() for _ in itertools.count())
     bar = open_bar(progress, "finetune", total=steps, unit="step")
     try:
@@ -149,7 +182,13 @@ def finetune(
             value = sum(distillation_loss(o, t.detach(), loss, temperature) for o, t in zip(outputs, targets))
             optimizer.zero_grad(set_to_none=True)
             value.backward()
+            for param, keep in masks:
+                if param.grad is not None:
+                    param.grad.mul_(keep)
             optimizer.step()
+            with torch.no_grad():
+                for param, keep in masks:  # momentum or weight decay cannot move them either
+                    param.mul_(keep)
             result.losses.append(float(value.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4g}")

@@ -128,7 +128,7 @@ class Replacements:
                 continue
             module = self.cache.get(prefix)
             if module is None:
-                module = self.cache[prefix] = self._refit(work, plan)
+                module = self.cache[prefix] = self._refit(work, plan, progress)
             set_submodule(work, name, module)
             built[name] = module
         self._trim(prefix)
@@ -160,7 +160,7 @@ class Replacements:
         self._reference_bytes = sum(t.numel() * t.element_size() for got in self._reference.values()
                                     for t in got.values())
 
-    def _refit(self, work: nn.Module, plan: LayerPlan) -> nn.Module:
+    def _refit(self, work: nn.Module, plan: LayerPlan, progress: bool | str = False) -> nn.Module:
         option = plan.chosen
         if self.deadline is not None and self.deadline.spent():
             self.weight_only.add(plan.name)
@@ -180,7 +180,8 @@ class Replacements:
             self._reference_bytes += sum(t.numel() * t.element_size() for t in cache.values())
         groups = getattr(plan.layer, "groups", 1)
         weight = corrected_weight(grouped_weight(plan.layer.weight, groups), sigma, cross, opts.damping)
-        factorizer = layer_factorizer(option.method, plan.layer, sigma, opts.damping, weight=weight)
+        factorizer = layer_factorizer(option.method, plan.layer, sigma, opts.damping, weight=weight,
+                                      progress=progress)
         if factorizer is None:
             return get_method(option.method).decompose(plan.layer, option.rank).eval()
         return factorizer.module(option.rank).eval()

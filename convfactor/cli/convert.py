@@ -147,6 +147,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from .. import __version__
     from ..api import factorize, get_report
     from ..auto.verify import FidelityWarning
+    from ..costs import count_zeros
     from ..errors import ConvfactorError
     from ..files.architecture import parse_input_shape
     from ..files.atomic import StagedOutputs
@@ -211,6 +212,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if share is not None:
         console.status(f"sharing weights ({args.share_weights})")
         fast = share_weights(fast, **share)
+        report.zeros_after = count_zeros(fast)  # the produced model's: zeros take their nearest centroid
         if args.weight_bits == 32:  # the score counts the shared bits unless --weight-bits says otherwise
             score_options["weight_bits"] = round(sharing_report(fast).weight_bits(), 3)
     factorize_seconds = time.perf_counter() - started

@@ -64,6 +64,12 @@ class FactorizedLayer(nn.Sequential):
         """The weight of a single layer equivalent to this chain (shape of the original weight)."""
         raise NotImplementedError
 
+    def structural_zeros(self) -> dict[str, torch.Tensor]:
+        """The entries the method fixes at zero (a pruning form's zeros, counted as p_u): {parameter name
+        (e.g. ``"conv.weight"``): bool mask of its shape, True at a fixed zero}. ``convfactor.finetune``
+        keeps them zero. None by default."""
+        return {}
+
     def dense_bias(self) -> torch.Tensor | None:
         """The bias of the equivalent single layer: the last stage carries it."""
         last = self[-1]

@@ -12,8 +12,9 @@ dilation and padding_mode), the 1x1 stage (groups of the original) weights them 
 At K = T the dictionary is the identity and the code is X itself: exact, and no sparsity.
 
 The code's zeros (``alpha`` > 0) are unstructured sparsity: they count in the challenge score (p_u), not
-in a dense runtime's time. The depthwise weight stores the atoms once per input channel (C_in*K*T
-values for K*T distinct ones); parameter counts include those copies.
+in a dense runtime's time, and ``convfactor.finetune`` keeps them zero (``DictionaryConv.structural_zeros``).
+The depthwise weight stores the atoms once per input channel (C_in*K*T values for K*T distinct ones);
+parameter counts include those copies.
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ class DictionaryConv(FactorizedLayer):
         w = torch.einsum("goij,gijt->goit", p.reshape(g, c_out // g, c_in // g, k),
                          d.reshape(g, c_in // g, k, -1))
         return w.reshape(c_out, c_in // g, *kernel)
+
+    def structural_zeros(self) -> dict[str, torch.Tensor]:
+        """The code's exact zeros (the lasso's, ``alpha`` > 0; a data-aware refit code is dense: none)."""
+        return {"codes.weight": self.codes.weight.detach() == 0}
 
 
 class Dictionary(FactorizationMethod):

@@ -9,8 +9,9 @@ a single shifted tap), m = 2 SAL2. Exact at m = k_h * k_w: nothing is zeroed.
 The module is the original conv with the zeroed weight (same geometry, groups and bias), so it exports
 and runs as the original does: a dense runtime gains no time from the zeros. They count in the
 challenge score as unstructured pruning (p_u = zeros / parameters, measured on the produced model);
-``kept_fraction`` is the share of the weight's entries kept (m / (k_h k_w)). Fine-tuning moves the zeros
-unless the caller masks the gradients.
+``kept_fraction`` is the share of the weight's entries kept (m / (k_h k_w)). The zeros are structural:
+``SALConv.structural_zeros`` names them (all but the m largest-magnitude taps of every slice), and
+``convfactor.finetune`` masks their gradients and keeps them zero, so a fine-tuned SAL model is still one.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ class SALConv(FactorizedLayer):
 
     def dense_weight(self) -> torch.Tensor:
         return self.conv.weight.detach().to(torch.float64)
+
+    def structural_zeros(self) -> dict[str, torch.Tensor]:
+        """All but the m largest-magnitude taps of every kernel slice (read from the weight, so a saved and
+        reloaded model has the same mask; a kept tap that is exactly zero may swap with a zero one)."""
+        w = self.conv.weight.detach()
+        flat = w.reshape(w.shape[0], w.shape[1], -1)
+        return {"conv.weight": ~kernel_tap_mask(flat.abs(), self.rank).reshape(w.shape)}
 
 
 class SAL(FactorizationMethod):
