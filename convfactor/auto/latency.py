@@ -56,8 +56,9 @@ __all__ = [
 
 _ORIGINAL = "original"
 # Keys of entries stored as ratios to their original timed in the same rounds (older entries, each timed
-# on its own, mixed times taken under different load: they are not reused).
-TIMING_FORM = 2
+# on its own, mixed times taken under different load: they are not reused). Form 3: an original below the
+# timer's resolution is stored as unresolved (form 2 stored ratios of noise to an absolute floor).
+TIMING_FORM = 3
 
 # (modules, input shape, options) -> milliseconds per module (fastest decile), overhead already subtracted.
 LayerTimer = Callable[[Sequence[nn.Module], Sequence[int], LatencyOptions], list[float]]
@@ -76,7 +77,8 @@ def time_layers(modules: Sequence[nn.Module], input_shape: Sequence[int], option
         input_shape: the input's shape, batch first.
         options: runtime, device, threads, warmup, repeats and the time limit.
     Returns:
-        One time per module, in ms, floored at 1e-4 so that no replacement looks free.
+        One time per module, in ms (``round_robin.Timings``), floored at ``RESOLUTION`` of the call
+        overhead (at least 1e-4) so that no replacement looks free and noise reads as the floor.
     """
     if options.runtime == "torch":
         return time_layers_torch(modules, input_shape, options)
@@ -182,11 +184,22 @@ class LatencyModel:
             template = layer.to("cpu") if layer.weight.device.type != "cpu" else layer
             times = self.timer([_float32_module(template, *wanted[i]) for i in batch], input_shape, self.options)
             self.measured += len(batch)
+            floor = getattr(times, "floor", None)
+            # An original below the timer's resolution: no variant can be measured against it (each is
+            # stored as the original's time, ratio 1, and the layer as unresolved).
+            unresolved = floor is not None and times[0] <= floor
             for i, ms in zip(batch, times):
-                self.cache.put(keys[i], ms, ratio=ms / times[0])
+                self.cache.put(keys[i], ms, ratio=1.0 if unresolved else ms / times[0])
+            if unresolved:
+                self.cache.entries[keys[0]]["unresolved"] = True
             self.cache.save()
         original = self.reference.get(self._geometry(layer, input_shape)) or self.cache.get(keys[0])
         return original, {v: self.cache.ratio(k) * original for v, k in zip(variants, keys[1:])}
+
+    def unresolved(self, layer: nn.Module, input_shape: Sequence[int]) -> bool:
+        """The layer alone runs below the timer's resolution (its variants' times say nothing)."""
+        entry = self.cache.entries.get(self.key(layer, input_shape, _ORIGINAL, None))
+        return bool(entry and entry.get("unresolved"))
 
     def _geometry(self, layer: nn.Module, input_shape: Sequence[int]) -> str:
         return LatencyCache.key(_geometry_key(layer, input_shape))

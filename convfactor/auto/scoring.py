@@ -138,6 +138,9 @@ def _costed_options(plan: LayerPlan, kind: str, opts: AutoOptions,
         variants = [(o.method, o.rank) for kept in by_method.values() for o in kept]
         original_ms, times = model.layer_times(plan.layer, plan.in_shape, variants)
         plan.original.latency_ms = original_ms * plan.calls
+        if model.unresolved(plan.layer, plan.in_shape):
+            plan.dropped.append("the layer alone runs below the timer's resolution (5% of its call overhead): "
+                                "no replacement can be measured faster")
         for kept in by_method.values():
             for option in kept:
                 option.latency_ms = times[(option.method, option.rank)] * plan.calls

@@ -62,7 +62,7 @@ def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[st
         warnings: where a warning per replacement left slower goes.
     """
     started = time.perf_counter()
-    swapped, slower, undo = [], [], []
+    swapped, slower, undo, unresolved = [], [], [], []
     for plan in plans:
         option = plan.chosen
         if option is None or plan.in_shape is None:
@@ -73,6 +73,9 @@ def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[st
         aligned = [] if blocked(option.rank) else [o for o in similar if blocked(o.rank)][:_ALTERNATIVES]
         timed = [option, *aligned]
         original_ms, times = model.layer_times(plan.layer, plan.in_shape, [(o.method, o.rank) for o in timed])
+        if model.unresolved(plan.layer, plan.in_shape):
+            unresolved.append(plan.name)  # too fast to time alone: nothing to claim either way
+            continue
         ms = times[(option.method, option.rank)]
         speed = original_ms / ms if ms > 0 else float("inf")
         quicker = [o for o in aligned if times[(o.method, o.rank)] <= (1 - FASTER_BY) * min(ms, original_ms)]
@@ -99,7 +102,8 @@ def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[st
             warnings.append(f"layer {plan.name}: {option.label()} measured {speed:.2f}x the original layer's speed "
                             f"({verdict}) in {model.options.runtime} at {model.options.threads} thread(s), and no "
                             f"option of similar cost and error runs faster (a latency target, or align: 16, avoids it)")
-    return {"swapped": swapped, "slower": slower, "seconds": round(time.perf_counter() - started, 3),
+    return {"swapped": swapped, "slower": slower, "unresolved": unresolved,
+            "seconds": round(time.perf_counter() - started, 3),
             "runtime": model.options.runtime, "threads": model.options.threads, "undo": undo}
 
 

@@ -1,0 +1,76 @@
+"""A layer faster than the timer can resolve is not measured against its replacements: no ratios of noise."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from torch import nn
+
+from convfactor.auto import LatencyModel
+from convfactor.auto.latency_options import LatencyOptions
+from convfactor.auto.round_robin import RESOLUTION, Timings, round_robin
+from convfactor.auto.slow_forms import prefer_fast_forms
+
+LAYER = nn.Conv2d(48, 12, 1)
+SHAPE = (1, 48, 80, 80)
+
+
+def sleeper(seconds):
+    return lambda: time.sleep(seconds)
+
+
+def test_a_variant_below_the_resolution_reads_as_the_floor():
+    options = LatencyOptions(repeats=5, max_seconds_per_layer=5.0)
+    times = round_robin([sleeper(0.004), sleeper(0.004), sleeper(0.009)], options)  # overhead, tiny, 5 ms
+    assert isinstance(times, Timings) and times.floor == pytest.approx(RESOLUTION * 4.0, rel=0.5)
+    assert times[1] > 3 * times.floor  # resolved: well above the floor
+    assert times[0] >= times.floor  # never below it, never 0
+
+
+def stub(tmp_path, original_ms, variant_ms, floor):
+    def timer(modules, input_shape, options):
+        return Timings([original_ms if isinstance(m, nn.Conv2d) else variant_ms for m in modules], floor)
+
+    return LatencyModel({"cache": tmp_path / "latency.json"}, timer=timer)
+
+
+def test_an_unresolved_original_gives_its_variants_no_ratio_of_noise(tmp_path):
+    model = stub(tmp_path, original_ms=0.01, variant_ms=0.05, floor=0.01)  # original at the floor
+    original, times = model.layer_times(LAYER, SHAPE, [("svd", 3)])
+    assert model.unresolved(LAYER, SHAPE)
+    assert times[("svd", 3)] == pytest.approx(original)  # not 5x slower: unknown, so the same
+    again = LatencyModel({"cache": tmp_path / "latency.json"}, timer=lambda *a: pytest.fail("re-timed"))
+    assert again.unresolved(LAYER, SHAPE)  # the flag is kept in the cache
+
+
+def test_a_resolved_original_keeps_measured_ratios(tmp_path):
+    model = stub(tmp_path, original_ms=0.5, variant_ms=0.2, floor=0.01)
+    original, times = model.layer_times(LAYER, SHAPE, [("svd", 3)])
+    assert not model.unresolved(LAYER, SHAPE) and times[("svd", 3)] == pytest.approx(0.4 * original)
+
+
+def test_no_slower_warning_for_a_layer_too_fast_to_time(tmp_path):
+    from convfactor.auto.candidates import Option
+
+    class Plan:  # the fields prefer_fast_forms reads
+        name, layer, in_shape = "head", LAYER, SHAPE
+        chosen = Option("svd", 3, 100, 10)
+        options = [chosen]
+        decision = None
+
+    Plan.chosen.loss = 0.1
+    warnings: list[str] = []
+    account = prefer_fast_forms([Plan], "macs", stub(tmp_path, 0.01, 0.05, floor=0.01), warnings)
+    assert warnings == [] and account["slower"] == [] and account["unresolved"] == ["head"]
+    flagged = prefer_fast_forms([Plan], "macs", stub(tmp_path / "b", 0.5, 1.0, floor=0.01), warnings)
+    assert flagged["slower"] and "0.50x" in warnings[0]  # a resolved slow form is still said
+
+
+def test_real_timer_marks_a_tiny_layer_unresolved_or_times_it_above_the_floor(tmp_path):
+    model = LatencyModel({"cache": tmp_path / "latency.json", "repeats": 10})
+    tiny = nn.Conv2d(4, 4, 1)
+    original, times = model.layer_times(tiny, (1, 4, 8, 8), [("svd", 2)])
+    assert original > 0 and times[("svd", 2)] > 0
+    if model.unresolved(tiny, (1, 4, 8, 8)):
+        assert times[("svd", 2)] == pytest.approx(original)
