@@ -1,4 +1,5 @@
-"""A layer faster than the timer can resolve is not measured against its replacements: no ratios of noise."""
+"""Limits of timing one layer alone: below the timer's resolution no ratios of noise; a wide layer's variants
+are timed in groups so the live sessions stay within a memory bound."""
 
 from __future__ import annotations
 
@@ -74,3 +75,26 @@ def test_real_timer_marks_a_tiny_layer_unresolved_or_times_it_above_the_floor(tm
     assert original > 0 and times[("svd", 2)] > 0
     if model.unresolved(tiny, (1, 4, 8, 8)):
         assert times[("svd", 2)] == pytest.approx(original)
+
+
+def test_a_wide_layers_variants_are_timed_in_groups_each_with_the_original(tmp_path, monkeypatch):
+    from convfactor.auto import latency
+
+    batches = []
+
+    def timer(modules, input_shape, options):
+        batches.append(modules)
+        base = 2.0 + len(batches)  # another load in every group: the ratios must not see it
+        return Timings([base if isinstance(m, nn.Conv2d) else base / 2 for m in modules], 1e-4)
+
+    wide = nn.Conv2d(64, 64, 3, padding=1)
+    shape = (1, 64, 256, 256)
+    per = latency._session_bytes(wide, shape)
+    assert per >= 8 * 4 * 2 * 64 * 256 * 256  # input and output, several buffers each
+    monkeypatch.setattr(latency, "TIMING_BYTES", 5 * per)  # 3 variants and the original per group
+    model = LatencyModel({"cache": tmp_path / "latency.json"}, timer=timer)
+    variants = [("spatial_svd", r) for r in (8, 16, 24, 32, 40, 48, 56)]
+    original, times = model.layer_times(wide, shape, variants)
+    assert [len(b) for b in batches] == [4, 4, 2]  # 7 variants in 3 groups
+    assert all(isinstance(b[0], nn.Conv2d) for b in batches)  # each group times the original too
+    assert all(t == pytest.approx(original / 2) for t in times.values())  # ratios per group, load cancels
