@@ -98,3 +98,32 @@ def test_a_wide_layers_variants_are_timed_in_groups_each_with_the_original(tmp_p
     assert [len(b) for b in batches] == [4, 4, 2]  # 7 variants in 3 groups
     assert all(isinstance(b[0], nn.Conv2d) for b in batches)  # each group times the original too
     assert all(t == pytest.approx(original / 2) for t in times.values())  # ratios per group, load cancels
+
+
+def test_original_layers_are_timed_together_in_groups_scaled_by_a_shared_anchor(monkeypatch):
+    from convfactor.auto import latency
+
+    base = {}  # true ms of each layer by its out_channels
+    calls, sizes = [], []
+
+    def fake(layers, options):  # every group under another load: a factor the anchor must cancel
+        calls.append([m.out_channels for m, _ in layers])
+        sizes.append(sum(2 * latency._session_bytes(m, shape) for m, shape in layers))
+        load = 1.0 + len(calls)
+        return [base[m.out_channels] * load for m, _ in layers]
+
+    monkeypatch.setattr(latency, "time_originals_onnxruntime", fake)
+    layers = [(nn.Conv2d(8, c, 3), (1, 8, 32 + c, 32 + c)) for c in range(4, 14)]
+    for i, (layer, _) in enumerate(layers):
+        base[layer.out_channels] = 0.1 * (i + 1)
+    per = max(2 * latency._session_bytes(m, s) for m, s in layers)
+    monkeypatch.setattr(latency, "TIMING_BYTES", 4 * per)
+    model = LatencyModel({"cache": None})
+    model.calibrate(layers)
+    assert len(calls) >= 3 and all(size <= 4 * per for size in sizes)  # live sessions stay under the bound
+    anchor = calls[0][0]
+    assert all(c[0] == anchor for c in calls)  # the anchor is timed in every group
+    timed = sorted(model.reference.values())
+    assert len(timed) == len(layers)
+    expected = sorted(v * 2.0 for v in base.values())  # all on the first group's scale (load 2)
+    assert timed == pytest.approx(expected, rel=1e-9)
