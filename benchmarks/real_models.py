@@ -192,7 +192,7 @@ def markdown(results: list[dict], args) -> str:
             f"| {r['model']}", r["row"], _fmt_metric(r), num("mac_ratio", "{:.3f}"), speed,
             num("rel_error", "{:.3g}"), num("factorize_s", "{:.0f}"),
             f"{r['peak_rss_mb'] / 1024:.2f}" if r.get("peak_rss_mb") else "-",
-            f"{r['commit']}, {r['load'][0]:.1f}-{r['load'][1]:.1f}" if r.get("commit") else "-",
+            r.get("commit", "-") + (f", {r['load'][0]:.1f}-{r['load'][1]:.1f}" if r.get("load") else ""),
             "; ".join(n.replace("|", "/").replace("\n", " ") for n in notes)]) + " |")
     commands = list(dict.fromkeys(r.get("command", "") for r in results))
     lines += ["", "Each row: `" + "`; `".join(c for c in commands if c) + "`"] if len(commands) <= 3 else \
