@@ -13,21 +13,20 @@ ratio), and reported with its MAC reduction:
     python benchmarks/latency_target.py --nets resnet20 --targets 0.5    # a quick one
     python benchmarks/latency_target.py --profile                        # + per-layer times in both networks
 
-Measured with ``python benchmarks/latency_target.py --profile`` twice (one process each, both targets;
-a 2-vCPU AMD EPYC shared with four other engineers' jobs; the re-timing is the median of interleaved
-pair ratios over 3 s):
+Measured at main 3dd5103, one process per line, warm latency cache, load average 2.9 falling to 1.0:
 
-    | network        | target | requested | measured speedup | MAC cut | speedup / MAC cut | factorize s | load  |
-    |----------------|--------|-----------|------------------|---------|-------------------|-------------|-------|
-    | ResNet-18 @224 | 0.5    | 2.00x     | 1.94x            | 2.02x   | 0.96              | 263         | 11-16 |
-    | ResNet-18 @224 | 0.25   | 4.00x     | 4.07x            | 5.10x   | 0.80              | 166         | 11-16 |
-    | ResNet-18 @224 | 0.5    | 2.00x     | 1.96x            | 2.11x   | 0.93              | 120         | 3-9   |
-    | ResNet-18 @224 | 0.25   | 4.00x     | 3.89x            | 4.52x   | 0.86              | 84          | 3-9   |
+    | policy                           | target | requested | speedup | MAC cut | efficiency | factorize s |
+    |----------------------------------|--------|-----------|---------|---------|------------|-------------|
+    | every Conv2d (no flags)          | 0.5    | 2.00x     | 2.06x   | 2.16x   | 0.96       | 29          |
+    | every Conv2d                     | 0.25   | 4.00x     | 3.99x   | 4.74x   | 0.84       | 29          |
+    | ``--skip conv1`` (stem left out) | 0.5    | 2.00x     | 2.05x   | 2.16x   | 0.95       | 35          |
+    | ``--skip conv1``                 | 0.25   | 4.00x     | 4.12x   | 4.45x   | 0.93       | 41          |
+    | ``--calibration 16``             | 0.5    | 2.00x     | 2.09x   | 2.10x   | 0.99       | 110         |
+    | ``--calibration 16``             | 0.25   | 4.00x     | 4.07x   | 4.46x   | 0.91       | 107         |
 
-(110 + 5 and 104 + 5 user + sys CPU-s; 11:43 and 4:48 wall.) Under the heavier load the per-layer
-profile printed with ``--profile`` is not reliable: convs of the same MACs read 1.0-22 ms in the
-original network (the 7x7 layer4 convs, memory-bound, suffer most); under the lighter one they read
-1.1-2.9 ms. The 4x ratio moved by 0.06 between the two runs: read it as 0.80-0.86.
+Weight-only selection over every conv cuts the 3-channel stem to rank 1 at 4x (19.2x fewer MACs, 3.2x
+less time), which is what the two control rows take out; README "Latency targets on ResNet-18" has the
+per-layer profile behind it.
 """
 
 from __future__ import annotations
