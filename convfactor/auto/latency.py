@@ -17,6 +17,7 @@ interleaved pairs, median of the per-pair ratios.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,14 +70,10 @@ _SESSION_FACTOR = 8
 
 def _session_bytes(layer: nn.Module, input_shape: Sequence[int]) -> int:
     """An upper estimate of one timing session's buffers for ``layer`` on ``input_shape`` (float32)."""
-    inputs = 1
-    for size in input_shape:
-        inputs *= int(size)
+    inputs = math.prod(int(size) for size in input_shape)
     c_in = int(input_shape[1]) if len(input_shape) > 1 else 1
     c_out = getattr(layer, "out_channels", getattr(layer, "out_features", c_in))
-    stride = 1
-    for step in getattr(layer, "stride", (1,)):
-        stride *= int(step)
+    stride = math.prod(int(step) for step in getattr(layer, "stride", (1,)))
     outputs = inputs * c_out // max(c_in * stride, 1)
     return max(1, _SESSION_FACTOR * 4 * (inputs + max(outputs, 1)))
 
@@ -212,12 +209,12 @@ class LatencyModel:
                 times = self.timer([_float32_module(template, *wanted[i]) for i in batch], input_shape,
                                    self.options)
                 self.measured += len(batch)
-                floor = getattr(times, "floor", None)
                 # An original below the timer's resolution: no variant can be measured against it (each is
                 # stored as the original's time, ratio 1, and the layer as unresolved).
-                unresolved = unresolved or (floor is not None and times[0] <= floor)
+                at_floor = times[0] <= getattr(times, "floor", 0.0)
+                unresolved |= at_floor
                 for i, ms in zip(batch, times):
-                    self.cache.put(keys[i], ms, ratio=1.0 if unresolved else ms / times[0])
+                    self.cache.put(keys[i], ms, ratio=1.0 if at_floor else ms / times[0])
             if unresolved:
                 self.cache.entries[keys[0]]["unresolved"] = True
             self.cache.save()

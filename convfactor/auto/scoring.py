@@ -25,6 +25,7 @@ from .latency import LatencyModel
 from .measured import first_samples
 from .options import AutoOptions
 from .plans import LayerPlan, pass_samples
+from .round_robin import RESOLUTION
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
 
 __all__ = ["SCORED_RANKS", "build_options", "error_function", "candidate_module", "measure_sensitivities"]
@@ -139,8 +140,8 @@ def _costed_options(plan: LayerPlan, kind: str, opts: AutoOptions,
         original_ms, times = model.layer_times(plan.layer, plan.in_shape, variants)
         plan.original.latency_ms = original_ms * plan.calls
         if model.unresolved(plan.layer, plan.in_shape):
-            plan.dropped.append("the layer alone runs below the timer's resolution (5% of its call overhead): "
-                                "no replacement can be measured faster")
+            plan.dropped.append(f"the layer alone runs below the timer's resolution ({RESOLUTION:.0%} of its call "
+                                "overhead): no replacement can be measured faster")
         for kept in by_method.values():
             for option in kept:
                 option.latency_ms = times[(option.method, option.rank)] * plan.calls
