@@ -60,7 +60,8 @@ def test_static_qdq_graph_checks_and_stays_close_to_float(tmp_path, float_onnx, 
     assert result.quantized_nodes["QuantizeLinear"] > 0 and result.quantized_nodes["DequantizeLinear"] > 0
     weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
     assert len(weights) == 3  # the conv weights are stored as int8
-    assert result.activation_type == "uint8" and result.notes == ()
+    assert result.activation_type == "uint8"
+    assert all("reduce_range" in note for note in result.notes)  # the only note: 7-bit weights on a CPU without VNNI
     assert _rel_l2(_run(float_onnx, held_out), _run(result.path, held_out)) < INT8_REL_L2
 
 
@@ -83,6 +84,19 @@ def test_without_calibration_dynamic_quantization_says_so(tmp_path, float_onnx, 
     onnx.checker.check_model(str(result.path))
     held_out = digits[1]
     assert _rel_l2(_run(float_onnx, held_out), _run(result.path, held_out)) < INT8_REL_L2
+
+
+@pytest.mark.parametrize(("flags", "reduced"), [
+    ("fpu sse2 avx avx2", True),                       # x86 without VNNI: u8s8 sums saturate int16
+    ("fpu sse2 avx2 avx512f avx512_vnni", False),
+    ("fpu sse2 avx2 avx_vnni", False),
+    ("fp asimd asimddp", False),                       # ARM: dot-product kernels, no saturation
+])
+def test_reduced_range_only_on_x86_without_vnni(flags, reduced):
+    from convfactor.runtime.quantize import needs_reduced_range
+
+    assert needs_reduced_range(f"processor\t: 0\nflags\t\t: {flags}\n") is reduced
+    assert needs_reduced_range("") is False
 
 
 def test_refuses_overwrite_and_bad_options(tmp_path, float_onnx, digits):
