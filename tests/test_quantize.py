@@ -68,7 +68,8 @@ def test_static_qdq_graph_checks_and_stays_close_to_float(tmp_path, float_onnx, 
 def test_module_is_exported_then_quantized_and_keep_float(tmp_path, digits):
     calibration, _ = digits
     result = convfactor.quantize_onnx(randomized(TinyNet()), tmp_path / "m.int8.onnx", calibration,
-                                      keep_float=["Gemm", "no_such_node"], calibrate_method="percentile")
+                                      keep_float=["Gemm", "no_such_node"], calibrate_method="percentile",
+                                      exporter="torchscript")
     assert result.float_compute_nodes == {"Gemm": 1} and result.quantized_compute == 3
     assert len(result.kept_float) == 1 and result.calibrate_method == "percentile"
     assert any("no_such_node" in note for note in result.notes)

@@ -18,7 +18,7 @@ The counts in the result are read back from the written graph (``quantized_graph
 Example::
 
     result = quantize_onnx(model, "fast.int8.onnx", calibration=x_train[:128], example_inputs=x[:1])
-    print(result)   # static QDQ, Conv 19 / Gemm 1 quantized, 0 kept float, weights 8.0 bits ...
+    print(result)   # how it was quantized, the quantized and float nodes, the bits, the file sizes
 """
 
 from __future__ import annotations
