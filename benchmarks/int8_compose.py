@@ -22,6 +22,8 @@ Networks:
     |cents difference| against the float original's pitch.
   * resnet20: the shipped digits ResNet-20, batch of 8; factorized as ``convfactor demo`` does at 0.5 of
     the MACs (automatic policy, 64 calibration images); evaluation: the 450 held-out digits (accuracy).
+    With ``--resnet-latency F``, also the same policy under a latency target F (batch 8, 1 thread), once
+    with the latency model timing float graphs and once int8 graphs (``LatencyOptions(int8=True)``).
 
     python benchmarks/int8_compose.py --out benchmarks/results/int8_compose.json
 """
@@ -82,8 +84,9 @@ def crepe_case(fraction: float, aligns: list[int]) -> dict:
                              + "; ".join(described)}
 
 
-def resnet20_case(fraction: float) -> dict:
-    """The shipped digits ResNet-20, factorized as the demo does at ``fraction`` of the MACs."""
+def resnet20_case(fraction: float, latency: float | None) -> dict:
+    """The shipped digits ResNet-20, factorized as the demo does at ``fraction`` of the MACs; with ``latency``,
+    also under a latency target of that fraction, once timed on float graphs and once on int8 graphs."""
     from convfactor.demo import demo_options, demo_policy
     from convfactor.zoo import load_pretrained
     from convfactor.zoo.digits import calibration_subset, load_digits_split
@@ -93,15 +96,23 @@ def resnet20_case(fraction: float) -> dict:
     x_eval, y = load_digits_split("test")
     fast = convfactor.factorize(model, demo_policy(fraction), x_eval[:1], calibration=x_cal,
                                 auto_options=demo_options())
+    variants, described = {"factorized": fast}, [f"factorized: MACs {convfactor.get_report(fast).macs_ratio:.3f}"]
+    if latency is not None:
+        policy = {**demo_policy(fraction), "target": {"latency": latency}}
+        for name, int8 in (("latency_float_timed", False), ("latency_int8_timed", True)):
+            variants[name] = convfactor.factorize(model, policy, x_eval[:8], calibration=x_cal,
+                                                  auto_options=demo_options(), latency={"threads": 1, "int8": int8})
+            described.append(f"{name}: MACs {convfactor.get_report(variants[name]).macs_ratio:.3f}")
 
     def metric(outputs: dict[str, np.ndarray]) -> dict[str, dict]:
         return {role: {"accuracy": float((out.argmax(1) == y.numpy()).mean())} for role, out in outputs.items()}
 
-    return {"name": "resnet20_digits", "model": model, "variants": {"factorized": fast}, "eval": x_eval,
+    return {"name": "resnet20_digits", "model": model, "variants": variants, "eval": x_eval,
             "calibration": x_cal,
             "batch": 8, "metric": metric, "metric_key": "accuracy",
-            "factorized_as": f"automatic policy, macs {fraction} (the demo's policy), 64 calibration images; "
-                             f"MACs {convfactor.get_report(fast).macs_ratio:.3f}"}
+            "factorized_as": f"automatic policy, macs {fraction} (the demo's policy), 64 calibration images"
+                             + (f"; latency target {latency} at batch 8, 1 thread" if latency else "") + "; "
+                             + "; ".join(described)}
 
 
 def _outputs(path: Path, x: torch.Tensor, batch: int) -> np.ndarray:
@@ -161,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--crepe-fraction", type=float, default=0.40, help="CREPE's uniform Tucker-2 MACs target")
     p.add_argument("--crepe-align", default="1,16", help="rank alignments of CREPE's variants (1: none)")
     p.add_argument("--resnet-fraction", type=float, default=0.5, help="ResNet-20's automatic MACs target")
+    p.add_argument("--resnet-latency", type=float, help="also a latency target of this fraction on ResNet-20, timed "
+                   "on float graphs and on int8 graphs (LatencyOptions int8)")
     p.add_argument("--min-time", type=float, default=10.0, help="seconds of timed rounds per network")
     p.add_argument("--out", type=Path, help="write the results JSON here")
     args = p.parse_args(argv)
@@ -168,7 +181,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     aligns = [int(a) for a in args.crepe_align.split(",")]
     cases = {"crepe": lambda: crepe_case(args.crepe_fraction, aligns),
-             "resnet20": lambda: resnet20_case(args.resnet_fraction)}
+             "resnet20": lambda: resnet20_case(args.resnet_fraction, args.resnet_latency)}
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     results = []
     for name in args.models.split(","):
