@@ -46,8 +46,10 @@ ALIGN = 8
 
 
 def demo_policy(budget: float, method: str = "auto") -> dict[str, Any]:
-    """Every Conv2d may be factorized (method chosen per layer, or fixed), ranks aligned to 8; MACs <= ``budget``."""
-    return {"rules": [{"types": ["Conv2d"], "method": method, "align": ALIGN}], "target": {"macs": budget}}
+    """Every Conv2d may be factorized (method chosen per layer, or fixed), ranks aligned to 8; MACs <= ``budget``.
+    The output is declared as class scores, so the held-out check measures top-1 agreement on it."""
+    return {"rules": [{"types": ["Conv2d"], "method": method, "align": ALIGN}], "target": {"macs": budget},
+            "fidelity": {"outputs": {0: {"kind": "scores"}}}}
 
 
 def demo_options():
