@@ -173,9 +173,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from ..errors import ConvfactorError
     from ..files.architecture import parse_input_shape
     from ..files.atomic import StagedOutputs
-    from ..report import warning_line
     from ..metric import load_metric
     from ..policy import Policy
+    from ..report import warning_line
     from ..share import parse_share_spec, share_weights, sharing_report
     from ..summary import summarize
     from .checks import check_counts, check_out_name, example_input, load_inputs_file, parse_threads
