@@ -136,11 +136,12 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--check-samples", type=int, default=32, metavar="N",
                        help="random samples to compare (default 32)")
     group.add_argument("--max-rel-l2", type=float, default=0.1, metavar="X",
-                       help="largest ||a-b||/||a|| of the outputs (default 0.1)")
+                       help="largest ||a-b||/||a|| of each output's worst slice along its feature axis (default 0.1)")
     group.add_argument("--min-cosine", type=float, default=0.99, metavar="X", help="default 0.99")
     group.add_argument("--min-snr-db", type=float, default=20.0, metavar="DB", help="default 20")
     group.add_argument("--min-top1", type=float, default=0.9, metavar="X",
-                       help="smallest top-1 agreement of classifier outputs (default 0.9)")
+                       help="smallest top-1 agreement of the outputs declared as class scores (--class-scores, "
+                            "or the policy's fidelity outputs; default 0.9)")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
