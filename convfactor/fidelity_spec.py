@@ -12,10 +12,11 @@ Plain data, like the rest of the policy::
         0: {kind: scores}        # scores | regression | state | ignore
         1: {slices: {boxes: [0, 4], classes: [4, 84]}, axis: 1}
 
-Each output is split along its feature axis (``axis``, default 1; axis 0 is the samples) into slices, each
-measured relative to its own norm, so a small-norm head cannot hide under a large one. Without declared
-``slices`` the split follows the data: adjacent channels whose scale stays within ``SCALE_SPREAD`` of each
-other form one slice (``convfactor.output_error``). Top-1 agreement is computed only where an output is
+Each output is split along its feature axis (``axis``; by default its channel-like axis, see
+``convfactor.output_error.feature_axis``; axis 0 is the samples) into slices, each measured relative to its
+own norm, so a small-norm head cannot hide under a large one. Without declared ``slices`` the split follows
+the data: adjacent channels whose scale stays within ``SCALE_SPREAD`` of each other form one slice
+(``convfactor.output_error``). Top-1 agreement is computed only where an output is
 declared ``kind: scores``: a box or landmark regression head or a recurrent state has no "class" to agree
 on. ``kind: ignore`` leaves an output out (a debug tensor, a constant).
 """
@@ -43,14 +44,14 @@ class OutputSpec:
     """How one output is measured: its kind, its feature axis and, optionally, named slices along it."""
 
     kind: str = "auto"  # auto: measured by slices, no agreement; scores: also top-1 agreement
-    axis: int = 1
+    axis: int | None = None  # None: the output's channel-like axis (``convfactor.output_error.feature_axis``)
     slices: tuple[tuple[str, int, int], ...] = ()  # (name, start, stop) along ``axis``
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.kind != "auto":
             out["kind"] = self.kind
-        if self.axis != 1:
+        if self.axis is not None:
             out["axis"] = self.axis
         if self.slices:
             out["slices"] = {name: [start, stop] for name, start, stop in self.slices}
@@ -177,8 +178,8 @@ def _parse_outputs(raw: Any) -> tuple[tuple[str, OutputSpec], ...]:
         kind = spec.get("kind", "auto")
         if kind not in OUTPUT_KINDS:
             raise PolicyError(f"{where}: kind must be one of {', '.join(OUTPUT_KINDS)}, got {kind!r}")
-        axis = spec.get("axis", 1)
-        if isinstance(axis, bool) or not isinstance(axis, int) or axis < 1:
+        axis = spec.get("axis")
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or axis < 1):
             raise PolicyError(f"{where}: axis must be an int >= 1 (axis 0 is the samples), got {axis!r}")
         slices = spec.get("slices", {})
         if not isinstance(slices, Mapping):

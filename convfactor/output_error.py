@@ -1,11 +1,13 @@
 """Per-output, per-slice error of a model's outputs against the original's: one number cannot hide a head.
 
-For every output tensor ``a`` (original) and ``b`` (candidate), axis 0 the samples, the feature axis (1 by
-default) is cut into slices; each slice's relative error is ``||a_s - b_s|| / ||a_s||`` over all samples,
-so a 2-channel score head next to a 4-channel box head of 1000x its norm is measured on its own scale.
+For every output tensor ``a`` (original) and ``b`` (candidate), axis 0 the samples, the feature axis
+(declared, or the channel-like axis ``feature_axis`` finds) is cut into slices; each slice's relative
+error is ``||a_s - b_s|| / ||a_s||`` over all samples, so a 2-channel score head next to a 4-channel box
+head of 1000x its norm is measured on its own scale.
 Slices are declared in the policy (``fidelity: outputs:``) or found from the original's outputs: adjacent
 channels whose RMS stays within ``SCALE_SPREAD`` of each other form one slice (a YOLO-style
-``[N, 4 + C, A]`` tensor splits into its box rows and its class rows). Then::
+``[N, 4 + C, A]`` tensor splits into its box rows and its class rows); more than ``MAX_AUTO_SLICES`` runs is
+no head structure, and the axis stays one slice. Then::
 
     worst_rel_error  = max over outputs and slices of the slice's relative error   (reduce: worst)
     pooled_rel_error = sqrt(sum ||a - b||^2 / sum ||a||^2) over every output       (reduce: pooled)
@@ -27,9 +29,11 @@ import numpy as np
 
 from .fidelity_spec import Fidelity
 
-__all__ = ["SCALE_SPREAD", "OutputLayout", "plan_layouts", "scale_slices", "ErrorAccumulator", "output_names"]
+__all__ = ["SCALE_SPREAD", "MAX_AUTO_SLICES", "OutputLayout", "plan_layouts", "feature_axis", "scale_slices",
+           "ErrorAccumulator", "output_names"]
 
 SCALE_SPREAD = 100.0  # a new slice starts where a channel's RMS leaves [max / 100, min * 100] of the current one
+MAX_AUTO_SLICES = 16  # more runs than this is no head structure (a spatial or time axis): one slice instead
 _NEGLIGIBLE = 1e-12  # a slice whose squared norm is below this share of its output's is measured against the output
 
 
@@ -63,6 +67,24 @@ def output_names(output: Any) -> list[str]:
     return names
 
 
+def feature_axis(shape: Sequence[int]) -> int | None:
+    """The channel-like axis of an output of ``shape`` (axis 0 the samples), where heads sit side by side.
+
+    ``[N, C]``: 1. ``[N, A, B]``: the shorter of 1 and 2 (``[N, 4 + C, anchors]`` YOLO-style, ``[N, anchors,
+    4 + C]`` SSD-style). ``[N, C, H, W]``: 1, unless the last axis is at most 4 and axis 1 longer (a
+    channels-last map such as ``[N, H, W, 2]``). 5-D and more: 1. ``[N]`` and scalars: None (one slice).
+    A spatial or time axis is never chosen on purpose: its entries differ in scale by content, not by head.
+    """
+    ndim = len(shape)
+    if ndim <= 1:
+        return None
+    if ndim == 3:
+        return 1 if shape[1] <= shape[2] else 2
+    if ndim == 4 and shape[3] <= 4 < shape[1]:
+        return 3
+    return 1
+
+
 def scale_slices(channel_rms: np.ndarray, spread: float = SCALE_SPREAD) -> tuple[tuple[str, int, int], ...]:
     """Runs of adjacent channels whose RMS stays within ``spread``; zero channels join the run they are in."""
     slices, start, low, high = [], 0, math.inf, 0.0
@@ -92,12 +114,13 @@ def plan_layouts(names: Sequence[str], reference: Sequence[np.ndarray], spec: Fi
     layouts = []
     for index, (name, array) in enumerate(zip(names, reference)):
         declared = spec.output_spec(index, name)
-        axis: int | None = declared.axis
-        if np.ndim(array) <= declared.axis:
-            if declared.slices or declared.axis != 1:
-                raise ValueError(f"fidelity outputs {name!r}: axis {declared.axis} does not exist in an output of "
-                                 f"shape {list(np.shape(array))}")
-            axis = None
+        axis = declared.axis if declared.axis is not None else feature_axis(np.shape(array))
+        if axis is not None and np.ndim(array) <= axis:
+            raise ValueError(f"fidelity outputs {name!r}: axis {axis} does not exist in an output of "
+                             f"shape {list(np.shape(array))}")
+        if axis is None and declared.slices:
+            raise ValueError(f"fidelity outputs {name!r}: an output of shape {list(np.shape(array))} has no "
+                             f"feature axis to slice")
         if axis is None:
             slices: tuple = (("all", 0, 1),)
         elif declared.slices:
@@ -110,6 +133,8 @@ def plan_layouts(names: Sequence[str], reference: Sequence[np.ndarray], spec: Fi
         else:
             slices = scale_slices(np.sqrt(_channel_sums(np.asarray(array, dtype=np.float64) ** 2, axis)
                                           / max(1, array.size // max(1, array.shape[axis]))))
+            if len(slices) > MAX_AUTO_SLICES:
+                slices = ((f"0:{array.shape[axis]}", 0, array.shape[axis]),)
         layouts.append(OutputLayout(index, name, declared.kind, axis, tuple(slices), bool(declared.slices)))
     return layouts
 

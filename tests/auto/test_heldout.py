@@ -252,3 +252,22 @@ def test_metric_bounds_need_a_metric_and_output_declarations_are_checked():
 def test_scale_slices_split_where_the_scale_jumps_and_keep_zero_channels():
     assert [s[1:] for s in scale_slices(np.array([5.0, 3.0, 0.0, 4.0, 0.01, 0.02]))] == [(0, 4), (4, 6)]
     assert [s[1:] for s in scale_slices(np.array([1.0] * 5))] == [(0, 5)]
+
+
+@pytest.mark.parametrize("shape, axis", [((8, 10), 1), ((1, 84, 8400), 1), ((2, 8732, 25), 2), ((2, 64, 80, 80), 1),
+                                         ((2, 128, 128, 2), 3), ((2, 256, 7, 7), 1), ((8,), None), ((), None)])
+def test_the_default_feature_axis_is_channel_like_never_spatial(shape, axis):
+    from convfactor.output_error import feature_axis
+
+    assert feature_axis(shape) == axis
+
+
+def test_a_spatial_axis_with_content_dependent_scale_stays_one_slice():
+    """A channels-last score map [N, H, W, 2] whose rows are mostly background: its channel axis is sliced,
+    and an axis with more scale runs than MAX_AUTO_SLICES (no head structure) stays one slice."""
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(2, 40, 40, 2)) * np.where(np.arange(40) % 2 == 0, 1.0, 1e-4)[None, :, None, None]
+    (layout,) = plan_layouts(["maps"], [maps], None)
+    assert layout.axis == 3 and len(layout.slices) == 1
+    (forced,) = plan_layouts(["maps"], [maps], parse_fidelity({"outputs": {0: {"axis": 1}}}))
+    assert forced.axis == 1 and [s[1:] for s in forced.slices] == [(0, 40)]
