@@ -4,8 +4,9 @@ For every output tensor ``a`` (original) and ``b`` (candidate), axis 0 the sampl
 (declared, or the channel-like axis ``feature_axis`` finds) is cut into slices; each slice's relative
 error is ``||a_s - b_s|| / ||a_s||`` over all samples, so a 2-channel score head next to a 4-channel box
 head of 1000x its norm is measured on its own scale.
-Slices are declared in the policy (``fidelity: outputs:``) or found from the original's outputs: adjacent
-channels whose RMS stays within ``SCALE_SPREAD`` of each other form one slice (a YOLO-style
+Slices are declared in the policy (``fidelity: outputs:``) or found from the original's outputs: a slice
+ends where the RMS of adjacent channels jumps by more than ``SCALE_SPREAD``, the same way in (nearly) every
+sample (``scale_slices``; a YOLO-style
 ``[N, 4 + C, A]`` tensor splits into its box rows and its class rows); more than ``MAX_AUTO_SLICES`` runs is
 no head structure, and the axis stays one slice. Then::
 
@@ -33,6 +34,7 @@ __all__ = ["SCALE_SPREAD", "MAX_AUTO_SLICES", "OutputLayout", "plan_layouts", "f
            "ErrorAccumulator", "output_names"]
 
 SCALE_SPREAD = 100.0  # a new slice starts where a channel's RMS leaves [max / 100, min * 100] of the current one
+CONSISTENT = 0.9  # the share of samples a head boundary's jump must show, the same way
 MAX_AUTO_SLICES = 16  # more runs than this is no head structure (a spatial or time axis): one slice instead
 _NEGLIGIBLE = 1e-12  # a slice whose squared norm is below this share of its output's is measured against the output
 
@@ -85,18 +87,39 @@ def feature_axis(shape: Sequence[int]) -> int | None:
     return 1
 
 
-def scale_slices(channel_rms: np.ndarray, spread: float = SCALE_SPREAD) -> tuple[tuple[str, int, int], ...]:
-    """Runs of adjacent channels whose RMS stays within ``spread``; zero channels join the run they are in."""
-    slices, start, low, high = [], 0, math.inf, 0.0
-    for c, value in enumerate(np.asarray(channel_rms, dtype=np.float64)):
-        if value > 0:
-            new_low, new_high = min(low, value), max(high, value)
-            if high > 0 and new_high > spread * new_low:
-                slices.append((start, c))
-                start, new_low, new_high = c, value, value
-            low, high = new_low, new_high
-    slices.append((start, len(channel_rms)))
-    return tuple((f"{a}:{b}", a, b) for a, b in slices)
+def scale_slices(rms: np.ndarray, spread: float = SCALE_SPREAD) -> tuple[tuple[str, int, int], ...]:
+    """Slices between adjacent channels whose scales jump by more than ``spread``, in (nearly) every sample.
+
+    ``rms``: per-sample RMS of each channel, ``[N, C]`` (a 1-D ``[C]`` is one sample). A head boundary is an
+    abrupt, consistent jump: the channels' RMS over all samples differ by more than ``spread`` and at least
+    ``CONSISTENT`` of the samples jump the same way by more than ``sqrt(spread)``. A smooth decay (the tails
+    of a posterior over pitch bins) or a content-dependent pattern (which class, which pitch is active
+    varies by sample) is no head boundary. Silent channels (RMS 0) never start a slice.
+    """
+    rms = np.atleast_2d(np.asarray(rms, dtype=np.float64))
+    overall = np.sqrt((rms ** 2).mean(axis=0))
+    bounds, previous = [0], None
+    for c, value in enumerate(overall):
+        if value <= 0:
+            continue
+        if previous is not None and max(value, overall[previous]) > spread * min(value, overall[previous]):
+            up = value > overall[previous]
+            a, b = rms[:, previous], rms[:, c]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                step = math.sqrt(spread)
+                same_way = (b > step * a) if up else (a > step * b)
+            if same_way.mean() >= CONSISTENT:
+                bounds.append(c)
+        previous = c
+    bounds.append(len(overall))
+    return tuple((f"{a}:{b}", a, b) for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def _per_sample_rms(array: np.ndarray, axis: int) -> np.ndarray:
+    """``[N, C]``: each sample's RMS of each entry along ``axis``."""
+    values = np.moveaxis(np.asarray(array, dtype=np.float64), axis, 1)
+    values = values.reshape(values.shape[0], values.shape[1], -1)
+    return np.sqrt((values ** 2).mean(axis=2))
 
 
 def plan_layouts(names: Sequence[str], reference: Sequence[np.ndarray], spec: Fidelity | None) -> list[OutputLayout]:
@@ -131,8 +154,7 @@ def plan_layouts(names: Sequence[str], reference: Sequence[np.ndarray], spec: Fi
                                      f"{size} entries of axis {axis} (shape {list(array.shape)})")
             slices = declared.slices
         else:
-            slices = scale_slices(np.sqrt(_channel_sums(np.asarray(array, dtype=np.float64) ** 2, axis)
-                                          / max(1, array.size // max(1, array.shape[axis]))))
+            slices = scale_slices(_per_sample_rms(array, axis))
             if len(slices) > MAX_AUTO_SLICES:
                 slices = ((f"0:{array.shape[axis]}", 0, array.shape[axis]),)
         layouts.append(OutputLayout(index, name, declared.kind, axis, tuple(slices), bool(declared.slices)))

@@ -249,9 +249,18 @@ def test_metric_bounds_need_a_metric_and_output_declarations_are_checked():
     assert parse_fidelity(spec.to_dict()) == spec
 
 
-def test_scale_slices_split_where_the_scale_jumps_and_keep_zero_channels():
+def test_scale_slices_split_at_consistent_jumps_only():
     assert [s[1:] for s in scale_slices(np.array([5.0, 3.0, 0.0, 4.0, 0.01, 0.02]))] == [(0, 4), (4, 6)]
     assert [s[1:] for s in scale_slices(np.array([1.0] * 5))] == [(0, 5)]
+    # A smooth decay over 40 bins (1 to 1e-6) has no head boundary: no adjacent pair jumps by 100x.
+    assert len(scale_slices(np.logspace(0, -6, 40))) == 1
+    # Which bin is active varies by sample (a pitch posterior): jumps that flip between samples are content.
+    rng = np.random.default_rng(2)
+    posterior = np.full((16, 60), 1e-5)
+    posterior[np.arange(16), rng.integers(0, 60, 16)] = 1.0
+    assert len(scale_slices(posterior)) == 1
+    heads = np.concatenate([1e4 * (1 + rng.random((16, 4))), 1 + rng.random((16, 6))], axis=1)
+    assert [s[1:] for s in scale_slices(heads)] == [(0, 4), (4, 10)]
 
 
 @pytest.mark.parametrize("shape, axis", [((8, 10), 1), ((1, 84, 8400), 1), ((2, 8732, 25), 2), ((2, 64, 80, 80), 1),
