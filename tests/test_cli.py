@@ -248,8 +248,8 @@ def _bad_cases():
                                    ["{ckpt}", "--arch", ARCH, "--policy", "{tmp}/p.yaml"], "matches no layer"),
         "rank too large": (none, ["{ckpt}", "--arch", ARCH, "--policy", "spatial_svd:500"], "out of range"),
         "input shape does not fit": (none, ["{ckpt}", "--arch", ARCH, "--policy", "svd", "--input-shape", "1,5,8,8"],
-                                     "input shape 1,5,8,8 does not fit the model: its first layer conv1 "
-                                     r"\(Conv2d\) takes 3 input channels, the shape gives 5"),
+                                     "--input-shape 1,5,8,8 does not fit the model: its first layer conv1 "
+                                     r"\(Conv2d\) takes 3 input channels, got 5"),
         "input shape malformed": (none, ["{ckpt}", "--arch", ARCH, "--policy", "svd", "--input-shape", "1,3,x"],
                                   "--input-shape must be positive integers"),
         "untraceable": (write("gated.pt", gated), ["{tmp}/gated.pt", "--arch", "tests.cli_models:gated_net",
@@ -613,7 +613,7 @@ def test_python_m_bad_input_exit_code_and_one_line(tmp_path, ckpt):
     result = _run([sys.executable, "-m", "convfactor", "convert", str(ckpt), "--arch", ARCH, "--policy",
                    "spatial_svd:0.5", "--out", str(tmp_path / "fast.pt"), "--input-shape", "1,5,8,8"], REPO)
     assert result.returncode == 2
-    assert result.stderr.splitlines()[-1].startswith("error: input shape 1,5,8,8 does not fit the model")
+    assert result.stderr.splitlines()[-1].startswith("error: --input-shape 1,5,8,8 does not fit the model")
     assert "Traceback" not in result.stderr
     assert _leftovers(tmp_path, [ckpt]) == []
 
