@@ -264,7 +264,7 @@ def _bad_cases():
                                      "--input-shape is required for --onnx"),
         "already factorized": (write("done.pt", factorized), ["{tmp}/done.pt", "--arch", ARCH, "--policy", "svd"],
                                "already factorized"),
-        "missing --policy": (none, ["{ckpt}", "--arch", ARCH], "the following arguments are required: --policy"),
+        "missing --policy": (none, ["{ckpt}", "--arch", ARCH], "convert needs a policy: --policy"),
     }
 
 
