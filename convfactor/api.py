@@ -28,7 +28,7 @@ from .inputs import as_input_tuple
 from .pipeline import run_pipeline
 from .policy import Policy
 from .report import SKIPPED, UNMATCHED, FactorizeReport
-from .unsupported import is_supported_row
+from .unsupported import is_supported_row, unsupported_layers
 
 __all__ = ["factorize", "get_report"]
 
@@ -107,6 +107,7 @@ def factorize(
     work = copy.deepcopy(model).eval()
     report.notes.extend(check_factorize_arguments(work, inputs, calibration=calibration, leaf_modules=leaf_modules,
                                                   latency=latency))
+    unsupported = unsupported_layers(work)  # before tracing, which inlines a conv subclass into functional calls
     report.params_before = count_params(work)
     report.zeros_before = count_zeros(work)
     if inputs is not None:
@@ -131,7 +132,7 @@ def factorize(
             report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
             policy, prebuilt = resolution.policy, resolution.prebuilt
         result = apply_policy(root, policy, shapes, progress=progress, prebuilt=prebuilt)
-        report.layers = result.changes
+        report.layers = result.changes + unsupported  # Conv3d, transposed convs, subclasses: with their reason
         _explain_auto_skips(report)
         _check_policy_matched(policy, report)
         return result

@@ -24,7 +24,6 @@ from .methods.base import FactorizedLayer
 from .policy import SKIP, Policy
 from .progress import track
 from .report import REPLACED, SKIPPED, UNMATCHED, LayerDecision
-from .unsupported import unsupported_layers
 
 __all__ = ["apply_policy", "decide_layers", "candidate_layers", "describe_shape", "weight_error"]
 
@@ -131,7 +130,6 @@ def decide_layers(root: nn.Module, policy: Policy, shapes: Shapes | None = None)
                 decision.status, decision.reason = SKIPPED, costlier
                 continue
         todo.append((decision, layer, method, rank))
-    decisions.extend(unsupported_layers(root))  # Conv3d, transposed convs, subclasses: listed with their reason
     return decisions, todo
 
 

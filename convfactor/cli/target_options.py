@@ -66,7 +66,10 @@ def policy_from_options(args: argparse.Namespace) -> tuple[Any, dict[str, str]]:
     if method is not None and method != AUTO and method not in available_methods():
         raise ConvfactorError(f"--method {method}: unknown method (known: {AUTO}, "
                               f"{', '.join(sorted(available_methods()))})")
-    policy = Policy.from_any(args.policy) if args.policy is not None else Policy()
+    try:
+        policy = Policy.from_any(args.policy) if args.policy is not None else Policy()
+    except ConvfactorError as error:  # the library names the rule or file; the user typed --policy
+        raise type(error)(f"--policy: {error}") from None
     sources = {"rules": "--policy"} if args.policy is not None else {}
     if method is None and args.policy is None:
         method = AUTO  # --target alone
