@@ -23,10 +23,12 @@ __all__ = ["check_factorize_arguments", "check_leaf_modules", "nothing_replaced_
 
 def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] | None, *, calibration: Any,
                               leaf_modules: Iterable[str | type], latency: Mapping[str, Any] | None,
+                              concrete_args: Mapping[str, Any] | None = None,
                               input_flag: str | None = None) -> list[str]:
     """Check what ``factorize`` was given against ``model`` (a copy in eval mode); returns notes for the report.
 
     Args:
+        concrete_args: non-tensor ``forward`` arguments, passed when the model is run on the inputs.
         input_flag: how messages name the example inputs (the CLI passes ``--input-shape``).
     Raises:
         ConvfactorError: non-finite weights, example inputs the model cannot take, calibration that does
@@ -41,9 +43,9 @@ def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] |
     check_leaf_modules(model, leaf_modules)
     notes = []
     if inputs is not None:
-        check_example_inputs(model, inputs, flag=input_flag)
+        check_example_inputs(model, inputs, flag=input_flag, kwargs=concrete_args)
     if calibration is not None:
-        found = check_inputs(model, calibration, argument="calibration", example_inputs=inputs)
+        found = check_inputs(model, calibration, argument="calibration", example_inputs=inputs, kwargs=concrete_args)
         if found.note:
             notes.append(found.note)
     return notes

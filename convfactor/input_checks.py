@@ -107,7 +107,7 @@ def _first_layer_misfit(name: str, layer: nn.Module, x: torch.Tensor) -> str | N
     return None
 
 
-def _run_once(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+def _run_once(model: nn.Module, inputs: tuple[torch.Tensor, ...], kwargs: Mapping[str, Any] | None = None) -> None:
     """Run ``model`` on ``inputs`` in eval mode (restored after: the caller's model is not changed).
 
     Raises:
@@ -132,7 +132,7 @@ def _run_once(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     try:
         model.eval()
         with torch.no_grad():
-            model(*inputs)
+            model(*inputs, **(kwargs or {}))
     finally:
         for handle in handles:
             handle.remove()
@@ -141,15 +141,17 @@ def _run_once(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
 
 
 def check_example_inputs(model: nn.Module, inputs: Sequence[torch.Tensor], *, argument: str = "example_inputs",
-                         flag: str | None = None) -> None:
+                         flag: str | None = None, kwargs: Mapping[str, Any] | None = None) -> None:
     """The model runs on ``inputs`` (once, in eval mode, modes restored); else one line saying why.
+
+    ``kwargs`` are the non-tensor ``forward`` arguments the model is traced with (``concrete_args``).
 
     Raises:
         InputSpecError: naming ``flag`` (or ``argument``) and the shapes given.
     """
     shapes = " and ".join(_dims(t.shape) or "()" for t in inputs)
     try:
-        _run_once(model, tuple(inputs))
+        _run_once(model, tuple(inputs), kwargs)
     except _Misfit as misfit:
         raise InputSpecError(f"{flag or argument} {shapes} does not fit the model: {misfit}") from None
     except Exception as bad:  # noqa: BLE001 - the model's own error names the mismatch
@@ -223,7 +225,7 @@ def _check_tensor(t: Any, expected: torch.Tensor | None, who: str) -> None:
 
 def check_inputs(model: nn.Module, data: Any, *, argument: str, flag: str | None = None, path: Any = None,
                  example_inputs: Sequence[torch.Tensor] | None = None,
-                 example_name: str = "the example inputs") -> InputsCheck:
+                 example_name: str = "the example inputs", kwargs: Mapping[str, Any] | None = None) -> InputsCheck:
     """Check samples for ``model`` before any work uses them: calibration, check or validation inputs.
 
     Args:
@@ -237,6 +239,7 @@ def check_inputs(model: nn.Module, data: Any, *, argument: str, flag: str | None
         example_inputs: what the model is traced with: rank, channels and dtype must match it; other
             trailing sizes are allowed when the network runs on them (the note says so).
         example_name: how the note names the example (the CLI: ``"--input-shape"``).
+        kwargs: non-tensor ``forward`` arguments for that run (``concrete_args``).
     Returns:
         ``InputsCheck``: samples (None when not all the data was seen), per-sample shapes, a note.
     Raises:
@@ -266,7 +269,7 @@ def check_inputs(model: nn.Module, data: Any, *, argument: str, flag: str | None
         one = tuple(t[:1].to(e.dtype) if t.is_floating_point() and e.is_floating_point() else t[:1]
                     for t, e in zip(batch, likes))
         try:
-            _run_once(model, one)
+            _run_once(model, one, kwargs)
         except _Misfit as misfit:
             raise InputSpecError(f"{who}: samples shaped {' and '.join(_dims(t.shape[1:]) for t in batch)} do "
                                  f"not fit the model: {misfit}") from None

@@ -501,7 +501,7 @@ def test_inspect_score_options(cli, ckpt):
     expected = 0.5 * (8 / 32) * params / 5.6e6 + 0.5 * (16 / 32) * macs / 2.8e8
     assert table["challenge_score"]["score"] == pytest.approx(expected, rel=1e-12)
     code, _, err = cli("inspect", ckpt, "--arch", ARCH, "--input-shape", SHAPE, "--weight-bits", "0")
-    assert code == 2 and "weight bits must be in 1..32" in err
+    assert code == 2 and "--weight-bits must be in 1..32" in err
 
 
 def test_inspect_needs_an_input_shape(cli, ckpt):
