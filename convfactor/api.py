@@ -106,7 +106,8 @@ def factorize(
 
     work = copy.deepcopy(model).eval()
     report.notes.extend(check_factorize_arguments(work, inputs, calibration=calibration, leaf_modules=leaf_modules,
-                                                  latency=latency, concrete_args=concrete_args))
+                                                  latency=latency, concrete_args=concrete_args,
+                                                  auto_options=auto_options, memory_budget=memory_budget))
     unsupported = unsupported_layers(work)  # before tracing, which inlines a conv subclass into functional calls
     report.params_before = count_params(work)
     report.zeros_before = count_zeros(work)

@@ -9,6 +9,7 @@ model's weights are finite, the example inputs run through it, calibration data 
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,8 +24,8 @@ __all__ = ["check_factorize_arguments", "check_leaf_modules", "nothing_replaced_
 
 def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] | None, *, calibration: Any,
                               leaf_modules: Iterable[str | type], latency: Mapping[str, Any] | None,
-                              concrete_args: Mapping[str, Any] | None = None,
-                              input_flag: str | None = None) -> list[str]:
+                              concrete_args: Mapping[str, Any] | None = None, auto_options: Any = None,
+                              memory_budget: Any = None, input_flag: str | None = None) -> list[str]:
     """Check what ``factorize`` was given against ``model`` (a copy in eval mode); returns notes for the report.
 
     Args:
@@ -38,6 +39,7 @@ def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] |
     from .files.checkpoint import check_finite
 
     check_finite(model, "model")
+    _check_plain_arguments(model, concrete_args, auto_options, memory_budget)
     if latency is not None:
         LatencyOptions.from_any(latency)  # unknown keys and bad values, before minutes of work
     check_leaf_modules(model, leaf_modules)
@@ -51,6 +53,31 @@ def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] |
     return notes
 
 
+def _check_plain_arguments(model: nn.Module, concrete_args: Any, auto_options: Any, memory_budget: Any) -> None:
+    """The arguments of plain types: a mapping of ``forward``'s own argument names, an ``AutoOptions``, a size."""
+    from .auto import AutoOptions
+
+    if concrete_args is not None:
+        if not isinstance(concrete_args, Mapping):
+            raise ConvfactorError(f"concrete_args: expected a mapping of forward's argument names to values, e.g. "
+                                  f"{{'embed': False}}, got {type(concrete_args).__name__}")
+        try:
+            names = list(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):  # a builtin or C forward: nothing to compare with
+            names = None
+        unknown = [k for k in concrete_args if names is not None and k not in names]
+        if unknown and not any(inspect.signature(model.forward).parameters[n].kind == inspect.Parameter.VAR_KEYWORD
+                               for n in names):
+            raise ConvfactorError(f"concrete_args: {unknown[0]!r} is not an argument of "
+                                  f"{type(model).__name__}.forward (its arguments: {', '.join(names) or 'none'})")
+    if auto_options is not None and not isinstance(auto_options, AutoOptions):
+        raise ConvfactorError(f"auto_options: expected convfactor.auto.AutoOptions(...), got "
+                              f"{type(auto_options).__name__}")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
+                                      or not 0 < memory_budget < float("inf")):
+        raise ConvfactorError(f"memory_budget: expected a positive number of bytes, got {memory_budget!r}")
+
+
 def check_leaf_modules(model: nn.Module, leaf_modules: Iterable[str | type], *, flag: str = "leaf_modules") -> None:
     """Every entry names a module of ``model``: its qualified name, its class name, or a class it is an instance of.
 
@@ -60,6 +87,9 @@ def check_leaf_modules(model: nn.Module, leaf_modules: Iterable[str | type], *, 
     Raises:
         ConvfactorError: an entry that matches no module, with the closest known names.
     """
+    if isinstance(leaf_modules, (str, type)) or not isinstance(leaf_modules, Iterable):
+        raise ConvfactorError(f"{flag}: expected a list of module names, class names or classes, e.g. "
+                              f"['backbone.attn'], got {type(leaf_modules).__name__} {leaf_modules!r}")
     modules = list(model.named_modules())
     names = {name for name, _ in modules if name} | {type(m).__name__ for _, m in modules}
     for entry in leaf_modules:

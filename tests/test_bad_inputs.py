@@ -253,6 +253,13 @@ API_CASES = {
     "leaf module class absent": ({"leaf_modules": [nn.LSTM]}, "leaf_modules", "LSTM"),
     "latency unknown key": ({"latency": {"thread": 1}}, "latency", "thread"),
     "latency bad value": ({"latency": {"threads": 0}}, "latency", "threads"),
+    "leaf modules a string": ({"leaf_modules": "conv1"}, "leaf_modules", "expected a list"),
+    "leaf modules not iterable": ({"leaf_modules": 5}, "leaf_modules", "got int"),
+    "concrete args a list": ({"concrete_args": [1]}, "concrete_args", "mapping"),
+    "concrete args unknown name": ({"concrete_args": {"embed": True}}, "concrete_args", "its arguments: x"),
+    "auto options a dict": ({"auto_options": {"sequential": False}}, "auto_options", "AutoOptions"),
+    "memory budget negative": ({"memory_budget": -1}, "memory_budget", "positive"),
+    "memory budget text": ({"memory_budget": "2GB"}, "memory_budget", "'2GB'"),
     "policy unknown method": ({"policy": "nosuch"}, "nosuch", "method"),
     "policy rank out of range": ({"policy": "spatial_svd:500"}, "rule 1", "out of range"),
     "policy matches nothing": ({"policy": {"rules": [{"match": "backbone.*", "method": "svd"}]}}, "policy",
@@ -272,6 +279,13 @@ def test_factorize_bad_argument_is_one_line_convfactor_error(case):
     assert "\n" not in message and named in message and expected in message, message
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # BN statistics untouched
+
+
+@pytest.mark.parametrize("measure", ["check_fidelity", "benchmark"])
+def test_an_input_shape_too_large_for_memory_is_refused_before_allocating(measure):
+    model = randomized(TinyNet())
+    with pytest.raises(InputSpecError, match=r"^input_shape 1,3,100000,100000: one input tensor would take 120 GB"):
+        getattr(convfactor, measure)(model, model, input_shape=(1, 3, 100000, 100000))
 
 
 def test_factorize_refuses_nan_weights_like_the_cli():
