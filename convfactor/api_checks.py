@@ -1,8 +1,8 @@
 """``factorize``'s arguments checked before any pass runs, and its account of a run that replaced nothing.
 
 The CLI calls ``factorize`` too, so these checks are the command line's as well (one code path): the
-model's weights are finite, the example inputs run through it, calibration data fits it
-(``convfactor.input_checks``), every ``leaf_modules`` entry names a module of the model, and
+model's weights are finite, the example inputs run through it, calibration and held-out validation
+data fit it (``convfactor.input_checks``), every ``leaf_modules`` entry names a module of the model, and
 ``latency=`` holds only known keys. Each failure is a one-line ``ConvfactorError`` naming the argument.
 """
 
@@ -23,6 +23,7 @@ __all__ = ["check_factorize_arguments", "check_leaf_modules", "nothing_replaced_
 
 
 def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] | None, *, calibration: Any,
+                              validation: Any = None,
                               leaf_modules: Iterable[str | type], latency: Mapping[str, Any] | None,
                               concrete_args: Mapping[str, Any] | None = None, auto_options: Any = None,
                               memory_budget: Any = None, input_flag: str | None = None) -> list[str]:
@@ -32,8 +33,8 @@ def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] |
         concrete_args: non-tensor ``forward`` arguments, passed when the model is run on the inputs.
         input_flag: how messages name the example inputs (the CLI passes ``--input-shape``).
     Raises:
-        ConvfactorError: non-finite weights, example inputs the model cannot take, calibration that does
-            not fit, a leaf module that names nothing, an unknown ``latency`` key.
+        ConvfactorError: non-finite weights, example inputs the model cannot take, calibration or validation
+            data that does not fit, a leaf module that names nothing, an unknown ``latency`` key.
     """
     from .auto.latency_options import LatencyOptions
     from .files.checkpoint import check_finite
@@ -46,10 +47,11 @@ def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] |
     notes = []
     if inputs is not None:
         check_example_inputs(model, inputs, flag=input_flag, kwargs=concrete_args)
-    if calibration is not None:
-        found = check_inputs(model, calibration, argument="calibration", example_inputs=inputs, kwargs=concrete_args)
-        if found.note:
-            notes.append(found.note)
+    for argument, data in (("calibration", calibration), ("validation", validation)):
+        if data is not None:
+            found = check_inputs(model, data, argument=argument, example_inputs=inputs, kwargs=concrete_args)
+            if found.note:
+                notes.append(found.note)
     return notes
 
 

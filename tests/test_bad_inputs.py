@@ -100,6 +100,11 @@ CONVERT_CASES = {
                                                                                        "not found"]),
     "check inputs without --check": ({"c.pt": _tensor(4, 3, 8, 8)}, ["--check-inputs", "{c.pt}"],
                                      ["--check-inputs", "--check"]),
+    # --validation (held-out data): the same checks again, named as --validation
+    "validation 1 channel": ({"v.pt": _tensor(8, 1, 8, 8)}, ["--validation", "{v.pt}"], ["--validation", "v.pt",
+                                                                                         "expected 3"]),
+    "validation NaN": ({"v.pt": _tensor(8, 3, 8, 8, fill=float("nan"))}, ["--validation", "{v.pt}"],
+                       ["--validation", "NaN"]),
     # --input-shape
     "input shape too large for memory": ({}, ["--input-shape", "1,3,100000,100000"], ["--input-shape",
                                                                                       "GB of memory"]),
@@ -243,6 +248,8 @@ API_CASES = {
     "calibration loader of wrong shape": ({"calibration": torch.utils.data.DataLoader(torch.randn(4, 8, 8),
                                                                                       batch_size=2)},
                                           "calibration", "expected 4"),
+    "validation 1 channel": ({"validation": torch.randn(8, 1, 8, 8)}, "validation", "expected 3"),
+    "validation 0 samples": ({"validation": torch.randn(0, 3, 8, 8)}, "validation", "0 samples"),
     "example wrong channels": ({"example_inputs": torch.randn(1, 1, 8, 8)}, "example_inputs", "3 input channels"),
     "example wrong rank": ({"example_inputs": torch.randn(3, 8, 8)}, "example_inputs", "4 dimensions"),
     "example int64": ({"example_inputs": torch.zeros(1, 3, 8, 8, dtype=torch.long)}, "example_inputs", "int64"),

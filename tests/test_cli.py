@@ -629,8 +629,8 @@ def test_convert_output_check_warns_and_check_exits_1(cli, tmp_path, ckpt, monke
                                   "target": {"macs": 0.6}}))
     common = ("--arch", ARCH, "--policy", policy, "--input-shape", SHAPE)
     code, stdout, err = cli("convert", ckpt, *common, "--out", tmp_path / "a.pt")
-    assert code == 0 and "warning: the factorized model is far from the original" in err
-    assert "warning: selection was weight-only" in err and "--calibration" in err
+    assert code == 0 and "warning (accuracy): accuracy not kept" in err
+    assert "warning (accuracy): selection was weight-only" in err and "--calibration" in err
     assert "output error" in stdout and "OUTSIDE the default floor" in stdout
     loose = ("--max-rel-l2", "10", "--min-cosine", "-1", "--min-snr-db", "-100", "--min-top1", "0")  # --check's own
     code, stdout, err = cli("convert", ckpt, *common, "--out", tmp_path / "b.pt", "--check", "--check-samples", "4",

@@ -26,6 +26,7 @@ from .options import (
     add_output_arguments,
     add_score_arguments,
     memory_size,
+    non_negative,
     seconds,
     unit_fraction,
 )
@@ -106,6 +107,18 @@ def _add_auto_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-agreement", type=unit_fraction, metavar="X",
                        help="fidelity bound: the smallest top-1 agreement with the original, in (0, 1]; "
                             "overrides the policy's fidelity: min_agreement")
+    group.add_argument("--validation", metavar="INPUTS.pt",
+                       help="real inputs no fit may see (torch.save tensor or .npy): the search selects on half, "
+                            "the reported fidelity is measured on the other half; without it 1/4 of "
+                            "--calibration is held out")
+    group.add_argument("--metric", metavar="MODULE:FUNCTION",
+                       help="your task metric, function(model) -> float on your own data (higher is better unless "
+                            "the function has higher_is_better = False); imported because you name it here")
+    group.add_argument("--max-metric-drop", type=non_negative, metavar="X",
+                       help="fidelity bound: the task metric (--metric) at most X worse than the original's")
+    group.add_argument("--class-scores", action="append", default=[], metavar="OUTPUT",
+                       help="declare an output (index or name) as class scores: top-1 agreement is measured on it "
+                            "(never on other outputs); repeatable")
     group.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
                        help="memory the calibration statistics and one layer's fit may use: 2GB, 512MiB or "
                             "bytes (default 1GiB); a layer whose full statistics do not fit gets factored ones")
@@ -118,17 +131,26 @@ def _add_auto_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _with_fidelity_options(policy: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
-    """The policy with ``--max-rel-error``/``--min-agreement`` merged into its fidelity section (they win),
-    and what the summary shows of it: ``{"bound": {key: value}, "from": {key: option or "policy"}}``."""
-    from ..policy import Fidelity
+    """The policy with ``--max-rel-error``/``--min-agreement``/``--max-metric-drop`` merged into its fidelity
+    section (they win) and ``--class-scores`` added to its output declarations, and what the summary shows
+    of the bound: ``{"bound": {key: value}, "from": {key: option or "policy"}}``."""
+    from ..fidelity_spec import parse_fidelity
 
     given = {key: value for key, value in (("max_rel_error", args.max_rel_error),
-                                           ("min_agreement", args.min_agreement)) if value is not None}
-    if not given:
+                                           ("min_agreement", args.min_agreement),
+                                           ("max_metric_drop", args.max_metric_drop)) if value is not None}
+    if not given and not args.class_scores:
         return policy, None
     merged = {**(policy.fidelity.to_dict() if policy.fidelity else {}), **given}
-    sources = {key: "--" + key.replace("_", "-") if key in given else "policy" for key in merged}
-    return dataclasses.replace(policy, fidelity=Fidelity(**merged)), {"bound": merged, "from": sources}
+    if args.class_scores:
+        declared = dict(merged.get("outputs", {}))
+        for output in args.class_scores:
+            declared[output] = {**declared.get(output, {}), "kind": "scores"}
+        merged["outputs"] = declared
+    fidelity = parse_fidelity(merged)
+    numbers = {key: value for key, value in merged.items() if isinstance(value, (int, float))}
+    sources = {key: "--" + key.replace("_", "-") if key in given else "policy" for key in numbers}
+    return dataclasses.replace(policy, fidelity=fidelity), ({"bound": numbers, "from": sources} if numbers else None)
 
 
 def _auto_options(args: argparse.Namespace) -> Any:
@@ -150,11 +172,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from .. import __version__
     from ..api import factorize, get_report
     from ..api_checks import check_leaf_modules, nothing_replaced_reason
-    from ..auto.verify import FidelityWarning
+    from ..auto.verify import ConvfactorWarning
     from ..costs import count_zeros
     from ..errors import ConvfactorError, NothingReplacedError
     from ..files.architecture import parse_input_shape
     from ..files.atomic import StagedOutputs
+    from ..metric import load_metric
+    from ..report import warning_line
     from ..share import parse_share_spec, share_weights, sharing_report
     from ..summary import summarize
     from ..target_outcome import target_outcome
@@ -190,11 +214,16 @@ def run(args: argparse.Namespace, console: Console) -> int:
     score_options = read_score_options(args)
     share = None if args.share_weights is None else parse_share_spec(args.share_weights)
     calibration = load_inputs_file(args.calibration, "--calibration")
+    validation = load_inputs_file(args.validation, "--validation")
+    metric = load_metric(args.metric) if args.metric else None
+    if policy.fidelity is not None and policy.fidelity.needs_metric and metric is None:
+        raise ConvfactorError("--max-metric-drop (or the policy's max_metric_drop/min_metric) needs --metric "
+                              "MODULE:FUNCTION")
     check_inputs = load_inputs_file(args.check_inputs, "--check-inputs")
     if check_inputs is not None and not args.check:
         raise ConvfactorError("--check-inputs is only used with --check")
     if (args.memory_budget is not None or auto_options is not None) and not (
-            policy.needs_resolution or calibration is not None):
+            policy.needs_resolution or calibration is not None or validation is not None or metric is not None):
         console.status("note: --memory-budget, --no-refit and --time-budget apply to an automatic policy (a target, "
                        "a fidelity bound, 'auto' rules or --calibration); this policy gives each layer's rank itself")
     arch = resolve_arch_option(args.arch, args.arch_args)
@@ -211,6 +240,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         require_shape(source, needs_shape[0])
     example = example_input(source.model, source.input_shape) if source.input_shape else None
     calibration = checked_inputs(source.model, calibration, "--calibration", args.calibration, example, console)
+    validation = checked_inputs(source.model, validation, "--validation", args.validation, example, console)
     check_inputs = checked_inputs(source.model, check_inputs, "--check-inputs", args.check_inputs, example, console)
     check_leaf_modules(source.model, args.leaf_module, flag="--leaf-module")
 
@@ -218,16 +248,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
     console.status(f"factorizing with {len(policy.rules)} policy rule(s)")
     started = time.perf_counter()
     with warnings.catch_warnings():  # printed below as one line each
-        warnings.simplefilter("ignore", FidelityWarning)
+        warnings.simplefilter("ignore", ConvfactorWarning)
         fast = factorize(source.model, policy, example, fold_batchnorm=not args.no_fold_bn,
                          trace=not args.no_trace, leaf_modules=args.leaf_module,
                          concrete_args=dict(args.concrete_arg), progress=console.progress,
-                         calibration=calibration, auto_options=auto_options, memory_budget=args.memory_budget)
+                         calibration=calibration, validation=validation, metric=metric, auto_options=auto_options,
+                         memory_budget=args.memory_budget)
     report = get_report(fast)
     if nothing_replaced_reason(report):  # an unchanged copy is not what was asked: say why, write nothing
         raise NothingReplacedError(f"{nothing_replaced_reason(report)}; nothing written")
     for warning in report.all_warnings():
-        console.status(f"warning: {warning}")
+        console.status(warning_line(warning))
     floor = report.extra.get("fidelity_check")
     if share is not None:
         console.status(f"sharing weights ({args.share_weights})")
@@ -264,13 +295,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
         fidelity = None
         if args.check:
             fidelity = run_fidelity(source.model, fast, source.input_shape, args, console, workdir=scratch,
-                                    inputs=check_inputs)
+                                    inputs=check_inputs, spec=policy.fidelity)
             document["fidelity"] = fidelity.to_dict()
             if not fidelity.passed:
                 document["status"] = f"fidelity check failed: {failed_criteria(fidelity)}"
             elif floor is not None and not floor["passed"]:
-                document["status"] = (f"output check failed: relative error {floor['rel_error']:.4g} "
-                                      f"({floor['bound_source']})")
+                document["status"] = (f"output check failed: worst-slice relative error {floor['rel_error']:.4g} "
+                                      f"({floor.get('worst')}) on {floor.get('data')} ({floor['bound_source']})")
             # Its exports are reused by the benchmark (each model exported once), unless they were made at the
             # --check-inputs' size and the benchmark times --input-shape's.
             if check_inputs is None or tuple(check_inputs.shape[1:]) == tuple(source.input_shape[1:]):
