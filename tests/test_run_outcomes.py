@@ -231,3 +231,5 @@ def test_inspect_fits_100_columns_with_long_layer_names():
     text = format_inspect_table(convfactor.inspect_model(model, X))
     assert max(map(len, text.splitlines())) <= 100, text
     assert "not shown for width:" in text and "--wide" in text
+    header = text.splitlines()[0]
+    assert "spsvd" in header and "tuck2" in header and "sal" not in header.split()  # the opt-in forms go first

@@ -19,6 +19,13 @@ __all__ = ["format_inspect_table", "WIDTH"]
 
 WIDTH = 100
 _SHORT = {"spatial_svd": "spsvd", "tucker2": "tuck2", "depthwise": "dwise", "grouped": "group"}
+# Which columns stay longest when the table must fit: the methods ``auto`` chooses among first, the opt-in
+# and challenge-score forms last (an unknown method after them).
+_KEEP = ("spatial_svd", "tucker2", "svd", "depthwise", "grouped", "cp", "channel_svd", "shift", "dictionary", "sal")
+
+
+def _drop_order(method: str) -> int:
+    return _KEEP.index(method) if method in _KEEP else len(_KEEP)
 
 
 def format_inspect_table(table: dict[str, Any], *, wide: bool = False, width: int = WIDTH) -> str:
@@ -67,12 +74,14 @@ def _compact(table: dict[str, Any], width: int) -> str:
     abbreviated, cut = False, []
     if max(map(len, lines)) > width:
         abbreviated = True
-        while True:  # abbreviated names; then methods dropped from the right until it fits (--wide has them)
+        while True:  # abbreviated names; then the least used methods dropped until it fits (--wide has them)
             lines = format_grid(base + [_SHORT.get(m, m[:5]) for m in shown], _compact_rows(table, shown, middle),
                                 left=2)
             if max(map(len, lines)) <= width or not shown:
                 break
-            cut.insert(0, shown.pop())
+            dropped = max(shown, key=_drop_order)
+            shown.remove(dropped)
+            cut.insert(0, dropped)
     notes = [f"energy: fraction of squared singular values kept at {round(100 * fractions[middle])}% of each "
              f"method's full rank; '-' no spectrum, 'n/a' the method cannot represent the layer"]
     if abbreviated:
