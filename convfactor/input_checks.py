@@ -206,6 +206,9 @@ def _check_tensor(t: Any, expected: torch.Tensor | None, who: str) -> None:
     if expected is not None and expected.is_floating_point() and not t.is_floating_point():
         raise InputSpecError(f"{who}: holds {str(t.dtype)[6:]} values; the model takes floating-point inputs "
                              f"({str(expected.dtype)[6:]}): convert and normalize them as for training")
+    if expected is not None and not expected.is_floating_point() and t.is_floating_point():
+        raise InputSpecError(f"{who}: holds {str(t.dtype)[6:]} values; the model takes {str(expected.dtype)[6:]} "
+                             f"inputs (indices or counts, as the example inputs)")
     if t.is_floating_point():
         bad = int((~torch.isfinite(t)).sum())
         if bad:

@@ -333,6 +333,14 @@ def test_another_spatial_size_is_accepted_when_the_network_runs_on_it_and_report
         check_inputs(Fixed(), torch.randn(2, 3, 16, 16), argument="calibration", example_inputs=(X,))
 
 
+def test_a_model_taking_indices_refuses_float_samples_and_accepts_its_own_dtype():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+    ids = torch.randint(0, 10, (1, 3))
+    assert check_inputs(model, torch.randint(0, 10, (5, 3)), argument="calibration", example_inputs=(ids,)).samples == 5
+    with pytest.raises(InputSpecError, match=r"^calibration: holds float32 values; the model takes int64 inputs"):
+        check_inputs(model, torch.rand(5, 3), argument="calibration", example_inputs=(ids,))
+
+
 def test_a_one_shot_iterator_is_not_consumed_by_the_check():
     batches = iter([torch.randn(2, 3, 8, 8)])
     found = check_inputs(randomized(TinyNet()), batches, argument="calibration", example_inputs=(X,))
