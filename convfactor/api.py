@@ -190,10 +190,10 @@ def _explain_auto_skips(report: FactorizeReport) -> None:
 def _check_policy_matched(policy: Policy, report: FactorizeReport) -> None:
     layers = [d for d in report.layers if is_supported_row(d)]
     others = [d for d in report.layers if not is_supported_row(d)]
-    if not layers:
-        raise PolicyError("the model has no Conv1d, Conv2d or Linear layer to factorize" + (
-            f"; its {len(others)} other layer(s) cannot be rewritten ({others[0].name}: {others[0].reason})"
-            if others else ""))
+    if not layers and not others:
+        raise PolicyError("the model has no Conv1d, Conv2d or Linear layer to factorize")
+    if not layers:  # only layers convfactor cannot rewrite: listed with their reason, nothing replaced (a warning)
+        return
     if all(d.status == UNMATCHED for d in layers):
         kinds = sorted({d.layer_type for d in layers})
         examples = ", ".join(repr(d.name) for d in layers[:3])

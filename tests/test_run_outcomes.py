@@ -95,6 +95,14 @@ def test_a_run_that_replaces_nothing_exits_3_with_the_reasons_and_writes_nothing
     assert sorted(os.listdir(tmp_path)) == before
 
 
+def test_a_model_of_unsupported_layers_only_lists_them_and_replaces_nothing():
+    model = nn.Sequential(nn.Conv3d(3, 4, 3), nn.ConvTranspose3d(4, 2, 2))
+    report = convfactor.get_report(convfactor.factorize(model, "spatial_svd:0.5", torch.randn(1, 3, 5, 5, 5)))
+    assert [(d.name, d.layer_type, d.status) for d in report.layers] == [("0", "Conv3d", "skipped"),
+                                                                         ("1", "ConvTranspose3d", "skipped")]
+    assert report.warnings[-1].startswith("nothing was replaced: 0: unsupported: Conv3d")
+
+
 def test_the_api_says_when_nothing_was_replaced():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     report = convfactor.get_report(convfactor.factorize(model, {"rules": [{"match": "*", "method": "skip"}]}, X))
