@@ -84,6 +84,11 @@ def plan_layouts(names: Sequence[str], reference: Sequence[np.ndarray], spec: Fi
         ValueError: a declared slice or axis does not fit the output (the message names both).
     """
     spec = spec or Fidelity()
+    known = {str(i) for i in range(len(names))} | set(names)
+    for key, _ in spec.outputs:
+        if key not in known:
+            raise ValueError(f"fidelity outputs {key!r} names no output of the model (its outputs: "
+                             f"{', '.join(repr(n) for n in names)}, or their indices 0-{len(names) - 1})")
     layouts = []
     for index, (name, array) in enumerate(zip(names, reference)):
         declared = spec.output_spec(index, name)

@@ -107,8 +107,9 @@ def render_summary(summary: dict[str, Any]) -> str:
         c = summary["output_check"]
         verdict = "accuracy kept" if c["passed"] else "accuracy NOT kept"
         bound = f": {c['bound_text']}" if c.get("bound_text") else ""
-        rows.append(["accuracy", f"{verdict} ({'within' if c['passed'] else 'OUTSIDE'} the {c['bound_source']}{bound}; "
-                                 f"{'held-out' if c.get('held_out') else 'NOT held-out'} data)"])
+        within = "within" if c["passed"] else "OUTSIDE"
+        rows.append(["fidelity check", f"{verdict} ({within} the {c['bound_source']}{bound}; "
+                                       f"{'held-out' if c.get('held_out') else 'NOT held-out'} data)"])
         where = f" ({c['worst']})" if c.get("worst") else ""
         agreement = "" if c["agreement"] is None else f", top-1 agreement {c['agreement']:.3f}"
         rows.append(["output error", f"{c['rel_error']:.4g} worst-slice relative{where}{agreement} on {c['samples']} "

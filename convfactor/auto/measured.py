@@ -170,11 +170,13 @@ def allocation_metrics(root: nn.Module, plans: list[LayerPlan], replacements: Re
 def measured_allocation(root: nn.Module, plans: list[LayerPlan], kind: str, fraction: float | None,
                         bound: Fidelity | None, inputs: Any, opts: AutoOptions, model: LatencyModel | None,
                         checker: OutputChecker | None, replacements: Replacements, notes: list[str],
-                        deadline: Deadline | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                        deadline: Deadline | None = None, on_probe: Any = None
+                        ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Allocate at the target, then correct the budget by measuring whole candidate models (``verify``).
 
     With a fidelity bound, each probe is the model the allocation would really return (``replacements``:
     the sequential refit with calibration data), so the bound is held at the lowest cost measured.
+    ``on_probe(probe)`` sees each measured probe (the progress bar shows its error and metric).
     Returns the allocation's account and the search's (None when nothing was measured).
     """
     allocator = Allocator(root, plans, kind, inputs, opts, model)
@@ -231,6 +233,8 @@ def measured_allocation(root: nn.Module, plans: list[LayerPlan], kind: str, frac
         else:
             probe = Probe(budget, account["predicted_fraction"] or 0.0, False, metrics, ok)
         seen[account["choice"]] = probe
+        if on_probe is not None:
+            on_probe(probe)
         return probe
 
     calls_before, seconds_before = checker.calls if checker else 0, checker.seconds if checker else 0.0

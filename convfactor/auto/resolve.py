@@ -222,7 +222,8 @@ def resolve_policy(
                                     deadline=deadline)
         with phase(progress, "allocation", total=1) as bar:
             info["target"], search = measured_allocation(root, plans, kind, fraction, bound, inputs, opts, model,
-                                                          checker, replacements, notes, deadline)
+                                                          checker, replacements, notes, deadline,
+                                                          on_probe=lambda p: bar.set_postfix(**probe_postfix(p)))
             bar.update()
         if search is not None:
             info["search"] = search
@@ -292,6 +293,16 @@ def resolve_policy(
         info["time_budget"] = {"seconds": opts.time_budget, "used": round(deadline.elapsed(), 2),
                                "cut": [w.split(": ", 1)[1] for w in deadline.warnings]}
     return Resolution(resolved, prebuilt or None, info, checks, spec)
+
+
+def probe_postfix(probe: Any) -> dict[str, str]:
+    """What the allocation's progress shows of a probe: its cost, held-out error and metric."""
+    shown = {"cost": f"{probe.fraction:.3f}"}
+    if probe.metrics is not None:
+        shown["error"] = f"{probe.metrics['rel_error']:.3g}"
+        if "metric" in probe.metrics:
+            shown["metric"] = f"{probe.metrics['metric']:.4g}"
+    return shown
 
 
 def _keep_outputs(batches: list, opts: AutoOptions, outputs: list) -> Any:
