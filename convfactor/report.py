@@ -225,7 +225,7 @@ def format_table(report: FactorizeReport) -> str:
         lines.append(f"MACs/sample: {human_count(report.macs_before)} -> {human_count(report.macs_after)} "
                      f"(x{_ratio(report.macs_ratio)})")
     else:
-        lines.append("MACs: n/a (pass example_inputs to count them)")
+        lines.append("MACs: n/a (give example inputs to count them: example_inputs=..., CLI: --input-shape)")
     check = report.extra.get("fidelity_check")
     if check:
         lines.extend(fidelity_lines(check))

@@ -11,6 +11,7 @@ from typing import Any
 from .report import human_count
 from .score import challenge_score
 from .tables import format_grid
+from .target_outcome import render_target
 
 __all__ = ["summarize", "render_summary"]
 
@@ -51,6 +52,8 @@ def summarize(document: dict[str, Any], *, weight_bits: int = 32, activation_bit
     bound = document.get("fidelity_bound")
     if bound:  # the policy's fidelity bound as the command line set it: {"bound": {key: value}, "from": {key: where}}
         summary["fidelity_bound"] = bound
+    if document.get("target"):  # asked, measured, met or missed (convfactor.target_outcome)
+        summary["target"] = document["target"]
     check = document["factorize"].get("extra", {}).get("fidelity_check")
     if check:  # the automatic policy's own check of the result against the original (convfactor.auto.verify)
         summary["output_check"] = {k: check.get(k) for k in ("rel_error", "worst", "agreement", "samples", "data",
@@ -93,6 +96,8 @@ def render_summary(summary: dict[str, Any]) -> str:
         verdict = "faster" if lat["speedup"] > 1 else "SLOWER"
         rows.append([f"latency {lat['threads']} thr",
                      f"{head}  speedup {lat['speedup']:.2f}x ({verdict}, onnxruntime, measured)"])
+    if "target" in summary:
+        rows.append(["target", render_target(summary["target"])])
     if "fidelity" in summary:
         rows.append(["fidelity", summary["fidelity"]])
     if "fidelity_bound" in summary:

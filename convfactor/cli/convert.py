@@ -30,6 +30,7 @@ from .options import (
     seconds,
     unit_fraction,
 )
+from .target_options import add_target_arguments
 
 __all__ = ["NAME", "HELP", "EXAMPLES", "add_arguments", "run"]
 
@@ -53,16 +54,17 @@ examples:
 
 outputs: OUT (reload with convfactor.load(OUT), or a .pt2 program), OUT's stem + .report.json
 (the full JSON report), and --onnx. Nothing is written if any step fails.
-exit codes: 0 ok, 1 --check failed (files written, report marks it), 2 bad input (nothing written).
+exit codes: 0 ok, 1 --check failed (files written, report marks it), 2 bad input (nothing written),
+3 nothing replaced (every layer skipped, the reasons on stderr; nothing written).
 """
 
 
 def add_arguments(convert: argparse.ArgumentParser) -> None:
     """The options of ``convert``."""
     add_model_arguments(convert)
-    convert.add_argument("--policy", required=True, metavar="POLICY",
+    convert.add_argument("--policy", metavar="POLICY",
                          help="a .yaml/.json policy file, or a method shorthand: spatial_svd, tucker2:0.5, "
-                              "svd:energy=0.95 (every eligible layer)")
+                              "svd:energy=0.95 (every eligible layer); or give --method/--target")
     convert.add_argument("--out", required=True, metavar="OUT",
                          help="the factorized model: .pt or .pth (reloadable with convfactor.load) or .pt2 "
                               "(torch.export program); for ONNX use --onnx")
@@ -98,6 +100,7 @@ def add_arguments(convert: argparse.ArgumentParser) -> None:
 
 def _add_auto_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("automatic policy (a target, a fidelity bound, 'auto' rules or --calibration)")
+    add_target_arguments(group)
     group.add_argument("--max-rel-error", type=unit_fraction, metavar="X",
                        help="fidelity bound: the largest relative L2 error of the outputs against the original, "
                             "in (0, 1]; overrides the policy's fidelity: max_rel_error")
@@ -168,30 +171,42 @@ def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``convert``; returns the exit code (1 when ``--check`` failed, files written)."""
     from .. import __version__
     from ..api import factorize, get_report
+    from ..api_checks import check_leaf_modules, nothing_replaced_reason
     from ..auto.verify import ConvfactorWarning
     from ..costs import count_zeros
-    from ..errors import ConvfactorError
+    from ..errors import ConvfactorError, NothingReplacedError
     from ..files.architecture import parse_input_shape
     from ..files.atomic import StagedOutputs
     from ..metric import load_metric
-    from ..policy import Policy
     from ..report import warning_line
     from ..share import parse_share_spec, share_weights, sharing_report
     from ..summary import summarize
-    from .checks import check_counts, check_out_name, example_input, load_inputs_file, parse_threads
+    from ..target_outcome import target_outcome
+    from .checks import (
+        check_counts,
+        check_onnx_name,
+        check_out_name,
+        checked_inputs,
+        example_input,
+        load_inputs_file,
+        parse_threads,
+    )
     from .measure import failed_criteria, run_benchmark, run_fidelity, run_profile
     from .options import read_score_options
     from .outputs import check_outputs, rename_paths, report_file_for, stage_model, stage_onnx
     from .source import load_source, require_shape, resolve_arch_option
+    from .target_options import policy_from_options
 
     # 1. everything that can be checked without loading the model
-    policy, fidelity_bound = _with_fidelity_options(Policy.from_any(args.policy), args)
+    merged, policy_sources = policy_from_options(args)
+    policy, fidelity_bound = _with_fidelity_options(merged, args)
     auto_options = _auto_options(args)
     shape = parse_input_shape(args.input_shape)
     out = Path(args.out)
     check_out_name(out)
     report_path = report_file_for(out)
     onnx_path = Path(args.onnx) if args.onnx else None
+    check_onnx_name(onnx_path)
     outputs = [out, report_path] + ([onnx_path] if onnx_path else [])
     check_outputs(outputs, force=args.force, inputs=[args.checkpoint])
     thread_counts = parse_threads(args.threads)
@@ -224,6 +239,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if needs_shape:
         require_shape(source, needs_shape[0])
     example = example_input(source.model, source.input_shape) if source.input_shape else None
+    calibration = checked_inputs(source.model, calibration, "--calibration", args.calibration, example, console)
+    validation = checked_inputs(source.model, validation, "--validation", args.validation, example, console)
+    check_inputs = checked_inputs(source.model, check_inputs, "--check-inputs", args.check_inputs, example, console)
+    check_leaf_modules(source.model, args.leaf_module, flag="--leaf-module")
 
     # 3. the work
     console.status(f"factorizing with {len(policy.rules)} policy rule(s)")
@@ -236,6 +255,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
                          calibration=calibration, validation=validation, metric=metric, auto_options=auto_options,
                          memory_budget=args.memory_budget)
     report = get_report(fast)
+    if nothing_replaced_reason(report):  # an unchanged copy is not what was asked: say why, write nothing
+        raise NothingReplacedError(f"{nothing_replaced_reason(report)}; nothing written")
     for warning in report.all_warnings():
         console.status(warning_line(warning))
     floor = report.extra.get("fidelity_check")
@@ -263,6 +284,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     }
     if fidelity_bound is not None:
         document["fidelity_bound"] = fidelity_bound
+    document["policy_from"] = policy_sources
     with StagedOutputs(args.force) as staging, tempfile.TemporaryDirectory(prefix="convfactor-") as scratch:
         stage_model(staging, out, fast, source, example, args, console)
         export, onnx_files, renamed = None, {}, {scratch: None}
@@ -280,8 +302,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
             elif floor is not None and not floor["passed"]:
                 document["status"] = (f"output check failed: worst-slice relative error {floor['rel_error']:.4g} "
                                       f"({floor.get('worst')}) on {floor.get('data')} ({floor['bound_source']})")
-            # Its exports are reused by the benchmark: each model is exported once.
-            onnx_files.update({role: Path(scratch) / f"{role}.onnx" for role in ("original", "factorized")})
+            # Its exports are reused by the benchmark (each model exported once), unless they were made at the
+            # --check-inputs' size and the benchmark times --input-shape's.
+            if check_inputs is None or tuple(check_inputs.shape[1:]) == tuple(source.input_shape[1:]):
+                onnx_files.update({role: Path(scratch) / f"{role}.onnx" for role in ("original", "factorized")})
         bench = None
         if args.bench:
             bench = run_benchmark(onnx_files.get("original", source.model), onnx_files.get("factorized", fast),
@@ -292,6 +316,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             document["profile"] = profile.to_dict()
             report.extra["layer_times"] = {row["layer"]: row for row in document["profile"]["layers"]}
             document["factorize"] = report.to_dict()
+        document["target"] = target_outcome(policy.target, policy_sources.get("target"), report, bench)
         document["summary"] = summarize(document, **score_options)
         document = rename_paths(document, renamed)
         text = json.dumps(document, indent=2, default=str) + "\n"

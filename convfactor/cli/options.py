@@ -169,7 +169,14 @@ def read_score_options(args: argparse.Namespace) -> dict[str, Any]:
 
     options = {"weight_bits": args.weight_bits, "activation_bits": args.activation_bits,
                "structured_pruning": args.structured_pruning, "unstructured_pruning": args.unstructured_pruning}
-    challenge_score(1, 1, **options)  # validates the options before any work is done
+    from ..errors import ConvfactorError
+
+    try:
+        challenge_score(1, 1, **options)  # validates the options before any work is done
+    except ConvfactorError as error:  # the library names its arguments; the user typed flags
+        text = str(error).replace("weight bits", "--weight-bits").replace("activation bits", "--activation-bits")
+        text = text.replace("pruning ratios", "--structured-pruning and --unstructured-pruning")
+        raise ConvfactorError(text) from None
     return options
 
 
