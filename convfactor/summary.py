@@ -11,6 +11,7 @@ from typing import Any
 from .report import human_count
 from .score import challenge_score
 from .tables import format_grid
+from .target_outcome import render_target
 
 __all__ = ["summarize", "render_summary"]
 
@@ -62,10 +63,14 @@ def summarize(document: dict[str, Any], *, weight_bits: int = 32, activation_bit
     bound = document.get("fidelity_bound")
     if bound:  # the policy's fidelity bound as the command line set it: {"bound": {key: value}, "from": {key: where}}
         summary["fidelity_bound"] = bound
+    if document.get("target"):  # asked, measured, met or missed (convfactor.target_outcome)
+        summary["target"] = document["target"]
     check = document["factorize"].get("extra", {}).get("fidelity_check")
     if check:  # the automatic policy's own check of the result against the original (convfactor.auto.verify)
-        summary["output_check"] = {k: check.get(k) for k in ("rel_error", "agreement", "samples", "data",
-                                                             "bound_source", "passed")}
+        summary["output_check"] = {k: check.get(k) for k in ("rel_error", "worst", "agreement", "samples", "data",
+                                                             "bound_source", "bound_text", "passed", "held_out",
+                                                             "in_sample", "overfit", "outputs", "metric",
+                                                             "metric_original", "metric_name")}
     return summary
 
 
@@ -107,6 +112,8 @@ def render_summary(summary: dict[str, Any]) -> str:
         verdict = "faster" if lat["speedup"] > 1 else "SLOWER"
         rows.append([f"latency {lat['threads']} thr",
                      f"{head}  speedup {lat['speedup']:.2f}x ({verdict}, onnxruntime, measured)"])
+    if "target" in summary:
+        rows.append(["target", render_target(summary["target"])])
     if "fidelity" in summary:
         rows.append(["fidelity", summary["fidelity"]])
     rows += _int8_rows(summary.get("int8"))
@@ -115,9 +122,27 @@ def render_summary(summary: dict[str, Any]) -> str:
         rows.append(["fidelity bound", ", ".join(f"{k} {v:g} ({bound['from'][k]})" for k, v in bound["bound"].items())])
     if "output_check" in summary:
         c = summary["output_check"]
+        verdict = "accuracy kept" if c["passed"] else "accuracy NOT kept"
+        bound = f": {c['bound_text']}" if c.get("bound_text") else ""
+        within = "within" if c["passed"] else "OUTSIDE"
+        rows.append(["fidelity check", f"{verdict} ({within} the {c['bound_source']}{bound}; "
+                                       f"{'held-out' if c.get('held_out') else 'NOT held-out'} data)"])
+        where = f" ({c['worst']})" if c.get("worst") else ""
         agreement = "" if c["agreement"] is None else f", top-1 agreement {c['agreement']:.3f}"
-        rows.append(["output error", f"{c['rel_error']:.4g} relative{agreement} on {c['samples']} {c['data']} "
-                                     f"({'within' if c['passed'] else 'OUTSIDE'} the {c['bound_source']})"])
+        rows.append(["output error", f"{c['rel_error']:.4g} worst-slice relative{where}{agreement} on {c['samples']} "
+                                     f"{c['data']}"])
+        if c.get("in_sample"):
+            overfit = f"; held-out is {c['overfit']:.1f}x: the fit overfits" if c.get("overfit") else ""
+            rows.append(["in-sample error", f"{c['in_sample']['rel_error']:.4g} on {c['in_sample']['samples']} fit "
+                                            f"samples{overfit}"])
+        if c.get("metric") is not None:
+            rows.append([c.get("metric_name") or "metric", f"{c['metric_original']:.4g} -> {c['metric']:.4g} "
+                                                           f"(original -> result, held-out: your data)"])
+        for row in c.get("outputs") or []:
+            if len(c["outputs"]) > 1 or row["slices"] > 1:
+                extra = f", agreement {row['agreement']:.3f}" if "agreement" in row else ""
+                rows.append([f"  output {row['name']}", f"{row['rel_error']:.4g} ({row['kind']}); worst of "
+                             f"{row['slices']} slice(s) [{row['worst_slice']}] {row['worst_slice_error']:.4g}{extra}"])
     return "\n".join(["summary"] + ["  " + line for line in format_grid(None, rows, free_last=True)])
 
 

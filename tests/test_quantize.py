@@ -181,10 +181,18 @@ def test_cli_quantize_is_published_with_the_set_and_refuses_overwrite(cli, tmp_p
     assert onnx.load(str(tmp_path / "fast.int8.onnx")).graph.node  # replaced by a real model
 
 
-def test_cli_int8_breaking_the_bound_keeps_float(cli, tmp_path, ckpt, inputs):
-    code, out, err = cli(*_convert(tmp_path, ckpt, "--policy", "tucker2:1.0", "--quantize", "int8",
-                                   "--calibration", inputs[0], "--max-rel-error", "0.0001"))
+def test_cli_int8_breaking_the_bound_keeps_float(cli, tmp_path, inputs):
+    # conv2's weight is rank one in every mode: factorized exactly (within the bound), while int8 rounding
+    # costs ~1% relative error (measured 0.013), far outside a 0.001 bound
+    state = randomized(TinyNet()).state_dict()
+    a, b, c, d = (torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in (16, 8, 3, 3))
+    state["conv2.weight"] = 0.3 * torch.einsum("o,i,h,w->oihw", a, b, c, d)
+    ckpt = tmp_path / "net.pt"
+    torch.save(state, ckpt)
+    code, out, err = cli(*_convert(tmp_path, ckpt, "--policy", "tucker2:0.5", "--quantize", "int8",
+                                   "--calibration", inputs[0], "--max-rel-error", "0.001"))
     assert code == 0, err
+    assert "layers replaced  2/4" in out or "layers replaced: 2/4" in out
     assert "accuracy warning: the int8 model breaks the fidelity bound" in err
     assert not (tmp_path / "fast.int8.onnx").exists()
     report = json.loads((tmp_path / "fast.report.json").read_text())

@@ -30,7 +30,9 @@ def describe_quantization(result: dict[str, Any]) -> str:
 
 
 def _worst_rel_l2(report: dict[str, Any]) -> float | None:
-    values = [o.get("metrics", {}).get("rel_l2_error") for o in report.get("outputs", [])]
+    """The largest relative L2 error over outputs (of the worst slice where the report has slices)."""
+    values = [o.get("metrics", {}).get("worst_slice_rel_error", o.get("metrics", {}).get("rel_l2_error"))
+              for o in report.get("outputs", [])]
     values = [v for v in values if isinstance(v, (int, float))]
     return max(values) if values else None
 

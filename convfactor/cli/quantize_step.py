@@ -7,8 +7,9 @@ and is published with the other outputs as one set.
 
 A fidelity bound applies to the final artifact: when the policy has one (``fidelity:`` or
 ``--max-rel-error``/``--min-agreement``), the factorized int8 model is measured against the float original
-(``check_fidelity`` on ONNX paths, on ``--check-inputs``, else the calibration inputs, else generated
-ones) and, when it breaks the bound, an accuracy warning says so and the float model stays the result:
+(``check_fidelity`` on ONNX paths, its outputs measured as the bound declares them, on ``--check-inputs``,
+else the calibration inputs, else generated ones; a task-metric bound is not measured on it, and a note
+says so) and, when it breaks the bound, an accuracy warning says so and the float model stays the result:
 the int8 file is not written.
 
 With ``--check`` and ``--bench``, four models are compared: original, original int8, factorized,
@@ -82,14 +83,18 @@ def run_quantize(*, staging: Any, int8_path: Path, source: Any, fast: Any, examp
     for note in result.notes:
         console.status(f"note: {note}")
     inputs = check_inputs if check_inputs is not None else calibration
-    if bound is not None:
+    if bound is not None and bound.needs_metric:
+        section["warnings"].append("the task metric bound (--metric) is not measured on the int8 model: only the "
+                                   "bound's output criteria are")
+        console.status(f"note: {section['warnings'][-1]}")
+    if bound is not None and (bound.max_rel_error is not None or bound.min_agreement is not None):
         section["bound_check"] = _bound_check(onnx_files["original"], result.path, bound, inputs, source, args, console)
         if not section["bound_check"]["passed"]:
             warning = (f"accuracy warning: the int8 model breaks the fidelity bound "
                        f"({section['bound_check']['failed']}); kept the float model as the result, "
                        f"{int8_path} not written" + (" (the older file there is left as it was)"
                                                       if int8_path.exists() else ""))
-            section.update(result="float", path=None, warnings=[warning])
+            section.update(result="float", path=None, warnings=[*section["warnings"], warning])
             section["factorized"]["path"] = None
             console.status(f"warning: {warning}")
     if section["result"] == "int8":
@@ -102,7 +107,7 @@ def run_quantize(*, staging: Any, int8_path: Path, source: Any, fast: Any, examp
     files = {"original": onnx_files["original"], "original_int8": original.path,
              "factorized": onnx_files["factorized"], "factorized_int8": result.path}
     if args.check:
-        section["fidelity"] = _four_fidelity(files, check_inputs, source, args, console)
+        section["fidelity"] = _four_fidelity(files, check_inputs, policy.fidelity, source, args, console)
         int8, float_ = section["fidelity"]["factorized_int8"], section["fidelity"]["factorized"]
         if float_["passed"] and not int8["passed"] and section["result"] == "int8":  # quantizing broke it
             section["warnings"].append(f"accuracy warning: {int8_path} fails the --check tolerances that the "
@@ -132,15 +137,16 @@ def _bound_check(original: Path, int8: Path, bound: Any, inputs: Any, source: An
     report = check_fidelity(original, int8, _fidelity_inputs(inputs, shape, args),
                             input_shape=None if inputs is not None else shape, n_samples=args.check_samples,
                             max_rel_l2_error=bound.max_rel_error, min_top1_agreement=bound.min_agreement,
-                            min_cosine=None, min_snr_db=None, min_top5_overlap=None)
+                            min_cosine=None, min_snr_db=None, min_top5_overlap=None, outputs=bound)
     data = "check inputs" if args.check_inputs else "calibration inputs" if inputs is not None else "generated inputs"
     return {"passed": report.passed, "bound": bound.to_dict(), "data": data,
             "failed": None if report.passed else failed_criteria(report), "report": report.to_dict()}
 
 
-def _four_fidelity(files: dict[str, Path], inputs: Any, source: Any, args: argparse.Namespace,
+def _four_fidelity(files: dict[str, Path], inputs: Any, spec: Any, source: Any, args: argparse.Namespace,
                    console: Console) -> dict[str, Any]:
-    """Each model against the float original with the ``--check`` tolerances (the original: itself)."""
+    """Each model against the float original with the ``--check`` tolerances (the original: itself), its
+    outputs measured as the policy's ``fidelity:`` declares them (``spec``: class scores, slices)."""
     from ..runtime.fidelity import check_fidelity
     from .measure import failed_criteria
 
@@ -151,7 +157,8 @@ def _four_fidelity(files: dict[str, Path], inputs: Any, source: Any, args: argpa
         report = check_fidelity(files["original"], files[role], _fidelity_inputs(inputs, shape, args),
                                 input_shape=None if inputs is not None else shape, n_samples=args.check_samples,
                                 max_rel_l2_error=args.max_rel_l2, min_cosine=args.min_cosine,
-                                min_snr_db=args.min_snr_db, min_top1_agreement=args.min_top1)
+                                min_snr_db=args.min_snr_db, min_top1_agreement=args.min_top1,
+                                outputs=spec)
         out[role] = {"passed": report.passed, "verdict": report.verdict,
                      "failed": None if report.passed else failed_criteria(report), "report": report.to_dict()}
     return out
