@@ -30,11 +30,22 @@ def summarize(document: dict[str, Any], *, weight_bits: int = 32, activation_bit
                             totals["zero_fraction_after"]]
     score_options = {"weight_bits": weight_bits, "activation_bits": activation_bits,
                      "structured_pruning": structured_pruning, "unstructured_pruning": unstructured_pruning}
+    quantize = document.get("quantize")
+    artifact_bits = quantize["factorized"]["bits"] if quantize and quantize["result"] == "int8" else None
     if totals["macs_before"] is not None:
         before = challenge_score(totals["params_before"], totals["macs_before"], **score_options)
-        after = challenge_score(totals["params_after"], totals["macs_after"], **score_options)
+        after_options = score_options if artifact_bits is None else {
+            **score_options, "weight_bits": artifact_bits["weight_bits"],
+            "activation_bits": artifact_bits["activation_bits"]}
+        after = challenge_score(totals["params_after"], totals["macs_after"], **after_options)
         summary["challenge_score"] = [before.score, after.score]
         summary["challenge_score_options"] = score_options
+        if artifact_bits is not None:  # the result is the int8 file: its bits are counted, not declared
+            summary["challenge_score_after_bits"] = {"weight_bits": artifact_bits["weight_bits"],
+                                                     "activation_bits": artifact_bits["activation_bits"],
+                                                     "from": quantize["path"]}
+    if quantize:
+        summary["int8"] = _int8_summary(quantize)
     onnx = document.get("onnx")
     if onnx:
         summary["onnx_file_size"] = onnx["file_size"]
@@ -82,8 +93,13 @@ def render_summary(summary: dict[str, Any]) -> str:
                      and bits["structured_pruning"] == 0)
         hint = (f"; zeros not counted: --unstructured-pruning {summary['zeros'][3]:.3f} counts them"
                 if uncounted else "")
+        counted = summary.get("challenge_score_after_bits")
+        after_bits = "" if counted is None else (
+            f"; after: {counted['weight_bits']:g}-bit weights, {counted['activation_bits']}-bit activations "
+            f"read from {counted['from']}")
         rows.append(["challenge score", f"{s0:.4f} -> {s1:.4f}  ({bits['weight_bits']}-bit weights, "
-                                        f"{bits['activation_bits']}-bit activations; lower is better{hint})"])
+                                        f"{bits['activation_bits']}-bit activations{after_bits}; lower is "
+                                        f"better{hint})"])
     if "onnx_file_size" in summary:
         rows.append(["ONNX file", f"{summary['onnx_file_size'] / 1e6:.2f} MB"])
     for lat in summary.get("latency", []):
@@ -100,6 +116,7 @@ def render_summary(summary: dict[str, Any]) -> str:
         rows.append(["target", render_target(summary["target"])])
     if "fidelity" in summary:
         rows.append(["fidelity", summary["fidelity"]])
+    rows += _int8_rows(summary.get("int8"))
     if "fidelity_bound" in summary:
         bound = summary["fidelity_bound"]
         rows.append(["fidelity bound", ", ".join(f"{k} {v:g} ({bound['from'][k]})" for k, v in bound["bound"].items())])
@@ -127,3 +144,39 @@ def render_summary(summary: dict[str, Any]) -> str:
                 rows.append([f"  output {row['name']}", f"{row['rel_error']:.4g} ({row['kind']}); worst of "
                              f"{row['slices']} slice(s) [{row['worst_slice']}] {row['worst_slice_error']:.4g}{extra}"])
     return "\n".join(["summary"] + ["  " + line for line in format_grid(None, rows, free_last=True)])
+
+
+_INT8_ROLES = ("original_int8", "factorized", "factorized_int8")
+
+
+def _int8_summary(section: dict[str, Any]) -> dict[str, Any]:
+    """The quantization in a glance: which file is the result, and the four models' verdicts and latencies."""
+    out: dict[str, Any] = {"result": section["result"], "path": section["path"],
+                           "mode": section["factorized"]["mode"], "warnings": list(section.get("warnings", []))}
+    if section.get("fidelity"):
+        out["fidelity"] = {role: section["fidelity"][role]["verdict"] for role in _INT8_ROLES}
+    if section.get("latency"):
+        out["latency"] = [{"threads": t["threads"],
+                           **{role: {"median_ms": m["median_ms"], "speedup": m["speedup"], "reliable": m["reliable"]}
+                              for role, m in t["models"].items()}} for t in section["latency"]]
+    return out
+
+
+def _int8_rows(int8: dict[str, Any] | None) -> list[list[str]]:
+    """The summary's int8 lines: the result, then per thread count the four models' latencies."""
+    if not int8:
+        return []
+    result = (f"{int8['path']} ({int8['mode']} quantization)" if int8["result"] == "int8"
+              else "float kept: the int8 model broke the fidelity bound")
+    rows = [["int8 result", result]]
+    if "fidelity" in int8:
+        rows.append(["int8 fidelity", ", ".join(f"{role.replace('_', ' ')} {verdict}"
+                                                for role, verdict in int8["fidelity"].items())])
+    for lat in int8.get("latency", []):
+        cells = [f"original {lat['original']['median_ms']:.3f} ms"]
+        for role in _INT8_ROLES:
+            model = lat[role]
+            ratio = f"{model['speedup']:.2f}x" if model["reliable"] else "noisy"
+            cells.append(f"{role.replace('_', ' ')} {model['median_ms']:.3f} ms ({ratio})")
+        rows.append([f"4 models {lat['threads']} thr", ", ".join(cells)])
+    return rows

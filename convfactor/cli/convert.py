@@ -30,6 +30,7 @@ from .options import (
     seconds,
     unit_fraction,
 )
+from .quantize_step import add_quantize_arguments
 from .target_options import add_target_arguments
 
 __all__ = ["NAME", "HELP", "EXAMPLES", "add_arguments", "run"]
@@ -53,7 +54,8 @@ examples:
       --max-rel-error 0.05 --memory-budget 4GiB --out resnet_auto.pt
 
 outputs: OUT (reload with convfactor.load(OUT), or a .pt2 program), OUT's stem + .report.json
-(the full JSON report), and --onnx. Nothing is written if any step fails.
+(the full JSON report), --onnx, and with --quantize int8 NAME.int8.onnx next to --onnx (or OUT).
+Nothing is written if any step fails.
 exit codes: 0 ok, 1 --check failed (files written, report marks it), 2 bad input (nothing written),
 3 nothing replaced (every layer skipped, the reasons on stderr; nothing written).
 """
@@ -95,6 +97,7 @@ def add_arguments(convert: argparse.ArgumentParser) -> None:
     add_check_arguments(convert)
     add_bench_arguments(convert)
     add_score_arguments(convert)
+    add_quantize_arguments(convert)
     add_output_arguments(convert, force=True)
 
 
@@ -194,6 +197,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from .measure import failed_criteria, run_benchmark, run_fidelity, run_profile
     from .options import read_score_options
     from .outputs import check_outputs, rename_paths, report_file_for, stage_model, stage_onnx
+    from .quantize_step import int8_path_for, run_quantize
     from .source import load_source, require_shape, resolve_arch_option
     from .target_options import policy_from_options
 
@@ -207,7 +211,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     report_path = report_file_for(out)
     onnx_path = Path(args.onnx) if args.onnx else None
     check_onnx_name(onnx_path)
-    outputs = [out, report_path] + ([onnx_path] if onnx_path else [])
+    int8_path = int8_path_for(out, onnx_path) if args.quantize else None
+    outputs = [out, report_path] + [path for path in (onnx_path, int8_path) if path is not None]
     check_outputs(outputs, force=args.force, inputs=[args.checkpoint])
     thread_counts = parse_threads(args.threads)
     check_counts(args)
@@ -222,6 +227,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     check_inputs = load_inputs_file(args.check_inputs, "--check-inputs")
     if check_inputs is not None and not args.check:
         raise ConvfactorError("--check-inputs is only used with --check")
+    if (args.calibrate_method or args.keep_float) and not args.quantize:
+        raise ConvfactorError("--calibrate-method and --keep-float are only used with --quantize int8")
     if (args.memory_budget is not None or auto_options is not None) and not (
             policy.needs_resolution or calibration is not None or validation is not None or metric is not None):
         console.status("note: --memory-budget, --no-refit and --time-budget apply to an automatic policy (a target, "
@@ -235,7 +242,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
                               f"(a plan cannot be stacked on another)")
     needs_shape = [why for why, needed in (("for a .pt2 output", out.suffix == ".pt2"), ("for --onnx", onnx_path),
                                            ("for --check", args.check), ("for --bench", args.bench),
-                                           ("for --profile", args.profile)) if needed]
+                                           ("for --profile", args.profile), ("for --quantize", args.quantize))
+                  if needed]
     if needs_shape:
         require_shape(source, needs_shape[0])
     example = example_input(source.model, source.input_shape) if source.input_shape else None
@@ -245,6 +253,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     check_leaf_modules(source.model, args.leaf_module, flag="--leaf-module")
 
     # 3. the work
+    if args.quantize and policy.target is not None and policy.target[0] == "latency":
+        console.status("note: the latency target is timed on int8 graphs (--quantize int8)")
     console.status(f"factorizing with {len(policy.rules)} policy rule(s)")
     started = time.perf_counter()
     with warnings.catch_warnings():  # printed below as one line each
@@ -253,7 +263,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
                          trace=not args.no_trace, leaf_modules=args.leaf_module,
                          concrete_args=dict(args.concrete_arg), progress=console.progress,
                          calibration=calibration, validation=validation, metric=metric, auto_options=auto_options,
-                         memory_budget=args.memory_budget)
+                         memory_budget=args.memory_budget,
+                         latency={"int8": True} if args.quantize else None)  # timed as it will run
     report = get_report(fast)
     if nothing_replaced_reason(report):  # an unchanged copy is not what was asked: say why, write nothing
         raise NothingReplacedError(f"{nothing_replaced_reason(report)}; nothing written")
@@ -275,6 +286,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         "input": source.describe(),
         "outputs": {"model": str(out), "report": str(report_path), "onnx": None if onnx_path is None
                     else str(onnx_path)},
+        **({"quantize": None} if args.quantize else {}),
         "factorize": report.to_dict(),
         "factorize_seconds": factorize_seconds,
         "share_weights": None if share is None else sharing_report(fast).to_dict(),
@@ -316,6 +328,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
             document["profile"] = profile.to_dict()
             report.extra["layer_times"] = {row["layer"]: row for row in document["profile"]["layers"]}
             document["factorize"] = report.to_dict()
+        if args.quantize:
+            document["quantize"] = run_quantize(
+                staging=staging, int8_path=int8_path, source=source, fast=fast, example=example,
+                onnx_files=onnx_files, scratch=scratch, calibration=calibration, check_inputs=check_inputs,
+                policy=policy, args=args, console=console)
+            document["outputs"]["int8_onnx"] = document["quantize"]["path"]
         document["target"] = target_outcome(policy.target, policy_sources.get("target"), report, bench)
         document["summary"] = summarize(document, **score_options)
         document = rename_paths(document, renamed)
@@ -356,5 +374,10 @@ def _print_results(console: Console, report: Any, document: dict[str, Any], out:
     if bench is not None:
         console.result("")
         console.result(bench.render())
+    if document.get("quantize"):
+        from .quantize_render import render_quantize
+
+        console.result("")
+        console.result(render_quantize(document["quantize"]))
     console.result("")
     console.result(render_summary(document["summary"]))
