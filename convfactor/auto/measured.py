@@ -136,11 +136,17 @@ def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, output
     (the held-out number reported). Parts without data get None; ``check`` is ``select`` when the split
     could not separate them (``DataSplit.shared``).
     """
+    original: list[float] = []  # the original's metric, evaluated once for every checker
+
     def make(batches: list | None, label: str, known: list | None = None) -> OutputChecker | None:
         if not batches:
             return None
-        return OutputChecker(root, first_samples(batches, opts.fidelity_samples), label, known, spec=spec,
-                             metric=metric, metric_limit=opts.metric_evaluations)
+        checker = OutputChecker(root, first_samples(batches, opts.fidelity_samples), label, known, spec=spec,
+                                metric=metric, metric_limit=opts.metric_evaluations,
+                                metric_original=original[0] if original else None)
+        if metric is not None and not original:
+            original.append(checker.metric_original)
+        return checker
 
     label = split.check_label
     select = make(split.select, label if split.shared else f"{label} (selection part)",

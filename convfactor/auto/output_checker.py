@@ -72,13 +72,15 @@ class OutputChecker:
         spec: the policy's fidelity (declared output kinds and slices, the reduction); None: defaults.
         metric: the user's task metric, evaluated where a bound needs it.
         metric_limit: evaluations of the metric allowed to ``measure`` calls (``final=True`` ones excepted).
+        metric_original: the original's metric when already evaluated (by another checker); else it is
+            evaluated here, now: ``root`` is the network the pipeline goes on to rewrite in place.
     Raises:
         PolicyError: a declared output slice or axis does not fit the model's outputs.
     """
 
     def __init__(self, root: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], data: str,
                  outputs: Sequence[list[torch.Tensor]] | None = None, *, spec: Fidelity | None = None,
-                 metric: Metric | None = None, metric_limit: int = 12):
+                 metric: Metric | None = None, metric_limit: int = 12, metric_original: float | None = None):
         self.root = root
         self.batches = list(batches)
         self.data = data
@@ -86,7 +88,9 @@ class OutputChecker:
         self.metric = metric
         self.metric_limit = metric_limit
         self.metric_calls = 0
-        self.metric_original: float | None = None
+        self.metric_original = metric_original if metric is not None else None
+        if metric is not None and metric_original is None:
+            self.metric_original = metric(root)
         self.seconds = 0.0
         self.calls = 0
         started = time.perf_counter()
@@ -172,9 +176,7 @@ class OutputChecker:
 
     def evaluate_metric(self, module: nn.Module, count: bool = True) -> dict[str, Any]:
         """The task metric of ``module`` and of the original (evaluated once), and the drop between them."""
-        assert self.metric is not None
-        if self.metric_original is None:
-            self.metric_original = self.metric(self.root)
+        assert self.metric is not None and self.metric_original is not None
         if count:
             self.metric_calls += 1
         value = self.metric(module)

@@ -280,3 +280,20 @@ def test_a_spatial_axis_with_content_dependent_scale_stays_one_slice():
     assert layout.axis == 3 and len(layout.slices) == 1
     (forced,) = plan_layouts(["maps"], [maps], parse_fidelity({"outputs": {0: {"axis": 1}}}))
     assert forced.axis == 1 and [s[1:] for s in forced.slices] == [(0, 40)]
+
+
+def test_the_metric_of_the_original_is_the_original_s_even_when_no_probe_needed_it():
+    """The pipeline rewrites its network in place after the resolution: the original's metric is taken first."""
+    net = tiny_resnet(seed=2, width=16)
+    data = inputs(64, seed=8)
+    with torch.no_grad():
+        labels = net(data).argmax(1)
+
+    def accuracy(model):
+        with torch.no_grad():
+            return float((model(data).argmax(1) == labels).float().mean())
+
+    fast, _ = factorize_caught(net, "spatial_svd:0.1", data[:1], metric=accuracy)
+    check = convfactor.get_report(fast).extra["fidelity_check"]
+    assert check["metric_original"] == 1.0 and check["metric"] == pytest.approx(accuracy(fast), rel=1e-4)
+    assert accuracy(fast) < 1.0  # the result differs: the two numbers are not the same evaluation
