@@ -59,7 +59,7 @@ from .refit import Replacements
 from .regularize import regularize
 from .scoring import SCORED_RANKS, build_options, measure_sensitivities
 from .slow_forms import check_whole_model, flush_denormals, prefer_fast_forms, undo_swaps
-from .split import split_data
+from .split import DataSplit, split_data
 from .verify import REFERENCE_BYTES, OutputChecker, failures, say
 from .verify import rounded as _round
 
@@ -83,6 +83,7 @@ class Resolution:
         checks: the ``OutputChecker`` of each data part (fit, select, check; ``convfactor.auto.split``);
             ``convfactor.auto.verify.check_result`` measures the final model on ``check``.
         spec: the policy's fidelity declarations (bound, output kinds and slices), or None.
+        split: the data's fit / select / check parts (``convfactor.auto.split``; distillation fits on ``fit``).
     """
 
     policy: Policy
@@ -90,6 +91,7 @@ class Resolution:
     info: dict[str, Any]
     checks: dict[str, OutputChecker | None] = field(default_factory=dict)
     spec: Fidelity | None = None
+    split: DataSplit | None = None
 
 
 def resolve_policy(
@@ -292,7 +294,7 @@ def resolve_policy(
     if opts.time_budget is not None:
         info["time_budget"] = {"seconds": opts.time_budget, "used": round(deadline.elapsed(), 2),
                                "cut": [w.split(": ", 1)[1] for w in deadline.warnings]}
-    return Resolution(resolved, prebuilt or None, info, checks, spec)
+    return Resolution(resolved, prebuilt or None, info, checks, spec, split)
 
 
 def probe_postfix(probe: Any) -> dict[str, str]:
