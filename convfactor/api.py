@@ -137,7 +137,7 @@ def factorize(
                 options = dataclasses.replace(options or AutoOptions(), memory_budget=float(memory_budget))
             resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
                                         calibration=calibration, validation=validation, metric=metric,
-                                        latency=latency, progress=progress, options=options)
+                                        latency=latency, progress=progress, options=options, distill=distill)
             report.extra["auto"] = resolution.info
             report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
             policy, prebuilt = resolution.policy, resolution.prebuilt

@@ -56,6 +56,9 @@ class DistillOptions:
         time_budget: seconds the distillation may take (None: what ``AutoOptions.time_budget`` leaves, else none).
         temperature: softening of the KL loss of ``scores`` outputs.
         seed: order of the batches.
+        probes: with a fidelity bound, failing search probes distilled before they are judged, at most
+            (``convfactor.auto.distill_probes``); 0: the search judges undistilled models.
+        probe_steps: steps of each distilled probe (at most ``steps``).
     """
 
     steps: int = 200
@@ -68,9 +71,14 @@ class DistillOptions:
     time_budget: float | None = None
     temperature: float = 1.0
     seed: int = 0
+    probes: int = 3
+    probe_steps: int = 50
 
     def __post_init__(self):
-        whole = {"steps": self.steps, "batch_size": self.batch_size, "patience": self.patience}
+        whole = {"steps": self.steps, "batch_size": self.batch_size, "patience": self.patience,
+                 "probe_steps": self.probe_steps}
+        if isinstance(self.probes, bool) or not isinstance(self.probes, int) or self.probes < 0:
+            raise ConvfactorError(f"distill probes must be a whole number >= 0, got {self.probes!r}")
         whole.update({k: v for k, v in (("threads", self.threads), ("check_every", self.check_every)) if v is not None})
         for name, value in whole.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -87,7 +95,8 @@ class DistillOptions:
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "threads": self.threads,
                 "check_every": self.every, "patience": self.patience, "time_budget": self.time_budget,
-                "temperature": self.temperature, "seed": self.seed}
+                "temperature": self.temperature, "seed": self.seed, "probes": self.probes,
+                "probe_steps": self.probe_steps}
 
 
 def as_distill_options(value: Any) -> DistillOptions | None:

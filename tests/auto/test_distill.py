@@ -224,3 +224,19 @@ def test_cli_bad_distill_is_one_error_line_naming_the_flag(cli, ckpt, extra, mes
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert not ckpt.with_name("fast.pt").exists()
+
+
+def test_the_bound_search_distils_failing_probes_and_returns_a_cheaper_model():
+    model, x = small_net(), data()
+    bounded = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd"}],
+               "fidelity": {"max_rel_error": 0.02, "outputs": {0: {"kind": "scores"}}}}
+    plain = convfactor.get_report(quiet_factorize(model, bounded, x[:1], calibration=x))
+    options = DistillOptions(steps=60, lr=1e-3, probes=2, probe_steps=30)
+    report = convfactor.get_report(quiet_factorize(model, bounded, x[:1], calibration=x, distill=options))
+    probes = report.extra["auto"]["search"]["distilled_probes"]
+    assert probes["limit"] == 2 and probes["steps"] == 30 and 1 <= len(probes["probes"]) <= 2
+    assert all(p["distilled_rel_error"] <= p["undistilled_rel_error"] for p in probes["probes"])
+    assert report.macs_after < plain.macs_after  # distilled probes hold the bound at a lower budget
+    assert report.extra["fidelity_check"]["rel_error"] == report.extra["distill"]["after"]["rel_error"] or \
+        report.extra["distill"]["returned"] == "undistilled"
+

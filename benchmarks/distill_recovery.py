@@ -1,0 +1,135 @@
+"""How much of the factorization's loss a short distillation recovers: the shipped digits ResNet-20.
+
+Rows: ``method: auto`` at MACs 0.25 and 0.1 with 512 calibration images (``calibration_subset``: fit 384,
+select 64, check 64), then ``factorize(..., distill=DistillOptions(steps=S))``. Measured: top-1 accuracy on
+the 450 held-out test images (``load_digits_split("test")``, the task metric, never trained or selected on)
+and the worst-slice relative logit error on the check part, before and after distillation; the steps run,
+why it stopped, and the seconds. ``--defaults`` times a distillation step per (threads, batch size) instead:
+what ``DistillOptions``' defaults were chosen by.
+
+    python benchmarks/distill_recovery.py --steps 300 --out benchmarks/results/distill_recovery.json
+    python benchmarks/distill_recovery.py --defaults
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import convfactor  # noqa: E402
+from convfactor.auto import DistillOptions  # noqa: E402
+from convfactor.auto.distill import distill_model  # noqa: E402
+from convfactor.auto.output_checker import OutputChecker  # noqa: E402
+from convfactor.zoo import evaluate_accuracy, load_pretrained  # noqa: E402
+from convfactor.zoo.digits import calibration_subset, load_digits_split  # noqa: E402
+
+
+def policy(macs: float) -> dict:
+    return {"rules": [{"types": ["Conv2d"], "method": "auto"}], "target": {"macs": macs},
+            "fidelity": {"outputs": {0: {"kind": "scores"}}}}
+
+
+def test_accuracy():
+    x, y = load_digits_split("test")
+
+    def accuracy(model):
+        return evaluate_accuracy(model, x, y)
+
+    return accuracy
+
+
+def row(macs: float, steps: int, calibration: int, lr: float | None) -> dict:
+    model, _ = load_pretrained("resnet20_digits")
+    calib, _ = calibration_subset(calibration)
+    options = DistillOptions(steps=steps) if lr is None else DistillOptions(steps=steps, lr=lr)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = convfactor.factorize(model, policy(macs), calib[:1], calibration=calib, metric=test_accuracy(),
+                                    distill=options, progress="lines")
+    seconds = time.perf_counter() - started
+    report = convfactor.get_report(fast)
+    record, check = report.extra["distill"], report.extra["fidelity_check"]
+    return {"macs_target": macs, "macs_ratio": round(report.macs_after / report.macs_before, 4),
+            "accuracy_original": check["metric_original"], "accuracy_before": record["before"]["metric"],
+            "accuracy_after": record["after"]["metric"], "check_error_before": record["before"]["rel_error"],
+            "check_error_after": record["after"]["rel_error"], "select_before": record["select_before"],
+            "select_after": record["select_after"], "returned": record["returned"], "steps": steps,
+            "steps_run": record["steps_run"], "best_step": record["best_step"], "stopped": record["stopped"],
+            "distill_seconds": record["seconds"], "factorize_seconds_total": round(seconds, 1),
+            "lr": record["options"]["lr"], "batch_size": record["options"]["batch_size"],
+            "threads": torch.get_num_threads(), "reported_accuracy": check.get("metric"),
+            "check_samples": check["samples"]}
+
+
+def defaults(batches: tuple[int, ...], threads: tuple[int, ...], steps: int = 8) -> list[dict]:
+    """ms per distillation step and samples/s per (threads, batch), on a MACs-0.25 ResNet-20 (weights only)."""
+    model, _ = load_pretrained("resnet20_digits")
+    x, _ = calibration_subset(256)
+    fast = convfactor.factorize(model, "spatial_svd:0.25", x[:1])
+    checker = OutputChecker(model, [(x[:8],)], "timing")
+    rows = []
+    for count in threads:
+        for batch in batches:
+            options = DistillOptions(steps=steps, batch_size=batch, threads=count, check_every=10_000)
+            run = distill_model(fast, model, [(x,)], checker, options, select_error=lambda m: 1.0)
+            per_step = run.seconds / max(run.steps_run, 1)
+            rows.append({"threads": count, "batch_size": batch, "ms_per_step": round(1000 * per_step, 1),
+                         "samples_per_s": round(batch / per_step, 1)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| MACs target | MACs ratio | acc original | acc before | acc after | check err before | check err after "
+            "| select before -> after | steps run / max | returned | distill s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['macs_target']} | {r['macs_ratio']:.3f} | {r['accuracy_original']:.4f} | "
+                     f"{r['accuracy_before']:.4f} | {r['accuracy_after']:.4f} | {r['check_error_before']:.4f} | "
+                     f"{r['check_error_after']:.4f} | {r['select_before']:.4f} -> {r['select_after']:.4f} | "
+                     f"{r['steps_run']}/{r['steps']} ({r['stopped']}) | {r['returned']} | {r['distill_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--macs", default="0.25,0.1", help="comma-separated MACs targets (default 0.25,0.1)")
+    p.add_argument("--steps", type=int, default=300, help="distillation steps at most (default 300)")
+    p.add_argument("--calibration", type=int, default=512, help="calibration images (default 512)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: DistillOptions')")
+    p.add_argument("--defaults", action="store_true", help="time a step per threads and batch size instead")
+    p.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
+    args = p.parse_args(argv)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"uptime: {load}", flush=True)
+    if args.defaults:
+        result = {"defaults": defaults((16, 32, 64, 128), (1, 2)), "uptime": load}
+    else:
+        rows = [row(float(m), args.steps, args.calibration, args.lr) for m in args.macs.split(",")]
+        print(table(rows))
+        result = {"rows": rows, "uptime_start": load,
+                  "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+                  "command": "python " + " ".join(sys.argv)}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
