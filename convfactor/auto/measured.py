@@ -134,7 +134,8 @@ def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, output
     ``fit`` (in-sample: shown beside the held-out number; ``outputs`` are the original's outputs already
     computed on the first fit batches), ``select`` (every measurement the search decides by) and ``check``
     (the held-out number reported). Parts without data get None; ``check`` is ``select`` when the split
-    could not separate them (``DataSplit.shared``).
+    could not separate them (``DataSplit.shared``). The task metric of the original is evaluated here, once,
+    while ``root`` is still the original (``factorize`` rewrites it in place after the resolution).
     """
     def make(batches: list | None, label: str, known: list | None = None) -> OutputChecker | None:
         if not batches:
@@ -147,6 +148,11 @@ def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, output
                   outputs if not split.held_out else None)
     check = select if split.shared else make(split.check, label)
     fit = make(split.fit, "fit samples (in-sample)", outputs) if split.held_out and split.fit else None
+    if metric is not None and select is not None:  # now: factorize rewrites ``root`` in place afterwards
+        original = metric(root)
+        for checker in (fit, select, check):
+            if checker is not None:
+                checker.metric_original = original
     return {"fit": fit, "select": select, "check": check}
 
 

@@ -240,3 +240,19 @@ def test_the_bound_search_distils_failing_probes_and_returns_a_cheaper_model():
     assert report.extra["fidelity_check"]["rel_error"] == report.extra["distill"]["after"]["rel_error"] or \
         report.extra["distill"]["returned"] == "undistilled"
 
+
+
+def test_the_metric_of_the_original_is_the_original_s():
+    model, x = small_net(), data()
+    held = data(64, seed=5)
+    with torch.no_grad():
+        reference = model(held)
+
+    def spread(module):  # 0 for the original only
+        with torch.no_grad():
+            return float((module(held) - reference).abs().mean())
+
+    fast = quiet_factorize(model, CUT, x[:1], calibration=x, metric=spread)
+    check = convfactor.get_report(fast).extra["fidelity_check"]
+    assert check["metric_original"] == 0.0 and check["metric"] == pytest.approx(spread(fast), rel=1e-4)
+    assert check["metric"] > 0
