@@ -57,7 +57,7 @@ class ProbeDistiller:
             return metrics
         started = time.perf_counter()
         if self.progress:
-            say(f"fidelity search: probe fails undistilled (select error {metrics['rel_error']:.4g}); distilled probe "
+            say(f"fidelity search: probe fails undistilled ({'; '.join(failures(metrics, bound))}); distilled probe "
                 f"{len(self.log) + 1}/{self.limit}: {self.options.steps} steps")
         student = copy.deepcopy(module)  # the probe's modules are the search's cache: never trained in place
         run = distill_model(student, self.teacher, self.batches, self.checker, self.options)
