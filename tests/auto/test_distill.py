@@ -209,8 +209,22 @@ def test_cli_distill_writes_before_and_after_to_the_report_and_the_summary(cli, 
     assert document["summary"]["distill"]["before"] == record["before"]
     saved = json.loads(ckpt.with_name("fast.report.json").read_text())
     assert saved["factorize"]["extra"]["distill"]["after"] == record["after"]
-    code, text, _ = _convert(cli, ckpt, "--calibration", calib, "--distill", "20", "--force")
+    unlabelled = tmp_path / "u.pt"
+    torch.save(torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(4)), unlabelled)
+    code, text, _ = _convert(cli, ckpt, "--calibration", calib, "--distill", "20", "--distill-data", unlabelled,
+                             "--force")
     assert code == 0 and "distillation" in text and "before -> after" in text, text
+    saved = json.loads(ckpt.with_name("fast.report.json").read_text())
+    assert saved["factorize"]["extra"]["distill"]["data"] == {"source": "distill data", "samples": 40}
+
+
+def test_the_distillation_gets_what_the_time_budget_left():
+    from convfactor.auto.distill_result import _time_left
+
+    assert _time_left(DistillOptions(), {"time_budget": {"seconds": 60, "used": 45.5}}) == 14.5
+    assert _time_left(DistillOptions(), {"time_budget": {"seconds": 60, "used": 70}}) == 0.0
+    assert _time_left(DistillOptions(time_budget=5), {"time_budget": {"seconds": 60, "used": 1}}) == 5
+    assert _time_left(DistillOptions(), {}) is None
 
 
 @pytest.mark.parametrize("extra, message", [
