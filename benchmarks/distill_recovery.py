@@ -15,6 +15,7 @@ each returns.
 
     python benchmarks/distill_recovery.py --steps 300 --out benchmarks/results/distill_recovery.json
     python benchmarks/distill_recovery.py --crepe --macs 0.25 --out benchmarks/results/distill_recovery_crepe.json
+    python benchmarks/distill_recovery.py --crepe full --macs 0.25 --time-budget 300 --out ...crepe_full.json
     python benchmarks/distill_recovery.py --min-agreement 0.95 --out benchmarks/results/distill_search.json
     python benchmarks/distill_recovery.py --defaults
 """
@@ -60,10 +61,10 @@ def test_accuracy():
     return accuracy
 
 
-def crepe_setup(calibration: int):
+def crepe_setup(calibration: int, capacity: str = "tiny"):
     from benchmarks.real import crepe
 
-    model = crepe.load("tiny")
+    model = crepe.load(capacity)
     calib, _ = crepe.harmonic_frames(calibration, seed=2)
     x_test, f0 = crepe.harmonic_frames(256, seed=1)
 
@@ -75,32 +76,34 @@ def crepe_setup(calibration: int):
     return model, calib, convfactor.Metric(median_cents, name="median_cents", higher_is_better=False), declared
 
 
-def row(macs: float, steps: int, calibration: int, lr: float | None, crepe: bool = False) -> dict:
+def row(macs: float, steps: int, calibration: int, lr: float | None, crepe: str | None = None,
+        seconds: float | None = None) -> dict:
     if crepe:
-        model, calib, metric, declared = crepe_setup(calibration)
+        model, calib, metric, declared = crepe_setup(calibration, crepe)
         chosen = {**declared, "target": {"macs": macs}}
     else:
         model, _ = load_pretrained("resnet20_digits")
         calib, _ = calibration_subset(calibration)
         metric, chosen = test_accuracy(), policy(macs)
-    options = DistillOptions(steps=steps) if lr is None else DistillOptions(steps=steps, lr=lr)
+    options = DistillOptions(steps=steps, time_budget=seconds, **({} if lr is None else {"lr": lr}))
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fast = convfactor.factorize(model, chosen, calib[:1], calibration=calib, metric=metric,
                                     distill=options, progress="lines")
-    seconds = time.perf_counter() - started
+    elapsed = time.perf_counter() - started
     report = convfactor.get_report(fast)
     record, check = report.extra["distill"], report.extra["fidelity_check"]
-    return {"model": "crepe_tiny" if crepe else "resnet20_digits", "metric": metric_name(crepe), "macs_target": macs,
+    return {"model": f"crepe_{crepe}" if crepe else "resnet20_digits", "metric": metric_name(bool(crepe)),
+            "macs_target": macs,
             "macs_ratio": round(report.macs_after / report.macs_before, 4),
             "metric_original": check["metric_original"], "metric_before": record["before"]["metric"],
             "metric_after": record["after"]["metric"], "check_error_before": record["before"]["rel_error"],
             "check_error_after": record["after"]["rel_error"], "select_before": record["select_before"],
             "select_after": record["select_after"], "returned": record["returned"], "steps": steps,
             "steps_run": record["steps_run"], "best_step": record["best_step"], "stopped": record["stopped"],
-            "distill_seconds": record["seconds"], "factorize_seconds_total": round(seconds, 1),
-            "lr": record["options"]["lr"], "batch_size": record["options"]["batch_size"],
+            "distill_seconds": record["seconds"], "factorize_seconds_total": round(elapsed, 1),
+            "lr": record["options"]["lr"], "time_budget": seconds, "batch_size": record["options"]["batch_size"],
             "threads": torch.get_num_threads(), "metric_reported": check.get("metric"),
             "check_samples": check["samples"]}
 
@@ -171,7 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300, help="distillation steps at most (default 300)")
     p.add_argument("--calibration", type=int, default=512, help="calibration images (default 512)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: DistillOptions')")
-    p.add_argument("--crepe", action="store_true", help="CREPE tiny on harmonic tones instead of digits ResNet-20")
+    p.add_argument("--crepe", nargs="?", const="tiny", choices=("tiny", "full"), default=None,
+                   help="CREPE (tiny unless 'full') on harmonic tones instead of digits ResNet-20")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds the distillation may take")
     p.add_argument("--min-agreement", type=float, default=None, help="run the fidelity search at this bound instead")
     p.add_argument("--defaults", action="store_true", help="time a step per threads and batch size instead")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
@@ -185,7 +190,8 @@ def main(argv=None) -> int:
                   "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
                   "command": "python " + " ".join(sys.argv)}
     else:
-        rows = [row(float(m), args.steps, args.calibration, args.lr, args.crepe) for m in args.macs.split(",")]
+        rows = [row(float(m), args.steps, args.calibration, args.lr, args.crepe, args.time_budget)
+                for m in args.macs.split(",")]
         print(table(rows))
         result = {"rows": rows, "uptime_start": load,
                   "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
