@@ -60,6 +60,7 @@ def factorize(
     latency: Mapping[str, Any] | None = None,
     auto_options: Any = None,
     memory_budget: float | None = None,
+    distill: Any = None,
 ) -> nn.Module:
     """Rewrite the Conv/Linear layers of a trained ``model`` as the policy says.
 
@@ -95,6 +96,10 @@ def factorize(
         memory_budget: bytes the calibration statistics may use (default 1 GiB, ``AutoOptions``); layers
             whose full patch covariance does not fit get a Kronecker-factored or diagonal one (the report's
             ``auto.statistics`` lists them). Give more to keep more layers' statistics full.
+        distill: a number of steps or ``convfactor.auto.DistillOptions``: then distil the result towards
+            ``model`` on the calibration fit part (or ``DistillOptions.data``), stopped early on the select
+            part's error and returned only if that error went down; needs ``calibration`` or ``validation``.
+            Before/after on held-out data in ``report.extra['distill']`` (docs/distill.md).
     Returns:
         The factorized module, in eval mode, with ``convfactor_report`` (see ``get_report``).
     Raises:
@@ -113,6 +118,10 @@ def factorize(
     policy = Policy.from_any(policy)
     inputs = as_input_tuple(example_inputs, allow_none=True)
     report = FactorizeReport(policy=policy.to_dict(), fold_batchnorm=fold_batchnorm and trace)
+    if distill is not None:  # checked before any work; run after the factorization
+        from .auto.distill_result import check_distill_request, distill_result
+
+        distill = check_distill_request(distill, calibration, validation)
 
     work = copy.deepcopy(model).eval()
     report.notes.extend(check_factorize_arguments(work, inputs, calibration=calibration, validation=validation,
@@ -139,7 +148,7 @@ def factorize(
                 options = dataclasses.replace(options or AutoOptions(), memory_budget=float(memory_budget))
             resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
                                         calibration=calibration, validation=validation, metric=metric,
-                                        latency=latency, progress=progress, options=options)
+                                        latency=latency, progress=progress, options=options, distill=distill)
             report.extra["auto"] = resolution.info
             report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
             policy, prebuilt = resolution.policy, resolution.prebuilt
@@ -167,6 +176,8 @@ def factorize(
     if inputs is not None:
         report.macs_after = sum(per_layer_macs(root, inputs).values())
     root.eval()
+    if resolution is not None and distill is not None:  # in place, kept only if the held-out error went down
+        distill_result(model, root, resolution, distill, report, progress)
     if resolution is not None:  # the fidelity floor: the result measured against the original
         from .auto.verify import check_result
 

@@ -71,6 +71,11 @@ def summarize(document: dict[str, Any], *, weight_bits: int = 32, activation_bit
                                                              "bound_source", "bound_text", "passed", "held_out",
                                                              "in_sample", "overfit", "outputs", "metric",
                                                              "metric_original", "metric_name")}
+    distilled = document["factorize"].get("extra", {}).get("distill")
+    if distilled:  # factorize(..., distill=...): before and after on the check part (convfactor.auto.distill_result)
+        from .auto.distill_result import distill_summary
+
+        summary["distill"] = distill_summary(distilled)
     return summary
 
 
@@ -143,6 +148,10 @@ def render_summary(summary: dict[str, Any]) -> str:
                 extra = f", agreement {row['agreement']:.3f}" if "agreement" in row else ""
                 rows.append([f"  output {row['name']}", f"{row['rel_error']:.4g} ({row['kind']}); worst of "
                              f"{row['slices']} slice(s) [{row['worst_slice']}] {row['worst_slice_error']:.4g}{extra}"])
+    if "distill" in summary:
+        from .auto.distill_result import distill_rows
+
+        rows.extend(distill_rows(summary["distill"]))
     return "\n".join(["summary"] + ["  " + line for line in format_grid(None, rows, free_last=True)])
 
 

@@ -3,10 +3,12 @@
 ``resolve_policy`` turns a policy with a ``target`` (``{macs|params|latency: F}``) or ``method: auto``
 rules into plain per-layer rules, which ``convfactor.factorize`` then applies; with calibration data it
 also builds the data-aware factorized modules. ``finetune`` is an optional short distillation of the
-result towards the original network's outputs.
+result towards the original network's outputs; ``DistillOptions`` (``factorize(..., distill=...)``) runs one
+inside ``factorize``, stopped and judged on held-out data.
 """
 
 from .allocate import Allocation, InfeasibleBudget, allocate
+from .distill import DistillOptions
 from .finetune import finetune
 from .latency import LatencyCache, LatencyModel, LatencyOptions
 from .options import AutoOptions
@@ -24,6 +26,7 @@ __all__ = [
     "InfeasibleBudget",
     "allocate",
     "finetune",
+    "DistillOptions",
     "vbmf_rank",
     "vbmf_layer_rank",
 ]

@@ -43,6 +43,8 @@ class Probe:
                 out["agreement"] = round(self.metrics["agreement"], 4)
             if "metric" in self.metrics:
                 out["metric"] = rounded(self.metrics["metric"], 5)
+            if "distilled" in self.metrics:  # judged after a short distillation (convfactor.auto.distill_probes)
+                out["distilled"] = self.metrics["distilled"]
         return out
 
 

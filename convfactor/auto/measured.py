@@ -134,7 +134,8 @@ def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, output
     ``fit`` (in-sample: shown beside the held-out number; ``outputs`` are the original's outputs already
     computed on the first fit batches), ``select`` (every measurement the search decides by) and ``check``
     (the held-out number reported). Parts without data get None; ``check`` is ``select`` when the split
-    could not separate them (``DataSplit.shared``).
+    could not separate them (``DataSplit.shared``). The task metric of the original is evaluated once, by the
+    first checker made, while ``root`` is still the original (``factorize`` rewrites it in place afterwards).
     """
     original: list[float] = []  # the original's metric, evaluated once for every checker
 
@@ -176,13 +177,14 @@ def allocation_metrics(root: nn.Module, plans: list[LayerPlan], replacements: Re
 def measured_allocation(root: nn.Module, plans: list[LayerPlan], kind: str, fraction: float | None,
                         bound: Fidelity | None, inputs: Any, opts: AutoOptions, model: LatencyModel | None,
                         checker: OutputChecker | None, replacements: Replacements, notes: list[str],
-                        deadline: Deadline | None = None, on_probe: Any = None
+                        deadline: Deadline | None = None, on_probe: Any = None, measure: Any = None
                         ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Allocate at the target, then correct the budget by measuring whole candidate models (``verify``).
 
     With a fidelity bound, each probe is the model the allocation would really return (``replacements``:
     the sequential refit with calibration data), so the bound is held at the lowest cost measured.
-    ``on_probe(probe)`` sees each measured probe (the progress bar shows its error and metric).
+    ``on_probe(probe)`` sees each measured probe (the progress bar shows its error and metric). ``measure(module,
+    bound)`` judges a probe instead of ``checker.measure`` (``distill_probes.ProbeDistiller``: distilled probes).
     Returns the allocation's account and the search's (None when nothing was measured).
     """
     allocator = Allocator(root, plans, kind, inputs, opts, model)
@@ -230,7 +232,8 @@ def measured_allocation(root: nn.Module, plans: list[LayerPlan], kind: str, frac
         if known is not None and (known.measured or not measure_speed):
             return Probe(budget, known.fraction, known.measured, known.metrics, known.ok)
         install(work, allocator.plans, replacements.build() if enforce else _timing_modules(), originals)
-        metrics = known.metrics if known is not None else (checker.measure(work, bound) if enforce else None)
+        judge = measure or checker.measure
+        metrics = known.metrics if known is not None else (judge(work, bound) if enforce else None)
         ok = not failures(metrics, bound) if enforce else True
         if measure_speed:
             predicted = account["predicted_fraction"]

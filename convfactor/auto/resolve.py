@@ -48,6 +48,8 @@ from ..progress import phase
 from .budget_search import progress_line
 from .calibration import calibration_batches, layer_statistics, output_leaves
 from .deadline import Deadline
+from .distill import as_distill_options
+from .distill_probes import ProbeDistiller
 from .fastest import VBMF_RANK, choose_fastest
 from .latency import LatencyModel
 from .measured import allocation_metrics, first_samples, measured_allocation, output_checkers
@@ -59,7 +61,7 @@ from .refit import Replacements
 from .regularize import regularize
 from .scoring import SCORED_RANKS, build_options, measure_sensitivities
 from .slow_forms import check_whole_model, flush_denormals, prefer_fast_forms, undo_swaps
-from .split import split_data
+from .split import DataSplit, split_data
 from .verify import REFERENCE_BYTES, OutputChecker, failures, say
 from .verify import rounded as _round
 
@@ -83,6 +85,7 @@ class Resolution:
         checks: the ``OutputChecker`` of each data part (fit, select, check; ``convfactor.auto.split``);
             ``convfactor.auto.verify.check_result`` measures the final model on ``check``.
         spec: the policy's fidelity declarations (bound, output kinds and slices), or None.
+        split: the data's fit / select / check parts (``convfactor.auto.split``; distillation fits on ``fit``).
     """
 
     policy: Policy
@@ -90,6 +93,7 @@ class Resolution:
     info: dict[str, Any]
     checks: dict[str, OutputChecker | None] = field(default_factory=dict)
     spec: Fidelity | None = None
+    split: DataSplit | None = None
 
 
 def resolve_policy(
@@ -105,6 +109,7 @@ def resolve_policy(
     progress: bool = False,
     options: AutoOptions | None = None,
     latency_model: LatencyModel | None = None,
+    distill: Any = None,
 ) -> Resolution:
     """Turn a target / ``auto`` policy into plain per-layer rules for ``root``.
 
@@ -123,6 +128,8 @@ def resolve_policy(
         progress: show progress bars.
         options: ``AutoOptions`` (rank grid, methods for auto, damping, ...).
         latency_model: a ready ``LatencyModel`` (tests pass one with stub timers); else built from ``latency``.
+        distill: ``DistillOptions`` (``factorize(..., distill=...)``): with a fidelity bound, failing probes of the
+            search are judged after a short distillation (``distill_probes``).
     Returns:
         A ``Resolution``.
     Raises:
@@ -220,13 +227,19 @@ def resolve_policy(
             stats = None  # the sequential refit collects its own statistics, layer by layer
         replacements = Replacements(root, plans, opts, batches=batches, inputs=inputs, stats=stats, forms=forms,
                                     deadline=deadline)
+        prober, distill = None, as_distill_options(distill)
+        if distill is not None and distill.probes and bound is not None and batches and checker is not None:
+            prober = ProbeDistiller(root, batches, checker, distill, progress)
         with phase(progress, "allocation", total=1) as bar:
             info["target"], search = measured_allocation(root, plans, kind, fraction, bound, inputs, opts, model,
                                                           checker, replacements, notes, deadline,
-                                                          on_probe=lambda p: bar.set_postfix(**probe_postfix(p)))
+                                                          on_probe=lambda p: bar.set_postfix(**probe_postfix(p)),
+                                                          measure=prober.measure if prober else None)
             bar.update()
         if search is not None:
             info["search"] = search
+            if prober is not None:
+                search["distilled_probes"] = prober.describe()
         ignored = sorted({p.rule_index + 1 for p in open_plans if p.rule.rank is not None or p.rule.energy is not None})
         if ignored:
             notes.append(f"rule(s) {', '.join(map(str, ignored))}: rank/energy ignored, the target allocates ranks")
@@ -292,7 +305,7 @@ def resolve_policy(
     if opts.time_budget is not None:
         info["time_budget"] = {"seconds": opts.time_budget, "used": round(deadline.elapsed(), 2),
                                "cut": [w.split(": ", 1)[1] for w in deadline.warnings]}
-    return Resolution(resolved, prebuilt or None, info, checks, spec)
+    return Resolution(resolved, prebuilt or None, info, checks, spec, split)
 
 
 def probe_postfix(probe: Any) -> dict[str, str]:

