@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.real.runs import HEADS_MODELS, HEADS_ROWS, MODELS, ROWS, worker_main  # noqa: E402
+from benchmarks.real.runs import HEADS_MODELS, HEADS_ROWS, MODELS, ROWS, recheck, worker_main  # noqa: E402
 
 # The defaults: the first four networks and their rows; ``--heads`` picks issue 18's set.
 DEFAULT_MODELS = ("crepe", "ppocr_rec", "ppocr_det", "craft")
@@ -212,7 +212,7 @@ def heads_markdown(results: list[dict]) -> str:
     """Issue 18's table: the task metric on held-out data, what convfactor's check said, the criterion."""
     order = {name: i for i, name in enumerate(ROWS)}
     models = list(dict.fromkeys(r["model"] for r in results))
-    results = sorted(results, key=lambda r: (models.index(r["model"]), order.get(r["row"], 99)))
+    results = sorted((recheck(r) for r in results), key=lambda r: (models.index(r["model"]), order.get(r["row"], 99)))
     lines = ["| model | row | task metric: original -> result (tolerance) | MACs | speedup | convfactor's check "
              "(its data) | held-out error per output | warnings (category: count) | criterion | wall / CPU s "
              "| commit |",
