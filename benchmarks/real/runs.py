@@ -20,8 +20,8 @@ from convfactor.errors import ConvfactorError
 MODELS = {"crepe": "crepe", "ppocr_rec": "ppocr", "ppocr_det": "ppocr_det", "craft": "craft",
           # multi-head and stateful networks (issue 18)
           "mtcnn_pnet": "mtcnn:spec_pnet", "mtcnn_onet": "mtcnn:spec_onet", "nudenet": "nudenet",
-          "silero_vad": "silero_vad"}
-HEADS_MODELS = ("mtcnn_pnet", "mtcnn_onet", "nudenet", "silero_vad")
+          "silero_vad": "silero_vad", "crepe_tiny": "crepe:spec_tiny"}
+HEADS_MODELS = ("mtcnn_pnet", "mtcnn_onet", "nudenet", "silero_vad", "crepe_tiny")
 AUTO = [{"match": "*", "method": "auto"}]
 ROWS = ("original", "auto_macs_0.5", "auto_macs_0.25", "auto_latency_0.8",
         "uniform_weight_0.5", "uniform_data_0.5", "uniform_weight_0.25", "uniform_data_0.25",
