@@ -210,6 +210,28 @@ def _errs(errors: dict | None) -> str:
     return ", ".join(parts)
 
 
+def _check_text(check: dict) -> str:
+    """What convfactor's own check said: passed or not, the error it measured (worst slice and in-sample
+    beside it where this convfactor reports them), agreement, the task metric, the bound and the data."""
+    if not check:
+        return "-"
+    text = f"{'passed' if check.get('passed') else 'FAILED'}: rel. err {check.get('rel_error', 'n/a')}"
+    if check.get("worst"):
+        text += f" (worst slice {check['worst']})"
+    inside = check.get("in_sample")
+    if isinstance(inside, dict):
+        text += f", in-sample {inside.get('rel_error')}"
+    if isinstance(check.get("agreement"), float):
+        text += f", agreement {check['agreement']:.3f}"
+    for key in ("metric", "metric_original"):
+        if isinstance(check.get(key), (int, float)):
+            text += f", {key} {check[key]:.4g}"
+    if check.get("overfit"):
+        text += f", overfit x{check['overfit']}"
+    bound = check.get("bound_text") or check.get("bound")
+    return text + f" vs {bound} ({check.get('bound_source')}; {check.get('samples')} {check.get('data', '')})"
+
+
 def heads_markdown(results: list[dict]) -> str:
     """Issue 18's table: the task metric on held-out data, what convfactor's check said, the criterion."""
     order = {name: i for i, name in enumerate(ROWS)}
@@ -228,14 +250,7 @@ def heads_markdown(results: list[dict]) -> str:
             metric = f"{m0[key]:.3f} -> {_fmt_metric(r)} (drop <= {r.get('tolerance', '?')})"
         else:
             metric = "-"
-        check = r.get("fidelity_check") or {}
-        if check:
-            said = (f"{'passed' if check.get('passed') else 'FAILED'}: rel. err {check.get('rel_error', 'n/a')}"
-                    + (f", agreement {check['agreement']:.3f}" if isinstance(check.get("agreement"), float) else "")
-                    + f" vs {check.get('bound')} ({check.get('bound_source')}; {check.get('samples')} "
-                    + f"{check.get('data', '')})")
-        else:
-            said = "-"
+        said = _check_text(r.get("fidelity_check") or {})
         if r.get("error"):
             said = f"**{r['error'][:220]}**"
         counts: dict[str, int] = {}

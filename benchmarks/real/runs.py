@@ -301,6 +301,8 @@ def run_row(model_name: str, row: str, quick: bool, max_rel_error: float = 0.1,
             out[f"report_{key}"] = report.extra[key]
     out["methods"] = _method_counts(report)
     auto = report.extra.get("auto") or {}
+    if auto.get("data_split") is not None:
+        out["data_split"] = auto["data_split"]
     out["auto_info"] = {k: v for k, v in auto.items() if isinstance(v, (str, int, float, bool, list))
                         and len(str(v)) < 2000}
     out["metric"] = spec["metric"](fast)
