@@ -266,7 +266,16 @@ def heads_markdown(results: list[dict]) -> str:
         lines.append(" | ".join([f"| {r['model']}", r["row"], metric, mac, speed, said,
                                  _errs(r.get("held_out_errors")), warned, crit, times,
                                  r.get("commit", "-")]).replace("\n", " ") + " |")
-    lines += ["", "Each row's command is in the JSON (`command`)."]
+    lines += ["", "Networks, task metrics (on held-out data) and the tolerance of each task:", ""]
+    for name in models:
+        first = next(r for r in results if r["model"] == name)
+        lines.append(f"- **{name}**: {first.get('domain')}; {first.get('source')}; {first.get('params', 0):,} "
+                     f"parameters; {first.get('metric_desc')}; task kept when the drop is <= "
+                     f"{first.get('tolerance', '?')}.")
+    lines += ["", "Criterion (issue 18): *kept* (the metric dropped no more than the tolerance), or *not kept, tool "
+              "said so* (a failed check, an accuracy warning, or an error that the bound cannot be met); a "
+              "*FALSE PASS* is a broken task with no word from the tool. Rows with a bound or a metric given "
+              "must keep the metric. Each row's command is in the JSON (`command`)."]
     return "\n".join(lines)
 
 
