@@ -255,7 +255,8 @@ def heads_markdown(results: list[dict]) -> str:
             said = f"**{r['error'][:220]}**"
         counts: dict[str, int] = {}
         for w in r.get("warnings", []):
-            counts[w["category"]] = counts.get(w["category"], 0) + 1
+            if w["category"] not in ("RuntimeWarning", "ResourceWarning"):  # numpy's and tempfile's, in the JSON
+                counts[w["category"]] = counts.get(w["category"], 0) + 1
         warned = ", ".join(f"{k}: {v}" for k, v in counts.items()) or "none"
         if r.get("accuracy_warnings"):
             warned += f"; on accuracy: {r['accuracy_warnings'][0]['message'][:160]}"
