@@ -5,6 +5,7 @@
     convfactor.export_onnx(model_fast, example_input, "fast.onnx")
     print(convfactor.check_fidelity(model, model_fast, input_shape=(8, 3, 32, 32)))
     print(convfactor.benchmark(model, model_fast, input_shape=(1, 3, 32, 32)))
+    convfactor.quantize_onnx(model_fast, "fast.int8.onnx", calibration=x_train[:128])  # int8, onnxruntime
     table = convfactor.inspect_model(model, example_input)  # per-layer MACs, params, spectra
 
 Dependency direction: ``convfactor`` imports the top-level ``passes`` package (generic torch.fx passes);
@@ -31,9 +32,15 @@ _LAZY = {
     "FidelityReport": "runtime.fidelity_report",
     "benchmark": "runtime.benchmarking",
     "BenchmarkReport": "runtime.benchmarking",
+    "quantize_onnx": "runtime.quantize",
+    "QuantizeResult": "runtime.quantize",
     "profile_layers": "runtime.profiling",
     "profile_model": "runtime.profiling",
     "LayerProfileReport": "runtime.profiling",
+    "Metric": "metric",
+    "Fidelity": "fidelity_spec",
+    "FidelityWarning": "auto.verify",
+    "SpeedWarning": "auto.verify",
     "challenge_score": "score",
     "inspect_model": "inspection",
     "load": "files.serialize",

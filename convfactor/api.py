@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,13 +20,16 @@ from torch import nn
 
 from passes.capture import CONCRETE_ARGS_META
 
+from .api_checks import check_factorize_arguments, nothing_replaced_reason
 from .costs import count_params, count_zeros, per_layer_macs
 from .decisions import apply_policy
 from .errors import ConvfactorError, PolicyError
 from .inputs import as_input_tuple
+from .metric import Metric
 from .pipeline import run_pipeline
 from .policy import Policy
 from .report import SKIPPED, UNMATCHED, FactorizeReport
+from .unsupported import is_supported_row, unsupported_layers
 
 __all__ = ["factorize", "get_report"]
 
@@ -51,6 +55,8 @@ def factorize(
     concrete_args: Mapping[str, Any] | None = None,
     progress: bool = False,
     calibration: Any = None,
+    validation: Any = None,
+    metric: Callable[[nn.Module], float] | Metric | None = None,
     latency: Mapping[str, Any] | None = None,
     auto_options: Any = None,
     memory_budget: float | None = None,
@@ -74,7 +80,14 @@ def factorize(
         calibration: inputs from the real data distribution (a tensor, a list of batches or a
             DataLoader): layers are then factorized to minimize the error of their outputs on these
             inputs instead of the weight error, and budgets use measured sensitivities
-            (see ``convfactor.auto``).
+            (see ``convfactor.auto``). Without ``validation``, every eighth sample (from the fourth) is held
+            out to select on and every eighth (from the eighth) to check the result on; fits never see them.
+        validation: inputs no fit sees (same forms as ``calibration``): the automatic search selects on
+            half of them and the reported fidelity is measured on the other half.
+        metric: the task metric, ``metric(model) -> float`` on the user's own data (higher is better unless
+            ``metric.higher_is_better`` is False; ``convfactor.Metric``). Evaluated on the original and on
+            the result (``report.extra['fidelity_check']``), and at the search's probes when the policy
+            bounds it (``fidelity: {max_metric_drop: 0.01}``).
         latency: options of the latency model used by a ``latency`` target or ``method: auto``
             (e.g. ``{"threads": 1, "cache": path}``; see ``convfactor.auto``).
         auto_options: ``convfactor.auto.AutoOptions`` for a policy that is resolved (a target, ``auto``
@@ -85,7 +98,10 @@ def factorize(
     Returns:
         The factorized module, in eval mode, with ``convfactor_report`` (see ``get_report``).
     Raises:
-        PolicyError, RankError, TraceError: user mistakes, with a one-line message.
+        ConvfactorError: every user mistake, with a one-line message, before any pass runs where it can be
+            checked first (``convfactor.api_checks``): PolicyError, RankError, TraceError, InputSpecError
+            (example inputs or calibration the model cannot take), CheckpointError (NaN/Inf weights).
+        PassFailed: a bug inside a pass (not a ConvfactorError: it names the pass and asks for a report).
 
     Example:
         >>> fast = factorize(model, {"rules": [{"types": ["Conv2d"], "method": "spatial_svd",
@@ -99,6 +115,11 @@ def factorize(
     report = FactorizeReport(policy=policy.to_dict(), fold_batchnorm=fold_batchnorm and trace)
 
     work = copy.deepcopy(model).eval()
+    report.notes.extend(check_factorize_arguments(work, inputs, calibration=calibration, validation=validation,
+                                                  leaf_modules=leaf_modules,
+                                                  latency=latency, concrete_args=concrete_args,
+                                                  auto_options=auto_options, memory_budget=memory_budget))
+    unsupported = unsupported_layers(work)  # before tracing, which inlines a conv subclass into functional calls
     report.params_before = count_params(work)
     report.zeros_before = count_zeros(work)
     if inputs is not None:
@@ -110,25 +131,25 @@ def factorize(
     def rewrite(root: nn.Module, shapes, folded) -> Any:
         nonlocal policy, resolution
         prebuilt = None
-        if policy.needs_resolution or calibration is not None:
+        if policy.needs_resolution or calibration is not None or validation is not None or metric is not None:
             from .auto import AutoOptions, resolve_policy  # budget / auto-method allocation
 
             options = auto_options
             if memory_budget is not None:
                 options = dataclasses.replace(options or AutoOptions(), memory_budget=float(memory_budget))
             resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
-                                        calibration=calibration, latency=latency, progress=progress,
-                                        options=options)
+                                        calibration=calibration, validation=validation, metric=metric,
+                                        latency=latency, progress=progress, options=options)
             report.extra["auto"] = resolution.info
             report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
             policy, prebuilt = resolution.policy, resolution.prebuilt
         result = apply_policy(root, policy, shapes, progress=progress, prebuilt=prebuilt)
-        report.layers = result.changes
+        report.layers = result.changes + unsupported  # Conv3d, transposed convs, subclasses: with their reason
         _explain_auto_skips(report)
         _check_policy_matched(policy, report)
         return result
 
-    bound = policy.fidelity
+    bound = policy.fidelity if policy.fidelity is not None and policy.fidelity.has_criterion else None
     done = run_pipeline(work, rewrite, example_inputs=inputs, trace=trace, fold_batchnorm=fold_batchnorm,
                         leaf_modules=leaf_modules, concrete_args=concrete_args)
     root = done.module
@@ -149,7 +170,9 @@ def factorize(
     if resolution is not None:  # the fidelity floor: the result measured against the original
         from .auto.verify import check_result
 
-        check_result(resolution.checker, root, report, resolution.info, bound)
+        check_result(resolution.checks, root, report, resolution.info, bound, resolution.spec)
+    if nothing_replaced_reason(report):
+        report.warnings.append(nothing_replaced_reason(report))
     setattr(root, REPORT_ATTR, report)
     return root
 
@@ -165,14 +188,21 @@ def _explain_auto_skips(report: FactorizeReport) -> None:
 
 
 def _check_policy_matched(policy: Policy, report: FactorizeReport) -> None:
-    if not report.layers:
+    layers = [d for d in report.layers if is_supported_row(d)]
+    others = [d for d in report.layers if not is_supported_row(d)]
+    if not layers and not others:
         raise PolicyError("the model has no Conv1d, Conv2d or Linear layer to factorize")
-    if all(d.status == UNMATCHED for d in report.layers):
-        kinds = sorted({d.layer_type for d in report.layers})
-        examples = ", ".join(repr(d.name) for d in report.layers[:3])
+    if not layers:  # only layers convfactor cannot rewrite: listed with their reason, nothing replaced (a warning)
+        return
+    if all(d.status == UNMATCHED for d in layers):
+        kinds = sorted({d.layer_type for d in layers})
+        examples = ", ".join(repr(d.name) for d in layers[:3])
+        named = [(rule, d) for rule in policy.rules for d in others if fnmatch.fnmatchcase(d.name, rule.match)]
+        why = (f"; {named[0][0].describe(policy.rules.index(named[0][0]))} names {named[0][1].name!r}, a "
+               f"{named[0][1].layer_type}: {named[0][1].reason}" if named else "")
         raise PolicyError(
             f"the policy matches no layer: its {len(policy.rules)} rule(s) match none of the "
-            f"{len(report.layers)} {'/'.join(kinds)} layers (named like {examples})"
+            f"{len(layers)} {'/'.join(kinds)} layers it can rewrite (named like {examples}){why}"
         )
     used = {d.rule for d in report.layers if d.rule is not None}
     for index, rule in enumerate(policy.rules):

@@ -19,7 +19,11 @@ singular-value spectra of the heaviest layers).
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,8 +50,10 @@ ALIGN = 8
 
 
 def demo_policy(budget: float, method: str = "auto") -> dict[str, Any]:
-    """Every Conv2d may be factorized (method chosen per layer, or fixed), ranks aligned to 8; MACs <= ``budget``."""
-    return {"rules": [{"types": ["Conv2d"], "method": method, "align": ALIGN}], "target": {"macs": budget}}
+    """Every Conv2d may be factorized (method chosen per layer, or fixed), ranks aligned to 8; MACs <= ``budget``.
+    The output is declared as class scores, so the held-out check measures top-1 agreement on it."""
+    return {"rules": [{"types": ["Conv2d"], "method": method, "align": ALIGN}], "target": {"macs": budget},
+            "fidelity": {"outputs": {0: {"kind": "scores"}}}}
 
 
 def demo_options():
@@ -150,14 +156,36 @@ def run_demo(
                               f"or choose another --out-dir")
     if out.exists() and not out.is_dir():
         raise ConvfactorError(f"--out-dir {out} exists and is not a directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)  # small tensors: more threads only spin on a busy machine (see module doc)
+    work = Path(tempfile.mkdtemp(dir=out, prefix=".convfactor-demo-"))  # staged here, published as one set
     try:
-        return _run(model_name, budgets, out, method, threads, min_time, plot, progress, say)
+        document = _run(model_name, budgets, out, work, method, threads, min_time, plot, progress, say)
+        _publish(work, out, force)
+        return document
     finally:
         torch.set_num_threads(threads_before)
+        shutil.rmtree(work, ignore_errors=True)
+        if created and not any(out.iterdir()):  # an interrupted first run leaves no empty directory either
+            out.rmdir()
+
+
+def _publish(work: Path, out: Path, force: bool) -> None:
+    """Move every file the demo wrote in ``work`` to ``out`` together, report.json last; or none of them.
+
+    An interrupted or failed demo then leaves no ``original.onnx`` behind that would make the rerun refuse
+    without ``--force`` (``convfactor.files.atomic.StagedOutputs``, as ``convert`` publishes its outputs).
+    """
+    from .files.atomic import StagedOutputs
+
+    names = sorted((p.name for p in work.iterdir() if p.is_file()), key=lambda n: (n == "report.json", n))
+    with StagedOutputs(force) as staged:
+        for name in names:
+            staged.write(out / name, lambda path, source=work / name: os.replace(source, path))
+        staged.commit()
 
 
 def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -171,9 +199,11 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
         export_onnx(model, example, path, force=True)
 
 
-def _run(model_name: str, budgets: Sequence[float], out: Path, method: str, threads: int, min_time: float,
+def _run(model_name: str, budgets: Sequence[float], out: Path, work: Path, method: str, threads: int, min_time: float,
          plot: bool, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
     from . import factorize, get_report
+    from .auto.verify import ConvfactorWarning
+    from .report import warning_line
     from .runtime.shared_timing import time_together
     from .score import challenge_score
     from .zoo import load_pretrained
@@ -216,14 +246,14 @@ def _run(model_name: str, budgets: Sequence[float], out: Path, method: str, thre
     say("      heaviest layers (most MACs first; equal MACs in the model's order):\n" + "\n".join(lines))
 
     # 2. the original, exported and checked once.
-    original_onnx = out / "original.onnx"
+    original_onnx = work / "original.onnx"  # files are written in ``work``; the document names them in ``out``
     _export(model, example, original_onnx)
     accuracy, original_predictions = _accuracy_onnx(original_onnx, x_test, y_test)
     params_before = sum(p.numel() for p in model.parameters())
     rows: list[dict[str, Any]] = [{
         "budget": None, "macs": total, "macs_ratio": 1.0, "params": params_before, "accuracy": accuracy,
         "agreement": 1.0, "latency_ms": None, "speedup": 1.0, "speedup_reliable": True,
-        "onnx": str(original_onnx), "score": challenge_score(params_before, total).score,
+        "onnx": str(out / original_onnx.name), "score": challenge_score(params_before, total).score,
     }]
     say(f"[2/5] exported original.onnx; onnxruntime held-out accuracy {100 * accuracy:.1f}% ({elapsed()})")
 
@@ -235,11 +265,15 @@ def _run(model_name: str, budgets: Sequence[float], out: Path, method: str, thre
         say(f"[3/5] budget {index + 1}/{len(budgets)}: MACs <= {budget:g} x original, {choice}, "
             f"calibrated on {len(x_calib)} training images ({elapsed()})")
         t0 = time.perf_counter()
-        fast = factorize(model, demo_policy(budget, method), example, calibration=x_calib, progress=progress,
-                         auto_options=options)
+        with warnings.catch_warnings():  # said below, once each, as "warning:" lines (not in warnings' format)
+            warnings.simplefilter("ignore", ConvfactorWarning)
+            fast = factorize(model, demo_policy(budget, method), example, calibration=x_calib, progress=progress,
+                             auto_options=options)
         report = get_report(fast)
+        for warning in report.all_warnings():
+            say(f"      {warning_line(warning)}")
         reports[budget] = report
-        path = out / f"factorized-macs{budget:g}.onnx"
+        path = work / f"factorized-macs{budget:g}.onnx"
         _export(fast, example, path)
         acc, predictions = _accuracy_onnx(path, x_test, y_test)
         methods_used = sorted({d.method for d in report.replaced})
@@ -248,7 +282,7 @@ def _run(model_name: str, budgets: Sequence[float], out: Path, method: str, thre
             "params": report.params_after, "accuracy": acc,
             "agreement": float((predictions == original_predictions).mean()),
             "layers_replaced": len(report.replaced), "methods": methods_used,
-            "onnx": str(path), "seconds": time.perf_counter() - t0,
+            "onnx": str(out / path.name), "seconds": time.perf_counter() - t0,
             "score": challenge_score(report.params_after, report.macs_after).score,
         })
         say(f"      {len(report.replaced)} layers replaced ({', '.join(methods_used) or 'none'}); held-out "
@@ -257,7 +291,7 @@ def _run(model_name: str, budgets: Sequence[float], out: Path, method: str, thre
     # 4. latency: every model in the same rounds, so all rows share one original latency.
     say(f"[4/5] timing the original and {len(budgets)} factorized model(s) together in onnxruntime "
         f"({threads} thread(s), batch 1, >= {min_time:g} s) ({elapsed()})")
-    paths = {"original": original_onnx, **{f"{b:g}": out / f"factorized-macs{b:g}.onnx" for b in budgets}}
+    paths = {"original": original_onnx, **{f"{b:g}": work / f"factorized-macs{b:g}.onnx" for b in budgets}}
     timing = time_together(paths, tuple(example.shape), threads=threads, min_time=min_time)
     for row, name in zip(rows, paths):
         stats = timing.stats[name]
@@ -276,9 +310,9 @@ def _run(model_name: str, budgets: Sequence[float], out: Path, method: str, thre
     }
     from .files.atomic import atomic_write_text
 
-    atomic_write_text(out / "report.json", json.dumps(document, indent=2, default=str) + "\n", force=True)
+    atomic_write_text(work / "report.json", json.dumps(document, indent=2, default=str) + "\n", force=True)
     wrote = [str(out / "report.json")]
-    if plot and _plot(out / "demo.png", rows, spectra, model_name):
+    if plot and _plot(work / "demo.png", rows, spectra, model_name):
         wrote.append(str(out / "demo.png"))
     elif plot:
         say("      (install matplotlib, e.g. pip install 'convfactor[plot]', for demo.png)")

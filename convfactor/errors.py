@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "ExportError",
     "InputSpecError",
+    "NothingReplacedError",
 ]
 
 
@@ -53,3 +54,12 @@ class ExportError(ConvfactorError, RuntimeError):
 
 class InputSpecError(ConvfactorError, ValueError):
     """Example inputs, an input shape or an ONNX path given by the user cannot be used."""
+
+
+class NothingReplacedError(ConvfactorError):
+    """The policy left every layer as it was (each row of the report says why): an unchanged copy is not a result.
+
+    The CLI exits with its own status for it (3), so that scripts tell it from bad input (2).
+    """
+
+    exit_code = 3

@@ -68,6 +68,10 @@ def input_shapes(input_shape: Sequence[int] | Sequence[Sequence[int]]) -> tuple[
 
 def standard_normal_inputs(shapes: Sequence[Sequence[int]], seed: int = 0) -> tuple[np.ndarray, ...]:
     """Float32 standard-normal arrays of the given shapes, reproducible from ``seed``."""
+    from .input_checks import check_input_memory  # before allocating: one line, not MemoryError
+
+    for shape in shapes:
+        check_input_memory(shape, flag="input_shape")
     rng = np.random.default_rng(seed)
     return tuple(rng.standard_normal(tuple(shape), dtype=np.float32) for shape in shapes)
 

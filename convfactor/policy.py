@@ -30,8 +30,9 @@ instead of taken from each rule's rank. A policy with a target or an ``auto`` ru
 plain policy of exact per-layer rules before factorization; the report keeps both.
 
 A top-level ``fidelity: {max_rel_error: 0.05, min_agreement: 0.99}`` is the dual of the budget: the
-result must *measure* within it (relative L2 output error, top-1 agreement) against the original on the
-calibration inputs (the example inputs when there are none). With a target, the cheapest allocation
+result must *measure* within it (relative L2 error of the worst output slice, top-1 agreement of outputs
+declared as class scores, the user's task metric; ``convfactor.fidelity_spec``) against the original on
+inputs no fit saw (held out from the calibration data, or ``validation=``). With a target, the cheapest allocation
 that holds the bound is returned and a missed target is reported; without one, the allocation costs as
 little as the bound allows (``convfactor.auto.verify``).
 """
@@ -49,6 +50,7 @@ from typing import Any
 import yaml
 
 from .errors import PolicyError, UnknownMethodError
+from .fidelity_spec import Fidelity, parse_fidelity
 from .geometry import SUPPORTED_KINDS
 
 __all__ = ["Rule", "Policy", "Fidelity", "SKIP", "AUTO", "VBMF", "TARGET_KINDS"]
@@ -59,7 +61,6 @@ VBMF = "vbmf"
 TARGET_KINDS = ("macs", "params", "latency")
 _RULE_KEYS = ("match", "types", "method", "rank", "energy", "align", "only_if_cheaper")
 _POLICY_KEYS = ("rules", "target", "fidelity")
-_FIDELITY_KEYS = ("max_rel_error", "min_agreement")
 
 
 @dataclass(frozen=True)
@@ -98,23 +99,6 @@ class Rule:
 
 
 @dataclass(frozen=True)
-class Fidelity:
-    """What the factorized model must keep, measured against the original on the data at hand.
-
-    ``max_rel_error``: largest relative L2 error of the outputs (||y - y_orig|| / ||y_orig|| over all
-    samples); ``min_agreement``: smallest fraction of samples with the same top-1 class (outputs of
-    shape [N, C], C >= 2; ignored for other outputs). None: not checked.
-    """
-
-    max_rel_error: float | None = None
-    min_agreement: float | None = None
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: v for k, v in (("max_rel_error", self.max_rel_error), ("min_agreement", self.min_agreement))
-                if v is not None}
-
-
-@dataclass(frozen=True)
 class Policy:
     """An ordered list of rules; the first rule matching a layer decides for it."""
 
@@ -126,7 +110,7 @@ class Policy:
     def needs_resolution(self) -> bool:
         """True when convfactor.auto must resolve ranks or methods: a target, a fidelity bound, an ``auto``
         rule, ``rank: vbmf``."""
-        return (self.target is not None or self.fidelity is not None
+        return (self.target is not None or (self.fidelity is not None and self.fidelity.has_criterion)
                 or any(r.method == AUTO or r.rank == VBMF for r in self.rules))
 
     # -- matching -----------------------------------------------------------------------------
@@ -188,7 +172,7 @@ class Policy:
         if not isinstance(rules, list) or not rules:
             raise PolicyError("policy: 'rules' must be a non-empty list of rules")
         return cls(tuple(_parse_rule(i, r) for i, r in enumerate(rules)), _parse_target(data.get("target")),
-                   _parse_fidelity(data.get("fidelity")))
+                   parse_fidelity(data.get("fidelity")))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rules": [r.to_dict() for r in self.rules]}
@@ -335,23 +319,6 @@ def _parse_target(raw: Any) -> tuple[str, float] | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise PolicyError(f"policy: target {kind} must be a fraction of the original in (0, 1), got {value!r}")
     return kind, float(value)
-
-
-def _parse_fidelity(raw: Any) -> Fidelity | None:
-    if raw is None:
-        return None
-    example = "{max_rel_error: 0.05, min_agreement: 0.99}"
-    if not isinstance(raw, Mapping) or not raw:
-        raise PolicyError(f"policy: 'fidelity' must be a mapping like {example}, got {raw!r}")
-    unknown = [k for k in raw if k not in _FIDELITY_KEYS]
-    if unknown:
-        raise PolicyError(f"policy: unknown fidelity key {unknown[0]!r} (allowed: {', '.join(_FIDELITY_KEYS)})")
-    values = {}
-    for key, value in raw.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise PolicyError(f"policy: fidelity {key} must be a number in (0, 1], got {value!r}")
-        values[key] = float(value)
-    return Fidelity(**values)
 
 
 def _check_rank_spec(rank: Any, where: str) -> int | float | tuple[int, ...] | str | None:

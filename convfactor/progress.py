@@ -44,7 +44,7 @@ class _Lines:
         self.name, self.total, self.unit, self.interval = name, total, unit, interval
         self.n, self.started, self.postfix = 0, self._time(), ""
         self._last = self.started
-        self._say(f"{name}: started" + ("" if total is None else f" ({total} {unit}s)"))
+        self._say(f"{name}: started" + ("" if total is None else f" ({total} {_plural(unit, total)})"))
 
     def _say(self, text: str) -> None:
         print(text, file=self._file, flush=True)
@@ -55,7 +55,8 @@ class _Lines:
         eta = ""
         if self.total and 0 < self.n < self.total:
             eta = f", ETA {_clock(elapsed / self.n * (self.total - self.n))}"
-        return f"{self.name}: {count} {self.unit}s [{_clock(elapsed)} elapsed{eta}{self.postfix}]"
+        unit = _plural(self.unit, self.total or self.n)
+        return f"{self.name}: {count} {unit} [{_clock(elapsed)} elapsed{eta}{self.postfix}]"
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -70,8 +71,24 @@ class _Lines:
     def refresh(self) -> None:
         """Nothing to redraw: the next periodic line shows a changed ``total``."""
 
-    def close(self) -> None:
-        self._say(self._line().replace("]", ", done]", 1))
+    def close(self, finished: bool = True) -> None:
+        """The last line: ``done`` when the phase finished, ``stopped`` when an error or Ctrl-C ended it."""
+        self._say(self._line().replace("]", ", done]" if finished else ", stopped]", 1))
+
+
+def _plural(unit: str, count: int) -> str:
+    """``batch`` -> ``batches``, ``layer`` -> ``layers``; the unit itself for a count of 1."""
+    if count == 1:
+        return unit
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def _close(bar: Any, finished: bool) -> None:
+    """Close a bar; a line-printing one says ``stopped`` rather than ``done`` when the phase was cut short."""
+    if isinstance(bar, _Lines):
+        bar.close(finished)
+    else:
+        bar.close()
 
 
 def open_bar(enabled: bool | str, name: str, total: int | None = None, unit: str = "step") -> Any:
@@ -101,8 +118,10 @@ def track(items: Iterable[T], enabled: bool | str, name: str, unit: str = "layer
         for item in items:
             yield item
             bar.update()
-    finally:
-        bar.close()
+    except BaseException:  # an error, Ctrl-C, or the consumer stopping early: the phase did not finish
+        _close(bar, finished=False)
+        raise
+    _close(bar, finished=True)
 
 
 class phase:  # noqa: N801 - used as a context manager, like open()
@@ -114,5 +133,5 @@ class phase:  # noqa: N801 - used as a context manager, like open()
     def __enter__(self) -> Any:
         return self._bar
 
-    def __exit__(self, *exc: object) -> None:
-        self._bar.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        _close(self._bar, finished=exc_type is None)

@@ -12,7 +12,7 @@ from typing import Any
 
 from .tables import format_grid
 
-__all__ = ["LayerDecision", "FactorizeReport", "format_table", "human_count"]
+__all__ = ["LayerDecision", "FactorizeReport", "format_table", "fidelity_lines", "warning_line", "human_count"]
 
 REPLACED, SKIPPED, UNMATCHED = "replaced", "skipped", "unmatched"
 
@@ -225,18 +225,55 @@ def format_table(report: FactorizeReport) -> str:
         lines.append(f"MACs/sample: {human_count(report.macs_before)} -> {human_count(report.macs_after)} "
                      f"(x{_ratio(report.macs_ratio)})")
     else:
-        lines.append("MACs: n/a (pass example_inputs to count them)")
+        lines.append("MACs: n/a (give example inputs to count them: example_inputs=..., CLI: --input-shape)")
     check = report.extra.get("fidelity_check")
     if check:
-        agreement = "" if check.get("agreement") is None else f", top-1 agreement {check['agreement']:.3f}"
-        bound = ", ".join(f"{k} {v:g}" for k, v in check["bound"].items())
-        lines.append(f"output vs original: relative error {check['rel_error']:.4g}{agreement} on {check['samples']} "
-                     f"{check['data']} ({'within' if check['passed'] else 'OUTSIDE'} {check['bound_source']}: {bound})")
+        lines.extend(fidelity_lines(check))
     selection = (report.extra.get("auto") or {}).get("selection")
     if selection:
         lines.append(f"selection: {selection}")
     for note in report.notes:
         lines.append(f"note: {note}")
     for warning in report.all_warnings():
-        lines.append(f"warning: {warning}")
+        lines.append(warning_line(warning))
     return "\n".join(lines)
+
+
+def warning_line(message: str) -> str:
+    """'warning (accuracy): ...' for a warning whose message starts with its subject, else 'warning: ...'."""
+    subject, sep, text = message.partition(": ")
+    if sep and subject in ("accuracy", "speed"):
+        return f"warning ({subject}): {text}"
+    return f"warning: {message}"
+
+
+def fidelity_lines(check: dict[str, Any]) -> list[str]:
+    """The result's fidelity in words: held-out verdict, in-sample beside it, the metric, one row per output."""
+    verdict = "within" if check["passed"] else "OUTSIDE"
+    where = f" ({check['worst']})" if check.get("worst") else ""
+    agreement = "" if check.get("agreement") is None else f", top-1 agreement {check['agreement']:.3f}"
+    bound = check.get("bound_text") or ", ".join(f"{k} {v}" for k, v in check["bound"].items())
+    kept = "accuracy kept" if check["passed"] else "accuracy NOT kept"
+    lines = [f"output vs original: {kept}: worst-slice relative error {_number(check['rel_error'])}{where}{agreement} "
+             f"on {check['samples']} {check['data']} ({verdict} {check['bound_source']}: {bound})"]
+    inside = check.get("in_sample")
+    if inside:
+        overfit = f"; held-out {check['overfit']:.1f}x in-sample: the fit overfits" if check.get("overfit") else ""
+        lines.append(f"  in-sample (fit samples, {inside['samples']}): worst-slice relative error "
+                     f"{_number(inside['rel_error'])}{overfit}")
+    if "metric" in check:
+        lines.append(f"  {check.get('metric_name', 'metric')}: {_number(check['metric_original'])} (original) -> "
+                     f"{_number(check['metric'])} (result), drop {_number(check['metric_drop'])}")
+    rows = check.get("outputs") or []
+    if len(rows) > 1 or any(r.get("slices", 1) > 1 for r in rows):
+        for row in rows:
+            extra = f", agreement {row['agreement']:.3f}" if "agreement" in row else ""
+            lines.append(f"  output {row['name']} ({row['kind']}): error {_number(row['rel_error'])}, worst of "
+                         f"{row['slices']} slice(s) [{row['worst_slice']}] {_number(row['worst_slice_error'])}{extra}")
+    return lines
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, (int, float)):
+        return f"{value:.4g}"
+    return str(value)

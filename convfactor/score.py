@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import ConvfactorError
 
-__all__ = ["ChallengeScore", "challenge_score"]
+__all__ = ["ChallengeScore", "challenge_score", "bits_from_onnx"]
 
 PARAMS_REFERENCE = 5.6e6
 MACS_REFERENCE = 2.8e8
@@ -60,3 +60,18 @@ def challenge_score(
     macs_term = (1 - p_s) * (max(weight_bits, activation_bits) / 32) * macs / MACS_REFERENCE
     return ChallengeScore(params_term + macs_term, params_term, macs_term, params, macs, weight_bits,
                           activation_bits, p_s, p_u)
+
+
+def bits_from_onnx(path) -> dict:
+    """The score's bits read from an ONNX graph, not declared: ``{"weight_bits", "activation_bits"}``.
+
+    The weight bits are the parameter-weighted mean width of the stored weights (int8 tensors 8, float
+    ones 32, int32 biases 32), the activation bits the widest activation a Conv/Gemm/MatMul reads (see
+    ``convfactor.runtime.quantized_graph``). A float model gives 32 and 32.
+    """
+    import onnx
+
+    from .runtime.quantized_graph import graph_bits
+
+    bits = graph_bits(onnx.load(str(path), load_external_data=False))
+    return {"weight_bits": bits.weight_bits, "activation_bits": bits.activation_bits}

@@ -24,7 +24,11 @@ class PassResult:
 
 
 class PassFailed(RuntimeError):
-    """A pass raised a non-user error; the message names it and the passes that ran before it."""
+    """A pass raised a non-user error: a bug in the pass, not a mistake in its input.
+
+    The message names the pass and those that ran before it and says it is a bug, so that it is never
+    mistaken for (or caught as) a user error: user mistakes derive from ``PassInputError`` instead.
+    """
 
 
 def run_passes(
@@ -46,7 +50,8 @@ def run_passes(
             raise
         except Exception as exc:
             ran = ", ".join(r.name for r in results) or "none"
-            raise PassFailed(f"pass {name!r} failed (passes run before it: {ran}): {exc}") from exc
+            raise PassFailed(f"pass {name!r} failed (passes run before it: {ran}): {exc} ({type(exc).__name__}: "
+                             f"a bug in the pass, not in its input; please report it with this traceback)") from exc
         result.name = result.name or name
         results.append(result)
         graph_module = result.graph_module

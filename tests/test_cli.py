@@ -248,8 +248,8 @@ def _bad_cases():
                                    ["{ckpt}", "--arch", ARCH, "--policy", "{tmp}/p.yaml"], "matches no layer"),
         "rank too large": (none, ["{ckpt}", "--arch", ARCH, "--policy", "spatial_svd:500"], "out of range"),
         "input shape does not fit": (none, ["{ckpt}", "--arch", ARCH, "--policy", "svd", "--input-shape", "1,5,8,8"],
-                                     "input shape 1,5,8,8 does not fit the model: its first layer conv1 "
-                                     r"\(Conv2d\) takes 3 input channels, the shape gives 5"),
+                                     "--input-shape 1,5,8,8 does not fit the model: its first layer conv1 "
+                                     r"\(Conv2d\) takes 3 input channels, got 5"),
         "input shape malformed": (none, ["{ckpt}", "--arch", ARCH, "--policy", "svd", "--input-shape", "1,3,x"],
                                   "--input-shape must be positive integers"),
         "untraceable": (write("gated.pt", gated), ["{tmp}/gated.pt", "--arch", "tests.cli_models:gated_net",
@@ -264,7 +264,7 @@ def _bad_cases():
                                      "--input-shape is required for --onnx"),
         "already factorized": (write("done.pt", factorized), ["{tmp}/done.pt", "--arch", ARCH, "--policy", "svd"],
                                "already factorized"),
-        "missing --policy": (none, ["{ckpt}", "--arch", ARCH], "the following arguments are required: --policy"),
+        "missing --policy": (none, ["{ckpt}", "--arch", ARCH], "convert needs a policy: --policy"),
     }
 
 
@@ -501,7 +501,7 @@ def test_inspect_score_options(cli, ckpt):
     expected = 0.5 * (8 / 32) * params / 5.6e6 + 0.5 * (16 / 32) * macs / 2.8e8
     assert table["challenge_score"]["score"] == pytest.approx(expected, rel=1e-12)
     code, _, err = cli("inspect", ckpt, "--arch", ARCH, "--input-shape", SHAPE, "--weight-bits", "0")
-    assert code == 2 and "weight bits must be in 1..32" in err
+    assert code == 2 and "--weight-bits must be in 1..32" in err
 
 
 def test_inspect_needs_an_input_shape(cli, ckpt):
@@ -613,7 +613,7 @@ def test_python_m_bad_input_exit_code_and_one_line(tmp_path, ckpt):
     result = _run([sys.executable, "-m", "convfactor", "convert", str(ckpt), "--arch", ARCH, "--policy",
                    "spatial_svd:0.5", "--out", str(tmp_path / "fast.pt"), "--input-shape", "1,5,8,8"], REPO)
     assert result.returncode == 2
-    assert result.stderr.splitlines()[-1].startswith("error: input shape 1,5,8,8 does not fit the model")
+    assert result.stderr.splitlines()[-1].startswith("error: --input-shape 1,5,8,8 does not fit the model")
     assert "Traceback" not in result.stderr
     assert _leftovers(tmp_path, [ckpt]) == []
 
@@ -629,8 +629,8 @@ def test_convert_output_check_warns_and_check_exits_1(cli, tmp_path, ckpt, monke
                                   "target": {"macs": 0.6}}))
     common = ("--arch", ARCH, "--policy", policy, "--input-shape", SHAPE)
     code, stdout, err = cli("convert", ckpt, *common, "--out", tmp_path / "a.pt")
-    assert code == 0 and "warning: the factorized model is far from the original" in err
-    assert "warning: selection was weight-only" in err and "--calibration" in err
+    assert code == 0 and "warning (accuracy): accuracy not kept" in err
+    assert "warning (accuracy): selection was weight-only" in err and "--calibration" in err
     assert "output error" in stdout and "OUTSIDE the default floor" in stdout
     loose = ("--max-rel-l2", "10", "--min-cosine", "-1", "--min-snr-db", "-100", "--min-top1", "0")  # --check's own
     code, stdout, err = cli("convert", ckpt, *common, "--out", tmp_path / "b.pt", "--check", "--check-samples", "4",

@@ -102,9 +102,9 @@ def test_input_shape_with_x_separators_is_refused_with_the_comma_form(cli, tmp_p
 
 
 @pytest.mark.parametrize("typed, expected", [
-    ("1,3,8", "input shape 1,3,8 does not fit the model: its first layer conv1 (Conv2d) takes 4 dimensions"),
-    ("1,5,8,8", "input shape 1,5,8,8 does not fit the model: its first layer conv1 (Conv2d) takes 3 input "
-                "channels, the shape gives 5"),
+    ("1,3,8", "--input-shape 1,3,8 does not fit the model: its first layer conv1 (Conv2d) takes 4 dimensions"),
+    ("1,5,8,8", "--input-shape 1,5,8,8 does not fit the model: its first layer conv1 (Conv2d) takes 3 input "
+                "channels, got 5"),
 ])
 def test_input_shape_misfit_echoes_only_what_was_typed(cli, tmp_path, ckpt, typed, expected):
     code, _, err = _convert(cli, ckpt, "--input-shape", typed)

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from convfactor.errors import ConvfactorError
+from convfactor.fidelity_spec import parse_fidelity
 from convfactor.methods import get_method
+from convfactor.output_error import plan_layouts
 from convfactor.runtime import fidelity
 from convfactor.runtime.export import export_onnx
 from convfactor.runtime.fidelity import check_fidelity, output_metrics
@@ -34,12 +36,12 @@ def _failed(report) -> set[str]:
 def test_identical_models_pass_every_criterion():
     model = _classifier()
     report = check_fidelity(model, copy.deepcopy(model), input_shape=(4, 3, 8, 8), n_samples=8,
-                            max_abs_error=1e-6, exporter=EXPORTER)
+                            max_abs_error=1e-6, exporter=EXPORTER, outputs={0: {"kind": "scores"}})
     assert report.passed and report.verdict == "pass"
     (output,) = report.outputs
     assert output.metrics["rel_l2_error"] <= 1e-6
     assert output.metrics["cosine"] >= 1 - 1e-6
-    assert {c.name for c in output.criteria} == {"max_abs_error", "rel_l2_error", "cosine", "snr_db",
+    assert {c.name for c in output.criteria} == {"max_abs_error", "worst_slice_rel_error", "cosine", "snr_db",
                                                  "top1_agreement", "top5_overlap"}
     assert report.inputs_generated and "standard-normal" in report.input_description
     assert report.n_samples == 8 and report.n_batches == 2
@@ -60,7 +62,7 @@ def test_factorized_model_at_full_rank_passes_and_reduced_rank_is_measured():
     assert report.passed, report.render()
     assert not report.inputs_generated and report.n_samples == 8
     lossy = check_fidelity(model, reduced, x, max_rel_l2_error=1e-5, exporter=EXPORTER)
-    assert lossy.export_passed and "rel_l2_error" in _failed(lossy)
+    assert lossy.export_passed and "worst_slice_rel_error" in _failed(lossy)
 
 
 def test_small_corruption_fails_only_the_strict_abs_tolerance():
@@ -82,7 +84,7 @@ def test_large_corruption_fails_the_error_criteria():
         corrupted[2].weight.copy_(torch.randn_like(corrupted[2].weight))
     report = check_fidelity(model, corrupted, input_shape=(8, 3, 8, 8), n_samples=16, exporter=EXPORTER)
     assert not report.passed and report.export_passed
-    assert {"rel_l2_error", "cosine", "snr_db"} <= _failed(report)
+    assert {"worst_slice_rel_error", "cosine", "snr_db"} <= _failed(report)
     assert "FAIL" in report.render()
 
 
@@ -98,7 +100,8 @@ def test_swapped_top_classes_fail_only_top1_agreement():
     x = torch.randn(16, 8) * 0.01
     x[:, 0] += 10.0
     x[:, 1] += 9.9
-    report = check_fidelity(identity, swapped, x, exporter=EXPORTER)
+    assert check_fidelity(identity, swapped, x, exporter=EXPORTER).passed  # not declared: nothing to agree on
+    report = check_fidelity(identity, swapped, x, exporter=EXPORTER, outputs={0: {"kind": "scores"}})
     assert _failed(report) == {"top1_agreement"}
     assert report.outputs[0].metrics["top1_agreement"] == 0.0
     assert report.outputs[0].metrics["top5_overlap"] == 1.0
@@ -141,11 +144,13 @@ def test_onnx_paths_and_multiple_outputs(tmp_path):
     x = torch.randn(2, 3, 6, 6)
     a = export_onnx(model, x, tmp_path / "a.onnx", exporter=EXPORTER).path
     b = export_onnx(copy.deepcopy(model), x, tmp_path / "b.onnx", exporter=EXPORTER).path
-    report = check_fidelity(a, b, n_samples=8)  # input shape read from the file, batch 8
+    # input shape read from the file, batch 8; the first output declared as class scores by its ONNX name
+    report = check_fidelity(a, b, n_samples=8, outputs={"output_0": {"kind": "scores"}})
     assert report.passed and report.export_checks == ()
     assert [o.name for o in report.outputs] == ["output_0", "output_1"]
     assert report.outputs[0].shape == (8, 6)
     assert "top5_overlap" in report.outputs[0].metrics  # 6 classes
+    assert "top1_agreement" not in report.outputs[1].metrics  # the features are not class scores
     assert report.models["original"] == {"given_as": "onnx", "path": str(a)}
 
 
@@ -164,7 +169,8 @@ def test_user_mistakes_are_convfactor_errors():
 def test_metrics_by_hand():
     a = np.array([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0]])
     b = np.array([[3.0, 4.0, 1.0], [0.0, 1.0, 0.0]])
-    m = output_metrics(a, b)
+    assert "top1_agreement" not in output_metrics(a, b)  # an undeclared output is not argmaxed
+    m = output_metrics(a, b, plan_layouts(["y"], [a], parse_fidelity({"outputs": {0: {"kind": "scores"}}}))[0])
     assert m["max_abs_error"] == 1.0
     assert m["rel_l2_error"] == pytest.approx(np.sqrt(3) / np.sqrt(26), rel=1e-12)
     assert m["snr_db"] == pytest.approx(10 * np.log10(26 / 3), rel=1e-12)

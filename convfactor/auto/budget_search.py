@@ -37,8 +37,12 @@ class Probe:
                "fidelity_ok": self.ok}
         if self.metrics is not None:
             out["rel_error"] = rounded(self.metrics["rel_error"], 5)
+            if self.metrics.get("worst"):
+                out["worst"] = self.metrics["worst"]
             if self.metrics.get("agreement") is not None:
                 out["agreement"] = round(self.metrics["agreement"], 4)
+            if "metric" in self.metrics:
+                out["metric"] = rounded(self.metrics["metric"], 5)
         return out
 
 
@@ -107,7 +111,7 @@ def search_budget(trial: Callable[[float, bool], Probe], *, kind: str, target: f
         probes.append(kept)
     result.budget, result.probe = kept.budget, kept
     if target is not None:
-        why = "the fidelity bound " + ", ".join(f"{k} {v:g}" for k, v in bound.to_dict().items())
+        why = "the fidelity bound " + bound.describe()
         result.missed = missed_target(kind, target, kept, f"{why} does not hold at the target "
                                 f"({'; '.join(failures(best.metrics or {}, bound))})")
     return result

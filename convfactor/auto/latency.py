@@ -180,6 +180,8 @@ class LatencyModel:
         if options.runtime == "onnxruntime":
             parts["graph_optimization"] = options.graph_optimization
             parts["context"] = options.context
+            if options.int8:  # only then: float keys keep their form, existing caches stay valid
+                parts["int8"] = True
         else:
             parts.update(runtime=options.runtime, device=options.device)
         parts["timing"] = TIMING_FORM

@@ -38,6 +38,9 @@ class LatencyOptions:
             dynamo); the other one is tried when it fails. onnxruntime only.
         context: onnxruntime times each layer between two cheap channel-blocked neighbours, as inside a
             network (``ort_timing.layer_onnx``), so the layout reorders a form causes are counted.
+        int8: onnxruntime times every layer graph and whole model after ``quantize_onnx`` (static QDQ
+            int8, ``auto.int8_timing``): ranks chosen for the int8 kernels of a model deployed with
+            ``--quantize int8``. Cached apart from float times.
     """
 
     runtime: str = "onnxruntime"
@@ -54,6 +57,7 @@ class LatencyOptions:
     verify_rounds: int = 5
     exporter: str = "torchscript"
     context: bool = True
+    int8: bool = False
 
     @classmethod
     def from_any(cls, spec: LatencyOptions | Mapping[str, Any] | None) -> LatencyOptions:
@@ -83,6 +87,8 @@ class LatencyOptions:
 
         if options.exporter not in EXPORTERS:
             raise ConvfactorError(f"latency: unknown exporter {options.exporter!r} (known: {', '.join(EXPORTERS)})")
+        if options.int8 and options.runtime != "onnxruntime":
+            raise ConvfactorError(f"latency: int8 timing needs runtime 'onnxruntime' (got {options.runtime!r})")
         if options.device not in DEVICES:
             raise ConvfactorError(f"latency: unknown device {options.device!r} (known: {', '.join(DEVICES)})")
         if options.device == "cuda":

@@ -23,11 +23,13 @@ from passes.modules import set_submodule
 from ..costs import count_params, per_layer_macs
 from ..errors import PolicyError
 from ..methods import get_method
+from ..metric import Metric
 from ..policy import Fidelity
 from .allocate import InfeasibleBudget, allocate
 from .budget_search import Probe, search_budget
 from .latency import LatencyModel, _random_weights
 from .options import AutoOptions
+from .split import DataSplit
 from .verify import OutputChecker, SpeedMeter, failures, rounded
 
 if TYPE_CHECKING:
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from .plans import LayerPlan
     from .refit import Replacements
 
-__all__ = ["Allocator", "model_total", "first_samples", "output_checker", "install", "allocation_metrics",
+__all__ = ["Allocator", "model_total", "first_samples", "output_checkers", "install", "allocation_metrics",
            "measured_allocation"]
 
 
@@ -125,15 +127,27 @@ def first_samples(batches: list, count: int) -> list:
     return subset
 
 
-def output_checker(root: nn.Module, batches: list | None, inputs: tuple | None, opts: AutoOptions,
-                   outputs: list | None = None) -> OutputChecker | None:
-    """The original's outputs on the calibration inputs (else the example inputs), for every fidelity check
-    (``outputs``: those already computed on the first calibration batches)."""
-    if batches is not None:
-        return OutputChecker(root, first_samples(batches, opts.fidelity_samples), "calibration samples", outputs)
-    if inputs is not None:
-        return OutputChecker(root, [inputs], "example inputs")
-    return None
+def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, outputs: list | None = None,
+                    spec: Fidelity | None = None, metric: Metric | None = None) -> dict[str, OutputChecker | None]:
+    """The checkers of a resolution, each on at most ``opts.fidelity_samples`` samples of its part:
+
+    ``fit`` (in-sample: shown beside the held-out number; ``outputs`` are the original's outputs already
+    computed on the first fit batches), ``select`` (every measurement the search decides by) and ``check``
+    (the held-out number reported). Parts without data get None; ``check`` is ``select`` when the split
+    could not separate them (``DataSplit.shared``).
+    """
+    def make(batches: list | None, label: str, known: list | None = None) -> OutputChecker | None:
+        if not batches:
+            return None
+        return OutputChecker(root, first_samples(batches, opts.fidelity_samples), label, known, spec=spec,
+                             metric=metric, metric_limit=opts.metric_evaluations)
+
+    label = split.check_label
+    select = make(split.select, label if split.shared else f"{label} (selection part)",
+                  outputs if not split.held_out else None)
+    check = select if split.shared else make(split.check, label)
+    fit = make(split.fit, "fit samples (in-sample)", outputs) if split.held_out and split.fit else None
+    return {"fit": fit, "select": select, "check": check}
 
 
 def install(work: nn.Module, plans: list[LayerPlan], modules: dict[str, nn.Module],
@@ -156,11 +170,13 @@ def allocation_metrics(root: nn.Module, plans: list[LayerPlan], replacements: Re
 def measured_allocation(root: nn.Module, plans: list[LayerPlan], kind: str, fraction: float | None,
                         bound: Fidelity | None, inputs: Any, opts: AutoOptions, model: LatencyModel | None,
                         checker: OutputChecker | None, replacements: Replacements, notes: list[str],
-                        deadline: Deadline | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                        deadline: Deadline | None = None, on_probe: Any = None
+                        ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Allocate at the target, then correct the budget by measuring whole candidate models (``verify``).
 
     With a fidelity bound, each probe is the model the allocation would really return (``replacements``:
     the sequential refit with calibration data), so the bound is held at the lowest cost measured.
+    ``on_probe(probe)`` sees each measured probe (the progress bar shows its error and metric).
     Returns the allocation's account and the search's (None when nothing was measured).
     """
     allocator = Allocator(root, plans, kind, inputs, opts, model)
@@ -217,6 +233,8 @@ def measured_allocation(root: nn.Module, plans: list[LayerPlan], kind: str, frac
         else:
             probe = Probe(budget, account["predicted_fraction"] or 0.0, False, metrics, ok)
         seen[account["choice"]] = probe
+        if on_probe is not None:
+            on_probe(probe)
         return probe
 
     calls_before, seconds_before = checker.calls if checker else 0, checker.seconds if checker else 0.0

@@ -42,6 +42,8 @@ class AutoOptions:
         seed: seed of the patch subsampling.
         fidelity_samples: calibration samples the whole-model fidelity checks run on at most.
         fidelity_rounds: bisection steps over the budget that hold a policy's fidelity bound.
+        metric_evaluations: evaluations of the user's task metric the search may make (its probes); the
+            original's and the result's are extra. Once spent, probes are judged by output error alone.
         speed_check: under a MACs/params target, time each chosen replacement against its layer and
             prefer a similar option that runs faster (``convfactor.auto.slow_forms``).
         memory_budget: bytes the calibration statistics and one layer's fit may use (default 1 GiB): a
@@ -69,6 +71,7 @@ class AutoOptions:
     seed: int = 0
     fidelity_samples: int = 256
     fidelity_rounds: int = 7
+    metric_evaluations: int = 12
     speed_check: bool = True
     memory_budget: float = DEFAULT_MEMORY_BUDGET
     workers: int | None = None

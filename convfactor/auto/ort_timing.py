@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from ..errors import ConvfactorError
+from .int8_timing import quantized_for_timing
 from .latency_options import LatencyOptions
 from .round_robin import fast_time, round_robin
 
@@ -162,9 +163,11 @@ def _warm_runs(variants: Sequence[tuple[nn.Module, Sequence[int]]], options: Lat
         for index, (module, shape) in enumerate(variants):
             path = Path(scratch) / f"v{index}.onnx"
             onnx.save(layer_onnx(module, shape, seed=index, context=options.context), str(path))
+            x = np.random.default_rng(0).standard_normal(tuple(shape)).astype(np.float32)
+            if options.int8:  # timed as the int8 graph the deployed model will run
+                path = quantized_for_timing(path, [x], preprocess=False)
             session = make_session(path, threads=options.threads, graph_optimization=options.graph_optimization)
-            feed = {session.get_inputs()[0].name:
-                    np.random.default_rng(0).standard_normal(tuple(shape)).astype(np.float32)}
+            feed = {session.get_inputs()[0].name: x}
             for _ in range(options.warmup):
                 session.run(None, feed)
             runs.append(lambda session=session, feed=feed: session.run(None, feed))
@@ -198,10 +201,19 @@ def compare_models_onnxruntime(original: nn.Module, candidate: nn.Module, inputs
     from ..runtime.benchmarking import benchmark
     from ..runtime.exporters import exporter_order
 
-    report = benchmark(original, candidate, inputs, threads=options.threads,
-                       graph_optimization=options.graph_optimization, warmup=10, repeats=30,
-                       min_time=options.verify_min_time, progress=False,
-                       exporter=exporter_order(options.exporter))
+    with tempfile.TemporaryDirectory(prefix="convfactor-latency-") as scratch:
+        models: list[Any] = [original, candidate]
+        if options.int8:  # both exported, then quantized as the deployed model will be
+            from ..runtime.sessions import prepare_onnx
+
+            models = [quantized_for_timing(prepare_onnx(m, inputs, scratch, name,
+                                                        exporter=exporter_order(options.exporter)).path,
+                                           inputs, preprocess=True)
+                      for m, name in ((original, "original"), (candidate, "candidate"))]
+        report = benchmark(*models, inputs, threads=options.threads,
+                           graph_optimization=options.graph_optimization, warmup=10, repeats=30,
+                           min_time=options.verify_min_time, progress=False,
+                           exporter=exporter_order(options.exporter))
     return report.results[0].speedup
 
 
@@ -214,6 +226,8 @@ def time_model_onnxruntime(module: nn.Module, inputs: tuple[torch.Tensor, ...], 
     with tempfile.TemporaryDirectory(prefix="convfactor-latency-") as scratch:
         path = Path(scratch) / "model.onnx"
         export_onnx(module, inputs, path, exporter=exporter_order(options.exporter))
+        if options.int8:
+            path = quantized_for_timing(path, inputs, preprocess=True)
         session = make_session(path, threads=options.threads, graph_optimization=options.graph_optimization)
     feeds = session_feeds(session, inputs)
     for _ in range(10):

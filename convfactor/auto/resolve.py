@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -40,7 +40,9 @@ from torch import nn
 from passes.annotate_shapes import layer_io_shapes
 
 from ..errors import PolicyError
+from ..fidelity_spec import Fidelity
 from ..inputs import as_input_tuple
+from ..metric import as_metric
 from ..policy import AUTO, Policy
 from ..progress import phase
 from .budget_search import progress_line
@@ -48,14 +50,16 @@ from .calibration import calibration_batches, layer_statistics, output_leaves
 from .deadline import Deadline
 from .fastest import VBMF_RANK, choose_fastest
 from .latency import LatencyModel
-from .measured import allocation_metrics, first_samples, measured_allocation, output_checker
+from .measured import allocation_metrics, first_samples, measured_allocation, output_checkers
 from .options import AutoOptions
 from .outcome import layer_info, resolved_policy, verify_faster
 from .plans import auto_methods as _auto_methods  # noqa: F401 - the name tests and older callers import
 from .plans import plan_layers, set_shapes_and_calls
 from .refit import Replacements
+from .regularize import regularize
 from .scoring import SCORED_RANKS, build_options, measure_sensitivities
 from .slow_forms import check_whole_model, flush_denormals, prefer_fast_forms, undo_swaps
+from .split import split_data
 from .verify import REFERENCE_BYTES, OutputChecker, failures, say
 from .verify import rounded as _round
 
@@ -76,14 +80,16 @@ class Resolution:
         policy: plain per-layer rules (exact-name ``match``, concrete method and rank, or skip).
         prebuilt: {layer name: factorized module} with data-aware weights, or None.
         info: JSON-able account of the decision (per layer: chosen option, alternatives, reasons).
-        checker: measures a factorized model against the original on the calibration (else example)
-            inputs; ``convfactor.auto.verify.check_result`` applies it to the final model.
+        checks: the ``OutputChecker`` of each data part (fit, select, check; ``convfactor.auto.split``);
+            ``convfactor.auto.verify.check_result`` measures the final model on ``check``.
+        spec: the policy's fidelity declarations (bound, output kinds and slices), or None.
     """
 
     policy: Policy
     prebuilt: dict[str, nn.Module] | None
     info: dict[str, Any]
-    checker: OutputChecker | None = None  # the original's outputs on the data at hand (the fidelity floor)
+    checks: dict[str, OutputChecker | None] = field(default_factory=dict)
+    spec: Fidelity | None = None
 
 
 def resolve_policy(
@@ -93,6 +99,8 @@ def resolve_policy(
     shapes: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
     example_inputs: Any = None,
     calibration: Any = None,
+    validation: Any = None,
+    metric: Any = None,
     latency: Mapping[str, Any] | None = None,
     progress: bool = False,
     options: AutoOptions | None = None,
@@ -106,7 +114,11 @@ def resolve_policy(
         shapes: {layer: (input shape, output shape)}; computed from the inputs when missing.
         example_inputs: tensor(s) the model runs on: needed for MAC counts and layer input shapes
             (without them, the first calibration sample is used).
-        calibration: real inputs (tensor, list of batches, DataLoader) for data-aware factorization.
+        calibration: real inputs (tensor, list of batches, DataLoader) for data-aware factorization; without
+            ``validation``, a deterministic eighth of them is held out to select on and another to check
+            on (``convfactor.auto.split``).
+        validation: real inputs no fit may see: the search selects on half, the result is checked on the other.
+        metric: the user's task metric (``convfactor.metric``), for the report and ``fidelity:`` metric bounds.
         latency: ``LatencyOptions`` mapping, e.g. ``{"threads": 1, "cache": path}``.
         progress: show progress bars.
         options: ``AutoOptions`` (rank grid, methods for auto, damping, ...).
@@ -132,11 +144,21 @@ def resolve_policy(
         batches = calibration_batches(calibration, len(inputs) if inputs else 1, opts.max_samples, like=inputs)
     if inputs is None and batches is not None:
         inputs = tuple(t[:1] for t in batches[0])  # one calibration sample stands in for example_inputs
+    held = None
+    if validation is not None:
+        held = calibration_batches(validation, len(inputs) if inputs else 1, opts.max_samples, like=inputs)
+    split = split_data(batches, held, inputs)
+    batches = split.fit  # every fit, refit and probe sees these only
+    metric = as_metric(metric)
     shapes = dict(shapes or {})
     if not shapes and inputs is not None:
         shapes = layer_io_shapes(root, inputs)
     target = policy.target
-    bound = policy.fidelity
+    spec = policy.fidelity
+    bound = spec if spec is not None and spec.has_criterion else None
+    if bound is not None and bound.needs_metric and metric is None:
+        raise PolicyError("policy: fidelity max_metric_drop/min_metric need the task metric: pass metric=... to "
+                          "factorize (CLI: --metric MODULE:FUNCTION)")
     timed = (target is not None and target[0] == "latency") or (
         target is None and bound is None and any(r.method == AUTO for r in policy.rules))
     notes: list[str] = []
@@ -163,18 +185,22 @@ def resolve_policy(
 
     info: dict[str, Any] = {
         "selection": WEIGHT_BASED if batches is None else
-        f"data-aware selection and factorization ({sum(len(b[0]) for b in batches)} calibration samples): "
-        "error = relative squared layer-output error on the calibration inputs, sensitivity measured"
+        f"data-aware selection and factorization ({sum(len(b[0]) for b in batches)} calibration samples fit): "
+        "error = relative squared layer-output error on the fit samples, sensitivity measured"
         + ("" if opts.sensitivity else " (disabled: 1.0)"),
         "notes": notes,
-        "warnings": [],
+        "warnings": [],  # accuracy
+        "speed_warnings": [],  # speed and cost
+        "data_split": split.describe(),
     }
+    notes.extend(split.notes)
     if stats:
         reduced = {name: st.covariance.describe() for name, st in stats.items() if st.covariance.kind != "full"}
         if reduced:
             info["statistics"] = {"memory_budget": int(opts.memory_budget), "layers": reduced}
 
-    checker = output_checker(root, batches, inputs, opts, outputs)
+    checks = output_checkers(root, split, opts, outputs, spec, metric)
+    checker = checks["select"]  # every measurement a decision is made by
     del outputs
     kind = None
     forms = {name: st.covariance.kind for name, st in (stats or {}).items()}
@@ -185,7 +211,8 @@ def resolve_policy(
         if scoring:
             info.setdefault("statistics", {})["scoring"] = scoring
         if batches is not None and opts.sensitivity:
-            measure_sensitivities(root, plans, kind, batches, opts, progress, notes, checker, deadline)
+            measure_sensitivities(root, plans, kind, batches, opts, progress, notes, checks["fit"] or checker,
+                                  deadline)
         for plan in open_plans:
             for option in plan.options:
                 option.loss = plan.sensitivity * option.error2
@@ -195,7 +222,8 @@ def resolve_policy(
                                     deadline=deadline)
         with phase(progress, "allocation", total=1) as bar:
             info["target"], search = measured_allocation(root, plans, kind, fraction, bound, inputs, opts, model,
-                                                          checker, replacements, notes, deadline)
+                                                          checker, replacements, notes, deadline,
+                                                          on_probe=lambda p: bar.set_postfix(**probe_postfix(p)))
             bar.update()
         if search is not None:
             info["search"] = search
@@ -214,13 +242,16 @@ def resolve_policy(
         _speed_check(root, open_plans, kind, bound, checker, replacements, info, speed_model, inputs)
 
     prebuilt = replacements.build(progress)  # a probe's modules when the search measured this allocation
+    if replacements.sequential or replacements.stats is not None:
+        prebuilt, info["regularization"] = regularize(root, plans, opts, replacements, prebuilt, checks, notes,
+                                                      deadline, progress)
     flushed = sum(flush_denormals(module) for module in (prebuilt or {}).values())
     if flushed:
         notes.append(f"{flushed} denormal weights of the data-aware factors set to 0 (they run many times slower)")
     if "speed_check" in info:  # the network as the caller gets it: these weights, denormals flushed
         try:
             info["speed_check"]["whole_model"] = check_whole_model(root, open_plans, speed_model, inputs,
-                                                                   info["warnings"], modules=prebuilt)
+                                                                   info["speed_warnings"], modules=prebuilt)
         except Exception as exc:  # noqa: BLE001 - timing is advice here, never a reason to fail
             notes.append(f"whole-network speed check skipped: {type(exc).__name__}: {exc}")
     stats = None
@@ -252,15 +283,26 @@ def resolve_policy(
     search = info.get("search")
     if search is not None:
         if search.get("missed"):
-            info["warnings"].append(search["missed"]["message"])
+            info["speed_warnings"].append(search["missed"]["message"])
         search["share"] = progress_line(search["checks"], time.perf_counter() - started)
         if progress:
             say(search["share"])
-    info["warnings"].extend(deadline.warnings)
+    for warning in deadline.warnings:  # a cut latency correction costs speed; any other cut, accuracy
+        info["speed_warnings" if "latency correction" in warning else "warnings"].append(warning)
     if opts.time_budget is not None:
         info["time_budget"] = {"seconds": opts.time_budget, "used": round(deadline.elapsed(), 2),
                                "cut": [w.split(": ", 1)[1] for w in deadline.warnings]}
-    return Resolution(resolved, prebuilt or None, info, checker)
+    return Resolution(resolved, prebuilt or None, info, checks, spec)
+
+
+def probe_postfix(probe: Any) -> dict[str, str]:
+    """What the allocation's progress shows of a probe: its cost, held-out error and metric."""
+    shown = {"cost": f"{probe.fraction:.3f}"}
+    if probe.metrics is not None:
+        shown["error"] = f"{probe.metrics['rel_error']:.3g}"
+        if "metric" in probe.metrics:
+            shown["metric"] = f"{probe.metrics['metric']:.4g}"
+    return shown
 
 
 def _keep_outputs(batches: list, opts: AutoOptions, outputs: list) -> Any:
@@ -285,7 +327,7 @@ def _speed_check(root: nn.Module, open_plans: list, kind: str, bound: Any, check
     whole network is timed after the factors are built: ``check_whole_model`` with the result's modules.)"""
     notes = info["notes"]
     try:
-        info["speed_check"] = prefer_fast_forms(open_plans, kind, model, info["warnings"])
+        info["speed_check"] = prefer_fast_forms(open_plans, kind, model, info["speed_warnings"])
         if info["speed_check"]["swapped"] and bound is not None and checker is not None \
                 and failures(allocation_metrics(root, open_plans, replacements, checker, bound), bound):
             undo_swaps(info["speed_check"])

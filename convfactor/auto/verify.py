@@ -3,16 +3,18 @@
 The allocator predicts (per-layer errors times sensitivities, per-layer times); this module measures
 the whole candidate network (``convfactor.auto.budget_search`` corrects the allocation with it):
 
-  * ``OutputChecker``: the original's outputs on the data at hand (calibration inputs, else the example
-    inputs), computed once; a candidate is scored by its relative L2 output error and, for [N, C]
-    outputs, its top-1 agreement. It stops early once a candidate clearly fails the bound.
+  * ``OutputChecker`` (``convfactor.auto.output_checker``): the original's outputs on fixed inputs,
+    computed once; a candidate is scored per output and per slice along each output's feature axis, by
+    top-1 agreement on outputs declared as class scores, and by the user's task metric where given.
   * ``SpeedMeter``: whole-model speedup in the latency runtime; the original is exported once and its
     ONNX file reused for every candidate; a short timing decides when the answer is clear (far from
     the threshold and near what the latency model predicted), a full one otherwise.
-  * ``check_result``: the final model against the bound (the policy's, else ``DEFAULT_FLOOR``).
+  * ``check_result``: the final model against the bound (the policy's, else ``DEFAULT_FLOOR``), measured
+    on the check samples no fit or selection saw (``convfactor.auto.split``), beside its in-sample error.
 
 ``DEFAULT_FLOOR`` is the bound every automatic result is checked against when the policy gives none:
-the report and the CLI show the measured error and warn above it (``--check`` then exits 1).
+the report and the CLI show the measured error and warn above it (``--check`` then exits 1). Warnings
+say their subject in words and in their class: accuracy (``FidelityWarning``) or speed (``SpeedWarning``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,15 @@ import torch
 from torch import nn
 
 from ..policy import Fidelity
-from .calibration import output_leaves
+from .output_checker import REFERENCE_BYTES, OutputChecker, failures
 
-__all__ = ["DEFAULT_FLOOR", "REFERENCE_BYTES", "OutputChecker", "SpeedMeter", "FidelityWarning", "check_result",
-           "failures", "describe_metrics", "rounded", "say"]
+__all__ = ["DEFAULT_FLOOR", "REFERENCE_BYTES", "OutputChecker", "SpeedMeter", "ConvfactorWarning", "FidelityWarning",
+           "SpeedWarning", "categorize", "check_result", "held_out_check", "publish_warnings", "failures",
+           "describe_metrics", "rounded", "say"]
 
 # The default floor: a result beyond it is visibly not the original network any more (on the shipped
 # digits models a relative logit error above ~0.3 goes with accuracy losses of several points).
 DEFAULT_FLOOR = Fidelity(max_rel_error=0.3, min_agreement=0.9)
-_EARLY_FACTOR = 1.5  # a running error this far beyond the bound after a quarter of the data: stop
-REFERENCE_BYTES = 256 * 2**20  # the original's outputs kept for the checks (whole batches; at least one)
 
 
 def rounded(value: float | None, digits: int = 6) -> float | None:
@@ -49,21 +49,10 @@ def rounded(value: float | None, digits: int = 6) -> float | None:
 
 
 
-def failures(metrics: dict[str, Any], bound: Fidelity) -> list[str]:
-    """The bound's criteria ``metrics`` fails, as short phrases (empty: it holds)."""
-    out = []
-    error = metrics.get("rel_error")
-    if bound.max_rel_error is not None and (error is None or not error <= bound.max_rel_error):
-        out.append(f"relative output error {_fmt(error)} > {bound.max_rel_error:g}")
-    agreement = metrics.get("agreement")
-    if bound.min_agreement is not None and agreement is not None and agreement < bound.min_agreement:
-        out.append(f"top-1 agreement {agreement:.4f} < {bound.min_agreement:g}")
-    return out
-
-
 def describe_metrics(metrics: dict[str, Any]) -> str:
-    """'relative output error 0.031, top-1 agreement 0.990 on 256 calibration samples'."""
-    text = f"relative output error {_fmt(metrics.get('rel_error'))}"
+    """'worst-slice relative error 0.031 (logits), top-1 agreement 0.990 on 64 held-out calibration samples'."""
+    where = f" ({metrics['worst']})" if metrics.get("worst") else ""
+    text = f"worst-slice relative error {_fmt(metrics.get('rel_error'))}{where}"
     if metrics.get("agreement") is not None:
         text += f", top-1 agreement {metrics['agreement']:.3f}"
     return text + f" on {metrics.get('samples')} {metrics.get('data', 'samples')}"
@@ -71,112 +60,6 @@ def describe_metrics(metrics: dict[str, Any]) -> str:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else (f"{value:.4g}" if math.isfinite(value) else str(value))
-
-
-def _leaves(outputs: Any) -> list[torch.Tensor]:
-    return [t.to(torch.float64) for t in output_leaves(outputs)]
-
-
-class OutputChecker:
-    """The original network's outputs on fixed inputs, and candidates' errors against them.
-
-    Args:
-        root: the original (BatchNorm-folded) network, in eval mode; not modified.
-        batches: list of input tuples (the calibration batches, or the example inputs as one batch).
-        data: how the report names the inputs ("calibration samples", "example inputs").
-        outputs: the original's ``output_leaves`` on the first batches, when already computed.
-    """
-
-    def __init__(self, root: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], data: str,
-                 outputs: Sequence[list[torch.Tensor]] | None = None):
-        self.batches = list(batches)
-        self.data = data
-        self.samples = int(sum(len(b[0]) for b in self.batches))
-        self.seconds = 0.0
-        self.calls = 0
-        started = time.perf_counter()
-        self.reference: list[list[torch.Tensor]] = []
-        kept = 0
-        known = list(outputs or [])
-        for index, batch in enumerate(self.batches):  # float32 references, at most REFERENCE_BYTES of them
-            leaves = known[index] if index < len(known) else self._run(root, batch)
-            outputs = [t.float() for t in leaves]
-            if self.reference and kept + sum(t.numel() * 4 for t in outputs) > REFERENCE_BYTES:
-                break
-            self.reference.append(outputs)
-            kept += sum(t.numel() * 4 for t in outputs)
-        self.batches = self.batches[:len(self.reference)]
-        self.samples = int(sum(len(b[0]) for b in self.batches))
-        self.seconds += time.perf_counter() - started
-
-    def reference_for(self, batches: Sequence[tuple[torch.Tensor, ...]]) -> list[list[torch.Tensor]] | None:
-        """The original's outputs on ``batches`` when they are a prefix of the checker's (a last batch cut
-        short included, for outputs with a batch axis); else None."""
-        if len(batches) > len(self.reference):
-            return None
-        out = []
-        for batch, mine, reference in zip(batches, self.batches, self.reference):
-            size, full = len(batch[0]), len(mine[0])
-            if size == full:
-                out.append(reference)
-            elif size < full and all(t.dim() > 0 and t.shape[0] == full for t in reference) \
-                    and all(torch.equal(a, b[:size]) for a, b in zip(batch, mine)):
-                out.append([t[:size] for t in reference])
-            else:
-                return None
-        return out
-
-    @staticmethod
-    @torch.no_grad()
-    def _run(module: nn.Module, batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        return _leaves(module(*batch))
-
-    def measure(self, module: nn.Module, bound: Fidelity | None = None) -> dict[str, Any]:
-        """{rel_error, agreement (None when no output is [N, C]), samples, data, stopped_early}.
-
-        With ``bound``, measuring stops once a quarter of the samples have run and the running error
-        is beyond 1.5x the bound (the answer is clear); ``samples`` then counts those measured.
-        """
-        started = time.perf_counter()
-        self.calls += 1
-        err2 = ref2 = 0.0
-        agree = count = seen = 0
-        stopped = False
-        for batch, reference in zip(self.batches, self.reference):
-            outputs = self._run(module, batch)
-            if len(outputs) != len(reference):
-                raise ValueError(f"the candidate returns {len(outputs)} output(s), the original {len(reference)}")
-            for a, b in zip(reference, outputs):
-                a = a.double()
-                if not torch.isfinite(b).all():
-                    err2 = math.inf
-                    continue
-                err2 += float(((a - b) ** 2).sum())
-                ref2 += float((a ** 2).sum())
-                if a.dim() == 2 and a.shape[1] >= 2:
-                    agree += int((a.argmax(1) == b.argmax(1)).sum())
-                    count += a.shape[0]
-            seen += len(batch[0])
-            if bound is not None and seen * 4 >= self.samples and seen < self.samples:
-                partial = self._metrics(err2, ref2, agree, count, seen)
-                loose = Fidelity(None if bound.max_rel_error is None else bound.max_rel_error * _EARLY_FACTOR,
-                                 None if bound.min_agreement is None
-                                 else 1 - (1 - bound.min_agreement) * _EARLY_FACTOR)
-                if failures(partial, loose):
-                    stopped = True
-                    break
-        self.seconds += time.perf_counter() - started
-        out = self._metrics(err2, ref2, agree, count, seen)
-        out["stopped_early"] = stopped
-        return out
-
-    def _metrics(self, err2: float, ref2: float, agree: int, count: int, seen: int) -> dict[str, Any]:
-        if ref2 > 0:
-            rel = math.sqrt(err2 / ref2)
-        else:
-            rel = 0.0 if err2 == 0 else math.inf
-        return {"rel_error": rel, "agreement": agree / count if count else None, "samples": seen,
-                "data": self.data}
 
 
 class SpeedMeter:
@@ -252,36 +135,114 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-class FidelityWarning(UserWarning):
-    """An automatic result that may not keep the original's accuracy (see the report's warnings)."""
+class ConvfactorWarning(UserWarning):
+    """Something about a result the caller should know; the subclass says whether it is accuracy or speed."""
 
 
-def check_result(checker: OutputChecker | None, module: nn.Module, report: Any, info: dict[str, Any],
-                 bound: Fidelity | None) -> None:
-    """The default floor: measure the final model, record it in ``report.extra['fidelity_check']``, warn.
+class FidelityWarning(ConvfactorWarning):
+    """Accuracy: the result may not keep the original's outputs or task metric (see the report's warnings)."""
 
-    Every warning the resolution collected and a failed bound (the policy's, else ``DEFAULT_FLOOR``) go
-    to ``report.warnings`` and through ``warnings.warn`` (the CLI prints them on stderr).
+
+class SpeedWarning(ConvfactorWarning):
+    """Speed or cost: a replacement or the whole result measured slower than hoped, or a target was missed."""
+
+
+ACCURACY, SPEED = "accuracy", "speed"
+
+
+def categorize(message: str) -> type[ConvfactorWarning]:
+    """The warning class of a report warning, from the subject it starts with ('speed: ...')."""
+    return SpeedWarning if message.startswith(SPEED + ":") else FidelityWarning
+
+
+def held_out_check(checks: dict[str, OutputChecker | None], module: nn.Module, bound: Fidelity | None,
+                   spec: Fidelity | None, split: dict[str, Any] | None) -> tuple[dict[str, Any] | None, list[str]]:
+    """The returned model measured on the check samples (held out), beside the fit (in-sample) samples.
+
+    Returns the JSON-able record for ``report.extra['fidelity_check']`` and accuracy warnings (words, no
+    prefix). The bound is the policy's, else ``DEFAULT_FLOOR`` (with the policy's output declarations).
     """
+    check = checks.get("check")
+    if check is None:
+        return None, ["no fidelity check: no example inputs or calibration data to compare the outputs on"]
+    used = bound if bound is not None else _floor(spec)
+    held = check.measure(module, final=True)
+    held.pop("stopped_early", None)
+    failed = failures(held, used)
+    record: dict[str, Any] = {
+        **{k: (rounded(v, 5) if isinstance(v, float) else v) for k, v in held.items() if k != "outputs"},
+        "outputs": _compact(held["outputs"]), "held_out": bool(split and split.get("held_out")),
+        "bound": used.to_dict(), "bound_text": used.describe(),
+        "bound_source": "policy" if bound is not None else "default floor", "passed": not failed}
+    messages = []
+    fit = checks.get("fit")
+    if fit is not None and fit is not check:
+        inside = fit.measure(module)
+        record["in_sample"] = {"rel_error": rounded(inside["rel_error"], 5), "worst": inside["worst"],
+                               "agreement": inside["agreement"], "samples": inside["samples"], "data": inside["data"]}
+        ratio = held["rel_error"] / inside["rel_error"] if inside["rel_error"] > 0 else math.inf
+        if held["rel_error"] > OVERFIT_RATIO * inside["rel_error"] and held["rel_error"] > OVERFIT_FLOOR:
+            record["overfit"] = rounded(ratio, 3)
+            messages.append(f"the fit overfits its samples: held-out error {held['rel_error']:.4g} is {ratio:.1f}x the "
+                            f"in-sample {inside['rel_error']:.4g} (worst slice {held['worst']}); more or more varied "
+                            f"calibration data, or a fidelity bound, would help")
+    if failed:
+        messages.append(f"accuracy not kept: {'; '.join(failed)} (measured on {held['samples']} {held['data']}; "
+                        f"{record['bound_source']}: {used.describe()})")
+    if split and not split.get("held_out"):
+        messages.append(f"fidelity measured on the samples the factors were fitted to ({held['samples']} "
+                        f"{held['data']}): the held-out error is unknown; give at least 32 calibration samples or "
+                        f"validation=... (CLI: --validation)")
+    return record, messages
+
+
+OVERFIT_RATIO = 2.0  # held-out error over in-sample error beyond which the fit is said to overfit
+OVERFIT_FLOOR = 0.01  # ... when the held-out error is at least this (tiny errors differ by noise)
+
+
+def _floor(spec: Fidelity | None) -> Fidelity:
+    if spec is None:
+        return DEFAULT_FLOOR
+    return Fidelity(DEFAULT_FLOOR.max_rel_error, DEFAULT_FLOOR.min_agreement, reduce=spec.reduce, outputs=spec.outputs)
+
+
+def _compact(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per output: its error, its worst slice and that slice's error, and agreement where declared."""
+    rows = []
+    for entry in outputs:
+        worst = max(entry["slices"], key=lambda r: r["rel_error"])
+        row = {"name": entry["name"], "kind": entry["kind"], "rel_error": rounded(entry["rel_error"], 5),
+               "slices": len(entry["slices"]), "worst_slice": worst["slice"],
+               "worst_slice_error": rounded(worst["rel_error"], 5)}
+        if "agreement" in entry:
+            row["agreement"] = round(entry["agreement"], 4)
+        rows.append(row)
+    return rows
+
+
+def publish_warnings(report: Any, accuracy: list[str], speed: list[str], stacklevel: int = 3) -> None:
+    """Add warnings to ``report.warnings`` with their subject in words ('accuracy: ...', 'speed: ...') and
+    raise each through ``warnings.warn`` in its category (``FidelityWarning`` / ``SpeedWarning``)."""
     import warnings
 
-    messages = list(info.get("warnings", []))
-    if checker is None:
-        messages.append("no fidelity check: no example inputs or calibration data to compare the outputs on")
-    else:
-        used = bound if bound is not None else DEFAULT_FLOOR
-        metrics = checker.measure(module)
-        metrics.pop("stopped_early", None)
-        failed = failures(metrics, used)
-        report.extra["fidelity_check"] = {
-            **{k: (rounded(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()},
-            "bound": used.to_dict(), "bound_source": "policy" if bound is not None else "default floor",
-            "passed": not failed}
-        if failed:
-            messages.append(f"the factorized model is far from the original: {'; '.join(failed)} (measured on "
-                            f"{metrics['samples']} {metrics['data']}; "
-                            f"{'policy fidelity bound' if bound is not None else 'default floor'})")
-    for message in messages:
-        if message not in report.warnings:
-            report.warnings.append(message)
-            warnings.warn(message, FidelityWarning, stacklevel=3)
+    for subject, messages in ((ACCURACY, accuracy), (SPEED, speed)):
+        for message in messages:
+            text = message if message.startswith(subject + ":") else f"{subject}: {message}"
+            if text not in report.warnings:
+                report.warnings.append(text)
+                warnings.warn(text, categorize(text), stacklevel=stacklevel)
+
+
+def check_result(checks: dict[str, OutputChecker | None], module: nn.Module, report: Any, info: dict[str, Any],
+                 bound: Fidelity | None, spec: Fidelity | None = None) -> None:
+    """The final model measured on held-out data: ``report.extra['fidelity_check']`` and the warnings.
+
+    Every warning the resolution collected (``info['warnings']``: accuracy, ``info['speed_warnings']``:
+    speed) and a failed bound (the policy's, else ``DEFAULT_FLOOR``) go to ``report.warnings`` and
+    through ``warnings.warn`` in their category (the CLI prints them on stderr).
+    """
+    record, messages = held_out_check(checks, module, bound, spec, info.get("data_split"))
+    if record is not None:
+        report.extra["fidelity_check"] = record
+    publish_warnings(report, list(info.get("warnings", [])) + messages, list(info.get("speed_warnings", [])),
+                     stacklevel=4)

@@ -11,7 +11,7 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 1 fidelity check failed, 2 user error).
+    """Run the command line; returns the exit code (0 ok, 1 fidelity check failed, 2 user error, 3 nothing replaced).
 
     Example:
         >>> main(["methods"])
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.handler(args, console)
     except ConvfactorError as error:
         console.error(str(error))
-        return EXIT_USAGE
+        return getattr(error, "exit_code", EXIT_USAGE)  # NothingReplacedError: 3
     except OSError as error:  # the disk, not the code: full, read-only, removed under our feet
         where = f" ({error.filename})" if error.filename else ""
         console.error(f"{error.strerror or error}{where}; nothing was written")

@@ -18,13 +18,12 @@ from torch import nn
 
 from ..errors import ConvfactorError
 from ..files.checkpoint import torch_load_reason
-from .console import one_line
+from ..input_checks import check_example_inputs, check_input_memory, check_inputs
 
-__all__ = ["OUT_SUFFIXES", "check_out_name", "load_inputs_file", "inputs_file_error", "parse_threads", "check_counts",
-           "cannot_create_error", "example_input"]
+__all__ = ["OUT_SUFFIXES", "check_out_name", "load_inputs_file", "checked_inputs", "check_onnx_name",
+           "inputs_file_error", "parse_threads", "check_counts", "cannot_create_error", "example_input"]
 
 OUT_SUFFIXES = (".pt", ".pth", ".pt2")
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def check_out_name(out: Path) -> None:
@@ -44,6 +43,18 @@ def check_out_name(out: Path) -> None:
                           f"convfactor.load) or .pt2 (a torch.export program)")
 
 
+def check_onnx_name(path: Path | None) -> None:
+    """``--onnx`` must end in ``.onnx``: another suffix is most often a slip (``--onnx out.pt``) that would
+    write ONNX under a name other tools read as something else.
+
+    Raises:
+        ConvfactorError: another suffix, naming the file and the fix.
+    """
+    if path is not None and path.suffix.lower() != ".onnx":
+        raise ConvfactorError(f"--onnx {path}: the name must end in .onnx (the file is an ONNX model), e.g. "
+                              f"--onnx {path.with_suffix('.onnx')}")
+
+
 def inputs_file_error(option: str, path: str | Path, error: BaseException) -> ConvfactorError:
     """The error for an inputs file (``--check-inputs``, ``--calibration``) that could not be read."""
     return ConvfactorError(f"{option}: cannot read {path}: not a tensor saved with torch.save (.pt) or numpy.save "
@@ -51,7 +62,8 @@ def inputs_file_error(option: str, path: str | Path, error: BaseException) -> Co
 
 
 def load_inputs_file(path: str | None, option: str):
-    """A tensor of inputs from a .pt (torch.save, read with weights_only=True) or .npy file, or None."""
+    """What a .pt (torch.save, read with weights_only=True) or .npy file holds (an (inputs, labels) pair:
+    its inputs), or None; ``checked_inputs`` checks it against the model."""
     if path is None:
         return None
     import numpy as np
@@ -68,12 +80,28 @@ def load_inputs_file(path: str | None, option: str):
         raise inputs_file_error(option, path, error) from None
     if isinstance(data, (list, tuple)) and data and isinstance(data[0], torch.Tensor):
         data = data[0]  # an (inputs, labels) pair
-    if not isinstance(data, torch.Tensor) or data.dim() < 2 or len(data) == 0:
-        raise ConvfactorError(f"{option}: {path} must hold one tensor of inputs shaped (N, ...), "
+    return data
+
+
+def checked_inputs(model: nn.Module, data: Any, flag: str, path: str, example: torch.Tensor | None,
+                   console: Any) -> torch.Tensor | None:
+    """An inputs file's tensor checked against the model (``convfactor.input_checks``, as the API checks it),
+    in the example's dtype; a spatial size other than ``--input-shape``'s that the network runs on is
+    reported on the console. None stays None.
+
+    Raises:
+        ConvfactorError: one line naming ``flag``, the file and what was expected.
+    """
+    if data is None:
+        return None
+    if not isinstance(data, torch.Tensor):
+        raise ConvfactorError(f"{flag} {path}: must hold one tensor of inputs shaped (N, ...), "
                               f"got {type(data).__name__}")
-    if not torch.isfinite(data).all():
-        raise ConvfactorError(f"{option}: {path} contains NaN or Inf")
-    return data.float()
+    found = check_inputs(model, data, argument=flag, flag=flag, path=path,
+                         example_inputs=None if example is None else (example,), example_name="--input-shape")
+    if found.note:
+        console.status(f"note: {found.note}")
+    return data.to(example.dtype if example is not None else torch.float32)
 
 
 def parse_threads(text: str | None) -> list[int] | None:
@@ -106,63 +134,18 @@ def cannot_create_error(path: Path, error: OSError) -> ConvfactorError:
                            f"choose another directory")
 
 
-class _Misfit(Exception):
-    pass
+def example_input(model: nn.Module, shape: tuple[int, ...], *, flag: str = "--input-shape") -> torch.Tensor:
+    """A zero tensor of ``shape`` on the model's dtype, after checking it fits in memory and the model runs on it.
 
-
-def _first_layer_check(name: str, layer: nn.Module, shape: tuple[int, ...]) -> str | None:
-    """Why ``layer`` cannot take an input of ``shape`` (batch first), or None."""
-    if isinstance(layer, nn.Linear):
-        if shape[-1] != layer.in_features:
-            return (f"its first layer {name} (Linear) takes {layer.in_features} features in the last dimension, "
-                    f"the shape gives {shape[-1]}")
-        return None
-    dims = len(layer.kernel_size)
-    spatial = ("length",) if dims == 1 else ("height", "width") if dims == 2 else ("depth", "height", "width")
-    if len(shape) != dims + 2:
-        return (f"its first layer {name} ({type(layer).__name__}) takes {dims + 2} dimensions (batch, "
-                f"{layer.in_channels} channels, {', '.join(spatial)}), the shape has {len(shape)}")
-    if shape[1] != layer.in_channels:
-        return (f"its first layer {name} ({type(layer).__name__}) takes {layer.in_channels} input channels, "
-                f"the shape gives {shape[1]}")
-    return None
-
-
-def example_input(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
-    """A zero tensor of ``shape`` on the model's dtype, after checking the model runs on it.
-
-    When the first Conv/Linear layer the model calls receives the input as given and cannot take it, the
-    message says so in terms of the shape the user gave (not the reshaped tensor PyTorch reports).
+    The checks are ``convfactor.input_checks``' (the API's too): the size before allocating, then one
+    run whose first Conv/Linear layer, when it cannot take the input as given, is named in terms of
+    the shape the user typed (not the reshaped tensor PyTorch reports).
 
     Raises:
-        ConvfactorError: the model cannot run on that shape.
+        ConvfactorError: the shape does not fit in memory or the model cannot run on it.
     """
+    check_input_memory(shape, flag=flag)
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    shape = tuple(shape)
-    x = torch.zeros(shape, dtype=param.dtype if param is not None else torch.float32)
-    text = ",".join(map(str, shape))
-    names = {layer: name for name, layer in model.named_modules() if isinstance(layer, _LAYERS)}
-    seen: list[bool] = []
-
-    def hook(layer: nn.Module, args: tuple[Any, ...]) -> None:
-        if seen:
-            return
-        seen.append(True)
-        if args and isinstance(args[0], torch.Tensor) and tuple(args[0].shape) == tuple(x.shape):
-            reason = _first_layer_check(names[layer], layer, tuple(x.shape))
-            if reason:
-                raise _Misfit(reason)
-
-    handles = [layer.register_forward_pre_hook(hook) for layer in names]
-    try:
-        with torch.no_grad():
-            model(x)
-    except _Misfit as misfit:
-        raise ConvfactorError(f"input shape {text} does not fit the model: {misfit}") from None
-    except Exception as bad:  # the model's own error names the mismatch
-        raise ConvfactorError(f"input shape {text} does not fit the model: "
-                              f"{type(bad).__name__}: {one_line(str(bad))}") from None
-    finally:
-        for handle in handles:
-            handle.remove()
+    x = torch.zeros(tuple(shape), dtype=param.dtype if param is not None else torch.float32)
+    check_example_inputs(model, (x,), flag=flag)
     return x

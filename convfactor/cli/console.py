@@ -15,10 +15,12 @@ from typing import Any
 
 from .. import errors
 
-__all__ = ["Console", "one_line", "EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+__all__ = ["Console", "one_line", "EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_USAGE", "EXIT_NOTHING_REPLACED",
+           "EXIT_INTERRUPTED"]
 
-# 0 success; 1 the fidelity check (--check) failed (files written); 2 a user error (nothing written).
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# 0 success; 1 the fidelity check (--check) failed (files written); 2 a user error (nothing written);
+# 3 the policy replaced no layer (nothing written; the reasons on stderr).
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_NOTHING_REPLACED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class Console:

@@ -26,9 +26,12 @@ from .options import (
     add_output_arguments,
     add_score_arguments,
     memory_size,
+    non_negative,
     seconds,
     unit_fraction,
 )
+from .quantize_step import add_quantize_arguments
+from .target_options import add_target_arguments
 
 __all__ = ["NAME", "HELP", "EXAMPLES", "add_arguments", "run"]
 
@@ -51,17 +54,19 @@ examples:
       --max-rel-error 0.05 --memory-budget 4GiB --out resnet_auto.pt
 
 outputs: OUT (reload with convfactor.load(OUT), or a .pt2 program), OUT's stem + .report.json
-(the full JSON report), and --onnx. Nothing is written if any step fails.
-exit codes: 0 ok, 1 --check failed (files written, report marks it), 2 bad input (nothing written).
+(the full JSON report), --onnx, and with --quantize int8 NAME.int8.onnx next to --onnx (or OUT).
+Nothing is written if any step fails.
+exit codes: 0 ok, 1 --check failed (files written, report marks it), 2 bad input (nothing written),
+3 nothing replaced (every layer skipped, the reasons on stderr; nothing written).
 """
 
 
 def add_arguments(convert: argparse.ArgumentParser) -> None:
     """The options of ``convert``."""
     add_model_arguments(convert)
-    convert.add_argument("--policy", required=True, metavar="POLICY",
+    convert.add_argument("--policy", metavar="POLICY",
                          help="a .yaml/.json policy file, or a method shorthand: spatial_svd, tucker2:0.5, "
-                              "svd:energy=0.95 (every eligible layer)")
+                              "svd:energy=0.95 (every eligible layer); or give --method/--target")
     convert.add_argument("--out", required=True, metavar="OUT",
                          help="the factorized model: .pt or .pth (reloadable with convfactor.load) or .pt2 "
                               "(torch.export program); for ONNX use --onnx")
@@ -92,17 +97,31 @@ def add_arguments(convert: argparse.ArgumentParser) -> None:
     add_check_arguments(convert)
     add_bench_arguments(convert)
     add_score_arguments(convert)
+    add_quantize_arguments(convert)
     add_output_arguments(convert, force=True)
 
 
 def _add_auto_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("automatic policy (a target, a fidelity bound, 'auto' rules or --calibration)")
+    add_target_arguments(group)
     group.add_argument("--max-rel-error", type=unit_fraction, metavar="X",
                        help="fidelity bound: the largest relative L2 error of the outputs against the original, "
                             "in (0, 1]; overrides the policy's fidelity: max_rel_error")
     group.add_argument("--min-agreement", type=unit_fraction, metavar="X",
                        help="fidelity bound: the smallest top-1 agreement with the original, in (0, 1]; "
                             "overrides the policy's fidelity: min_agreement")
+    group.add_argument("--validation", metavar="INPUTS.pt",
+                       help="real inputs no fit may see (torch.save tensor or .npy): the search selects on half, "
+                            "the reported fidelity is measured on the other half; without it 1/4 of "
+                            "--calibration is held out")
+    group.add_argument("--metric", metavar="MODULE:FUNCTION",
+                       help="your task metric, function(model) -> float on your own data (higher is better unless "
+                            "the function has higher_is_better = False); imported because you name it here")
+    group.add_argument("--max-metric-drop", type=non_negative, metavar="X",
+                       help="fidelity bound: the task metric (--metric) at most X worse than the original's")
+    group.add_argument("--class-scores", action="append", default=[], metavar="OUTPUT",
+                       help="declare an output (index or name) as class scores: top-1 agreement is measured on it "
+                            "(never on other outputs); repeatable")
     group.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
                        help="memory the calibration statistics and one layer's fit may use: 2GB, 512MiB or "
                             "bytes (default 1GiB); a layer whose full statistics do not fit gets factored ones")
@@ -115,17 +134,26 @@ def _add_auto_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _with_fidelity_options(policy: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
-    """The policy with ``--max-rel-error``/``--min-agreement`` merged into its fidelity section (they win),
-    and what the summary shows of it: ``{"bound": {key: value}, "from": {key: option or "policy"}}``."""
-    from ..policy import Fidelity
+    """The policy with ``--max-rel-error``/``--min-agreement``/``--max-metric-drop`` merged into its fidelity
+    section (they win) and ``--class-scores`` added to its output declarations, and what the summary shows
+    of the bound: ``{"bound": {key: value}, "from": {key: option or "policy"}}``."""
+    from ..fidelity_spec import parse_fidelity
 
     given = {key: value for key, value in (("max_rel_error", args.max_rel_error),
-                                           ("min_agreement", args.min_agreement)) if value is not None}
-    if not given:
+                                           ("min_agreement", args.min_agreement),
+                                           ("max_metric_drop", args.max_metric_drop)) if value is not None}
+    if not given and not args.class_scores:
         return policy, None
     merged = {**(policy.fidelity.to_dict() if policy.fidelity else {}), **given}
-    sources = {key: "--" + key.replace("_", "-") if key in given else "policy" for key in merged}
-    return dataclasses.replace(policy, fidelity=Fidelity(**merged)), {"bound": merged, "from": sources}
+    if args.class_scores:
+        declared = dict(merged.get("outputs", {}))
+        for output in args.class_scores:
+            declared[output] = {**declared.get(output, {}), "kind": "scores"}
+        merged["outputs"] = declared
+    fidelity = parse_fidelity(merged)
+    numbers = {key: value for key, value in merged.items() if isinstance(value, (int, float))}
+    sources = {key: "--" + key.replace("_", "-") if key in given else "policy" for key in numbers}
+    return dataclasses.replace(policy, fidelity=fidelity), ({"bound": numbers, "from": sources} if numbers else None)
 
 
 def _auto_options(args: argparse.Namespace) -> Any:
@@ -146,40 +174,63 @@ def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``convert``; returns the exit code (1 when ``--check`` failed, files written)."""
     from .. import __version__
     from ..api import factorize, get_report
-    from ..auto.verify import FidelityWarning
+    from ..api_checks import check_leaf_modules, nothing_replaced_reason
+    from ..auto.verify import ConvfactorWarning
     from ..costs import count_zeros
-    from ..errors import ConvfactorError
+    from ..errors import ConvfactorError, NothingReplacedError
     from ..files.architecture import parse_input_shape
     from ..files.atomic import StagedOutputs
-    from ..policy import Policy
+    from ..metric import load_metric
+    from ..report import warning_line
     from ..share import parse_share_spec, share_weights, sharing_report
     from ..summary import summarize
-    from .checks import check_counts, check_out_name, example_input, load_inputs_file, parse_threads
+    from ..target_outcome import target_outcome
+    from .checks import (
+        check_counts,
+        check_onnx_name,
+        check_out_name,
+        checked_inputs,
+        example_input,
+        load_inputs_file,
+        parse_threads,
+    )
     from .measure import failed_criteria, run_benchmark, run_fidelity, run_profile
     from .options import read_score_options
     from .outputs import check_outputs, rename_paths, report_file_for, stage_model, stage_onnx
+    from .quantize_step import int8_path_for, run_quantize
     from .source import load_source, require_shape, resolve_arch_option
+    from .target_options import policy_from_options
 
     # 1. everything that can be checked without loading the model
-    policy, fidelity_bound = _with_fidelity_options(Policy.from_any(args.policy), args)
+    merged, policy_sources = policy_from_options(args)
+    policy, fidelity_bound = _with_fidelity_options(merged, args)
     auto_options = _auto_options(args)
     shape = parse_input_shape(args.input_shape)
     out = Path(args.out)
     check_out_name(out)
     report_path = report_file_for(out)
     onnx_path = Path(args.onnx) if args.onnx else None
-    outputs = [out, report_path] + ([onnx_path] if onnx_path else [])
+    check_onnx_name(onnx_path)
+    int8_path = int8_path_for(out, onnx_path) if args.quantize else None
+    outputs = [out, report_path] + [path for path in (onnx_path, int8_path) if path is not None]
     check_outputs(outputs, force=args.force, inputs=[args.checkpoint])
     thread_counts = parse_threads(args.threads)
     check_counts(args)
     score_options = read_score_options(args)
     share = None if args.share_weights is None else parse_share_spec(args.share_weights)
     calibration = load_inputs_file(args.calibration, "--calibration")
+    validation = load_inputs_file(args.validation, "--validation")
+    metric = load_metric(args.metric) if args.metric else None
+    if policy.fidelity is not None and policy.fidelity.needs_metric and metric is None:
+        raise ConvfactorError("--max-metric-drop (or the policy's max_metric_drop/min_metric) needs --metric "
+                              "MODULE:FUNCTION")
     check_inputs = load_inputs_file(args.check_inputs, "--check-inputs")
     if check_inputs is not None and not args.check:
         raise ConvfactorError("--check-inputs is only used with --check")
+    if (args.calibrate_method or args.keep_float) and not args.quantize:
+        raise ConvfactorError("--calibrate-method and --keep-float are only used with --quantize int8")
     if (args.memory_budget is not None or auto_options is not None) and not (
-            policy.needs_resolution or calibration is not None):
+            policy.needs_resolution or calibration is not None or validation is not None or metric is not None):
         console.status("note: --memory-budget, --no-refit and --time-budget apply to an automatic policy (a target, "
                        "a fidelity bound, 'auto' rules or --calibration); this policy gives each layer's rank itself")
     arch = resolve_arch_option(args.arch, args.arch_args)
@@ -191,23 +242,34 @@ def run(args: argparse.Namespace, console: Console) -> int:
                               f"(a plan cannot be stacked on another)")
     needs_shape = [why for why, needed in (("for a .pt2 output", out.suffix == ".pt2"), ("for --onnx", onnx_path),
                                            ("for --check", args.check), ("for --bench", args.bench),
-                                           ("for --profile", args.profile)) if needed]
+                                           ("for --profile", args.profile), ("for --quantize", args.quantize))
+                  if needed]
     if needs_shape:
         require_shape(source, needs_shape[0])
     example = example_input(source.model, source.input_shape) if source.input_shape else None
+    calibration = checked_inputs(source.model, calibration, "--calibration", args.calibration, example, console)
+    validation = checked_inputs(source.model, validation, "--validation", args.validation, example, console)
+    check_inputs = checked_inputs(source.model, check_inputs, "--check-inputs", args.check_inputs, example, console)
+    check_leaf_modules(source.model, args.leaf_module, flag="--leaf-module")
 
     # 3. the work
+    if args.quantize and policy.target is not None and policy.target[0] == "latency":
+        console.status("note: the latency target is timed on int8 graphs (--quantize int8)")
     console.status(f"factorizing with {len(policy.rules)} policy rule(s)")
     started = time.perf_counter()
     with warnings.catch_warnings():  # printed below as one line each
-        warnings.simplefilter("ignore", FidelityWarning)
+        warnings.simplefilter("ignore", ConvfactorWarning)
         fast = factorize(source.model, policy, example, fold_batchnorm=not args.no_fold_bn,
                          trace=not args.no_trace, leaf_modules=args.leaf_module,
                          concrete_args=dict(args.concrete_arg), progress=console.progress,
-                         calibration=calibration, auto_options=auto_options, memory_budget=args.memory_budget)
+                         calibration=calibration, validation=validation, metric=metric, auto_options=auto_options,
+                         memory_budget=args.memory_budget,
+                         latency={"int8": True} if args.quantize else None)  # timed as it will run
     report = get_report(fast)
+    if nothing_replaced_reason(report):  # an unchanged copy is not what was asked: say why, write nothing
+        raise NothingReplacedError(f"{nothing_replaced_reason(report)}; nothing written")
     for warning in report.all_warnings():
-        console.status(f"warning: {warning}")
+        console.status(warning_line(warning))
     floor = report.extra.get("fidelity_check")
     if share is not None:
         console.status(f"sharing weights ({args.share_weights})")
@@ -224,6 +286,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         "input": source.describe(),
         "outputs": {"model": str(out), "report": str(report_path), "onnx": None if onnx_path is None
                     else str(onnx_path)},
+        **({"quantize": None} if args.quantize else {}),
         "factorize": report.to_dict(),
         "factorize_seconds": factorize_seconds,
         "share_weights": None if share is None else sharing_report(fast).to_dict(),
@@ -233,6 +296,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     }
     if fidelity_bound is not None:
         document["fidelity_bound"] = fidelity_bound
+    document["policy_from"] = policy_sources
     with StagedOutputs(args.force) as staging, tempfile.TemporaryDirectory(prefix="convfactor-") as scratch:
         stage_model(staging, out, fast, source, example, args, console)
         export, onnx_files, renamed = None, {}, {scratch: None}
@@ -243,15 +307,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
         fidelity = None
         if args.check:
             fidelity = run_fidelity(source.model, fast, source.input_shape, args, console, workdir=scratch,
-                                    inputs=check_inputs)
+                                    inputs=check_inputs, spec=policy.fidelity)
             document["fidelity"] = fidelity.to_dict()
             if not fidelity.passed:
                 document["status"] = f"fidelity check failed: {failed_criteria(fidelity)}"
             elif floor is not None and not floor["passed"]:
-                document["status"] = (f"output check failed: relative error {floor['rel_error']:.4g} "
-                                      f"({floor['bound_source']})")
-            # Its exports are reused by the benchmark: each model is exported once.
-            onnx_files.update({role: Path(scratch) / f"{role}.onnx" for role in ("original", "factorized")})
+                document["status"] = (f"output check failed: worst-slice relative error {floor['rel_error']:.4g} "
+                                      f"({floor.get('worst')}) on {floor.get('data')} ({floor['bound_source']})")
+            # Its exports are reused by the benchmark (each model exported once), unless they were made at the
+            # --check-inputs' size and the benchmark times --input-shape's.
+            if check_inputs is None or tuple(check_inputs.shape[1:]) == tuple(source.input_shape[1:]):
+                onnx_files.update({role: Path(scratch) / f"{role}.onnx" for role in ("original", "factorized")})
         bench = None
         if args.bench:
             bench = run_benchmark(onnx_files.get("original", source.model), onnx_files.get("factorized", fast),
@@ -262,6 +328,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
             document["profile"] = profile.to_dict()
             report.extra["layer_times"] = {row["layer"]: row for row in document["profile"]["layers"]}
             document["factorize"] = report.to_dict()
+        if args.quantize:
+            document["quantize"] = run_quantize(
+                staging=staging, int8_path=int8_path, source=source, fast=fast, example=example,
+                onnx_files=onnx_files, scratch=scratch, calibration=calibration, check_inputs=check_inputs,
+                policy=policy, args=args, console=console)
+            document["outputs"]["int8_onnx"] = document["quantize"]["path"]
+        document["target"] = target_outcome(policy.target, policy_sources.get("target"), report, bench)
         document["summary"] = summarize(document, **score_options)
         document = rename_paths(document, renamed)
         text = json.dumps(document, indent=2, default=str) + "\n"
@@ -301,5 +374,10 @@ def _print_results(console: Console, report: Any, document: dict[str, Any], out:
     if bench is not None:
         console.result("")
         console.result(bench.render())
+    if document.get("quantize"):
+        from .quantize_render import render_quantize
+
+        console.result("")
+        console.result(render_quantize(document["quantize"]))
     console.result("")
     console.result(render_summary(document["summary"]))

@@ -31,12 +31,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``export``; returns the exit code."""
     from ..files.architecture import parse_input_shape
     from ..runtime.export import export_onnx
-    from .checks import example_input
+    from .checks import check_onnx_name, example_input
     from .outputs import check_outputs
     from .source import load_source, require_shape, resolve_arch_option
 
     shape = parse_input_shape(args.input_shape)
     onnx_path = Path(args.onnx)
+    check_onnx_name(onnx_path)
     check_outputs([onnx_path], force=args.force, inputs=[args.checkpoint])
     arch = resolve_arch_option(args.arch, args.arch_args)
     source = load_source(args.checkpoint, arch, trust=args.trust_checkpoint, input_shape=shape, console=console)

@@ -19,6 +19,13 @@ __all__ = ["format_inspect_table", "WIDTH"]
 
 WIDTH = 100
 _SHORT = {"spatial_svd": "spsvd", "tucker2": "tuck2", "depthwise": "dwise", "grouped": "group"}
+# Which columns stay longest when the table must fit: the methods ``auto`` chooses among first, the opt-in
+# and challenge-score forms last (an unknown method after them).
+_KEEP = ("spatial_svd", "tucker2", "svd", "depthwise", "grouped", "cp", "channel_svd", "shift", "dictionary", "sal")
+
+
+def _drop_order(method: str) -> int:
+    return _KEEP.index(method) if method in _KEEP else len(_KEEP)
 
 
 def format_inspect_table(table: dict[str, Any], *, wide: bool = False, width: int = WIDTH) -> str:
@@ -62,17 +69,19 @@ def _compact(table: dict[str, Any], width: int) -> str:
     middle = min(range(len(fractions)), key=lambda i: abs(fractions[i] - 0.5))
     shown = [m for m in table["methods"] if any(isinstance(r["energy"][m], list) for r in table["layers"])]
     hidden = [m for m in table["methods"] if m not in shown]
-    rows = []
-    for row in table["layers"]:
-        share = "n/a" if row["macs_share"] is None else f"{100 * row['macs_share']:.1f}"
-        rows.append([row["name"], _shape(row), human_count(row["params"]), human_count(row["macs"]), share]
-                    + [_energy_cell(row["energy"][m], middle) for m in shown])
     base = ["layer", "shape", "params", "MACs", "MACs %"]
-    lines = format_grid(base + shown, rows, left=2)
-    abbreviated = False
+    lines = format_grid(base + shown, _compact_rows(table, shown, middle), left=2)
+    abbreviated, cut = False, []
     if max(map(len, lines)) > width:
-        lines = format_grid(base + [_SHORT.get(m, m[:5]) for m in shown], rows, left=2)
         abbreviated = True
+        while True:  # abbreviated names; then the least used methods dropped until it fits (--wide has them)
+            lines = format_grid(base + [_SHORT.get(m, m[:5]) for m in shown], _compact_rows(table, shown, middle),
+                                left=2)
+            if max(map(len, lines)) <= width or not shown:
+                break
+            dropped = max(shown, key=_drop_order)
+            shown.remove(dropped)
+            cut.insert(0, dropped)
     notes = [f"energy: fraction of squared singular values kept at {round(100 * fractions[middle])}% of each "
              f"method's full rank; '-' no spectrum, 'n/a' the method cannot represent the layer"]
     if abbreviated:
@@ -80,9 +89,20 @@ def _compact(table: dict[str, Any], width: int) -> str:
                                              if _SHORT.get(m, m[:5]) != m))
     if hidden:
         notes.append(f"not shown: {', '.join(hidden)} (no singular-value spectrum for any layer)")
+    if cut:
+        notes.append(f"not shown for width: {', '.join(cut)} (--wide shows every method)")
     notes.append("--wide: type, stride and groups columns, energy at "
                  f"{'/'.join(str(round(100 * f)) for f in fractions)}% for every method")
     return "\n".join(lines + _footer(table, None, notes, width))
+
+
+def _compact_rows(table: dict[str, Any], shown: list[str], middle: int) -> list[list[str]]:
+    rows = []
+    for row in table["layers"]:
+        share = "n/a" if row["macs_share"] is None else f"{100 * row['macs_share']:.1f}"
+        rows.append([row["name"], _shape(row), human_count(row["params"]), human_count(row["macs"]), share]
+                    + [_energy_cell(row["energy"][m], middle) for m in shown])
+    return rows
 
 
 def _footer(table: dict[str, Any], fractions: str | None, notes: list[str] | None,

@@ -16,8 +16,9 @@ __all__ = ["run_fidelity", "failed_criteria", "run_benchmark", "run_profile"]
 
 
 def run_fidelity(original: Any, fast: Any, shape: Sequence[int], args: argparse.Namespace, console: Console,
-                 workdir: str | None = None, inputs: Any = None):
-    """``check_fidelity`` with the ``--check-*`` tolerances (on ``inputs`` when given, else generated ones)."""
+                 workdir: str | None = None, inputs: Any = None, spec: Any = None):
+    """``check_fidelity`` with the ``--check-*`` tolerances (on ``inputs`` when given, else generated ones),
+    measuring outputs as the policy's ``fidelity:`` declares them (``spec``: class scores, slices)."""
     from ..runtime.fidelity import check_fidelity
 
     console.status("checking fidelity in onnxruntime")
@@ -28,7 +29,7 @@ def run_fidelity(original: Any, fast: Any, shape: Sequence[int], args: argparse.
                           n_samples=args.check_samples,
                           max_rel_l2_error=args.max_rel_l2, min_cosine=args.min_cosine,
                           min_snr_db=args.min_snr_db, min_top1_agreement=args.min_top1, exporter=args.exporter,
-                          workdir=workdir)
+                          workdir=workdir, outputs=spec)
 
 
 def failed_criteria(fidelity: Any) -> str:

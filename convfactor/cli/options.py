@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = ["add_model_arguments", "add_onnx_arguments", "add_check_arguments", "add_bench_arguments",
            "add_score_arguments", "add_output_arguments", "add_concrete_arg_argument", "read_score_options",
-           "memory_size", "unit_fraction", "seconds"]
+           "memory_size", "unit_fraction", "non_negative", "seconds"]
 
 # kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024 (as the IEC writes them); no unit: bytes.
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -55,6 +55,18 @@ def unit_fraction(text: str) -> float:
     value = _number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """A finite number >= 0 (``--max-metric-drop 0.01``, in the metric's own units).
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, negative or infinite.
+    """
+    value = _number(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
@@ -124,11 +136,12 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--check-samples", type=int, default=32, metavar="N",
                        help="random samples to compare (default 32)")
     group.add_argument("--max-rel-l2", type=float, default=0.1, metavar="X",
-                       help="largest ||a-b||/||a|| of the outputs (default 0.1)")
+                       help="largest ||a-b||/||a|| of each output's worst slice along its feature axis (default 0.1)")
     group.add_argument("--min-cosine", type=float, default=0.99, metavar="X", help="default 0.99")
     group.add_argument("--min-snr-db", type=float, default=20.0, metavar="DB", help="default 20")
     group.add_argument("--min-top1", type=float, default=0.9, metavar="X",
-                       help="smallest top-1 agreement of classifier outputs (default 0.9)")
+                       help="smallest top-1 agreement of the outputs declared as class scores (--class-scores, "
+                            "or the policy's fidelity outputs; default 0.9)")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,7 +169,14 @@ def read_score_options(args: argparse.Namespace) -> dict[str, Any]:
 
     options = {"weight_bits": args.weight_bits, "activation_bits": args.activation_bits,
                "structured_pruning": args.structured_pruning, "unstructured_pruning": args.unstructured_pruning}
-    challenge_score(1, 1, **options)  # validates the options before any work is done
+    from ..errors import ConvfactorError
+
+    try:
+        challenge_score(1, 1, **options)  # validates the options before any work is done
+    except ConvfactorError as error:  # the library names its arguments; the user typed flags
+        text = str(error).replace("weight bits", "--weight-bits").replace("activation bits", "--activation-bits")
+        text = text.replace("pruning ratios", "--structured-pruning and --unstructured-pruning")
+        raise ConvfactorError(text) from None
     return options
 
 

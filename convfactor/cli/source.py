@@ -7,6 +7,7 @@ how it was obtained (for the JSON documents) and the input shape to use.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def load_source(path: str, arch, *, trust: bool, input_shape: tuple[int, ...] | 
         from ..files.serialize import rebuild
 
         payload = checkpoint.content
-        model = rebuild(payload, arch, trust_checkpoint=trust, trust_code=trust, where=path)
+        model = _rebuild(rebuild, payload, arch, trust, path)
         record = dict(payload.get("arch") or {})
         default_shape = tuple(payload["input_shape"]) if payload.get("input_shape") else None
         notes.append(f"factorized checkpoint: plan with {len(payload['plan']['layers'])} replaced layer(s) applied")
@@ -89,6 +90,28 @@ def load_source(path: str, arch, *, trust: bool, input_shape: tuple[int, ...] | 
     check_finite(model, what)
     used_arch = arch if checkpoint.kind in ("state_dict", "factorized") else None
     return Source(model, checkpoint.path, checkpoint.kind, record, input_shape or default_shape, notes, used_arch)
+
+
+def _rebuild(rebuild: Any, payload: dict[str, Any], arch: Any, trust: bool, path: str) -> Any:
+    """``rebuild`` of a factorized checkpoint; when it fails with an ``--arch`` other than the one the file
+    was factorized from, the error says so and names the right ``--arch`` (the architecture, not tracing,
+    is what differs: ``--no-trace`` would not help)."""
+    from ..errors import ConvfactorError, TraceError
+
+    try:
+        return rebuild(payload, arch, trust_checkpoint=trust, trust_code=trust, where=path)
+    except ConvfactorError as error:
+        saved = payload.get("arch") or {}
+        if arch is None or not saved.get("factory") or saved == arch.to_dict():
+            raise
+        given = arch.to_dict()
+        args = f" --arch-args '{json.dumps(saved['kwargs'])}'" if saved.get("kwargs") else ""
+        other = (f"--arch {given['factory']} with other --arch-args" if saved["factory"] == given["factory"]
+                 else f"--arch {given['factory']}")
+        # The tracer's advice (--leaf-module, --no-trace) is for the model it traced, not the one in the file.
+        why = str(error).split(";")[0] if isinstance(error, TraceError) else str(error)
+        right = f"--arch {saved['factory']}{args or ' without --arch-args'}"
+        raise ConvfactorError(f"{path} was factorized from {right}, not {other}; give {right} ({why})") from None
 
 
 def _shape_attribute(model: Any) -> tuple[int, ...] | None:

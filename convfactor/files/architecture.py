@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import CheckpointError, ConvfactorError, one_line
 
 __all__ = ["Architecture", "resolve_arch", "stored_architecture", "builtin_factories", "parse_arch_kwargs",
-           "parse_input_shape", "cwd_importable"]
+           "parse_input_shape", "cwd_importable", "import_callable"]
 
 
 @dataclass
@@ -104,27 +104,37 @@ def resolve_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> Architec
     Raises:
         ConvfactorError: malformed spec, module not importable, no such callable.
     """
+    build_fn, factory = import_callable(spec, "--arch", "factory")
+    kwargs = dict(kwargs or {})
+    return Architecture(factory, kwargs, build_fn, _declared_input_shape(factory, build_fn, kwargs))
+
+
+
+def import_callable(spec: str, flag: str, what: str) -> tuple[Callable[..., Any], str]:
+    """The callable ``spec`` names (``"pkg.module:name"`` or ``"path/file.py:name"``) and its storable form.
+
+    Only for a spec the user gave on the command line or in Python: importing runs code. Errors name
+    ``flag`` (``--arch``, ``--metric``) and say what was expected (``what``: "factory", "function").
+    """
     module_part, sep, attribute = spec.rpartition(":")
     if not sep or not module_part or not attribute or not attribute.isidentifier():
-        raise ConvfactorError(f"--arch must look like 'package.module:factory' or 'path/to/file.py:factory', "
+        raise ConvfactorError(f"{flag} must look like 'package.module:{what}' or 'path/to/file.py:{what}', "
                               f"got {spec!r}")
     if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
         path = Path(module_part).expanduser().resolve()
         with cwd_importable():
-            module = _import_file(path, spec)
-        factory = f"{path}:{attribute}"
+            module = _import_file(path, spec, flag)
+        stored = f"{path}:{attribute}"
     else:
         with cwd_importable():
-            module = _import_module(module_part, spec)
-        factory = spec
-    build_fn = getattr(module, attribute, None)
-    if build_fn is None:
-        raise ConvfactorError(f"--arch {spec}: module {module_part!r} has no attribute {attribute!r}")
-    if not callable(build_fn):
-        raise ConvfactorError(f"--arch {spec}: {attribute!r} is a {type(build_fn).__name__}, not a callable")
-    kwargs = dict(kwargs or {})
-    return Architecture(factory, kwargs, build_fn, _declared_input_shape(factory, build_fn, kwargs))
-
+            module = _import_module(module_part, spec, flag)
+        stored = spec
+    found = getattr(module, attribute, None)
+    if found is None:
+        raise ConvfactorError(f"{flag} {spec}: module {module_part!r} has no attribute {attribute!r}")
+    if not callable(found):
+        raise ConvfactorError(f"{flag} {spec}: {attribute!r} is a {type(found).__name__}, not a callable")
+    return found, stored
 
 
 def builtin_factories() -> set[str]:
@@ -163,23 +173,23 @@ def stored_architecture(record: Mapping[str, Any], *, trusted: bool, where: str,
 
 
 
-def _import_module(name: str, spec: str) -> Any:
+def _import_module(name: str, spec: str, flag: str = "--arch") -> Any:
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as missing:
         if missing.name and (name == missing.name or name.startswith(missing.name + ".")):
-            raise ConvfactorError(f"--arch {spec}: no module named {name!r} (looked in the current directory "
+            raise ConvfactorError(f"{flag} {spec}: no module named {name!r} (looked in the current directory "
                                   f"and the installed packages)") from None
-        raise ConvfactorError(f"--arch {spec}: importing {name!r} failed: {one_line(missing)}") from None
+        raise ConvfactorError(f"{flag} {spec}: importing {name!r} failed: {one_line(missing)}") from None
     except Exception as bad:  # a syntax error or a failing import inside the user's module
-        raise ConvfactorError(f"--arch {spec}: importing {name!r} failed with {type(bad).__name__}: "
+        raise ConvfactorError(f"{flag} {spec}: importing {name!r} failed with {type(bad).__name__}: "
                               f"{one_line(bad)}") from None
 
 
 
-def _import_file(path: Path, spec: str) -> Any:
+def _import_file(path: Path, spec: str, flag: str = "--arch") -> Any:
     if not path.is_file():
-        raise ConvfactorError(f"--arch {spec}: file {path} not found")
+        raise ConvfactorError(f"{flag} {spec}: file {path} not found")
     # A name derived from the full path: two files called model.py in different folders stay apart.
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
     stem = re.sub(r"\W", "_", path.stem)
@@ -188,7 +198,7 @@ def _import_file(path: Path, spec: str) -> Any:
         return sys.modules[module_name]
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise ConvfactorError(f"--arch {spec}: {path} cannot be imported as a Python module")
+        raise ConvfactorError(f"{flag} {spec}: {path} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
     sys.path.insert(0, str(path.parent))  # so the file can import its neighbours
@@ -196,7 +206,7 @@ def _import_file(path: Path, spec: str) -> Any:
         module_spec.loader.exec_module(module)
     except Exception as bad:
         del sys.modules[module_name]
-        raise ConvfactorError(f"--arch {spec}: importing {path.name} failed with {type(bad).__name__}: "
+        raise ConvfactorError(f"{flag} {spec}: importing {path.name} failed with {type(bad).__name__}: "
                               f"{one_line(bad)}") from None
     finally:
         sys.path.remove(str(path.parent))

@@ -5,11 +5,15 @@ ones when none are given (the report says which). Per output, with ``a`` the ori
 ``b`` the factorized one's over all samples::
 
     max_abs_error = max |a - b|            rel_l2_error = ||a - b|| / ||a||
+    worst_slice_rel_error = max over slices s along the feature axis of ||a_s - b_s|| / ||a_s||
     snr_db = 10 log10(||a||^2 / ||a - b||^2) = -20 log10(rel_l2_error)
     cosine = mean over samples of <a_i, b_i> / (||a_i|| ||b_i||)
 
-and, for classifier-like outputs ([N, C] with C >= 2), top-1 agreement (same argmax) and top-5 overlap
-(shared fraction of the top-5 classes; reported when C > 5). Each criterion has its own tolerance.
+The relative-error tolerance applies to the worst slice (``convfactor.output_error``: declared slices, or
+runs of channels of similar scale), so a small head inside one tensor is judged on its own scale. Top-1
+agreement (same argmax along the feature axis) and top-5 overlap (C > 5) are computed only for outputs
+declared as class scores (``outputs={0: {"kind": "scores"}}``, the policy's ``fidelity: outputs:``
+format): a regression head or a recurrent state has no class. Each criterion has its own tolerance.
 
 Separately, every model given as a module is compared with its own ONNX export (float32, relative L2
 error <= ``export_tolerance``), so an exporter problem is never mistaken for a factorization error.
@@ -29,8 +33,10 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import InputSpecError
+from ..errors import InputSpecError, PolicyError
+from ..fidelity_spec import Fidelity, parse_fidelity
 from ..inputs import as_input_tuple, input_shapes, standard_normal_inputs
+from ..output_error import ErrorAccumulator, OutputLayout, plan_layouts
 from .fidelity_report import ExportCheck, FidelityReport, OutputFidelity, criteria
 from .sessions import (
     PreparedModel,
@@ -46,15 +52,19 @@ __all__ = [
 ]
 
 
-def output_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+def output_metrics(reference: np.ndarray, candidate: np.ndarray, layout: OutputLayout | None = None
+                   ) -> dict[str, float]:
     """Error measures of ``candidate`` against ``reference`` (same shape, axis 0 = samples).
 
     Args:
         reference: the original model's output, all samples.
         candidate: the factorized model's output, same shape.
+        layout: its slices and kind (``convfactor.output_error.plan_layouts``); None: found from the data,
+            kind ``auto`` (no agreement).
     Returns:
-        ``max_abs_error``, ``rel_l2_error``, ``snr_db``, ``cosine`` (mean over samples), ``cosine_min``,
-        and for [N, C] outputs with C >= 2 ``top1_agreement`` (plus ``top5_overlap`` when C > 5).
+        ``max_abs_error``, ``rel_l2_error``, ``worst_slice_rel_error``, ``snr_db``, ``cosine`` (mean over
+        samples), ``cosine_min``, and for outputs declared as class scores ``top1_agreement`` (plus
+        ``top5_overlap`` when C > 5, for [N, C] outputs).
     """
     a = np.asarray(reference, dtype=np.float64)
     b = np.asarray(candidate, dtype=np.float64)
@@ -72,9 +82,15 @@ def output_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
     cosines = _cosines(per_sample_a, per_sample_b)
     metrics["cosine"] = float(cosines.mean())
     metrics["cosine_min"] = float(cosines.min())
-    if a.ndim == 2 and a.shape[1] >= 2:
-        metrics["top1_agreement"] = float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))
-        if a.shape[1] > 5:
+    if layout is None:
+        layout = plan_layouts(["output"], [a], None)[0]
+    accumulator = ErrorAccumulator([layout])
+    accumulator.add([a], [b])
+    measured = accumulator.result("worst")
+    metrics["worst_slice_rel_error"] = measured["worst_rel_error"]
+    if measured["agreement"] is not None:
+        metrics["top1_agreement"] = measured["agreement"]
+        if a.ndim == 2 and a.shape[1] > 5:
             metrics["top5_overlap"] = _topk_overlap(a, b, 5)
     return metrics
 
@@ -95,6 +111,8 @@ def check_fidelity(
     min_top1_agreement: float | None = 0.9,
     min_top5_overlap: float | None = 0.9,
     export_tolerance: float = 1e-5,
+    outputs: Any = None,
+    reduce: str = "worst",
     exporter: str = "auto",
     threads: int | None = None,
     workdir: str | os.PathLike | None = None,
@@ -113,13 +131,18 @@ def check_fidelity(
         max_batches: use at most this many user batches (None: all).
         seed: seed of the generated inputs.
         max_abs_error: largest allowed max |a - b|; None: not checked (it depends on the output scale).
-        max_rel_l2_error: largest allowed ||a - b|| / ||a||; None: not checked.
+        max_rel_l2_error: largest allowed relative L2 error of each output's worst slice (``reduce="worst"``)
+            or of each whole output (``reduce="pooled"``); None: not checked.
         min_cosine: smallest allowed mean per-sample cosine similarity; None: not checked.
         min_snr_db: smallest allowed signal-to-noise ratio in dB; None: not checked.
-        min_top1_agreement: smallest allowed fraction of samples with the same argmax ([N, C] outputs);
-            None: not checked.
+        min_top1_agreement: smallest allowed fraction with the same argmax, on outputs declared as class
+            scores in ``outputs``; None: not checked.
         min_top5_overlap: smallest allowed mean shared fraction of the top-5 classes (C > 5); None: not checked.
         export_tolerance: largest allowed relative L2 error between a module and its ONNX export.
+        outputs: how outputs are measured, in the policy's ``fidelity: outputs:`` form (``{0: {"kind":
+            "scores"}, "boxes": {"slices": {"xy": [0, 2]}}}``) or a ``Fidelity``; keys are output indices or
+            ONNX output names.
+        reduce: ``"worst"`` (the tolerance holds for every slice) or ``"pooled"`` (for each whole output).
         exporter: ``"auto"``, ``"dynamo"`` or ``"torchscript"`` (see ``export_onnx``).
         threads: onnxruntime intra-op threads (None: all cores).
         workdir: where exported files go (default: a temporary directory, removed afterwards).
@@ -129,8 +152,10 @@ def check_fidelity(
         InputSpecError: no usable inputs, or the models' inputs/outputs do not match.
         ExportError: a module could not be exported.
     """
+    spec = outputs if isinstance(outputs, Fidelity) or outputs is None else _output_spec(outputs, reduce)
+    relative = "worst_slice_rel_error" if (spec.reduce if spec is not None else reduce) == "worst" else "rel_l2_error"
     thresholds = {
-        "max_abs_error": max_abs_error, "rel_l2_error": max_rel_l2_error, "cosine": min_cosine,
+        "max_abs_error": max_abs_error, relative: max_rel_l2_error, "cosine": min_cosine,
         "snr_db": min_snr_db, "top1_agreement": min_top1_agreement, "top5_overlap": min_top5_overlap,
     }
     for name, value in [*thresholds.items(), ("export_tolerance", export_tolerance)]:
@@ -160,11 +185,17 @@ def check_fidelity(
     if len(outputs_a) != len(outputs_b):
         raise InputSpecError(f"the original has {len(outputs_a)} output(s), the factorized model {len(outputs_b)}")
     results = []
-    for name, a, b in zip(names_a, outputs_a, outputs_b):
+    try:
+        layouts = plan_layouts(names_a, outputs_a, spec)
+    except ValueError as bad:
+        raise InputSpecError(str(bad)) from None
+    for name, a, b, layout in zip(names_a, outputs_a, outputs_b, layouts):
         if a.shape != b.shape:
             raise InputSpecError(f"output {name!r} has shape {list(a.shape)} in the original "
                                  f"but {list(b.shape)} in the factorized model")
-        metrics = output_metrics(a, b)
+        if layout.kind == "ignore":
+            continue
+        metrics = output_metrics(a, b, layout)
         results.append(OutputFidelity(name, tuple(a.shape), metrics, criteria(metrics, thresholds)))
     return FidelityReport(
         inputs_generated=generated,
@@ -175,6 +206,14 @@ def check_fidelity(
         export_checks=tuple(export_checks),
         models={role: model.to_dict(kept=workdir is not None) for role, model in models.items()},
     )
+
+
+def _output_spec(outputs: Any, reduce: str) -> Fidelity:
+    """``outputs`` in the policy's form as a ``Fidelity`` without criteria (errors as InputSpecError)."""
+    try:
+        return parse_fidelity({"outputs": outputs, "reduce": reduce})
+    except PolicyError as bad:
+        raise InputSpecError(str(bad).replace("policy: fidelity ", "check_fidelity: ")) from None
 
 
 # -- inputs -----------------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ class FidelityReport:
 
 
 def criteria(metrics: dict[str, float], thresholds: dict[str, float | None]) -> tuple[Criterion, ...]:
-    upper = ("max_abs_error", "rel_l2_error")  # smaller is better; the rest: larger is better
+    upper = ("max_abs_error", "rel_l2_error", "worst_slice_rel_error")  # smaller is better; the rest: larger
     result = []
     for name, threshold in thresholds.items():
         if threshold is None or name not in metrics:

@@ -126,7 +126,11 @@ def test_public_entry_with_calibration_beats_weight_based_selection(net):
     weight_based = convfactor.factorize(net, policy, x)
     report = convfactor.get_report(data_aware)
     assert report.macs_ratio <= 0.5
-    assert report.extra["auto"]["selection"].startswith("data-aware selection and factorization (64 calibration")
+    # 48 of the 64 samples fit; 8 are held out to select on and 8 to check the result on.
+    assert report.extra["auto"]["selection"].startswith("data-aware selection and factorization (48 calibration")
+    assert report.extra["auto"]["data_split"] == {"fit": 48, "select": 8, "check": 8, "source": "calibration",
+                                                  "held_out": True, "check_is_select": False,
+                                                  "rule": report.extra["auto"]["data_split"]["rule"]}
     reference = net(heldout)
 
     def error2(model):

@@ -207,7 +207,7 @@ def test_latency_target_allocates_measured_times_and_falls_back_when_not_faster(
     assert len(kept) <= 1 and verification["rounds"][-1]["speedup"] == 1.2
     assert verification["rounds"][0]["speedup"] == 0.9 and len(verification["layers_dropped"]) >= 1
     assert "0.90x" in resolution.info["search"]["missed"]["message"]
-    assert any("target latency 0.9" in w for w in resolution.info["warnings"])
+    assert any("target latency 0.9" in w for w in resolution.info["speed_warnings"])
 
     # Never faster: every layer is left as is, so the result is never slower than the original.
     never, _, _ = stub_model(tmp_path, speedup=lambda original, candidate: 0.95, verify_rounds=3)

