@@ -217,7 +217,9 @@ def _check_text(check: dict) -> str:
         return "-"
     text = f"{'passed' if check.get('passed') else 'FAILED'}: rel. err {check.get('rel_error', 'n/a')}"
     if check.get("worst"):
-        text += f" (worst slice {check['worst']})"
+        text += f" (worst: output {check['worst']})"
+    if isinstance(check.get("pooled_rel_error"), float):
+        text += f", pooled {check['pooled_rel_error']}"
     inside = check.get("in_sample")
     if isinstance(inside, dict):
         text += f", in-sample {inside.get('rel_error')}"
