@@ -100,6 +100,9 @@ def test_criterion_verdicts():
     assert silent["verdict"].startswith("FALSE PASS") and not silent["ok"]
     said = criterion({**base, "metric": {"f": 0.5}, "fidelity_check": {"passed": False}}, spec)
     assert said["ok"] and said["tool_said_not_kept"]
+    overfit_note = criterion({**base, "metric": {"f": 0.9}, "fidelity_check": {"passed": True}, "accuracy_warnings": [
+        {"category": "FidelityWarning", "message": "accuracy: the fit overfits its samples: held-out error 0.2"}]}, spec)
+    assert overfit_note["verdict"] == "kept"  # a caution, not "accuracy not kept"
     bounded = criterion({**base, "row": "fidelity_macs_0.5", "metric": {"f": 0.5},
                          "fidelity_check": {"passed": False}}, spec)
     assert not bounded["ok"]  # with a bound given, the returned model must keep the metric

@@ -193,6 +193,14 @@ def accuracy_warnings(warned: list[dict]) -> list[dict]:
     return out
 
 
+def _says_not_kept(message: str) -> bool:
+    """An accuracy warning that says the result is not the original any more ("accuracy not kept: ...", before
+    issue 18 "the factorized model is far from the original: ..."); an overfit note or a missing held-out set
+    is a caution, not that verdict."""
+    text = message.lower()
+    return "not kept" in text or "far from the original" in text
+
+
 def recheck(out: dict) -> dict:
     """``out`` with its accuracy warnings and criterion derived again from what it recorded (rows of an
     earlier run rendered with the current rules)."""
@@ -221,7 +229,7 @@ def criterion(out: dict, spec: dict) -> dict:
     drop = original[key] - after[key] if spec["higher_is_better"] else after[key] - original[key]
     kept = drop <= tol + 1e-12
     check = out.get("fidelity_check") or {}
-    said = check.get("passed") is False or bool(out.get("accuracy_warnings"))
+    said = check.get("passed") is False or any(_says_not_kept(w["message"]) for w in out.get("accuracy_warnings", []))
     bounded = out["row"].startswith(("fidelity_", "metric_"))
     if kept:
         verdict = "kept" + (" (tool said not kept: false alarm)" if said else "")
