@@ -39,3 +39,19 @@ def ckpt(tmp_path):
     path = tmp_path / "net.pt"
     torch.save(randomized(TinyNet()).state_dict(), path)
     return path
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The keyword arguments of every factorize call the CLI makes (the real factorize still runs)."""
+    seen = []
+    import convfactor.api
+
+    real = convfactor.api.factorize
+
+    def spy(model, policy, example_inputs=None, **kwargs):
+        seen.append({"policy": policy, **kwargs})
+        return real(model, policy, example_inputs, **kwargs)
+
+    monkeypatch.setattr(convfactor.api, "factorize", spy)
+    return seen

@@ -11,25 +11,10 @@ import os
 import pytest
 import torch
 
-import convfactor.api
 from convfactor.cli.options import memory_size, unit_fraction
 
 ARCH = "tests.cli_models:tiny_net"
 SHAPE = "1,3,8,8"
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """The keyword arguments of every factorize call the CLI makes (the real factorize still runs)."""
-    seen = []
-    real = convfactor.api.factorize
-
-    def spy(model, policy, example_inputs=None, **kwargs):
-        seen.append({"policy": policy, **kwargs})
-        return real(model, policy, example_inputs, **kwargs)
-
-    monkeypatch.setattr(convfactor.api, "factorize", spy)
-    return seen
 
 
 def _convert(cli, ckpt, *extra, policy="spatial_svd:0.5"):

@@ -10,8 +10,6 @@ import re
 import pytest
 import torch
 
-import convfactor.api
-
 ARCH = "tests.cli_models:tiny_net"
 SHAPE = "1,3,8,8"
 METRIC = '''
@@ -24,19 +22,6 @@ def constant(model):
 def broken(model):
     return float("nan")
 '''
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    seen = []
-    real = convfactor.api.factorize
-
-    def spy(model, policy, example_inputs=None, **kwargs):
-        seen.append({"policy": policy, **kwargs})
-        return real(model, policy, example_inputs, **kwargs)
-
-    monkeypatch.setattr(convfactor.api, "factorize", spy)
-    return seen
 
 
 def _inputs(tmp_path, name, count, seed):

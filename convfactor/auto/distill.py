@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import ConvfactorError
 from ..output_error import OutputLayout
 from ..progress import open_bar
-from .finetune import structural_masks
+from .finetune import masked_step, structural_masks
 from .output_checker import OutputChecker
 
 __all__ = ["DistillOptions", "DistillRun", "as_distill_options", "output_losses", "distill_model",
@@ -289,15 +289,7 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: Sequence[tupl
                 outputs = _leaves(student(*batch))
                 terms = [loss(o, t, options.temperature) for loss, o, t in zip(losses, outputs, targets)]
                 value = sum(term for term in terms if term is not None)
-                optimizer.zero_grad(set_to_none=True)
-                value.backward()
-                for param, keep in masks:
-                    if param.grad is not None:
-                        param.grad.mul_(keep)
-                optimizer.step()
-                with torch.no_grad():
-                    for param, keep in masks:  # momentum cannot move them either
-                        param.mul_(keep)
+                masked_step(optimizer, value, masks)
                 run.losses.append(float(value.detach()))
                 run.steps_run = step
                 bar.update(1)

@@ -30,7 +30,7 @@ from ..errors import ConvfactorError
 from ..progress import open_bar
 from .calibration import flat_outputs
 
-__all__ = ["FinetuneResult", "finetune", "distillation_loss", "structural_masks", "LOSSES"]
+__all__ = ["FinetuneResult", "finetune", "distillation_loss", "structural_masks", "masked_step", "LOSSES"]
 
 LOSSES = ("kl", "mse")
 
@@ -180,15 +180,7 @@ def finetune(
                 targets = flat_outputs(teacher(*batch))
             outputs = flat_outputs(factorized(*batch))
             value = sum(distillation_loss(o, t.detach(), loss, temperature) for o, t in zip(outputs, targets))
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            for param, keep in masks:
-                if param.grad is not None:
-                    param.grad.mul_(keep)
-            optimizer.step()
-            with torch.no_grad():
-                for param, keep in masks:  # momentum or weight decay cannot move them either
-                    param.mul_(keep)
+            masked_step(optimizer, value, masks)
             result.losses.append(float(value.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4g}")
@@ -199,3 +191,18 @@ def finetune(
         factorized.train(was_training[0])
         teacher.train(was_training[1])
     return result
+
+
+def masked_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, masks: list) -> None:
+    """One optimizer step on ``loss`` that leaves structural zeros at zero: each masked parameter's gradient
+    is zeroed where its mask is 0 before the step, and the entries set back to 0 after it (so neither momentum
+    nor weight decay moves them). ``masks``: (parameter, keep mask) pairs (``structural_masks``)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for param, keep in masks:
+        if param.grad is not None:
+            param.grad.mul_(keep)
+    optimizer.step()
+    with torch.no_grad():
+        for param, keep in masks:
+            param.mul_(keep)
