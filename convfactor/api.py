@@ -158,7 +158,7 @@ def factorize(
         _check_policy_matched(policy, report)
         return result
 
-    bound = policy.fidelity if policy.fidelity is not None and policy.fidelity.has_criterion else None
+    bound = policy.bound
     done = run_pipeline(work, rewrite, example_inputs=inputs, trace=trace, fold_batchnorm=fold_batchnorm,
                         leaf_modules=leaf_modules, concrete_args=concrete_args)
     root = done.module

@@ -93,14 +93,12 @@ class Fidelity:
         return OutputSpec()
 
     def loosened(self, factor: float) -> Fidelity:
-        """The same bound with every tolerance ``factor`` times wider (an early stop's clear failure)."""
-        def wider(value: float | None, floor: bool = False) -> float | None:
-            if value is None:
-                return None
-            return value * factor if not floor else 1 - (1 - value) * factor
-        drop = self.max_metric_drop
-        return Fidelity(wider(self.max_rel_error), wider(self.min_agreement, True),
-                        None if drop is None else max(drop * factor, drop + 1e-12), None, self.reduce, self.outputs)
+        """The output criteria ``factor`` times wider, the metric's left out: what an early stop on part of
+        the data judges (the metric is not evaluated on a part)."""
+        error, agreement = self.max_rel_error, self.min_agreement
+        return Fidelity(None if error is None else error * factor,
+                        None if agreement is None else 1 - (1 - agreement) * factor, reduce=self.reduce,
+                        outputs=self.outputs)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k) for k in ("max_rel_error", "min_agreement", "max_metric_drop",

@@ -107,10 +107,15 @@ class Policy:
     fidelity: Fidelity | None = None  # the bound the result must measure within (convfactor.auto.verify)
 
     @property
+    def bound(self) -> Fidelity | None:
+        """The fidelity section when it bounds something (output declarations alone bound nothing)."""
+        return self.fidelity if self.fidelity is not None and self.fidelity.has_criterion else None
+
+    @property
     def needs_resolution(self) -> bool:
         """True when convfactor.auto must resolve ranks or methods: a target, a fidelity bound, an ``auto``
         rule, ``rank: vbmf``."""
-        return (self.target is not None or (self.fidelity is not None and self.fidelity.has_criterion)
+        return (self.target is not None or self.bound is not None
                 or any(r.method == AUTO or r.rank == VBMF for r in self.rules))
 
     # -- matching -----------------------------------------------------------------------------

@@ -134,20 +134,16 @@ def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, output
     ``fit`` (in-sample: shown beside the held-out number; ``outputs`` are the original's outputs already
     computed on the first fit batches), ``select`` (every measurement the search decides by) and ``check``
     (the held-out number reported). Parts without data get None; ``check`` is ``select`` when the split
-    could not separate them (``DataSplit.shared``). The task metric of the original is evaluated once, by the
-    first checker made, while ``root`` is still the original (``factorize`` rewrites it in place afterwards).
+    could not separate them (``DataSplit.shared``). The task metric of the original is evaluated once, here,
+    while ``root`` is still the original (``factorize`` rewrites it in place afterwards).
     """
-    original: list[float] = []  # the original's metric, evaluated once for every checker
+    original = metric(root) if metric is not None and split.select else None
 
     def make(batches: list | None, label: str, known: list | None = None) -> OutputChecker | None:
         if not batches:
             return None
-        checker = OutputChecker(root, first_samples(batches, opts.fidelity_samples), label, known, spec=spec,
-                                metric=metric, metric_limit=opts.metric_evaluations,
-                                metric_original=original[0] if original else None)
-        if metric is not None and not original:
-            original.append(checker.metric_original)
-        return checker
+        return OutputChecker(root, first_samples(batches, opts.fidelity_samples), label, known, spec=spec,
+                             metric=metric, metric_limit=opts.metric_evaluations, metric_original=original)
 
     label = split.check_label
     select = make(split.select, label if split.shared else f"{label} (selection part)",

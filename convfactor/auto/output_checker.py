@@ -161,7 +161,7 @@ class OutputChecker:
             seen += len(batch[0])
             if loose is not None and seen * 4 >= self.samples and seen < self.samples:
                 partial = acc.result(reduce)
-                if failures(partial, Fidelity(loose.max_rel_error, loose.min_agreement)):
+                if failures(partial, loose):
                     stopped = True
                     break
         out = acc.result(reduce)

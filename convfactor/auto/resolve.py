@@ -162,7 +162,7 @@ def resolve_policy(
         shapes = layer_io_shapes(root, inputs)
     target = policy.target
     spec = policy.fidelity
-    bound = spec if spec is not None and spec.has_criterion else None
+    bound = policy.bound
     if bound is not None and bound.needs_metric and metric is None:
         raise PolicyError("policy: fidelity max_metric_drop/min_metric need the task metric: pass metric=... to "
                           "factorize (CLI: --metric MODULE:FUNCTION)")
@@ -256,8 +256,9 @@ def resolve_policy(
 
     prebuilt = replacements.build(progress)  # a probe's modules when the search measured this allocation
     if replacements.sequential or replacements.stats is not None:
-        prebuilt, info["regularization"] = regularize(root, plans, opts, replacements, prebuilt, checks, notes,
-                                                      deadline, progress)
+        prebuilt, account = regularize(root, plans, opts, replacements, prebuilt, checks, notes, deadline, progress)
+        if account is not None:
+            info["regularization"] = account
     flushed = sum(flush_denormals(module) for module in (prebuilt or {}).values())
     if flushed:
         notes.append(f"{flushed} denormal weights of the data-aware factors set to 0 (they run many times slower)")
