@@ -53,6 +53,7 @@ _LAZY = {
     "share_weights": "share",
     "sharing_report": "share",
     "export_shared_onnx": "share_onnx",
+    "sweep": "sweeps",
 }
 
 __all__ = [

@@ -61,6 +61,8 @@ def factorize(
     auto_options: Any = None,
     memory_budget: float | None = None,
     distill: Any = None,
+    shared: Any = None,
+    executor: Any = None,
 ) -> nn.Module:
     """Rewrite the Conv/Linear layers of a trained ``model`` as the policy says.
 
@@ -100,6 +102,11 @@ def factorize(
             ``model`` on the calibration fit part (or ``DistillOptions.data``), stopped early on the select
             part's error and returned only if that error went down; needs ``calibration`` or ``validation``.
             Before/after on held-out data in ``report.extra['distill']`` (docs/distill.md).
+        shared: a ``convfactor.auto.shared.SharedWork`` passed to several calls on this model and data (what
+            ``convfactor.sweep`` does): statistics, candidates and sensitivities are computed once and reused.
+        executor: a ``concurrent.futures.Executor`` (a thread or process pool, ``dask_client.get_executor()``)
+            the candidate scoring and sensitivity probes run on as tasks; the allocation is the serial one
+            (``convfactor.executor``).
     Returns:
         The factorized module, in eval mode, with ``convfactor_report`` (see ``get_report``).
     Raises:
@@ -148,7 +155,8 @@ def factorize(
                 options = dataclasses.replace(options or AutoOptions(), memory_budget=float(memory_budget))
             resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
                                         calibration=calibration, validation=validation, metric=metric,
-                                        latency=latency, progress=progress, options=options, distill=distill)
+                                        latency=latency, progress=progress, options=options, distill=distill,
+                                        shared=shared, executor=executor)
             report.extra["auto"] = resolution.info
             report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
             policy, prebuilt = resolution.policy, resolution.prebuilt

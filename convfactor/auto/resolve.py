@@ -60,6 +60,7 @@ from .plans import plan_layers, set_shapes_and_calls
 from .refit import Replacements
 from .regularize import regularize
 from .scoring import SCORED_RANKS, build_options, measure_sensitivities
+from .shared import SharedWork
 from .slow_forms import check_whole_model, flush_denormals, prefer_fast_forms, undo_swaps
 from .split import DataSplit, split_data
 from .verify import REFERENCE_BYTES, OutputChecker, failures, say
@@ -110,6 +111,8 @@ def resolve_policy(
     options: AutoOptions | None = None,
     latency_model: LatencyModel | None = None,
     distill: Any = None,
+    shared: SharedWork | None = None,
+    executor: Any = None,
 ) -> Resolution:
     """Turn a target / ``auto`` policy into plain per-layer rules for ``root``.
 
@@ -130,6 +133,11 @@ def resolve_policy(
         latency_model: a ready ``LatencyModel`` (tests pass one with stub timers); else built from ``latency``.
         distill: ``DistillOptions`` (``factorize(..., distill=...)``): with a fidelity bound, failing probes of the
             search are judged after a short distillation (``distill_probes``).
+        shared: a ``SharedWork`` kept across resolutions of this network on this data (a sweep's points):
+            statistics, candidates and sensitivities computed once, reused where nothing they depend on changed.
+        executor: a ``concurrent.futures.Executor`` (``convfactor.executor``) the candidate scoring and the
+            sensitivity probes are submitted to as tasks; results are reduced in layer order, so the
+            allocation is the serial one. None: ``AutoOptions.workers`` threads (default: serial).
     Returns:
         A ``Resolution``.
     Raises:
@@ -180,11 +188,16 @@ def resolve_policy(
     stats, outputs = None, []
     if batches is not None:
         layers = {p.name: p.layer for p in open_plans}
-        stats = layer_statistics(root, layers, batches, opts.max_rows, opts.seed, opts.memory_budget, progress,
-                                 on_output=_keep_outputs(batches, opts, outputs)) if layers else {}
+        keep = _keep_outputs(batches, opts, outputs)
+
+        def collect() -> dict:
+            return layer_statistics(root, layers, batches, opts.max_rows, opts.seed, opts.memory_budget, progress,
+                                    on_output=keep) if layers else {}
+
+        stats = collect() if shared is None else shared.statistics(root, layers, batches, opts, collect)
     model = None
     if timed:
-        model = latency_model or LatencyModel(latency)
+        model = latency_model or _latency_model(latency, shared)
         if model.cache.load_error:
             notes.append(model.cache.load_error)
         if target is not None:  # a latency target weighs layers against each other: time them together
@@ -213,13 +226,24 @@ def resolve_policy(
     forms = {name: st.covariance.kind for name, st in (stats or {}).items()}
     if target is not None or bound is not None:
         kind, fraction = target if target is not None else ("macs" if inputs is not None else "params", None)
-        build_options(plans, kind, opts, stats, model, progress, probe=batches is not None and opts.sensitivity)
+
+        def score() -> bool:
+            build_options(plans, kind, opts, stats, model, progress, probe=batches is not None and opts.sensitivity,
+                          executor=executor)
+            if batches is not None and opts.sensitivity:
+                cuts = len(deadline.warnings)
+                measure_sensitivities(root, plans, kind, batches, opts, progress, notes, checks["fit"] or checker,
+                                      deadline, executor=executor)
+                return len(deadline.warnings) == cuts
+            return True
+
+        if shared is None:
+            score()
+        else:
+            shared.scored(root, plans, kind, batches, opts, latency, notes, score)
         scoring = {p.name: sorted(set(p.notes)) for p in plans if p.notes}
         if scoring:
             info.setdefault("statistics", {})["scoring"] = scoring
-        if batches is not None and opts.sensitivity:
-            measure_sensitivities(root, plans, kind, batches, opts, progress, notes, checks["fit"] or checker,
-                                  deadline)
         for plan in open_plans:
             for option in plan.options:
                 option.loss = plan.sensitivity * option.error2
@@ -251,7 +275,7 @@ def resolve_policy(
         info["warnings"].append(WEIGHT_ONLY_WARNING.format(kind=target[0]))
     speed_model = None
     if kind in ("macs", "params") and opts.speed_check and inputs is not None:
-        speed_model = latency_model or LatencyModel(latency)
+        speed_model = latency_model or _latency_model(latency, shared)
         _speed_check(root, open_plans, kind, bound, checker, replacements, info, speed_model, inputs)
 
     prebuilt = replacements.build(progress)  # a probe's modules when the search measured this allocation
@@ -307,6 +331,13 @@ def resolve_policy(
         info["time_budget"] = {"seconds": opts.time_budget, "used": round(deadline.elapsed(), 2),
                                "cut": [w.split(": ", 1)[1] for w in deadline.warnings]}
     return Resolution(resolved, prebuilt or None, info, checks, spec, split)
+
+
+def _latency_model(latency: Mapping[str, Any] | None, shared: SharedWork | None) -> LatencyModel:
+    """A new ``LatencyModel``, or the one ``shared`` keeps for these options."""
+    if shared is None:
+        return LatencyModel(latency)
+    return shared.latency_model(latency, lambda: LatencyModel(latency))
 
 
 def probe_postfix(probe: Any) -> dict[str, str]:
