@@ -28,7 +28,7 @@ from .measured import first_samples
 from .options import AutoOptions
 from .plans import LayerPlan, pass_samples
 from .round_robin import RESOLUTION
-from .tasks import score_layer_task, sensitivity_task
+from .tasks import portable, score_layer_task, sensitivity_task
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
 
 __all__ = ["SCORED_RANKS", "build_options", "error_function", "candidate_module", "measure_sensitivities"]
@@ -279,8 +279,8 @@ def measure_sensitivities(root: nn.Module, plans: list[LayerPlan], kind: str, ba
     elif deadline is not None and deadline.spent():
         measured = {}
     else:
-        private = not in_this_process(executor)
-        calls = [(root, name, probe, subset, reference, private) for name, probe in probes.items()]
+        shipped = root if in_this_process(executor) else portable(root)
+        calls = [(shipped, name, probe, subset, reference) for name, probe in probes.items()]
         results = ordered_results(executor, sensitivity_task, calls, progress, "sensitivities", "layer")
         measured = {name: result for name, result in zip(probes, results) if result is not None}
     if len(measured) < len(probes):

@@ -11,6 +11,7 @@ its result pickled back. The caller applies the results in layer order (``convfa
 from __future__ import annotations
 
 import copy
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,17 @@ from torch import nn
 
 from .calibration import layer_sensitivities
 
-__all__ = ["score_layer_task", "sensitivity_task"]
+__all__ = ["score_layer_task", "sensitivity_task", "portable"]
+
+
+def portable(module: nn.Module) -> bytes:
+    """``module`` pickled for another process. A traced network (GraphModule) is rebuilt there from its code;
+    torch.fx's plain tracer does it, not the capture tracer that made it (which expects the network it was
+    tracing), and the bytes travel as they are (an engine's own serializer would pickle it its way)."""
+    if getattr(module, "_tracer_cls", None) is not None:
+        module = copy.copy(module)
+        module.__dict__["_tracer_cls"] = None
+    return pickle.dumps(module)
 
 
 def score_layer_task(score: Any, plan: Any, by_method: dict, kind: str, opts: Any, stats: Any,
@@ -29,14 +40,14 @@ def score_layer_task(score: Any, plan: Any, by_method: dict, kind: str, opts: An
     return plan.options, plan.notes, plan.decision, plan.probe
 
 
-def sensitivity_task(root: nn.Module, name: str, probe: nn.Module, batches: Sequence[tuple],
-                     reference: Sequence[Sequence[Any]] | None, private: bool) -> dict[str, float] | None:
+def sensitivity_task(root: nn.Module | bytes, name: str, probe: nn.Module, batches: Sequence[tuple],
+                     reference: Sequence[Sequence[Any]] | None) -> dict[str, float] | None:
     """The sensitivity of layer ``name`` of ``root`` probed by ``probe`` on ``batches``.
 
     Args:
-        private: ``root`` is this task's own (pickled to a worker); else it is copied first, since the probe
-            hooks a layer and other tasks run the same network at the same time.
+        root: the network: ``portable`` bytes (this task's own copy, in a worker), or the module shared with
+            other tasks of this process, then copied first (the probe hooks a layer while others run it).
     """
-    work = root if private else copy.deepcopy(root)
+    work = pickle.loads(root) if isinstance(root, bytes) else copy.deepcopy(root)
     layer = work.get_submodule(name)
     return layer_sensitivities(work, {name: layer}, {name: probe}, batches, reference=reference).get(name)
