@@ -81,7 +81,7 @@ def _check_arguments(args: argparse.Namespace) -> tuple[Any, Any, list[Path]]:
     from ..methods import available_methods
     from ..policy import AUTO, Policy, Rule
     from ..sweeps.points import parse_targets
-    from .checks import check_out_name
+    from .checks import OUT_SUFFIXES
     from .outputs import check_outputs
 
     targets = parse_targets(args.targets, flag="--targets")
@@ -107,8 +107,9 @@ def _check_arguments(args: argparse.Namespace) -> tuple[Any, Any, list[Path]]:
     if args.plot and args.no_bench:
         raise ConvfactorError("--plot needs the speedups: drop --no-bench")
     best = Path(args.save_best) if args.save_best else None
-    if best is not None:
-        check_out_name(best)
+    if best is not None and best.suffix.lower() not in OUT_SUFFIXES:
+        raise ConvfactorError(f"--save-best {best}: the name must end in .pt or .pth (a factorized checkpoint for "
+                              "convfactor.load) or .pt2 (a torch.export program)")
     outputs = [p for p in (out, plot, best) if p is not None]
     check_outputs(outputs, force=args.force, inputs=[args.checkpoint, args.calibration, args.validation])
     return targets, policy, [out, plot, best]

@@ -44,18 +44,20 @@ def test_results_come_back_in_submission_order_whatever_finishes_first():
     assert 1 <= pool_size(64) <= 64 and pool_size(1) == 1
 
 
-def test_a_thread_pool_gives_the_serial_allocation_and_numbers(net, data):
-    serial = _resolution(net, data, None)
+@pytest.fixture(scope="module")
+def serial(net, data):
+    """One auto run and one sweep, serially."""
+    return _resolution(net, data, None), _sweep_allocations(net, data, None)
+
+
+def test_a_thread_pool_gives_the_serial_allocation_and_numbers(net, data, serial):
     with ThreadPoolExecutor(2) as pool:
-        assert _resolution(net, data, pool) == serial
-        assert _sweep_allocations(net, data, pool) == _sweep_allocations(net, data, None)
+        assert (_resolution(net, data, pool), _sweep_allocations(net, data, pool)) == serial
 
 
-def test_a_dask_cluster_of_two_processes_gives_the_serial_allocation(net, data):
+def test_a_dask_cluster_of_two_processes_gives_the_serial_allocation(net, data, serial):
     distributed = pytest.importorskip("distributed")
-    serial, swept = _resolution(net, data, None), _sweep_allocations(net, data, None)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) \
             as cluster, distributed.Client(cluster) as client:
         executor = client.get_executor()
-        assert _resolution(net, data, executor) == serial
-        assert _sweep_allocations(net, data, executor) == swept
+        assert (_resolution(net, data, executor), _sweep_allocations(net, data, executor)) == serial
