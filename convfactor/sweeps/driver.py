@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import nn
 from ..api import factorize, get_report
 from ..auto.options import AutoOptions
 from ..auto.shared import SharedWork
-from ..auto.verify import DEFAULT_FLOOR
+from ..auto.verify import DEFAULT_FLOOR, ConvfactorWarning
 from ..errors import ConvfactorError
 from ..executor import in_this_process
 from ..inputs import as_input_tuple
@@ -173,7 +174,9 @@ def _point(model: nn.Module, base: Policy, target: Target, inputs: tuple, common
     """The model ``factorize`` returns for ``target`` alone (the shared work reused), and its seconds."""
     tick = time.perf_counter()
     policy = dataclasses.replace(base, target=(target.kind, target.fraction))
-    fast = factorize(model, policy, inputs, shared=work, executor=executor, **common)
+    with warnings.catch_warnings():  # in the point's record (``SweepPoint.warnings``), wherever it ran
+        warnings.simplefilter("ignore", ConvfactorWarning)
+        fast = factorize(model, policy, inputs, shared=work, executor=executor, **common)
     return fast, time.perf_counter() - tick
 
 
@@ -183,7 +186,9 @@ def _uniform(model: nn.Module, method: str, target: Target, inputs: tuple,
     models: dict[float, nn.Module] = {}
 
     def macs_fraction(rank: float) -> float:
-        fast = factorize(model, f"{method}:{rank:.6g}", inputs, **extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvfactorWarning)
+            fast = factorize(model, f"{method}:{rank:.6g}", inputs, **extra)
         models[rank] = fast
         report = get_report(fast)
         return report.macs_after / report.macs_before
