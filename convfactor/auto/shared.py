@@ -132,6 +132,12 @@ class SharedWork:
             if batches is not None and opts.sensitivity:
                 self.counts["sensitivities"] += 1
 
+    def provide_latency_model(self, latency: Any, model: Any) -> None:
+        """Use ``model`` (a ``LatencyModel``, e.g. ``convfactor.remote_timing.remote_latency_model``'s) for every
+        resolution given these latency options."""
+        with self._lock:
+            self._latency[repr(latency)] = model
+
     def latency_model(self, latency: Any, make: Callable[[], Any]) -> Any:
         """One ``LatencyModel`` per set of latency options (its measured variants are reused)."""
         key = repr(latency)
