@@ -151,6 +151,8 @@ def resolve_policy(
     """
     started = time.perf_counter()
     opts = options or AutoOptions()
+    if latency_model is None and shared is not None:  # one per latency options across the shared resolutions
+        latency_model = shared.latency_model(latency, lambda: LatencyModel(latency))
     deadline = Deadline(opts.time_budget, started)
     policy = Policy.from_any(policy)
     inputs = as_input_tuple(example_inputs, allow_none=True)
@@ -197,7 +199,7 @@ def resolve_policy(
         stats = collect() if shared is None else shared.statistics(root, layers, batches, opts, collect)
     model = None
     if timed:
-        model = latency_model or _latency_model(latency, shared)
+        model = latency_model or LatencyModel(latency)
         if model.cache.load_error:
             notes.append(model.cache.load_error)
         if target is not None:  # a latency target weighs layers against each other: time them together
@@ -275,7 +277,7 @@ def resolve_policy(
         info["warnings"].append(WEIGHT_ONLY_WARNING.format(kind=target[0]))
     speed_model = None
     if kind in ("macs", "params") and opts.speed_check and inputs is not None:
-        speed_model = latency_model or _latency_model(latency, shared)
+        speed_model = latency_model or LatencyModel(latency)
         _speed_check(root, open_plans, kind, bound, checker, replacements, info, speed_model, inputs)
 
     prebuilt = replacements.build(progress)  # a probe's modules when the search measured this allocation
@@ -331,13 +333,6 @@ def resolve_policy(
         info["time_budget"] = {"seconds": opts.time_budget, "used": round(deadline.elapsed(), 2),
                                "cut": [w.split(": ", 1)[1] for w in deadline.warnings]}
     return Resolution(resolved, prebuilt or None, info, checks, spec, split)
-
-
-def _latency_model(latency: Mapping[str, Any] | None, shared: SharedWork | None) -> LatencyModel:
-    """A new ``LatencyModel``, or the one ``shared`` keeps for these options."""
-    if shared is None:
-        return LatencyModel(latency)
-    return shared.latency_model(latency, lambda: LatencyModel(latency))
 
 
 def probe_postfix(probe: Any) -> dict[str, str]:
