@@ -9,13 +9,16 @@ Each point is the model ``factorize`` returns for that target alone (``SharedWor
 not depend on the fraction), so a point can be reproduced with ``convert --target``. With an executor
 (``convfactor.executor``) the first point of each kind runs here with its scoring and probes as tasks; the
 other MACs/params points are then tasks themselves when the executor runs them in other processes (each
-carries the shared work). Latency points always run here: their timings must not share the machine with
-other points. Every model is measured here, one after the other, after all are built.
+carries the shared work; where the model or metric cannot be pickled they run here). Latency points always
+run here: their timings must not share the machine with other points. Every model is measured here, one
+after the other, after all are built.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,6 +43,7 @@ from .result import SweepPoint, SweepResult
 __all__ = ["sweep", "DEFAULT_BASELINE"]
 
 DEFAULT_BASELINE = "spatial_svd"
+BENCH_KEYS = ("threads", "min_time", "repeats", "warmup", "remeasure", "exporter", "graph_optimization")
 
 
 def sweep(
@@ -71,8 +75,8 @@ def sweep(
             None: ``method: auto`` on every layer.
         calibration, validation, metric, latency, auto_options, memory_budget: as for ``factorize``.
         baseline: the method of the uniform weight-only baseline at each MACs point, or None.
-        bench: ``benchmark`` options for the speedups (default ``{"threads": 1, "min_time": 1.0}``);
-            ``False``-y mapping ``{"skip": True}`` leaves the points untimed.
+        bench: ``benchmark`` options for the speedups (``BENCH_KEYS``; default 1 thread, 1 s, 30 pairs);
+            ``{"skip": True}`` leaves the points untimed.
         executor: a ``concurrent.futures.Executor`` (``convfactor.executor``); None: serial.
         progress: a bar (or ``"lines"``) across points with an ETA.
         factorize_options: other ``factorize`` keywords every point gets (``fold_batchnorm``, ``leaf_modules``...).
@@ -97,7 +101,7 @@ def sweep(
         opts = dataclasses.replace(opts, memory_budget=float(memory_budget))
     bench_options = _bench_options(bench)
     extra = dict(factorize_options or {})
-    original = model.eval()
+    original = copy.deepcopy(model).eval()  # measured against; the caller's model keeps its mode and state
     meter = PointMeter(original, inputs, calibration, validation, metric, base.fidelity, base.bound, opts,
                        bench_options)
     work = SharedWork()
@@ -113,7 +117,8 @@ def sweep(
             built[index] = _point(model, base, points[index], inputs, common, work, executor)
             _advance(bar, points[index].label)
         rest = [i for i in range(len(points)) if i not in built]
-        remote = [] if in_this_process(executor) else [i for i in rest if points[i].kind != "latency"]
+        remote = [] if in_this_process(executor) or not _picklable((model, common)) else \
+            [i for i in rest if points[i].kind != "latency"]
         futures = {i: executor.submit(_point, model, base, points[i], inputs, common, work, None) for i in remote}
         for index in rest:
             if index in futures:
@@ -162,11 +167,25 @@ def _targets(targets: Any) -> list[Target]:
 def _bench_options(bench: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if bench is not None and bench.get("skip"):
         return None
+    unknown = sorted(set(bench or {}) - set(BENCH_KEYS))
+    if unknown:
+        raise ConvfactorError(f"sweep: unknown bench option(s) {', '.join(unknown)} (known: skip, "
+                              f"{', '.join(BENCH_KEYS)})")
     options = {"threads": 1, "min_time": 1.0, "repeats": 30, "warmup": 5}
     options.update(bench or {})
     if isinstance(options["threads"], Iterable):
         raise ConvfactorError("sweep: bench threads is one thread count (each point is timed at it)")
     return options
+
+
+def _picklable(value: Any) -> bool:
+    """Whether worker processes can receive ``value`` (a metric defined inside a function cannot: its points
+    then run here)."""
+    try:
+        pickle.dumps(value)
+    except Exception:  # noqa: BLE001 - any pickling failure means the same: keep the work here
+        return False
+    return True
 
 
 def _point(model: nn.Module, base: Policy, target: Target, inputs: tuple, common: dict[str, Any],

@@ -52,3 +52,15 @@ def test_another_model_or_data_set_is_not_served_from_the_shared_work(net, data)
     assert work.counts["statistics"] == 2 and work.counts["candidates"] == 2
     convfactor.factorize(net, _policy(0.4), data[:1], calibration=data, auto_options=FAST, shared=work)
     assert work.counts["statistics"] == 2 and work.counts["candidates"] == 2
+
+
+def test_the_callers_model_keeps_its_mode_and_state(net, data):
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(net).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    convfactor.sweep(model, "macs=0.5", data[:1], calibration=data, auto_options=FAST, baseline=None,
+                     bench={"skip": True})
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
