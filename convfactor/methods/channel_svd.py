@@ -21,7 +21,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry
 from ..ranks import shared_rank_spectrum
-from ._stages import make_conv, pointwise
+from ._stages import geometry_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["channel_svd_factors", "channel_svd_spectra", "ChannelSVDConv", "ChannelSVD"]
@@ -66,9 +66,7 @@ class ChannelSVDConv(FactorizedLayer):
     def empty(cls, layer: nn.Module, rank: int) -> ChannelSVDConv:
         geo = LayerGeometry.of(layer)
         g = geo.groups
-        basis = make_conv(geo.dims, geo.in_channels, g * rank, geo.kernel, stride=geo.stride,
-                          padding=geo.padding, dilation=geo.dilation, groups=g,
-                          padding_mode=geo.padding_mode, like=layer)
+        basis = geometry_conv(geo, geo.in_channels, g * rank, groups=g, like=layer)
         mixing = pointwise(geo, g * rank, geo.out_channels, groups=g, bias=geo.bias, like=layer)
         return cls(OrderedDict(basis=basis, mixing=mixing), rank, geo)
 

@@ -20,15 +20,14 @@ parameter counts include those copies.
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..geometry import LayerGeometry
-from ._stages import make_conv, pointwise
-from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
+from .base import FactorizationMethod, conv_reason, register
+from .depthwise import DepthwisePointwiseConv
 
 __all__ = ["DEFAULT_ALPHA", "dictionary_factors", "DictionaryConv", "Dictionary"]
 
@@ -90,31 +89,12 @@ def dictionary_factors(weight: torch.Tensor, atoms: int, groups: int = 1,
     return depthwise.reshape(-1, 1, *kernel), code_t.reshape(c_out, c_in_g * atoms, *((1,) * len(kernel)))
 
 
-class DictionaryConv(FactorizedLayer):
+class DictionaryConv(DepthwisePointwiseConv):
     """``atoms`` (depthwise, original geometry, C_in -> C_in*K) then ``codes`` (1x1, C_in*K -> C_out, groups
-    of the original, with the bias)."""
+    of the original, with the bias): the depthwise method's module with the atoms shared by every channel."""
 
     method_name = "dictionary"
-
-    @classmethod
-    def empty(cls, layer: nn.Module, rank: int) -> DictionaryConv:
-        geo = LayerGeometry.of(layer)
-        atoms = make_conv(geo.dims, geo.in_channels, geo.in_channels * rank, geo.kernel, stride=geo.stride,
-                          padding=geo.padding, dilation=geo.dilation, groups=geo.in_channels,
-                          padding_mode=geo.padding_mode, like=layer)
-        code = pointwise(geo, geo.in_channels * rank, geo.out_channels, groups=geo.groups, bias=geo.bias,
-                         like=layer)
-        return cls(OrderedDict(atoms=atoms, codes=code), rank, geo)
-
-    def dense_weight(self) -> torch.Tensor:
-        g, k = self.geometry.groups, self.rank
-        d = self.atoms.weight.detach().to(torch.float64)  # (C_in*K, 1, *k)
-        p = self.codes.weight.detach().to(torch.float64)  # (C_out, C_in/g*K, 1...)
-        kernel = tuple(d.shape[2:])
-        c_out, c_in = p.shape[0], d.shape[0] // k
-        w = torch.einsum("goij,gijt->goit", p.reshape(g, c_out // g, c_in // g, k),
-                         d.reshape(g, c_in // g, k, -1))
-        return w.reshape(c_out, c_in // g, *kernel)
+    stage_names = ("atoms", "codes")
 
     def structural_zeros(self) -> dict[str, torch.Tensor]:
         """The code's exact zeros (the lasso's, ``alpha`` > 0; a data-aware refit code is dense: none)."""

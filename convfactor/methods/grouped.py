@@ -51,7 +51,7 @@ from ._grouping import (
     index_order,
     refine,
 )
-from ._stages import make_conv, pointwise
+from ._stages import geometry_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, Rank, conv_reason, register
 
 __all__ = [
@@ -222,8 +222,7 @@ class GroupedConv(FactorizedLayer):
         geo = LayerGeometry.of(layer)
         g, r_in, r_out = _expand_rank(geo, rank)
         project_in = pointwise(geo, geo.in_channels, r_in, like=layer)
-        core = make_conv(geo.dims, r_in, r_out, geo.kernel, stride=geo.stride, padding=geo.padding,
-                         dilation=geo.dilation, groups=g, padding_mode=geo.padding_mode, like=layer)
+        core = geometry_conv(geo, r_in, r_out, groups=g, like=layer)
         project_out = pointwise(geo, r_out, geo.out_channels, bias=geo.bias, like=layer)
         return cls(OrderedDict(project_in=project_in, core=core, project_out=project_out),
                    _canonical_rank(geo, g, r_in, r_out), geo)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..geometry import LayerGeometry
-from ._stages import make_conv
+from ._stages import geometry_conv
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["kernel_tap_mask", "sal_weight", "SALConv", "SAL"]
@@ -53,9 +53,8 @@ class SALConv(FactorizedLayer):
     @classmethod
     def empty(cls, layer: nn.Module, rank: int) -> SALConv:
         geo = LayerGeometry.of(layer)
-        conv = make_conv(geo.dims, geo.in_channels, geo.out_channels, geo.kernel, stride=geo.stride,
-                         padding=geo.padding, dilation=geo.dilation, groups=geo.groups, bias=geo.bias,
-                         padding_mode=geo.padding_mode, like=layer)
+        conv = geometry_conv(geo, geo.in_channels, geo.out_channels, groups=geo.groups, bias=geo.bias,
+                             like=layer)
         return cls(OrderedDict(conv=conv), rank, geo)
 
     @property

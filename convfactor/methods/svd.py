@@ -15,7 +15,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry, layer_kind
 from ..ranks import shared_rank_spectrum
-from ._stages import make_conv, pointwise
+from ._stages import geometry_conv, pointwise
 from .base import ALREADY_DEPTHWISE, FactorizationMethod, FactorizedLayer, register
 
 __all__ = ["svd_factors", "svd_spectra", "SVDLayer", "SVD"]
@@ -68,9 +68,7 @@ class SVDLayer(FactorizedLayer):
         if geo.kind == "Linear":
             first = pointwise(geo, geo.in_channels, rank, like=layer)
         else:
-            first = make_conv(geo.dims, geo.in_channels, g * rank, geo.kernel, stride=geo.stride,
-                              padding=geo.padding, dilation=geo.dilation, groups=g,
-                              padding_mode=geo.padding_mode, like=layer)
+            first = geometry_conv(geo, geo.in_channels, g * rank, groups=g, like=layer)
         second = pointwise(geo, g * rank, geo.out_channels, groups=g, bias=geo.bias, like=layer)
         return cls(OrderedDict(first=first, second=second), rank, geo)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry
 from ..ranks import shared_rank_spectrum
-from ._stages import make_conv, pointwise
+from ._stages import geometry_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = [
@@ -125,8 +125,7 @@ class Tucker2Conv(FactorizedLayer):
         g = geo.groups
         r_in, r_out = rank
         project_in = pointwise(geo, geo.in_channels, g * r_in, groups=g, like=layer)
-        core = make_conv(geo.dims, g * r_in, g * r_out, geo.kernel, stride=geo.stride, padding=geo.padding,
-                         dilation=geo.dilation, groups=g, padding_mode=geo.padding_mode, like=layer)
+        core = geometry_conv(geo, g * r_in, g * r_out, groups=g, like=layer)
         project_out = pointwise(geo, g * r_out, geo.out_channels, groups=g, bias=geo.bias, like=layer)
         return cls(OrderedDict(project_in=project_in, core=core, project_out=project_out), tuple(rank), geo)
 
