@@ -241,7 +241,6 @@ def register(method: FactorizationMethod) -> FactorizationMethod:
 
 def get_method(name: str) -> FactorizationMethod:
     """The registered method called ``name``; the error lists the known names."""
-    _load_builtin_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -251,10 +250,4 @@ def get_method(name: str) -> FactorizationMethod:
 
 def available_methods() -> list[str]:
     """Names of the registered methods, sorted."""
-    _load_builtin_methods()
     return sorted(_REGISTRY)
-
-
-def _load_builtin_methods() -> None:
-    # Importing the package registers the built-in methods; done lazily to avoid an import cycle.
-    from .. import methods  # noqa: F401
