@@ -66,7 +66,7 @@ class FactorizedLayer(nn.Sequential):
 
     def structural_zeros(self) -> dict[str, torch.Tensor]:
         """The entries the method fixes at zero (a pruning form's zeros, counted as p_u): {parameter name
-        (e.g. ``"conv.weight"``): bool mask of its shape, True at a fixed zero}. ``convfactor.finetune``
+        (e.g. ``"conv.weight"``): bool mask of its shape, True at a fixed zero}. ``convfactor.auto.finetune``
         keeps them zero. None by default."""
         return {}
 

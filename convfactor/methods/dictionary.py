@@ -12,7 +12,7 @@ dilation and padding_mode), the 1x1 stage (groups of the original) weights them 
 At K = T the dictionary is the identity and the code is X itself: exact, and no sparsity.
 
 The code's zeros (``alpha`` > 0) are unstructured sparsity: they count in the challenge score (p_u), not
-in a dense runtime's time, and ``convfactor.finetune`` keeps them zero (``DictionaryConv.structural_zeros``).
+in a dense runtime's time, and ``convfactor.auto.finetune`` keeps them zero (``DictionaryConv.structural_zeros``).
 The depthwise weight stores the atoms once per input channel (C_in*K*T values for K*T distinct ones);
 parameter counts include those copies.
 """

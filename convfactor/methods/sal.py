@@ -11,7 +11,7 @@ and runs as the original does: a dense runtime gains no time from the zeros. The
 challenge score as unstructured pruning (p_u = zeros / parameters, measured on the produced model);
 ``kept_fraction`` is the share of the weight's entries kept (m / (k_h k_w)). The zeros are structural:
 ``SALConv.structural_zeros`` names them (all but the m largest-magnitude taps of every slice), and
-``convfactor.finetune`` masks their gradients and keeps them zero, so a fine-tuned SAL model is still one.
+``convfactor.auto.finetune`` masks their gradients and keeps them zero, so a fine-tuned SAL model is still one.
 """
 
 from __future__ import annotations
