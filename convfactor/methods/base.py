@@ -130,6 +130,7 @@ class FactorizationMethod(abc.ABC):
     summary: ClassVar[str]  # one line of math, shown by `convfactor methods` and the README
     rank_meaning: ClassVar[str]  # what an int rank means for this method
     module_cls: ClassVar[type[FactorizedLayer]]  # its module; ``module_cls.empty(layer, rank)`` builds it
+    rank_components: ClassVar[tuple[str, ...]] = ("rank",)  # names of the rank's components, for messages
     # A pruning form (sal) keeps the layer's shape and saves zeros (p_u), not MACs: only_if_cheaper keeps it.
     pruning: ClassVar[bool] = False
 
@@ -202,7 +203,7 @@ class FactorizationMethod(abc.ABC):
 
     def rank_component_names(self) -> tuple[str, ...]:
         """Names of the rank components, for messages (``('r',)``, ``('r_in', 'r_out')``)."""
-        return ("rank",)
+        return self.rank_components
 
     def broadcast_int_rank(self, layer: nn.Module, value: int, component: int) -> int:
         """How a single int applies to component ``component`` (default: the same value for each)."""

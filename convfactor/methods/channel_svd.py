@@ -85,12 +85,10 @@ class ChannelSVD(FactorizationMethod):
     rank_meaning = ("r: basis filters, the channels between the k x k and the 1x1 conv (per group); exact at "
                     "min(C_out/g, C_in/g*k_h*k_w)")
     module_cls = ChannelSVDConv
+    rank_components = ("r",)
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer, pointwise="a 1x1 conv: channel SVD of it is svd")
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("r",)
 
     def full_rank(self, layer: nn.Module) -> int:
         geo = LayerGeometry.of(layer)

@@ -112,13 +112,11 @@ class Depthwise(FactorizationMethod):
     summary = "k_h x k_w -> depthwise k_h x k_w (multiplier m), 1x1 (C_in*m->C_out); SVD of each W[:, c]"
     rank_meaning = "m: depthwise filters per input channel (the depthwise multiplier)"
     module_cls = DepthwiseConv
+    rank_components = ("m",)
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer,
                            pointwise="a 1x1 conv: its depthwise part would be a per-channel scale (use svd)")
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("m",)
 
     def full_rank(self, layer: nn.Module) -> int:
         geo = LayerGeometry.of(layer)

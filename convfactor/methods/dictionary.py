@@ -109,6 +109,7 @@ class Dictionary(FactorizationMethod):
     rank_meaning = ("K: atoms of the dictionary every kernel is written in (the depthwise multiplier); exact at "
                     "k_h*k_w (identity atoms); code sparsity: get_method('dictionary').alpha")
     module_cls = DictionaryConv
+    rank_components = ("K",)
 
     def __init__(self, alpha: float = DEFAULT_ALPHA):
         self.alpha = alpha
@@ -116,9 +117,6 @@ class Dictionary(FactorizationMethod):
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer,
                            pointwise="a 1x1 conv: its kernels are scalars, a dictionary of them is a scale (use svd)")
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("K",)
 
     def full_rank(self, layer: nn.Module) -> int:
         return LayerGeometry.of(layer).kernel_volume

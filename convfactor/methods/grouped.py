@@ -271,6 +271,7 @@ class Grouped(FactorizationMethod):
         "a fraction f means the largest valid g with 1/g >= f; exact at g=1"
     )
     module_cls = GroupedConv
+    rank_components = ("g", "r_in", "r_out")
 
     def __init__(self, refine_sweeps: int = DEFAULT_REFINE_SWEEPS):
         self.refine_sweeps = refine_sweeps
@@ -278,9 +279,6 @@ class Grouped(FactorizationMethod):
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer, grouped="grouped does not regroup a grouped conv (groups={groups}); "
                                                      "use tucker2, per group")
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("g", "r_in", "r_out")
 
     def full_rank(self, layer: nn.Module) -> int:
         return 1

@@ -79,14 +79,12 @@ class SAL(FactorizationMethod):
     rank_meaning = ("m: taps kept per (output, input) kernel slice (SAL: 1, SAL2: 2); exact at k_h*k_w; the "
                     "zeros are unstructured pruning (p_u), no time saved on a dense runtime")
     module_cls = SALConv
+    rank_components = ("m",)
     pruning = True
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer, pointwise="a 1x1 conv has one tap per kernel: nothing to keep or drop "
                                                        "(use svd)", allow_depthwise=True)
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("m",)
 
     def full_rank(self, layer: nn.Module) -> int:
         return LayerGeometry.of(layer).kernel_volume

@@ -88,6 +88,7 @@ class SVD(FactorizationMethod):
     summary = "1x1 conv / Linear W -> (C_in->r) then (r->C_out); truncated SVD of W (C_out, C_in)"
     rank_meaning = "r: channels (features) between the two layers (per group)"
     module_cls = SVDLayer
+    rank_components = ("r",)
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         kind = layer_kind(layer)
@@ -99,9 +100,6 @@ class SVD(FactorizationMethod):
         if geo.is_depthwise:
             return ALREADY_DEPTHWISE
         return None
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("r",)
 
     def full_rank(self, layer: nn.Module) -> int:
         geo = LayerGeometry.of(layer)

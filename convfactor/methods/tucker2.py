@@ -152,15 +152,13 @@ class Tucker2(FactorizationMethod):
         "an int r means (min(r, C_in/g), min(r, C_out/g))"
     )
     module_cls = Tucker2Conv
+    rank_components = ("r_in", "r_out")
 
     def __init__(self, hooi_iterations: int = DEFAULT_HOOI_ITERATIONS):
         self.hooi_iterations = hooi_iterations
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer)
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("r_in", "r_out")
 
     def full_rank(self, layer: nn.Module) -> tuple[int, int]:
         geo = LayerGeometry.of(layer)
