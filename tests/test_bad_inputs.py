@@ -295,7 +295,7 @@ def test_factorize_bad_argument_is_one_line_convfactor_error(case):
 def test_an_input_shape_too_large_for_memory_is_refused_before_allocating(measure):
     model = randomized(TinyNet())
     with pytest.raises(InputSpecError, match=r"^input_shape 1,3,100000,100000: one input tensor would take 120 GB"):
-        getattr(convfactor, measure)(model, model, input_shape=(1, 3, 100000, 100000))
+        getattr(convfactor.runtime, measure)(model, model, input_shape=(1, 3, 100000, 100000))
 
 
 def test_factorize_refuses_nan_weights_like_the_cli():
