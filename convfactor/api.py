@@ -186,7 +186,6 @@ def factorize(
     return root
 
 
-
 def _explain_auto_skips(report: FactorizeReport) -> None:
     """A layer the allocator left as is says why (e.g. 'no replacement measured faster')."""
     auto_layers = report.extra.get("auto", {}).get("layers", {})

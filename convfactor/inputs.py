@@ -21,8 +21,8 @@ from .errors import InputSpecError
 
 __all__ = ["Batch", "Samples", "as_input_tuple", "input_shapes", "standard_normal_inputs", "numpy_inputs"]
 
-Batch: TypeAlias = "torch.Tensor | Sequence[torch.Tensor]"  # one tensor per model input (more are ignored)
-Samples: TypeAlias = "torch.Tensor | tuple[torch.Tensor, ...] | Iterable[Batch]"
+Batch: TypeAlias = torch.Tensor | Sequence[torch.Tensor]  # one tensor per model input (more are ignored)
+Samples: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...] | Iterable[Batch]
 
 
 def as_input_tuple(example_inputs: Any, *, allow_none: bool = False) -> tuple[torch.Tensor, ...] | None:
