@@ -23,6 +23,7 @@ from .methods import get_method
 from .methods.base import FactorizedLayer
 from .policy import SKIP, Policy
 from .progress import track
+from .ranks import rank_text, rank_to_json
 from .report import REPLACED, SKIPPED, UNMATCHED, LayerDecision
 
 __all__ = ["apply_policy", "decide_layers", "candidate_layers", "describe_shape", "weight_error"]
@@ -82,8 +83,7 @@ def _costlier(method, layer: nn.Module, rank, in_out, decision: LayerDecision) -
                            else (decision.params_before, params, "parameters"))
     if after < before:
         return None
-    rank_text = "x".join(map(str, rank)) if isinstance(rank, tuple) else str(rank)
-    return (f"{method.name} at rank {rank_text} would cost x{after / before:.2f} the {what} of the layer "
+    return (f"{method.name} at rank {rank_text(rank)} would cost x{after / before:.2f} the {what} of the layer "
             f"(only_if_cheaper)")
 
 
@@ -178,7 +178,7 @@ def apply_policy(
     for name, layer, new in result.changes:
         decision, method, rank = by_name[name]
         decision.status, decision.method = REPLACED, method.name
-        decision.rank = list(rank) if isinstance(rank, tuple) else rank
+        decision.rank = rank_to_json(rank)
         decision.params_after = count_params(new)
         decision.weight_error = weight_error(layer, new)
         in_out = shapes.get(name)

@@ -52,6 +52,7 @@ import yaml
 from .errors import PolicyError, UnknownMethodError
 from .fidelity_spec import Fidelity, parse_fidelity
 from .geometry import SUPPORTED_KINDS
+from .ranks import rank_to_json
 
 __all__ = ["Rule", "Policy", "Fidelity", "SKIP", "AUTO", "VBMF", "TARGET_KINDS"]
 
@@ -84,7 +85,7 @@ class Rule:
             out["types"] = list(self.types)
         out["method"] = self.method
         if self.rank is not None:
-            out["rank"] = list(self.rank) if isinstance(self.rank, tuple) else self.rank
+            out["rank"] = rank_to_json(self.rank)
         if self.energy is not None:
             out["energy"] = self.energy
         if self.align is not None:

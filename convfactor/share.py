@@ -209,7 +209,7 @@ def sharing_report(model: nn.Module) -> SharingReport:
     """The report ``share_weights`` attached to its result."""
     report = getattr(model, SHARING_ATTR, None)
     if report is None:
-        raise ConvfactorError("this module was not produced by convfactor.share_weights (no sharing report)")
+        raise ConvfactorError("this module was not produced by convfactor.share.share_weights (no sharing report)")
     return report
 
 
@@ -231,7 +231,7 @@ def finetune_codebooks(shared: nn.Module, teacher: nn.Module, data, **finetune_o
 
     Deep Compression's centroid fine-tuning: the gradient of every weight goes to its centroid, so the
     layers keep their K values and their indices. Other parameters (biases, BatchNorm) train as usual.
-    Options as for ``convfactor.finetune`` (steps, lr, loss, ...); returns its ``FinetuneResult``.
+    Options as for ``convfactor.auto.finetune`` (steps, lr, loss, ...); returns its ``FinetuneResult``.
     """
     from torch.nn.utils import parametrize
 

@@ -165,6 +165,8 @@ def _auto_options(args: argparse.Namespace) -> Any:
         changes["sequential"] = False
     if args.time_budget is not None:
         changes["time_budget"] = args.time_budget
+    if args.memory_budget is not None:
+        changes["memory_budget"] = float(args.memory_budget)
     if not changes:
         return None
     from ..auto import AutoOptions
@@ -232,7 +234,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise ConvfactorError("--check-inputs is only used with --check")
     if (args.calibrate_method or args.keep_float) and not args.quantize:
         raise ConvfactorError("--calibrate-method and --keep-float are only used with --quantize int8")
-    if (args.memory_budget is not None or auto_options is not None) and not (
+    if auto_options is not None and not (
             policy.needs_resolution or calibration is not None or validation is not None or metric is not None):
         console.status("note: --memory-budget, --no-refit and --time-budget apply to an automatic policy (a target, "
                        "a fidelity bound, 'auto' rules or --calibration); this policy gives each layer's rank itself")
@@ -266,7 +268,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                          trace=not args.no_trace, leaf_modules=args.leaf_module,
                          concrete_args=dict(args.concrete_arg), progress=console.progress,
                          calibration=calibration, validation=validation, metric=metric, auto_options=auto_options,
-                         memory_budget=args.memory_budget, distill=distill,
+                         distill=distill,
                          latency={"int8": True} if args.quantize else None)  # timed as it will run
     report = get_report(fast)
     if nothing_replaced_reason(report):  # an unchanged copy is not what was asked: say why, write nothing

@@ -182,13 +182,11 @@ class Shift(FactorizationMethod):
     summary = "k_h x k_w -> shift each input channel by its m strongest taps (no MACs), 1x1 (m*C_in->C_out)"
     rank_meaning = "m: kernel taps (shift offsets) kept per input channel; exact at k_h*k_w"
     module_cls = ShiftConv
+    rank_components = ("m",)
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer, pointwise="a 1x1 conv has nothing to shift (use svd)",
                            grouped="shift handles ungrouped convs only (groups={groups})")
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("m",)
 
     def full_rank(self, layer: nn.Module) -> int:
         return LayerGeometry.of(layer).kernel_volume

@@ -51,7 +51,7 @@ def _rel_l2(a, b):
 
 def test_static_qdq_graph_checks_and_stays_close_to_float(tmp_path, float_onnx, digits):
     calibration, held_out = digits
-    result = convfactor.quantize_onnx(float_onnx, tmp_path / "net.int8.onnx", calibration)
+    result = convfactor.runtime.quantize_onnx(float_onnx, tmp_path / "net.int8.onnx", calibration)
     graph = onnx.load(str(result.path))
     onnx.checker.check_model(graph, full_check=True)
     assert result.mode == "static" and result.format == "QDQ" and result.calibration_samples == 64
@@ -67,7 +67,7 @@ def test_static_qdq_graph_checks_and_stays_close_to_float(tmp_path, float_onnx, 
 
 def test_module_is_exported_then_quantized_and_keep_float(tmp_path, digits):
     calibration, _ = digits
-    result = convfactor.quantize_onnx(randomized(TinyNet()), tmp_path / "m.int8.onnx", calibration,
+    result = convfactor.runtime.quantize_onnx(randomized(TinyNet()), tmp_path / "m.int8.onnx", calibration,
                                       keep_float=["Gemm", "no_such_node"], calibrate_method="percentile",
                                       exporter="torchscript")
     assert result.float_compute_nodes == {"Gemm": 1} and result.quantized_compute == 3
@@ -78,7 +78,7 @@ def test_module_is_exported_then_quantized_and_keep_float(tmp_path, digits):
 
 
 def test_without_calibration_dynamic_quantization_says_so(tmp_path, float_onnx, digits):
-    result = convfactor.quantize_onnx(float_onnx, tmp_path / "dyn.onnx")
+    result = convfactor.runtime.quantize_onnx(float_onnx, tmp_path / "dyn.onnx")
     assert result.mode == "dynamic" and result.calibrate_method is None and result.calibration_samples == 0
     assert any("dynamic quantization" in note and "no calibration data" in note for note in result.notes)
     assert result.quantized_nodes.get("ConvInteger") == 3
@@ -104,15 +104,15 @@ def test_refuses_overwrite_and_bad_options(tmp_path, float_onnx, digits):
     target = tmp_path / "q.onnx"
     target.write_text("old")
     with pytest.raises(convfactor.ConvfactorError, match="exists"):
-        convfactor.quantize_onnx(float_onnx, target, digits[0])
+        convfactor.runtime.quantize_onnx(float_onnx, target, digits[0])
     with pytest.raises(convfactor.ConvfactorError, match="calibrate_method"):
-        convfactor.quantize_onnx(float_onnx, tmp_path / "x.onnx", digits[0], calibrate_method="kl")
+        convfactor.runtime.quantize_onnx(float_onnx, tmp_path / "x.onnx", digits[0], calibrate_method="kl")
     assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["q.onnx"]
 
 
 def test_score_bits_are_read_from_the_graph(tmp_path, float_onnx, digits):
     assert bits_from_onnx(float_onnx) == {"weight_bits": 32.0, "activation_bits": 32}
-    result = convfactor.quantize_onnx(float_onnx, tmp_path / "q.onnx", digits[0])
+    result = convfactor.runtime.quantize_onnx(float_onnx, tmp_path / "q.onnx", digits[0])
     bits = bits_from_onnx(result.path)
     # int8 weights; the int32 biases (a few dozen values) lift the mean a little above 8
     assert 8 < bits["weight_bits"] < 9 and bits["activation_bits"] == 8

@@ -36,7 +36,7 @@ def flagged() -> nn.Module:
 def test_traced_values_survive_save_and_load(tmp_path):
     model = flagged()
     fast = convfactor.factorize(model, "tucker2:0.5", X, concrete_args={"embed": True})
-    path = save_factorized(fast, tmp_path / "fast.pt", arch="tests.test_call_signature:flagged")
+    path = save_factorized(fast, tmp_path / "fast.pt", arch="tests.cli.test_call_signature:flagged")
     again = load(path, arch=flagged)  # the architecture is given, the traced values come from the file
     with torch.no_grad():
         assert torch.equal(again(X), fast(X))
@@ -48,7 +48,7 @@ def test_traced_values_survive_save_and_load(tmp_path):
 def test_cli_concrete_arg(tmp_path, capsys):
     checkpoint = tmp_path / "model.pt"
     torch.save(flagged().state_dict(), checkpoint)
-    common = ["convert", str(checkpoint), "--arch", "tests.test_call_signature:flagged", "--input-shape", "2,3,8,8",
+    common = ["convert", str(checkpoint), "--arch", "tests.cli.test_call_signature:flagged", "--input-shape", "2,3,8,8",
               "--policy", "tucker2:0.5"]
     assert main(common + ["--out", str(tmp_path / "a.pt"), "--concrete-arg", "embed=true",
                           "--concrete-arg", "scale=2"]) == 0
@@ -63,7 +63,7 @@ def test_cli_concrete_arg(tmp_path, capsys):
 def test_cli_inspect_calls_forward_with_the_concrete_args(tmp_path, capsys):
     checkpoint = tmp_path / "model.pt"
     torch.save(flagged().state_dict(), checkpoint)
-    common = ["inspect", str(checkpoint), "--arch", "tests.test_call_signature:flagged", "--input-shape", "2,3,8,8",
+    common = ["inspect", str(checkpoint), "--arch", "tests.cli.test_call_signature:flagged", "--input-shape", "2,3,8,8",
               "--json"]
 
     def head_macs(extra):

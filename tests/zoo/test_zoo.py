@@ -29,7 +29,7 @@ from convfactor.zoo.digits import calibration_subset, load_digits_split, split_i
 from convfactor.zoo.mobilenet import mobilenet_cifar, scaled_channels
 from convfactor.zoo.resnet import resnet20
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_CHECKPOINT_BYTES = 2 * 1024 * 1024
 ACCURACY_TARGET = 0.95
 ACCURACY_TOLERANCE = 0.005

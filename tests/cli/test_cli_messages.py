@@ -10,7 +10,7 @@ import torch
 from convfactor import inspect_model
 from convfactor.cli.inspect_table import format_inspect_table
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARCH = "tests.cli_models:tiny_net"
 SHAPE = "1,3,8,8"
 
