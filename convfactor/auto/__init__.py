@@ -7,13 +7,13 @@ result towards the original network's outputs; ``DistillOptions`` (``factorize(.
 inside ``factorize``, stopped and judged on held-out data.
 """
 
-from .allocate import Allocation, InfeasibleBudget, allocate
-from .distill import DistillOptions
-from .finetune import finetune
-from .latency import LatencyCache, LatencyModel, LatencyOptions
+from ..distill.finetune import finetune
+from ..distill.training import DistillOptions
+from .latency.model import LatencyCache, LatencyModel, LatencyOptions
 from .options import AutoOptions
 from .resolve import Resolution, resolve_policy
-from .vbmf import vbmf_layer_rank, vbmf_rank
+from .selection.allocate import Allocation, InfeasibleBudget, allocate
+from .selection.vbmf import vbmf_layer_rank, vbmf_rank
 
 __all__ = [
     "Resolution",

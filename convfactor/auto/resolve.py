@@ -18,7 +18,7 @@ squared weight error and every sensitivity is 1. With calibration data, error2 i
 error of the layer's output on the real inputs (data-aware factors where the method has them) and the
 sensitivity is measured: the network-output error a probe replacement of that layer causes, per unit
 of its own output error. Costs: MACs or parameters exactly as ``convfactor.costs`` counts them, or the
-measured onnxruntime time of the layer alone (``convfactor.auto.latency``).
+measured onnxruntime time of the layer alone (``convfactor.auto.latency.model``).
 
 Targets: ``{macs: F}`` / ``{params: F}``: the whole model (layers the policy leaves alone count at full
 cost) must cost <= F times the original, guaranteed; ``{latency: F}``: predicted by the latency model,
@@ -39,31 +39,32 @@ from torch import nn
 
 from passes.annotate_shapes import layer_io_shapes
 
+from ..batches import calibration_batches, output_leaves
+from ..distill.training import as_distill_options
 from ..errors import PolicyError
 from ..fidelity_spec import Fidelity
 from ..inputs import as_input_tuple
 from ..metric import as_metric
+from ..output_checker import REFERENCE_BYTES, OutputChecker, failures
+from ..output_checker import rounded as _round
 from ..policy import AUTO, Policy
-from ..progress import phase
-from .budget_search import progress_line
-from .calibration import calibration_batches, layer_statistics, output_leaves
-from .deadline import Deadline
-from .distill import as_distill_options
-from .distill_probes import ProbeDistiller
-from .fastest import VBMF_RANK, choose_fastest
-from .latency import LatencyModel
-from .measured import allocation_metrics, first_samples, measured_allocation, output_checkers
+from ..progress import phase, say
+from .latency.model import LatencyModel
 from .options import AutoOptions
-from .outcome import layer_info, resolved_policy, verify_faster
-from .plans import auto_methods as _auto_methods  # noqa: F401 - the name tests and older callers import
-from .plans import plan_layers, set_shapes_and_calls
-from .refit import Replacements
-from .regularize import regularize
-from .scoring import SCORED_RANKS, build_options, measure_sensitivities
-from .slow_forms import check_whole_model, flush_denormals, prefer_fast_forms, undo_swaps
-from .split import DataSplit, split_data
-from .verify import REFERENCE_BYTES, OutputChecker, failures, say
-from .verify import rounded as _round
+from .search.budget_search import progress_line
+from .search.deadline import Deadline
+from .search.distill_probes import ProbeDistiller
+from .search.measured import allocation_metrics, measured_allocation, output_checkers
+from .search.refit import Replacements
+from .search.regularize import regularize
+from .selection.fastest import VBMF_RANK, choose_fastest
+from .selection.outcome import layer_info, resolved_policy, verify_faster
+from .selection.plans import auto_methods as _auto_methods  # noqa: F401 - the name tests and older callers import
+from .selection.plans import plan_layers, set_shapes_and_calls
+from .selection.scoring import SCORED_RANKS, build_options, measure_sensitivities
+from .selection.slow_forms import check_whole_model, flush_denormals, prefer_fast_forms, undo_swaps
+from .statistics.calibration import layer_statistics
+from .statistics.split import DataSplit, first_samples, split_data
 
 __all__ = ["Resolution", "resolve_policy", "VBMF_RANK", "SCORED_RANKS"]
 
@@ -82,10 +83,11 @@ class Resolution:
         policy: plain per-layer rules (exact-name ``match``, concrete method and rank, or skip).
         prebuilt: {layer name: factorized module} with data-aware weights, or None.
         info: JSON-able account of the decision (per layer: chosen option, alternatives, reasons).
-        checks: the ``OutputChecker`` of each data part (fit, select, check; ``convfactor.auto.split``);
-            ``convfactor.auto.verify.check_result`` measures the final model on ``check``.
+        checks: the ``OutputChecker`` of each data part (fit, select, check; ``convfactor.auto.statistics.split``);
+            ``convfactor.auto.search.verify.check_result`` measures the final model on ``check``.
         spec: the policy's fidelity declarations (bound, output kinds and slices), or None.
-        split: the data's fit / select / check parts (``convfactor.auto.split``; distillation fits on ``fit``).
+        split: the data's fit / select / check parts (``convfactor.auto.statistics.split``; distillation
+            fits on ``fit``).
     """
 
     policy: Policy
@@ -121,7 +123,7 @@ def resolve_policy(
             (without them, the first calibration sample is used).
         calibration: real inputs (tensor, list of batches, DataLoader) for data-aware factorization; without
             ``validation``, a deterministic eighth of them is held out to select on and another to check
-            on (``convfactor.auto.split``).
+            on (``convfactor.auto.statistics.split``).
         validation: real inputs no fit may see: the search selects on half, the result is checked on the other.
         metric: the user's task metric (``convfactor.metric``), for the report and ``fidelity:`` metric bounds.
         latency: ``LatencyOptions`` mapping, e.g. ``{"threads": 1, "cache": path}``.

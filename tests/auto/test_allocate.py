@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from convfactor.auto.allocate import DEFAULT_BINS, InfeasibleBudget, allocate, lower_convex_hull
+from convfactor.auto.selection.allocate import DEFAULT_BINS, InfeasibleBudget, allocate, lower_convex_hull
 
 
 def brute_force(options, budget):

@@ -5,7 +5,7 @@ import torch
 
 import convfactor
 from convfactor.auto import resolve_policy
-from convfactor.auto.candidates import FRACTION_GRID
+from convfactor.auto.selection.candidates import FRACTION_GRID
 from convfactor.errors import PolicyError
 from convfactor.policy import Policy, Rule
 from tests.auto.conftest import inputs, tiny_resnet
@@ -124,7 +124,7 @@ def test_user_mistakes_raise_one_line_policy_errors(net):
 
 def test_vbmf_rank_spec_resolves_to_the_estimate(net):
     """``rank: vbmf`` (pending policy syntax) resolves per layer to the VBMF estimate of the method's matrix."""
-    from convfactor.auto.vbmf import vbmf_layer_rank
+    from convfactor.auto.selection.vbmf import vbmf_layer_rank
 
     root = net
     rule = Rule(method="spatial_svd", match="layer2.*", types=("Conv2d",), rank="vbmf")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor.auto.candidates import WeightErrors, rank_grid, rank_to_json, replacement_costs
-from convfactor.costs import count_params, per_layer_macs
+from convfactor.auto.selection.candidates import WeightErrors, rank_grid, rank_to_json
+from convfactor.costs import count_params, per_layer_macs, replacement_costs
 from convfactor.decisions import weight_error
 from convfactor.methods import available_methods, get_method
 

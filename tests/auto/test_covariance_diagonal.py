@@ -2,7 +2,7 @@
 
 import torch
 
-from convfactor.auto.covariance import DiagonalCovariance, FullCovariance, KroneckerCovariance
+from convfactor.auto.statistics.covariance import DiagonalCovariance, FullCovariance, KroneckerCovariance
 
 
 def _spd(g: int, n: int, seed: int) -> torch.Tensor:

@@ -9,8 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import convfactor
 from convfactor.auto import resolve_policy
-from convfactor.auto.calibration import calibration_batches, layer_sensitivities, layer_statistics
-from convfactor.auto.data_aware import DATA_AWARE_METHODS, layer_factorizer
+from convfactor.auto.fits.registry import DATA_AWARE_METHODS, layer_factorizer
+from convfactor.auto.statistics.calibration import layer_sensitivities, layer_statistics
+from convfactor.batches import calibration_batches
 from convfactor.methods import get_method
 from tests.auto.conftest import inputs, tiny_resnet
 
@@ -161,7 +162,7 @@ def test_prebuilt_modules_are_the_ones_installed(net, monkeypatch):
 
 
 def test_corrected_weight_is_the_weight_when_inputs_are_unchanged_and_fixes_a_shift_otherwise():
-    from convfactor.auto.data_aware import corrected_weight
+    from convfactor.auto.fits.data_aware import corrected_weight
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(1, 5, 8, generator=g, dtype=torch.float64)
@@ -211,7 +212,8 @@ def test_sequential_refit_lowers_the_network_error():
 @pytest.mark.parametrize("layer", [torch.nn.Conv2d(8, 12, 3), torch.nn.Conv2d(8, 12, (3, 2), groups=2),
                                    torch.nn.Conv1d(6, 5, 4)], ids=["conv2d", "grouped", "conv1d"])
 def test_output_errors_from_the_fit_products_equal_the_direct_output_error(layer, method, ranks):
-    from convfactor.auto.data_aware import LayerFactorizer, layer_factorizer
+    from convfactor.auto.fits.data_aware import LayerFactorizer
+    from convfactor.auto.fits.registry import layer_factorizer
 
     torch.manual_seed(0)
     groups, d = layer.groups, layer.weight[0].numel()

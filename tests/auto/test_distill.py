@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import convfactor
-from convfactor.auto.distill import DistillOptions, distill_model, output_losses
-from convfactor.auto.output_checker import OutputChecker
+from convfactor.distill.training import DistillOptions, distill_model, output_losses
 from convfactor.errors import ConvfactorError
 from convfactor.fidelity_spec import parse_fidelity
+from convfactor.output_checker import OutputChecker
 from convfactor.output_error import plan_layouts
 
 CUT = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd"}], "target": {"macs": 0.3},
@@ -219,7 +219,7 @@ def test_cli_distill_writes_before_and_after_to_the_report_and_the_summary(cli, 
 
 
 def test_the_distillation_gets_what_the_time_budget_left():
-    from convfactor.auto.distill_result import _time_left
+    from convfactor.distill.result import _time_left
 
     assert _time_left(DistillOptions(), {"time_budget": {"seconds": 60, "used": 45.5}}) == 14.5
     assert _time_left(DistillOptions(), {"time_budget": {"seconds": 60, "used": 70}}) == 0.0

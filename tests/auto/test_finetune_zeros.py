@@ -1,4 +1,4 @@
-"""Fine-tuning keeps structural zeros (convfactor/auto/finetune.py with the modules' ``structural_zeros``):
+"""Fine-tuning keeps structural zeros (convfactor/distill/finetune.py with the modules' ``structural_zeros``):
 sal's pruned taps and the dictionary's sparse code stay exactly zero, the other weights still train."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import nn
 
 import convfactor
 from convfactor.auto import finetune
-from convfactor.auto.finetune import structural_masks
+from convfactor.distill.finetune import structural_masks
 from convfactor.methods import get_method
 from convfactor.methods.sal import SALConv
 from convfactor.share import finetune_codebooks, share_weights

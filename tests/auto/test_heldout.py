@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import convfactor
-from convfactor.auto.split import MIN_PART, split_data
-from convfactor.auto.verify import ConvfactorWarning, FidelityWarning
+from convfactor.auto.search.verify import ConvfactorWarning, FidelityWarning
+from convfactor.auto.statistics.split import MIN_PART, split_data
 from convfactor.errors import PolicyError
 from convfactor.fidelity_spec import parse_fidelity
 from convfactor.output_error import ErrorAccumulator, plan_layouts, scale_slices

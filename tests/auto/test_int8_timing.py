@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor.auto.latency import LatencyModel
-from convfactor.auto.latency_options import LatencyOptions
-from convfactor.auto.ort_timing import compare_models_onnxruntime, time_layers_onnxruntime
+from convfactor.auto.latency.model import LatencyModel
+from convfactor.auto.latency.options import LatencyOptions
+from convfactor.auto.latency.ort_timing import compare_models_onnxruntime, time_layers_onnxruntime
 from convfactor.errors import ConvfactorError
 from tests.cli_models import TinyNet, randomized
 
@@ -17,7 +17,7 @@ QUICK = {"max_seconds_per_layer": 0.3, "repeats": 5, "warmup": 1, "verify_min_ti
 
 
 def test_layers_and_models_are_timed_as_int8_graphs(monkeypatch):
-    import convfactor.auto.ort_timing as ort_timing
+    import convfactor.auto.latency.ort_timing as ort_timing
 
     quantized = []
     real = ort_timing.quantized_for_timing

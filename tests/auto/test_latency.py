@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import convfactor
-from convfactor.auto import latency as latency_module
-from convfactor.auto.latency import LatencyCache, LatencyModel, LatencyOptions, default_cache_path, layer_onnx
+from convfactor.auto.latency import model as latency_module
+from convfactor.auto.latency.model import LatencyCache, LatencyModel, LatencyOptions, default_cache_path, layer_onnx
 from convfactor.methods import get_method
 from tests.auto.conftest import inputs, tiny_resnet
 
@@ -346,7 +346,7 @@ def test_a_calibrated_reference_scales_the_variants_of_that_geometry(tmp_path):
 
 
 def test_originals_are_timed_together_in_onnxruntime():
-    from convfactor.auto.ort_timing import time_originals_onnxruntime
+    from convfactor.auto.latency.ort_timing import time_originals_onnxruntime
 
     small, large = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
     options = LatencyOptions(repeats=5, warmup=1, max_seconds_per_layer=0.5)

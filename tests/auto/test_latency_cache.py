@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from convfactor.auto.latency import CACHE_FORMAT, LatencyCache
+from convfactor.auto.latency.model import CACHE_FORMAT, LatencyCache
 
 
 def _writer(path, name, ready, go):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import convfactor
-from convfactor.auto.latency import LatencyOptions, compare_models, time_model
+from convfactor.auto.latency.model import LatencyOptions, compare_models, time_model
 from convfactor.errors import ConvfactorError
 from convfactor.runtime import export as onnx_export
 from convfactor.runtime import exporters, sessions

@@ -9,9 +9,9 @@ import pytest
 from torch import nn
 
 from convfactor.auto import LatencyModel
-from convfactor.auto.latency_options import LatencyOptions
-from convfactor.auto.round_robin import RESOLUTION, Timings, round_robin
-from convfactor.auto.slow_forms import prefer_fast_forms
+from convfactor.auto.latency.options import LatencyOptions
+from convfactor.auto.latency.round_robin import RESOLUTION, Timings, round_robin
+from convfactor.auto.selection.slow_forms import prefer_fast_forms
 
 LAYER = nn.Conv2d(48, 12, 1)
 SHAPE = (1, 48, 80, 80)
@@ -52,7 +52,7 @@ def test_a_resolved_original_keeps_measured_ratios(tmp_path):
 
 
 def test_no_slower_warning_for_a_layer_too_fast_to_time(tmp_path):
-    from convfactor.auto.candidates import Option
+    from convfactor.auto.selection.candidates import Option
 
     class Plan:  # the fields prefer_fast_forms reads
         name, layer, in_shape = "head", LAYER, SHAPE
@@ -78,7 +78,7 @@ def test_real_timer_marks_a_tiny_layer_unresolved_or_times_it_above_the_floor(tm
 
 
 def test_a_wide_layers_variants_are_timed_in_groups_each_with_the_original(tmp_path, monkeypatch):
-    from convfactor.auto import latency
+    from convfactor.auto.latency import model as latency
 
     batches = []
 
@@ -101,7 +101,7 @@ def test_a_wide_layers_variants_are_timed_in_groups_each_with_the_original(tmp_p
 
 
 def test_original_layers_are_timed_together_in_groups_scaled_by_a_shared_anchor(monkeypatch):
-    from convfactor.auto import latency
+    from convfactor.auto.latency import model as latency
 
     base = {}  # true ms of each layer by its out_channels
     calls, sizes = [], []

@@ -51,7 +51,7 @@ def rel_error(a: nn.Module, b: nn.Module, x: torch.Tensor = CALIBRATION) -> floa
     return float((ya - yb).norm() / ya.norm())
 
 
-SELECT = CALIBRATION[3::8]  # the part of the calibration data the search decides by (convfactor.auto.split)
+SELECT = CALIBRATION[3::8]  # the part of the calibration data the search decides by (convfactor.auto.statistics.split)
 
 
 def policy(target: float) -> dict:
@@ -127,9 +127,9 @@ def test_time_budget_must_be_positive_seconds(bad):
 
 
 def test_refits_are_cached_by_prefix_and_reproduce_a_fresh_refit(net):
-    from convfactor.auto.candidates import Option
-    from convfactor.auto.plans import plan_layers, set_shapes_and_calls
-    from convfactor.auto.refit import Replacements
+    from convfactor.auto.search.refit import Replacements
+    from convfactor.auto.selection.candidates import Option
+    from convfactor.auto.selection.plans import plan_layers, set_shapes_and_calls
     from convfactor.policy import Policy
 
     opts = AutoOptions()

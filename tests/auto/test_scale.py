@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor.auto.calibration import layer_statistics, statistic_forms
-from convfactor.auto.covariance import DiagonalCovariance, FullCovariance, KroneckerCovariance
-from convfactor.auto.data_aware import DATA_AWARE_METHODS, corrected_weight, layer_factorizer
+from convfactor.auto.fits.data_aware import corrected_weight
+from convfactor.auto.fits.registry import DATA_AWARE_METHODS, layer_factorizer
+from convfactor.auto.statistics.calibration import layer_statistics, statistic_forms
+from convfactor.auto.statistics.covariance import DiagonalCovariance, FullCovariance, KroneckerCovariance
 from convfactor.methods import get_method
 from convfactor.methods.grouped import GroupedBound, grouped_factors
 from convfactor.progress import phase, track

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from convfactor.auto import AutoOptions, LatencyModel, resolve_policy
-from convfactor.auto.slow_forms import check_whole_model
+from convfactor.auto.selection.slow_forms import check_whole_model
 
 from .conftest import inputs, tiny_resnet
 
@@ -103,7 +103,7 @@ def test_a_rank_off_the_channel_blocks_gives_way_to_a_blocked_one_that_runs_fast
 
 
 def test_denormal_weights_are_set_to_zero_and_nothing_else_changes():
-    from convfactor.auto.slow_forms import flush_denormals
+    from convfactor.auto.selection.slow_forms import flush_denormals
 
     layer = torch.nn.Conv2d(4, 4, 1)
     tiny = torch.finfo(torch.float32).tiny

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor.auto.vbmf import vbmf_layer_rank, vbmf_noise_variance, vbmf_rank
+from convfactor.auto.selection.vbmf import vbmf_layer_rank, vbmf_noise_variance, vbmf_rank
 from convfactor.errors import RankError
 
 

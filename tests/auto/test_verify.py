@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import convfactor
-from convfactor.auto.budget_search import Probe, search_budget
-from convfactor.auto.verify import DEFAULT_FLOOR, ConvfactorWarning, FidelityWarning, OutputChecker, SpeedWarning
+from convfactor.auto.search.budget_search import Probe, search_budget
+from convfactor.auto.search.verify import DEFAULT_FLOOR, ConvfactorWarning, FidelityWarning, SpeedWarning
 from convfactor.errors import PolicyError
 from convfactor.fidelity_spec import OutputSpec
+from convfactor.output_checker import OutputChecker
 from convfactor.policy import Fidelity, Policy
 
 from .conftest import inputs, tiny_resnet
@@ -123,7 +124,7 @@ def test_output_checker_measures_error_and_agreement_and_stops_early():
 
 
 def test_output_checker_keeps_references_within_its_memory_cap(monkeypatch):
-    import convfactor.auto.output_checker as output_checker
+    import convfactor.output_checker as output_checker
 
     monkeypatch.setattr(output_checker, "REFERENCE_BYTES", 3 * 8 * 4 * 4)  # three batches of 8 x 4 float32 outputs
     net = torch.nn.Linear(6, 4)
@@ -166,8 +167,8 @@ def test_a_latency_target_out_of_reach_returns_the_fastest_and_says_so():
 def test_a_short_timing_far_from_the_prediction_is_timed_again_at_full_length(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    from convfactor.auto import latency as latency_module
-    from convfactor.auto.verify import SpeedMeter
+    from convfactor.auto.latency import model as latency_module
+    from convfactor.auto.search.verify import SpeedMeter
     from convfactor.runtime import benchmarking, sessions
 
     lengths = []

@@ -1,4 +1,4 @@
-"""The selection and dictionary refits of convfactor/auto/data_aware_taps.py: the same least squares as the
+"""The selection and dictionary refits of convfactor/auto/fits/taps.py: the same least squares as the
 explicit basis, for every covariance form, in bounded memory."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from convfactor.auto.covariance import DiagonalCovariance, FullCovariance, KroneckerCovariance
-from convfactor.auto.data_aware_taps import dictionary_refit, selection_refit
+from convfactor.auto.fits.taps import dictionary_refit, selection_refit
+from convfactor.auto.statistics.covariance import DiagonalCovariance, FullCovariance, KroneckerCovariance
 
 from .conftest import measure_in_subprocess
 
@@ -51,8 +51,8 @@ _MEASURE = textwrap.dedent("""
     import torch
     from torch import nn
     torch.set_num_threads(1)
-    from convfactor.auto.covariance import KroneckerCovariance
-    from convfactor.auto.data_aware import layer_factorizer
+    from convfactor.auto.statistics.covariance import KroneckerCovariance
+    from convfactor.auto.fits.registry import layer_factorizer
     from convfactor.methods import get_method
     get_method("dictionary").alpha = 0.0  # the least-squares dictionary: no lasso time
     channels, out = int(sys.argv[1]), int(sys.argv[2])

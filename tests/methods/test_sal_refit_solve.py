@@ -1,4 +1,4 @@
-"""sal's per-output-channel refit (convfactor/auto/data_aware_taps.py): the batched solves, with the Kronecker
+"""sal's per-output-channel refit (convfactor/auto/fits/taps.py): the batched solves, with the Kronecker
 Gram matrices built from one-hot products, give what one explicit solve per output channel gives, in
 bounded memory."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import convfactor
-from convfactor.auto import data_aware_taps
-from convfactor.auto.covariance import DiagonalCovariance, FullCovariance, KroneckerCovariance
-from convfactor.auto.data_aware_taps import selection_gram, selection_refit
+from convfactor.auto.fits import taps as data_aware_taps
+from convfactor.auto.fits.taps import selection_gram, selection_refit
+from convfactor.auto.statistics.covariance import DiagonalCovariance, FullCovariance, KroneckerCovariance
 from convfactor.methods.sal import kernel_tap_mask
 from tests.auto.conftest import inputs, tiny_resnet
 
@@ -69,8 +69,8 @@ _MEASURE = textwrap.dedent("""
     import torch
     from torch import nn
     torch.set_num_threads(1)
-    from convfactor.auto.covariance import KroneckerCovariance
-    from convfactor.auto.data_aware import layer_factorizer
+    from convfactor.auto.statistics.covariance import KroneckerCovariance
+    from convfactor.auto.fits.registry import layer_factorizer
     channels, out = int(sys.argv[1]), int(sys.argv[2])
     layer = nn.Conv2d(channels, out, 3, padding=1).double()
     a = torch.eye(channels, dtype=torch.float64)[None] + 0.1
