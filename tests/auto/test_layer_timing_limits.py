@@ -62,9 +62,9 @@ def test_no_slower_warning_for_a_layer_too_fast_to_time(tmp_path):
 
     Plan.chosen.loss = 0.1
     warnings: list[str] = []
-    account = prefer_fast_forms([Plan], "macs", stub(tmp_path, 0.01, 0.05, floor=0.01), warnings)
-    assert warnings == [] and account["slower"] == [] and account["unresolved"] == ["head"]
-    flagged = prefer_fast_forms([Plan], "macs", stub(tmp_path / "b", 0.5, 1.0, floor=0.01), warnings)
+    account, swaps = prefer_fast_forms([Plan], "macs", stub(tmp_path, 0.01, 0.05, floor=0.01), warnings)
+    assert warnings == [] and account["slower"] == [] and account["unresolved"] == ["head"] and swaps == {}
+    flagged, _ = prefer_fast_forms([Plan], "macs", stub(tmp_path / "b", 0.5, 1.0, floor=0.01), warnings)
     assert flagged["slower"] and "0.50x" in warnings[0]  # a resolved slow form is still said
 
 

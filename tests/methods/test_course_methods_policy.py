@@ -7,7 +7,7 @@ import torch
 
 import convfactor
 from convfactor.auto import AutoOptions, resolve_policy
-from convfactor.auto.resolve import _auto_methods
+from convfactor.auto.selection.plans import auto_methods
 from convfactor.methods import get_method
 from tests.auto.conftest import inputs, tiny_resnet
 
@@ -47,7 +47,7 @@ def test_calibration_data_lowers_the_output_error(method_name: str) -> None:
 
 
 def test_course_methods_are_opt_in_for_auto() -> None:
-    assert not set(COURSE_METHODS) & set(_auto_methods(AutoOptions()))
+    assert not set(COURSE_METHODS) & set(auto_methods(AutoOptions()))
     model = tiny_resnet(width=8)
     x = inputs(2, seed=0)
     policy = {"rules": [{"match": "conv1", "method": "skip"}, {"types": ["Conv2d"], "method": "auto"}],

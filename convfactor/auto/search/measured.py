@@ -30,7 +30,7 @@ from ..latency.model import LatencyModel
 from ..latency.torch_timing import random_weights
 from ..options import AutoOptions
 from ..selection.allocate import InfeasibleBudget, allocate
-from ..selection.plans import LayerPlan
+from ..selection.plans import Choice, LayerPlan, apply_choices
 from ..statistics.split import DataSplit, first_samples
 from .budget_search import Probe, search_budget
 from .deadline import Deadline
@@ -98,13 +98,11 @@ class Allocator:
                              f"cheapest candidate (predicted {reachable:.3f} of the original)")
             choice = tuple(min(range(len(g)), key=lambda i: (g[i][0], g[i][1])) for g in groups)
             solver = "cheapest per layer"
+        choices = {plan.name: _allocated(plan, index) for plan, index in zip(self.plans, choice)}
+        apply_choices(self.plans, choices)  # the probe measured next is the model these choices make
         predicted = fixed
-        for plan, index in zip(self.plans, choice):
-            plan.chosen = None if index == 0 else plan.options[index - 1]
+        for plan in self.plans:
             predicted += self.scale * (plan.original.cost(kind) if plan.chosen is None else plan.chosen.cost(kind))
-            if plan.options:  # a plan without options keeps the reason it has none
-                plan.decision = None if plan.chosen is not None else (
-                    "left as is by the allocation (its candidates cost more fidelity per unit saved)")
         exact = (lambda v: int(round(v))) if kind != "latency" else (lambda v: rounded(v, 4))  # counts stay exact
         return {"kind": kind, "fraction": fraction, "original": exact(total), "budget": exact(budget_total),
                 "fixed": exact(fixed), "predicted": exact(predicted),
@@ -114,6 +112,15 @@ class Allocator:
                           "params": "parameters of the BatchNorm-folded model (<= the original's)",
                           "latency": "ms in the latency runtime (info['latency']): whole original model minus the "
                                      "per-layer savings measured"}[kind]}
+
+
+def _allocated(plan: LayerPlan, index: int) -> Choice:
+    """The allocation's choice for ``plan``: option ``index - 1``, or 0 for leaving the layer as is."""
+    if index:
+        return Choice(plan.options[index - 1], None)
+    # A plan without options keeps the reason it has none.
+    return Choice(None, "left as is by the allocation (its candidates cost more fidelity per unit saved)"
+                  if plan.options else plan.decision)
 
 
 def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, outputs: list | None = None,

@@ -18,7 +18,7 @@ from ...progress import track
 from ..latency.model import LatencyModel
 from ..options import AutoOptions
 from .candidates import Option, rank_to_json
-from .plans import LayerPlan
+from .plans import Choice, LayerPlan
 from .scoring import ALIGN_CHOICES, error_function
 from .vbmf import vbmf_layer_rank
 
@@ -37,9 +37,13 @@ def _rule_rank(plan: LayerPlan, method: FactorizationMethod) -> Rank:
 
 
 def choose_fastest(plans: list[LayerPlan], opts: AutoOptions, stats: Any, model: LatencyModel | None,
-                   progress: bool) -> None:
-    """Set each open plan's choice: the rule's own method and rank, or for ``auto`` the fastest measured."""
+                   progress: bool) -> dict[str, Choice]:
+    """Each open plan's choice: the rule's own method and rank, or for ``auto`` the fastest measured.
+
+    Fills each ``auto`` plan's timed ``options`` and ``dropped`` notes; the choices are returned, not applied.
+    """
     factorizers: dict = {}  # data-aware fits made for scoring (the result's are made by ``refit``)
+    choices: dict[str, Choice] = {}
     for plan in track([p for p in plans if p.open], progress, "methods"):
         rule = plan.rule
         if rule.method != AUTO:
@@ -48,8 +52,8 @@ def choose_fastest(plans: list[LayerPlan], opts: AutoOptions, stats: Any, model:
             except RankError as exc:
                 raise RankError(f"{rule.describe(plan.rule_index)}, layer {plan.name!r}: {exc}") from None
             macs, params = replacement_costs(plan.methods[0], plan.layer, rank, plan.in_shape)
-            plan.chosen = Option(rule.method, rank, None if macs is None else macs * plan.calls, params)
-            plan.decision = f"rule {plan.rule_index + 1}"
+            option = Option(rule.method, rank, None if macs is None else macs * plan.calls, params)
+            choices[plan.name] = Choice(option, f"rule {plan.rule_index + 1}")
             continue
         if rule.rank is None and rule.energy is None:
             raise PolicyError(f"{rule.describe(plan.rule_index)}: method 'auto' without a target needs a rank "
@@ -73,7 +77,7 @@ def choose_fastest(plans: list[LayerPlan], opts: AutoOptions, stats: Any, model:
                 macs, params = replacement_costs(method, plan.layer, each, plan.in_shape)
                 candidates.append(Option(method.name, each, None if macs is None else macs * plan.calls, params))
         if not candidates:
-            plan.decision = "no method resolves the rule's rank spec for this layer"
+            choices[plan.name] = Choice(None, "no method resolves the rule's rank spec for this layer")
             continue
         original_ms, times = model.layer_times(plan.layer, plan.in_shape, [(o.method, o.rank) for o in candidates])
         plan.original.latency_ms = original_ms * plan.calls
@@ -87,8 +91,10 @@ def choose_fastest(plans: list[LayerPlan], opts: AutoOptions, stats: Any, model:
         plan.dropped += [f"{o.label()}: measured {o.latency_ms:.4f} ms >= original {plan.original.latency_ms:.4f} ms"
                         for o in candidates if o not in faster]
         if faster:
-            plan.chosen = min(faster, key=lambda o: (o.latency_ms, o.error2))
-            plan.decision = "the fastest measured method at the rule's rank spec (or its x8/x16 rounding up)"
+            choices[plan.name] = Choice(min(faster, key=lambda o: (o.latency_ms, o.error2)), "the fastest measured "
+                                        "method at the rule's rank spec (or its x8/x16 rounding up)")
         else:
-            plan.decision = "no method at the rule's rank spec measured faster than the original layer"
+            choices[plan.name] = Choice(None, "no method at the rule's rank spec measured faster than the original "
+                                              "layer")
+    return choices
 

@@ -19,7 +19,7 @@ from ...output_checker import rounded as _round
 from ...policy import AUTO, SKIP, Policy, Rule
 from ..latency.model import LatencyModel
 from .candidates import Option, rank_to_json
-from .plans import LayerPlan
+from .plans import Choice, LayerPlan, apply_choices
 
 __all__ = ["resolved_policy", "verify_faster", "layer_info"]
 
@@ -74,17 +74,13 @@ def verify_faster(root: nn.Module, plans: list[LayerPlan], chosen: list[LayerPla
         take = max(1, min(step, len(chosen) - len(dropped) - 1))
         dropped.extend(order[len(dropped): len(dropped) + take])
         step *= 2
-        for plan in dropped:
-            if plan.chosen is not None:
-                plan.decision = ("dropped after the whole factorized model was not faster than the original "
-                                 f"(measured {speedup:.3f}x)")
-                plan.chosen = None
+        apply_choices(plans, {p.name: Choice(None, "dropped after the whole factorized model was not faster than "
+                                                   f"the original (measured {speedup:.3f}x)")
+                              for p in dropped if p.chosen is not None})
         prebuilt = {k: v for k, v in prebuilt.items() if k not in {p.name for p in dropped}}
         resolved = resolved_policy(plans)
-    for plan in dropped:
-        if plan.chosen is not None:
-            plan.decision = "dropped: the factorized model was never measured faster than the original"
-            plan.chosen = None
+    apply_choices(plans, {p.name: Choice(None, "dropped: the factorized model was never measured faster than the "
+                                               "original") for p in dropped if p.chosen is not None})
     prebuilt = {k: v for k, v in prebuilt.items() if k not in {p.name for p in dropped}}
     return resolved_policy(plans), prebuilt, {"rounds": rounds, "layers_dropped": [p.name for p in dropped]}
 

@@ -7,7 +7,7 @@ open to a decision; then its input shape, how often it runs per sample and its o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,8 @@ from ...policy import AUTO, SKIP, Policy, Rule
 from ..options import OPT_IN_METHODS, SLOW_METHODS, AutoOptions
 from .candidates import Option
 
-__all__ = ["LayerPlan", "auto_methods", "plan_layers", "set_shapes_and_calls", "pass_samples", "PASS_MACS"]
+__all__ = ["LayerPlan", "Choice", "apply_choices", "auto_methods", "plan_layers", "set_shapes_and_calls",
+           "pass_samples", "PASS_MACS"]
 
 # Network MACs the sensitivity probes and the sequential refit may each spend (a few minutes on 2 cores;
 # the shipped digits models stay far below it): each uses at most that many calibration samples (but at
@@ -57,6 +58,26 @@ class LayerPlan:
     @property
     def open(self) -> bool:
         return self.reason is None and bool(self.methods)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A verdict on one layer: the option it takes (None: left as is) and why."""
+
+    option: Option | None
+    decision: str | None
+
+
+def apply_choices(plans: Iterable[LayerPlan], choices: Mapping[str, Choice]) -> None:
+    """Write ``choices`` into the plans they name: the one place a plan's ``chosen`` and ``decision`` change.
+
+    The phases that decide (fastest forms, the allocation, faster-form swaps, latency drops) return
+    choices; the resolution applies them here, and a search applies each probe's choices here before
+    measuring the model they make.
+    """
+    for plan in plans:
+        if plan.name in choices:
+            plan.chosen, plan.decision = choices[plan.name].option, choices[plan.name].decision
 
 
 def auto_methods(opts: AutoOptions) -> list[str]:

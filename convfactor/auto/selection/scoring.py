@@ -27,7 +27,7 @@ from ..search.deadline import Deadline
 from ..statistics.calibration import layer_sensitivities
 from ..statistics.split import first_samples
 from .candidates import Option, WeightErrors, grouped_bound, rank_grid
-from .plans import LayerPlan, pass_samples
+from .plans import Choice, LayerPlan, apply_choices, pass_samples
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
 
 __all__ = ["SCORED_RANKS", "build_options", "error_function", "candidate_module", "measure_sensitivities"]
@@ -176,9 +176,9 @@ def _score_layer(plan: LayerPlan, by_method: dict[str, list[Option]], kind: str,
                 best = (key, _probe_builder(plan, option, factorizers))
         del factorizers, error2
     if not plan.options:
-        plan.decision = ("no replacement measured faster than the original layer" if kind == "latency"
-                         else f"no candidate costs fewer {'macs' if kind != 'params' else 'params'} "
-                         "than the original layer")
+        why = ("no replacement measured faster than the original layer" if kind == "latency"
+               else f"no candidate costs fewer {'macs' if kind != 'params' else 'params'} than the original layer")
+        apply_choices([plan], {plan.name: Choice(None, why)})
     elif probe:
         plan.probe = best[1]()
 

@@ -31,8 +31,9 @@ from passes.modules import set_submodule
 
 from ...methods import get_method
 from ..latency.torch_timing import random_weights
+from .plans import Choice
 
-__all__ = ["SIMILAR_LOSS", "BLOCK", "FASTER_BY", "WHOLE_MODEL_MACS", "blocked", "prefer_fast_forms", "undo_swaps",
+__all__ = ["SIMILAR_LOSS", "BLOCK", "FASTER_BY", "WHOLE_MODEL_MACS", "blocked", "prefer_fast_forms",
            "check_whole_model", "flush_denormals"]
 
 SIMILAR_LOSS = 1.25
@@ -51,8 +52,10 @@ def blocked(rank: Any) -> bool:
     return all(isinstance(p, int) and p % BLOCK == 0 for p in parts)
 
 
-def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[str]) -> dict[str, Any]:
-    """Swap or flag each chosen replacement measured slower than its layer; returns the account.
+def prefer_fast_forms(plans: list[Any], kind: str, model: Any,
+                      warnings: list[str]) -> tuple[dict[str, Any], dict[str, Choice]]:
+    """Find a faster form of similar cost and loss for, or flag, each chosen replacement measured slower than its
+    layer; returns the account and the swaps (choices, not applied).
 
     A chosen rank off onnxruntime's channel blocks is timed beside the blocked options of the same layer
     that cost no more and have a similar predicted loss; one measured at least ``FASTER_BY`` faster
@@ -65,7 +68,8 @@ def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[st
         warnings: where a warning per replacement left slower goes.
     """
     started = time.perf_counter()
-    swapped, slower, undo, unresolved = [], [], [], []
+    swapped, slower, unresolved = [], [], []
+    swaps: dict[str, Choice] = {}
     for plan in plans:
         option = plan.chosen
         if option is None or plan.in_shape is None:
@@ -92,12 +96,10 @@ def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[st
                 faster = [o for o in alternatives if alt_times[(o.method, o.rank)] < original_ms]
         if faster:
             best = min(faster, key=lambda o: (o.loss, o.cost(kind)))
-            undo.append((plan, option, plan.decision))
-            plan.chosen = best
             why = (f"which measured {speed:.2f}x the original layer's speed" if ms >= original_ms else
                    "whose rank is off onnxruntime's channel blocks")
-            plan.decision = (f"{best.label()} instead of {option.label()}, {why} (similar cost and predicted loss, "
-                             "runs faster)")
+            swaps[plan.name] = Choice(best, f"{best.label()} instead of {option.label()}, {why} (similar cost and "
+                                            "predicted loss, runs faster)")
             swapped.append({"layer": plan.name, "from": option.label(), "to": best.label(), "speed": round(speed, 3)})
         else:
             slower.append({"layer": plan.name, "form": option.label(), "speed": round(speed, 3)})
@@ -107,14 +109,7 @@ def prefer_fast_forms(plans: list[Any], kind: str, model: Any, warnings: list[st
                             f"option of similar cost and error runs faster (a latency target, or align: 16, avoids it)")
     return {"swapped": swapped, "slower": slower, "unresolved": unresolved,
             "seconds": round(time.perf_counter() - started, 3),
-            "runtime": model.options.runtime, "threads": model.options.threads, "undo": undo}
-
-
-def undo_swaps(account: dict[str, Any]) -> None:
-    """Put back the options ``prefer_fast_forms`` swapped out (e.g. when the result then fails a fidelity bound)."""
-    for plan, option, decision in account.pop("undo", []):
-        plan.chosen, plan.decision = option, decision
-    account["swapped"] = []
+            "runtime": model.options.runtime, "threads": model.options.threads}, swaps
 
 
 def check_whole_model(root: Any, plans: list[Any], model: Any, inputs: tuple, warnings: list[str],
