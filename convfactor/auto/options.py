@@ -15,8 +15,8 @@ __all__ = ["AutoOptions", "SLOW_METHODS", "OPT_IN_METHODS"]
 # 64-channel 3x3 layer (136 s for a 14-rank grid measured on 2 cores), too slow to evaluate a grid of
 # candidates per layer. A rule naming ``method: cp`` still gets its ranks allocated.
 SLOW_METHODS = ("cp",)
-# Also left out of ``method: auto`` unless listed in ``auto_methods`` (so the automatic policy's measured
-# results stay what they were): channel_svd costs more MACs per rank than spatial_svd on a k x k conv
+# Also left out of ``method: auto`` unless listed in ``auto_methods``, because on a typical k x k conv they
+# lose to the default methods at equal cost: channel_svd costs more MACs per rank than spatial_svd
 # (r*(C_in*k_h*k_w + C_out) against r*(C_in*k_h + C_out*k_w)), shift keeps whole taps (its error is coarse
 # and its shift stage is memory traffic), and dictionary learning takes seconds per rank.
 OPT_IN_METHODS = ("channel_svd", "shift", "dictionary", "sal")

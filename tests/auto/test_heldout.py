@@ -182,9 +182,9 @@ POLICY = {"rules": [{"match": "fc1", "method": "svd", "rank": 8}, {"match": "fc2
 
 
 def test_an_overfit_is_caught_when_not_regularized(monkeypatch):
-    import convfactor.auto.resolve as resolve
+    import convfactor.auto.phases as phases
 
-    monkeypatch.setattr(resolve, "regularize", lambda root, plans, opts, replacements, prebuilt, *a, **k: (prebuilt, None))
+    monkeypatch.setattr(phases, "regularize", lambda root, plans, opts, replacements, prebuilt, *a, **k: (prebuilt, None))
     fast, caught = factorize_caught(Wide().eval(), POLICY, torch.zeros(1, 64), calibration=_overfitting_calibration())
     check = convfactor.get_report(fast).extra["fidelity_check"]
     assert check["in_sample"]["rel_error"] < 0.05 and check["overfit"] > 2  # passes in-sample, fails held out

@@ -56,9 +56,9 @@ __all__ = [
 ]
 
 _ORIGINAL = "original"
-# Keys of entries stored as ratios to their original timed in the same rounds (older entries, each timed
-# on its own, mixed times taken under different load: they are not reused). Form 3: an original below the
-# timer's resolution is stored as unresolved (form 2 stored ratios of noise to an absolute floor).
+# Part of every cache key: how an entry was measured. An entry is a ratio to its original layer timed in the
+# same rounds, and an original below the timer's resolution is stored as unresolved. Entries measured any
+# other way carry another number and are never reused (times taken under different load do not compare).
 TIMING_FORM = 3
 
 # Bytes of the timing sessions alive at once for one layer (each holds buffers of its input and output
@@ -236,9 +236,9 @@ class LatencyModel:
         become the references the variants' ratios scale, so layers compare with each other too.
 
         Layers timed one after the other, each with its own variants, are timed under whatever load the
-        machine had then; on this 2-core machine shared with other jobs a cached 3x3 conv of ResNet-18's
-        layer4 read 34 ms, others of the same MACs 2-6 ms, and the allocator cut layer4 48x for time it
-        never saved. Not cached: the point is that they are measured together, now.
+        machine had then: on a machine shared with other jobs a 3x3 conv of ResNet-18's layer4 can read
+        34 ms where others of the same MACs read 2-6 ms, and the allocator would cut it for time it never
+        saves. Not cached: the point is that they are measured together, now.
         """
         if self.options.runtime != "onnxruntime" or self.timer is not time_layers:
             return  # torch times, or test stubs

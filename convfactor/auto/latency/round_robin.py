@@ -1,11 +1,10 @@
 """Interleaved timing of a few variants on one input: the loop both latency runtimes share.
 
 Times are each variant's minus the empty variant's (the call overhead: feeding the input, the
-neighbours). A layer whose time is below ``RESOLUTION`` of that overhead cannot be told from noise:
-PP-OCR det's 1x1 48->12 conv at 80x80 read 0.0001 ms (the old absolute floor) and its replacements
-0.01-0.08 ms, ratios of 100-800 that became "measured 0.00x the original layer's speed" warnings. Such
-times read as the floor, ``Timings.floor`` says which value that is, and callers treat a layer at the
-floor as unresolved.
+neighbours). A layer whose time is below ``RESOLUTION`` of that overhead cannot be told from noise
+(PP-OCR det's 1x1 48->12 conv at 80x80 can read 0.0001 ms beside replacements at 0.01-0.08 ms: ratios of
+100-800 that mean nothing). Such times read as the floor, ``Timings.floor`` says which value that is,
+and callers treat a layer at the floor as unresolved.
 
 Each variant's time is the fastest decile of its runs (``QUANTILE``), not the median: on a machine
 shared with other jobs a run is interrupted more often the longer it is, so medians grow with a run's
