@@ -7,8 +7,7 @@ import torch
 
 from convfactor.auto import AutoOptions, LatencyModel, resolve_policy
 from convfactor.auto.selection.slow_forms import check_whole_model
-
-from .conftest import inputs, tiny_resnet
+from tests.auto.conftest import inputs, tiny_resnet
 
 X = inputs(1, seed=3)
 POLICY = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd"}], "target": {"macs": 0.5}}

@@ -16,8 +16,7 @@ from convfactor.errors import PolicyError
 from convfactor.fidelity_spec import parse_fidelity
 from convfactor.output_error import ErrorAccumulator, plan_layouts, scale_slices
 from convfactor.runtime.fidelity import check_fidelity
-
-from .conftest import inputs, tiny_resnet
+from tests.auto.conftest import inputs, tiny_resnet
 
 
 def factorize_caught(*args, **kwargs):

@@ -15,8 +15,7 @@ from convfactor.errors import PolicyError
 from convfactor.fidelity_spec import OutputSpec
 from convfactor.output_checker import OutputChecker
 from convfactor.policy import Fidelity, Policy
-
-from .conftest import inputs, tiny_resnet
+from tests.auto.conftest import inputs, tiny_resnet
 
 X = inputs(32, seed=3)
 TARGET = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd"}], "target": {"macs": 0.3}}

@@ -10,8 +10,7 @@ import torch
 
 from convfactor.auto.fits.taps import dictionary_refit, selection_refit
 from convfactor.auto.statistics.covariance import DiagonalCovariance, FullCovariance, KroneckerCovariance
-
-from .conftest import measure_in_subprocess
+from tests.methods.conftest import measure_in_subprocess
 
 G, O, C, T, K = 2, 5, 3, 9, 4
 

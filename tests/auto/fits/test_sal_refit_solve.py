@@ -15,8 +15,7 @@ from convfactor.auto.fits.taps import selection_gram, selection_refit
 from convfactor.auto.statistics.covariance import DiagonalCovariance, FullCovariance, KroneckerCovariance
 from convfactor.methods.sal import kernel_tap_mask
 from tests.auto.conftest import inputs, tiny_resnet
-
-from .conftest import measure_in_subprocess
+from tests.methods.conftest import measure_in_subprocess
 
 G, O, C, T, M = 2, 6, 5, 9, 2
 

@@ -16,7 +16,7 @@ from convfactor.auto.statistics.covariance import DiagonalCovariance, FullCovari
 from convfactor.methods import get_method
 from convfactor.methods.grouped import GroupedBound, grouped_factors
 from convfactor.progress import phase, track
-from tests.auto.test_data_aware import GEOMETRIES
+from tests.auto.fits.test_data_aware import GEOMETRIES
 
 
 def _spd(g, n, seed):
