@@ -9,9 +9,11 @@ calibration data it also builds the data-aware factorized modules. It runs the p
     selection/     layer plans, candidates, the allocation under a budget, fastest forms
     search/        allocations corrected by measuring whole candidate models; the final checks
     latency/       the latency model: candidate layers timed, cached on disk
-    options, account, phases, resolve: the options, the report's record, the phases, the entry point
+    options, deadline, account, phases, resolve: the options, the time budget's clock, the report's
+                   record, the phases, the entry point
 
-Sub-packages import the core and each other downwards (statistics and latency lowest, search highest);
+Sub-packages import the core and each other downwards: statistics and latency import no other
+sub-package, fits imports statistics, selection imports those three, search imports all four;
 nothing here imports ``convfactor.api`` or ``convfactor.cli`` (tests/passes/test_dependency_direction.py).
 ``finetune`` and ``DistillOptions`` live in ``convfactor.distill`` and are re-exported here.
 """

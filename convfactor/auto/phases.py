@@ -39,10 +39,10 @@ from ..output_checker import rounded as _round
 from ..policy import AUTO, Policy
 from ..progress import phase, say
 from .account import ResolutionAccount
+from .deadline import Deadline
 from .latency.model import LatencyModel
 from .options import AutoOptions
 from .search.budget_search import progress_line
-from .search.deadline import Deadline
 from .search.distill_probes import ProbeDistiller
 from .search.measured import allocation_metrics, measured_allocation
 from .search.refit import Replacements

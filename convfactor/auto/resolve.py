@@ -13,7 +13,7 @@ reads; the report's ``extra['auto']`` is laid out once, from ``ResolutionAccount
 itself lives in the sub-packages: ``selection`` (plans, candidates, scoring, allocation, fastest forms),
 ``search`` (allocation corrected by measurement, the modules an allocation really gets), ``statistics``
 and ``fits`` (data-aware), ``latency`` (the cost model). ``AutoOptions.time_budget`` cuts the refinement
-phases short (``search.deadline``).
+phases short (``deadline``).
 
 Predicted loss of a candidate = sensitivity * error2. Without calibration data, error2 is the relative
 squared weight error and every sensitivity is 1. With calibration data, error2 is the relative squared
@@ -41,6 +41,7 @@ from torch import nn
 from ..fidelity_spec import Fidelity
 from ..output_checker import OutputChecker
 from ..policy import Policy
+from .deadline import Deadline
 from .latency.model import LatencyModel
 from .options import AutoOptions
 from .phases import (
@@ -58,7 +59,6 @@ from .phases import (
     swap_in_fast_forms,
     time_layers,
 )
-from .search.deadline import Deadline
 from .search.measured import output_checkers
 from .statistics.split import DataSplit
 

@@ -6,7 +6,9 @@
       methods                       transitively), so the core cannot reach those packages indirectly
     convfactor.runtime              never imports auto, cli, distill or api (onnxruntime measurement)
     convfactor.distill              never imports auto, cli, api or runtime (auto re-exports it)
-    convfactor.auto                 never imports cli or api
+    convfactor.auto                 never imports cli or api; inside it the sub-packages import downwards:
+                                    statistics and latency no other sub-package, fits only statistics,
+                                    selection never search
     api                             the entry point above every layer: ``factorize`` composes the core
                                     with ``auto.resolve_policy``, ``distill`` and the held-out checks,
                                     so it is not part of the core; only cli and the top-level scripts use it
@@ -30,6 +32,10 @@ NEVER = {
     "convfactor.runtime": ("auto", "cli", "distill", "api"),
     "convfactor.distill": ("auto", "cli", "api", "runtime"),
     "convfactor.auto": ("cli", "api"),
+    "convfactor.auto.statistics": ("auto.fits", "auto.latency", "auto.selection", "auto.search"),
+    "convfactor.auto.latency": ("auto.statistics", "auto.fits", "auto.selection", "auto.search"),
+    "convfactor.auto.fits": ("auto.latency", "auto.selection", "auto.search"),
+    "convfactor.auto.selection": ("auto.search",),
 }
 # The method registry's own import of its package (convfactor/methods/base.py loads convfactor.methods so
 # that the built-in methods register): owned by the methods package, listed so that no other cycle hides.

@@ -1,6 +1,5 @@
 """Measured search: allocations corrected by measuring the whole candidate model against the original.
 
-    deadline       ``AutoOptions.time_budget`` as a clock the refinement phases consult
     budget_search  the budget corrected by measurement (latency regula falsi, fidelity bisection)
     refit          the modules an allocation really gets (weight, data-aware or sequential fits)
     measured       the knapsack at any budget, and whole candidate models measured

@@ -15,7 +15,7 @@ from typing import Any
 
 from ...output_checker import failures, rounded
 from ...policy import Fidelity
-from .deadline import Deadline
+from ..deadline import Deadline
 
 __all__ = ["SPEED_TOLERANCE", "Probe", "SearchResult", "search_budget", "missed_target", "progress_line"]
 

@@ -26,6 +26,7 @@ from ...methods import get_method
 from ...metric import Metric
 from ...output_checker import OutputChecker, failures, rounded
 from ...policy import Fidelity
+from ..deadline import Deadline
 from ..latency.model import LatencyModel
 from ..latency.torch_timing import random_weights
 from ..options import AutoOptions
@@ -33,7 +34,6 @@ from ..selection.allocate import InfeasibleBudget, allocate
 from ..selection.plans import Choice, LayerPlan, apply_choices
 from ..statistics.split import DataSplit, first_samples
 from .budget_search import Probe, search_budget
-from .deadline import Deadline
 from .refit import Replacements
 from .verify import SpeedMeter
 

@@ -26,13 +26,13 @@ from passes.modules import set_submodule
 
 from ...methods import get_method
 from ...progress import track
+from ..deadline import Deadline
 from ..fits.data_aware import corrected_weight, grouped_weight
 from ..fits.registry import layer_factorizer
 from ..options import AutoOptions
 from ..selection.plans import LayerPlan, pass_samples
 from ..statistics.calibration import execution_order, paired_statistics
 from ..statistics.split import first_samples
-from .deadline import Deadline
 
 __all__ = ["Replacements", "REFERENCE_INPUT_BYTES"]
 

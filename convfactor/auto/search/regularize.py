@@ -20,8 +20,8 @@ from torch import nn
 
 from ...output_checker import OutputChecker, rounded
 from ...progress import phase
+from ..deadline import Deadline
 from ..options import AutoOptions
-from .deadline import Deadline
 from .measured import install
 from .refit import Replacements
 from .verify import OVERFIT_FLOOR, OVERFIT_RATIO

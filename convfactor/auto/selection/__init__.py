@@ -10,7 +10,7 @@
     outcome        the resolved rules and the per-layer account handed back
 
 May import: the core, ``convfactor.methods``, ``auto.statistics``, ``auto.fits``, ``auto.latency``,
-``auto.options`` and ``auto.search.deadline``.
+``auto.options`` and ``auto.deadline``; never ``auto.search`` (which builds on it).
 """
 
 __all__: list[str] = []

@@ -18,12 +18,12 @@ from ...costs import replacement_costs
 from ...methods import get_method
 from ...methods.base import FactorizationMethod, FactorizedLayer, Rank
 from ...progress import track
+from ..deadline import Deadline
 from ..fits.data_aware import grouped_weight, output_error2
 from ..fits.registry import DATA_AWARE_METHODS, layer_factorizer
 from ..latency.model import LatencyModel
 from ..latency.round_robin import RESOLUTION
 from ..options import AutoOptions
-from ..search.deadline import Deadline
 from ..statistics.calibration import layer_sensitivities
 from ..statistics.split import first_samples
 from .candidates import Option, WeightErrors, grouped_bound, rank_grid
