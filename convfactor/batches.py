@@ -1,4 +1,4 @@
-"""The user's calibration data as input batches, and the tensors of a model's output.
+"""The user's calibration data as input batches, and the floating-point tensors of a model's output.
 
 ``calibration_batches`` accepts what ``factorize(calibration=...)`` documents (a tensor, a tuple of
 tensors, a list of batches, a DataLoader) and returns a list of input tuples bounded in samples and bytes,
@@ -14,7 +14,7 @@ import torch
 
 from .errors import ConvfactorError
 
-__all__ = ["DEFAULT_MAX_SAMPLES", "calibration_batches", "flat_outputs", "output_leaves"]
+__all__ = ["DEFAULT_MAX_SAMPLES", "calibration_batches", "output_leaves"]
 
 DEFAULT_MAX_SAMPLES = 512
 _SPLIT_BATCH = 64
@@ -74,18 +74,9 @@ def calibration_batches(
     return batches
 
 
-def flat_outputs(output: Any) -> list[torch.Tensor]:
-    """The tensors of a model output (a tensor, or nested tuples/lists/dicts of tensors)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        return [t for item in output for t in flat_outputs(item)]
-    return []
-
-
-def output_leaves(output: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a model output (any nesting), detached, in pytree order."""
-    return [t.detach() for t in torch.utils._pytree.tree_leaves(output)
-            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+def output_leaves(output: Any, detach: bool = True) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (any nesting) in pytree order, detached unless a loss
+    needs their gradients (``detach=False``)."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(output)
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t.detach() for t in leaves] if detach else leaves

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batches import flat_outputs
+from ..batches import output_leaves
 from ..errors import ConvfactorError
 from ..progress import open_bar
 
@@ -177,8 +177,8 @@ def finetune(
     try:
         for _, batch in zip(range(steps), stream):
             with torch.no_grad():
-                targets = flat_outputs(teacher(*batch))
-            outputs = flat_outputs(factorized(*batch))
+                targets = output_leaves(teacher(*batch))
+            outputs = output_leaves(factorized(*batch), detach=False)
             value = sum(distillation_loss(o, t.detach(), loss, temperature) for o, t in zip(outputs, targets))
             masked_step(optimizer, value, masks)
             result.losses.append(float(value.detach()))

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batches import output_leaves
 from ..errors import ConvfactorError
 from ..output_checker import OutputChecker
 from ..output_error import OutputLayout
@@ -108,11 +109,6 @@ def as_distill_options(value: Any) -> DistillOptions | None:
         return DistillOptions(steps=value)
     raise ConvfactorError(f"distill must be a number of steps or convfactor.auto.DistillOptions, "
                           f"not {type(value).__name__}")
-
-
-def _leaves(output: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of an output in pytree order (``output_leaves`` without the detach)."""
-    return [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 @dataclass(frozen=True)
@@ -252,7 +248,7 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: Sequence[tupl
     teacher.eval()
     with _threads(options.threads):
         with torch.no_grad():
-            losses = output_losses(select.layouts, _leaves(teacher(*chunks[0])))
+            losses = output_losses(select.layouts, output_leaves(teacher(*chunks[0])))
         run.output_losses = [f"{layout.name}: {loss.describe()}" for layout, loss in zip(select.layouts, losses)]
         if all(loss.kind == "none" for loss in losses):
             raise ConvfactorError("distillation has nothing to match: every output is declared 'ignore'")
@@ -286,8 +282,8 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: Sequence[tupl
                     break
                 batch = next(stream)
                 with torch.no_grad():
-                    targets = [t.detach() for t in _leaves(teacher(*batch))]
-                outputs = _leaves(student(*batch))
+                    targets = output_leaves(teacher(*batch))
+                outputs = output_leaves(student(*batch), detach=False)
                 terms = [loss(o, t, options.temperature) for loss, o, t in zip(losses, outputs, targets)]
                 value = sum(term for term in terms if term is not None)
                 masked_step(optimizer, value, masks)
