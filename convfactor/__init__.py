@@ -43,8 +43,8 @@ _LAZY = {
     "export_onnx": "runtime.export",
     "ExportResult": "runtime.export",
     # warnings factorize gives
-    "FidelityWarning": "auto.verify",
-    "SpeedWarning": "auto.verify",
+    "FidelityWarning": "auto.search.verify",
+    "SpeedWarning": "auto.search.verify",
 }
 
 # Names the top level no longer holds -> where they live.

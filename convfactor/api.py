@@ -120,7 +120,7 @@ def factorize(
     inputs = as_input_tuple(example_inputs, allow_none=True)
     report = FactorizeReport(policy=policy.to_dict(), fold_batchnorm=fold_batchnorm and trace)
     if distill is not None:  # checked before any work; run after the factorization
-        from .auto.distill_result import check_distill_request, distill_result
+        from .distill.result import check_distill_request, distill_result
 
         distill = check_distill_request(distill, calibration, validation)
 
@@ -177,7 +177,7 @@ def factorize(
     if resolution is not None and distill is not None:  # in place, kept only if the held-out error went down
         distill_result(model, root, resolution, distill, report, progress)
     if resolution is not None:  # the fidelity floor: the result measured against the original
-        from .auto.verify import check_result
+        from .auto.search.verify import check_result
 
         check_result(resolution.checks, root, report, resolution.info, bound, resolution.spec)
     if nothing_replaced_reason(report):

@@ -36,7 +36,7 @@ def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] |
         ConvfactorError: non-finite weights, example inputs the model cannot take, calibration or validation
             data that does not fit, a leaf module that names nothing, an unknown ``latency`` key.
     """
-    from .auto.latency_options import LatencyOptions
+    from .auto.latency.options import LatencyOptions
     from .files.checkpoint import check_finite
 
     check_finite(model, "model")

@@ -16,7 +16,7 @@ from passes import PassResult
 from passes import factorize_layers as factorize_layers_pass
 from passes.factorize_layers import Build, blocked_layers
 
-from .costs import count_params, layer_macs, module_macs
+from .costs import count_params, layer_macs, module_macs, replacement_costs
 from .errors import RankError
 from .geometry import LayerGeometry, layer_kind
 from .methods import get_method
@@ -74,8 +74,6 @@ def weight_error(original: nn.Module, factorized: FactorizedLayer) -> float:
 
 def _costlier(method, layer: nn.Module, rank, in_out, decision: LayerDecision) -> str | None:
     """Why the replacement would not pay (it costs as many MACs or more; parameters without shapes), or None."""
-    from .auto.candidates import replacement_costs  # late: convfactor.auto imports this module
-
     if method.pruning:  # a pruning form (sal) saves zeros, not MACs: it is never "not cheaper"
         return None
     macs, params = replacement_costs(method, layer, rank, in_out[0] if in_out else None)

@@ -202,7 +202,7 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
 def _run(model_name: str, budgets: Sequence[float], out: Path, work: Path, method: str, threads: int, min_time: float,
          plot: bool, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
     from . import factorize, get_report
-    from .auto.verify import ConvfactorWarning
+    from .auto.search.verify import ConvfactorWarning
     from .report import warning_line
     from .runtime.shared_timing import time_together
     from .score import challenge_score

@@ -17,7 +17,7 @@ sensitivity E[p_j^2], the second moment on the calibration data of the input val
 layer's output error E||(W - W_shared) p||^2 is sum_(o, j) (W - W_shared)[o, j]^2 E[p_j^2] plus the
 cross terms of correlated inputs, so the weighted k-means minimizes its diagonal part: centroids move
 towards the weights that touch the inputs the data excites. The second moments are the diagonal patch
-statistics of ``convfactor.auto.calibration`` (D values per layer: bounded memory).
+statistics of ``convfactor.auto.statistics.calibration`` (D values per layer: bounded memory).
 """
 
 from __future__ import annotations
@@ -182,7 +182,8 @@ def output_sensitivities(model: nn.Module, layers: dict[str, nn.Module],
                         calibration: Any) -> dict[str, np.ndarray | None]:
     """{name: E[p_j^2] for every weight W[o, j] of the layer, flattened like its weight}: the diagonal patch
     statistics of each layer's input while ``model`` runs on ``calibration``."""
-    from .auto.calibration import calibration_batches, layer_statistics
+    from .auto.statistics.calibration import layer_statistics
+    from .batches import calibration_batches
 
     multi = isinstance(calibration, tuple) and len(calibration) > 1
     batches = calibration_batches(calibration, len(calibration) if multi else 1,
@@ -235,7 +236,7 @@ def finetune_codebooks(shared: nn.Module, teacher: nn.Module, data, **finetune_o
     """
     from torch.nn.utils import parametrize
 
-    from .auto import finetune
+    from .distill import finetune
 
     names = [layer.name for layer in sharing_report(shared).layers]
     for name in names:

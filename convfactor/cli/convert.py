@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from .. import __version__
     from ..api import factorize, get_report
     from ..api_checks import check_leaf_modules, nothing_replaced_reason
-    from ..auto.verify import ConvfactorWarning
+    from ..auto.search.verify import ConvfactorWarning
     from ..costs import count_zeros
     from ..errors import ConvfactorError, NothingReplacedError
     from ..files.architecture import parse_input_shape

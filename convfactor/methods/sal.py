@@ -3,7 +3,7 @@ k x k kernel slice W[o, c, :], zero the rest. An unstructured-pruning form: the 
 
 Math: for each (o, c) the m taps t with the largest W[o, c, t]^2 are kept (with calibration data: the
 largest output energy W[o, c, t]^2 * E[p_(c, t)^2], and the kept values refit by least squares on the
-data, one solve per output channel, see ``convfactor.auto.data_aware_taps``). m = 1 is SAL (every kernel
+data, one solve per output channel, see ``convfactor.auto.fits.taps``). m = 1 is SAL (every kernel
 a single shifted tap), m = 2 SAL2. Exact at m = k_h * k_w: nothing is zeroed.
 
 The module is the original conv with the zeroed weight (same geometry, groups and bias), so it exports
