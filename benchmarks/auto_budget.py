@@ -24,7 +24,7 @@ and two controls that separate what each mechanism buys:
 
 Reported per row: MACs and params of the result (ratios to the original), held-out accuracy (450
 images, ``convfactor.zoo.digits``) without fine-tuning and after a short distillation
-(``convfactor.auto.finetune``, training images, labels unused), and the measured onnxruntime speedup
+(``convfactor.distill.finetune``, training images, labels unused), and the measured onnxruntime speedup
 (``convfactor.runtime.benchmarking``: batch 1, 1 thread, original and factorized interleaved, median ratio).
 
     python benchmarks/auto_budget.py                          # everything (~30-60 min on 2 cores)

@@ -15,58 +15,9 @@ resnet18 (the issue's targets on 2 cores). Prints one table row per case, median
     python benchmarks/auto_scale.py                       # all cases, 1 repeat
     python benchmarks/auto_scale.py --cases crepe:cal --repeats 3 --samples 128
 
-Measured (one run each, 1 torch thread, on this 2-core machine shared by five engineers' jobs: wall
-times are the machine's load, not ours; the CPU time (user+sys of the factorize call, ``cpu_s`` in the
-JSON) is what one idle core needs, so a 1-thread CPU time within the ceiling meets it on 2 cores too,
-and a 2-core wall time lies between half of it (perfect scaling) and all of it (none)):
-
-    CONVFACTOR_BENCH_THREADS=1 /usr/bin/time -v python benchmarks/auto_scale.py --one CASE --samples N --progress
-
-    case            N    commit   wall s  load (start/end)  CPU s   peak MB  ceiling MB  MACs   output error
-    crepe:cal     128   74f0876     623     10.4 / 5.8       126     1418      2302     0.495    0.136
-    crepe:cal     128   f37b453     665      2.4 / 6.4       130     1460      2302     0.495    0.136
-    crepe:cal     256   74f0876     906     15.7 / 9.8       128     1499      2302     0.495    0.151
-    resnet18:cal  128   74f0876    1164     15.7 / 10.3      195     1626      2182     0.500    0.039
-    resnet18:cal  128   f37b453     417      6.5 / 2.8       189     1660      2182     0.500    0.039
-    resnet18:cal  256   74f0876     993      9.4 / 4.7       225     1722      2182     0.500    0.039
-    resnet18:cal  256   f37b453     841      2.4 / 4.0       216     1734      2182     0.500    0.039
-
-(f37b453 changed only the spatial_svd/tucker2 scoring: same allocations and errors; CPU times of the
-same case differ by up to ~4% between runs on this machine.)
-
-After the merge of the speed and auto work and lazy probe building (main, commit "auto: build a
-weight-only sensitivity probe only for the option that wins"), at 2 threads on a quiet machine (the lead's
-runs one after another, nothing else running; load average at start / end in the row):
-
-    CONVFACTOR_BENCH_THREADS=2 python benchmarks/auto_scale.py --one CASE --samples N
-
-    case            N    wall s  load (start/end)  CPU s   peak MB  ceiling MB  MACs   output error
-    crepe:cal     128      75      2.3 / 1.8        129     1589      2302     0.495    0.0114
-    resnet18:cal  128      88      1.9 / 1.9        149     1755      2182     0.500    0.0389
-    resnet18:cal  256      97      1.8 / 1.9        165     1815      2182     0.500    0.0394
-
-Both time targets are met on 2 cores: CREPE 75 s (<= 180 s), ResNet-18 88 s / 97 s (<= 120 s). The
-same ResNet-18 case under cProfile at 1 thread took 183 CPU-s before lazy probes and 145 after, with the
-same allocation and output error (34 grouped decompositions of better-so-far probes were built for 21
-layers; now only the winner's). CREPE's output error is lower than in the table above (0.0114 against
-0.136) because main also holds the speed work's aligned ranks for MACs targets and the denormal flush.
-
-At 2 threads, when the load had dropped to 1-3 (``CONVFACTOR_BENCH_THREADS=2``, same command, 128
-inputs, 81c8a9f): crepe:cal 161 s wall, 161 CPU-s, 1467 MB (load 2.8 / 3.0); resnet18:cal 212 s wall,
-230 CPU-s, 1634 MB (load 1.3 / 2.9). Other jobs still held about a core, so these walls are upper
-bounds for an idle machine.
-
-Before this change (fcf1015, same command, 128 inputs): crepe:cal 144 CPU-s (166 under cProfile in this
-session) and 1608 MB; resnet18:cal 186-198 CPU-s and 2131-2241 MB (over its 2182 MB ceiling). The nocal
-cases were not re-run (earlier: crepe:nocal 34 CPU-s, 1154 MB; resnet18:nocal 41 CPU-s, 991 MB).
-
-(Those branch runs: CREPE at 126-130 CPU-s on one thread, 161 s wall at 2 threads, load ~3; ResNet-18
-189 CPU-s on one thread, 212 s wall at 2 threads under load ~2, before lazy probes.)
-Where ResNet-18's time goes (phase bars of the f37b453 run, wall under load ~5): statistics
-1:09, costs 1:08 (VBMF spectra), candidates 3:31, sensitivities 0:18, refit and checks the rest of 6:57.
-
-Before the bounded statistics, crepe:cal tried to allocate a 17 GB patch moment (65,536 x 65,536
-float32) and failed under an 8 GB address-space cap (same command, ``ulimit -v 8000000``).
+Results (1 thread for CPU time, 2 threads for wall time, with the load average of each run) are in
+docs/automatic-policy.md, "Cost at scale"; a run's CPU time (user+sys of the factorize call, ``cpu_s`` in
+the JSON) is what one idle core needs, which a shared machine's wall time does not show.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ SAL at two budgets each, and k-means weight sharing at 8/5/4/3 bits (``B:data``:
 
 For each trained checkpoint (``convfactor.zoo``: ResNet-20 and the small MobileNet on 8x8 digits) and each
 variant, one row: layers replaced, MACs and params (ratios to the BatchNorm-folded original), held-out
-accuracy (450 images) without and with a short distillation (``convfactor.auto.finetune``, KL to the
+accuracy (450 images) without and with a short distillation (``convfactor.distill.finetune``, KL to the
 original's logits on training images), the ONNX file size (for weight sharing: codebook + uint8 indices,
 ``convfactor.share_onnx``), the measured onnxruntime speedup (``convfactor.runtime.benchmarking``: batch 1, 1 thread,
 interleaved, median ratio) and the challenge score (``convfactor.score``; the dictionary's zero codes

@@ -41,8 +41,8 @@ import torch  # noqa: E402
 
 import convfactor  # noqa: E402
 from convfactor.auto import DistillOptions  # noqa: E402
-from convfactor.auto.distill import distill_model  # noqa: E402
-from convfactor.auto.output_checker import OutputChecker  # noqa: E402
+from convfactor.distill.training import distill_model  # noqa: E402
+from convfactor.output_checker import OutputChecker  # noqa: E402
 from convfactor.zoo import evaluate_accuracy, load_pretrained  # noqa: E402
 from convfactor.zoo.digits import calibration_subset, load_digits_split  # noqa: E402
 

@@ -1,6 +1,6 @@
 """uint8 or int8 activations, full-range or 7-bit weights: which int8 ResNet-20 runs fastest here.
 
-The shipped digits ResNet-20 quantized four ways with ``convfactor.quantize_onnx`` (static QDQ,
+The shipped digits ResNet-20 quantized four ways with ``convfactor.runtime.quantize_onnx`` (static QDQ,
 per-channel int8 weights, 64 calibration images), timed together with the float model in rotating
 rounds at 1 onnxruntime thread (``time_together``; speedup = float median / model median), batch 1 and 8.
 The load average is printed before and after: the machine's 2 cores are shared.

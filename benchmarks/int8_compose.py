@@ -1,11 +1,11 @@
 """Factorize, then quantize: four models of a real network measured together in onnxruntime.
 
 For each network: the float original, the original in int8, each factorized model and its int8 form
-(``convfactor.quantize_onnx``: onnxruntime's pre-processing and static QDQ quantization,
+(``convfactor.runtime.quantize_onnx``: onnxruntime's pre-processing and static QDQ quantization,
 per-channel int8 weights, uint8 activations, min-max ranges on calibration inputs that are not the
 evaluation inputs). Measured in one process:
 
-  * fidelity: ``convfactor.check_fidelity`` of each model's ONNX file against the original's on the
+  * fidelity: ``convfactor.runtime.check_fidelity`` of each model's ONNX file against the original's on the
     evaluation inputs (relative L2 error of the outputs), and the task metric run in onnxruntime;
   * latency: the four ONNX files timed together in rotating rounds at 1 intra-op thread
     (``time_together``; one original median shared by every row; speedup = original median / model
@@ -132,11 +132,11 @@ def measure(case: dict, workdir: Path, min_time: float) -> dict:
     paths, quantized = {}, {}
     for name, model in models.items():
         paths[name] = prepare_onnx(model, example, workdir, name).path
-        result = convfactor.quantize_onnx(paths[name], workdir / f"{name}_int8.onnx", case["calibration"])
+        result = convfactor.runtime.quantize_onnx(paths[name], workdir / f"{name}_int8.onnx", case["calibration"])
         paths[f"{name}_int8"], quantized[f"{name}_int8"] = result.path, result.to_dict()
     fidelity = {}
     for role in list(paths)[1:]:
-        report = convfactor.check_fidelity(paths["original"], paths[role], case["eval"])
+        report = convfactor.runtime.check_fidelity(paths["original"], paths[role], case["eval"])
         fidelity[role] = {"rel_l2_error": max(o.metrics["rel_l2_error"] for o in report.outputs)}
     task = case["metric"]({role: _outputs(path, case["eval"], case["batch"]) for role, path in paths.items()})
     load_before = _load()

@@ -51,10 +51,10 @@ def main() -> None:
                     "per-channel, 7-bit weights": {"reduce_range": True},
                     "per-tensor, 8-bit weights": {"reduce_range": False, "per_channel": False}}
         for name, options in variants.items():
-            path = convfactor.quantize_onnx(float_path, Path(d) / "q.onnx", x_cal, force=True, **options).path
+            path = convfactor.runtime.quantize_onnx(float_path, Path(d) / "q.onnx", x_cal, force=True, **options).path
             print(f"{name:28s}  accuracy {accuracy(path, x, y, 'all'):.4f} (integer kernels), "
                   f"{accuracy(path, x, y, 'disabled'):.4f} (no graph optimization)")
-        dynamic = convfactor.quantize_onnx(float_path, Path(d) / "dynamic.onnx").path
+        dynamic = convfactor.runtime.quantize_onnx(float_path, Path(d) / "dynamic.onnx").path
         print(f"dynamic                       accuracy {accuracy(dynamic, x, y, 'all'):.4f}")
         print("load average before timing", [round(v, 2) for v in os.getloadavg()])
         timing = time_together({"float": float_path, "dynamic": dynamic}, (8, 3, 32, 32), threads=1, min_time=3)

@@ -3,7 +3,7 @@
 For each network (random weights: latency only) and each latency target F (a 1/F speedup requested),
 ``factorize`` with ``{"rules": [{"types": ["Conv2d"], "method": M}], "target": {"latency": F}}`` in
 onnxruntime at 1 thread (the latency model times each layer's candidates, unaligned and x16-aligned
-ranks, then the whole candidate network is timed and the budget corrected, ``convfactor.auto.verify``).
+ranks, then the whole candidate network is timed and the budget corrected, ``convfactor.auto.search.verify``).
 The result is then timed again, independently (``convfactor.runtime.benchmarking``: interleaved pairs, median
 ratio), and reported with its MAC reduction:
 

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                     fast = convfactor.factorize(model, {"rules": rules}, x)
                     fast_onnx = Path(tmp) / f"{net}-{method_name}-{reduction:g}.onnx"
                     export_onnx(fast, x, fast_onnx, exporter=args.exporter)
-                    bench = convfactor.benchmark(original_onnx, fast_onnx, input_shape=shape, threads=[1, 2],
+                    bench = convfactor.runtime.benchmark(original_onnx, fast_onnx, input_shape=shape, threads=[1, 2],
                                                  min_time=args.min_time, progress=False)
                     speedups = {r.threads: r.speedup for r in bench.results}
                     mac_ratio = conv_macs(fast, layers, x) / base_macs

@@ -93,6 +93,8 @@ def parse_args(argv):
                    help="keep the rows of an existing OUT.json that this run does not redo")
     p.add_argument("--render", nargs="+", type=Path, metavar="JSON",
                    help="only merge these result files (later rows win) into --out and print the table")
+    p.add_argument("--doc", type=Path, default=None,
+                   help="with --render: rewrite the generated table in this Markdown file (docs/results.md)")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "ROW"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -282,12 +284,53 @@ def heads_markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# docs/results.md holds the table ``doc_table`` renders, between these lines.
+DOC_BEGIN = ("<!-- generated from benchmarks/results/real_models.json by: python benchmarks/real_models.py "
+             "--render benchmarks/results/real_models.json --doc docs/results.md -->")
+DOC_END = "<!-- end of the generated table -->"
+
+
+def _ordered(results: list[dict]) -> list[dict]:
+    """Networks in the order they first appear, each network's rows in ``ROWS`` order."""
+    order = {name: i for i, name in enumerate(ROWS)}
+    models = list(dict.fromkeys(r["model"] for r in results))
+    return sorted(results, key=lambda r: (models.index(r["model"]), order.get(r["row"], 99)))
+
+
+def doc_table(results: list[dict]) -> str:
+    """The documentation's table: one line per row, the task metric alone, the load average at its start
+    and end ("?" where not recorded); the commit and the notes stay in the JSON."""
+    lines = ["| model | run | task metric | MACs | speedup (p10-p90) | out. rel. err | factorize s | peak RSS GB | "
+             "load |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in _ordered(results):
+        def num(key, fmt, r=r):
+            v = r.get(key)
+            return fmt.format(v) if isinstance(v, (int, float)) else "-"
+        metric = r.get("metric") or {}
+        speed = num("speedup", "{:.2f}x")
+        if isinstance(r.get("speedup_p10"), float):
+            speed += f" ({r['speedup_p10']:.2f}-{r['speedup_p90']:.2f})"
+        lines.append(" | ".join([
+            f"| {r['model']}", r["row"], f"{metric[r['metric_key']]:.3f}" if metric else "-",
+            num("mac_ratio", "{:.3f}"), speed, num("rel_error", "{:.3g}"), num("factorize_s", "{:.0f}"),
+            f"{r['peak_rss_mb'] / 1024:.2f}" if r.get("peak_rss_mb") else "-",
+            f"{r['load'][0]:.1f}-{r['load'][1]:.1f}" if r.get("load") else "?"]) + " |")
+    return "\n".join(lines)
+
+
+def with_doc_table(text: str, table: str) -> str:
+    """``text`` with what stands between ``DOC_BEGIN`` and ``DOC_END`` replaced by ``table``."""
+    head, begin, rest = text.partition(DOC_BEGIN)
+    _, end, tail = rest.partition(DOC_END)
+    if not begin or not end:
+        raise SystemExit(f"the document has no generated-table markers ({DOC_BEGIN!r} ... {DOC_END!r})")
+    return f"{head}{DOC_BEGIN}\n{table}\n{DOC_END}{tail}"
+
+
 def markdown(results: list[dict], args) -> str:
     if any("criterion" in r or r.get("model") in HEADS_MODELS for r in results):
         return heads_markdown(results)
-    order = {name: i for i, name in enumerate(ROWS)}
-    models = list(dict.fromkeys(r["model"] for r in results))
-    results = sorted(results, key=lambda r: (models.index(r["model"]), order.get(r["row"], 99)))
+    results = _ordered(results)
     lines = ["| model | run | task metric | MACs | speedup (ORT, 1 thr) | output rel. err | "
              "factorize s | peak RSS GB | commit, load | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -335,6 +378,8 @@ def main(argv=None) -> int:
                 results.append(result)
         if args.out:
             _write(args, results)
+        if args.doc:
+            args.doc.write_text(with_doc_table(args.doc.read_text(), doc_table(results)))
         print(markdown(results, args))
         return 0
     if args.update and args.out and args.out.with_suffix(".json").exists():

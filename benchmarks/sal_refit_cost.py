@@ -1,4 +1,4 @@
-"""Time and memory of sal's data-aware refit on one wide layer (``convfactor.auto.data_aware_taps``).
+"""Time and memory of sal's data-aware refit on one wide layer (``convfactor.auto.fits.taps``).
 
 The refit solves one (m*C_in x m*C_in) least-squares system per output channel. This script builds a
 C -> C 3x3 conv, a full (or Kronecker) input covariance from seeded, correlated random patches, and times
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from convfactor.auto.covariance import FullCovariance, KroneckerCovariance
-from convfactor.auto.data_aware import layer_factorizer
+from convfactor.auto.fits.registry import layer_factorizer
+from convfactor.auto.statistics.covariance import FullCovariance, KroneckerCovariance
 
 
 def covariance(form: str, channels: int, taps: int, seed: int):

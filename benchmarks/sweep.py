@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import convfactor  # noqa: E402
-from convfactor.auto.verify import ConvfactorWarning  # noqa: E402
+from convfactor.auto.search.verify import ConvfactorWarning  # noqa: E402
 from convfactor.runtime.benchmarking import available_cores, cpu_model  # noqa: E402
 from convfactor.sweeps import plot_sweep  # noqa: E402
 

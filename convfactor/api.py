@@ -10,10 +10,9 @@ of the model with layers swapped in place) carrying its report as ``result.convf
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,12 +23,18 @@ from .api_checks import check_factorize_arguments, nothing_replaced_reason
 from .costs import count_params, count_zeros, per_layer_macs
 from .decisions import apply_policy
 from .errors import ConvfactorError, PolicyError
-from .inputs import as_input_tuple
+from .inputs import Samples, as_input_tuple
 from .metric import Metric
 from .pipeline import run_pipeline
 from .policy import Policy
 from .report import SKIPPED, UNMATCHED, FactorizeReport
 from .unsupported import is_supported_row, unsupported_layers
+
+if TYPE_CHECKING:  # the automatic policy's option records, named in the signature only
+    from concurrent.futures import Executor
+
+    from .auto import AutoOptions, DistillOptions
+    from .auto.shared import SharedWork
 
 __all__ = ["factorize", "get_report"]
 
@@ -54,15 +59,14 @@ def factorize(
     leaf_modules: Iterable[str | type] = (),
     concrete_args: Mapping[str, Any] | None = None,
     progress: bool = False,
-    calibration: Any = None,
-    validation: Any = None,
+    calibration: Samples | None = None,
+    validation: Samples | None = None,
     metric: Callable[[nn.Module], float] | Metric | None = None,
     latency: Mapping[str, Any] | None = None,
-    auto_options: Any = None,
-    memory_budget: float | None = None,
-    distill: Any = None,
-    shared: Any = None,
-    executor: Any = None,
+    auto_options: AutoOptions | None = None,
+    distill: int | DistillOptions | None = None,
+    shared: SharedWork | None = None,
+    executor: Executor | None = None,
 ) -> nn.Module:
     """Rewrite the Conv/Linear layers of a trained ``model`` as the policy says.
 
@@ -94,10 +98,10 @@ def factorize(
         latency: options of the latency model used by a ``latency`` target or ``method: auto``
             (e.g. ``{"threads": 1, "cache": path}``; see ``convfactor.auto``).
         auto_options: ``convfactor.auto.AutoOptions`` for a policy that is resolved (a target, ``auto``
-            rules, calibration data): rank grid, methods ``auto`` may choose, sample counts.
-        memory_budget: bytes the calibration statistics may use (default 1 GiB, ``AutoOptions``); layers
-            whose full patch covariance does not fit get a Kronecker-factored or diagonal one (the report's
-            ``auto.statistics`` lists them). Give more to keep more layers' statistics full.
+            rules, calibration data): rank grid, methods ``auto`` may choose, sample counts, and the bytes
+            the calibration statistics may use (``memory_budget``, default 1 GiB: layers whose full patch
+            covariance does not fit get a Kronecker-factored or diagonal one, listed in the report's
+            ``auto.statistics``).
         distill: a number of steps or ``convfactor.auto.DistillOptions``: then distil the result towards
             ``model`` on the calibration fit part (or ``DistillOptions.data``), stopped early on the select
             part's error and returned only if that error went down; needs ``calibration`` or ``validation``.
@@ -126,7 +130,7 @@ def factorize(
     inputs = as_input_tuple(example_inputs, allow_none=True)
     report = FactorizeReport(policy=policy.to_dict(), fold_batchnorm=fold_batchnorm and trace)
     if distill is not None:  # checked before any work; run after the factorization
-        from .auto.distill_result import check_distill_request, distill_result
+        from .distill.result import check_distill_request, distill_result
 
         distill = check_distill_request(distill, calibration, validation)
 
@@ -134,7 +138,7 @@ def factorize(
     report.notes.extend(check_factorize_arguments(work, inputs, calibration=calibration, validation=validation,
                                                   leaf_modules=leaf_modules,
                                                   latency=latency, concrete_args=concrete_args,
-                                                  auto_options=auto_options, memory_budget=memory_budget))
+                                                  auto_options=auto_options))
     unsupported = unsupported_layers(work)  # before tracing, which inlines a conv subclass into functional calls
     report.params_before = count_params(work)
     report.zeros_before = count_zeros(work)
@@ -148,14 +152,11 @@ def factorize(
         nonlocal policy, resolution
         prebuilt = None
         if policy.needs_resolution or calibration is not None or validation is not None or metric is not None:
-            from .auto import AutoOptions, resolve_policy  # budget / auto-method allocation
+            from .auto import resolve_policy  # budget / auto-method allocation
 
-            options = auto_options
-            if memory_budget is not None:
-                options = dataclasses.replace(options or AutoOptions(), memory_budget=float(memory_budget))
             resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
                                         calibration=calibration, validation=validation, metric=metric,
-                                        latency=latency, progress=progress, options=options, distill=distill,
+                                        latency=latency, progress=progress, options=auto_options, distill=distill,
                                         shared=shared, executor=executor)
             report.extra["auto"] = resolution.info
             report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
@@ -187,14 +188,13 @@ def factorize(
     if resolution is not None and distill is not None:  # in place, kept only if the held-out error went down
         distill_result(model, root, resolution, distill, report, progress)
     if resolution is not None:  # the fidelity floor: the result measured against the original
-        from .auto.verify import check_result
+        from .auto.search.verify import check_result
 
         check_result(resolution.checks, root, report, resolution.info, bound, resolution.spec)
     if nothing_replaced_reason(report):
         report.warnings.append(nothing_replaced_reason(report))
     setattr(root, REPORT_ATTR, report)
     return root
-
 
 
 def _explain_auto_skips(report: FactorizeReport) -> None:

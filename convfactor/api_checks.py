@@ -26,7 +26,7 @@ def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] |
                               validation: Any = None,
                               leaf_modules: Iterable[str | type], latency: Mapping[str, Any] | None,
                               concrete_args: Mapping[str, Any] | None = None, auto_options: Any = None,
-                              memory_budget: Any = None, input_flag: str | None = None) -> list[str]:
+                              input_flag: str | None = None) -> list[str]:
     """Check what ``factorize`` was given against ``model`` (a copy in eval mode); returns notes for the report.
 
     Args:
@@ -36,11 +36,11 @@ def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] |
         ConvfactorError: non-finite weights, example inputs the model cannot take, calibration or validation
             data that does not fit, a leaf module that names nothing, an unknown ``latency`` key.
     """
-    from .auto.latency_options import LatencyOptions
+    from .auto.latency.options import LatencyOptions
     from .files.checkpoint import check_finite
 
     check_finite(model, "model")
-    _check_plain_arguments(model, concrete_args, auto_options, memory_budget)
+    _check_plain_arguments(model, concrete_args, auto_options)
     if latency is not None:
         LatencyOptions.from_any(latency)  # unknown keys and bad values, before minutes of work
     check_leaf_modules(model, leaf_modules)
@@ -55,8 +55,9 @@ def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] |
     return notes
 
 
-def _check_plain_arguments(model: nn.Module, concrete_args: Any, auto_options: Any, memory_budget: Any) -> None:
-    """The arguments of plain types: a mapping of ``forward``'s own argument names, an ``AutoOptions``, a size."""
+def _check_plain_arguments(model: nn.Module, concrete_args: Any, auto_options: Any) -> None:
+    """The arguments of plain types: a mapping of ``forward``'s own argument names, an ``AutoOptions`` with a
+    positive memory budget."""
     from .auto import AutoOptions
 
     if concrete_args is not None:
@@ -75,9 +76,10 @@ def _check_plain_arguments(model: nn.Module, concrete_args: Any, auto_options: A
     if auto_options is not None and not isinstance(auto_options, AutoOptions):
         raise ConvfactorError(f"auto_options: expected convfactor.auto.AutoOptions(...), got "
                               f"{type(auto_options).__name__}")
-    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
-                                      or not 0 < memory_budget < float("inf")):
-        raise ConvfactorError(f"memory_budget: expected a positive number of bytes, got {memory_budget!r}")
+    budget = None if auto_options is None else auto_options.memory_budget
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0 < budget < float("inf")):
+        raise ConvfactorError(f"auto_options.memory_budget: expected a positive number of bytes, got {budget!r}")
 
 
 def check_leaf_modules(model: nn.Module, leaf_modules: Iterable[str | type], *, flag: str = "leaf_modules") -> None:

@@ -16,13 +16,14 @@ from passes import PassResult
 from passes import factorize_layers as factorize_layers_pass
 from passes.factorize_layers import Build, blocked_layers
 
-from .costs import count_params, layer_macs, module_macs
+from .costs import count_params, layer_macs, module_macs, replacement_costs
 from .errors import RankError
 from .geometry import LayerGeometry, layer_kind
 from .methods import get_method
 from .methods.base import FactorizedLayer
 from .policy import SKIP, Policy
 from .progress import track
+from .ranks import rank_text, rank_to_json
 from .report import REPLACED, SKIPPED, UNMATCHED, LayerDecision
 
 __all__ = ["apply_policy", "decide_layers", "candidate_layers", "describe_shape", "weight_error"]
@@ -73,8 +74,6 @@ def weight_error(original: nn.Module, factorized: FactorizedLayer) -> float:
 
 def _costlier(method, layer: nn.Module, rank, in_out, decision: LayerDecision) -> str | None:
     """Why the replacement would not pay (it costs as many MACs or more; parameters without shapes), or None."""
-    from .auto.candidates import replacement_costs  # late: convfactor.auto imports this module
-
     if method.pruning:  # a pruning form (sal) saves zeros, not MACs: it is never "not cheaper"
         return None
     macs, params = replacement_costs(method, layer, rank, in_out[0] if in_out else None)
@@ -82,8 +81,7 @@ def _costlier(method, layer: nn.Module, rank, in_out, decision: LayerDecision) -
                            else (decision.params_before, params, "parameters"))
     if after < before:
         return None
-    rank_text = "x".join(map(str, rank)) if isinstance(rank, tuple) else str(rank)
-    return (f"{method.name} at rank {rank_text} would cost x{after / before:.2f} the {what} of the layer "
+    return (f"{method.name} at rank {rank_text(rank)} would cost x{after / before:.2f} the {what} of the layer "
             f"(only_if_cheaper)")
 
 
@@ -178,7 +176,7 @@ def apply_policy(
     for name, layer, new in result.changes:
         decision, method, rank = by_name[name]
         decision.status, decision.method = REPLACED, method.name
-        decision.rank = list(rank) if isinstance(rank, tuple) else rank
+        decision.rank = rank_to_json(rank)
         decision.params_after = count_params(new)
         decision.weight_error = weight_error(layer, new)
         in_out = shapes.get(name)

@@ -3,7 +3,7 @@
     inspect -> factorize under MAC budgets (automatic allocation, calibrated on training images)
             -> ONNX export -> held-out accuracy in onnxruntime -> latency of all models together -> summary
 
-Sized to finish within 3 minutes of wall time on a busy 2-core machine: two budgets, 64 calibration
+Sized to finish within 3 minutes of wall time on two shared CPU cores (a CI runner): two budgets, 64 calibration
 images, ``method: auto`` choosing among four methods on a 10-rank grid (``demo_options``), PyTorch on
 one thread (on an oversubscribed machine a second thread spins more than it computes) and the
 TorchScript ONNX exporter (dynamo's costs 5-9 CPU-s per model here). The latency
@@ -202,7 +202,7 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
 def _run(model_name: str, budgets: Sequence[float], out: Path, work: Path, method: str, threads: int, min_time: float,
          plot: bool, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
     from . import factorize, get_report
-    from .auto.verify import ConvfactorWarning
+    from .auto.search.verify import ConvfactorWarning
     from .report import warning_line
     from .runtime.shared_timing import time_together
     from .score import challenge_score

@@ -3,19 +3,26 @@
 One normalization for the whole package: a tensor, a numpy array, or a tuple/list of them becomes a
 tuple of tensors (``as_input_tuple``); an input shape becomes a tuple of shapes (``input_shapes``);
 either, for onnxruntime, a tuple of float arrays (``numpy_inputs``).
+
+``Samples`` names what data arguments (``calibration``, ``validation``) accept: a tensor of samples,
+one batch of a multi-input model as a tuple of tensors, or batches (a list, a DataLoader) each a
+tensor or a tuple of tensors (extra items, e.g. the labels of ``(x, y)``, are ignored).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
 
 from .errors import InputSpecError
 
-__all__ = ["as_input_tuple", "input_shapes", "standard_normal_inputs", "numpy_inputs"]
+__all__ = ["Batch", "Samples", "as_input_tuple", "input_shapes", "standard_normal_inputs", "numpy_inputs"]
+
+Batch: TypeAlias = torch.Tensor | Sequence[torch.Tensor]  # one tensor per model input (more are ignored)
+Samples: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...] | Iterable[Batch]
 
 
 def as_input_tuple(example_inputs: Any, *, allow_none: bool = False) -> tuple[torch.Tensor, ...] | None:

@@ -17,7 +17,7 @@ Rank spec per rule (at most one of ``rank``/``energy``; neither means full rank,
   * ``rank: 0.5`` a fraction of the full rank, so ``1.0`` is always exact,
   * ``energy: 0.99`` the smallest rank keeping that fraction of the squared singular values,
   * ``rank: vbmf`` the rank VBMF estimates from the layer's weight (spatial_svd, svd, tucker2; resolved
-    by ``convfactor.auto``, see ``convfactor.auto.vbmf``),
+    by ``convfactor.auto``, see ``convfactor.auto.selection.vbmf``),
   * ``align: 16`` round ranks up to a multiple of 16 (onnxruntime's fast conv path works on blocks of 16),
   * ``only_if_cheaper: true`` leave a matched layer as is when its replacement would not cost fewer MACs
     (parameters without example inputs); the default for shorthands with a rank or energy below full
@@ -34,7 +34,7 @@ result must *measure* within it (relative L2 error of the worst output slice, to
 declared as class scores, the user's task metric; ``convfactor.fidelity_spec``) against the original on
 inputs no fit saw (held out from the calibration data, or ``validation=``). With a target, the cheapest allocation
 that holds the bound is returned and a missed target is reported; without one, the allocation costs as
-little as the bound allows (``convfactor.auto.verify``).
+little as the bound allows (``convfactor.auto.search.verify``).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import yaml
 from .errors import PolicyError, UnknownMethodError
 from .fidelity_spec import Fidelity, parse_fidelity
 from .geometry import SUPPORTED_KINDS
+from .ranks import rank_to_json
 
 __all__ = ["Rule", "Policy", "Fidelity", "SKIP", "AUTO", "VBMF", "TARGET_KINDS"]
 
@@ -84,7 +85,7 @@ class Rule:
             out["types"] = list(self.types)
         out["method"] = self.method
         if self.rank is not None:
-            out["rank"] = list(self.rank) if isinstance(self.rank, tuple) else self.rank
+            out["rank"] = rank_to_json(self.rank)
         if self.energy is not None:
             out["energy"] = self.energy
         if self.align is not None:
@@ -104,7 +105,7 @@ class Policy:
 
     rules: tuple[Rule, ...] = field(default_factory=tuple)
     target: tuple[str, float] | None = None  # ("macs" | "params" | "latency", fraction of the original)
-    fidelity: Fidelity | None = None  # the bound the result must measure within (convfactor.auto.verify)
+    fidelity: Fidelity | None = None  # the bound the result must measure within (convfactor.auto.search.verify)
 
     @property
     def bound(self) -> Fidelity | None:

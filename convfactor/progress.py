@@ -16,10 +16,11 @@ with the count, elapsed time and ETA, and one when it ends.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["track", "phase", "open_bar", "LINE_INTERVAL"]
+__all__ = ["track", "phase", "open_bar", "say", "LINE_INTERVAL"]
 
 T = TypeVar("T")
 _FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}]"
@@ -37,7 +38,6 @@ class _Lines:
     """A tqdm-like counter that prints plain lines to stderr (for logs): start, every interval, end."""
 
     def __init__(self, name: str, total: int | None, unit: str, interval: float = LINE_INTERVAL):
-        import sys
         import time
 
         self._time, self._file = time.monotonic, sys.stderr
@@ -135,3 +135,8 @@ class phase:  # noqa: N801 - used as a context manager, like open()
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         _close(self._bar, finished=exc_type is None)
+
+
+def say(text: str) -> None:
+    """One line of progress or outcome on stderr, flushed at once (the plain-lines form of a phase)."""
+    print(text, file=sys.stderr, flush=True)

@@ -1,4 +1,5 @@
-"""Rank arithmetic shared by every method: fractions, energies, bounds and alignment.
+"""Ranks: the arithmetic every method shares (fractions, energies, bounds, alignment) and their one
+text and JSON form.
 
 A rank spec from a policy is one of
   * an int (absolute; its meaning is per method: r, R, m or g),
@@ -6,12 +7,16 @@ A rank spec from a policy is one of
   * a float in (0, 1]: the fraction of the full rank, so ``1.0`` is always exact,
 and, instead of a rank, ``energy`` in (0, 1]: the smallest rank keeping that fraction of the squared
 singular values.
+
+A resolved rank (``Rank``: an int, or a tuple of ints) is written as JSON with a list for a tuple
+(``rank_to_json``/``rank_from_json``) and shown to a reader as ``8`` or ``8x16`` (``rank_text``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +30,9 @@ __all__ = [
     "align_rank",
     "is_fraction",
     "shared_rank_spectrum",
+    "rank_text",
+    "rank_to_json",
+    "rank_from_json",
 ]
 
 
@@ -83,3 +91,20 @@ def align_rank(rank: int, multiple: int | None, full: int) -> int:
     if not multiple or multiple <= 1:
         return rank
     return min(full, int(math.ceil(rank / multiple) * multiple))
+
+
+def rank_text(rank: Any) -> str:
+    """A rank for a table or message: ``8``, ``8x16`` for several components, ``-`` for none."""
+    if rank is None:
+        return "-"
+    return "x".join(str(r) for r in rank) if isinstance(rank, (list, tuple)) else str(rank)
+
+
+def rank_to_json(rank: Any) -> Any:
+    """A rank (or rank spec) as JSON holds it: a tuple becomes a list, anything else is kept."""
+    return list(rank) if isinstance(rank, tuple) else rank
+
+
+def rank_from_json(value: Any) -> int | tuple[int, ...]:
+    """A resolved rank read back from JSON: an int, or a tuple of ints from a list."""
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)

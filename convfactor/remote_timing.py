@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .auto.latency import LatencyModel, compare_models, time_layers, time_model
-from .auto.latency_options import LatencyOptions
+from .auto.latency.model import LatencyModel, compare_models, time_layers, time_model
+from .auto.latency.options import LatencyOptions
 
 __all__ = ["RemoteTimers", "remote_latency_model"]
 

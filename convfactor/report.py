@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .ranks import rank_text
 from .tables import format_grid
 
 __all__ = ["LayerDecision", "FactorizeReport", "format_table", "fidelity_lines", "warning_line", "human_count"]
@@ -168,12 +169,6 @@ def _ratio(r: float | None) -> str:
     return "n/a" if r is None else f"{r:.3f}"
 
 
-def _rank_text(rank: Any) -> str:
-    if rank is None:
-        return "-"
-    return "x".join(str(r) for r in rank) if isinstance(rank, (list, tuple)) else str(rank)
-
-
 def format_table(report: FactorizeReport) -> str:
     """A fixed-width per-layer table followed by the totals block.
 
@@ -204,7 +199,7 @@ def format_table(report: FactorizeReport) -> str:
             d.layer_type,
             d.shape,
             d.method if d.status == REPLACED else f"({d.status})",
-            _rank_text(d.rank),
+            rank_text(d.rank),
             params,
             macs,
             _ratio(d.macs_ratio) if d.status == REPLACED else "",

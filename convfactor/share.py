@@ -17,7 +17,7 @@ sensitivity E[p_j^2], the second moment on the calibration data of the input val
 layer's output error E||(W - W_shared) p||^2 is sum_(o, j) (W - W_shared)[o, j]^2 E[p_j^2] plus the
 cross terms of correlated inputs, so the weighted k-means minimizes its diagonal part: centroids move
 towards the weights that touch the inputs the data excites. The second moments are the diagonal patch
-statistics of ``convfactor.auto.calibration`` (D values per layer: bounded memory).
+statistics of ``convfactor.auto.statistics.calibration`` (D values per layer: bounded memory).
 """
 
 from __future__ import annotations
@@ -182,7 +182,8 @@ def output_sensitivities(model: nn.Module, layers: dict[str, nn.Module],
                         calibration: Any) -> dict[str, np.ndarray | None]:
     """{name: E[p_j^2] for every weight W[o, j] of the layer, flattened like its weight}: the diagonal patch
     statistics of each layer's input while ``model`` runs on ``calibration``."""
-    from .auto.calibration import calibration_batches, layer_statistics
+    from .auto.statistics.calibration import layer_statistics
+    from .batches import calibration_batches
 
     multi = isinstance(calibration, tuple) and len(calibration) > 1
     batches = calibration_batches(calibration, len(calibration) if multi else 1,
@@ -209,7 +210,7 @@ def sharing_report(model: nn.Module) -> SharingReport:
     """The report ``share_weights`` attached to its result."""
     report = getattr(model, SHARING_ATTR, None)
     if report is None:
-        raise ConvfactorError("this module was not produced by convfactor.share_weights (no sharing report)")
+        raise ConvfactorError("this module was not produced by convfactor.share.share_weights (no sharing report)")
     return report
 
 
@@ -231,11 +232,11 @@ def finetune_codebooks(shared: nn.Module, teacher: nn.Module, data, **finetune_o
 
     Deep Compression's centroid fine-tuning: the gradient of every weight goes to its centroid, so the
     layers keep their K values and their indices. Other parameters (biases, BatchNorm) train as usual.
-    Options as for ``convfactor.finetune`` (steps, lr, loss, ...); returns its ``FinetuneResult``.
+    Options as for ``convfactor.auto.finetune`` (steps, lr, loss, ...); returns its ``FinetuneResult``.
     """
     from torch.nn.utils import parametrize
 
-    from .auto import finetune
+    from .distill import finetune
 
     names = [layer.name for layer in sharing_report(shared).layers]
     for name in names:

@@ -4,7 +4,7 @@
 than twice as many elements as values) into a float codebook and a uint8 index tensor of its shape,
 expanded at load time by ``Cast`` (uint8 -> int32) and ``Gather`` (codebook, indices): the graph computes
 exactly the tensor it had. onnxruntime folds the expansion into a constant when it builds the session,
-so inference runs the same kernels as before. A weight-shared model (``convfactor.share_weights``) is
+so inference runs the same kernels as before. A weight-shared model (``convfactor.share.share_weights``) is
 exported with ``export_shared_onnx``: ``export_onnx`` then ``pack_codebooks`` on the file.
 """
 

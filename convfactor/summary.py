@@ -66,14 +66,14 @@ def summarize(document: dict[str, Any], *, weight_bits: int = 32, activation_bit
     if document.get("target"):  # asked, measured, met or missed (convfactor.target_outcome)
         summary["target"] = document["target"]
     check = document["factorize"].get("extra", {}).get("fidelity_check")
-    if check:  # the automatic policy's own check of the result against the original (convfactor.auto.verify)
+    if check:  # the automatic policy's own check of the result against the original (convfactor.auto.search.verify)
         summary["output_check"] = {k: check.get(k) for k in ("rel_error", "worst", "agreement", "samples", "data",
                                                              "bound_source", "bound_text", "passed", "held_out",
                                                              "in_sample", "overfit", "outputs", "metric",
                                                              "metric_original", "metric_name")}
     distilled = document["factorize"].get("extra", {}).get("distill")
-    if distilled:  # factorize(..., distill=...): before and after on the check part (convfactor.auto.distill_result)
-        from .auto.distill_result import distill_summary
+    if distilled:  # factorize(..., distill=...): before and after on the check part (convfactor.distill.result)
+        from .distill.result import distill_summary
 
         summary["distill"] = distill_summary(distilled)
     return summary
@@ -149,7 +149,7 @@ def render_summary(summary: dict[str, Any]) -> str:
                 rows.append([f"  output {row['name']}", f"{row['rel_error']:.4g} ({row['kind']}); worst of "
                              f"{row['slices']} slice(s) [{row['worst_slice']}] {row['worst_slice_error']:.4g}{extra}"])
     if "distill" in summary:
-        from .auto.distill_result import distill_rows
+        from .distill.result import distill_rows
 
         rows.extend(distill_rows(summary["distill"]))
     return "\n".join(["summary"] + ["  " + line for line in format_grid(None, rows, free_last=True)])

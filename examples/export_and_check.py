@@ -30,11 +30,11 @@ def main(argv=None) -> None:
 
     # Real held-out images, not random ones: top-1 agreement is meaningful here, on the output declared
     # as class scores (the logits; agreement is never computed on an undeclared output).
-    fidelity = convfactor.check_fidelity(out / "original.onnx", out / "factorized.onnx", x_test[:128],
+    fidelity = convfactor.runtime.check_fidelity(out / "original.onnx", out / "factorized.onnx", x_test[:128],
                                          min_top1_agreement=0.95, max_rel_l2_error=0.5, min_cosine=0.9,
                                          min_snr_db=5.0, min_top5_overlap=None, outputs={0: {"kind": "scores"}})
     print(fidelity.render())
-    bench = convfactor.benchmark(out / "original.onnx", out / "factorized.onnx", input_shape=(1, 3, 32, 32),
+    bench = convfactor.runtime.benchmark(out / "original.onnx", out / "factorized.onnx", input_shape=(1, 3, 32, 32),
                                  threads=[1], min_time=0.5, progress=False)
     print(bench.render())
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import convfactor
+from convfactor.auto import AutoOptions
 from convfactor.errors import ConvfactorError, InputSpecError
 from convfactor.input_checks import check_inputs
 from tests.cli_models import TinyNet, randomized
@@ -265,8 +266,10 @@ API_CASES = {
     "concrete args a list": ({"concrete_args": [1]}, "concrete_args", "mapping"),
     "concrete args unknown name": ({"concrete_args": {"embed": True}}, "concrete_args", "its arguments: x"),
     "auto options a dict": ({"auto_options": {"sequential": False}}, "auto_options", "AutoOptions"),
-    "memory budget negative": ({"memory_budget": -1}, "memory_budget", "positive"),
-    "memory budget text": ({"memory_budget": "2GB"}, "memory_budget", "'2GB'"),
+    "memory budget negative": ({"auto_options": AutoOptions(memory_budget=-1)}, "auto_options.memory_budget",
+                               "positive"),
+    "memory budget text": ({"auto_options": AutoOptions(memory_budget="2GB")}, "auto_options.memory_budget",
+                           "'2GB'"),
     "policy unknown method": ({"policy": "nosuch"}, "nosuch", "method"),
     "policy rank out of range": ({"policy": "spatial_svd:500"}, "rule 1", "out of range"),
     "policy matches nothing": ({"policy": {"rules": [{"match": "backbone.*", "method": "svd"}]}}, "policy",
@@ -292,7 +295,7 @@ def test_factorize_bad_argument_is_one_line_convfactor_error(case):
 def test_an_input_shape_too_large_for_memory_is_refused_before_allocating(measure):
     model = randomized(TinyNet())
     with pytest.raises(InputSpecError, match=r"^input_shape 1,3,100000,100000: one input tensor would take 120 GB"):
-        getattr(convfactor, measure)(model, model, input_shape=(1, 3, 100000, 100000))
+        getattr(convfactor.runtime, measure)(model, model, input_shape=(1, 3, 100000, 100000))
 
 
 def test_factorize_refuses_nan_weights_like_the_cli():

@@ -620,7 +620,7 @@ def test_python_m_bad_input_exit_code_and_one_line(tmp_path, ckpt):
 
 def test_convert_output_check_warns_and_check_exits_1(cli, tmp_path, ckpt, monkeypatch):
     """The automatic policy's own output check: shown in the summary, warned on stderr, fails --check."""
-    import convfactor.auto.verify as verify
+    import convfactor.auto.search.verify as verify
     from convfactor.policy import Fidelity
 
     monkeypatch.setattr(verify, "DEFAULT_FLOOR", Fidelity(max_rel_error=1e-12))  # nothing passes

@@ -101,16 +101,16 @@ def test_score_counts_the_index_bits() -> None:
     assert report.weight_bits() == pytest.approx(expected_bits, rel=1e-12)
     score = report.score(macs=1000)
     assert score.params_term == pytest.approx(expected_bits / 32 * params / 5.6e6, rel=1e-12)
-    assert score.score < convfactor.challenge_score(params, 1000).score
+    assert score.score < convfactor.score.challenge_score(params, 1000).score
 
 
 def test_composes_with_factorize_and_keeps_its_report() -> None:
     model = _model()
     x = torch.randn(1, 3, 8, 8)
     fast = convfactor.factorize(model, "spatial_svd:0.5", x)
-    shared = convfactor.share_weights(fast, bits=5)
+    shared = convfactor.share.share_weights(fast, bits=5)
     assert convfactor.get_report(shared) is convfactor.get_report(fast)
-    names = [layer.name for layer in convfactor.sharing_report(shared).layers]
+    names = [layer.name for layer in convfactor.share.sharing_report(shared).layers]
     assert any(name.endswith(".vertical") for name in names) and any(name.endswith(".horizontal") for name in names)
     with torch.no_grad():
         assert torch.allclose(shared(x), fast(x), rtol=0.1, atol=0.1 * float(fast(x).abs().max()))

@@ -338,7 +338,7 @@ def _method_counts(report) -> dict:
 def _speedup(model, fast, spec: dict) -> dict:
     """Measured onnxruntime speedup, 1 thread, interleaved pairs, median of per-pair ratios."""
     try:
-        bench = convfactor.benchmark(model, fast, spec["example"], threads=1, progress=False,
+        bench = convfactor.runtime.benchmark(model, fast, spec["example"], threads=1, progress=False,
                                      warmup=3, repeats=15, min_time=2.0)
     except Exception as exc:  # an export failure is a finding to report, not a reason to stop
         return {"speedup": None, "speedup_error": f"{type(exc).__name__}: {str(exc)[:300]}"}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .calibration import DEFAULT_MAX_ROWS, DEFAULT_MAX_SAMPLES, DEFAULT_MEMORY_BUDGET
-from .candidates import FRACTION_GRID
-from .data_aware import DEFAULT_DAMPING
+from ..batches import DEFAULT_MAX_SAMPLES
+from .fits.data_aware import DEFAULT_DAMPING
+from .selection.candidates import FRACTION_GRID
+from .statistics.calibration import DEFAULT_MAX_ROWS, DEFAULT_MEMORY_BUDGET
 
 __all__ = ["AutoOptions", "SLOW_METHODS", "OPT_IN_METHODS"]
 
@@ -14,8 +15,8 @@ __all__ = ["AutoOptions", "SLOW_METHODS", "OPT_IN_METHODS"]
 # 64-channel 3x3 layer (136 s for a 14-rank grid measured on 2 cores), too slow to evaluate a grid of
 # candidates per layer. A rule naming ``method: cp`` still gets its ranks allocated.
 SLOW_METHODS = ("cp",)
-# Also left out of ``method: auto`` unless listed in ``auto_methods`` (so the automatic policy's measured
-# results stay what they were): channel_svd costs more MACs per rank than spatial_svd on a k x k conv
+# Also left out of ``method: auto`` unless listed in ``auto_methods``, because on a typical k x k conv they
+# lose to the default methods at equal cost: channel_svd costs more MACs per rank than spatial_svd
 # (r*(C_in*k_h*k_w + C_out) against r*(C_in*k_h + C_out*k_w)), shift keeps whole taps (its error is coarse
 # and its shift stage is memory traffic), and dictionary learning takes seconds per rank.
 OPT_IN_METHODS = ("channel_svd", "shift", "dictionary", "sal")
@@ -45,7 +46,7 @@ class AutoOptions:
         metric_evaluations: evaluations of the user's task metric the search may make (its probes); the
             original's and the result's are extra. Once spent, probes are judged by output error alone.
         speed_check: under a MACs/params target, time each chosen replacement against its layer and
-            prefer a similar option that runs faster (``convfactor.auto.slow_forms``).
+            prefer a similar option that runs faster (``convfactor.auto.selection.slow_forms``).
         memory_budget: bytes the calibration statistics and one layer's fit may use (default 1 GiB): a
             layer whose full D x D patch covariance does not fit gets a Kronecker-factored or diagonal
             statistic instead (reported under ``statistics``); more budget keeps more layers full.

@@ -8,17 +8,19 @@
         factorized network's activations (``AutoOptions.sequential``)]
     [-> latency: whole-model check, layers dropped until the result is measured faster]
 
-The steps live in their own modules: ``plans`` (which layers, which methods), ``scoring`` (candidates,
-errors, sensitivities), ``measured`` (allocation corrected by measurement), ``refit`` (the modules an
-allocation really gets), ``fastest`` (``auto`` without a target), ``outcome`` (rules and the account).
-``AutoOptions.time_budget`` cuts the refinement phases short (``deadline``).
+``resolve_policy`` runs the phases of ``convfactor.auto.phases`` in order, each returning a record the next
+reads; the report's ``extra['auto']`` is laid out once, from ``ResolutionAccount`` (``account``). The work
+itself lives in the sub-packages: ``selection`` (plans, candidates, scoring, allocation, fastest forms),
+``search`` (allocation corrected by measurement, the modules an allocation really gets), ``statistics``
+and ``fits`` (data-aware), ``latency`` (the cost model). ``AutoOptions.time_budget`` cuts the refinement
+phases short (``deadline``).
 
 Predicted loss of a candidate = sensitivity * error2. Without calibration data, error2 is the relative
 squared weight error and every sensitivity is 1. With calibration data, error2 is the relative squared
 error of the layer's output on the real inputs (data-aware factors where the method has them) and the
 sensitivity is measured: the network-output error a probe replacement of that layer causes, per unit
 of its own output error. Costs: MACs or parameters exactly as ``convfactor.costs`` counts them, or the
-measured onnxruntime time of the layer alone (``convfactor.auto.latency``).
+measured onnxruntime time of the layer alone (``convfactor.auto.latency.model``).
 
 Targets: ``{macs: F}`` / ``{params: F}``: the whole model (layers the policy leaves alone count at full
 cost) must cost <= F times the original, guaranteed; ``{latency: F}``: predicted by the latency model,
@@ -29,50 +31,40 @@ those measured faster than the original layer.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from passes.annotate_shapes import layer_io_shapes
-
-from ..errors import PolicyError
 from ..fidelity_spec import Fidelity
-from ..inputs import as_input_tuple
-from ..metric import as_metric
-from ..policy import AUTO, Policy
-from ..progress import phase
-from .budget_search import progress_line
-from .calibration import calibration_batches, layer_statistics, output_leaves
+from ..output_checker import OutputChecker
+from ..policy import Policy
 from .deadline import Deadline
-from .distill import as_distill_options
-from .distill_probes import ProbeDistiller
-from .fastest import VBMF_RANK, choose_fastest
-from .latency import LatencyModel
-from .measured import allocation_metrics, first_samples, measured_allocation, output_checkers
+from .latency.model import LatencyModel
 from .options import AutoOptions
-from .outcome import layer_info, resolved_policy, verify_faster
-from .plans import auto_methods as _auto_methods  # noqa: F401 - the name tests and older callers import
-from .plans import plan_layers, set_shapes_and_calls
-from .refit import Replacements
-from .regularize import regularize
-from .scoring import SCORED_RANKS, build_options, measure_sensitivities
+from .phases import (
+    Run,
+    allocate_budget,
+    build_modules,
+    choose_fastest_forms,
+    collect_statistics,
+    drop_until_faster,
+    finish_account,
+    plan_open_layers,
+    prepare_data,
+    read_goal,
+    start_account,
+    swap_in_fast_forms,
+    time_layers,
+)
+from .search.measured import output_checkers
 from .shared import SharedWork
-from .slow_forms import check_whole_model, flush_denormals, prefer_fast_forms, undo_swaps
-from .split import DataSplit, split_data
-from .verify import REFERENCE_BYTES, OutputChecker, failures, say
-from .verify import rounded as _round
+from .statistics.split import DataSplit
 
-__all__ = ["Resolution", "resolve_policy", "VBMF_RANK", "SCORED_RANKS"]
-
-WEIGHT_BASED = "weight-based selection (no calibration data): error = relative squared weight error, sensitivity 1"
-WEIGHT_ONLY_WARNING = (
-    "selection was weight-only (no calibration data): the {kind} target was met on the weights' own errors and "
-    "the result may not keep accuracy; pass real inputs as calibration=... to factorize (CLI: --calibration "
-    "INPUTS.pt) and add a policy fidelity bound (fidelity: {{max_rel_error: 0.05}})")
+__all__ = ["Resolution", "resolve_policy"]
 
 
 @dataclass
@@ -83,10 +75,11 @@ class Resolution:
         policy: plain per-layer rules (exact-name ``match``, concrete method and rank, or skip).
         prebuilt: {layer name: factorized module} with data-aware weights, or None.
         info: JSON-able account of the decision (per layer: chosen option, alternatives, reasons).
-        checks: the ``OutputChecker`` of each data part (fit, select, check; ``convfactor.auto.split``);
-            ``convfactor.auto.verify.check_result`` measures the final model on ``check``.
+        checks: the ``OutputChecker`` of each data part (fit, select, check; ``convfactor.auto.statistics.split``);
+            ``convfactor.auto.search.verify.check_result`` measures the final model on ``check``.
         spec: the policy's fidelity declarations (bound, output kinds and slices), or None.
-        split: the data's fit / select / check parts (``convfactor.auto.split``; distillation fits on ``fit``).
+        split: the data's fit / select / check parts (``convfactor.auto.statistics.split``; distillation
+            fits on ``fit``).
     """
 
     policy: Policy
@@ -112,7 +105,7 @@ def resolve_policy(
     latency_model: LatencyModel | None = None,
     distill: Any = None,
     shared: SharedWork | None = None,
-    executor: Any = None,
+    executor: Executor | None = None,
 ) -> Resolution:
     """Turn a target / ``auto`` policy into plain per-layer rules for ``root``.
 
@@ -124,7 +117,7 @@ def resolve_policy(
             (without them, the first calibration sample is used).
         calibration: real inputs (tensor, list of batches, DataLoader) for data-aware factorization; without
             ``validation``, a deterministic eighth of them is held out to select on and another to check
-            on (``convfactor.auto.split``).
+            on (``convfactor.auto.statistics.split``).
         validation: real inputs no fit may see: the search selects on half, the result is checked on the other.
         metric: the user's task metric (``convfactor.metric``), for the report and ``fidelity:`` metric bounds.
         latency: ``LatencyOptions`` mapping, e.g. ``{"threads": 1, "cache": path}``.
@@ -151,234 +144,25 @@ def resolve_policy(
     """
     started = time.perf_counter()
     opts = options or AutoOptions()
+    run = Run(root, opts, Deadline(opts.time_budget, started), progress, started, shared, executor)
     if latency_model is None and shared is not None:  # one per latency options across the shared resolutions
         latency_model = shared.latency_model(latency, lambda: LatencyModel(latency))
-    deadline = Deadline(opts.time_budget, started)
     policy = Policy.from_any(policy)
-    inputs = as_input_tuple(example_inputs, allow_none=True)
-    batches = None
-    if calibration is not None:
-        batches = calibration_batches(calibration, len(inputs) if inputs else 1, opts.max_samples, like=inputs)
-    if inputs is None and batches is not None:
-        inputs = tuple(t[:1] for t in batches[0])  # one calibration sample stands in for example_inputs
-    held = None
-    if validation is not None:
-        held = calibration_batches(validation, len(inputs) if inputs else 1, opts.max_samples, like=inputs)
-    split = split_data(batches, held, inputs)
-    batches = split.fit  # every fit, refit and probe sees these only
-    metric = as_metric(metric)
-    shapes = dict(shapes or {})
-    if not shapes and inputs is not None:
-        shapes = layer_io_shapes(root, inputs)
-    target = policy.target
-    spec = policy.fidelity
-    bound = policy.bound
-    if bound is not None and bound.needs_metric and metric is None:
-        raise PolicyError("policy: fidelity max_metric_drop/min_metric need the task metric: pass metric=... to "
-                          "factorize (CLI: --metric MODULE:FUNCTION)")
-    timed = (target is not None and target[0] == "latency") or (
-        target is None and bound is None and any(r.method == AUTO for r in policy.rules))
-    notes: list[str] = []
-
-    plans = plan_layers(root, policy, opts)
-    open_plans = [p for p in plans if p.open]
-    if (target is not None and target[0] == "macs" or timed) and any(p.name not in shapes for p in open_plans):
-        what = "a macs target" if not timed else "latency measurement"
-        raise PolicyError(f"{what} needs example_inputs (the layers' input shapes and MAC counts)")
-    set_shapes_and_calls(root, plans, shapes, inputs)
-
-    stats, outputs = None, []
-    if batches is not None:
-        layers = {p.name: p.layer for p in open_plans}
-        keep = _keep_outputs(batches, opts, outputs)
-
-        def collect() -> dict:
-            return layer_statistics(root, layers, batches, opts.max_rows, opts.seed, opts.memory_budget, progress,
-                                    on_output=keep) if layers else {}
-
-        stats = collect() if shared is None else shared.statistics(root, layers, batches, opts, collect)
-    model = None
-    if timed:
-        model = latency_model or LatencyModel(latency)
-        if model.cache.load_error:
-            notes.append(model.cache.load_error)
-        if target is not None:  # a latency target weighs layers against each other: time them together
-            model.calibrate([(p.layer, p.in_shape) for p in open_plans if p.in_shape is not None])
-
-    info: dict[str, Any] = {
-        "selection": WEIGHT_BASED if batches is None else
-        f"data-aware selection and factorization ({sum(len(b[0]) for b in batches)} calibration samples fit): "
-        "error = relative squared layer-output error on the fit samples, sensitivity measured"
-        + ("" if opts.sensitivity else " (disabled: 1.0)"),
-        "notes": notes,
-        "warnings": [],  # accuracy
-        "speed_warnings": [],  # speed and cost
-        "data_split": split.describe(),
-    }
-    notes.extend(split.notes)
-    if stats:
-        reduced = {name: st.covariance.describe() for name, st in stats.items() if st.covariance.kind != "full"}
-        if reduced:
-            info["statistics"] = {"memory_budget": int(opts.memory_budget), "layers": reduced}
-
-    checks = output_checkers(root, split, opts, outputs, spec, metric)
-    checker = checks["select"]  # every measurement a decision is made by
+    data = prepare_data(run, calibration, validation, example_inputs, shapes, metric)
+    goal = read_goal(policy, data)
+    plans = plan_open_layers(run, policy, goal, data)
+    stats, outputs = collect_statistics(run, plans, data)
+    model, cache_note = time_layers(goal, plans, latency, latency_model)
+    account = start_account(data, stats, cache_note, opts)
+    checks = output_checkers(root, data.split, opts, outputs, goal.spec, data.metric)
     del outputs
-    kind = None
-    forms = {name: st.covariance.kind for name, st in (stats or {}).items()}
-    if target is not None or bound is not None:
-        kind, fraction = target if target is not None else ("macs" if inputs is not None else "params", None)
-
-        def score() -> bool:
-            build_options(plans, kind, opts, stats, model, progress, probe=batches is not None and opts.sensitivity,
-                          executor=executor)
-            if batches is not None and opts.sensitivity:
-                cuts = len(deadline.warnings)
-                measure_sensitivities(root, plans, kind, batches, opts, progress, notes, checks["fit"] or checker,
-                                      deadline, executor=executor)
-                return len(deadline.warnings) == cuts
-            return True
-
-        if shared is None:
-            score()
-        else:
-            shared.scored(root, plans, kind, batches, opts, latency, notes, score)
-        scoring = {p.name: sorted(set(p.notes)) for p in plans if p.notes}
-        if scoring:
-            info.setdefault("statistics", {})["scoring"] = scoring
-        for plan in open_plans:
-            for option in plan.options:
-                option.loss = plan.sensitivity * option.error2
-        if batches is not None and opts.sequential:
-            stats = None  # the sequential refit collects its own statistics, layer by layer
-        replacements = Replacements(root, plans, opts, batches=batches, inputs=inputs, stats=stats, forms=forms,
-                                    deadline=deadline)
-        prober, distill = None, as_distill_options(distill)
-        if distill is not None and distill.probes and bound is not None and batches and checker is not None:
-            prober = ProbeDistiller(root, batches, checker, distill, progress)
-        with phase(progress, "allocation", total=1) as bar:
-            info["target"], search = measured_allocation(root, plans, kind, fraction, bound, inputs, opts, model,
-                                                          checker, replacements, notes, deadline,
-                                                          on_probe=lambda p: bar.set_postfix(**probe_postfix(p)),
-                                                          measure=prober.measure if prober else None)
-            bar.update()
-        if search is not None:
-            info["search"] = search
-            if prober is not None:
-                search["distilled_probes"] = prober.describe()
-        ignored = sorted({p.rule_index + 1 for p in open_plans if p.rule.rank is not None or p.rule.energy is not None})
-        if ignored:
-            notes.append(f"rule(s) {', '.join(map(str, ignored))}: rank/energy ignored, the target allocates ranks")
+    if goal.allocates:
+        replacements = allocate_budget(run, plans, goal, data, stats, model, checks, account, distill)
     else:
-        choose_fastest(plans, opts, stats, model, progress)
-        replacements = Replacements(root, plans, opts, batches=batches, inputs=inputs, stats=stats, forms=forms,
-                                    deadline=deadline)
-    if batches is None and target is not None and target[0] in ("macs", "latency"):
-        info["warnings"].append(WEIGHT_ONLY_WARNING.format(kind=target[0]))
-    speed_model = None
-    if kind in ("macs", "params") and opts.speed_check and inputs is not None:
-        speed_model = latency_model or LatencyModel(latency)
-        _speed_check(root, open_plans, kind, bound, checker, replacements, info, speed_model, inputs)
-
-    prebuilt = replacements.build(progress)  # a probe's modules when the search measured this allocation
-    if replacements.sequential or replacements.stats is not None:
-        prebuilt, account = regularize(root, plans, opts, replacements, prebuilt, checks, notes, deadline, progress)
-        if account is not None:
-            info["regularization"] = account
-    flushed = sum(flush_denormals(module) for module in (prebuilt or {}).values())
-    if flushed:
-        notes.append(f"{flushed} denormal weights of the data-aware factors set to 0 (they run many times slower)")
-    if "speed_check" in info:  # the network as the caller gets it: these weights, denormals flushed
-        try:
-            info["speed_check"]["whole_model"] = check_whole_model(root, open_plans, speed_model, inputs,
-                                                                   info["speed_warnings"], modules=prebuilt)
-        except Exception as exc:  # noqa: BLE001 - timing is advice here, never a reason to fail
-            notes.append(f"whole-network speed check skipped: {type(exc).__name__}: {exc}")
-    stats = None
-    if replacements.sequential and prebuilt:
-        info["selection"] += "; factors refit sequentially on the partially factorized network's activations"
-        if replacements.used < sum(len(b[0]) for b in batches):
-            notes.append(f"sequential refit on the first {replacements.used} calibration samples (a large network)")
-    if replacements.weight_only:
-        notes.append(f"{len(replacements.weight_only)} layer(s) decomposed from their weights after the time "
-                     f"budget ran out: {', '.join(sorted(replacements.weight_only))}")
-    resolved = resolved_policy(plans, keep_only_if_cheaper=target is None)
-    if model is not None and model.options.verify and inputs is not None:
-        # A latency target was corrected by measurement above; dropping layers remains the last resort
-        # for `auto` rules and for a result still measured slower than the original.
-        droppable = [p for p in plans if p.chosen is not None and (target is not None or p.rule.method == AUTO)]
-        last = (info.get("search") or {}).get("probes", [{}])[-1]
-        if target is None or not last.get("measured") or last.get("fraction", 2.0) >= 1.0:
-            resolved, prebuilt, info["verification"] = verify_faster(root, plans, droppable, resolved, prebuilt,
-                                                                     shapes, inputs, model)
-    if model is not None:
-        info["latency"] = {"runtime": model.options.runtime, "device": model.options.device,
-                           "threads": model.options.threads, "cache": str(model.cache.path),
-                           "measured_variants": model.measured}
-    info["layers"] = {p.name: layer_info(p, target[0] if target else "latency") for p in plans
-                      if p.rule is not None}
-    info["predicted_loss"] = _round(sum(p.chosen.loss for p in plans if p.chosen is not None))
-    if bound is not None:
-        info["fidelity_bound"] = bound.to_dict()
-    search = info.get("search")
-    if search is not None:
-        if search.get("missed"):
-            info["speed_warnings"].append(search["missed"]["message"])
-        search["share"] = progress_line(search["checks"], time.perf_counter() - started)
-        if progress:
-            say(search["share"])
-    for warning in deadline.warnings:  # a cut latency correction costs speed; any other cut, accuracy
-        info["speed_warnings" if "latency correction" in warning else "warnings"].append(warning)
-    if opts.time_budget is not None:
-        info["time_budget"] = {"seconds": opts.time_budget, "used": round(deadline.elapsed(), 2),
-                               "cut": [w.split(": ", 1)[1] for w in deadline.warnings]}
-    return Resolution(resolved, prebuilt or None, info, checks, spec, split)
-
-
-def probe_postfix(probe: Any) -> dict[str, str]:
-    """What the allocation's progress shows of a probe: its cost, held-out error and metric."""
-    shown = {"cost": f"{probe.fraction:.3f}"}
-    if probe.metrics is not None:
-        shown["error"] = f"{probe.metrics['rel_error']:.3g}"
-        if "metric" in probe.metrics:
-            shown["metric"] = f"{probe.metrics['metric']:.4g}"
-    return shown
-
-
-def _keep_outputs(batches: list, opts: AutoOptions, outputs: list) -> Any:
-    """A ``layer_statistics`` callback keeping the original's outputs on the fidelity checks' batches."""
-    checked = first_samples(batches, opts.fidelity_samples)
-    held = [0]
-
-    def keep(index: int, output: Any) -> None:
-        if index != len(outputs) or index >= len(checked) or len(checked[index][0]) != len(batches[index][0]) \
-                or held[0] > REFERENCE_BYTES:
-            return
-        leaves = output_leaves(output)
-        held[0] += sum(t.numel() * 4 for t in leaves)
-        outputs.append(leaves)
-
-    return keep
-
-
-def _speed_check(root: nn.Module, open_plans: list, kind: str, bound: Any, checker: OutputChecker | None,
-                 replacements: Replacements, info: dict[str, Any], model: LatencyModel, inputs: Any) -> None:
-    """Prefer chosen forms that run fast (``slow_forms``); undo the swaps when they break the bound. (The
-    whole network is timed after the factors are built: ``check_whole_model`` with the result's modules.)"""
-    notes = info["notes"]
-    try:
-        info["speed_check"] = prefer_fast_forms(open_plans, kind, model, info["speed_warnings"])
-        if info["speed_check"]["swapped"] and bound is not None and checker is not None \
-                and failures(allocation_metrics(root, open_plans, replacements, checker, bound), bound):
-            undo_swaps(info["speed_check"])
-            notes.append("faster forms of similar predicted error were not kept: the model then failed "
-                         "the fidelity bound")
-        info["speed_check"].pop("undo", None)
-        if info["speed_check"]["swapped"]:  # a swap never costs more; the account follows it exactly
-            account = info["target"]
-            predicted = account["fixed"] + math.fsum(p.original.cost(kind) if p.chosen is None
-                                                     else p.chosen.cost(kind) for p in open_plans)
-            account["predicted"] = int(round(predicted))
-            account["predicted_fraction"] = _round(predicted / account["original"])
-    except Exception as exc:  # noqa: BLE001 - timing is advice here, never a reason to fail
-        notes.append(f"speed check of the chosen forms skipped: {type(exc).__name__}: {exc}")
+        replacements = choose_fastest_forms(run, plans, data, stats, model)
+    del stats
+    speed_model = swap_in_fast_forms(run, plans, goal, data, checks, replacements, account, latency, latency_model)
+    prebuilt = build_modules(run, plans, data, checks, replacements, account, speed_model)
+    resolved, prebuilt = drop_until_faster(run, plans, goal, data, model, prebuilt, account)
+    finish_account(run, plans, goal, model, account)
+    return Resolution(resolved, prebuilt or None, account.to_json(), checks, goal.spec, data.split)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .options import AutoOptions
+from .selection.plans import Choice, apply_choices
 
 __all__ = ["SharedWork"]
 
@@ -156,7 +157,8 @@ def _restore(plan: Any, kept: _Scored) -> None:
     plan.options = [dataclasses.replace(o) for o in kept.options]
     plan.dropped = list(kept.dropped)
     plan.notes = list(kept.notes)
-    plan.decision = kept.decision
+    if kept.decision is not None:  # left as is by the scoring (no candidate cheaper or faster), and why
+        apply_choices([plan], {plan.name: Choice(None, kept.decision)})
     plan.original.latency_ms = kept.original_latency_ms
     plan.sensitivity = kept.sensitivity
     plan.probe = None

@@ -82,6 +82,8 @@ def read_auto_options(args: argparse.Namespace) -> Any:
         changes["sequential"] = False
     if args.time_budget is not None:
         changes["time_budget"] = args.time_budget
+    if args.memory_budget is not None:
+        changes["memory_budget"] = float(args.memory_budget)
     if not changes:
         return None
     from ..auto import AutoOptions

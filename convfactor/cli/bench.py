@@ -1,6 +1,6 @@
 """``convfactor bench``: time a checkpoint in onnxruntime, against a baseline when one is given.
 
-With ``--baseline`` both models are timed in interleaved pairs (``convfactor.benchmark``); without one
+With ``--baseline`` both models are timed in interleaved pairs (``convfactor.runtime.benchmark``); without one
 the model is timed alone, per thread setting.
 """
 

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from .. import __version__
     from ..api import factorize, get_report
     from ..api_checks import check_leaf_modules, nothing_replaced_reason
-    from ..auto.verify import ConvfactorWarning
+    from ..auto.search.verify import ConvfactorWarning
     from ..costs import count_zeros
     from ..errors import ConvfactorError, NothingReplacedError
     from ..files.architecture import parse_input_shape
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise ConvfactorError("--check-inputs is only used with --check")
     if (args.calibrate_method or args.keep_float) and not args.quantize:
         raise ConvfactorError("--calibrate-method and --keep-float are only used with --quantize int8")
-    if (args.memory_budget is not None or auto_options is not None) and not (
+    if auto_options is not None and not (
             policy.needs_resolution or calibration is not None or validation is not None or metric is not None):
         console.status("note: --memory-budget, --no-refit and --time-budget apply to an automatic policy (a target, "
                        "a fidelity bound, 'auto' rules or --calibration); this policy gives each layer's rank itself")
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                          trace=not args.no_trace, leaf_modules=args.leaf_module,
                          concrete_args=dict(args.concrete_arg), progress=console.progress,
                          calibration=calibration, validation=validation, metric=metric, auto_options=auto_options,
-                         memory_budget=args.memory_budget, distill=distill,
+                         distill=distill,
                          latency={"int8": True} if args.quantize else None)  # timed as it will run
     report = get_report(fast)
     if nothing_replaced_reason(report):  # an unchanged copy is not what was asked: say why, write nothing

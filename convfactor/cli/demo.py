@@ -10,7 +10,7 @@ from .options import add_output_arguments
 __all__ = ["NAME", "HELP", "EXAMPLES", "add_arguments", "run"]
 
 NAME = "demo"
-HELP = "run the whole pipeline on a shipped trained model (122 s measured on a busy 2-core machine)"
+HELP = "run the whole pipeline on a shipped trained model (a few minutes on two CPU cores)"
 EXAMPLES = """\
 examples:
   convfactor demo                                   # ResNet-20 on digits, MACs budgets 0.5/0.25

@@ -1,6 +1,6 @@
 """``convert --distill STEPS [--distill-data INPUTS.pt]``: the options and their reading, checked before any work.
 
-They become ``factorize(..., distill=DistillOptions(...))`` (``convfactor.auto.distill``): a short distillation
+They become ``factorize(..., distill=DistillOptions(...))`` (``convfactor.distill.training``): a short distillation
 of the result towards the original, stopped on the select part's error, measured before and after on the
 check part, and returned only if it helped (docs/distill.md).
 """
@@ -57,6 +57,6 @@ def read_distill_options(args: argparse.Namespace, calibration: Any, validation:
     data = load_inputs_file(args.distill_data, "--distill-data")
     if data is None and calibration is None:
         raise ConvfactorError("--distill needs inputs to distil on: --calibration (its fit part) or --distill-data")
-    from ..auto.distill import DistillOptions
+    from ..distill.training import DistillOptions
 
     return DistillOptions(steps=args.distill, data=data)

@@ -1,7 +1,7 @@
 """``convert --quantize int8``: the int8 model staged with the other outputs, and four models measured.
 
 The factorized model's float ONNX (the ``--onnx`` export, or one made in the scratch directory) is
-quantized with ``convfactor.quantize_onnx``: static QDQ calibrated on ``--calibration`` when given,
+quantized with ``convfactor.runtime.quantize_onnx``: static QDQ calibrated on ``--calibration`` when given,
 dynamic otherwise (a note says so). The int8 file goes next to ``--onnx`` (or OUT) as ``NAME.int8.onnx``
 and is published with the other outputs as one set.
 

@@ -117,7 +117,7 @@ def _check_arguments(args: argparse.Namespace) -> tuple[Any, Any, list[Path]]:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``sweep``; returns the exit code."""
-    from ..auto.verify import ConvfactorWarning
+    from ..auto.search.verify import ConvfactorWarning
     from ..errors import ConvfactorError
     from ..executor import open_executor
     from ..files.architecture import parse_input_shape
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         warnings.simplefilter("ignore", ConvfactorWarning)  # each point's warnings are in the JSON
         result = sweep(source.model, targets, example, policy=policy, calibration=calibration,
                        validation=validation, metric=metric, auto_options=auto_options,
-                       memory_budget=args.memory_budget, baseline=None if args.baseline == "none" else args.baseline,
+                       baseline=None if args.baseline == "none" else args.baseline,
                        bench={"skip": True} if bench is None else bench, executor=executor,
                        progress=console.progress)
     document = {"command": "sweep", "input": source.describe(), "targets": [t.label for t in targets],

@@ -40,6 +40,7 @@ from ..geometry import layer_kind
 from ..inputs import as_input_tuple
 from ..methods import get_method
 from ..pipeline import run_pipeline
+from ..ranks import rank_from_json
 from ..report import FactorizeReport, LayerDecision
 from .architecture import Architecture, resolve_arch, stored_architecture
 from .atomic import atomic_torch_save, atomic_write_bytes
@@ -196,10 +197,6 @@ def _check_plan(plan: Any) -> dict[str, Any]:
     return dict(plan)
 
 
-def _rank(value: Any) -> int | tuple[int, ...]:
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
-
-
 def apply_plan(
     model: nn.Module,
     plan: Mapping[str, Any],
@@ -261,7 +258,7 @@ def _planned_build(root: nn.Module, name: str, entry: Mapping[str, Any]) -> Buil
     if layer_kind(layer) is None:
         raise CheckpointError(f"the plan replaces layer {name!r}, but it is a {type(layer).__name__} in the "
                               f"architecture, not a Conv1d/Conv2d/Linear")
-    method, rank = get_method(entry["method"]), _rank(entry["rank"])
+    method, rank = get_method(entry["method"]), rank_from_json(entry["rank"])
     return lambda layer: method.build(layer, rank)
 
 

@@ -1,4 +1,10 @@
-"""Factorization methods, registered by name. Importing this package registers the built-in ones."""
+"""Factorization methods, registered by name. Importing this package registers the built-in ones.
+
+One module per method family, named as the method; ``BUILTIN_METHODS`` lists them all. A module that
+fails to import fails ``import convfactor`` (a missing method is an error, not a silent gap).
+"""
+
+import importlib as _importlib
 
 from .base import (
     FactorizationMethod,
@@ -10,6 +16,7 @@ from .base import (
 )
 
 __all__ = [
+    "BUILTIN_METHODS",
     "FactorizationMethod",
     "FactorizedLayer",
     "Rank",
@@ -18,14 +25,9 @@ __all__ = [
     "register",
 ]
 
-# Built-in methods register themselves on import (one file per family).
-import importlib as _importlib  # noqa: E402
-
-BUILTIN_METHODS = ("spatial_svd", "tucker2", "cp", "depthwise", "grouped", "svd")
+# The course's methods beside the classic ones: channel_svd (weight SVD), shift (shift + pointwise),
+# dictionary (kernel dictionary), sal (the shift attention layer's per-kernel pruning form).
+BUILTIN_METHODS = ("spatial_svd", "tucker2", "cp", "depthwise", "grouped", "svd",
+                   "channel_svd", "shift", "dictionary", "sal")
 for _name in BUILTIN_METHODS:
-    _importlib.import_module(f"{__name__}.{_name}")
-
-# The course's other compressions (channel SVD, shift + pointwise, kernel dictionary).
-# sal: the per-kernel form of the shift attention layer (an unstructured-pruning option).
-for _name in ("channel_svd", "shift", "dictionary", "sal"):
     _importlib.import_module(f"{__name__}.{_name}")

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry
 
-__all__ = ["make_conv", "pointwise", "axis_conv", "conv_cls", "set_weight"]
+__all__ = ["make_conv", "geometry_conv", "pointwise", "axis_conv", "conv_cls", "set_weight"]
 
 
 def conv_cls(dims: int) -> type[nn.Module]:
@@ -44,6 +44,19 @@ def make_conv(
         padding_mode=padding_mode,
         **factory,
     )
+
+
+def geometry_conv(geometry: LayerGeometry, in_channels: int, out_channels: int, *, groups: int,
+                  bias: bool = False, like: nn.Module | None = None) -> nn.Module:
+    """A conv with the original layer's kernel, stride, padding, dilation and padding_mode.
+
+    The stage of a factorization that sees the input's spatial neighbourhood keeps the original's
+    geometry so that the chain produces the original's output grid (same size, same border handling).
+    Only the channel counts, ``groups`` and ``bias`` are the method's own.
+    """
+    return make_conv(geometry.dims, in_channels, out_channels, geometry.kernel, stride=geometry.stride,
+                     padding=geometry.padding, dilation=geometry.dilation, groups=groups, bias=bias,
+                     padding_mode=geometry.padding_mode, like=like)
 
 
 def pointwise(geometry: LayerGeometry, in_channels: int, out_channels: int, *, groups: int = 1,

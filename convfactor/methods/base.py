@@ -66,7 +66,7 @@ class FactorizedLayer(nn.Sequential):
 
     def structural_zeros(self) -> dict[str, torch.Tensor]:
         """The entries the method fixes at zero (a pruning form's zeros, counted as p_u): {parameter name
-        (e.g. ``"conv.weight"``): bool mask of its shape, True at a fixed zero}. ``convfactor.finetune``
+        (e.g. ``"conv.weight"``): bool mask of its shape, True at a fixed zero}. ``convfactor.auto.finetune``
         keeps them zero. None by default."""
         return {}
 
@@ -130,6 +130,7 @@ class FactorizationMethod(abc.ABC):
     summary: ClassVar[str]  # one line of math, shown by `convfactor methods` and the README
     rank_meaning: ClassVar[str]  # what an int rank means for this method
     module_cls: ClassVar[type[FactorizedLayer]]  # its module; ``module_cls.empty(layer, rank)`` builds it
+    rank_components: ClassVar[tuple[str, ...]] = ("rank",)  # names of the rank's components, for messages
     # A pruning form (sal) keeps the layer's shape and saves zeros (p_u), not MACs: only_if_cheaper keeps it.
     pruning: ClassVar[bool] = False
 
@@ -202,7 +203,7 @@ class FactorizationMethod(abc.ABC):
 
     def rank_component_names(self) -> tuple[str, ...]:
         """Names of the rank components, for messages (``('r',)``, ``('r_in', 'r_out')``)."""
-        return ("rank",)
+        return self.rank_components
 
     def broadcast_int_rank(self, layer: nn.Module, value: int, component: int) -> int:
         """How a single int applies to component ``component`` (default: the same value for each)."""
@@ -241,7 +242,6 @@ def register(method: FactorizationMethod) -> FactorizationMethod:
 
 def get_method(name: str) -> FactorizationMethod:
     """The registered method called ``name``; the error lists the known names."""
-    _load_builtin_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -251,10 +251,4 @@ def get_method(name: str) -> FactorizationMethod:
 
 def available_methods() -> list[str]:
     """Names of the registered methods, sorted."""
-    _load_builtin_methods()
     return sorted(_REGISTRY)
-
-
-def _load_builtin_methods() -> None:
-    # Importing the package registers the built-in methods; done lazily to avoid an import cycle.
-    from .. import methods  # noqa: F401

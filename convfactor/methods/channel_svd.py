@@ -21,7 +21,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry
 from ..ranks import shared_rank_spectrum
-from ._stages import make_conv, pointwise
+from ._stages import geometry_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["channel_svd_factors", "channel_svd_spectra", "ChannelSVDConv", "ChannelSVD"]
@@ -66,9 +66,7 @@ class ChannelSVDConv(FactorizedLayer):
     def empty(cls, layer: nn.Module, rank: int) -> ChannelSVDConv:
         geo = LayerGeometry.of(layer)
         g = geo.groups
-        basis = make_conv(geo.dims, geo.in_channels, g * rank, geo.kernel, stride=geo.stride,
-                          padding=geo.padding, dilation=geo.dilation, groups=g,
-                          padding_mode=geo.padding_mode, like=layer)
+        basis = geometry_conv(geo, geo.in_channels, g * rank, groups=g, like=layer)
         mixing = pointwise(geo, g * rank, geo.out_channels, groups=g, bias=geo.bias, like=layer)
         return cls(OrderedDict(basis=basis, mixing=mixing), rank, geo)
 
@@ -87,12 +85,10 @@ class ChannelSVD(FactorizationMethod):
     rank_meaning = ("r: basis filters, the channels between the k x k and the 1x1 conv (per group); exact at "
                     "min(C_out/g, C_in/g*k_h*k_w)")
     module_cls = ChannelSVDConv
+    rank_components = ("r",)
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer, pointwise="a 1x1 conv: channel SVD of it is svd")
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("r",)
 
     def full_rank(self, layer: nn.Module) -> int:
         geo = LayerGeometry.of(layer)

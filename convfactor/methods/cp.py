@@ -271,6 +271,7 @@ class CP(FactorizationMethod):
     summary = "k_h x k_w -> 1x1 (C_in->R), depthwise k_h x 1, depthwise 1 x k_w, 1x1 (R->C_out); CP-ALS of W"
     rank_meaning = "R: number of CP terms (channels of the depthwise stages); exact at prod(dims)/max(dims)"
     module_cls = CPConv
+    rank_components = ("R",)
 
     def __init__(self, max_sweeps: int = DEFAULT_MAX_SWEEPS, warm_sweeps: int = DEFAULT_WARM_SWEEPS,
                  tolerance: float = DEFAULT_TOLERANCE):
@@ -286,9 +287,6 @@ class CP(FactorizationMethod):
         return conv_reason(self.name, layer, grouped="cp does not factorize grouped convs (groups={groups})",
                            pointwise="a 1x1 conv is a matrix: cp would only add per-channel scales to its SVD "
                                      "(use svd)")
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("R",)
 
     def full_rank(self, layer: nn.Module) -> int:
         return cp_full_rank(tuple(layer.weight.shape))

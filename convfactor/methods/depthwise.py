@@ -14,6 +14,7 @@ as m multiplier-1 depthwise convs whose outputs are concatenated ran 1.16-1.26x 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -21,10 +22,10 @@ from torch import nn
 
 from ..geometry import LayerGeometry
 from ..ranks import shared_rank_spectrum
-from ._stages import make_conv, pointwise
+from ._stages import geometry_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
-__all__ = ["depthwise_factors", "depthwise_spectra", "DepthwiseConv", "Depthwise"]
+__all__ = ["depthwise_factors", "depthwise_spectra", "DepthwisePointwiseConv", "DepthwiseConv", "Depthwise"]
 
 
 def _channel_slices(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -69,26 +70,28 @@ def depthwise_spectra(weight: torch.Tensor, groups: int = 1) -> np.ndarray:
     return torch.linalg.svdvals(_channel_slices(weight.detach().to(torch.float64), groups)).cpu().numpy()
 
 
-class DepthwiseConv(FactorizedLayer):
-    """``depthwise`` (original geometry, groups=C_in, C_in -> C_in*m), then ``pointwise`` (1x1,
-    C_in*m -> C_out, groups of the original, with the bias)."""
+class DepthwisePointwiseConv(FactorizedLayer):
+    """A depthwise conv with the original geometry (groups=C_in, C_in -> C_in*m) then a 1x1 conv (C_in*m ->
+    C_out, groups of the original, with the bias): the module of every method of this form.
 
-    method_name = "depthwise"
+    Subclasses name the two stages (``stage_names``): the names are the saved state_dict keys.
+    """
+
+    stage_names: ClassVar[tuple[str, str]] = ("depthwise", "pointwise")
 
     @classmethod
-    def empty(cls, layer: nn.Module, rank: int) -> DepthwiseConv:
+    def empty(cls, layer: nn.Module, rank: int) -> DepthwisePointwiseConv:
         geo = LayerGeometry.of(layer)
-        depthwise = make_conv(geo.dims, geo.in_channels, geo.in_channels * rank, geo.kernel,
-                              stride=geo.stride, padding=geo.padding, dilation=geo.dilation,
-                              groups=geo.in_channels, padding_mode=geo.padding_mode, like=layer)
+        spatial = geometry_conv(geo, geo.in_channels, geo.in_channels * rank, groups=geo.in_channels, like=layer)
         mix = pointwise(geo, geo.in_channels * rank, geo.out_channels, groups=geo.groups, bias=geo.bias,
                         like=layer)
-        return cls(OrderedDict(depthwise=depthwise, pointwise=mix), rank, geo)
+        first, second = cls.stage_names
+        return cls(OrderedDict([(first, spatial), (second, mix)]), rank, geo)
 
     def dense_weight(self) -> torch.Tensor:
         g, m = self.geometry.groups, self.rank
-        d = self.depthwise.weight.detach().to(torch.float64)  # (C_in*m, 1, *k)
-        p = self.pointwise.weight.detach().to(torch.float64)  # (C_out, C_in/g*m, 1...)
+        d = self[0].weight.detach().to(torch.float64)  # (C_in*m, 1, *k)
+        p = self[1].weight.detach().to(torch.float64)  # (C_out, C_in/g*m, 1...)
         kernel = tuple(d.shape[2:])
         c_out, c_in = p.shape[0], d.shape[0] // m
         d = d.reshape(g, c_in // g, m, -1)  # (g, I/g, m, K)
@@ -97,18 +100,23 @@ class DepthwiseConv(FactorizedLayer):
         return w.reshape(c_out, c_in // g, *kernel)
 
 
+class DepthwiseConv(DepthwisePointwiseConv):
+    """``depthwise`` (original geometry, groups=C_in, C_in -> C_in*m), then ``pointwise`` (1x1,
+    C_in*m -> C_out, groups of the original, with the bias)."""
+
+    method_name = "depthwise"
+
+
 class Depthwise(FactorizationMethod):
     name = "depthwise"
     summary = "k_h x k_w -> depthwise k_h x k_w (multiplier m), 1x1 (C_in*m->C_out); SVD of each W[:, c]"
     rank_meaning = "m: depthwise filters per input channel (the depthwise multiplier)"
     module_cls = DepthwiseConv
+    rank_components = ("m",)
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer,
                            pointwise="a 1x1 conv: its depthwise part would be a per-channel scale (use svd)")
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("m",)
 
     def full_rank(self, layer: nn.Module) -> int:
         geo = LayerGeometry.of(layer)
@@ -120,7 +128,6 @@ class Depthwise(FactorizationMethod):
 
     def decompose(self, layer: nn.Module, rank: int) -> DepthwiseConv:
         return DepthwiseConv.empty(layer, rank).load_factors(depthwise_factors(layer.weight, rank, layer.groups), layer)
-
 
 
 register(Depthwise())

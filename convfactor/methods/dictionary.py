@@ -12,7 +12,7 @@ dilation and padding_mode), the 1x1 stage (groups of the original) weights them 
 At K = T the dictionary is the identity and the code is X itself: exact, and no sparsity.
 
 The code's zeros (``alpha`` > 0) are unstructured sparsity: they count in the challenge score (p_u), not
-in a dense runtime's time, and ``convfactor.finetune`` keeps them zero (``DictionaryConv.structural_zeros``).
+in a dense runtime's time, and ``convfactor.auto.finetune`` keeps them zero (``DictionaryConv.structural_zeros``).
 The depthwise weight stores the atoms once per input channel (C_in*K*T values for K*T distinct ones);
 parameter counts include those copies.
 """
@@ -20,15 +20,14 @@ parameter counts include those copies.
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..geometry import LayerGeometry
-from ._stages import make_conv, pointwise
-from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
+from .base import FactorizationMethod, conv_reason, register
+from .depthwise import DepthwisePointwiseConv
 
 __all__ = ["DEFAULT_ALPHA", "dictionary_factors", "DictionaryConv", "Dictionary"]
 
@@ -90,31 +89,12 @@ def dictionary_factors(weight: torch.Tensor, atoms: int, groups: int = 1,
     return depthwise.reshape(-1, 1, *kernel), code_t.reshape(c_out, c_in_g * atoms, *((1,) * len(kernel)))
 
 
-class DictionaryConv(FactorizedLayer):
+class DictionaryConv(DepthwisePointwiseConv):
     """``atoms`` (depthwise, original geometry, C_in -> C_in*K) then ``codes`` (1x1, C_in*K -> C_out, groups
-    of the original, with the bias)."""
+    of the original, with the bias): the depthwise method's module with the atoms shared by every channel."""
 
     method_name = "dictionary"
-
-    @classmethod
-    def empty(cls, layer: nn.Module, rank: int) -> DictionaryConv:
-        geo = LayerGeometry.of(layer)
-        atoms = make_conv(geo.dims, geo.in_channels, geo.in_channels * rank, geo.kernel, stride=geo.stride,
-                          padding=geo.padding, dilation=geo.dilation, groups=geo.in_channels,
-                          padding_mode=geo.padding_mode, like=layer)
-        code = pointwise(geo, geo.in_channels * rank, geo.out_channels, groups=geo.groups, bias=geo.bias,
-                         like=layer)
-        return cls(OrderedDict(atoms=atoms, codes=code), rank, geo)
-
-    def dense_weight(self) -> torch.Tensor:
-        g, k = self.geometry.groups, self.rank
-        d = self.atoms.weight.detach().to(torch.float64)  # (C_in*K, 1, *k)
-        p = self.codes.weight.detach().to(torch.float64)  # (C_out, C_in/g*K, 1...)
-        kernel = tuple(d.shape[2:])
-        c_out, c_in = p.shape[0], d.shape[0] // k
-        w = torch.einsum("goij,gijt->goit", p.reshape(g, c_out // g, c_in // g, k),
-                         d.reshape(g, c_in // g, k, -1))
-        return w.reshape(c_out, c_in // g, *kernel)
+    stage_names = ("atoms", "codes")
 
     def structural_zeros(self) -> dict[str, torch.Tensor]:
         """The code's exact zeros (the lasso's, ``alpha`` > 0; a data-aware refit code is dense: none)."""
@@ -129,6 +109,7 @@ class Dictionary(FactorizationMethod):
     rank_meaning = ("K: atoms of the dictionary every kernel is written in (the depthwise multiplier); exact at "
                     "k_h*k_w (identity atoms); code sparsity: get_method('dictionary').alpha")
     module_cls = DictionaryConv
+    rank_components = ("K",)
 
     def __init__(self, alpha: float = DEFAULT_ALPHA):
         self.alpha = alpha
@@ -136,9 +117,6 @@ class Dictionary(FactorizationMethod):
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer,
                            pointwise="a 1x1 conv: its kernels are scalars, a dictionary of them is a scale (use svd)")
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("K",)
 
     def full_rank(self, layer: nn.Module) -> int:
         return LayerGeometry.of(layer).kernel_volume

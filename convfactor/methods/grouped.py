@@ -51,7 +51,7 @@ from ._grouping import (
     index_order,
     refine,
 )
-from ._stages import make_conv, pointwise
+from ._stages import geometry_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, Rank, conv_reason, register
 
 __all__ = [
@@ -222,8 +222,7 @@ class GroupedConv(FactorizedLayer):
         geo = LayerGeometry.of(layer)
         g, r_in, r_out = _expand_rank(geo, rank)
         project_in = pointwise(geo, geo.in_channels, r_in, like=layer)
-        core = make_conv(geo.dims, r_in, r_out, geo.kernel, stride=geo.stride, padding=geo.padding,
-                         dilation=geo.dilation, groups=g, padding_mode=geo.padding_mode, like=layer)
+        core = geometry_conv(geo, r_in, r_out, groups=g, like=layer)
         project_out = pointwise(geo, r_out, geo.out_channels, bias=geo.bias, like=layer)
         return cls(OrderedDict(project_in=project_in, core=core, project_out=project_out),
                    _canonical_rank(geo, g, r_in, r_out), geo)
@@ -272,6 +271,7 @@ class Grouped(FactorizationMethod):
         "a fraction f means the largest valid g with 1/g >= f; exact at g=1"
     )
     module_cls = GroupedConv
+    rank_components = ("g", "r_in", "r_out")
 
     def __init__(self, refine_sweeps: int = DEFAULT_REFINE_SWEEPS):
         self.refine_sweeps = refine_sweeps
@@ -279,9 +279,6 @@ class Grouped(FactorizationMethod):
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer, grouped="grouped does not regroup a grouped conv (groups={groups}); "
                                                      "use tucker2, per group")
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("g", "r_in", "r_out")
 
     def full_rank(self, layer: nn.Module) -> int:
         return 1

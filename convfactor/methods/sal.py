@@ -3,7 +3,7 @@ k x k kernel slice W[o, c, :], zero the rest. An unstructured-pruning form: the 
 
 Math: for each (o, c) the m taps t with the largest W[o, c, t]^2 are kept (with calibration data: the
 largest output energy W[o, c, t]^2 * E[p_(c, t)^2], and the kept values refit by least squares on the
-data, one solve per output channel, see ``convfactor.auto.data_aware_taps``). m = 1 is SAL (every kernel
+data, one solve per output channel, see ``convfactor.auto.fits.taps``). m = 1 is SAL (every kernel
 a single shifted tap), m = 2 SAL2. Exact at m = k_h * k_w: nothing is zeroed.
 
 The module is the original conv with the zeroed weight (same geometry, groups and bias), so it exports
@@ -11,7 +11,7 @@ and runs as the original does: a dense runtime gains no time from the zeros. The
 challenge score as unstructured pruning (p_u = zeros / parameters, measured on the produced model);
 ``kept_fraction`` is the share of the weight's entries kept (m / (k_h k_w)). The zeros are structural:
 ``SALConv.structural_zeros`` names them (all but the m largest-magnitude taps of every slice), and
-``convfactor.finetune`` masks their gradients and keeps them zero, so a fine-tuned SAL model is still one.
+``convfactor.auto.finetune`` masks their gradients and keeps them zero, so a fine-tuned SAL model is still one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..geometry import LayerGeometry
-from ._stages import make_conv
+from ._stages import geometry_conv
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = ["kernel_tap_mask", "sal_weight", "SALConv", "SAL"]
@@ -53,9 +53,8 @@ class SALConv(FactorizedLayer):
     @classmethod
     def empty(cls, layer: nn.Module, rank: int) -> SALConv:
         geo = LayerGeometry.of(layer)
-        conv = make_conv(geo.dims, geo.in_channels, geo.out_channels, geo.kernel, stride=geo.stride,
-                         padding=geo.padding, dilation=geo.dilation, groups=geo.groups, bias=geo.bias,
-                         padding_mode=geo.padding_mode, like=layer)
+        conv = geometry_conv(geo, geo.in_channels, geo.out_channels, groups=geo.groups, bias=geo.bias,
+                             like=layer)
         return cls(OrderedDict(conv=conv), rank, geo)
 
     @property
@@ -80,14 +79,12 @@ class SAL(FactorizationMethod):
     rank_meaning = ("m: taps kept per (output, input) kernel slice (SAL: 1, SAL2: 2); exact at k_h*k_w; the "
                     "zeros are unstructured pruning (p_u), no time saved on a dense runtime")
     module_cls = SALConv
+    rank_components = ("m",)
     pruning = True
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer, pointwise="a 1x1 conv has one tap per kernel: nothing to keep or drop "
                                                        "(use svd)", allow_depthwise=True)
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("m",)
 
     def full_rank(self, layer: nn.Module) -> int:
         return LayerGeometry.of(layer).kernel_volume

@@ -6,7 +6,7 @@ Math: the conv is y[o] = sum_{c, t} W[o, c, t] * x_pad[c] read at offset t (t ov
 offset (i*d_h, j*d_w), every s-th pixel). Keeping, per input channel c, the m taps T_c with the most
 kernel energy sum_o W[o, c, t]^2 leaves y[o] ~= sum_c sum_{t in T_c} W[o, c, t] * shift_t(x)[c]: the
 shift stage produces the m*C_in shifted channels, and the 1x1 conv holds W at the kept taps (refit by
-least squares on calibration inputs, see ``convfactor.auto.data_aware_taps``). Exact at m = k_h*k_w:
+least squares on calibration inputs, see ``convfactor.auto.fits.taps``). Exact at m = k_h*k_w:
 every tap is kept and the sum is the convolution.
 
 The shift stage is data movement only: one Pad of the input (the layer's own padding and padding_mode),
@@ -182,13 +182,11 @@ class Shift(FactorizationMethod):
     summary = "k_h x k_w -> shift each input channel by its m strongest taps (no MACs), 1x1 (m*C_in->C_out)"
     rank_meaning = "m: kernel taps (shift offsets) kept per input channel; exact at k_h*k_w"
     module_cls = ShiftConv
+    rank_components = ("m",)
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer, pointwise="a 1x1 conv has nothing to shift (use svd)",
                            grouped="shift handles ungrouped convs only (groups={groups})")
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("m",)
 
     def full_rank(self, layer: nn.Module) -> int:
         return LayerGeometry.of(layer).kernel_volume

@@ -102,12 +102,10 @@ class SpatialSVD(FactorizationMethod):
     summary = "k_h x k_w -> (k_h x 1, C_in->r) then (1 x k_w, r->C_out); SVD of W as (C_in*k_h, C_out*k_w)"
     rank_meaning = "r: channels between the k_h x 1 and the 1 x k_w conv (per group)"
     module_cls = SpatialSVDConv
+    rank_components = ("r",)
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer)
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("r",)
 
     def full_rank(self, layer: nn.Module) -> int:
         geo = LayerGeometry.of(layer)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry, layer_kind
 from ..ranks import shared_rank_spectrum
-from ._stages import make_conv, pointwise
+from ._stages import geometry_conv, pointwise
 from .base import ALREADY_DEPTHWISE, FactorizationMethod, FactorizedLayer, register
 
 __all__ = ["svd_factors", "svd_spectra", "SVDLayer", "SVD"]
@@ -68,9 +68,7 @@ class SVDLayer(FactorizedLayer):
         if geo.kind == "Linear":
             first = pointwise(geo, geo.in_channels, rank, like=layer)
         else:
-            first = make_conv(geo.dims, geo.in_channels, g * rank, geo.kernel, stride=geo.stride,
-                              padding=geo.padding, dilation=geo.dilation, groups=g,
-                              padding_mode=geo.padding_mode, like=layer)
+            first = geometry_conv(geo, geo.in_channels, g * rank, groups=g, like=layer)
         second = pointwise(geo, g * rank, geo.out_channels, groups=g, bias=geo.bias, like=layer)
         return cls(OrderedDict(first=first, second=second), rank, geo)
 
@@ -90,6 +88,7 @@ class SVD(FactorizationMethod):
     summary = "1x1 conv / Linear W -> (C_in->r) then (r->C_out); truncated SVD of W (C_out, C_in)"
     rank_meaning = "r: channels (features) between the two layers (per group)"
     module_cls = SVDLayer
+    rank_components = ("r",)
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         kind = layer_kind(layer)
@@ -101,9 +100,6 @@ class SVD(FactorizationMethod):
         if geo.is_depthwise:
             return ALREADY_DEPTHWISE
         return None
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("r",)
 
     def full_rank(self, layer: nn.Module) -> int:
         geo = LayerGeometry.of(layer)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..geometry import LayerGeometry
 from ..ranks import shared_rank_spectrum
-from ._stages import make_conv, pointwise
+from ._stages import geometry_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
 __all__ = [
@@ -125,8 +125,7 @@ class Tucker2Conv(FactorizedLayer):
         g = geo.groups
         r_in, r_out = rank
         project_in = pointwise(geo, geo.in_channels, g * r_in, groups=g, like=layer)
-        core = make_conv(geo.dims, g * r_in, g * r_out, geo.kernel, stride=geo.stride, padding=geo.padding,
-                         dilation=geo.dilation, groups=g, padding_mode=geo.padding_mode, like=layer)
+        core = geometry_conv(geo, g * r_in, g * r_out, groups=g, like=layer)
         project_out = pointwise(geo, g * r_out, geo.out_channels, groups=g, bias=geo.bias, like=layer)
         return cls(OrderedDict(project_in=project_in, core=core, project_out=project_out), tuple(rank), geo)
 
@@ -153,15 +152,13 @@ class Tucker2(FactorizationMethod):
         "an int r means (min(r, C_in/g), min(r, C_out/g))"
     )
     module_cls = Tucker2Conv
+    rank_components = ("r_in", "r_out")
 
     def __init__(self, hooi_iterations: int = DEFAULT_HOOI_ITERATIONS):
         self.hooi_iterations = hooi_iterations
 
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer)
-
-    def rank_component_names(self) -> tuple[str, ...]:
-        return ("r_in", "r_out")
 
     def full_rank(self, layer: nn.Module) -> tuple[int, int]:
         geo = LayerGeometry.of(layer)

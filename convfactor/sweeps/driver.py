@@ -28,8 +28,8 @@ from torch import nn
 
 from ..api import factorize, get_report
 from ..auto.options import AutoOptions
+from ..auto.search.verify import DEFAULT_FLOOR, ConvfactorWarning
 from ..auto.shared import SharedWork
-from ..auto.verify import DEFAULT_FLOOR, ConvfactorWarning
 from ..errors import ConvfactorError
 from ..executor import in_this_process
 from ..inputs import as_input_tuple
@@ -57,7 +57,6 @@ def sweep(
     metric: Callable[[nn.Module], float] | Metric | None = None,
     latency: Mapping[str, Any] | None = None,
     auto_options: AutoOptions | None = None,
-    memory_budget: float | None = None,
     baseline: str | None = DEFAULT_BASELINE,
     bench: Mapping[str, Any] | None = None,
     executor: Any = None,
@@ -73,7 +72,7 @@ def sweep(
         example_inputs: tensor(s) the model runs on (MACs, layer shapes, the timed batch).
         policy: rules and fidelity bound every point shares (its target is replaced per point);
             None: ``method: auto`` on every layer.
-        calibration, validation, metric, latency, auto_options, memory_budget: as for ``factorize``.
+        calibration, validation, metric, latency, auto_options: as for ``factorize``.
         baseline: the method of the uniform weight-only baseline at each MACs point, or None.
         bench: ``benchmark`` options for the speedups (``BENCH_KEYS``; default 1 thread, 1 s, 30 pairs);
             ``{"skip": True}`` leaves the points untimed.
@@ -97,8 +96,6 @@ def sweep(
     if base.bound is not None and base.bound.needs_metric and metric is None:
         raise ConvfactorError("sweep: the policy's max_metric_drop/min_metric needs metric=... (CLI: --metric)")
     opts = auto_options or AutoOptions()
-    if memory_budget is not None:
-        opts = dataclasses.replace(opts, memory_budget=float(memory_budget))
     bench_options = _bench_options(bench)
     extra = dict(factorize_options or {})
     original = copy.deepcopy(model).eval()  # measured against; the caller's model keeps its mode and state

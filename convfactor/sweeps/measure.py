@@ -1,7 +1,7 @@
 """How a sweep measures each point: held-out fidelity as ``factorize`` reports it, speed as ``bench`` times it.
 
 Every point, convfactor's and the baseline's, is measured on the same samples: the check part of the data
-split ``factorize`` uses (``convfactor.auto.split``: with calibration only, sample i % 8 == 7; with
+split ``factorize`` uses (``convfactor.auto.statistics.split``: with calibration only, sample i % 8 == 7; with
 validation, its odd samples), which no fit, refit or selection of any point saw. The measurement is
 ``held_out_check``'s (per output and slice, the bound: the policy's, else the default floor; the task metric
 when given), so a point reads as ``convert`` would report it. The speedup is ``benchmark``'s: the original
@@ -16,14 +16,13 @@ from typing import Any
 
 from torch import nn
 
-from ..auto.calibration import calibration_batches
-from ..auto.measured import first_samples
 from ..auto.options import AutoOptions
-from ..auto.output_checker import OutputChecker
-from ..auto.split import split_data
-from ..auto.verify import held_out_check
+from ..auto.search.verify import held_out_check
+from ..auto.statistics.split import first_samples, split_data
+from ..batches import calibration_batches
 from ..fidelity_spec import Fidelity
 from ..metric import Metric
+from ..output_checker import OutputChecker
 from ..runtime.benchmarking import benchmark
 from ..runtime.export import export_onnx
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor.auto.calibration import layer_statistics
-from convfactor.auto.data_aware import layer_factorizer
+from convfactor.auto.fits.registry import layer_factorizer
+from convfactor.auto.statistics.calibration import layer_statistics
 from convfactor.errors import RankError
 from convfactor.methods import get_method
 from convfactor.methods.channel_svd import ChannelSVDConv

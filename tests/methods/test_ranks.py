@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -19,6 +20,9 @@ from convfactor.ranks import (
     fraction_to_rank,
     is_fraction,
     kept_energy,
+    rank_from_json,
+    rank_text,
+    rank_to_json,
     smallest_rank_for_energy,
 )
 
@@ -306,3 +310,12 @@ def test_every_method_resolves_full_and_fractional_ranks(method_name: str) -> No
     assert method.resolve_rank(layer) == full
     assert method.resolve_rank(layer, rank=1.0) == full
     assert method.resolve_rank(layer, rank=full) == full
+
+
+@pytest.mark.parametrize(("rank", "text", "as_json"), [(8, "8", 8), ((8, 16), "8x16", [8, 16]),
+                                                       (None, "-", None), (0.5, "0.5", 0.5)])
+def test_rank_text_and_json(rank, text, as_json):
+    assert rank_text(rank) == text
+    assert rank_to_json(rank) == as_json
+    if isinstance(rank, (int, tuple)):
+        assert rank_from_json(json.loads(json.dumps(rank_to_json(rank)))) == rank

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import convfactor
-from convfactor.auto.calibration import layer_statistics
-from convfactor.auto.data_aware import layer_factorizer
+from convfactor.auto.fits.registry import layer_factorizer
+from convfactor.auto.statistics.calibration import layer_statistics
 from convfactor.errors import RankError
 from convfactor.methods import get_method
 from convfactor.methods.sal import SALConv, sal_weight

@@ -18,5 +18,5 @@ def net():
 
 @pytest.fixture(scope="module")
 def data():
-    """40 samples: 30 fit, 5 select, 5 check (``convfactor.auto.split``)."""
+    """40 samples: 30 fit, 5 select, 5 check (``convfactor.auto.statistics.split``)."""
     return torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(1))

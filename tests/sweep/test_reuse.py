@@ -1,7 +1,7 @@
 """A sweep computes statistics, candidates and sensitivities once, and each point is ``factorize`` alone."""
 
 import convfactor
-import convfactor.auto.resolve as resolve
+import convfactor.auto.phases as resolve
 from convfactor import get_report
 from tests.sweep.conftest import FAST
 

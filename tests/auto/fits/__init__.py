@@ -1,0 +1,1 @@
+"""Tests of convfactor.auto.fits."""

@@ -1,0 +1,1 @@
+"""Tests of convfactor.distill: fine-tuning and held-out distillation."""
