@@ -6,7 +6,7 @@ import convfactor
 from convfactor.errors import ConvfactorError
 from convfactor.sweeps import SweepPoint, pareto_front, parse_targets
 from convfactor.sweeps.points import uniform_rank
-from tests.sweep.conftest import FAST
+from tests.sweeps.conftest import FAST
 
 
 def _point(label, speedup, error, metric=None, baseline=False, within=True):

@@ -3,7 +3,7 @@
 import convfactor
 import convfactor.auto.phases as resolve
 from convfactor import get_report
-from tests.sweep.conftest import FAST
+from tests.sweeps.conftest import FAST
 
 TARGETS = ["macs=0.6,0.45,0.3"]
 

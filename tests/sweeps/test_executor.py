@@ -11,7 +11,7 @@ import pytest
 import convfactor
 from convfactor import get_report
 from convfactor.executor import SerialExecutor, ordered_results, pool_size
-from tests.sweep.conftest import FAST
+from tests.sweeps.conftest import FAST
 
 POLICY = {"rules": [{"method": "auto"}], "target": {"macs": 0.45}}
 
