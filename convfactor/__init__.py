@@ -45,6 +45,8 @@ _LAZY = {
     # warnings factorize gives
     "FidelityWarning": "auto.search.verify",
     "SpeedWarning": "auto.search.verify",
+    # which budget: one model at several targets, measured
+    "sweep": "sweeps",
 }
 
 # Names the top level no longer holds -> where they live.

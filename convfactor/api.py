@@ -31,7 +31,10 @@ from .report import SKIPPED, UNMATCHED, FactorizeReport
 from .unsupported import is_supported_row, unsupported_layers
 
 if TYPE_CHECKING:  # the automatic policy's option records, named in the signature only
+    from concurrent.futures import Executor
+
     from .auto import AutoOptions, DistillOptions
+    from .auto.shared import SharedWork
 
 __all__ = ["factorize", "get_report"]
 
@@ -62,6 +65,8 @@ def factorize(
     latency: Mapping[str, Any] | None = None,
     auto_options: AutoOptions | None = None,
     distill: int | DistillOptions | None = None,
+    shared: SharedWork | None = None,
+    executor: Executor | None = None,
 ) -> nn.Module:
     """Rewrite the Conv/Linear layers of a trained ``model`` as the policy says.
 
@@ -101,6 +106,11 @@ def factorize(
             ``model`` on the calibration fit part (or ``DistillOptions.data``), stopped early on the select
             part's error and returned only if that error went down; needs ``calibration`` or ``validation``.
             Before/after on held-out data in ``report.extra['distill']`` (docs/distill.md).
+        shared: a ``convfactor.auto.shared.SharedWork`` passed to several calls on this model and data (what
+            ``convfactor.sweep`` does): statistics, candidates and sensitivities are computed once and reused.
+        executor: a ``concurrent.futures.Executor`` (a thread or process pool, ``dask_client.get_executor()``)
+            the candidate scoring and sensitivity probes run on as tasks; the allocation is the serial one
+            (``convfactor.executor``).
     Returns:
         The factorized module, in eval mode, with ``convfactor_report`` (see ``get_report``).
     Raises:
@@ -146,7 +156,8 @@ def factorize(
 
             resolution = resolve_policy(root, policy, shapes=shapes, example_inputs=inputs,
                                         calibration=calibration, validation=validation, metric=metric,
-                                        latency=latency, progress=progress, options=auto_options, distill=distill)
+                                        latency=latency, progress=progress, options=auto_options, distill=distill,
+                                        shared=shared, executor=executor)
             report.extra["auto"] = resolution.info
             report.policy = {"requested": policy.to_dict(), "resolved": resolution.policy.to_dict()}
             policy, prebuilt = resolution.policy, resolution.prebuilt

@@ -28,6 +28,7 @@ def test_the_top_level_is_the_core():
         "Policy", "Rule", "Fidelity", "Metric", "available_methods", "get_method",
         "load", "save_factorized", "apply_plan", "export_onnx", "ExportResult",
         "ConvfactorError", "PolicyError", "RankError", "TraceError", "FidelityWarning", "SpeedWarning",
+        "sweep",
     }
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ from .selection.outcome import layer_info, resolved_policy, verify_faster
 from .selection.plans import Choice, LayerPlan, apply_choices, plan_layers, set_shapes_and_calls
 from .selection.scoring import build_options, measure_sensitivities
 from .selection.slow_forms import check_whole_model, flush_denormals, prefer_fast_forms
+from .shared import SharedWork
 from .statistics.calibration import layer_statistics
 from .statistics.split import DataSplit, first_samples, split_data
 
@@ -68,13 +70,16 @@ WEIGHT_ONLY_WARNING = (
 
 @dataclass(frozen=True)
 class Run:
-    """What every phase of one resolution shares: the network, the options, the clock and the progress flag."""
+    """What every phase of one resolution shares: the network, the options, the clock and the progress flag;
+    the work kept across resolutions (``SharedWork``) and where tasks run (an executor), when given."""
 
     root: nn.Module
     opts: AutoOptions
     deadline: Deadline
     progress: bool
     started: float
+    shared: SharedWork | None = None
+    executor: Executor | None = None
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,13 @@ def collect_statistics(run: Run, plans: list[LayerPlan], data: Data) -> tuple[di
     layers = {p.name: p.layer for p in plans if p.open}
     if not layers:
         return {}, outputs
-    stats = layer_statistics(run.root, layers, data.batches, opts.max_rows, opts.seed, opts.memory_budget,
-                             run.progress, on_output=_keep_outputs(data.batches, opts, outputs))
+    keep = _keep_outputs(data.batches, opts, outputs)
+
+    def collect() -> dict:
+        return layer_statistics(run.root, layers, data.batches, opts.max_rows, opts.seed, opts.memory_budget,
+                                run.progress, on_output=keep)
+
+    stats = collect() if run.shared is None else run.shared.statistics(run.root, layers, data.batches, opts, collect)
     return stats, outputs
 
 
@@ -199,13 +209,25 @@ def allocate_budget(run: Run, plans: list[LayerPlan], goal: Goal, data: Data, st
     kind, fraction = goal.target if goal.target is not None else ("macs" if data.inputs is not None else "params", None)
     open_plans = [p for p in plans if p.open]
     checker = checks["select"]  # every measurement a decision is made by
-    build_options(plans, kind, opts, stats, model, run.progress, probe=batches is not None and opts.sensitivity)
+
+    def score() -> bool:  # False: a deadline cut the probes short (then nothing is kept for reuse)
+        build_options(plans, kind, opts, stats, model, run.progress, probe=batches is not None and opts.sensitivity,
+                      executor=run.executor)
+        if batches is None or not opts.sensitivity:
+            return True
+        cuts = len(run.deadline.warnings)
+        measure_sensitivities(root, plans, kind, batches, opts, run.progress, notes, checks["fit"] or checker,
+                              run.deadline, executor=run.executor)
+        return len(run.deadline.warnings) == cuts
+
+    if run.shared is None:
+        score()
+    else:
+        run.shared.scored(root, plans, kind, batches, opts, model.options if model is not None else None, notes,
+                          score)
     scoring = {p.name: sorted(set(p.notes)) for p in plans if p.notes}
     if scoring:
         account.statistics = {**(account.statistics or {}), "scoring": scoring}
-    if batches is not None and opts.sensitivity:
-        measure_sensitivities(root, plans, kind, batches, opts, run.progress, notes, checks["fit"] or checker,
-                              run.deadline)
     for plan in open_plans:
         for option in plan.options:
             option.loss = plan.sensitivity * option.error2

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,7 @@ from .phases import (
     time_layers,
 )
 from .search.measured import output_checkers
+from .shared import SharedWork
 from .statistics.split import DataSplit
 
 __all__ = ["Resolution", "resolve_policy"]
@@ -102,6 +104,8 @@ def resolve_policy(
     options: AutoOptions | None = None,
     latency_model: LatencyModel | None = None,
     distill: Any = None,
+    shared: SharedWork | None = None,
+    executor: Executor | None = None,
 ) -> Resolution:
     """Turn a target / ``auto`` policy into plain per-layer rules for ``root``.
 
@@ -122,6 +126,11 @@ def resolve_policy(
         latency_model: a ready ``LatencyModel`` (tests pass one with stub timers); else built from ``latency``.
         distill: ``DistillOptions`` (``factorize(..., distill=...)``): with a fidelity bound, failing probes of the
             search are judged after a short distillation (``distill_probes``).
+        shared: a ``SharedWork`` kept across resolutions of this network on this data (a sweep's points):
+            statistics, candidates and sensitivities computed once, reused where nothing they depend on changed.
+        executor: a ``concurrent.futures.Executor`` (``convfactor.executor``) the candidate scoring and the
+            sensitivity probes are submitted to as tasks; results are reduced in layer order, so the
+            allocation is the serial one. None: ``AutoOptions.workers`` threads (default: serial).
     Returns:
         A ``Resolution``.
     Raises:
@@ -135,7 +144,9 @@ def resolve_policy(
     """
     started = time.perf_counter()
     opts = options or AutoOptions()
-    run = Run(root, opts, Deadline(opts.time_budget, started), progress, started)
+    run = Run(root, opts, Deadline(opts.time_budget, started), progress, started, shared, executor)
+    if latency_model is None and shared is not None:  # one per latency options across the shared resolutions
+        latency_model = shared.latency_model(latency, lambda: LatencyModel(latency))
     policy = Policy.from_any(policy)
     data = prepare_data(run, calibration, validation, example_inputs, shapes, metric)
     goal = read_goal(policy, data)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .options import positive_int
+
 __all__ = ["add_distill_arguments", "read_distill_options", "steps"]
 
 
@@ -20,12 +22,9 @@ def steps(text: str) -> int:
         argparse.ArgumentTypeError: not a whole number, or below 1.
     """
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of steps >= 1, got {text!r}")
-    return value
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps >= 1, got {text!r}") from None
 
 
 def add_distill_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = ["add_model_arguments", "add_onnx_arguments", "add_check_arguments", "add_bench_arguments",
            "add_score_arguments", "add_output_arguments", "add_concrete_arg_argument", "read_score_options",
-           "memory_size", "unit_fraction", "non_negative", "seconds"]
+           "memory_size", "unit_fraction", "non_negative", "seconds", "positive_int"]
 
 # kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024 (as the IEC writes them); no unit: bytes.
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -67,6 +67,21 @@ def non_negative(text: str) -> float:
     value = _number(text)
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (``--workers 2``).
+
+    Raises:
+        argparse.ArgumentTypeError: not a whole number, or below 1.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, convert, demo, export, inspect, methods
+from . import bench, convert, demo, export, inspect, methods, sweep
 from .console import EXIT_USAGE
 
 __all__ = ["build_parser", "COMMANDS"]
 
-COMMANDS = (convert, inspect, export, bench, demo, methods)
+COMMANDS = (convert, sweep, inspect, export, bench, demo, methods)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,7 +1,8 @@
 """Candidates of each open layer: costs, predicted errors (weight or data-aware) and sensitivities.
 
 Scoring one layer is a function of (layer, its statistics, the options) alone, so layers are scored
-independently (``AutoOptions.workers`` threads; a distributed engine could take the same calls as tasks).
+independently: serially, on ``AutoOptions.workers`` threads, or as tasks of an ``executor``
+(``convfactor.executor``, ``convfactor.auto.tasks``), the results applied in layer order.
 Predicted loss of a candidate = sensitivity * error2 (see ``convfactor.auto.resolve``).
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from ...costs import replacement_costs
+from ...executor import in_this_process, ordered_results
 from ...methods import get_method
 from ...methods.base import FactorizationMethod, FactorizedLayer, Rank
 from ...progress import track
@@ -28,6 +30,7 @@ from ..statistics.calibration import layer_sensitivities
 from ..statistics.split import first_samples
 from .candidates import Option, WeightErrors, grouped_bound, rank_grid
 from .plans import Choice, LayerPlan, apply_choices, pass_samples
+from .tasks import portable, score_layer_task, sensitivity_task
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
 
 __all__ = ["SCORED_RANKS", "build_options", "error_function", "candidate_module", "measure_sensitivities"]
@@ -93,9 +96,10 @@ def _spread(options: list[Option], count: int) -> list[Option]:
 
 
 def build_options(plans: list[LayerPlan], kind: str, opts: AutoOptions, stats: Any, model: LatencyModel | None,
-                  progress: bool, probe: bool = False) -> None:
+                  progress: bool, probe: bool = False, executor: Any = None) -> None:
     """Candidates of every open layer with cost and error2; with ``probe``, also each layer's sensitivity
-    probe. A layer's data-aware factorizers are dropped once it is scored (memory stays per layer)."""
+    probe. A layer's data-aware factorizers are dropped once it is scored (memory stays per layer).
+    With an ``executor``, each layer's scoring is a task (``tasks.score_layer_task``), applied in layer order."""
     timed = kind == "latency"
     todo = [p for p in plans if p.open]
     costed = {}
@@ -109,6 +113,15 @@ def build_options(plans: list[LayerPlan], kind: str, opts: AutoOptions, stats: A
     def score(plan: LayerPlan) -> None:
         _score_layer(plan, costed[plan.name], kind, opts, stats, probe)
 
+    if executor is not None:
+        calls = [(_score_layer, p, costed[p.name], kind, opts, _own_statistics(stats, p.name, executor), probe)
+                 for p in todo]
+        for plan, (options, notes, choice, module) in zip(
+                todo, ordered_results(executor, score_layer_task, calls, progress, "candidates", "layer")):
+            plan.options, plan.notes, plan.probe = options, notes, module
+            if choice is not None:
+                apply_choices([plan], {plan.name: choice})
+        return
     if workers == 1:
         for plan in track(todo, progress, "candidates"):
             score(plan)
@@ -116,6 +129,13 @@ def build_options(plans: list[LayerPlan], kind: str, opts: AutoOptions, stats: A
     with ThreadPoolExecutor(workers) as pool:
         for future in track(as_completed([pool.submit(score, p) for p in todo]), progress, "candidates"):
             future.result()
+
+
+def _own_statistics(stats: Any, name: str, executor: Any) -> Any:
+    """What a scoring task gets of the statistics: all of them in this process, its layer's when pickled."""
+    if stats is None or in_this_process(executor):
+        return stats
+    return {name: stats[name]}
 
 
 def _costed_options(plan: LayerPlan, kind: str, opts: AutoOptions,
@@ -235,11 +255,13 @@ def candidate_module(plan: LayerPlan, option: Option, factorizers: dict) -> Fact
 
 def measure_sensitivities(root: nn.Module, plans: list[LayerPlan], kind: str, batches: list, opts: AutoOptions,
                           progress: bool = False, notes: list[str] | None = None, checker: Any = None,
-                          deadline: Deadline | None = None) -> None:
+                          deadline: Deadline | None = None, executor: Any = None) -> None:
     """Probe each layer with its candidate nearest half the original cost; sensitivity = output/layer error.
 
     The original's outputs come from ``checker`` (an ``OutputChecker``) where it holds them; once the
     ``deadline`` is spent, the layers not yet probed get the median sensitivity (and the deadline says so).
+    With an ``executor``, each probe is a task (``tasks.sensitivity_task``; the deadline is then asked once,
+    before they are submitted).
     """
     probes, layers = {}, {}
     for plan in plans:
@@ -255,8 +277,16 @@ def measure_sensitivities(root: nn.Module, plans: list[LayerPlan], kind: str, ba
                      f"asked): {len(probes)} probes of a large network")
     subset = first_samples(batches, limit)
     reference = checker.reference_for(subset) if checker is not None else None
-    measured = layer_sensitivities(root, layers, probes, subset, progress, reference=reference,
-                                   stop=None if deadline is None else deadline.spent)
+    if executor is None:
+        measured = layer_sensitivities(root, layers, probes, subset, progress, reference=reference,
+                                       stop=None if deadline is None else deadline.spent)
+    elif deadline is not None and deadline.spent():
+        measured = {}
+    else:
+        shipped = root if in_this_process(executor) else portable(root)
+        calls = [(shipped, name, probe, subset, reference) for name, probe in probes.items()]
+        results = ordered_results(executor, sensitivity_task, calls, progress, "sensitivities", "layer")
+        measured = {name: result for name, result in zip(probes, results) if result is not None}
     if len(measured) < len(probes):
         deadline.cut("sensitivity probes", f"stopped after {len(measured)} of {len(probes)} layers (the others "
                      "use the median measured sensitivity)")

@@ -1,0 +1,56 @@
+"""The automatic policy's independent tasks, as functions an executor can run anywhere.
+
+Each takes everything it needs as arguments and returns its result (no state shared with the caller),
+so a ``concurrent.futures`` pool, a process pool or a Dask worker runs it the same way: pickled there,
+its result pickled back. The caller applies the results in layer order (``convfactor.executor``).
+
+- ``score_layer_task``: one layer's candidates scored (error2 of each option) and its sensitivity probe built;
+- ``sensitivity_task``: the network run with one layer replaced by its probe (``layer_sensitivities``).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from ..statistics.calibration import layer_sensitivities
+from .plans import Choice
+
+__all__ = ["score_layer_task", "sensitivity_task", "portable"]
+
+
+def portable(module: nn.Module) -> bytes:
+    """``module`` pickled for another process. A traced network (GraphModule) is rebuilt there from its code;
+    torch.fx's plain tracer does it, not the capture tracer that made it (which expects the network it was
+    tracing), and the bytes travel as they are (an engine's own serializer would pickle it its way)."""
+    if getattr(module, "_tracer_cls", None) is not None:
+        module = copy.copy(module)
+        module.__dict__["_tracer_cls"] = None
+    return pickle.dumps(module)
+
+
+def score_layer_task(score: Any, plan: Any, by_method: dict, kind: str, opts: Any, stats: Any,
+                     probe: bool) -> tuple[list, list[str], Choice | None, nn.Module | None]:
+    """``score(plan, ...)`` (``scoring._score_layer``) on ``plan``; returns what it set: options, notes,
+    the choice it made (a layer left as is, with why) and the probe module (a worker process scores its
+    own copy of the plan)."""
+    score(plan, by_method, kind, opts, stats, probe)
+    choice = None if plan.decision is None else Choice(plan.chosen, plan.decision)
+    return plan.options, plan.notes, choice, plan.probe
+
+
+def sensitivity_task(root: nn.Module | bytes, name: str, probe: nn.Module, batches: Sequence[tuple],
+                     reference: Sequence[Sequence[Any]] | None) -> dict[str, float] | None:
+    """The sensitivity of layer ``name`` of ``root`` probed by ``probe`` on ``batches``.
+
+    Args:
+        root: the network: ``portable`` bytes (this task's own copy, in a worker), or the module shared with
+            other tasks of this process, then copied first (the probe hooks a layer while others run it).
+    """
+    work = pickle.loads(root) if isinstance(root, bytes) else copy.deepcopy(root)
+    layer = work.get_submodule(name)
+    return layer_sensitivities(work, {name: layer}, {name: probe}, batches, reference=reference).get(name)

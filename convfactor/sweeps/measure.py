@@ -1,0 +1,83 @@
+"""How a sweep measures each point: held-out fidelity as ``factorize`` reports it, speed as ``bench`` times it.
+
+Every point, convfactor's and the baseline's, is measured on the same samples: the check part of the data
+split ``factorize`` uses (``convfactor.auto.statistics.split``: with calibration only, sample i % 8 == 7; with
+validation, its odd samples), which no fit, refit or selection of any point saw. The measurement is
+``held_out_check``'s (per output and slice, the bound: the policy's, else the default floor; the task metric
+when given), so a point reads as ``convert`` would report it. The speedup is ``benchmark``'s: the original
+(exported once) and the point's model timed interleaved in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..auto.options import AutoOptions
+from ..auto.search.verify import held_out_check
+from ..auto.statistics.split import first_samples, split_data
+from ..batches import calibration_batches
+from ..fidelity_spec import Fidelity
+from ..metric import Metric
+from ..output_checker import OutputChecker
+from ..runtime.benchmarking import benchmark
+from ..runtime.export import export_onnx
+
+__all__ = ["PointMeter"]
+
+
+class PointMeter:
+    """Measures models against ``original`` on the held-out check samples and in onnxruntime.
+
+    Args:
+        original: the caller's model (eval mode; not modified).
+        inputs: the example input tuple (the timed batch's shape).
+        calibration, validation: as given to the sweep (the split is ``factorize``'s).
+        metric: the task metric, or None.
+        spec, bound: the policy's fidelity declarations and bound (None: the default floor).
+        opts: the ``AutoOptions`` (sample limits).
+        bench: ``benchmark`` keyword arguments (threads, warmup, repeats, min_time, exporter), or None: not timed.
+    """
+
+    def __init__(self, original: nn.Module, inputs: tuple, calibration: Any, validation: Any, metric: Metric | None,
+                 spec: Fidelity | None, bound: Fidelity | None, opts: AutoOptions, bench: dict[str, Any] | None):
+        batches = calibration_batches(calibration, len(inputs), opts.max_samples, like=inputs) \
+            if calibration is not None else None
+        held = calibration_batches(validation, len(inputs), opts.max_samples, like=inputs) \
+            if validation is not None else None
+        split = split_data(batches, held, inputs)
+        self.split = split.describe()
+        self.checker = OutputChecker(original, first_samples(split.check, opts.fidelity_samples), split.check_label,
+                                     spec=spec, metric=metric, metric_limit=0)
+        self.spec, self.bound, self.inputs, self.bench = spec, bound, inputs, bench
+        self.original = original
+        self._dir = tempfile.TemporaryDirectory(prefix="convfactor-sweep-")
+        self._original_onnx: Path | None = None
+
+    @property
+    def data(self) -> str:
+        return f"{self.checker.samples} {self.checker.data}"
+
+    def fidelity(self, model: nn.Module) -> dict[str, Any]:
+        """``held_out_check``'s record of ``model`` on the check samples (``passed``: within the bound)."""
+        record, _ = held_out_check({"check": self.checker}, model, self.bound, self.spec, self.split)
+        assert record is not None
+        return record
+
+    def speed(self, model: nn.Module, name: str) -> dict[str, Any] | None:
+        """``benchmark`` of the original against ``model`` at the sweep's one thread count (None: not timed)."""
+        if self.bench is None:
+            return None
+        if self._original_onnx is None:
+            self._original_onnx = Path(self._dir.name) / "original.onnx"
+            export_onnx(self.original, self.inputs, self._original_onnx, exporter=self.bench.get("exporter", "auto"))
+        report = benchmark(self._original_onnx, model, self.inputs, progress=False, workdir=self._dir.name,
+                           **self.bench)
+        return report.results[0].to_dict()
+
+    def close(self) -> None:
+        self._dir.cleanup()
+

@@ -1,0 +1,84 @@
+"""``convfactor sweep``: bad input is one line and exit 2 before any work; a run writes JSON, PNG and the best model."""
+
+import json
+
+import pytest
+import torch
+
+ARCH = "tests.cli_models:tiny_net"
+SHAPE = "1,3,8,8"
+
+
+@pytest.fixture
+def calibration(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save(torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(3)), path)
+    return path
+
+
+def _sweep(cli, ckpt, *extra):
+    return cli("sweep", ckpt, "--arch", ARCH, "--input-shape", SHAPE, *extra)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--targets", "flops=0.5"], "--targets: expected KIND=F1,F2,... with KIND one of macs, params, latency"),
+    (["--targets", "macs=0.5,0"], "--targets: macs fraction '0' is not a number in (0, 1)"),
+    (["--targets", "macs=1.5"], "--targets: macs fraction '1.5' is not a number in (0, 1)"),
+    (["--targets", "macs=0.5", "latency=x"], "--targets: latency fraction 'x' is not a number in (0, 1)"),
+    (["--targets", "macs=0.5,0.5"], "--targets: macs=0.5 is given twice"),
+    (["--targets", "macs=0.5", "--calibration", "missing.pt"], "--calibration"),
+    (["--targets", "macs=0.5", "--baseline", "nope"], "--baseline nope: unknown method"),
+    (["--targets", "macs=0.5", "--workers", "0"], "--workers: expected a whole number >= 1"),
+    (["--targets", "macs=0.5", "--workers", "2", "--scheduler", "tcp://h:8786"], "--workers and --scheduler"),
+    (["--targets", "macs=0.5", "--scheduler", "h:8786"], "--scheduler h:8786: expected an address like tcp://"),
+    (["--targets", "macs=0.5", "--max-metric-drop", "0.01"], "needs --metric"),
+    (["--targets", "macs=0.5", "--save-best", "best.onnx"], "--save-best"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_any_work(cli, ckpt, tmp_path, argv, message, monkeypatch):
+    import convfactor.sweeps.driver as driver
+
+    monkeypatch.setattr(driver, "factorize", lambda *a, **k: pytest.fail("work started"))
+    argv = [str(tmp_path / a) if a.endswith((".pt", ".onnx")) else a for a in argv]
+    code, out, err = _sweep(cli, ckpt, *argv, "--out", tmp_path / "s.json")
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], err
+    assert "Traceback" not in err and not (tmp_path / "s.json").exists()
+
+
+def test_an_existing_output_is_not_overwritten_without_force(cli, ckpt, tmp_path):
+    (tmp_path / "s.json").write_text("{}")
+    code, _, err = _sweep(cli, ckpt, "--targets", "macs=0.5", "--out", tmp_path / "s.json")
+    assert code == 2 and "exists" in err and (tmp_path / "s.json").read_text() == "{}"
+    code, _, err = _sweep(cli, ckpt, "--targets", "macs=0.5", "--out", tmp_path / "s.txt")
+    assert code == 2 and "must end in .json" in err
+
+
+def test_a_sweep_writes_its_json_png_and_the_best_model(cli, ckpt, tmp_path, calibration):
+    import convfactor
+
+    out, best = tmp_path / "s.json", tmp_path / "best.pt"
+    code, stdout, err = _sweep(cli, ckpt, "--policy", "spatial_svd", "--calibration", calibration, "--no-refit",
+                               "--targets", "macs=0.7,0.4", "--out", out, "--save-best", best,
+                               "--min-time", "0.05", "--repeats", "5", "--max-rel-error", "1.0")
+    assert code == 0, err
+    document = json.loads(out.read_text())
+    labels = [p["label"] for p in document["points"]]
+    assert labels[:2] == ["macs=0.7", "macs=0.4"] and len(labels) == 4
+    assert all(label.startswith("uniform spatial_svd r=") for label in labels[2:])
+    assert [p["baseline"] for p in document["points"]] == [False, False, True, True]
+    for point in document["points"]:
+        assert point["speedup"] > 0 and 0 <= point["rel_error"] and point["outputs"][0]["name"]
+        assert point["macs_fraction"] <= point["fraction"] + 1e-9 or point["baseline"]
+    assert document["shared"]["computed"] == {"statistics": 1, "candidates": 1, "sensitivities": 1}
+    assert document["data"] == "5 held-out calibration samples" and document["pareto_front"]
+    assert document["best"] in labels[:2] and document["outputs"]["best"]["point"] == document["best"]
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Pareto front" in stdout and "uniform spatial_svd" in stdout
+    from tests.cli_models import tiny_net
+
+    reloaded = convfactor.load(best, arch=tiny_net)
+    x = torch.randn(2, 3, 8, 8)
+    chosen = document["points"][labels.index(document["best"])]
+    assert convfactor.get_report(reloaded).policy["resolved"]["rules"] == chosen["allocation"]
+    assert reloaded(x).shape == (2, 4)

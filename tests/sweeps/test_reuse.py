@@ -1,0 +1,66 @@
+"""A sweep computes statistics, candidates and sensitivities once, and each point is ``factorize`` alone."""
+
+import convfactor
+import convfactor.auto.phases as resolve
+from convfactor import get_report
+from tests.sweeps.conftest import FAST
+
+TARGETS = ["macs=0.6,0.45,0.3"]
+
+
+def _policy(fraction):
+    return {"rules": [{"method": "auto"}], "target": {"macs": fraction}}
+
+
+def test_shared_phases_run_once_and_every_point_is_the_lone_factorize(net, data, monkeypatch):
+    counted = {"layer_statistics": 0, "build_options": 0, "measure_sensitivities": 0}
+    for name in counted:
+        real = getattr(resolve, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            counted[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(resolve, name, spy)
+    result = convfactor.sweep(net, TARGETS, data[:1], calibration=data, auto_options=FAST, baseline=None,
+                              bench={"skip": True})
+    assert counted == {"layer_statistics": 1, "build_options": 1, "measure_sensitivities": 1}
+    assert result.shared["computed"] == {"statistics": 1, "candidates": 1, "sensitivities": 1}
+    assert [p.label for p in result.points] == ["macs=0.6", "macs=0.45", "macs=0.3"]
+
+    for point in result.points:
+        alone = convfactor.factorize(net, _policy(point.fraction), data[:1], calibration=data, auto_options=FAST)
+        report = get_report(alone)
+        assert point.allocation == report.policy["resolved"]["rules"], point.label
+        swept = get_report(result.models[point.label])
+        assert swept.extra["auto"]["layers"] == report.extra["auto"]["layers"], point.label
+        assert swept.extra["fidelity_check"]["rel_error"] == report.extra["fidelity_check"]["rel_error"]
+    # each lone run computed its own: three more of each phase
+    assert counted == {"layer_statistics": 4, "build_options": 4, "measure_sensitivities": 4}
+    # cheaper points cost less and lose more, measured on the same held-out samples
+    macs = [p.macs_fraction for p in result.points]
+    assert macs == sorted(macs, reverse=True) and all(m <= p.fraction + 1e-9 for m, p in zip(macs, result.points))
+    assert result.data == "5 held-out calibration samples"
+
+
+def test_another_model_or_data_set_is_not_served_from_the_shared_work(net, data):
+    from convfactor.auto.shared import SharedWork
+
+    work = SharedWork()
+    convfactor.factorize(net, _policy(0.5), data[:1], calibration=data, auto_options=FAST, shared=work)
+    convfactor.factorize(net, _policy(0.5), data[:1], calibration=data * 0.5, auto_options=FAST, shared=work)
+    assert work.counts["statistics"] == 2 and work.counts["candidates"] == 2
+    convfactor.factorize(net, _policy(0.4), data[:1], calibration=data, auto_options=FAST, shared=work)
+    assert work.counts["statistics"] == 2 and work.counts["candidates"] == 2
+
+
+def test_the_callers_model_keeps_its_mode_and_state(net, data):
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(net).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    convfactor.sweep(model, "macs=0.5", data[:1], calibration=data, auto_options=FAST, baseline=None,
+                     bench={"skip": True})
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
