@@ -180,6 +180,20 @@ def test_stop_leaves_out_layers_not_probed_on_every_batch(monkeypatch):
     _assert_same(got, {"conv1": whole["conv1"]})
 
 
+def test_a_frontier_over_the_batch_limit_keeps_whole_network_probes(monkeypatch):
+    net = _InPlaceResNet().eval()
+    traced = fx.symbolic_trace(net)
+    layers = _layers(net)
+    probes = _probes(layers)
+    batches = _batches(2)
+    suffix = layer_sensitivities(traced, layers, probes, batches)
+    runs = []
+    monkeypatch.setattr(GraphRunner, "suffix", lambda *a: runs.append(1) / 0)
+    monkeypatch.setattr(sensitivity, "BATCH_FRONTIER_BYTES", 1)
+    _assert_same(layer_sensitivities(traced, layers, probes, batches), suffix)
+    assert runs == []  # no suffix ran: every layer probed through the whole network
+
+
 def test_frontier_holds_only_live_values():
     net = tiny_resnet(seed=4)
     traced = fx.symbolic_trace(net)
