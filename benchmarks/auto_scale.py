@@ -8,12 +8,19 @@ Cases (each run in a fresh subprocess so that its peak RSS is its own):
 calibration on (the first ``--samples`` inputs) and off. The policy is
 ``{"target": {"macs": 0.5}, "rules": [{"match": "*", "method": "auto"}]}``.
 
+Sensitivity probes: ``--probes suffix`` (the default) runs each probe on the graph after its layer from the
+original's cached values; ``--probes whole`` is the control that runs the whole network per probe (this
+script makes ``convfactor.auto.statistics.sensitivity.probe_nodes`` find no node, the fallback path).
+``--probes whole suffix`` interleaves them per repeat. ``probes s`` is the time spent in
+``measure_sensitivities``; ``allocation`` a hash of the resolved policy (equal rows chose the same ranks).
+
 Ceilings: memory 2 GB + 3x the model's size (float32 bytes); time 180 s for crepe and 120 s for
 resnet18 (the issue's targets on 2 cores). Prints one table row per case, median wall time over
 ``--repeats`` runs, and the largest peak RSS (the subprocess's ``ru_maxrss``).
 
     python benchmarks/auto_scale.py                       # all cases, 1 repeat
     python benchmarks/auto_scale.py --cases crepe:cal --repeats 3 --samples 128
+    python benchmarks/auto_scale.py --cases resnet18:cal --probes whole suffix --repeats 2 --json OUT.json
 
 Results (1 thread for CPU time, 2 threads for wall time, with the load average of each run) are in
 docs/automatic-policy.md, "Cost at scale"; a run's CPU time (user+sys of the factorize call, ``cpu_s`` in
@@ -81,13 +88,38 @@ def tones(count: int, seed: int = 0):
     return (frames / frames.std(1, keepdim=True)).float()
 
 
-def run_case(case: str, samples: int, progress: bool) -> dict:
+def _timed_probes(probes: str) -> dict:
+    """Time ``measure_sensitivities`` (seconds summed in the returned dict); with ``probes == 'whole'``,
+    make every probe run the whole network (the control row)."""
+    import convfactor.auto.phases as phases
+    import convfactor.auto.statistics.sensitivity as sensitivity
+
+    if probes == "whole":
+        sensitivity.probe_nodes = lambda root, layers: {}
+    spent = {"probes_s": 0.0}
+    measure = phases.measure_sensitivities
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return measure(*args, **kwargs)
+        finally:
+            spent["probes_s"] += time.perf_counter() - start
+
+    phases.measure_sensitivities = timed
+    return spent
+
+
+def run_case(case: str, samples: int, progress: bool, probes: str = "suffix") -> dict:
     """One factorize call in this process; returns its wall time and this process's peak RSS."""
+    import hashlib
     import resource
 
     import torch
 
     import convfactor
+
+    spent = _timed_probes(probes)
 
     torch.set_num_threads(int(os.environ.get("CONVFACTOR_BENCH_THREADS", "2")))
     name, cal = case.split(":")
@@ -118,7 +150,10 @@ def run_case(case: str, samples: int, progress: bool) -> dict:
     return {"wall_s": wall, "cpu_s": cpu, "threads": torch.get_num_threads(), "samples": samples,
             "load": [round(load_before, 1), round(os.getloadavg()[0], 1)], "peak_mb": peak,
             "model_mb": size / 2**20, "macs_ratio": report.macs_after / report.macs_before,
-            "fidelity": report.extra.get("fidelity_check", {}).get("rel_error")}
+            "fidelity": report.extra.get("fidelity_check", {}).get("rel_error"), "probes": probes,
+            "probes_s": spent["probes_s"], "case": case,
+            "allocation": hashlib.sha256(json.dumps(report.policy.get("resolved"), sort_keys=True,
+                                                    default=str).encode()).hexdigest()[:12]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,40 +162,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=128, help="calibration inputs (<= 256)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--probes", nargs="+", default=["suffix"], choices=("suffix", "whole"),
+                        help="sensitivity probes: from cached values (suffix) or the whole network (control)")
+    parser.add_argument("--json", help="write every run's record to this JSON file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_case(args.one, args.samples, args.progress)))
+        print(json.dumps(run_case(args.one, args.samples, args.progress, args.probes[0])))
         return 0
-    print(f"{'model':<10} {'calibration':<11} {'wall s':>8} {'CPU s':>7} {'load':>9} {'peak MB':>8} "
-          f"{'ceiling':>16} {'MACs':>6}  met?")
+    print(f"{'model':<10} {'calibration':<11} {'probes':<7} {'wall s':>8} {'CPU s':>7} {'probes s':>8} "
+          f"{'load':>9} {'peak MB':>8} {'ceiling':>16} {'MACs':>6} {'allocation':>12}  met?")
+    records = []
     for case in args.cases:
-        runs = []
+        by_probes: dict[str, list] = {p: [] for p in args.probes}
         for _ in range(args.repeats):
-            command = [sys.executable, __file__, "--one", case, "--samples", str(args.samples)]
-            if args.progress:
-                command.append("--progress")
-            done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-            if done.returncode != 0:
-                print(f"{case}: failed (exit {done.returncode})")
-                break
-            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        if not runs:
-            continue
-        name, cal = case.split(":")
-        wall = statistics.median(r["wall_s"] for r in runs)
-        cpu = statistics.median(r["cpu_s"] for r in runs)
-        peak = max(r["peak_mb"] for r in runs)
-        memory_ceiling = 2048 + 3 * runs[0]["model_mb"]
-        # Under load the wall time is the machine's, not ours. A run at 1 thread needs about its CPU time on
-        # one idle core (2 cores: no more): met when that CPU time is within the ceiling.
-        one_thread = runs[0]["threads"] == 1
-        met = (wall <= TIME_CEILING_S[name] or one_thread and cpu <= TIME_CEILING_S[name]) and peak <= memory_ceiling
-        ceiling = f"{TIME_CEILING_S[name]:.0f} s/{memory_ceiling:.0f} MB"
-        load = "/".join(f"{v:g}" for v in runs[0]["load"])
-        print(f"{name:<10} {'yes' if cal == 'cal' else 'no':<11} {wall:8.1f} {cpu:7.1f} {load:>9} {peak:8.0f} "
-              f"{ceiling:>16} {runs[0]['macs_ratio']:6.3f}  {'yes' if met else 'NO'}", flush=True)
+            for probes in args.probes:  # interleaved: each repeat runs every variant under similar load
+                command = [sys.executable, __file__, "--one", case, "--samples", str(args.samples),
+                           "--probes", probes]
+                if args.progress:
+                    command.append("--progress")
+                done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+                if done.returncode != 0:
+                    print(f"{case} ({probes}): failed (exit {done.returncode})")
+                    continue
+                by_probes[probes].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        for probes, runs in by_probes.items():
+            records.extend(runs)
+            if runs:
+                _print_row(case, probes, runs)
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump({"command": " ".join(sys.argv), "runs": records}, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
     return 0
+
+
+def _print_row(case: str, probes: str, runs: list[dict]) -> None:
+    name, cal = case.split(":")
+    wall = statistics.median(r["wall_s"] for r in runs)
+    cpu = statistics.median(r["cpu_s"] for r in runs)
+    probes_s = statistics.median(r["probes_s"] for r in runs)
+    peak = max(r["peak_mb"] for r in runs)
+    memory_ceiling = 2048 + 3 * runs[0]["model_mb"]
+    # Under load the wall time is the machine's, not ours. A run at 1 thread needs about its CPU time on
+    # one idle core (2 cores: no more): met when that CPU time is within the ceiling.
+    one_thread = runs[0]["threads"] == 1
+    met = (wall <= TIME_CEILING_S[name] or one_thread and cpu <= TIME_CEILING_S[name]) and peak <= memory_ceiling
+    ceiling = f"{TIME_CEILING_S[name]:.0f} s/{memory_ceiling:.0f} MB"
+    load = "/".join(f"{v:g}" for v in runs[0]["load"])
+    allocation = ",".join(sorted({r["allocation"] for r in runs}))
+    print(f"{name:<10} {'yes' if cal == 'cal' else 'no':<11} {probes:<7} {wall:8.1f} {cpu:7.1f} {probes_s:8.1f} "
+          f"{load:>9} {peak:8.0f} {ceiling:>16} {runs[0]['macs_ratio']:6.3f} {allocation:>12}  "
+          f"{'yes' if met else 'NO'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ A full D x D covariance is kept only where it fits ``memory_budget``; other laye
 Kronecker-factored (channels x kernel taps) or diagonal statistic (``convfactor.auto.statistics.covariance``),
 and the report says which.
 
-Sensitivity: how much of a layer's output error reaches the network output. A probe replacement is
-swapped in for one layer at a time (a forward hook), and the network output's relative squared error is
-divided by the layer output's: errors then add up, to first order, as sum_l sensitivity_l * error2_l.
+Sensitivities (how much of a layer's output error reaches the network output) are measured by
+``convfactor.auto.statistics.sensitivity``; ``layer_sensitivities`` is exported here too, beside the
+statistics it is computed with.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...batches import output_leaves
 from ...errors import ConvfactorError
 from ...geometry import LayerGeometry
 from ...progress import track
@@ -36,6 +35,7 @@ from .covariance import (
     choose_form,
 )
 from .patches import Moments, chunks, patch_extractor, positions, sampled, sampled_rows
+from .sensitivity import layer_sensitivities
 
 __all__ = [
     "LayerStatistics",
@@ -263,68 +263,3 @@ def execution_order(root: nn.Module, names: Sequence[str], example_inputs: Seque
         for handle in handles:
             handle.remove()
     return order + [n for n in names if n not in order]
-
-
-def _without_bias(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    if layer.bias is None:
-        return out
-    if isinstance(layer, nn.Linear):
-        return out - layer.bias
-    return out - layer.bias.reshape(1, -1, *([1] * (out.dim() - 2)))
-
-
-@torch.no_grad()
-def layer_sensitivities(
-    root: nn.Module,
-    layers: Mapping[str, nn.Module],
-    probes: Mapping[str, nn.Module],
-    batches: Sequence[tuple[torch.Tensor, ...]],
-    progress: bool = False,
-    reference: Sequence[Sequence[torch.Tensor]] | None = None,
-    stop: Callable[[], bool] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Network-output error caused by each probe replacement alone, relative to the layer's own error.
-
-    Args:
-        root: the network.
-        layers: {name: layer in root}.
-        probes: {name: module to run instead of that layer} (same input and output shapes).
-        batches: input tuples.
-        reference: the network's ``output_leaves`` per batch, when already known (else computed).
-        stop: asked before each probe; True ends the probing (the layers not probed are left out).
-    Returns:
-        {name: {"layer_error2": E||y' - y||^2 / E||y - b||^2, "output_error2": the same for the
-        network's outputs, "sensitivity": their ratio}} (sensitivity 0 when the probe is exact).
-    """
-    if reference is None:
-        reference = [output_leaves(root(*batch)) for batch in batches]
-    signal = sum(float((t.double() ** 2).sum()) for outs in reference for t in outs)
-    result: dict[str, dict[str, float]] = {}
-    for name, probe in track(list(probes.items()), progress, "sensitivities"):
-        if stop is not None and stop():
-            break
-        layer = layers[name]
-        totals = {"error": 0.0, "signal": 0.0}
-
-        def hook(module, args, out, probe=probe, layer=layer, totals=totals):
-            new = probe(args[0])
-            totals["error"] += float(((new - out).double() ** 2).sum())
-            totals["signal"] += float((_without_bias(layer, out).double() ** 2).sum())
-            return new
-
-        handle = layer.register_forward_hook(hook)
-        try:
-            output_error = 0.0
-            for batch, outs in zip(batches, reference):
-                new_outs = output_leaves(root(*batch))
-                output_error += sum(float(((a - b).double() ** 2).sum()) for a, b in zip(new_outs, outs))
-        finally:
-            handle.remove()
-        layer_error2 = totals["error"] / totals["signal"] if totals["signal"] > 0 else 0.0
-        output_error2 = output_error / signal if signal > 0 else 0.0
-        result[name] = {
-            "layer_error2": layer_error2,
-            "output_error2": output_error2,
-            "sensitivity": output_error2 / layer_error2 if layer_error2 > 0 else 0.0,
-        }
-    return result
