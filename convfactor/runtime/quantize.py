@@ -48,6 +48,13 @@ __all__ = ["CALIBRATE_METHODS", "ACTIVATION_TYPES", "QuantizeResult", "quantize_
 CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
 ACTIVATION_TYPES = ("uint8", "int8")
 DEFAULT_CALIBRATION_BATCH = 16
+# The channel axis of a normalization's scale: (C,) for Batch/InstanceNormalization, the normalized (last)
+# dimensions for LayerNormalization. onnxruntime's QDQ quantizer asks for axis 1 (an activation's channel
+# axis), finds it out of range of a 1-D scale, logs "Axis 1 is out-of-range for weight ..." and quantizes the
+# scale per tensor. A BatchNorm that pre-processing cannot fold (one after a ReLU, as in CREPE) and the
+# LayerNorms of a transformer neck (PP-OCRv4 rec) reach the quantizer; with these axes their scales are
+# quantized per channel, as ``per_channel`` asks.
+NORM_SCALE_AXIS = {"BatchNormalization": 0, "InstanceNormalization": 0, "LayerNormalization": -1}
 
 
 @dataclass(frozen=True)
@@ -275,7 +282,8 @@ def _run_quantizer(mode: str, source: Path, target: Path, *, reader: Any = None,
             quantize_static(str(source), str(target), reader, quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, reduce_range=reduce_range, activation_type=activations,
                             weight_type=QuantType.QInt8,
-                            nodes_to_exclude=nodes_to_exclude or None, calibrate_method=method)
+                            nodes_to_exclude=nodes_to_exclude or None, calibrate_method=method,
+                            extra_options={"QDQOpTypePerChannelSupportToAxis": NORM_SCALE_AXIS})
     except ConvfactorError:
         raise
     except Exception as error:

@@ -87,6 +87,55 @@ def test_without_calibration_dynamic_quantization_says_so(tmp_path, float_onnx, 
     assert _rel_l2(_run(float_onnx, held_out), _run(result.path, held_out)) < INT8_REL_L2
 
 
+class _BatchNormAfterRelu(torch.nn.Module):
+    """conv -> ReLU -> BatchNorm, as in CREPE: no pre-processing can fold that BatchNorm into a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Conv2d(8, 4, 3, stride=2)
+
+    def forward(self, x):
+        return self.head(self.bn(torch.relu(self.conv(x)))).mean(dim=(2, 3))
+
+
+class _LayerNormOverChannels(torch.nn.Module):
+    """conv -> LayerNorm over the channels (channels last) -> conv, as in a transformer neck."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = torch.nn.LayerNorm(8)
+        self.head = torch.nn.Conv2d(8, 4, 3, stride=2)
+
+    def forward(self, x):
+        x = self.norm(torch.relu(self.conv(x)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(x).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize(("net", "op_type"), [(_BatchNormAfterRelu, "BatchNormalization"),
+                                              (_LayerNormOverChannels, "LayerNormalization")])
+def test_unfoldable_norm_scale_is_per_channel_without_axis_warnings(tmp_path, digits, caplog, net, op_type):
+    calibration, held_out = digits
+    model = randomized(net())
+    source = tmp_path / "bn.onnx"
+    convfactor.export_onnx(model, calibration[:1], source, exporter="torchscript")
+    with caplog.at_level("WARNING"):
+        result = convfactor.runtime.quantize_onnx(source, tmp_path / "bn.int8.onnx", calibration)
+    # onnxruntime asked for axis 1 of the (C,) scale and logged "Axis 1 is out-of-range" per normalization
+    assert not [r.getMessage() for r in caplog.records if "out-of-range" in r.getMessage()]
+    graph = onnx.load(str(result.path))
+    norm = next(node for node in graph.graph.node if node.op_type == op_type)
+    producers = {out: node for node in graph.graph.node for out in node.output}
+    dequantize = producers[norm.input[1]]
+    assert dequantize.op_type == "DequantizeLinear"
+    assert next(a.i for a in dequantize.attribute if a.name == "axis") in (0, -1)  # the scale's only axis
+    scales = {t.name: t for t in graph.graph.initializer}
+    assert list(scales[dequantize.input[1]].dims) == [8]  # one scale per channel, not one per tensor
+    assert _rel_l2(_run(source, held_out), _run(result.path, held_out)) < INT8_REL_L2
+
+
 @pytest.mark.parametrize(("flags", "reduced"), [
     ("fpu sse2 avx avx2", True),                       # x86 without VNNI: u8s8 sums saturate int16
     ("fpu sse2 avx2 avx512f avx512_vnni", False),

@@ -1,7 +1,7 @@
 """The latency model in int8: the graphs it times, quantized as ``quantize_onnx`` will quantize the result.
 
 With ``LatencyOptions(int8=True)`` every one-layer graph and every whole model the latency model times is
-first quantized by ``convfactor.quantize_onnx`` (static QDQ, per-channel weights, uint8 activations, the
+first quantized by ``convfactor.runtime.quantize_onnx`` (static QDQ, per-channel weights, uint8 activations, the
 same ``reduce_range`` choice), so that ranks are chosen for the int8 kernels that will run: their channel
 blocking and their quantize/dequantize steps differ from the float kernels'. Activation ranges do not
 change the time of a dense kernel, so the calibration batch is the timing input itself (standard-normal
