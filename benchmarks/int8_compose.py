@@ -26,6 +26,11 @@ Networks:
     factorized with ``method: auto`` at ``--ppocr-macs`` (0.5) on the 64 calibration lines of
     ``real_models.py``; evaluation: its 96 other lines, character error rate (``--ppocr-onnx`` as for CREPE).
     Batch of 1 line: the exported graph keeps onnx2torch's batch of 1 in a Reshape.
+  * onet: MTCNN O-Net (facenet-pytorch's weights, 0.39M params; ``benchmarks/real/mtcnn.py``), batch of 16
+    48x48 candidates; factorized with ``method: auto`` at ``--onet-macs`` (0.5) on the 256 candidates the
+    original cascade hands O-Net on the calibration scenes (``real_models.py``'s ``mtcnn_onet``); evaluation:
+    the cascade with each model run by onnxruntime as its O-Net on the 16 held-out scenes (``facedata``),
+    faces found at IoU 0.5 (F-score, precision, recall); the fidelity check on those scenes' candidates.
   * resnet20: the shipped digits ResNet-20, batch of 8; factorized as ``convfactor demo`` does at 0.5 of
     the MACs (automatic policy, 64 calibration images); evaluation: the 450 held-out digits (accuracy).
     With ``--resnet-latency F``, also the same policy under a latency target F (batch 8, 1 thread), once
@@ -118,6 +123,54 @@ def ppocr_rec_case(macs: float, files: dict[str, Path]) -> dict:
             "metric": metric, "metric_key": "cer", "factorized_as": "; ".join(described)}
 
 
+class _OnnxStage(torch.nn.Module):
+    """An ONNX file run by onnxruntime (1 thread) in place of a torch network inside a torch pipeline:
+    chunks of ``batch`` rows (a smaller last chunk is zero-padded), one tensor per output."""
+
+    def __init__(self, path: Path, batch: int):
+        super().__init__()
+        self.session, self.batch = make_session(path, threads=1), batch
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        chunks = []
+        for i in range(0, len(x), self.batch):
+            part = x[i:i + self.batch].numpy()
+            padded = np.concatenate([part, np.zeros((self.batch - len(part), *part.shape[1:]), part.dtype)])
+            chunks.append([out[:len(part)] for out in self.session.run(None, {self.input: padded})])
+        return tuple(torch.from_numpy(np.concatenate(outs)) for outs in zip(*chunks))
+
+
+def onet_case(macs: float, files: dict[str, Path]) -> dict:
+    """MTCNN O-Net (facenet-pytorch), ``method: auto`` at ``macs`` with the 256 O-Net candidates of the 24
+    calibration scenes (as ``real_models.py``'s ``mtcnn_onet``), and one variant per ONNX file in ``files``;
+    batch of 16 candidates. Task metric: ``mtcnn.py``'s, the cascade (original P-Net and R-Net) with the
+    model under test run by onnxruntime as O-Net on the 16 held-out scenes: faces found at IoU 0.5."""
+    from benchmarks.real import facedata, mtcnn
+
+    pnet, rnet, model = mtcnn.networks()
+    x_cal = mtcnn.onet_candidates(facedata.scenes("calibration", 24, mtcnn.SIZE)[0], 256)
+    eval_images, truth = facedata.scenes("held_out", 16, mtcnn.SIZE)
+    x_eval = mtcnn.onet_candidates(eval_images, 512)
+    x_eval = x_eval[:len(x_eval) // 16 * 16]  # whole batches for the fidelity check and the outputs
+    variants, described = dict(files), [f"{name}: {path.name}" for name, path in files.items()]
+    if macs:
+        policy = {"target": {"macs": macs}, "rules": [{"match": "*", "method": "auto"}]}
+        variants["factorized"] = convfactor.factorize(model, policy, x_cal[:1], calibration=x_cal)
+        described.append(f"factorized: method auto, macs {macs} (MACs "
+                         f"{convfactor.get_report(variants['factorized']).macs_ratio:.3f}), "
+                         f"{len(x_cal)} calibration candidates")
+
+    def task(paths: dict[str, Path]) -> dict[str, dict]:
+        return {role: facedata.match_fscore(mtcnn.detect(eval_images, pnet, rnet, _OnnxStage(path, 16)), truth)
+                for role, path in paths.items()}
+
+    return {"name": "mtcnn_onet", "model": model, "variants": variants, "eval": x_eval, "calibration": x_cal,
+            "batch": 16, "task": task, "metric_key": "fscore",
+            "factorized_as": (f"{len(x_eval)} evaluation candidates from the 16 held-out scenes; "
+                              + "; ".join(described))}
+
+
 def resnet20_case(fraction: float, latency: float | None) -> dict:
     """The shipped digits ResNet-20, factorized as the demo does at ``fraction`` of the MACs; with ``latency``,
     also under a latency target of that fraction, once timed on float graphs and once on int8 graphs."""
@@ -173,7 +226,8 @@ def measure(case: dict, workdir: Path, min_time: float) -> dict:
         check_inputs = case.get("check_inputs", case["eval"])
         report = convfactor.runtime.check_fidelity(paths["original"], paths[role], check_inputs)
         fidelity[role] = {"rel_l2_error": max(o.metrics["rel_l2_error"] for o in report.outputs)}
-    task = case["metric"]({role: _outputs(path, case["eval"], case["batch"]) for role, path in paths.items()})
+    task = (case["task"](paths) if "task" in case  # a metric that runs the ONNX files itself
+            else case["metric"]({role: _outputs(path, case["eval"], case["batch"]) for role, path in paths.items()}))
     load_before = _load()
     shape = (case["batch"], *case["eval"].shape[1:])
     timing = time_together(paths, shape, threads=1, warmup=5, repeats=30, min_time=min_time)
@@ -211,7 +265,7 @@ def named_file(text: str) -> tuple[str, Path]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="crepe,resnet20", help="comma-separated: crepe, resnet20, ppocr_rec")
+    p.add_argument("--models", default="crepe,resnet20", help="comma-separated: crepe, resnet20, ppocr_rec, onet")
     p.add_argument("--crepe-fraction", type=float, default=0.40,
                    help="CREPE's uniform Tucker-2 MACs target (0: no uniform variants)")
     p.add_argument("--crepe-onnx", action="append", type=named_file, default=[], metavar="NAME=PATH",
@@ -219,6 +273,9 @@ def main(argv=None) -> int:
     p.add_argument("--ppocr-macs", type=float, default=0.5, help="PP-OCRv4 rec's automatic MACs target (0: none)")
     p.add_argument("--ppocr-onnx", action="append", type=named_file, default=[], metavar="NAME=PATH",
                    help="also this factorized PP-OCRv4 rec ONNX file as variant NAME (repeatable)")
+    p.add_argument("--onet-macs", type=float, default=0.5, help="MTCNN O-Net's automatic MACs target (0: none)")
+    p.add_argument("--onet-onnx", action="append", type=named_file, default=[], metavar="NAME=PATH",
+                   help="also this factorized O-Net ONNX file as variant NAME (repeatable)")
     p.add_argument("--crepe-align", default="1,16", help="rank alignments of CREPE's variants (1: none)")
     p.add_argument("--resnet-fraction", type=float, default=0.5, help="ResNet-20's automatic MACs target")
     p.add_argument("--resnet-latency", type=float, help="also a latency target of this fraction on ResNet-20, timed "
@@ -231,7 +288,8 @@ def main(argv=None) -> int:
     aligns = [int(a) for a in args.crepe_align.split(",")]
     cases = {"crepe": lambda: crepe_case(args.crepe_fraction, aligns, dict(args.crepe_onnx)),
              "resnet20": lambda: resnet20_case(args.resnet_fraction, args.resnet_latency),
-             "ppocr_rec": lambda: ppocr_rec_case(args.ppocr_macs, dict(args.ppocr_onnx))}
+             "ppocr_rec": lambda: ppocr_rec_case(args.ppocr_macs, dict(args.ppocr_onnx)),
+             "onet": lambda: onet_case(args.onet_macs, dict(args.onet_onnx))}
     unknown = [name for name in args.models.split(",") if name not in cases]
     if unknown:
         p.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(cases)}")
