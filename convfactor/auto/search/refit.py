@@ -10,7 +10,12 @@ A sequentially refit layer depends on the choices of every layer before it, so i
 under that prefix of choices: the fidelity search's probes share the prefixes they have in common, and
 the model returned is the last probe's modules, not a new fit. The original network's inputs of each
 layer on the refit samples are read in one pass and kept (within REFERENCE_INPUT_BYTES), so each refit
-runs only the partially factorized network up to its layer.
+runs only the partially factorized network up to its layer: about half a network pass per refit layer.
+In a traced network that calls each layer at one node, a build instead advances one run per sample of
+each network through the graph (``FrontierInputs``), refitting each layer when its run reaches it: one
+pass of each network per build, whatever the layer count, holding the values live across the current
+node for every refit sample (at most FRONTIER_BYTES + REFERENCE_INPUT_BYTES for the two, measured on one
+sample before; else the per-layer passes). Both give the same inputs, so the same modules.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from ..fits.data_aware import corrected_weight, grouped_weight
 from ..fits.registry import layer_factorizer
 from ..options import AutoOptions
 from ..selection.plans import LayerPlan, pass_samples
-from ..statistics.calibration import execution_order, paired_statistics
+from ..statistics.calibration import execution_order
+from ..statistics.paired import FrontierInputs, LayerInput, PrefixInputs, paired_statistics
 from ..statistics.split import first_samples
+from ..statistics.suffix import FRONTIER_BYTES
 
 __all__ = ["Replacements", "REFERENCE_INPUT_BYTES"]
 
@@ -73,6 +80,7 @@ class Replacements:
         self._originals: dict[str, nn.Module] = {}
         self._reference: dict[str, dict[int, Any]] = {}
         self._reference_bytes = 0
+        self.frontier = False  # whether builds advance one run per sample (``FrontierInputs``)
 
     def build(self, progress: bool = False) -> dict[str, nn.Module]:
         """{layer: module} for every open plan with a choice, in eval mode (shared with the cache: not to be
@@ -118,8 +126,11 @@ class Replacements:
             # first allocation's layer count fixes the samples, the same for every later build.
             self.used = pass_samples(list(self.plans.values()), len(chosen), sum(len(b[0]) for b in self.batches))
             self.batches = first_samples(self.batches, self.used)
-            self._prefill_reference()
+            self.frontier = self._frontier_fits()
+            if not self.frontier:
+                self._prefill_reference()
         work, built, prefix = self._work, {}, ()
+        sources: tuple[LayerInput, LayerInput] | None = None  # made at this build's first refit
         for name in track(self._order, progress, "refit"):
             plan = self.plans[name]
             option = plan.chosen
@@ -129,11 +140,25 @@ class Replacements:
                 continue
             module = self.cache.get(prefix)
             if module is None:
-                module = self.cache[prefix] = self._refit(work, plan, progress)
+                sources = sources or self._sources(work)
+                module = self.cache[prefix] = self._refit(work, plan, sources, progress)
             set_submodule(work, name, module)
             built[name] = module
         self._trim(prefix)
         return built
+
+    def _frontier_fits(self) -> bool:
+        """Whether both networks' runs of every refit sample fit FRONTIER_BYTES + REFERENCE_INPUT_BYTES."""
+        if not FrontierInputs.usable(self._work, self._order):
+            return False
+        held = 2 * FrontierInputs(self._work, self._order, self.batches).frontier_bytes()
+        return held <= FRONTIER_BYTES + REFERENCE_INPUT_BYTES
+
+    def _sources(self, work: nn.Module) -> tuple[LayerInput, LayerInput]:
+        """Where one build reads each layer's input in the original and in ``work``."""
+        if self.frontier:
+            return FrontierInputs(self.root, self._order, self.batches), FrontierInputs(work, self._order, self.batches)
+        return PrefixInputs(self.root), PrefixInputs(work)
 
     @torch.no_grad()
     def _prefill_reference(self) -> None:
@@ -161,7 +186,8 @@ class Replacements:
         self._reference_bytes = sum(t.numel() * t.element_size() for got in self._reference.values()
                                     for t in got.values())
 
-    def _refit(self, work: nn.Module, plan: LayerPlan, progress: bool | str = False) -> nn.Module:
+    def _refit(self, work: nn.Module, plan: LayerPlan, sources: tuple[LayerInput, LayerInput],
+               progress: bool | str = False) -> nn.Module:
         option = plan.chosen
         if self.deadline is not None and self.deadline.spent():
             self.weight_only.add(plan.name)
@@ -171,10 +197,10 @@ class Replacements:
         self.fits += 1
         opts = self.opts
         cache = self._reference.get(plan.name)
-        fresh = cache is None and self._reference_bytes < REFERENCE_INPUT_BYTES
+        fresh = cache is None and not self.frontier and self._reference_bytes < REFERENCE_INPUT_BYTES
         if fresh:
             cache = {}
-        sigma, cross = paired_statistics(self.root, work, plan.name, self.batches, opts.max_rows, opts.seed,
+        sigma, cross = paired_statistics(plan.layer, plan.name, self.batches, *sources, opts.max_rows, opts.seed,
                                          self.forms.get(plan.name, "full"), reference_inputs=cache)
         if fresh:  # the original's inputs of this layer, for the next probes (within the byte cap)
             self._reference[plan.name] = cache

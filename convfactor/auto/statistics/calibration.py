@@ -42,7 +42,6 @@ __all__ = [
     "patch_extractor",
     "layer_statistics",
     "layer_sensitivities",
-    "paired_statistics",
     "execution_order",
     "DEFAULT_MAX_ROWS",
     "DEFAULT_MEMORY_BUDGET",
@@ -161,90 +160,6 @@ def layer_statistics(
     if missing:
         raise ConvfactorError(f"calibration never reached layer {missing[0]!r} (is it used in forward?)")
     return {name: LayerStatistics(moments[name].result(), moments[name].rows) for name in layers}
-
-
-class _Reached(Exception):
-    """Raised by a hook to end a forward pass once the layer of interest has seen its input."""
-
-
-@torch.no_grad()
-def paired_statistics(
-    reference: nn.Module,
-    work: nn.Module,
-    name: str,
-    batches: Sequence[tuple[torch.Tensor, ...]],
-    max_rows: int = DEFAULT_MAX_ROWS,
-    seed: int = 0,
-    form: str = "full",
-    reference_inputs: dict[int, torch.Tensor] | None = None,
-) -> tuple[Covariance, Covariance]:
-    """Moments of one layer's input patches in two networks run on the same batches.
-
-    ``reference`` is the original network, ``work`` the partially factorized one (its layer ``name`` not
-    yet replaced). The same positions are sampled in both. Each forward pass stops once the layer has
-    its input (the rest of the network is not run). ``reference_inputs`` ({batch index: the layer's
-    input in ``reference``}) is read where it has a batch and filled where not, so that a later call
-    for the same layer and batches runs only ``work``.
-
-    Returns:
-        sigma: E[p_w p_w^T] of the patches ``work`` feeds the layer, in ``form``;
-        cross: E[p_w p_r^T] between them and the reference network's patches, in the same form.
-    """
-    layer = reference.get_submodule(name)
-    extract = patch_extractor(layer)
-    geo = LayerGeometry.of(layer)
-    kernel = 1 if geo.kind == "Linear" else geo.kernel_volume
-    channels = geo.in_channels // geo.groups
-    generator = torch.Generator().manual_seed(seed)
-    limit = min(max_rows, KRONECKER_ROWS) if form == "kronecker" else max_rows
-    per_batch = max(1, math.ceil(limit / len(batches)))
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook_for(role: str):
-        def hook(module, args):
-            captured[role] = args[0]
-            raise _Reached
-        return hook
-
-    def run(net: nn.Module, batch: tuple[torch.Tensor, ...]) -> None:
-        try:
-            net(*batch)
-        except _Reached:
-            pass
-
-    handles = [reference.get_submodule(name).register_forward_pre_hook(hook_for("reference")),
-               work.get_submodule(name).register_forward_pre_hook(hook_for("work"))]
-    sigma, cross = Moments(form, geo.groups, channels, kernel), Moments(form, geo.groups, channels, kernel)
-    try:
-        for index, batch in enumerate(batches):
-            x_ref = None if reference_inputs is None else reference_inputs.get(index)
-            if x_ref is None:
-                run(reference, batch)
-                x_ref = captured.pop("reference")
-                if reference_inputs is not None:
-                    reference_inputs[index] = x_ref
-            run(work, batch)
-            x_work = captured.pop("work")
-            if form == "kronecker":
-                v_ref = positions(x_ref.to(layer.weight.dtype), geo.groups)
-                v_work = positions(x_work.to(layer.weight.dtype), geo.groups)
-                keep = sampled(v_ref[0], max_rows // len(batches) + 1, generator)
-                if keep is not None:
-                    v_ref, v_work = v_ref[:, keep], v_work[:, keep]
-                sigma.add_channels(v_work, v_work)
-                cross.add_channels(v_work, v_ref)
-            for c_ref, c_work in zip(chunks(x_ref, layer), chunks(x_work, layer)):
-                keep = sampled_rows(extract.positions(c_ref), max(1, math.ceil(per_batch * len(c_ref) / len(x_ref))),
-                                     generator, c_ref.device)
-                p_ref, p_work = extract(c_ref, keep), extract(c_work, keep)
-                p_ref = p_ref.reshape(p_ref.shape[0], geo.groups, -1).transpose(0, 1)
-                p_work = p_work.reshape(p_work.shape[0], geo.groups, -1).transpose(0, 1)
-                sigma.add(p_work, p_work)
-                cross.add(p_work, p_ref)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sigma.result(), cross.result()
 
 
 @torch.no_grad()

@@ -5,13 +5,14 @@ is divided by the layer output's: errors then add up, to first order, as sum_l s
 
 In a traced network (``torch.fx.GraphModule``) the original runs once per batch and each probe runs only
 the graph after its layer, from the values live across that layer (``convfactor.auto.statistics.suffix``),
-instead of the whole network once per probe. The frontiers of as many batches as fit ``FRONTIER_BYTES``
-are held at once; past that the batches are taken in chunks, each chunk run once by the original. A network
-whose one batch's frontier, doubled when the suffix must copy it (some node changes an input in place), is
-over ``BATCH_FRONTIER_BYTES`` keeps the whole-network probes: the extra memory would grow with its
-activations (measured on CRAFT: +0.27 GB peak over the whole-network probes). Layers a suffix cannot probe
-(an untraced network; a layer called at several places) get the whole network per probe,
-with a forward hook swapping the probe's output in. Both give the same sums in the same order.
+instead of the whole network once per probe. What a probe holds beyond a plain run (the frontier, and
+copies of the values its suffix changes in place) is measured on one sample; a batch over
+``BATCH_FRONTIER_BYTES`` is cut into pieces under it (the original's outputs of each piece computed once
+more), and the frontiers of as many pieces as fit ``FRONTIER_BYTES`` are held at once, the rest taken in
+chunks, each chunk run once by the original. Layers a suffix cannot probe (an untraced network; a layer
+called at several places) get the whole network per probe, with a forward hook swapping the probe's output
+in. Both give the same sums in the same order where no batch is cut (a cut batch adds its pieces' sums:
+the same to float32 rounding of the outputs).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .suffix import FRONTIER_BYTES, GraphRunner, probe_nodes
 
 __all__ = ["layer_sensitivities", "BATCH_FRONTIER_BYTES"]
 
-BATCH_FRONTIER_BYTES = 128 * 2**20  # one batch's frontier (x2 when copied) above which the whole network probes
+BATCH_FRONTIER_BYTES = 64 * 2**20  # what one batch's probe may hold beyond a plain run; larger ones are cut
 
 
 def _without_bias(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
@@ -91,9 +92,7 @@ def layer_sensitivities(
     signal = sum(float((t.double() ** 2).sum()) for outs in reference for t in outs)
     stop = stop or (lambda: False)
     nodes = probe_nodes(root, {name: layers[name] for name in probes})
-    totals = _suffix_probes(root, nodes, layers, probes, batches, reference, progress, stop) if nodes else None
-    if totals is None:  # nothing a suffix can probe, or frontiers too large for it
-        nodes, totals = {}, {}
+    totals = _suffix_probes(root, nodes, layers, probes, batches, reference, progress, stop) if nodes else {}
     rest = {name: probe for name, probe in probes.items() if name not in nodes}
     if len(totals) == len(nodes) and rest:
         totals.update(_whole_network_probes(root, layers, rest, batches, reference, progress, stop))
@@ -125,16 +124,27 @@ def _whole_network_probes(root: nn.Module, layers: Mapping[str, nn.Module], prob
     return result
 
 
-def _chunks(runner: GraphRunner, batches: Sequence, first: int, last: int) -> list[list[int]] | None:
-    """Batch indices in consecutive chunks whose frontiers (estimated per sample from the first batch) fit
-    FRONTIER_BYTES together, at least one batch each; None when the largest batch's frontier (doubled when the
-    suffix copies it) is over BATCH_FRONTIER_BYTES."""
-    if not batches:
-        return []
-    per_sample = runner.inspect(batches[0], first, last) / max(1, len(batches[0][0]))
-    largest = per_sample * max(len(batch[0]) for batch in batches) * (2 if runner.copies else 1)
-    if largest > BATCH_FRONTIER_BYTES:
-        return None
+def _pieces(root: nn.Module, batches: Sequence, reference: Sequence, per_sample: float) -> tuple[list, list]:
+    """The batches, each one whose probe would hold over BATCH_FRONTIER_BYTES cut into consecutive pieces under
+    it (at least one sample each), with the original's outputs of each piece (computed here for cut ones)."""
+    size = max(1, int(BATCH_FRONTIER_BYTES // max(per_sample, 1.0)))
+    pieces, outputs = [], []
+    for batch, outs in zip(batches, reference):
+        count = len(batch[0])
+        if count <= size:
+            pieces.append(batch)
+            outputs.append(outs)
+            continue
+        for start in range(0, count, size):
+            piece = tuple(t[start:start + size] for t in batch)
+            pieces.append(piece)
+            outputs.append(output_leaves(root(*piece)))
+    return pieces, outputs
+
+
+def _chunks(batches: Sequence, per_sample: float) -> list[list[int]]:
+    """Batch indices in consecutive chunks whose probes' frontiers fit FRONTIER_BYTES together (at least one
+    batch each)."""
     chunks: list[list[int]] = [[]]
     held = 0.0
     for index, batch in enumerate(batches):
@@ -149,14 +159,15 @@ def _chunks(runner: GraphRunner, batches: Sequence, first: int, last: int) -> li
 
 def _suffix_probes(root: fx.GraphModule, nodes: Mapping[str, fx.Node], layers: Mapping[str, nn.Module],
                    probes: Mapping[str, nn.Module], batches: Sequence, reference: Sequence, progress: bool,
-                   stop: Callable[[], bool]) -> dict[str, _Totals] | None:
+                   stop: Callable[[], bool]) -> dict[str, _Totals]:
     """Each probe run on the graph after its layer, from the frontier of the original's one run per batch
-    (None, nothing run, when the frontiers are too large: see ``_chunks``)."""
+    (batches cut into pieces and taken in chunks to bound the frontiers held: ``_pieces``, ``_chunks``)."""
     runner = GraphRunner(root)
     order = sorted(nodes, key=lambda name: runner.index[nodes[name]])
-    chunks = _chunks(runner, batches, runner.index[nodes[order[0]]], runner.index[nodes[order[-1]]])
-    if chunks is None:
-        return None
+    first, last = runner.index[nodes[order[0]]], runner.index[nodes[order[-1]]]
+    per_sample = runner.inspect(tuple(t[:1] for t in batches[0]), first, last) if batches else 0
+    batches, reference = _pieces(root, batches, reference, per_sample)
+    chunks = _chunks(batches, per_sample)
     totals = {name: _Totals(layers[name]) for name in order}
     steps = [(chunk, name) for chunk in chunks for name in order]
     runs: dict[int, object] = {}

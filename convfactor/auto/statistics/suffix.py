@@ -3,8 +3,11 @@
 A sensitivity probe changes one layer's output; everything computed before that layer is the original's.
 So the original graph advances once per batch, keeping only its *frontier*: the values computed before the
 current node and used at or after it. From the frontier at a layer's node, ``suffix`` runs the nodes after
-it with the layer's value replaced and returns the network's output, leaving the frontier as it was (values
-the rest of the graph changes in place are copied first, their aliasing kept).
+it with the layer's value replaced and returns the network's output, leaving the frontier as it was: a
+frontier value that a node after the layer changes in place (found by ``inspect``, which watches tensor
+versions in one run, aliases included) is copied first, its aliasing kept; the others are read as they
+are. (In a VGG/U-Net with ``ReLU(inplace=True)`` the in-place ops change values made after the probed layer,
+so a probe copies nothing.)
 
 A layer is run this way only when ``root`` is a ``GraphModule`` that calls it at exactly one node (and no
 other called module contains it); ``probe_nodes`` says which.
@@ -64,7 +67,13 @@ class GraphRunner:
         # A value is dropped once the last node reading it has run (values nothing reads: at once).
         self.last_use = {node: max([self.index[u] for u in node.users], default=i) for i, node in enumerate(self.nodes)}
         self.interpreter = fx.Interpreter(root, garbage_collect_values=False)
-        self.copies = False  # whether the suffix copies the frontier values it reads (``inspect``)
+        # {node: the last node index changing its value (or an alias of it) in place}, from ``inspect``.
+        self.mutated: dict[fx.Node, int] = {}
+
+    @property
+    def copies(self) -> bool:
+        """Whether some node changes a value in place (a suffix after it copies what it changes)."""
+        return bool(self.mutated)
 
     def start(self, batch: Sequence[torch.Tensor]) -> Frontier:
         """A run of the original on ``batch``, before its first node."""
@@ -103,7 +112,8 @@ class GraphRunner:
     def suffix(self, run: Frontier, node: fx.Node, value: Any) -> Any:
         """The network's output when ``node`` (``run``'s current node) gives ``value`` and the nodes after it
         run from ``run``'s frontier; the frontier is left unchanged."""
-        env = _Overlay(run.env, self.copies)
+        here = self.index[node]
+        env = _Overlay(run.env, {n for n, last in self.mutated.items() if last > here})
         env[node] = value
         self._drop(env, node)
         for later in self.nodes[self.index[node] + 1:]:
@@ -114,33 +124,46 @@ class GraphRunner:
         raise ValueError("the graph has no output node")
 
     def inspect(self, batch: Sequence[torch.Tensor], first: int, last: int) -> int:
-        """Run the original on ``batch``: returns the most bytes of live values held at nodes ``first`` to
-        ``last``, and sets ``copies`` when some node changes one of its inputs in place."""
-        peak = 0
+        """Run the original on ``batch``: returns the most bytes a probe at nodes ``first`` to ``last`` holds
+        beyond a plain run (the live values, and the copies its suffix makes of those changed in place after
+        it), and records in ``mutated`` which values nodes change in place (``suffix`` copies those)."""
         run = self.start(batch)
+        live: list[dict[int, tuple[int, set[fx.Node]]]] = []  # per position: {storage: (bytes, nodes)}
         while run.position < len(self.nodes):
             node = self.nodes[run.position]
-            if first <= run.position <= last:
-                storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                            for n, v in run.env.items() if n.op != "get_attr" for t in _tensors(v)}
-                peak = max(peak, sum(storages.values()))
-            inputs = [t for arg in node.all_input_nodes for t in _tensors(run.env[arg])]
-            versions = [t._version for t in inputs]
+            storages: dict[int, tuple[int, set[fx.Node]]] = {}
+            for n, v in run.env.items():
+                if n.op == "get_attr":
+                    continue
+                for t in _tensors(v):
+                    storage = t.untyped_storage()
+                    storages.setdefault(storage.data_ptr(), (storage.nbytes(), set()))[1].add(n)
+            live.append(storages)
+            inputs = [(arg, t) for arg in node.all_input_nodes for t in _tensors(run.env[arg])]
+            versions = [t._version for _, t in inputs]
+            position = run.position
             self.advance(run, run.position + 1)
-            if any(t._version != v for t, v in zip(inputs, versions)):
-                self.copies = True
+            for (arg, t), version in zip(inputs, versions):
+                if t._version != version:  # every live value sharing the storage changed with it
+                    for n in live[position].get(t.untyped_storage().data_ptr(), (0, {arg}))[1] | {arg}:
+                        self.mutated[n] = position
+        peak = 0
+        for position in range(first, min(last, len(live) - 1) + 1):
+            held = sum(size for size, _ in live[position].values())
+            copied = sum(size for size, nodes in live[position].values()
+                         if any(self.mutated.get(n, -1) > position for n in nodes))
+            peak = max(peak, held + copied)
         return peak
 
 
 class _Overlay(dict):
-    """A suffix's values over the frontier's: reads fall through to ``base``; with ``copies``, a base tensor is
-    read as a copy (one per storage, its views rebuilt on it), so in-place ops of the suffix leave ``base`` as
-    it was."""
+    """A suffix's values over the frontier's: reads fall through to ``base``; a value of ``copied`` nodes is read
+    as a copy (one per storage, its views rebuilt on it), so the suffix's in-place ops leave ``base`` as it was."""
 
-    def __init__(self, base: dict, copies: bool):
+    def __init__(self, base: dict, copied: set[fx.Node]):
         super().__init__()
         self.base = base
-        self.copies = copies
+        self.copied = copied
         self.storages: dict[int, torch.UntypedStorage] = {}
 
     def __contains__(self, node: object) -> bool:
@@ -148,7 +171,7 @@ class _Overlay(dict):
 
     def __missing__(self, node: fx.Node) -> Any:
         value = self.base[node]
-        if self.copies and node.op != "get_attr":
+        if node in self.copied and node.op != "get_attr":
             value = tree_map(self._copy, value)
             self[node] = value
         return value

@@ -180,18 +180,21 @@ def test_stop_leaves_out_layers_not_probed_on_every_batch(monkeypatch):
     _assert_same(got, {"conv1": whole["conv1"]})
 
 
-def test_a_frontier_over_the_batch_limit_keeps_whole_network_probes(monkeypatch):
+def test_a_batch_over_the_probe_limit_is_probed_in_pieces(monkeypatch):
     net = _InPlaceResNet().eval()
     traced = fx.symbolic_trace(net)
     layers = _layers(net)
     probes = _probes(layers)
     batches = _batches(2)
-    suffix = layer_sensitivities(traced, layers, probes, batches)
+    whole = layer_sensitivities(net, layers, probes, batches)
     runs = []
-    monkeypatch.setattr(GraphRunner, "suffix", lambda *a: runs.append(1) / 0)
-    monkeypatch.setattr(sensitivity, "BATCH_FRONTIER_BYTES", 1)
-    _assert_same(layer_sensitivities(traced, layers, probes, batches), suffix)
-    assert runs == []  # no suffix ran: every layer probed through the whole network
+    suffix = GraphRunner.suffix
+    monkeypatch.setattr(GraphRunner, "suffix", lambda self, run, node, value: runs.append(
+        len(next(iter(run.env.values())))) or suffix(self, run, node, value))
+    monkeypatch.setattr(sensitivity, "BATCH_FRONTIER_BYTES", 1)  # every sample its own piece
+    # The pieces' outputs are the original's on one sample, not on the batch: equal to float32 rounding.
+    _assert_same(layer_sensitivities(traced, layers, probes, batches), whole, rel=1e-4)
+    assert runs and set(runs) == {1} and len(runs) == len(probes) * sum(len(b[0]) for b in batches)
 
 
 def test_frontier_holds_only_live_values():
@@ -209,3 +212,12 @@ def test_frontier_holds_only_live_values():
     inplace = GraphRunner(fx.symbolic_trace(_InPlaceResNet().eval()))
     inplace.inspect((x,), 0, len(inplace.nodes))
     assert inplace.copies
+    # What a suffix copies: only values a node after the probed one changes in place. The ReLUs change the
+    # values made just before them; ``add_`` changes conv2's output, live across the probe at ``down``.
+    copied = {}
+    for name in ("conv1", "down"):
+        node = next(n for n in inplace.nodes if n.name == name)
+        run = inplace.start((x,))
+        inplace.advance(run, inplace.index[node])
+        copied[name] = {n.name for n in run.env if inplace.mutated.get(n, -1) > inplace.index[node]}
+    assert copied == {"conv1": set(), "down": {"conv2"}}
