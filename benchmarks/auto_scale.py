@@ -11,8 +11,12 @@ calibration on (the first ``--samples`` inputs) and off. The policy is
 Sensitivity probes: ``--probes suffix`` (the default) runs each probe on the graph after its layer from the
 original's cached values; ``--probes whole`` is the control that runs the whole network per probe (this
 script makes ``convfactor.auto.statistics.sensitivity.probe_nodes`` find no node, the fallback path).
-``--probes whole suffix`` interleaves them per repeat. ``probes s`` is the time spent in
-``measure_sensitivities``; ``allocation`` a hash of the resolved policy (equal rows chose the same ranks).
+``--probes whole suffix`` interleaves them per repeat. Sequential refit: ``--refit frontier`` (the default)
+advances one run per sample through the graph once per build; ``--refit prefix`` is the control that runs
+the network up to each refit layer (``Replacements._frontier_fits`` made to answer no). Several values of
+both flags are interleaved per repeat. ``probes s`` is the time spent in ``measure_sensitivities``,
+``refit s`` in ``Replacements.build``; ``allocation`` a hash of the resolved policy (equal rows chose the
+same ranks).
 
 Ceilings: memory 2 GB + 3x the model's size (float32 bytes); time 180 s for crepe and 120 s for
 resnet18 (the issue's targets on 2 cores). Prints one table row per case, median wall time over
@@ -21,6 +25,7 @@ resnet18 (the issue's targets on 2 cores). Prints one table row per case, median
     python benchmarks/auto_scale.py                       # all cases, 1 repeat
     python benchmarks/auto_scale.py --cases crepe:cal --repeats 3 --samples 128
     python benchmarks/auto_scale.py --cases resnet18:cal --probes whole suffix --repeats 2 --json OUT.json
+    python benchmarks/auto_scale.py --cases resnet18:cal --refit prefix frontier --json OUT.json
 
 Results (1 thread for CPU time, 2 threads for wall time, with the load average of each run) are in
 docs/automatic-policy.md, "Cost at scale"; a run's CPU time (user+sys of the factorize call, ``cpu_s`` in
@@ -88,16 +93,20 @@ def tones(count: int, seed: int = 0):
     return (frames / frames.std(1, keepdim=True)).float()
 
 
-def _timed_probes(probes: str) -> dict:
-    """Time ``measure_sensitivities`` (seconds summed in the returned dict); with ``probes == 'whole'``,
-    make every probe run the whole network (the control row)."""
+def _timed_phases(probes: str, refit: str) -> dict:
+    """Time ``measure_sensitivities`` and ``Replacements.build`` (seconds summed in the returned dict); with
+    ``probes == 'whole'``, make every probe run the whole network, with ``refit == 'prefix'`` every refit
+    run the network up to its layer (the control rows)."""
     import convfactor.auto.phases as phases
     import convfactor.auto.statistics.sensitivity as sensitivity
+    from convfactor.auto.search.refit import Replacements
 
     if probes == "whole":
         sensitivity.probe_nodes = lambda root, layers: {}
-    spent = {"probes_s": 0.0}
-    measure = phases.measure_sensitivities
+    if refit == "prefix":
+        Replacements._frontier_fits = lambda self: False
+    spent = {"probes_s": 0.0, "refit_s": 0.0}
+    measure, build = phases.measure_sensitivities, Replacements.build
 
     def timed(*args, **kwargs):
         start = time.perf_counter()
@@ -106,11 +115,19 @@ def _timed_probes(probes: str) -> dict:
         finally:
             spent["probes_s"] += time.perf_counter() - start
 
+    def timed_build(self, progress=False):
+        start = time.perf_counter()
+        try:
+            return build(self, progress)
+        finally:
+            spent["refit_s"] += time.perf_counter() - start
+
     phases.measure_sensitivities = timed
+    Replacements.build = timed_build
     return spent
 
 
-def run_case(case: str, samples: int, progress: bool, probes: str = "suffix") -> dict:
+def run_case(case: str, samples: int, progress: bool, probes: str = "suffix", refit: str = "frontier") -> dict:
     """One factorize call in this process; returns its wall time and this process's peak RSS."""
     import hashlib
     import resource
@@ -119,7 +136,7 @@ def run_case(case: str, samples: int, progress: bool, probes: str = "suffix") ->
 
     import convfactor
 
-    spent = _timed_probes(probes)
+    spent = _timed_phases(probes, refit)
 
     torch.set_num_threads(int(os.environ.get("CONVFACTOR_BENCH_THREADS", "2")))
     name, cal = case.split(":")
@@ -151,7 +168,7 @@ def run_case(case: str, samples: int, progress: bool, probes: str = "suffix") ->
             "load": [round(load_before, 1), round(os.getloadavg()[0], 1)], "peak_mb": peak,
             "model_mb": size / 2**20, "macs_ratio": report.macs_after / report.macs_before,
             "fidelity": report.extra.get("fidelity_check", {}).get("rel_error"), "probes": probes,
-            "probes_s": spent["probes_s"], "case": case,
+            "probes_s": spent["probes_s"], "refit": refit, "refit_s": spent["refit_s"], "case": case,
             "allocation": hashlib.sha256(json.dumps(report.policy.get("resolved"), sort_keys=True,
                                                     default=str).encode()).hexdigest()[:12]}
 
@@ -164,32 +181,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--probes", nargs="+", default=["suffix"], choices=("suffix", "whole"),
                         help="sensitivity probes: from cached values (suffix) or the whole network (control)")
+    parser.add_argument("--refit", nargs="+", default=["frontier"], choices=("frontier", "prefix"),
+                        help="sequential refit: one frontier run per build, or a pass up to each layer (control)")
     parser.add_argument("--json", help="write every run's record to this JSON file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_case(args.one, args.samples, args.progress, args.probes[0])))
+        print(json.dumps(run_case(args.one, args.samples, args.progress, args.probes[0], args.refit[0])))
         return 0
-    print(f"{'model':<10} {'calibration':<11} {'probes':<7} {'wall s':>8} {'CPU s':>7} {'probes s':>8} "
-          f"{'load':>9} {'peak MB':>8} {'ceiling':>16} {'MACs':>6} {'allocation':>12}  met?")
+    print(f"{'model':<10} {'calibration':<11} {'variant':<15} {'wall s':>8} {'CPU s':>7} {'probes s':>8} "
+          f"{'refit s':>7} {'load':>9} {'peak MB':>8} {'ceiling':>16} {'MACs':>6} {'allocation':>12}  met?")
     records = []
     for case in args.cases:
-        by_probes: dict[str, list] = {p: [] for p in args.probes}
+        variants = [(p, r) for p in args.probes for r in args.refit]
+        by_variant: dict[tuple[str, str], list] = {v: [] for v in variants}
         for _ in range(args.repeats):
-            for probes in args.probes:  # interleaved: each repeat runs every variant under similar load
+            for probes, refit in variants:  # interleaved: each repeat runs every variant under similar load
                 command = [sys.executable, __file__, "--one", case, "--samples", str(args.samples),
-                           "--probes", probes]
+                           "--probes", probes, "--refit", refit]
                 if args.progress:
                     command.append("--progress")
                 done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
                 if done.returncode != 0:
-                    print(f"{case} ({probes}): failed (exit {done.returncode})")
+                    print(f"{case} ({probes}/{refit}): failed (exit {done.returncode})")
                     continue
-                by_probes[probes].append(json.loads(done.stdout.strip().splitlines()[-1]))
-        for probes, runs in by_probes.items():
+                by_variant[(probes, refit)].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        for (probes, refit), runs in by_variant.items():
             records.extend(runs)
             if runs:
-                _print_row(case, probes, runs)
+                _print_row(case, f"{probes}/{refit}", runs)
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump({"command": " ".join(sys.argv), "runs": records}, f, indent=1)
@@ -197,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_row(case: str, probes: str, runs: list[dict]) -> None:
+def _print_row(case: str, variant: str, runs: list[dict]) -> None:
     name, cal = case.split(":")
     wall = statistics.median(r["wall_s"] for r in runs)
     cpu = statistics.median(r["cpu_s"] for r in runs)
     probes_s = statistics.median(r["probes_s"] for r in runs)
+    refit_s = statistics.median(r.get("refit_s", 0.0) for r in runs)
     peak = max(r["peak_mb"] for r in runs)
     memory_ceiling = 2048 + 3 * runs[0]["model_mb"]
     # Under load the wall time is the machine's, not ours. A run at 1 thread needs about its CPU time on
@@ -211,7 +232,8 @@ def _print_row(case: str, probes: str, runs: list[dict]) -> None:
     ceiling = f"{TIME_CEILING_S[name]:.0f} s/{memory_ceiling:.0f} MB"
     load = "/".join(f"{v:g}" for v in runs[0]["load"])
     allocation = ",".join(sorted({r["allocation"] for r in runs}))
-    print(f"{name:<10} {'yes' if cal == 'cal' else 'no':<11} {probes:<7} {wall:8.1f} {cpu:7.1f} {probes_s:8.1f} "
+    print(f"{name:<10} {'yes' if cal == 'cal' else 'no':<11} {variant:<15} {wall:8.1f} {cpu:7.1f} {probes_s:8.1f} "
+          f"{refit_s:7.1f} "
           f"{load:>9} {peak:8.0f} {ceiling:>16} {runs[0]['macs_ratio']:6.3f} {allocation:>12}  "
           f"{'yes' if met else 'NO'}", flush=True)
 

@@ -50,8 +50,17 @@ def _oriented_spectrum(matrix: np.ndarray | torch.Tensor) -> tuple[int, int, np.
     if y.ndim != 2 or min(y.shape) < 1:
         raise RankError(f"vbmf needs a non-empty 2-d matrix, got shape {list(y.shape)}")
     l_dim, m_dim = sorted(y.shape)
-    # torch's SVD: NumPy's took 5x longer on a 1,024 x 4,096 matrix here (134 s against 27 s, busy machine).
-    s = torch.linalg.svdvals(torch.from_numpy(np.ascontiguousarray(y))).numpy()
+    # The singular values from the eigenvalues of the smaller Gram matrix (float64): 2x faster than an SVD
+    # on a square 1,536 x 1,536 matrix and 12x on a 512 x 4,608 one (torch, 1 thread, here). An eigenvalue
+    # is exact to ~1e-16 of the largest, so each s_i^2 to 1e-8 of itself while s_min >= 1e-4 s_max; the free
+    # energy sums log(s_i^2), so a spectrum reaching lower is taken from the SVD instead. (NumPy's SVD was 5x
+    # slower than torch's.)
+    t = torch.from_numpy(np.ascontiguousarray(y))
+    eigenvalues = torch.linalg.eigvalsh(t @ t.T if t.shape[0] <= t.shape[1] else t.T @ t)
+    if eigenvalues[0] >= 1e-8 * eigenvalues[-1] > 0:
+        s = eigenvalues.sqrt().flip(0).numpy()
+    else:
+        s = torch.linalg.svdvals(t).numpy()
     residual = max(0.0, float((y**2).sum() - (s**2).sum()))  # zero up to rounding: all L values kept
     return l_dim, m_dim, s, residual
 
