@@ -50,6 +50,7 @@ import torch  # noqa: E402
 import convfactor  # noqa: E402
 from benchmarks.real.distill_cases import NETWORKS, case  # noqa: E402
 from convfactor.auto import DistillOptions  # noqa: E402
+from convfactor.distill.criterion import Criterion  # noqa: E402
 from convfactor.distill.training import distill_model  # noqa: E402
 from convfactor.output_checker import OutputChecker  # noqa: E402
 from convfactor.zoo import evaluate_accuracy, load_pretrained  # noqa: E402
@@ -105,7 +106,7 @@ def network_rows(network: str, macs: float, steps: int, calibration: int | None,
     """One resolution of ``network`` at ``macs``, then one distillation per variant ({"lr", "samples"}), each
     from a copy of the same undistilled result (``distill_result`` is called once per variant inside the one
     ``factorize``; the first variant's is the model ``factorize`` returns and checks)."""
-    import convfactor.auto.distill_result as distill_module
+    import convfactor.distill.result as distill_module
 
     made = case(network, calibration, max((v.get("samples") or 0) for v in variants) or None, pooled)
     genuine = distill_module.distill_result
@@ -191,7 +192,8 @@ def defaults(batches: tuple[int, ...], threads: tuple[int, ...], steps: int = 8)
     for count in threads:
         for batch in batches:
             options = DistillOptions(steps=steps, batch_size=batch, threads=count, check_every=10_000)
-            run = distill_model(fast, model, [(x,)], checker, options, select_error=lambda m: 1.0)
+            run = distill_model(fast, model, [(x,)], checker, options,
+                                criterion=Criterion(checker, error=lambda m: 1.0))
             per_step = run.seconds / max(run.steps_run, 1)
             rows.append({"threads": count, "batch_size": batch, "ms_per_step": round(1000 * per_step, 1),
                          "samples_per_s": round(batch / per_step, 1)})

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convfactor
+from convfactor.distill.criterion import Criterion
 from convfactor.distill.training import DistillOptions, distill_model, output_losses
 from convfactor.errors import ConvfactorError
 from convfactor.fidelity_spec import parse_fidelity
@@ -131,7 +132,7 @@ def test_early_stopping_keeps_the_best_checked_state():
         return next(errors)
 
     run = distill_model(student, teacher, [(x,)], _checker(teacher, x), DistillOptions(steps=100, check_every=10,
-                        patience=3, lr=1e-3), select_error=judge)
+                        patience=3, lr=1e-3), criterion=Criterion(_checker(teacher, x), error=judge))
     assert run.steps_run == 40 and run.best_step == 10 and run.improved and run.stopped.startswith("early stop")
     assert [row["step"] for row in run.select] == [0, 10, 20, 30, 40]
     assert all(torch.equal(v, states[1][k]) for k, v in student.state_dict().items())  # the state at step 10
