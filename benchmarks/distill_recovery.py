@@ -10,7 +10,8 @@ absolute pitch error in cents on 256 other tones (seed 1; lower is better), outp
 loss: CREPE's sigmoid bins are not declared class scores). ``--network`` names any network of
 ``benchmarks/real/distill_cases.py`` (CREPE tiny/full, PP-OCRv4 rec/det: data, metric and declarations there);
 ``--variant lr=...,samples=...,batch=...`` (repeatable) distils copies of one resolution several ways, each a
-row; ``--metric-decides`` gives the network's metric its select set, so the task metric (not the output error)
+row; ``--logits`` (ppocr_rec) distils the per-step class logits with a KL loss; ``--metric-decides`` gives
+the network's metric its select set, so the task metric (not the output error)
 stops the distillation and keeps or rejects it (the reported metric stays on the other set); and
 ``--save-onnx DIR`` exports each variant's returned model (for ``int8_compose.py --onnx``). ``--defaults``
 times a distillation step per
@@ -107,14 +108,15 @@ def _record(record: dict, report) -> dict:
 
 
 def network_rows(network: str, macs: float, steps: int, calibration: int | None, variants: list[dict],
-                 seconds: float | None, pooled: bool, save_onnx: Path | None, metric_decides: bool) -> list[dict]:
+                 seconds: float | None, pooled: bool, save_onnx: Path | None, metric_decides: bool,
+                 logits: bool = False) -> list[dict]:
     """One resolution of ``network`` at ``macs``, then one distillation per variant ({"lr", "samples"}), each
     from a copy of the same undistilled result (``distill_result`` is called once per variant inside the one
     ``factorize``; the first variant's is the model ``factorize`` returns and checks)."""
     import convfactor.distill.result as distill_module
 
     made = case(network, calibration, max((v.get("samples") or 0) for v in variants) or None, pooled,
-                metric_decides)
+                metric_decides, logits)
     genuine = distill_module.distill_result
     trials: list[tuple[dict, torch.nn.Module, dict]] = []
 
@@ -152,8 +154,8 @@ def network_rows(network: str, macs: float, steps: int, calibration: int | None,
             onnx_path = save_onnx / f"{network}_macs{macs}_variant{index}.onnx"
             convfactor.export_onnx(trained, made["calib"][:1], onnx_path, force=True)
         rows.append({"model": network, "metric": made["metric_desc"], "macs_target": macs, "variant": variant,
-                     "pooled": pooled, "metric_decides": metric_decides, **_record(record, report), "steps": steps,
-                     "time_budget": seconds,
+                     "pooled": pooled, "metric_decides": metric_decides, "logits": logits,
+                     **_record(record, report), "steps": steps, "time_budget": seconds,
                      "factorize_seconds_total": round(elapsed, 1), "shared_resolution": len(trials) > 1,
                      "threads": torch.get_num_threads(), "onnx": None if onnx_path is None else str(onnx_path),
                      "metric_reported": report.extra["fidelity_check"].get("metric") if index == 0 else None})
@@ -260,6 +262,8 @@ def main(argv=None) -> int:
                         "unlabelled inputs instead of the calibration fit part; batch: samples per step); repeat "
                         "it to distil copies of one resolution several ways (the first is the model factorize "
                         "returns)")
+    p.add_argument("--logits", action="store_true",
+                   help="ppocr_rec: cut the final softmax and declare the logits class scores (KL loss per step)")
     p.add_argument("--metric-decides", action="store_true",
                    help="--network: give the metric its select set (distill_cases.py), so the task metric "
                         "decides the distillation instead of the output error")
@@ -289,7 +293,8 @@ def main(argv=None) -> int:
             variants = args.variant or [{"lr": args.lr}]
             rows = [r for m in args.macs.split(",")
                     for r in network_rows(network, float(m), args.steps, args.calibration, variants,
-                                          args.time_budget, args.pooled, args.save_onnx, args.metric_decides)]
+                                          args.time_budget, args.pooled, args.save_onnx, args.metric_decides,
+                                          args.logits)]
         print(table(rows))
         result = {"rows": rows, "uptime_start": load,
                   "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),

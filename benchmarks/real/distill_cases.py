@@ -14,6 +14,12 @@ checked on:
     F-score at IoU 0.5 on the 32 scenes of ``real_models.py`` (seed 31; higher is better); its select set 32
     scenes of seed 34.
 
+``logits`` (PP-OCRv4 rec only) cuts the recognizer's final softmax, so its output is the per-step class
+logits, declared ``kind: scores`` along the class axis (``fidelity: {outputs: {0: {kind: scores, axis: 2}}}``):
+the distillation's loss is then the KL divergence of each time step's class distribution (the softmax of the
+logits is the original output), instead of the MSE of the probabilities, which the near-1 blank class
+dominates. The greedy CTC decode takes the argmax, so the original's CER is the same.
+
 ``metric_decides``: the metric gets its select set (``convfactor.Metric(..., select=...)``), so the distillation
 is stopped and kept or rejected by the task metric on that set (``convfactor.distill.criterion``); the metric
 reported (before, after, the final check) stays the one on the first set, which no decision saw.
@@ -35,7 +41,7 @@ NETWORKS = ("crepe_tiny", "crepe_full", "ppocr_rec", "ppocr_det")
 
 
 def case(network: str, calibration: int | None, distill_samples: int | None, pooled: bool = False,
-         metric_decides: bool = False) -> dict:
+         metric_decides: bool = False, logits: bool = False) -> dict:
     """{model, calib, distill_data (or None), metric (convfactor.Metric), declared (policy without target),
     metric_desc} for ``network``."""
     if network.startswith("crepe"):
@@ -47,6 +53,11 @@ def case(network: str, calibration: int | None, distill_samples: int | None, poo
     else:
         raise SystemExit(f"error: --network must be one of {', '.join(NETWORKS)}, got {network!r}")
     declared = {"rules": [{"types": ["Conv2d"], "method": "auto"}]}
+    if logits and network != "ppocr_rec":
+        raise SystemExit("error: --logits is for ppocr_rec (its [N, T, 6625] softmax output)")
+    if logits:
+        out["model"] = _without_softmax(out["model"])
+        declared["fidelity"] = {"outputs": {0: {"kind": "scores", "axis": 2}}}
     if pooled and not network.startswith("crepe"):
         raise SystemExit("error: --pooled is for the CREPE networks (one [N, 360] output)")
     if pooled:
@@ -95,6 +106,19 @@ def _ppocr_rec(calibration: int, distill_samples: int | None, metric_decides: bo
             "metric": convfactor.Metric(cer(11), name="cer", higher_is_better=False,
                                         select=cer(14) if metric_decides else None),
             "metric_desc": "character error rate (96 rendered lines)"}
+
+
+def _without_softmax(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The recognizer's graph returning what its final softmax takes (the per-step class logits)."""
+    graph = model.graph
+    output = next(node for node in graph.nodes if node.op == "output")
+    softmax = output.args[0]
+    if softmax.op != "call_module" or "Softmax" not in str(softmax.target):
+        raise SystemExit(f"error: --logits: the recognizer's output is {softmax.target}, not a softmax")
+    output.args = (softmax.args[0],)
+    graph.erase_node(softmax)
+    model.recompile()
+    return model
 
 
 def _ppocr_det(calibration: int, distill_samples: int | None, metric_decides: bool) -> dict:
