@@ -309,7 +309,7 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: Sequence[tupl
                     measured_at = step
                     since = 0 if judge_now(step) else since + 1
                     if since >= options.patience:
-                        run.stopped = (f"early stop: select error not lower in {options.patience} checks "
+                        run.stopped = (f"early stop: no better {criterion.name} in {options.patience} checks "
                                        f"after step {run.best_step}")
                         break
             if run.steps_run > measured_at:  # stopped by time between checks: judge the last state too
