@@ -10,7 +10,6 @@ instead of the metric fails these tests.
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -20,26 +19,7 @@ import convfactor
 from convfactor.distill.criterion import Criterion, Judgement
 from convfactor.distill.training import DistillOptions, distill_model
 from convfactor.output_checker import OutputChecker
-
-CUT = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd"}], "target": {"macs": 0.3},
-       "fidelity": {"outputs": {0: {"kind": "scores"}}}}
-
-
-def small_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(16, 10)).eval()
-
-
-def data(count: int = 96, seed: int = 1) -> torch.Tensor:
-    return torch.randn(count, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def quiet_factorize(*args, **kwargs) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return convfactor.factorize(*args, **kwargs)
+from tests.distill.small import CUT, data, quiet_factorize, small_net
 
 
 def moved_from(anchor: nn.Module, inputs: torch.Tensor):
