@@ -102,7 +102,7 @@ def _record(record: dict, report) -> dict:
             "distill_seconds": record["seconds"], "lr": record["options"]["lr"],
             "decided_by": (record.get("decided_by") or {}).get("criterion"),
             "select_metric_before": record.get("select_metric_before"),
-            "select_metric_after": record.get("select_metric_after"),
+            "select_metric_after": record.get("select_metric_after"), "judged": record.get("select"),
             "batch_size": record["options"]["batch_size"], "distill_data": record["data"],
             "output_losses": record["output_losses"], "check_samples": record["before"].get("samples")}
 
