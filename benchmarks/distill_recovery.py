@@ -9,7 +9,10 @@ why it stopped, and the seconds. ``--crepe`` does the same for CREPE tiny (torch
 absolute pitch error in cents on 256 other tones (seed 1; lower is better), output error per slice (MSE
 loss: CREPE's sigmoid bins are not declared class scores). ``--network`` names any network of
 ``benchmarks/real/distill_cases.py`` (CREPE tiny/full, PP-OCRv4 rec/det: data, metric and declarations there);
-``--variant lr=...,samples=...`` (repeatable) distils copies of one resolution several ways, each a row, and
+``--variant lr=...,samples=...,batch=...`` (repeatable) distils copies of one resolution several ways, each a
+row; ``--logits`` (ppocr_rec) distils the per-step class logits with a KL loss; ``--metric-decides`` gives
+the network's metric its select set, so the task metric (not the output error)
+stops the distillation and keeps or rejects it (the reported metric stays on the other set); and
 ``--save-onnx DIR`` exports each variant's returned model (for ``int8_compose.py --onnx``). ``--defaults``
 times a distillation step per
 (threads, batch size) instead: what ``DistillOptions``' defaults were chosen by. ``--min-agreement X`` runs
@@ -50,6 +53,7 @@ import torch  # noqa: E402
 import convfactor  # noqa: E402
 from benchmarks.real.distill_cases import NETWORKS, case  # noqa: E402
 from convfactor.auto import DistillOptions  # noqa: E402
+from convfactor.distill.criterion import Criterion  # noqa: E402
 from convfactor.distill.training import distill_model  # noqa: E402
 from convfactor.output_checker import OutputChecker  # noqa: E402
 from convfactor.zoo import evaluate_accuracy, load_pretrained  # noqa: E402
@@ -96,24 +100,30 @@ def _record(record: dict, report) -> dict:
             "select_after": record["select_after"], "returned": record["returned"],
             "steps_run": record["steps_run"], "best_step": record["best_step"], "stopped": record["stopped"],
             "distill_seconds": record["seconds"], "lr": record["options"]["lr"],
+            "decided_by": (record.get("decided_by") or {}).get("criterion"),
+            "select_metric_before": record.get("select_metric_before"),
+            "select_metric_after": record.get("select_metric_after"), "judged": record.get("select"),
             "batch_size": record["options"]["batch_size"], "distill_data": record["data"],
             "output_losses": record["output_losses"], "check_samples": record["before"].get("samples")}
 
 
 def network_rows(network: str, macs: float, steps: int, calibration: int | None, variants: list[dict],
-                 seconds: float | None, pooled: bool, save_onnx: Path | None) -> list[dict]:
+                 seconds: float | None, pooled: bool, save_onnx: Path | None, metric_decides: bool,
+                 logits: bool = False) -> list[dict]:
     """One resolution of ``network`` at ``macs``, then one distillation per variant ({"lr", "samples"}), each
     from a copy of the same undistilled result (``distill_result`` is called once per variant inside the one
     ``factorize``; the first variant's is the model ``factorize`` returns and checks)."""
-    import convfactor.auto.distill_result as distill_module
+    import convfactor.distill.result as distill_module
 
-    made = case(network, calibration, max((v.get("samples") or 0) for v in variants) or None, pooled)
+    made = case(network, calibration, max((v.get("samples") or 0) for v in variants) or None, pooled,
+                metric_decides, logits)
     genuine = distill_module.distill_result
     trials: list[tuple[dict, torch.nn.Module, dict]] = []
 
     def options_for(base: DistillOptions, variant: dict) -> DistillOptions:
         data = made["distill_data"][:variant["samples"]] if variant.get("samples") else None
-        return dataclasses.replace(base, lr=variant.get("lr") or base.lr, data=data)
+        return dataclasses.replace(base, lr=variant.get("lr") or base.lr, data=data,
+                                   batch_size=variant.get("batch") or base.batch_size)
 
     def each_variant(model, result, resolution, options, report, progress=False):
         for variant in variants[1:]:  # copies of the undistilled result first; the first variant runs in place
@@ -144,7 +154,8 @@ def network_rows(network: str, macs: float, steps: int, calibration: int | None,
             onnx_path = save_onnx / f"{network}_macs{macs}_variant{index}.onnx"
             convfactor.export_onnx(trained, made["calib"][:1], onnx_path, force=True)
         rows.append({"model": network, "metric": made["metric_desc"], "macs_target": macs, "variant": variant,
-                     "pooled": pooled, **_record(record, report), "steps": steps, "time_budget": seconds,
+                     "pooled": pooled, "metric_decides": metric_decides, "logits": logits,
+                     **_record(record, report), "steps": steps, "time_budget": seconds,
                      "factorize_seconds_total": round(elapsed, 1), "shared_resolution": len(trials) > 1,
                      "threads": torch.get_num_threads(), "onnx": None if onnx_path is None else str(onnx_path),
                      "metric_reported": report.extra["fidelity_check"].get("metric") if index == 0 else None})
@@ -191,7 +202,8 @@ def defaults(batches: tuple[int, ...], threads: tuple[int, ...], steps: int = 8)
     for count in threads:
         for batch in batches:
             options = DistillOptions(steps=steps, batch_size=batch, threads=count, check_every=10_000)
-            run = distill_model(fast, model, [(x,)], checker, options, select_error=lambda m: 1.0)
+            run = distill_model(fast, model, [(x,)], checker, options,
+                                criterion=Criterion(checker, error=lambda m: 1.0))
             per_step = run.seconds / max(run.steps_run, 1)
             rows.append({"threads": count, "batch_size": batch, "ms_per_step": round(1000 * per_step, 1),
                          "samples_per_s": round(batch / per_step, 1)})
@@ -201,26 +213,36 @@ def defaults(batches: tuple[int, ...], threads: tuple[int, ...], steps: int = 8)
 
 def table(rows: list[dict]) -> str:
     head = ("| model | MACs target | MACs ratio | metric original | metric before | metric after | check err before "
-            "| check err after | select before -> after | steps run / max | returned | distill s |")
+            "| check err after | select before -> after | select metric before -> after | decided by "
+            "| steps run / max | returned | distill s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         name = r["model"] + (f" {r['variant']}" if r.get("variant") else "") + (" pooled" if r.get("pooled") else "")
         lines.append(f"| {name} | {r['macs_target']} | {r['macs_ratio']:.3f} | {r['metric_original']:.4f} | "
                      f"{r['metric_before']:.4f} | {r['metric_after']:.4f} | {r['check_error_before']:.4f} | "
-                     f"{r['check_error_after']:.4f} | {r['select_before']:.4f} -> {r['select_after']:.4f} | "
+                     f"{r['check_error_after']:.4f} | {r['select_before']:.4f} -> {_number(r['select_after'])} | "
+                     f"{_number(r.get('select_metric_before'))} -> {_number(r.get('select_metric_after'))} | "
+                     f"{r.get('decided_by') or 'select error'} | "
                      f"{r['steps_run']}/{r['steps']} ({r['stopped']}) | {r['returned']} | {r['distill_seconds']:.1f} |")
     return "\n".join(lines)
 
 
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def parse_variant(text: str) -> dict:
-    """``lr=5e-4,samples=2048`` as {"lr": 5e-4, "samples": 2048}; a bad one is one error line."""
+    """``lr=5e-4,samples=2048,batch=8`` as {"lr": 5e-4, "samples": 2048, "batch": 8}; a bad one is one error
+    line."""
     out = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         try:
-            out[key] = {"lr": float, "samples": int}[key](value)
+            out[key] = {"lr": float, "samples": int, "batch": int}[key](value)
         except (KeyError, ValueError):
-            raise SystemExit(f"error: --variant takes lr=FLOAT,samples=INT, got {text!r}") from None
+            raise SystemExit(f"error: --variant takes lr=FLOAT,samples=INT,batch=INT, got {text!r}") from None
+        if key != "lr" and out[key] < 1:
+            raise SystemExit(f"error: --variant {key} must be >= 1, got {text!r}")
     return out
 
 
@@ -236,9 +258,15 @@ def main(argv=None) -> int:
     p.add_argument("--network", choices=NETWORKS, default=None,
                    help="a real network (benchmarks/real/distill_cases.py) instead of digits ResNet-20")
     p.add_argument("--variant", action="append", type=parse_variant, default=None,
-                   help="a distillation variant lr=FLOAT,samples=INT (samples: that many separate unlabelled "
-                        "inputs instead of the calibration fit part); repeat it to distil copies of one "
-                        "resolution several ways (the first is the model factorize returns)")
+                   help="a distillation variant lr=FLOAT,samples=INT,batch=INT (samples: that many separate "
+                        "unlabelled inputs instead of the calibration fit part; batch: samples per step); repeat "
+                        "it to distil copies of one resolution several ways (the first is the model factorize "
+                        "returns)")
+    p.add_argument("--logits", action="store_true",
+                   help="ppocr_rec: cut the final softmax and declare the logits class scores (KL loss per step)")
+    p.add_argument("--metric-decides", action="store_true",
+                   help="--network: give the metric its select set (distill_cases.py), so the task metric "
+                        "decides the distillation instead of the output error")
     p.add_argument("--pooled", action="store_true",
                    help="CREPE: declare the output one slice, reduce pooled (loss and select error pooled)")
     p.add_argument("--save-onnx", type=Path, default=None, help="export each variant's returned model here")
@@ -265,7 +293,8 @@ def main(argv=None) -> int:
             variants = args.variant or [{"lr": args.lr}]
             rows = [r for m in args.macs.split(",")
                     for r in network_rows(network, float(m), args.steps, args.calibration, variants,
-                                          args.time_budget, args.pooled, args.save_onnx)]
+                                          args.time_budget, args.pooled, args.save_onnx, args.metric_decides,
+                                          args.logits)]
         print(table(rows))
         result = {"rows": rows, "uptime_start": load,
                   "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),

@@ -94,7 +94,8 @@ def factorize(
         metric: the task metric, ``metric(model) -> float`` on the user's own data (higher is better unless
             ``metric.higher_is_better`` is False; ``convfactor.Metric``). Evaluated on the original and on
             the result (``report.extra['fidelity_check']``), and at the search's probes when the policy
-            bounds it (``fidelity: {max_metric_drop: 0.01}``).
+            bounds it (``fidelity: {max_metric_drop: 0.01}``). ``Metric(fn, select=fn2)``: ``fn2`` is the
+            metric on a second labelled set; with ``distill`` it decides the distilled state.
         latency: options of the latency model used by a ``latency`` target or ``method: auto``
             (e.g. ``{"threads": 1, "cache": path}``; see ``convfactor.auto``).
         auto_options: ``convfactor.auto.AutoOptions`` for a policy that is resolved (a target, ``auto``
@@ -104,8 +105,9 @@ def factorize(
             ``auto.statistics``).
         distill: a number of steps or ``convfactor.auto.DistillOptions``: then distil the result towards
             ``model`` on the calibration fit part (or ``DistillOptions.data``), stopped early on the select
-            part's error and returned only if that error went down; needs ``calibration`` or ``validation``.
-            Before/after on held-out data in ``report.extra['distill']`` (docs/distill.md).
+            part's error and returned only if that error went down; when ``metric`` has a select set
+            (``Metric(fn, select=fn2)``), that metric decides instead; needs ``calibration`` or ``validation``.
+            Before/after on held-out data and the criterion in ``report.extra['distill']`` (docs/distill.md).
         shared: a ``convfactor.auto.shared.SharedWork`` passed to several calls on this model and data (what
             ``convfactor.sweep`` does): statistics, candidates and sensitivities are computed once and reused.
         executor: a ``concurrent.futures.Executor`` (a thread or process pool, ``dask_client.get_executor()``)

@@ -7,6 +7,11 @@ fidelity probes (at most ``AutoOptions.metric_evaluations`` times) and on the re
 ``fidelity: {max_metric_drop: X}`` / ``{min_metric: Y}`` bound it, and the report prints both values.
 The data it runs on is the user's: give data no calibration sample came from, so the number is held out.
 
+``Metric(fn, select=fn_select)`` adds the metric on a second, separate labelled set: the one decisions may
+be made by (whether a distilled state is kept, ``convfactor.distill.criterion``) while ``fn``'s number stays
+the held-out one the report prints. A metric without ``select`` cannot decide there: its one number would
+then be both what decided and what is reported.
+
 On the command line ``--metric package.module:function`` or ``--metric path/file.py:function`` names
 the function; it is imported because the user named it there, never because a file asks for it.
 """
@@ -29,32 +34,28 @@ __all__ = ["Metric", "as_metric", "load_metric"]
 
 @dataclass(frozen=True)
 class Metric:
-    """A task metric: ``fn(model) -> float``, its name for the report, and its direction."""
+    """A task metric: ``fn(model) -> float``, its name for the report, its direction, and optionally the same
+    metric on a separate labelled set that decisions may use (``select``)."""
 
     fn: Callable[[nn.Module], float]
     name: str = "metric"
     higher_is_better: bool = True
+    select: Callable[[nn.Module], float] | None = None
+
+    def __post_init__(self):
+        if self.select is not None and not callable(self.select):
+            raise ConvfactorError(f"metric {self.name!r}: select must be a callable taking a model, got "
+                                  f"{type(self.select).__name__}")
 
     def __call__(self, module: nn.Module) -> float:
         """The metric of ``module`` (in eval mode, without gradients); a non-number is an error naming it."""
-        flags = [(m, m.training) for m in module.modules()]
-        module.eval()
-        try:
-            with torch.no_grad():
-                value = self.fn(module)
-        except ConvfactorError:
-            raise
-        except Exception as error:
-            raise ConvfactorError(f"metric {self.name!r} failed with {type(error).__name__}: "
-                                  f"{one_line(error)}") from error
-        finally:
-            for m, training in flags:
-                m.training = training
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ConvfactorError(f"metric {self.name!r} must return a finite number, got {value!r}")
-        return float(value)
+        return _evaluate(self.fn, module, self.name)
+
+    def on_select(self, module: nn.Module) -> float:
+        """The metric of ``module`` on the select set (``select``); the same checks as ``__call__``."""
+        if self.select is None:
+            raise ConvfactorError(f"metric {self.name!r} has no select part (Metric(..., select=fn))")
+        return _evaluate(self.select, module, f"{self.name} (select)")
 
     def drop(self, original: float, value: float) -> float:
         """How much worse ``value`` is than ``original`` (positive: worse), in the metric's own units."""
@@ -63,6 +64,27 @@ class Metric:
     def meets(self, value: float, floor: float) -> bool:
         """``value`` at least as good as ``floor`` (>= for higher-is-better, <= otherwise)."""
         return value >= floor if self.higher_is_better else value <= floor
+
+
+def _evaluate(fn: Callable[[nn.Module], float], module: nn.Module, name: str) -> float:
+    """``fn(module)`` in eval mode without gradients, the modules' training flags restored; a number or an error."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            value = fn(module)
+    except ConvfactorError:
+        raise
+    except Exception as error:
+        raise ConvfactorError(f"metric {name!r} failed with {type(error).__name__}: {one_line(error)}") from error
+    finally:
+        for m, training in flags:
+            m.training = training
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConvfactorError(f"metric {name!r} must return a finite number, got {value!r}")
+    return float(value)
 
 
 def as_metric(value: Any) -> Metric | None:
@@ -78,11 +100,13 @@ def as_metric(value: Any) -> Metric | None:
     return Metric(value, getattr(value, "__name__", type(value).__name__), higher)
 
 
-def load_metric(spec: str) -> Metric:
-    """The metric ``--metric MODULE:FUNCTION`` names (imported: the user named it on the command line)."""
+def load_metric(spec: str, select_spec: str | None = None) -> Metric:
+    """The metric ``--metric MODULE:FUNCTION`` names, with ``--select-metric MODULE:FUNCTION`` as its select part
+    (imported: the user named them on the command line)."""
     from .files.architecture import import_callable
 
     fn, _ = import_callable(spec, "--metric", "function")
     metric = as_metric(fn)
     assert metric is not None
-    return Metric(metric.fn, spec.rpartition(":")[2], metric.higher_is_better)
+    select = None if select_spec is None else import_callable(select_spec, "--select-metric", "function")[0]
+    return Metric(metric.fn, spec.rpartition(":")[2], metric.higher_is_better, select)

@@ -5,11 +5,24 @@ Every set is generated from its own seed, so the metric's inputs are never calib
 checked on:
 
   * crepe_tiny / crepe_full: 512 calibration frames of harmonic tones (seed 2), distillation frames (seed 4),
-    metric the median absolute pitch error in cents on 256 other tones (seed 1; lower is better);
+    metric the median absolute pitch error in cents on 256 other tones (seed 1; lower is better); its select
+    set 256 tones of seed 5;
   * ppocr_rec: 256 rendered text lines for calibration (seed 12), distillation lines (seed 13), metric the
-    character error rate on the 96 lines of ``real_models.py`` (seed 11; lower is better);
+    character error rate on the 96 lines of ``real_models.py`` (seed 11; lower is better); its select set 96
+    lines of seed 14;
   * ppocr_det: 64 text scenes for calibration (seed 32), distillation scenes (seed 33), metric the line-box
-    F-score at IoU 0.5 on the 32 scenes of ``real_models.py`` (seed 31; higher is better).
+    F-score at IoU 0.5 on the 32 scenes of ``real_models.py`` (seed 31; higher is better); its select set 32
+    scenes of seed 34.
+
+``logits`` (PP-OCRv4 rec only) cuts the recognizer's final softmax, so its output is the per-step class
+logits, declared ``kind: scores`` along the class axis (``fidelity: {outputs: {0: {kind: scores, axis: 2}}}``):
+the distillation's loss is then the KL divergence of each time step's class distribution (the softmax of the
+logits is the original output), instead of the MSE of the probabilities, which the near-1 blank class
+dominates. The greedy CTC decode takes the argmax, so the original's CER is the same.
+
+``metric_decides``: the metric gets its select set (``convfactor.Metric(..., select=...)``), so the distillation
+is stopped and kept or rejected by the task metric on that set (``convfactor.distill.criterion``); the metric
+reported (before, after, the final check) stays the one on the first set, which no decision saw.
 
 ``pooled`` (CREPE only) declares the network's one output as a single slice measured pooled (``fidelity:
 {reduce: pooled, outputs: {0: {slices: {all: [0, 360]}}}}``): the distillation's MSE is then relative to
@@ -27,18 +40,24 @@ __all__ = ["NETWORKS", "case"]
 NETWORKS = ("crepe_tiny", "crepe_full", "ppocr_rec", "ppocr_det")
 
 
-def case(network: str, calibration: int | None, distill_samples: int | None, pooled: bool = False) -> dict:
+def case(network: str, calibration: int | None, distill_samples: int | None, pooled: bool = False,
+         metric_decides: bool = False, logits: bool = False) -> dict:
     """{model, calib, distill_data (or None), metric (convfactor.Metric), declared (policy without target),
     metric_desc} for ``network``."""
     if network.startswith("crepe"):
-        out = _crepe(network.split("_")[1], calibration or 512, distill_samples)
+        out = _crepe(network.split("_")[1], calibration or 512, distill_samples, metric_decides)
     elif network == "ppocr_rec":
-        out = _ppocr_rec(calibration or 256, distill_samples)
+        out = _ppocr_rec(calibration or 256, distill_samples, metric_decides)
     elif network == "ppocr_det":
-        out = _ppocr_det(calibration or 64, distill_samples)
+        out = _ppocr_det(calibration or 64, distill_samples, metric_decides)
     else:
         raise SystemExit(f"error: --network must be one of {', '.join(NETWORKS)}, got {network!r}")
     declared = {"rules": [{"types": ["Conv2d"], "method": "auto"}]}
+    if logits and network != "ppocr_rec":
+        raise SystemExit("error: --logits is for ppocr_rec (its [N, T, 6625] softmax output)")
+    if logits:
+        out["model"] = _without_softmax(out["model"])
+        declared["fidelity"] = {"outputs": {0: {"kind": "scores", "axis": 2}}}
     if pooled and not network.startswith("crepe"):
         raise SystemExit("error: --pooled is for the CREPE networks (one [N, 360] output)")
     if pooled:
@@ -48,49 +67,74 @@ def case(network: str, calibration: int | None, distill_samples: int | None, poo
     return out
 
 
-def _crepe(capacity: str, calibration: int, distill_samples: int | None) -> dict:
+def _crepe(capacity: str, calibration: int, distill_samples: int | None, metric_decides: bool) -> dict:
     from . import crepe
 
     calib, _ = crepe.harmonic_frames(calibration, seed=2)
-    x_test, f0 = crepe.harmonic_frames(256, seed=1)
     data = None if not distill_samples else crepe.harmonic_frames(distill_samples, seed=4)[0]
 
-    def median_cents(run):
-        with torch.no_grad():
-            return crepe.pitch_metrics(run(x_test).numpy(), f0)["median_cents"]
+    def median_cents(seed: int):
+        x_test, f0 = crepe.harmonic_frames(256, seed=seed)
+
+        def metric(run):
+            with torch.no_grad():
+                return crepe.pitch_metrics(run(x_test).numpy(), f0)["median_cents"]
+        return metric
 
     return {"model": crepe.load(capacity), "calib": calib, "distill_data": data, "channels": crepe.PITCH_BINS,
-            "metric": convfactor.Metric(median_cents, name="median_cents", higher_is_better=False),
+            "metric": convfactor.Metric(median_cents(1), name="median_cents", higher_is_better=False,
+                                        select=median_cents(5) if metric_decides else None),
             "metric_desc": "median abs. pitch error, cents (256 test tones)"}
 
 
-def _ppocr_rec(calibration: int, distill_samples: int | None) -> dict:
+def _ppocr_rec(calibration: int, distill_samples: int | None, metric_decides: bool) -> dict:
     from . import ppocr, textdata
 
     calib, _ = ppocr.lines(calibration, seed=12)
-    x_eval, truth = ppocr.lines(96, seed=11)
     data = None if not distill_samples else ppocr.lines(distill_samples, seed=13)[0]
 
-    def cer(run):
-        with torch.no_grad():
-            predicted = ppocr.ctc_decode(run(x_eval).numpy())
-        return textdata.character_error_rate(predicted, truth)
+    def cer(seed: int):
+        x_eval, truth = ppocr.lines(96, seed=seed)
+
+        def metric(run):
+            with torch.no_grad():
+                predicted = ppocr.ctc_decode(run(x_eval).numpy())
+            return textdata.character_error_rate(predicted, truth)
+        return metric
 
     return {"model": ppocr.load(), "calib": calib, "distill_data": data,
-            "metric": convfactor.Metric(cer, name="cer", higher_is_better=False),
+            "metric": convfactor.Metric(cer(11), name="cer", higher_is_better=False,
+                                        select=cer(14) if metric_decides else None),
             "metric_desc": "character error rate (96 rendered lines)"}
 
 
-def _ppocr_det(calibration: int, distill_samples: int | None) -> dict:
+def _without_softmax(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The recognizer's graph returning what its final softmax takes (the per-step class logits)."""
+    graph = model.graph
+    output = next(node for node in graph.nodes if node.op == "output")
+    softmax = output.args[0]
+    if softmax.op != "call_module" or "Softmax" not in str(softmax.target):
+        raise SystemExit(f"error: --logits: the recognizer's output is {softmax.target}, not a softmax")
+    output.args = (softmax.args[0],)
+    graph.erase_node(softmax)
+    model.recompile()
+    return model
+
+
+def _ppocr_det(calibration: int, distill_samples: int | None, metric_decides: bool) -> dict:
     from . import ppocr_det, textdata
 
     size = ppocr_det.SIZE
     calib, _ = textdata.scene_batch(calibration, 32, size, ppocr_det.to_input, "lines")
-    x_eval, truth = textdata.scene_batch(32, 31, size, ppocr_det.to_input, "lines")
     data = (None if not distill_samples else
             textdata.scene_batch(distill_samples, 33, size, ppocr_det.to_input, "lines")[0])
-    boxes = textdata.detection_metric(x_eval, truth, lambda out: ppocr_det.detect_boxes(out[0]))
+
+    def fscore(seed: int):
+        x_eval, truth = textdata.scene_batch(32, seed, size, ppocr_det.to_input, "lines")
+        boxes = textdata.detection_metric(x_eval, truth, lambda out: ppocr_det.detect_boxes(out[0]))
+        return lambda run: boxes(run)["fscore"]
 
     return {"model": ppocr_det.load(), "calib": calib, "distill_data": data,
-            "metric": convfactor.Metric(lambda run: boxes(run)["fscore"], name="fscore", higher_is_better=True),
+            "metric": convfactor.Metric(fscore(31), name="fscore", higher_is_better=True,
+                                        select=fscore(34) if metric_decides else None),
             "metric_desc": "line-box F-score at IoU 0.5 (32 text scenes)"}

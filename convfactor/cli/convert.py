@@ -156,8 +156,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     share = None if args.share_weights is None else parse_share_spec(args.share_weights)
     calibration = load_inputs_file(args.calibration, "--calibration")
     validation = load_inputs_file(args.validation, "--validation")
-    metric = load_metric(args.metric) if args.metric else None
     distill = read_distill_options(args, calibration, validation)
+    metric = load_metric(args.metric, args.select_metric) if args.metric else None
     if policy.fidelity is not None and policy.fidelity.needs_metric and metric is None:
         raise ConvfactorError("--max-metric-drop (or the policy's max_metric_drop/min_metric) needs --metric "
                               "MODULE:FUNCTION")

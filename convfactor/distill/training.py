@@ -6,11 +6,13 @@
     scale_s = the teacher's mean square of slice s on the first batch (each output and slice on its own scale,
               the slices ``convfactor.output_error`` measures the fidelity by)
 
-Every ``check_every`` steps the student's worst-slice error is measured on the SELECT part of the data
-(``convfactor.auto.statistics.split``); the state with the lowest select error is kept, and the run stops after
-``patience`` checks without improvement, after ``steps`` steps or when its time is spent. The check part is
-never seen here. Structural zeros stay zero (``finetune.structural_masks``). Memory: the teacher's outputs
-are recomputed per batch (one batch of activations, two parameter copies: the starting and the best state).
+Every ``check_every`` steps the student is judged on held-out data by a ``Criterion`` (``criterion.py``): the
+task metric on its select set when the user gave one with a select set, else the worst-slice error on the
+SELECT part of the data (``convfactor.auto.statistics.split``); the best state by that criterion is kept, and
+the run stops after ``patience`` checks without improvement, after ``steps`` steps or when its time is spent.
+The check part is never seen here. Structural zeros stay zero (``finetune.structural_masks``). Memory: the
+teacher's outputs are recomputed per batch (one batch of activations, two parameter copies: the starting and
+the best state).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ from ..errors import ConvfactorError
 from ..output_checker import OutputChecker
 from ..output_error import OutputLayout
 from ..progress import open_bar
+from .criterion import Criterion, Judgement
 from .finetune import masked_step, structural_masks
 
 __all__ = ["DistillOptions", "DistillRun", "as_distill_options", "output_losses", "distill_model",
@@ -161,15 +164,19 @@ def output_losses(layouts: Sequence[OutputLayout], teacher: Sequence[torch.Tenso
 
 @dataclass
 class DistillRun:
-    """What one distillation did: steps run, why it stopped, the loss and the select errors it was kept by."""
+    """What one distillation did: steps run, why it stopped, the loss and the held-out judgements it was kept by."""
 
     steps_run: int = 0
     stopped: str = ""
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
-    select: list[dict[str, float]] = field(default_factory=list)  # [{"step", "rel_error"}], step 0 = undistilled
+    # [{"step", "rel_error", "metric" (when the metric decides)}], step 0 = undistilled
+    select: list[dict[str, float]] = field(default_factory=list)
+    criterion: dict[str, Any] = field(default_factory=dict)  # Criterion.describe(): what decided, and why
+    start: Judgement | None = None  # the undistilled state's judgement
+    best: Judgement | None = None  # the best distilled state's (None: no step ran)
     best_step: int = 0  # the best distilled state's step (0: no step ran)
-    improved: bool = False  # the best distilled state's select error is below the undistilled one's
+    improved: bool = False  # the best distilled state is better than the undistilled one (Criterion.better)
     fixed_zeros: int = 0
     output_losses: list[str] = field(default_factory=list)
     rejected_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # not improved: the best tried
@@ -179,8 +186,8 @@ class DistillRun:
         last = sum(self.losses[-10:]) / len(self.losses[-10:]) if self.losses else None
         return {"steps_run": self.steps_run, "stopped": self.stopped, "seconds": round(self.seconds, 2),
                 "loss_first": _round(first), "loss_last10": _round(last), "select": self.select,
-                "best_step": self.best_step, "improved": self.improved, "fixed_zeros": self.fixed_zeros,
-                "output_losses": self.output_losses}
+                "decided_by": self.criterion, "best_step": self.best_step, "improved": self.improved,
+                "fixed_zeros": self.fixed_zeros, "output_losses": self.output_losses}
 
 
 def _round(value: float | None) -> float | None:
@@ -217,33 +224,34 @@ def _threads(count: int | None) -> Iterator[None]:
 def distill_model(student: nn.Module, teacher: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]],
                   select: OutputChecker, options: DistillOptions, *, progress: bool | str = False,
                   seconds: float | None = None, label: str = "distill",
-                  select_error: Callable[[nn.Module], float] | None = None) -> DistillRun:
+                  criterion: Criterion | None = None) -> DistillRun:
     """Distil ``teacher`` into ``student`` (in place) on ``batches``; ``student`` ends in its best state.
 
     Args:
         student: the factorized model; trained in place and left in eval mode in its best distilled state
-            (lowest select error) when that is below its starting one, else in its starting state.
+            when ``criterion`` judges that better than its starting one, else in its starting state.
         teacher: the original network (run without gradients, never changed).
         batches: the unlabelled inputs (input tuples); cut into ``options.batch_size`` steps.
         select: the checker of the select part; its layouts (declared kinds, slices) choose each output's loss.
         options: ``DistillOptions``.
-        progress: a progress bar with ETA, the loss and the last select error.
+        progress: a progress bar with ETA, the loss and the best select error (and metric).
         seconds: wall-clock limit (None: ``options.time_budget``, else none).
         label: the progress bar's name.
-        select_error: how a state is judged (default: ``select.measure(model)['rel_error']``).
+        criterion: how a state is judged and which is better (default: ``Criterion(select)``: the metric on
+            its select set when ``select.metric`` has one, else the select part's output error).
     Returns:
         A ``DistillRun``.
     """
     started = time.perf_counter()
     seconds = options.time_budget if seconds is None else seconds
-    judge = select_error or (lambda model: float(select.measure(model)["rel_error"]))
+    criterion = criterion or Criterion(select)
     chunks = _chunks(batches, options.batch_size)
     if not chunks:
         raise ConvfactorError("distillation data is empty")
     params = [p for p in student.parameters() if p.is_floating_point()]
     if not params:
         raise ConvfactorError("the model has no floating-point parameters to distil")
-    run = DistillRun()
+    run = DistillRun(criterion=criterion.describe())
     student.eval()
     teacher.eval()
     with _threads(options.threads):
@@ -252,10 +260,10 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: Sequence[tupl
         run.output_losses = [f"{layout.name}: {loss.describe()}" for layout, loss in zip(select.layouts, losses)]
         if all(loss.kind == "none" for loss in losses):
             raise ConvfactorError("distillation has nothing to match: every output is declared 'ignore'")
-        start_error = float(judge(student))
-        run.select.append({"step": 0, "rel_error": _round(start_error)})
+        run.start = criterion.judge(student)
+        run.select.append({"step": 0, **run.start.to_dict()})
         start_state = _copy_state(student)
-        best, best_state = math.inf, None  # the best distilled state (step >= 1) by select error
+        best_state = None  # the best distilled state (step >= 1) by the criterion
         grad_flags = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(True)
@@ -266,14 +274,20 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: Sequence[tupl
         stream, since, measured_at = _stream(chunks, options.seed), 0, 0
 
         def judge_now(step: int) -> bool:
-            """Measure the select error; True when it is the best distilled one so far."""
-            nonlocal best, best_state
-            error = float(judge(student))
-            run.select.append({"step": step, "rel_error": _round(error)})
-            if error < best:
-                best, best_state, run.best_step = error, _copy_state(student), step
+            """Judge the state; True when it is the best distilled one so far."""
+            nonlocal best_state
+            judgement = criterion.judge(student)
+            run.select.append({"step": step, **judgement.to_dict()})
+            if criterion.better(judgement, run.best):
+                run.best, best_state, run.best_step = judgement, _copy_state(student), step
                 return True
             return False
+
+        def shown() -> dict[str, str]:
+            """The progress bar's held-out numbers: the best state's so far (the undistilled one's at first)."""
+            judged = run.best if run.best is not None and criterion.better(run.best, run.start) else run.start
+            return {"select": f"{judged.rel_error:.4g}",
+                    **({} if judged.metric is None else {"metric": f"{judged.metric:.4g}"})}
 
         try:
             for step in range(1, options.steps + 1):
@@ -290,12 +304,12 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: Sequence[tupl
                 run.losses.append(float(value.detach()))
                 run.steps_run = step
                 bar.update(1)
-                bar.set_postfix(loss=f"{run.losses[-1]:.4g}", select=f"{min(best, start_error):.4g}")
+                bar.set_postfix(loss=f"{run.losses[-1]:.4g}", **shown())
                 if step % options.every == 0 or step == options.steps:
                     measured_at = step
                     since = 0 if judge_now(step) else since + 1
                     if since >= options.patience:
-                        run.stopped = (f"early stop: select error not lower in {options.patience} checks "
+                        run.stopped = (f"early stop: no better {criterion.name} in {options.patience} checks "
                                        f"after step {run.best_step}")
                         break
             if run.steps_run > measured_at:  # stopped by time between checks: judge the last state too
@@ -305,7 +319,7 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: Sequence[tupl
             for p, flag in zip(params, grad_flags):
                 p.requires_grad_(flag)
             student.eval()
-        run.improved = best < start_error
+        run.improved = run.best is not None and criterion.better(run.best, run.start)
         if not run.improved:
             run.rejected_state = best_state
         student.load_state_dict(best_state if run.improved else start_state)

@@ -5,7 +5,6 @@ and the CLI's --distill."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -13,31 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import convfactor
+from convfactor.distill.criterion import Criterion
 from convfactor.distill.training import DistillOptions, distill_model, output_losses
 from convfactor.errors import ConvfactorError
 from convfactor.fidelity_spec import parse_fidelity
 from convfactor.output_checker import OutputChecker
 from convfactor.output_error import plan_layouts
-
-CUT = {"rules": [{"types": ["Conv2d"], "method": "spatial_svd"}], "target": {"macs": 0.3},
-       "fidelity": {"outputs": {0: {"kind": "scores"}}}}
-
-
-def small_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(16, 10)).eval()
-
-
-def data(count: int = 96, seed: int = 1) -> torch.Tensor:
-    return torch.randn(count, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def quiet_factorize(*args, **kwargs) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return convfactor.factorize(*args, **kwargs)
+from tests.distill.small import CUT, data, quiet_factorize, small_net
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +112,7 @@ def test_early_stopping_keeps_the_best_checked_state():
         return next(errors)
 
     run = distill_model(student, teacher, [(x,)], _checker(teacher, x), DistillOptions(steps=100, check_every=10,
-                        patience=3, lr=1e-3), select_error=judge)
+                        patience=3, lr=1e-3), criterion=Criterion(_checker(teacher, x), error=judge))
     assert run.steps_run == 40 and run.best_step == 10 and run.improved and run.stopped.startswith("early stop")
     assert [row["step"] for row in run.select] == [0, 10, 20, 30, 40]
     assert all(torch.equal(v, states[1][k]) for k, v in student.state_dict().items())  # the state at step 10

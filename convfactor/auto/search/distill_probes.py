@@ -3,6 +3,8 @@
     probe (the allocation at a budget, as it would be returned) --measure SELECT--> holds the bound? done
     fails, and distilled probes left: copy --distill DistillOptions.probe_steps on FIT--> measure SELECT again
 
+The short distillation's best state, and whether it replaces the undistilled probe, are decided as for the final
+model (``convfactor.distill.criterion``: the task metric on its select set when given, else the select error).
 So the cheapest allocation that keeps the bound *after* distillation is what the search returns; the final
 model is then distilled with the full ``steps`` and measured on the check part as always. Bounded: at most
 ``DistillOptions.probes`` probes are distilled (each a copy, ``probe_steps`` steps); once spent, probes are
@@ -64,7 +66,8 @@ class ProbeDistiller:
         distilled = self.checker.measure(student, bound) if run.improved else metrics
         self.log.append({"undistilled_rel_error": rounded(metrics["rel_error"], 5),
                          "distilled_rel_error": rounded(distilled["rel_error"], 5), "steps_run": run.steps_run,
-                         "improved": run.improved, "holds": not failures(distilled, bound),
+                         "improved": run.improved, "decided_by": run.criterion["criterion"],
+                         "holds": not failures(distilled, bound),
                          "seconds": round(time.perf_counter() - started, 2)})
         if not run.improved:
             return metrics
