@@ -2,7 +2,8 @@
 
     targets -> for each: factorize(model, policy + target, shared=work)   (statistics, candidates and
                sensitivities computed by the first point of each kind, reused by the others)
-            -> uniform baseline at each MACs point (one method, one rank fraction, weights only)
+            -> uniform baseline at each MACs point (one method, one rank fraction, weights only:
+               ``convfactor.sweeps.uniform``)
             -> every model measured on the same held-out samples and timed against the original
 
 Each point is the model ``factorize`` returns for that target alone (``SharedWork`` reuses only what does
@@ -37,8 +38,9 @@ from ..metric import Metric, as_metric
 from ..policy import AUTO, Policy, Rule
 from ..progress import open_bar
 from .measure import PointMeter
-from .points import Target, first_of_each_kind, parse_targets, uniform_rank
+from .points import Target, first_of_each_kind, parse_targets
 from .result import SweepPoint, SweepResult
+from .uniform import UniformPlanner, uniform_model
 
 __all__ = ["sweep", "DEFAULT_BASELINE"]
 
@@ -127,9 +129,10 @@ def sweep(
         for index, target in enumerate(points):
             fast, seconds = built.pop(index)
             measured.append((_measure(meter, fast, target.label, target, seconds, baseline=False), fast))
+        planner = UniformPlanner(model, inputs, extra) if uniform else None
         for target in uniform:
             tick = time.perf_counter()
-            fast, rank = _uniform(model, baseline, target, inputs, extra)
+            fast, rank = uniform_model(model, baseline, target.fraction, inputs, extra, planner)
             point = _measure(meter, fast, f"uniform {baseline} r={rank:.3g}", target, time.perf_counter() - tick,
                              baseline=True)
             point.rank_fraction = round(rank, 4)
@@ -194,23 +197,6 @@ def _point(model: nn.Module, base: Policy, target: Target, inputs: tuple, common
         warnings.simplefilter("ignore", ConvfactorWarning)
         fast = factorize(model, policy, inputs, shared=work, executor=executor, **common)
     return fast, time.perf_counter() - tick
-
-
-def _uniform(model: nn.Module, method: str, target: Target, inputs: tuple,
-             extra: dict[str, Any]) -> tuple[nn.Module, float]:
-    """The uniform weight-only model at the MACs point of ``target``, and its rank fraction."""
-    models: dict[float, nn.Module] = {}
-
-    def macs_fraction(rank: float) -> float:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvfactorWarning)
-            fast = factorize(model, f"{method}:{rank:.6g}", inputs, **extra)
-        models[rank] = fast
-        report = get_report(fast)
-        return report.macs_after / report.macs_before
-
-    rank, _ = uniform_rank(macs_fraction, target.fraction)
-    return models[rank], rank
 
 
 def _measure(meter: PointMeter, fast: nn.Module, label: str, target: Target, seconds: float,
