@@ -22,6 +22,11 @@ Networks:
     |cents difference| against the float original's pitch.
     ``--crepe-onnx NAME=PATH`` adds a factorized model from a file (e.g. ``distill_recovery.py --save-onnx``:
     method auto at 0.25 of the MACs, distilled); ``--crepe-fraction 0`` leaves the uniform variants out.
+    ``--crepe-policy NAME=JSON`` adds CREPE factorized by convfactor with that policy as ``convert --quantize
+    int8`` would (256 calibration frames of their own, ``latency={"int8": True}`` at batch 8, 1 thread), e.g.
+    ``{"target": {"macs": 0.4}, "rules": [{"match": "*", "method": "tucker2"}]}`` (``--target macs=0.4 --method
+    tucker2``) or a latency target on the int8 graph; ``--crepe-distill S`` adds each distilled for S seconds.
+    ``--layer-times`` adds the latency model's per-layer float and int8 times of every variant's forms.
   * ppocr_rec: PP-OCRv4 rec (rapidocr-onnxruntime's ONNX via onnx2torch, 1.7M params);
     factorized with ``method: auto`` at ``--ppocr-macs`` (0.5) on the 64 calibration lines of
     ``real_models.py``; evaluation: its 96 other lines, character error rate (``--ppocr-onnx`` as for CREPE).
@@ -60,14 +65,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import convfactor  # noqa: E402
+from benchmarks.real import layer_forms  # noqa: E402
+from convfactor.auto import DistillOptions  # noqa: E402
 from convfactor.runtime.sessions import make_session, prepare_onnx  # noqa: E402
 from convfactor.runtime.shared_timing import time_together  # noqa: E402
 
 
-def crepe_case(fraction: float, aligns: list[int], files: dict[str, Path]) -> dict:
+def crepe_case(fraction: float, aligns: list[int], files: dict[str, Path], policies: dict[str, dict] | None = None,
+               distill: float = 0.0) -> dict:
     """CREPE full, uniform weight-only Tucker-2 at ``fraction`` of the MACs (0: none); one variant per rank
-    alignment (ranks rounded up to a multiple of ``align``; 1: as the fraction gives them); and one variant per
-    ONNX file in ``files`` (e.g. a distilled model written by ``distill_recovery.py --save-onnx``)."""
+    alignment (ranks rounded up to a multiple of ``align``; 1: as the fraction gives them); one variant per
+    ONNX file in ``files`` (e.g. a distilled model written by ``distill_recovery.py --save-onnx``); and one per
+    policy in ``policies``, factorized as ``convert --quantize int8`` does (256 calibration frames of their own,
+    the latency model timing int8 graphs at the deployed batch of 8, 1 thread), each also distilled for
+    ``distill`` seconds (300 steps at most) as a further variant when ``distill`` is set."""
     from benchmarks.real import crepe
     from benchmarks.real.uniform import fraction_for_macs, uniform_policy
 
@@ -75,6 +86,23 @@ def crepe_case(fraction: float, aligns: list[int], files: dict[str, Path]) -> di
     x_eval, f0 = crepe.harmonic_frames(256, seed=1)
     x_cal, _ = crepe.harmonic_frames(96, seed=2)
     variants, described = dict(files), [f"{name}: {path.name}" for name, path in files.items()]
+    resolved = {}
+    if policies:
+        x_fit, _ = crepe.harmonic_frames(256, seed=3)
+        for name, policy in policies.items():
+            for suffix, steps in (("", None), ("_distilled", distill or None))[:2 if distill else 1]:
+                started = time.perf_counter()
+                extra = {"distill": DistillOptions(steps=300, time_budget=steps)} if steps else {}
+                fast = convfactor.factorize(model, policy, x_fit[:8], calibration=x_fit, concrete_args={"embed": False},
+                                            latency={"threads": 1, "int8": True}, **extra)
+                variants[name + suffix] = fast
+                report = convfactor.get_report(fast)
+                resolved[name + suffix] = {"policy": policy, "macs_ratio": report.macs_ratio,
+                                           "seconds": round(time.perf_counter() - started, 1),
+                                           "forms": {k: list(v) for k, v in layer_forms.forms(fast).items()},
+                                           "auto": report.extra.get("auto"), "distill": report.extra.get("distill")}
+                described.append(f"{name + suffix}: {json.dumps(policy)}, MACs {report.macs_ratio:.3f}"
+                                 + (f", distilled {steps:g} s" if steps else ""))
     rank, predicted = fraction_for_macs(model, (x_eval[:1],), "tucker2", fraction) if fraction else (0.0, 0.0)
     for align in aligns if fraction else ():
         policy = uniform_policy("tucker2", rank)
@@ -91,7 +119,7 @@ def crepe_case(fraction: float, aligns: list[int], files: dict[str, Path]) -> di
                 for role, out in outputs.items()}
 
     return {"name": "crepe_full", "model": model, "variants": variants, "eval": x_eval, "calibration": x_cal,
-            "batch": 8, "metric": metric, "metric_key": "median_cents_vs_original",
+            "batch": 8, "metric": metric, "metric_key": "median_cents_vs_original", "resolved": resolved,
             "factorized_as": (f"uniform tucker2 rank {rank:.3f} of full, weight-only (MACs {predicted:.3f} "
                               "predicted); " if fraction else "") + "; ".join(described)}
 
@@ -212,8 +240,9 @@ def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def measure(case: dict, workdir: Path, min_time: float) -> dict:
-    """Export, quantize, check and time the four models of one case."""
+def measure(case: dict, workdir: Path, min_time: float, layer_times: bool = False) -> dict:
+    """Export, quantize, check and time the four models of one case; with ``layer_times``, also the latency
+    model's float and int8 times of each factorized variant's per-layer forms (``layer_forms.form_times``)."""
     example = case["eval"][:1]
     models = {"original": case["model"], **case["variants"]}
     paths, quantized = {}, {}
@@ -231,8 +260,16 @@ def measure(case: dict, workdir: Path, min_time: float) -> dict:
     load_before = _load()
     shape = (case["batch"], *case["eval"].shape[1:])
     timing = time_together(paths, shape, threads=1, warmup=5, repeats=30, min_time=min_time)
+    load_after = _load()
+    layers = None
+    if layer_times:  # after the timing: the latency model's per-layer float and int8 times of every form chosen
+        chosen = {name: layer_forms.forms(model) for name, model in case["variants"].items()
+                  if isinstance(model, torch.nn.Module)}
+        shapes = layer_forms.layer_inputs(case["model"], (case["eval"][:case["batch"]],))
+        layers = layer_forms.form_times(case["model"], shapes, chosen)
     return {"name": case["name"], "factorized_as": case["factorized_as"], "batch": case["batch"],
-            "metric_key": case["metric_key"], "load_before_timing": load_before, "load_after_timing": _load(),
+            "metric_key": case["metric_key"], "load_before_timing": load_before, "load_after_timing": load_after,
+            "resolved": case.get("resolved"), "layer_times": layers,
             "timing": timing.to_dict(), "quantized": quantized,
             "rows": {role: {"size_mb": path.stat().st_size / 1e6, "task": task[role],
                             "rel_l2_error": fidelity.get(role, {}).get("rel_l2_error", 0.0),
@@ -263,6 +300,18 @@ def named_file(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def named_policy(text: str) -> tuple[str, dict]:
+    """``NAME=JSON`` of a policy mapping (argparse type), e.g. ``t2='{"target": {"macs": 0.4}, "rules": [...]}'``."""
+    name, _, spec = text.partition("=")
+    try:
+        policy = json.loads(spec)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected NAME=JSON of a policy, got {text!r}: {error}") from None
+    if not name or not isinstance(policy, dict):
+        raise argparse.ArgumentTypeError(f"expected NAME=JSON of a policy mapping, got {text!r}")
+    return name, policy
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="crepe,resnet20", help="comma-separated: crepe, resnet20, ppocr_rec, onet")
@@ -277,6 +326,13 @@ def main(argv=None) -> int:
     p.add_argument("--onet-onnx", action="append", type=named_file, default=[], metavar="NAME=PATH",
                    help="also this factorized O-Net ONNX file as variant NAME (repeatable)")
     p.add_argument("--crepe-align", default="1,16", help="rank alignments of CREPE's variants (1: none)")
+    p.add_argument("--crepe-policy", action="append", type=named_policy, default=[], metavar="NAME=JSON",
+                   help="also CREPE factorized with this policy as variant NAME, as convert --quantize int8 does "
+                        "(calibration data, latency model timing int8 graphs); repeatable")
+    p.add_argument("--crepe-distill", type=float, default=0.0, metavar="SECONDS",
+                   help="also each --crepe-policy variant distilled for this long (NAME_distilled)")
+    p.add_argument("--layer-times", action="store_true",
+                   help="also the latency model's per-layer float and int8 times of every variant's forms")
     p.add_argument("--resnet-fraction", type=float, default=0.5, help="ResNet-20's automatic MACs target")
     p.add_argument("--resnet-latency", type=float, help="also a latency target of this fraction on ResNet-20, timed "
                    "on float graphs and on int8 graphs (LatencyOptions int8)")
@@ -286,7 +342,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     aligns = [int(a) for a in args.crepe_align.split(",")]
-    cases = {"crepe": lambda: crepe_case(args.crepe_fraction, aligns, dict(args.crepe_onnx)),
+    cases = {"crepe": lambda: crepe_case(args.crepe_fraction, aligns, dict(args.crepe_onnx), dict(args.crepe_policy),
+                                         args.crepe_distill),
              "resnet20": lambda: resnet20_case(args.resnet_fraction, args.resnet_latency),
              "ppocr_rec": lambda: ppocr_rec_case(args.ppocr_macs, dict(args.ppocr_onnx)),
              "onet": lambda: onet_case(args.onet_macs, dict(args.onet_onnx))}
@@ -301,7 +358,7 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         case = cases[name]()
         with tempfile.TemporaryDirectory(prefix="convfactor-int8-") as scratch:
-            result = measure(case, Path(scratch), args.min_time)
+            result = measure(case, Path(scratch), args.min_time, args.layer_times)
         result["seconds"] = round(time.perf_counter() - started, 1)
         results.append(result)
         print(render([result]), flush=True)

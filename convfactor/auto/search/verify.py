@@ -7,8 +7,9 @@ the whole candidate network (``convfactor.auto.search.budget_search`` corrects t
     computed once; a candidate is scored per output and per slice along each output's feature axis, by
     top-1 agreement on outputs declared as class scores, and by the user's task metric where given.
   * ``SpeedMeter``: whole-model speedup in the latency runtime; the original is exported once and its
-    ONNX file reused for every candidate; a short timing decides when the answer is clear (far from
-    the threshold and near what the latency model predicted), a full one otherwise.
+    ONNX file reused for every candidate (both quantized first when the latency model times int8); a
+    short timing decides when the answer is clear (far from the threshold and near what the latency
+    model predicted), a full one otherwise.
   * ``check_result``: the final model against the bound (the policy's, else ``DEFAULT_FLOOR``), measured
     on the check samples no fit or selection saw (``convfactor.auto.statistics.split``), beside its in-sample error.
 
@@ -30,6 +31,7 @@ from torch import nn
 
 from ...output_checker import OutputChecker, compact_outputs, failures, rounded
 from ...policy import Fidelity
+from ..latency.int8_timing import quantized_for_timing
 from ..latency.model import compare_models
 
 __all__ = ["DEFAULT_FLOOR", "SpeedMeter", "ConvfactorWarning", "FidelityWarning",
@@ -100,20 +102,32 @@ class SpeedMeter:
         if self._original is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="convfactor-verify-")
             prepared = prepare_onnx(self.root, self.inputs, self._scratch.name, "original", exporter=options.exporter)
-            self._original = prepared.path
+            self._original = self._as_timed(prepared.path)
+        subject: nn.Module | Path = candidate
+        if options.int8:  # timed as the int8 graph the deployed model will run, like the original above
+            subject = self._as_timed(prepare_onnx(candidate, self.inputs, self._scratch.name,
+                                                  f"candidate{self.calls}", exporter=options.exporter).path)
 
         def run(min_time: float, repeats: int) -> float:
-            report = benchmark(self._original, candidate, self.inputs, threads=options.threads,
+            report = benchmark(self._original, subject, self.inputs, threads=options.threads,
                                graph_optimization=options.graph_optimization, warmup=5, repeats=repeats,
                                min_time=min_time, progress=False, exporter=options.exporter)
             return float(report.results[0].speedup)
 
-        quick = run(options.verify_min_time / 4, 10)
-        near = threshold is None or abs(quick / threshold - 1) < self.margin
-        surprising = expected is not None and expected > 0 and abs(quick / expected - 1) > 2 * self.margin
-        if near or surprising:
-            return run(options.verify_min_time, 30)
-        return quick
+        try:
+            quick = run(options.verify_min_time / 4, 10)
+            near = threshold is None or abs(quick / threshold - 1) < self.margin
+            surprising = expected is not None and expected > 0 and abs(quick / expected - 1) > 2 * self.margin
+            return run(options.verify_min_time, 30) if near or surprising else quick
+        finally:  # a candidate's files are timed once: only the original's stay for the next call
+            for path in Path(self._scratch.name).glob(f"candidate{self.calls}*"):
+                path.unlink()
+
+    def _as_timed(self, path: Path) -> Path:
+        """``path``, or its int8 form (``quantize_onnx``, pre-processed) when the latency model times int8."""
+        if not self.model.options.int8:
+            return path
+        return quantized_for_timing(path, self.inputs, preprocess=True)
 
     def close(self) -> None:
         if self._scratch is not None:

@@ -1,7 +1,9 @@
-"""The latency model in int8 (``LatencyOptions(int8=True)``): layer graphs and whole models are timed after
-``quantize_onnx``, cached apart from float times, and only in onnxruntime."""
+"""The latency model in int8 (``LatencyOptions(int8=True)``): layer graphs, whole models and the latency
+target's whole-model checks (``SpeedMeter``) are timed after ``quantize_onnx``, cached apart from float
+times, and only in onnxruntime."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +37,48 @@ def test_layers_and_models_are_timed_as_int8_graphs(monkeypatch):
     model = randomized(TinyNet())
     speedup = compare_models_onnxruntime(model, model, (torch.randn(2, 3, 8, 8),), LatencyOptions(int8=True, **QUICK))
     assert speedup > 0 and quantized[-2:] == [("original.onnx", True), ("candidate.onnx", True)]
+
+
+@pytest.mark.parametrize("int8", [True, False])
+def test_the_latency_targets_whole_model_checks_time_int8_graphs(monkeypatch, int8):
+    """The budget search's ``SpeedMeter`` times what the layer times were measured on: with ``int8`` the original
+    (quantized once, reused) and every candidate as int8 files; without it, the float export and the module."""
+    import onnx
+
+    from convfactor.auto.search.verify import SpeedMeter
+    from convfactor.runtime import benchmarking
+
+    timed = []
+
+    def record(original, candidate, inputs, **kwargs):
+        def describe(subject):
+            if isinstance(subject, nn.Module):
+                return "module"
+            ops = {node.op_type for node in onnx.load(str(subject)).graph.node}
+            return ("int8" if "QuantizeLinear" in ops else "float") + ":" + subject.name
+        timed.append((describe(original), describe(candidate)))
+        return _Report(4.0)
+
+    monkeypatch.setattr(benchmarking, "benchmark", record)
+    model = LatencyModel({"cache": False, "int8": int8, **QUICK})
+    root = randomized(TinyNet())
+    meter = SpeedMeter(model, root, (torch.randn(2, 3, 8, 8),))
+    for _ in range(2):
+        assert meter.speedup(randomized(TinyNet()), threshold=2.0, expected=4.0) == 4.0  # one short timing each
+    scratch = meter._scratch.name
+    meter.close()
+    if int8:
+        assert timed == [("int8:original.int8.onnx", f"int8:candidate{i}.int8.onnx") for i in (1, 2)]
+    else:
+        assert timed == [("float:original.onnx", "module")] * 2
+    assert not Path(scratch).exists()
+
+
+class _Report:
+    """What ``SpeedMeter`` reads of a ``BenchmarkReport``: one result's speedup."""
+
+    def __init__(self, speedup: float):
+        self.results = [type("Result", (), {"speedup": speedup})()]
 
 
 def test_int8_times_are_cached_apart_and_float_keys_unchanged(tmp_path):

@@ -180,7 +180,7 @@ def test_a_short_timing_far_from_the_prediction_is_timed_again_at_full_length(mo
     monkeypatch.setattr(benchmarking, "benchmark", fake_benchmark)
     monkeypatch.setattr(sessions, "prepare_onnx", lambda *a, **k: SimpleNamespace(path=tmp_path / "o.onnx"))
     options = SimpleNamespace(runtime="onnxruntime", exporter="torchscript", threads=1, graph_optimization="all",
-                              verify_min_time=1.0)
+                              verify_min_time=1.0, int8=False)
     model = SimpleNamespace(comparer=latency_module.compare_models, options=options)
     meter = SpeedMeter(model, torch.nn.Identity(), (torch.zeros(1),))
     assert meter.speedup(torch.nn.Identity(), threshold=4.0, expected=3.5) == 4.1 and lengths == [0.25, 1.0]
