@@ -14,7 +14,11 @@ script makes ``convfactor.auto.statistics.sensitivity.probe_nodes`` find no node
 ``--probes whole suffix`` interleaves them per repeat. Sequential refit: ``--refit frontier`` (the default)
 advances one run per sample through the graph once per build; ``--refit prefix`` is the control that runs
 the network up to each refit layer (``Replacements._frontier_fits`` made to answer no). Several values of
-both flags are interleaved per repeat. ``probes s`` is the time spent in ``measure_sensitivities``,
+both flags are interleaved per repeat. Scale-out: ``--executor dask2`` submits the candidate scoring and the
+sensitivity probes to a local Dask cluster of 2 single-threaded worker processes
+(``factorize(..., executor=client.get_executor())``), ``--executor serial`` (the default) runs them here;
+``--executor serial dask2`` interleaves them (the allocation hash must be equal; ``workers MB`` is the
+largest worker's peak RSS). ``probes s`` is the time spent in ``measure_sensitivities``,
 ``refit s`` in ``Replacements.build``; ``allocation`` a hash of the resolved policy (equal rows chose the
 same ranks).
 
@@ -26,6 +30,7 @@ resnet18 (the issue's targets on 2 cores). Prints one table row per case, median
     python benchmarks/auto_scale.py --cases crepe:cal --repeats 3 --samples 128
     python benchmarks/auto_scale.py --cases resnet18:cal --probes whole suffix --repeats 2 --json OUT.json
     python benchmarks/auto_scale.py --cases resnet18:cal --refit prefix frontier --json OUT.json
+    CONVFACTOR_BENCH_THREADS=1 python benchmarks/auto_scale.py --cases resnet18:cal --executor serial dask2
 
 Results (1 thread for CPU time, 2 threads for wall time, with the load average of each run) are in
 docs/automatic-policy.md, "Cost at scale"; a run's CPU time (user+sys of the factorize call, ``cpu_s`` in
@@ -127,7 +132,8 @@ def _timed_phases(probes: str, refit: str) -> dict:
     return spent
 
 
-def run_case(case: str, samples: int, progress: bool, probes: str = "suffix", refit: str = "frontier") -> dict:
+def run_case(case: str, samples: int, progress: bool, probes: str = "suffix", refit: str = "frontier",
+             executor: str = "serial") -> dict:
     """One factorize call in this process; returns its wall time and this process's peak RSS."""
     import hashlib
     import resource
@@ -154,6 +160,13 @@ def run_case(case: str, samples: int, progress: bool, probes: str = "suffix", re
         example = torch.randn(1, 3, 224, 224)
         calibration = torch.randn(samples, 3, 224, 224)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
+    client = None
+    if executor == "dask2":
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+        kwargs["executor"] = client.get_executor()
     load_before = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
@@ -163,12 +176,18 @@ def run_case(case: str, samples: int, progress: bool, probes: str = "suffix", re
     after = resource.getrusage(resource.RUSAGE_SELF)
     report = convfactor.get_report(out)
     peak = after.ru_maxrss / 1024  # KiB -> MiB on Linux
+    workers_mb = None
+    if client is not None:
+        rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        workers_mb = max(rss.values())
+        client.close()
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall_s": wall, "cpu_s": cpu, "threads": torch.get_num_threads(), "samples": samples,
             "load": [round(load_before, 1), round(os.getloadavg()[0], 1)], "peak_mb": peak,
             "model_mb": size / 2**20, "macs_ratio": report.macs_after / report.macs_before,
             "fidelity": report.extra.get("fidelity_check", {}).get("rel_error"), "probes": probes,
             "probes_s": spent["probes_s"], "refit": refit, "refit_s": spent["refit_s"], "case": case,
+            "executor": executor, "workers_mb": workers_mb,
             "allocation": hashlib.sha256(json.dumps(report.policy.get("resolved"), sort_keys=True,
                                                     default=str).encode()).hexdigest()[:12]}
 
@@ -183,33 +202,36 @@ def main(argv: list[str] | None = None) -> int:
                         help="sensitivity probes: from cached values (suffix) or the whole network (control)")
     parser.add_argument("--refit", nargs="+", default=["frontier"], choices=("frontier", "prefix"),
                         help="sequential refit: one frontier run per build, or a pass up to each layer (control)")
+    parser.add_argument("--executor", nargs="+", default=["serial"], choices=("serial", "dask2"),
+                        help="where scoring and probes run: here, or a local Dask cluster of 2 workers")
     parser.add_argument("--json", help="write every run's record to this JSON file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_case(args.one, args.samples, args.progress, args.probes[0], args.refit[0])))
+        print(json.dumps(run_case(args.one, args.samples, args.progress, args.probes[0], args.refit[0],
+                                  args.executor[0])))
         return 0
-    print(f"{'model':<10} {'calibration':<11} {'variant':<15} {'wall s':>8} {'CPU s':>7} {'probes s':>8} "
+    print(f"{'model':<10} {'calibration':<11} {'variant':<22} {'wall s':>8} {'CPU s':>7} {'probes s':>8} "
           f"{'refit s':>7} {'load':>9} {'peak MB':>8} {'ceiling':>16} {'MACs':>6} {'allocation':>12}  met?")
     records = []
     for case in args.cases:
-        variants = [(p, r) for p in args.probes for r in args.refit]
-        by_variant: dict[tuple[str, str], list] = {v: [] for v in variants}
+        variants = [(p, r, e) for p in args.probes for r in args.refit for e in args.executor]
+        by_variant: dict[tuple[str, str, str], list] = {v: [] for v in variants}
         for _ in range(args.repeats):
-            for probes, refit in variants:  # interleaved: each repeat runs every variant under similar load
+            for probes, refit, executor in variants:  # interleaved: each repeat runs every variant
                 command = [sys.executable, __file__, "--one", case, "--samples", str(args.samples),
-                           "--probes", probes, "--refit", refit]
+                           "--probes", probes, "--refit", refit, "--executor", executor]
                 if args.progress:
                     command.append("--progress")
                 done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
                 if done.returncode != 0:
-                    print(f"{case} ({probes}/{refit}): failed (exit {done.returncode})")
+                    print(f"{case} ({probes}/{refit}/{executor}): failed (exit {done.returncode})")
                     continue
-                by_variant[(probes, refit)].append(json.loads(done.stdout.strip().splitlines()[-1]))
-        for (probes, refit), runs in by_variant.items():
+                by_variant[(probes, refit, executor)].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        for (probes, refit, executor), runs in by_variant.items():
             records.extend(runs)
             if runs:
-                _print_row(case, f"{probes}/{refit}", runs)
+                _print_row(case, f"{probes}/{refit}/{executor}", runs)
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump({"command": " ".join(sys.argv), "runs": records}, f, indent=1)
@@ -232,9 +254,11 @@ def _print_row(case: str, variant: str, runs: list[dict]) -> None:
     ceiling = f"{TIME_CEILING_S[name]:.0f} s/{memory_ceiling:.0f} MB"
     load = "/".join(f"{v:g}" for v in runs[0]["load"])
     allocation = ",".join(sorted({r["allocation"] for r in runs}))
-    print(f"{name:<10} {'yes' if cal == 'cal' else 'no':<11} {variant:<15} {wall:8.1f} {cpu:7.1f} {probes_s:8.1f} "
+    worker_peaks = [r["workers_mb"] for r in runs if r.get("workers_mb")]
+    workers = f"{max(worker_peaks):.0f}" if worker_peaks else "-"
+    print(f"{name:<10} {'yes' if cal == 'cal' else 'no':<11} {variant:<22} {wall:8.1f} {cpu:7.1f} {probes_s:8.1f} "
           f"{refit_s:7.1f} "
-          f"{load:>9} {peak:8.0f} {ceiling:>16} {runs[0]['macs_ratio']:6.3f} {allocation:>12}  "
+          f"{load:>9} {peak:8.0f} {workers:>10} {ceiling:>16} {runs[0]['macs_ratio']:6.3f} {allocation:>12}  "
           f"{'yes' if met else 'NO'}", flush=True)
 
 

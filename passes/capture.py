@@ -125,11 +125,21 @@ def capture(
         if isinstance(model, torch.fx.GraphModule):
             return _own_graph(model, exc, given)
         raise CaptureError(_explain(model, tracer, exc, n_inputs)) from exc
+    _drop_string_annotations(graph)
     graph_module = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     _keep_signature(graph_module, concrete)
     notes = [f"forward argument {name!r} was not given: traced with its default {value!r} (other values are "
              f"refused; pass concrete_args to trace another)" for name, value in automatic.items()]
     return PassResult(graph_module, True, notes, "capture")
+
+
+def _drop_string_annotations(graph: torch.fx.Graph) -> None:
+    """Forget argument annotations that are strings (a module written with ``from __future__ import
+    annotations``): torch.fx puts each in the generated code's globals, which then cannot be pickled (a
+    GraphModule sent to a worker process, ``pickle.dumps``). Annotations change nothing the graph computes."""
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
 
 
 def default_concrete_args(model: nn.Module, given: Mapping[str, Any] | None = None,

@@ -189,3 +189,23 @@ def test_a_tensor_branch_is_not_blamed_on_an_argument():
     with pytest.raises(CaptureError) as info:
         capture(Net(), n_inputs=1)
     assert "argument" not in str(info.value) and "module 'block'" in str(info.value)
+
+
+class _StringAnnotated(nn.Module):
+    """Annotations as strings, as ``from __future__ import annotations`` makes every one of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        return self.conv(x)
+
+
+def test_a_capture_of_a_network_with_string_annotations_pickles():
+    traced = capture(_StringAnnotated().eval(), n_inputs=1).graph_module
+    again = pickle.loads(pickle.dumps(traced))  # torch.fx put 'torch.Tensor' (a str) in its code's globals
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(again(x), traced(x))
+    fast = convfactor.factorize(_StringAnnotated().eval(), "svd:0.5", x[:1])
+    assert isinstance(pickle.loads(pickle.dumps(fast)), nn.Module)
