@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
@@ -34,10 +35,13 @@ from .errors import ConvfactorError
 from .progress import track
 
 __all__ = ["SerialExecutor", "ordered_results", "in_this_process", "local_pool", "open_executor",
-           "pool_size", "PROCESS_MEMORY"]
+           "pool_size", "PROCESS_MEMORY", "IN_FLIGHT"]
 
 # What one worker process may hold at most (the real-scale ceiling: 2 GB + 3x the model).
 PROCESS_MEMORY = 2 << 30
+# Tasks submitted ahead of the one being collected: enough to keep a few workers busy, few enough that their
+# pickled arguments stay a few layers' worth.
+IN_FLIGHT = 4
 
 
 class SerialExecutor(Executor):
@@ -58,12 +62,23 @@ def in_this_process(executor: Any) -> bool:
 
 
 def ordered_results(executor: Any, fn: Callable[..., Any], calls: Sequence[tuple], progress: bool | str = False,
-                    name: str = "tasks", unit: str = "task") -> list[Any]:
+                    name: str = "tasks", unit: str = "task", in_flight: int | None = None) -> list[Any]:
     """``fn(*args)`` for each ``args`` in ``calls``, submitted to ``executor`` (None: serially), the results in
-    the order of ``calls`` (a deterministic reduction whatever finished first)."""
+    the order of ``calls`` (a deterministic reduction whatever finished first).
+
+    At most ``in_flight`` tasks (default ``IN_FLIGHT``) are submitted and not yet collected: a pool or a
+    Dask client holds each submitted task's pickled arguments (a layer's statistics: up to hundreds of MB)
+    until it is done, so submitting every layer at once held them all (measured: +1 GB of peak RSS on
+    ResNet-18 with two Dask workers)."""
     pool = executor if executor is not None else SerialExecutor()
-    futures = [pool.submit(fn, *args) for args in calls]
-    return [future.result() for future in track(futures, progress, name, unit=unit)]
+    window = max(1, in_flight or IN_FLIGHT)
+    pending: deque[Future] = deque()
+    results: list[Any] = []
+    for index in track(range(len(calls)), progress, name, unit=unit):
+        while len(pending) < window and index + len(pending) < len(calls):
+            pending.append(pool.submit(fn, *calls[index + len(pending)]))
+        results.append(pending.popleft().result())
+    return results
 
 
 def pool_size(requested: int | None, model_bytes: int = 0) -> int:

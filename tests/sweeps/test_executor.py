@@ -61,3 +61,34 @@ def test_a_dask_cluster_of_two_processes_gives_the_serial_allocation(net, data, 
             as cluster, distributed.Client(cluster) as client:
         executor = client.get_executor()
         assert (_resolution(net, data, executor), _sweep_allocations(net, data, executor)) == serial
+
+
+def test_ordered_results_keeps_at_most_in_flight_tasks_submitted():
+    from concurrent.futures import Future
+
+    from convfactor.executor import IN_FLIGHT
+
+    class Deferred:
+        """Runs nothing until a result is asked: counts what is submitted and not yet collected."""
+
+        def __init__(self):
+            self.outstanding = self.most = 0
+
+        def submit(self, fn, *args):
+            self.outstanding += 1
+            self.most = max(self.most, self.outstanding)
+            future = Future()
+            deferred = self
+
+            def result(timeout=None):
+                deferred.outstanding -= 1
+                return fn(*args)
+
+            future.result = result
+            return future
+
+    pool = Deferred()
+    calls = [(i,) for i in range(3 * IN_FLIGHT + 1)]
+    assert ordered_results(pool, lambda i: i * i, calls) == [i * i for i in range(len(calls))]
+    assert pool.most == IN_FLIGHT and pool.outstanding == 0
+    assert ordered_results(Deferred(), lambda i: -i, calls, in_flight=1) == [-i for i in range(len(calls))]

@@ -16,7 +16,7 @@ import numpy as np
 from torch import nn
 
 from ...costs import replacement_costs
-from ...executor import in_this_process, ordered_results
+from ...executor import IN_FLIGHT, in_this_process, ordered_results
 from ...methods import get_method
 from ...methods.base import FactorizationMethod, FactorizedLayer, Rank
 from ...progress import track
@@ -260,7 +260,8 @@ def measure_sensitivities(root: nn.Module, plans: list[LayerPlan], kind: str, ba
 
     The original's outputs come from ``checker`` (an ``OutputChecker``) where it holds them; once the
     ``deadline`` is spent, the layers not yet probed get the median sensitivity (and the deadline says so).
-    With an ``executor``, each probe is a task (``tasks.sensitivity_task``; the deadline is then asked once,
+    With an ``executor``, the probes are ``IN_FLIGHT`` tasks of consecutive layers (``tasks.sensitivity_task``:
+    a traced network's original then runs once per batch per task, not per probe; the deadline is asked once,
     before they are submitted).
     """
     probes, layers = {}, {}
@@ -284,9 +285,14 @@ def measure_sensitivities(root: nn.Module, plans: list[LayerPlan], kind: str, ba
         measured = {}
     else:
         shipped = root if in_this_process(executor) else portable(root)
-        calls = [(shipped, name, probe, subset, reference) for name, probe in probes.items()]
-        results = ordered_results(executor, sensitivity_task, calls, progress, "sensitivities", "layer")
-        measured = {name: result for name, result in zip(probes, results) if result is not None}
+        names = list(probes)
+        size = math.ceil(len(names) / IN_FLIGHT) if names else 1  # IN_FLIGHT groups of consecutive layers
+        groups = [{n: probes[n] for n in names[i:i + size]} for i in range(0, len(names), size)]
+        calls = [(shipped, group, subset, reference) for group in groups]
+        measured = {}
+        for result in ordered_results(executor, sensitivity_task, calls, progress, "sensitivities", "group"):
+            measured.update(result)
+        measured = {name: measured[name] for name in names if name in measured}
     if len(measured) < len(probes):
         deadline.cut("sensitivity probes", f"stopped after {len(measured)} of {len(probes)} layers (the others "
                      "use the median measured sensitivity)")

@@ -5,7 +5,7 @@ so a ``concurrent.futures`` pool, a process pool or a Dask worker runs it the sa
 its result pickled back. The caller applies the results in layer order (``convfactor.executor``).
 
 - ``score_layer_task``: one layer's candidates scored (error2 of each option) and its sensitivity probe built;
-- ``sensitivity_task``: the network run with one layer replaced by its probe (``layer_sensitivities``).
+- ``sensitivity_task``: a group of layers' sensitivities, each layer replaced by its probe (``layer_sensitivities``).
 """
 
 from __future__ import annotations
@@ -43,14 +43,16 @@ def score_layer_task(score: Any, plan: Any, by_method: dict, kind: str, opts: An
     return plan.options, plan.notes, choice, plan.probe
 
 
-def sensitivity_task(root: nn.Module | bytes, name: str, probe: nn.Module, batches: Sequence[tuple],
-                     reference: Sequence[Sequence[Any]] | None) -> dict[str, float] | None:
-    """The sensitivity of layer ``name`` of ``root`` probed by ``probe`` on ``batches``.
+def sensitivity_task(root: nn.Module | bytes, probes: dict[str, nn.Module], batches: Sequence[tuple],
+                     reference: Sequence[Sequence[Any]] | None) -> dict[str, dict[str, float]]:
+    """The sensitivities of the layers ``probes`` names in ``root``, each probed by its module on ``batches``
+    (``layer_sensitivities``: in a traced network the original runs once per batch for the whole group, each
+    probe only the graph after its layer; each layer's sums are those of a run with every probe at once).
 
     Args:
         root: the network: ``portable`` bytes (this task's own copy, in a worker), or the module shared with
             other tasks of this process, then copied first (the probe hooks a layer while others run it).
     """
     work = pickle.loads(root) if isinstance(root, bytes) else copy.deepcopy(root)
-    layer = work.get_submodule(name)
-    return layer_sensitivities(work, {name: layer}, {name: probe}, batches, reference=reference).get(name)
+    layers = {name: work.get_submodule(name) for name in probes}
+    return layer_sensitivities(work, layers, probes, batches, reference=reference)
