@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -263,12 +264,23 @@ def _nodes_to_exclude(graph: onnx.ModelProto, keep_float: Sequence[str]) -> tupl
     return excluded, [entry for entry in keep_float if entry not in matched]
 
 
+class _WithoutPreprocessAdvice(logging.Filter):
+    """Drops onnxruntime's "consider pre-processing" advice: whether the graph was pre-processed is decided
+    (and, when skipped or failed, noted) by ``_preprocessed``; the advice repeated once per one-layer graph
+    the int8 latency model times."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
 def _run_quantizer(mode: str, source: Path, target: Path, *, reader: Any = None, per_channel: bool,
                    reduce_range: bool, nodes_to_exclude: list[str], calibrate_method: str = "minmax",
                    activation_type: str = "uint8") -> None:
     """``quantize_static`` (QDQ) or ``quantize_dynamic``, with onnxruntime's failures as one line."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    advice = _WithoutPreprocessAdvice()
+    logging.getLogger().addFilter(advice)
     try:
         if mode == "dynamic":
             quantize_dynamic(str(source), str(target), per_channel=per_channel, reduce_range=reduce_range,
@@ -288,6 +300,8 @@ def _run_quantizer(mode: str, source: Path, target: Path, *, reader: Any = None,
         raise
     except Exception as error:
         raise ConvfactorError(f"onnxruntime's {mode} quantization failed: {one_line(error, with_type=True)}") from None
+    finally:
+        logging.getLogger().removeFilter(advice)
 
 
 class _in_directory:

@@ -262,3 +262,11 @@ def test_cli_bad_quantize_value_is_one_error_line(cli, tmp_path, ckpt, argv):
 def test_cli_quantize_options_without_quantize_are_refused(cli, tmp_path, ckpt):
     code, _, err = cli(*_convert(tmp_path, ckpt, "--policy", "svd", "--keep-float", "Gemm"))
     assert code == 2 and "only used with --quantize" in err and err.count("\n") == 1
+
+
+def test_skipped_preprocessing_is_noted_once_not_advised_per_graph(tmp_path, float_onnx, digits, caplog):
+    with caplog.at_level("WARNING"):
+        result = convfactor.runtime.quantize_onnx(float_onnx, tmp_path / "q.int8.onnx", digits[0][:16],
+                                                  preprocess=False)
+    assert "pre-processing skipped on request" in result.notes
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
