@@ -20,6 +20,10 @@ the distillation's loss is then the KL divergence of each time step's class dist
 logits is the original output), instead of the MSE of the probabilities, which the near-1 blank class
 dominates. The greedy CTC decode takes the argmax, so the original's CER is the same.
 
+``probabilities`` (PP-OCRv4 rec only) keeps the softmax and declares its output ``kind: probabilities`` along the
+class axis (``fidelity: {outputs: {0: {kind: probabilities, axis: 2}}}``): the same KL per time step, taken on
+the log of the probabilities the network returns, with no change to the network.
+
 ``metric_decides``: the metric gets its select set (``convfactor.Metric(..., select=...)``), so the distillation
 is stopped and kept or rejected by the task metric on that set (``convfactor.distill.criterion``); the metric
 reported (before, after, the final check) stays the one on the first set, which no decision saw.
@@ -41,7 +45,7 @@ NETWORKS = ("crepe_tiny", "crepe_full", "ppocr_rec", "ppocr_det")
 
 
 def case(network: str, calibration: int | None, distill_samples: int | None, pooled: bool = False,
-         metric_decides: bool = False, logits: bool = False) -> dict:
+         metric_decides: bool = False, logits: bool = False, probabilities: bool = False) -> dict:
     """{model, calib, distill_data (or None), metric (convfactor.Metric), declared (policy without target),
     metric_desc} for ``network``."""
     if network.startswith("crepe"):
@@ -55,9 +59,15 @@ def case(network: str, calibration: int | None, distill_samples: int | None, poo
     declared = {"rules": [{"types": ["Conv2d"], "method": "auto"}]}
     if logits and network != "ppocr_rec":
         raise SystemExit("error: --logits is for ppocr_rec (its [N, T, 6625] softmax output)")
+    if probabilities and network != "ppocr_rec":
+        raise SystemExit("error: --probabilities is for ppocr_rec (its [N, T, 6625] softmax output)")
+    if logits and probabilities:
+        raise SystemExit("error: --logits and --probabilities exclude each other (logits cut the softmax)")
     if logits:
         out["model"] = _without_softmax(out["model"])
         declared["fidelity"] = {"outputs": {0: {"kind": "scores", "axis": 2}}}
+    if probabilities:
+        declared["fidelity"] = {"outputs": {0: {"kind": "probabilities", "axis": 2}}}
     if pooled and not network.startswith("crepe"):
         raise SystemExit("error: --pooled is for the CREPE networks (one [N, 360] output)")
     if pooled:
