@@ -8,7 +8,8 @@ why it stopped, and the seconds. ``--crepe`` does the same for CREPE tiny (torch
 ``benchmarks/real/crepe.py``): 512 calibration frames of harmonic tones (seed 2), the metric the median
 absolute pitch error in cents on 256 other tones (seed 1; lower is better), output error per slice (MSE
 loss: CREPE's sigmoid bins are not declared class scores). ``--network`` names any network of
-``benchmarks/real/distill_cases.py`` (CREPE tiny/full, PP-OCRv4 rec/det: data, metric and declarations there);
+``benchmarks/real/distill_cases.py`` (CREPE tiny/full, PP-OCRv4 rec/det, CRAFT: data, metric and declarations
+there);
 ``--variant lr=...,samples=...,batch=...`` (repeatable) distils copies of one resolution several ways, each a
 row; ``--logits`` (ppocr_rec) distils the per-step class logits with a KL loss, ``--probabilities`` the
 softmax output as it is, declared ``kind: probabilities`` (the same KL, on the log of the probabilities);
@@ -144,7 +145,8 @@ def network_rows(network: str, macs: float, steps: int, calibration: int | None,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fast = convfactor.factorize(made["model"], chosen, made["calib"][:1], calibration=made["calib"],
-                                        metric=made["metric"], distill=options, progress="lines")
+                                        validation=made["validation"], metric=made["metric"], distill=options,
+                                        progress="lines")
     finally:
         distill_module.distill_result = genuine
     elapsed = time.perf_counter() - started
@@ -257,7 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--macs", default="0.25,0.1", help="comma-separated MACs targets (default 0.25,0.1)")
     p.add_argument("--steps", type=int, default=300, help="distillation steps at most (default 300)")
     p.add_argument("--calibration", type=int, default=None,
-                   help="calibration inputs (default 512; ppocr_rec 256, ppocr_det 64)")
+                   help="calibration inputs (default 512; ppocr_rec 256, ppocr_det 64, craft 16)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: DistillOptions')")
     p.add_argument("--crepe", nargs="?", const="tiny", choices=("tiny", "full"), default=None,
                    help="CREPE (tiny unless 'full'): the same as --network crepe_tiny / crepe_full")
