@@ -8,9 +8,12 @@ why it stopped, and the seconds. ``--crepe`` does the same for CREPE tiny (torch
 ``benchmarks/real/crepe.py``): 512 calibration frames of harmonic tones (seed 2), the metric the median
 absolute pitch error in cents on 256 other tones (seed 1; lower is better), output error per slice (MSE
 loss: CREPE's sigmoid bins are not declared class scores). ``--network`` names any network of
-``benchmarks/real/distill_cases.py`` (CREPE tiny/full, PP-OCRv4 rec/det: data, metric and declarations there);
+``benchmarks/real/distill_cases.py`` (CREPE tiny/full, PP-OCRv4 rec/det, CRAFT: data, metric and declarations
+there);
 ``--variant lr=...,samples=...,batch=...`` (repeatable) distils copies of one resolution several ways, each a
-row; ``--logits`` (ppocr_rec) distils the per-step class logits with a KL loss; ``--metric-decides`` gives
+row; ``--logits`` (ppocr_rec) distils the per-step class logits with a KL loss, ``--probabilities`` the
+softmax output as it is, declared ``kind: probabilities`` (the same KL, on the log of the probabilities);
+``--metric-decides`` gives
 the network's metric its select set, so the task metric (not the output error)
 stops the distillation and keeps or rejects it (the reported metric stays on the other set); and
 ``--save-onnx DIR`` exports each variant's returned model (for ``int8_compose.py --onnx``). ``--defaults``
@@ -109,21 +112,23 @@ def _record(record: dict, report) -> dict:
 
 def network_rows(network: str, macs: float, steps: int, calibration: int | None, variants: list[dict],
                  seconds: float | None, pooled: bool, save_onnx: Path | None, metric_decides: bool,
-                 logits: bool = False) -> list[dict]:
+                 logits: bool = False, probabilities: bool = False) -> list[dict]:
     """One resolution of ``network`` at ``macs``, then one distillation per variant ({"lr", "samples"}), each
     from a copy of the same undistilled result (``distill_result`` is called once per variant inside the one
     ``factorize``; the first variant's is the model ``factorize`` returns and checks)."""
     import convfactor.distill.result as distill_module
 
     made = case(network, calibration, max((v.get("samples") or 0) for v in variants) or None, pooled,
-                metric_decides, logits)
+                metric_decides, logits, probabilities)
     genuine = distill_module.distill_result
     trials: list[tuple[dict, torch.nn.Module, dict]] = []
 
     def options_for(base: DistillOptions, variant: dict) -> DistillOptions:
         data = made["distill_data"][:variant["samples"]] if variant.get("samples") else None
         return dataclasses.replace(base, lr=variant.get("lr") or base.lr, data=data,
-                                   batch_size=variant.get("batch") or base.batch_size)
+                                   batch_size=variant.get("batch") or base.batch_size,
+                                   check_every=variant.get("every") or base.check_every,
+                                   patience=variant.get("patience") or base.patience)
 
     def each_variant(model, result, resolution, options, report, progress=False):
         for variant in variants[1:]:  # copies of the undistilled result first; the first variant runs in place
@@ -140,7 +145,8 @@ def network_rows(network: str, macs: float, steps: int, calibration: int | None,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fast = convfactor.factorize(made["model"], chosen, made["calib"][:1], calibration=made["calib"],
-                                        metric=made["metric"], distill=options, progress="lines")
+                                        validation=made["validation"], metric=made["metric"], distill=options,
+                                        progress="lines")
     finally:
         distill_module.distill_result = genuine
     elapsed = time.perf_counter() - started
@@ -155,6 +161,7 @@ def network_rows(network: str, macs: float, steps: int, calibration: int | None,
             convfactor.export_onnx(trained, made["calib"][:1], onnx_path, force=True)
         rows.append({"model": network, "metric": made["metric_desc"], "macs_target": macs, "variant": variant,
                      "pooled": pooled, "metric_decides": metric_decides, "logits": logits,
+                     "probabilities": probabilities,
                      **_record(record, report), "steps": steps, "time_budget": seconds,
                      "factorize_seconds_total": round(elapsed, 1), "shared_resolution": len(trials) > 1,
                      "threads": torch.get_num_threads(), "onnx": None if onnx_path is None else str(onnx_path),
@@ -232,15 +239,16 @@ def _number(value) -> str:
 
 
 def parse_variant(text: str) -> dict:
-    """``lr=5e-4,samples=2048,batch=8`` as {"lr": 5e-4, "samples": 2048, "batch": 8}; a bad one is one error
-    line."""
+    """``lr=5e-4,samples=2048,batch=8,every=30,patience=5`` as {"lr": 5e-4, "samples": 2048, "batch": 8,
+    "every": 30, "patience": 5}; a bad one is one error line."""
     out = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         try:
-            out[key] = {"lr": float, "samples": int, "batch": int}[key](value)
+            out[key] = {"lr": float, "samples": int, "batch": int, "every": int, "patience": int}[key](value)
         except (KeyError, ValueError):
-            raise SystemExit(f"error: --variant takes lr=FLOAT,samples=INT,batch=INT, got {text!r}") from None
+            raise SystemExit("error: --variant takes lr=FLOAT,samples=INT,batch=INT,every=INT,patience=INT, "
+                             f"got {text!r}") from None
         if key != "lr" and out[key] < 1:
             raise SystemExit(f"error: --variant {key} must be >= 1, got {text!r}")
     return out
@@ -251,19 +259,23 @@ def main(argv=None) -> int:
     p.add_argument("--macs", default="0.25,0.1", help="comma-separated MACs targets (default 0.25,0.1)")
     p.add_argument("--steps", type=int, default=300, help="distillation steps at most (default 300)")
     p.add_argument("--calibration", type=int, default=None,
-                   help="calibration inputs (default 512; ppocr_rec 256, ppocr_det 64)")
+                   help="calibration inputs (default 512; ppocr_rec 256, ppocr_det 64, craft 16)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: DistillOptions')")
     p.add_argument("--crepe", nargs="?", const="tiny", choices=("tiny", "full"), default=None,
                    help="CREPE (tiny unless 'full'): the same as --network crepe_tiny / crepe_full")
     p.add_argument("--network", choices=NETWORKS, default=None,
                    help="a real network (benchmarks/real/distill_cases.py) instead of digits ResNet-20")
     p.add_argument("--variant", action="append", type=parse_variant, default=None,
-                   help="a distillation variant lr=FLOAT,samples=INT,batch=INT (samples: that many separate "
-                        "unlabelled inputs instead of the calibration fit part; batch: samples per step); repeat "
+                   help="a distillation variant lr=FLOAT,samples=INT,batch=INT,every=INT,patience=INT (samples: "
+                        "that many separate unlabelled inputs instead of the calibration fit part; batch: samples "
+                        "per step; every: steps between judged states; patience: judged states without a better "
+                        "one before stopping); repeat "
                         "it to distil copies of one resolution several ways (the first is the model factorize "
                         "returns)")
     p.add_argument("--logits", action="store_true",
                    help="ppocr_rec: cut the final softmax and declare the logits class scores (KL loss per step)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="ppocr_rec: declare the softmax output kind probabilities along axis 2 (KL on its log)")
     p.add_argument("--metric-decides", action="store_true",
                    help="--network: give the metric its select set (distill_cases.py), so the task metric "
                         "decides the distillation instead of the output error")
@@ -294,7 +306,7 @@ def main(argv=None) -> int:
             rows = [r for m in args.macs.split(",")
                     for r in network_rows(network, float(m), args.steps, args.calibration, variants,
                                           args.time_budget, args.pooled, args.save_onnx, args.metric_decides,
-                                          args.logits)]
+                                          args.logits, args.probabilities)]
         print(table(rows))
         result = {"rows": rows, "uptime_start": load,
                   "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),

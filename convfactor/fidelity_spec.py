@@ -9,7 +9,7 @@ Plain data, like the rest of the policy::
       min_metric: 0.9            #   ... or at least this value (either or both)
       reduce: worst              # worst (default): every output slice on its own scale; pooled: one number
       outputs:                   # by index (0, 1, ...) or name (dict keys; ONNX output names)
-        0: {kind: scores}        # scores | regression | state | ignore
+        0: {kind: scores}        # scores | probabilities | regression | state | ignore
         1: {slices: {boxes: [0, 4], classes: [4, 84]}, axis: 1}
 
 Each output is split along its feature axis (``axis``; by default its channel-like axis, see
@@ -17,8 +17,10 @@ Each output is split along its feature axis (``axis``; by default its channel-li
 own norm, so a small-norm head cannot hide under a large one. Without declared ``slices`` the split follows
 the data: adjacent channels whose scale stays within ``SCALE_SPREAD`` of each other form one slice
 (``convfactor.output_error``). Top-1 agreement is computed only where an output is
-declared ``kind: scores``: a box or landmark regression head or a recurrent state has no "class" to agree
-on. ``kind: ignore`` leaves an output out (a debug tensor, a constant).
+declared a class kind (``CLASS_KINDS``): ``kind: scores`` (logits) or ``kind: probabilities`` (an output that
+already is a distribution along its axis, e.g. after a final softmax; distilled with KL on the log of the
+given probabilities, where ``scores`` would apply a second softmax). A box or landmark regression head or a
+recurrent state has no "class" to agree on. ``kind: ignore`` leaves an output out (a debug tensor, a constant).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from typing import Any
 
 from .errors import PolicyError
 
-__all__ = ["Fidelity", "OutputSpec", "OUTPUT_KINDS", "REDUCTIONS", "parse_fidelity"]
+__all__ = ["Fidelity", "OutputSpec", "OUTPUT_KINDS", "CLASS_KINDS", "REDUCTIONS", "parse_fidelity"]
 
-OUTPUT_KINDS = ("auto", "scores", "regression", "state", "ignore")
+OUTPUT_KINDS = ("auto", "scores", "probabilities", "regression", "state", "ignore")
+CLASS_KINDS = ("scores", "probabilities")  # outputs with a class axis: top-1 agreement measured, KL distilled
 REDUCTIONS = ("worst", "pooled")
 _FRACTION_KEYS = ("max_rel_error", "min_agreement")
 _FIDELITY_KEYS = (*_FRACTION_KEYS, "max_metric_drop", "min_metric", "reduce", "outputs")
@@ -43,7 +46,7 @@ _OUTPUT_KEYS = ("kind", "axis", "slices")
 class OutputSpec:
     """How one output is measured: its kind, its feature axis and, optionally, named slices along it."""
 
-    kind: str = "auto"  # auto: measured by slices, no agreement; scores: also top-1 agreement
+    kind: str = "auto"  # auto: measured by slices, no agreement; scores / probabilities: also top-1 agreement
     axis: int | None = None  # None: the output's channel-like axis (``convfactor.output_error.feature_axis``)
     slices: tuple[tuple[str, int, int], ...] = ()  # (name, start, stop) along ``axis``
 

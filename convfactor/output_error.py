@@ -12,7 +12,12 @@ no head structure, and the axis stays one slice. Then::
 
     worst_rel_error  = max over outputs and slices of the slice's relative error   (reduce: worst)
     pooled_rel_error = sqrt(sum ||a - b||^2 / sum ||a||^2) over every output       (reduce: pooled)
-    agreement        = min over outputs declared ``kind: scores`` of the top-1 agreement along the axis
+    agreement        = min over outputs declared a class kind (``scores``, ``probabilities``) of the top-1
+                       agreement along the axis
+
+An output declared ``probabilities`` must be one along its axis: the original's values in [0, 1], summing to
+1 within ``PROBABILITY_TOLERANCE`` (``plan_layouts`` says so in one line, naming the output; logits are
+``scores``).
 
 The sums are accumulated batch by batch (``ErrorAccumulator``): memory is one vector of per-channel sums
 per output, not the outputs. Both the automatic policy's checks (torch) and ``check_fidelity``
@@ -28,14 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from .fidelity_spec import Fidelity
+from .fidelity_spec import CLASS_KINDS, Fidelity
 
-__all__ = ["SCALE_SPREAD", "MAX_AUTO_SLICES", "OutputLayout", "plan_layouts", "feature_axis", "scale_slices",
-           "ErrorAccumulator", "output_names"]
+__all__ = ["SCALE_SPREAD", "MAX_AUTO_SLICES", "PROBABILITY_TOLERANCE", "OutputLayout", "plan_layouts",
+           "feature_axis", "scale_slices", "ErrorAccumulator", "output_names"]
 
 SCALE_SPREAD = 100.0  # a new slice starts where a channel's RMS leaves [max / 100, min * 100] of the current one
 CONSISTENT = 0.9  # the share of samples a head boundary's jump must show, the same way
 MAX_AUTO_SLICES = 16  # more runs than this is no head structure (a spatial or time axis): one slice instead
+PROBABILITY_TOLERANCE = 1e-3  # |sum - 1| along the axis of an output declared ``probabilities`` (float32 softmax)
 _NEGLIGIBLE = 1e-12  # a slice whose squared norm is below this share of its output's is measured against the output
 
 
@@ -45,7 +51,7 @@ class OutputLayout:
 
     index: int
     name: str
-    kind: str  # auto | scores | regression | state | ignore
+    kind: str  # auto | scores | probabilities | regression | state | ignore
     axis: int | None  # None: the output has no feature axis (one slice, the whole output)
     slices: tuple[tuple[str, int, int], ...]
     declared: bool  # slices from the policy (else found from the data)
@@ -144,6 +150,8 @@ def plan_layouts(names: Sequence[str], reference: Sequence[np.ndarray], spec: Fi
         if axis is None and declared.slices:
             raise ValueError(f"fidelity outputs {name!r}: an output of shape {list(np.shape(array))} has no "
                              f"feature axis to slice")
+        if declared.kind == "probabilities":
+            _check_probabilities(name, np.asarray(array), axis)
         if axis is None:
             slices: tuple = (("all", 0, 1),)
         elif declared.slices:
@@ -159,6 +167,21 @@ def plan_layouts(names: Sequence[str], reference: Sequence[np.ndarray], spec: Fi
                 slices = ((f"0:{array.shape[axis]}", 0, array.shape[axis]),)
         layouts.append(OutputLayout(index, name, declared.kind, axis, tuple(slices), bool(declared.slices)))
     return layouts
+
+
+def _check_probabilities(name: str, array: np.ndarray, axis: int | None) -> None:
+    """A ``probabilities`` output must be a distribution along ``axis`` in the original's outputs."""
+    where = f"fidelity outputs {name!r}: kind probabilities"
+    if axis is None or array.shape[axis] < 2:
+        raise ValueError(f"{where} needs a class axis of 2 or more entries; the output has shape "
+                         f"{list(array.shape)} (declare axis:)")
+    low, high = float(array.min()), float(array.max())
+    total = array.sum(axis=axis)
+    off = float(np.abs(total - 1).max())
+    if low < 0 or high > 1 or not off <= PROBABILITY_TOLERANCE:
+        raise ValueError(f"{where} needs values in [0, 1] summing to 1 along axis {axis}; the original's are in "
+                         f"[{low:.4g}, {high:.4g}] and sum to {float(total.min()):.4g}..{float(total.max()):.4g} "
+                         f"(logits are kind scores; or declare the class axis with axis:)")
 
 
 def _channel_sums(values: np.ndarray, axis: int) -> np.ndarray:
@@ -196,7 +219,7 @@ class ErrorAccumulator:
                 e2, r2 = _channel_sums((a - b) ** 2, layout.axis), _channel_sums(a ** 2, layout.axis)
             self.err2[i] = e2 if self.err2[i] is None else self.err2[i] + e2
             self.ref2[i] = r2 if self.ref2[i] is None else self.ref2[i] + r2
-            if layout.kind == "scores" and layout.axis is not None and a.shape[layout.axis] >= 2:
+            if layout.kind in CLASS_KINDS and layout.axis is not None and a.shape[layout.axis] >= 2:
                 same = a.argmax(axis=layout.axis) == b.argmax(axis=layout.axis)
                 self.agree[i] += int(same.sum())
                 self.count[i] += int(same.size)

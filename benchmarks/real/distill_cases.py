@@ -12,13 +12,21 @@ checked on:
     lines of seed 14;
   * ppocr_det: 64 text scenes for calibration (seed 32), distillation scenes (seed 33), metric the line-box
     F-score at IoU 0.5 on the 32 scenes of ``real_models.py`` (seed 31; higher is better); its select set 32
-    scenes of seed 34.
+    scenes of seed 34;
+  * craft: 16 word scenes for calibration (seed 22, as ``craft.spec``) and 16 more as the validation set
+    (seed 23: 8 select, 8 check; fewer than 32 calibration scenes hold nothing out on their own), distillation
+    scenes (seed 24), metric the word-box F-score at IoU 0.5 on the 24 scenes of ``craft.spec`` (seed 21;
+    higher is better); its select set 16 scenes of seed 25.
 
 ``logits`` (PP-OCRv4 rec only) cuts the recognizer's final softmax, so its output is the per-step class
 logits, declared ``kind: scores`` along the class axis (``fidelity: {outputs: {0: {kind: scores, axis: 2}}}``):
 the distillation's loss is then the KL divergence of each time step's class distribution (the softmax of the
 logits is the original output), instead of the MSE of the probabilities, which the near-1 blank class
 dominates. The greedy CTC decode takes the argmax, so the original's CER is the same.
+
+``probabilities`` (PP-OCRv4 rec only) keeps the softmax and declares its output ``kind: probabilities`` along the
+class axis (``fidelity: {outputs: {0: {kind: probabilities, axis: 2}}}``): the same KL per time step, taken on
+the log of the probabilities the network returns, with no change to the network.
 
 ``metric_decides``: the metric gets its select set (``convfactor.Metric(..., select=...)``), so the distillation
 is stopped and kept or rejected by the task metric on that set (``convfactor.distill.criterion``); the metric
@@ -37,32 +45,41 @@ import convfactor
 
 __all__ = ["NETWORKS", "case"]
 
-NETWORKS = ("crepe_tiny", "crepe_full", "ppocr_rec", "ppocr_det")
+NETWORKS = ("crepe_tiny", "crepe_full", "ppocr_rec", "ppocr_det", "craft")
 
 
 def case(network: str, calibration: int | None, distill_samples: int | None, pooled: bool = False,
-         metric_decides: bool = False, logits: bool = False) -> dict:
-    """{model, calib, distill_data (or None), metric (convfactor.Metric), declared (policy without target),
-    metric_desc} for ``network``."""
+         metric_decides: bool = False, logits: bool = False, probabilities: bool = False) -> dict:
+    """{model, calib, validation (or None), distill_data (or None), metric (convfactor.Metric), declared (policy
+    without target), metric_desc} for ``network``."""
     if network.startswith("crepe"):
         out = _crepe(network.split("_")[1], calibration or 512, distill_samples, metric_decides)
     elif network == "ppocr_rec":
         out = _ppocr_rec(calibration or 256, distill_samples, metric_decides)
     elif network == "ppocr_det":
         out = _ppocr_det(calibration or 64, distill_samples, metric_decides)
+    elif network == "craft":
+        out = _craft(calibration or 16, distill_samples, metric_decides)
     else:
         raise SystemExit(f"error: --network must be one of {', '.join(NETWORKS)}, got {network!r}")
     declared = {"rules": [{"types": ["Conv2d"], "method": "auto"}]}
     if logits and network != "ppocr_rec":
         raise SystemExit("error: --logits is for ppocr_rec (its [N, T, 6625] softmax output)")
+    if probabilities and network != "ppocr_rec":
+        raise SystemExit("error: --probabilities is for ppocr_rec (its [N, T, 6625] softmax output)")
+    if logits and probabilities:
+        raise SystemExit("error: --logits and --probabilities exclude each other (logits cut the softmax)")
     if logits:
         out["model"] = _without_softmax(out["model"])
         declared["fidelity"] = {"outputs": {0: {"kind": "scores", "axis": 2}}}
+    if probabilities:
+        declared["fidelity"] = {"outputs": {0: {"kind": "probabilities", "axis": 2}}}
     if pooled and not network.startswith("crepe"):
         raise SystemExit("error: --pooled is for the CREPE networks (one [N, 360] output)")
     if pooled:
         declared["fidelity"] = {"reduce": "pooled", "outputs": {0: {"slices": {"all": [0, out.pop("channels")]}}}}
     out.pop("channels", None)
+    out.setdefault("validation", None)
     out["declared"] = declared
     return out
 
@@ -138,3 +155,23 @@ def _ppocr_det(calibration: int, distill_samples: int | None, metric_decides: bo
             "metric": convfactor.Metric(fscore(31), name="fscore", higher_is_better=True,
                                         select=fscore(34) if metric_decides else None),
             "metric_desc": "line-box F-score at IoU 0.5 (32 text scenes)"}
+
+
+def _craft(calibration: int, distill_samples: int | None, metric_decides: bool) -> dict:
+    from . import craft, textdata
+
+    size = craft.SIZE
+    calib, _ = textdata.scene_batch(calibration, 22, size, craft.to_input, "words")
+    validation, _ = textdata.scene_batch(16, 23, size, craft.to_input, "words")
+    data = (None if not distill_samples else
+            textdata.scene_batch(distill_samples, 24, size, craft.to_input, "words")[0])
+
+    def fscore(count: int, seed: int):
+        x_eval, truth = textdata.scene_batch(count, seed, size, craft.to_input, "words")
+        boxes = textdata.detection_metric(x_eval, truth, craft.detect_boxes)
+        return lambda run: boxes(run)["fscore"]
+
+    return {"model": craft.load(), "calib": calib, "validation": validation, "distill_data": data,
+            "metric": convfactor.Metric(fscore(24, 21), name="fscore", higher_is_better=True,
+                                        select=fscore(16, 25) if metric_decides else None),
+            "metric_desc": "word-box F-score at IoU 0.5 (24 word scenes)"}

@@ -1,9 +1,9 @@
 """The automatic-policy options ``convert`` and ``sweep`` share: fidelity bounds, data, metric and tuning.
 
 ``add_fidelity_arguments``: ``--max-rel-error``, ``--min-agreement``, ``--validation``, ``--metric``,
-``--max-metric-drop``, ``--class-scores``; ``add_tuning_arguments``: ``--memory-budget``, ``--no-refit``,
-``--time-budget``. ``with_fidelity_options`` merges the bounds into the policy (the command line wins),
-``read_auto_options`` turns the tuning options into ``AutoOptions``.
+``--max-metric-drop``, ``--class-scores``, ``--class-probabilities``; ``add_tuning_arguments``:
+``--memory-budget``, ``--no-refit``, ``--time-budget``. ``with_fidelity_options`` merges the bounds into the
+policy (the command line wins), ``read_auto_options`` turns the tuning options into ``AutoOptions``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from ..errors import PolicyError
 from .options import memory_size, non_negative, seconds, unit_fraction
 
 __all__ = ["add_fidelity_arguments", "add_tuning_arguments", "with_fidelity_options", "read_auto_options"]
@@ -37,6 +38,10 @@ def add_fidelity_arguments(group: Any) -> None:
     group.add_argument("--class-scores", action="append", default=[], metavar="OUTPUT",
                        help="declare an output (index or name) as class scores: top-1 agreement is measured on it "
                             "(never on other outputs); repeatable")
+    group.add_argument("--class-probabilities", action="append", default=[], metavar="OUTPUT",
+                       help="declare an output (index or name) as class probabilities, already a distribution "
+                            "along its class axis (e.g. after a final softmax): top-1 agreement as for "
+                            "--class-scores, distilled with KL on its log instead of a second softmax; repeatable")
 
 
 def add_tuning_arguments(group: Any) -> None:
@@ -54,20 +59,27 @@ def add_tuning_arguments(group: Any) -> None:
 
 def with_fidelity_options(policy: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
     """The policy with ``--max-rel-error``/``--min-agreement``/``--max-metric-drop`` merged into its fidelity
-    section (they win) and ``--class-scores`` added to its output declarations, and what the summary shows
+    section (they win) and ``--class-scores``/``--class-probabilities`` added to its output declarations (one
+    output named by both is a ``PolicyError``), and what the summary shows
     of the bound: ``{"bound": {key: value}, "from": {key: option or "policy"}}``."""
     from ..fidelity_spec import parse_fidelity
 
     given = {key: value for key, value in (("max_rel_error", args.max_rel_error),
                                            ("min_agreement", args.min_agreement),
                                            ("max_metric_drop", args.max_metric_drop)) if value is not None}
-    if not given and not args.class_scores:
+    both = sorted(set(args.class_scores) & set(args.class_probabilities))
+    if both:
+        raise PolicyError(f"--class-scores and --class-probabilities both name output {both[0]!r}: it is logits "
+                          "(--class-scores) or already a distribution (--class-probabilities), not both")
+    kinds = [(output, "scores") for output in args.class_scores]
+    kinds += [(output, "probabilities") for output in args.class_probabilities]
+    if not given and not kinds:
         return policy, None
     merged = {**(policy.fidelity.to_dict() if policy.fidelity else {}), **given}
-    if args.class_scores:
+    if kinds:
         declared = dict(merged.get("outputs", {}))
-        for output in args.class_scores:
-            declared[output] = {**declared.get(output, {}), "kind": "scores"}
+        for output, kind in kinds:
+            declared[output] = {**declared.get(output, {}), "kind": kind}
         merged["outputs"] = declared
     fidelity = parse_fidelity(merged)
     numbers = {key: value for key, value in merged.items() if isinstance(value, (int, float))}

@@ -35,7 +35,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
                                       "--validation)")
     group.add_argument("--distill", type=steps, metavar="STEPS",
                        help="then distil the result towards the original for at most STEPS steps on unlabelled "
-                            "inputs (KL for --class-scores outputs, MSE per slice otherwise), stopped early on the "
+                            "inputs (KL for --class-scores and --class-probabilities outputs, MSE per slice "
+                            "otherwise), stopped early on the "
                             "held-out select part's error and within --time-budget; kept only if that error "
                             "went down")
     group.add_argument("--distill-data", metavar="INPUTS.pt",

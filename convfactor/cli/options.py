@@ -155,8 +155,8 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-cosine", type=float, default=0.99, metavar="X", help="default 0.99")
     group.add_argument("--min-snr-db", type=float, default=20.0, metavar="DB", help="default 20")
     group.add_argument("--min-top1", type=float, default=0.9, metavar="X",
-                       help="smallest top-1 agreement of the outputs declared as class scores (--class-scores, "
-                            "or the policy's fidelity outputs; default 0.9)")
+                       help="smallest top-1 agreement of the outputs declared as class scores or probabilities "
+                            "(--class-scores, --class-probabilities, or the policy's fidelity outputs; default 0.9)")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,13 @@
 
     loss = sum over outputs o not declared ``ignore`` of
              KL(softmax(teacher_o) || softmax(student_o)) along o's feature axis    if o is declared ``scores``
+             KL(teacher_o || student_o) along o's feature axis, on log(max(o, tiny)) if o is ``probabilities``
              mean over o's slices s of  mean (student_s - teacher_s)^2 / scale_s      otherwise
+
+An output that already is a distribution (a final softmax) is declared ``probabilities``: its log is the
+logits up to a constant per position, so both class kinds go through the one KL (``finetune.distillation_loss``);
+``scores`` on it would take a softmax of probabilities (a near-uniform distribution, gradients ~1/C as large).
+``tiny`` is the dtype's smallest normal number: an entry the softmax underflowed to 0 gets a finite log.
     scale_s = the teacher's mean square of slice s on the first batch (each output and slice on its own scale,
               the slices ``convfactor.output_error`` measures the fidelity by)
 
@@ -30,11 +36,12 @@ from torch import nn
 
 from ..batches import output_leaves
 from ..errors import ConvfactorError
+from ..fidelity_spec import CLASS_KINDS
 from ..output_checker import OutputChecker
 from ..output_error import OutputLayout
 from ..progress import open_bar
 from .criterion import Criterion, Judgement
-from .finetune import masked_step, structural_masks
+from .finetune import distillation_loss, masked_step, structural_masks
 
 __all__ = ["DistillOptions", "DistillRun", "as_distill_options", "output_losses", "distill_model",
            "DEFAULT_BATCH", "DEFAULT_LR"]
@@ -59,7 +66,7 @@ class DistillOptions:
         check_every: steps between select-part measurements (None: ``max(10, steps // 10)``).
         patience: checks without a lower select error before stopping.
         time_budget: seconds the distillation may take (None: what ``AutoOptions.time_budget`` leaves, else none).
-        temperature: softening of the KL loss of ``scores`` outputs.
+        temperature: softening of the KL loss of ``scores`` and ``probabilities`` outputs.
         seed: order of the batches.
         probes: with a fidelity bound, failing search probes distilled before they are judged, at most
             (``convfactor.auto.search.distill_probes``); 0: the search judges undistilled models.
@@ -116,7 +123,7 @@ def as_distill_options(value: Any) -> DistillOptions | None:
 
 @dataclass(frozen=True)
 class _OutputLoss:
-    kind: str  # "kl" | "mse" | "none"
+    kind: str  # "kl" (scores) | "kl_probabilities" | "mse" | "none"
     axis: int | None
     slices: tuple[tuple[int, int], ...]
     scales: tuple[float, ...]
@@ -124,10 +131,11 @@ class _OutputLoss:
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor | None:
         if self.kind == "none":
             return None
-        if self.kind == "kl":  # the feature axis last: (N, ..., C)
+        if self.kind in ("kl", "kl_probabilities"):  # the feature axis last: (N, ..., C)
             s, t = (torch.movedim(v, self.axis, -1).reshape(-1, v.shape[self.axis]) for v in (student, teacher))
-            log_t, log_s = F.log_softmax(t / temperature, -1), F.log_softmax(s / temperature, -1)
-            return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature ** 2
+            if self.kind == "kl_probabilities":
+                s, t = (v.clamp_min(torch.finfo(v.dtype).tiny).log() for v in (s, t))
+            return distillation_loss(s, t, "kl", temperature)
         terms = []
         for (start, stop), scale in zip(self.slices, self.scales):
             s = student if self.axis is None else student.narrow(self.axis, start, stop - start)
@@ -136,7 +144,8 @@ class _OutputLoss:
         return torch.stack(terms).mean()
 
     def describe(self) -> str:
-        return {"kl": "kl (declared scores)", "none": "none (declared ignore)"}.get(
+        return {"kl": "kl (declared scores)", "kl_probabilities": "kl on log probabilities (declared probabilities)",
+                "none": "none (declared ignore)"}.get(
             self.kind, f"mse, relative per slice ({len(self.slices)} slice(s))")
 
 
@@ -149,8 +158,8 @@ def output_losses(layouts: Sequence[OutputLayout], teacher: Sequence[torch.Tenso
             losses.append(_OutputLoss("none", None, (), ()))
             continue
         axis = None if layout.axis is None or reference.dim() <= layout.axis else layout.axis
-        if layout.kind == "scores" and axis is not None:
-            losses.append(_OutputLoss("kl", axis, (), ()))
+        if layout.kind in CLASS_KINDS and axis is not None:
+            losses.append(_OutputLoss("kl" if layout.kind == "scores" else "kl_probabilities", axis, (), ()))
             continue
         slices = ((0, 0),) if axis is None else tuple((a, b) for _, a, b in layout.slices)
         scales = []
@@ -170,7 +179,8 @@ class DistillRun:
     stopped: str = ""
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
-    # [{"step", "rel_error", "metric" (when the metric decides)}], step 0 = undistilled
+    # [{"step", "seconds" (since the start, judging included), "rel_error", "metric" (when the metric decides)}],
+    # step 0 = undistilled
     select: list[dict[str, float]] = field(default_factory=list)
     criterion: dict[str, Any] = field(default_factory=dict)  # Criterion.describe(): what decided, and why
     start: Judgement | None = None  # the undistilled state's judgement
@@ -261,7 +271,7 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: Sequence[tupl
         if all(loss.kind == "none" for loss in losses):
             raise ConvfactorError("distillation has nothing to match: every output is declared 'ignore'")
         run.start = criterion.judge(student)
-        run.select.append({"step": 0, **run.start.to_dict()})
+        run.select.append({"step": 0, "seconds": round(time.perf_counter() - started, 1), **run.start.to_dict()})
         start_state = _copy_state(student)
         best_state = None  # the best distilled state (step >= 1) by the criterion
         grad_flags = [p.requires_grad for p in params]
@@ -277,7 +287,8 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: Sequence[tupl
             """Judge the state; True when it is the best distilled one so far."""
             nonlocal best_state
             judgement = criterion.judge(student)
-            run.select.append({"step": step, **judgement.to_dict()})
+            run.select.append({"step": step, "seconds": round(time.perf_counter() - started, 1),
+                               **judgement.to_dict()})
             if criterion.better(judgement, run.best):
                 run.best, best_state, run.best_step = judgement, _copy_state(student), step
                 return True
