@@ -291,8 +291,7 @@ def measure_sensitivities(root: nn.Module, plans: list[LayerPlan], kind: str, ba
         calls = [(shipped, group, subset, reference) for group in groups]
         measured = {}
         for result in ordered_results(executor, sensitivity_task, calls, progress, "sensitivities", "group"):
-            measured.update(result)
-        measured = {name: measured[name] for name in names if name in measured}
+            measured.update(result)  # groups in layer order, each in its probes' order
     if len(measured) < len(probes):
         deadline.cut("sensitivity probes", f"stopped after {len(measured)} of {len(probes)} layers (the others "
                      "use the median measured sensitivity)")

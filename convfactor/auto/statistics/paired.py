@@ -99,7 +99,7 @@ class FrontierInputs:
         if not self.batches:
             return 0
         one = tuple(t[:1] for t in self.batches[0])
-        per_sample = GraphRunner(self.runner.root).inspect(one, 0, len(self.runner.nodes) - 1)
+        per_sample = self.runner.inspect(one, 0, len(self.runner.nodes) - 1)
         return per_sample * sum(len(batch[0]) for batch in self.batches)
 
     @torch.no_grad()
