@@ -91,6 +91,12 @@ def _batches(count: int, size: int = 16) -> list[tuple[torch.Tensor]]:
     return [(inputs(3, seed, size),) for seed in range(count)]
 
 
+def _case(net: nn.Module, count: int) -> tuple[fx.GraphModule, dict, dict, list]:
+    """``net`` traced, its layers, a perturbed probe for each, and ``count`` batches."""
+    layers = _layers(net)
+    return fx.symbolic_trace(net), layers, _probes(layers), _batches(count)
+
+
 def _assert_same(got: dict, want: dict, rel: float = REL) -> None:
     assert list(got) == list(want)
     for name in want:
@@ -104,10 +110,7 @@ def _assert_same(got: dict, want: dict, rel: float = REL) -> None:
 def test_suffix_probes_equal_whole_network(make):
     torch.manual_seed(0)
     net = make().eval()
-    traced = fx.symbolic_trace(net)
-    layers = _layers(net)
-    probes = _probes(layers)
-    batches = _batches(3)
+    traced, layers, probes, batches = _case(net, 3)
     whole = layer_sensitivities(net, layers, probes, batches)
     assert not probe_nodes(net, layers)  # an untraced module: the whole-network path
     got = layer_sensitivities(traced, layers, probes, batches)
@@ -147,10 +150,7 @@ def test_layer_inside_a_leaf_module_falls_back():
 
 def test_chunked_frontiers_give_the_same_results(monkeypatch):
     net = _InPlaceResNet().eval()
-    traced = fx.symbolic_trace(net)
-    layers = _layers(net)
-    probes = _probes(layers)
-    batches = _batches(4)
+    traced, layers, probes, batches = _case(net, 4)
     whole = layer_sensitivities(traced, layers, probes, batches)
     chunks = []
     original = sensitivity._chunks
@@ -162,10 +162,7 @@ def test_chunked_frontiers_give_the_same_results(monkeypatch):
 
 def test_stop_leaves_out_layers_not_probed_on_every_batch(monkeypatch):
     net = tiny_resnet(seed=3)
-    traced = fx.symbolic_trace(net)
-    layers = _layers(net)
-    probes = _probes(layers)
-    batches = _batches(2)
+    traced, layers, probes, batches = _case(net, 2)
     whole = layer_sensitivities(traced, layers, probes, batches)
     asked = []
     got = layer_sensitivities(traced, layers, probes, batches, stop=lambda: asked.append(1) or len(asked) > 3)
@@ -182,10 +179,7 @@ def test_stop_leaves_out_layers_not_probed_on_every_batch(monkeypatch):
 
 def test_a_batch_over_the_probe_limit_is_probed_in_pieces(monkeypatch):
     net = _InPlaceResNet().eval()
-    traced = fx.symbolic_trace(net)
-    layers = _layers(net)
-    probes = _probes(layers)
-    batches = _batches(2)
+    traced, layers, probes, batches = _case(net, 2)
     whole = layer_sensitivities(net, layers, probes, batches)
     runs = []
     suffix = GraphRunner.suffix
