@@ -154,7 +154,10 @@ def resolve_policy(
     stats, outputs = collect_statistics(run, plans, data)
     model, cache_note = time_layers(goal, plans, latency, latency_model)
     account = start_account(data, stats, cache_note, opts)
-    checks = output_checkers(root, data.split, opts, outputs, goal.spec, data.metric)
+    original_metric = None
+    if data.metric is not None and shared is not None and data.split.select:
+        original_metric = shared.original_metric(root, data.metric, lambda: data.metric(root))
+    checks = output_checkers(root, data.split, opts, outputs, goal.spec, data.metric, original_metric)
     del outputs
     if goal.allocates:
         replacements = allocate_budget(run, plans, goal, data, stats, model, checks, account, distill)

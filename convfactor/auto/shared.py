@@ -11,7 +11,9 @@ They depend on the network's weights, the fit samples, the options that shape th
 and sensitivities, the target's kind (the costs a candidate is filtered and probed by). ``SharedWork`` keeps
 what the first resolution computed under a key made of exactly these, and gives every later resolution with
 the same key copies of it, so a point of a sweep is allocated from the same numbers a lone ``factorize``
-would compute. It also shares one ``LatencyModel`` per set of latency options (its in-memory timings).
+would compute. It also shares one ``LatencyModel`` per set of latency options (its in-memory timings), and the task
+metric of the original network (one evaluation of the user's metric per network and ``Metric`` object: every
+point of a sweep starts from the same original).
 
 ``counts`` says how often each phase was computed rather than reused (the sweep's tests count on it),
 ``seconds`` how long the computing took.
@@ -74,6 +76,7 @@ class SharedWork:
         self._statistics: dict[tuple, dict[str, Any]] = {}
         self._scored: dict[tuple, tuple[dict[str, _Scored], list[str]]] = {}
         self._latency: dict[str, Any] = {}
+        self._metric: dict[tuple, tuple[Any, float]] = {}
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self.seconds: Counter[str] = Counter()
@@ -132,6 +135,20 @@ class SharedWork:
             self.seconds["candidates and sensitivities"] += time.perf_counter() - started
             if batches is not None and opts.sensitivity:
                 self.counts["sensitivities"] += 1
+
+    def original_metric(self, root: nn.Module, metric: Any, compute: Callable[[], float]) -> float:
+        """The task metric of the original ``root``: kept for this network and this ``Metric`` object, else
+        ``compute()``."""
+        key = (_network_key(root), id(metric))
+        with self._lock:
+            found = self._metric.get(key)
+        if found is not None and found[0] is metric:  # the object itself is kept, so its id is not reused
+            return found[1]
+        value = compute()
+        with self._lock:
+            self._metric[key] = (metric, value)
+            self.counts["original metric"] += 1
+        return value
 
     def provide_latency_model(self, latency: Any, model: Any) -> None:
         """Use ``model`` (a ``LatencyModel``, e.g. ``convfactor.remote_timing.remote_latency_model``'s) for every

@@ -202,7 +202,7 @@ def _point(model: nn.Module, base: Policy, target: Target, inputs: tuple, common
 def _measure(meter: PointMeter, fast: nn.Module, label: str, target: Target, seconds: float,
              baseline: bool) -> SweepPoint:
     report = get_report(fast)
-    record = meter.fidelity(fast)
+    record = meter.fidelity(fast, None if baseline else report.extra.get("fidelity_check"))
     speed = meter.speed(fast, label)
     resolved = (report.policy.get("resolved") or {}).get("rules") if isinstance(report.policy, dict) else None
     return SweepPoint(

@@ -4,7 +4,10 @@ Every point, convfactor's and the baseline's, is measured on the same samples: t
 split ``factorize`` uses (``convfactor.auto.statistics.split``: with calibration only, sample i % 8 == 7; with
 validation, its odd samples), which no fit, refit or selection of any point saw. The measurement is
 ``held_out_check``'s (per output and slice, the bound: the policy's, else the default floor; the task metric
-when given), so a point reads as ``convert`` would report it. The speedup is ``benchmark``'s: the original
+when given), so a point reads as ``convert`` would report it. A convfactor point's ``factorize`` has measured
+exactly that already (its ``report.extra['fidelity_check']``: the same samples, bound and metric), so its
+record is taken as it is rather than measured (and the task metric evaluated) a second time; the baseline's
+points, which no ``factorize`` checked, are measured here. The speedup is ``benchmark``'s: the original
 (exported once) and the point's model timed interleaved in onnxruntime.
 """
 
@@ -17,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..auto.options import AutoOptions
-from ..auto.search.verify import held_out_check
+from ..auto.search.verify import applied_bound, held_out_check
 from ..auto.statistics.split import first_samples, split_data
 from ..batches import calibration_batches
 from ..fidelity_spec import Fidelity
@@ -61,11 +64,23 @@ class PointMeter:
     def data(self) -> str:
         return f"{self.checker.samples} {self.checker.data}"
 
-    def fidelity(self, model: nn.Module) -> dict[str, Any]:
-        """``held_out_check``'s record of ``model`` on the check samples (``passed``: within the bound)."""
+    def fidelity(self, model: nn.Module, measured: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``held_out_check``'s record of ``model`` on the check samples (``passed``: within the bound):
+        ``measured`` (the record ``factorize`` reported for ``model``) when it is this measurement, else measured."""
+        if self.same_check(measured):
+            return measured
         record, _ = held_out_check({"check": self.checker}, model, self.bound, self.spec, self.split)
         assert record is not None
         return record
+
+    def same_check(self, record: dict[str, Any] | None) -> bool:
+        """Whether ``record`` was measured on this meter's samples, under its bound, with its metric."""
+        return record is not None and record.get("samples") == self.checker.samples and \
+            record.get("data") == self.checker.data and \
+            record.get("held_out") == bool(self.split.get("held_out")) and \
+            record.get("bound") == applied_bound(self.bound, self.spec).to_dict() and \
+            ("metric" in record) == (self.checker.metric is not None) and \
+            record.get("metric_name") == (self.checker.metric.name if self.checker.metric is not None else None)
 
     def speed(self, model: nn.Module, name: str) -> dict[str, Any] | None:
         """``benchmark`` of the original against ``model`` at the sweep's one thread count (None: not timed)."""

@@ -64,3 +64,30 @@ def test_the_callers_model_keeps_its_mode_and_state(net, data):
     convfactor.sweep(model, "macs=0.5", data[:1], calibration=data, auto_options=FAST, baseline=None,
                      bench={"skip": True})
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_original_metric_and_each_points_check_are_evaluated_once(net, data):
+    import torch
+
+    from convfactor.metric import as_metric
+    from convfactor.sweeps.measure import PointMeter
+
+    calls = []
+
+    def score(module):  # deterministic, so a reused value equals a recomputed one
+        calls.append(1)
+        with torch.no_grad():
+            return float(-module(data[:8]).pow(2).mean())
+
+    result = convfactor.sweep(net, TARGETS, data[:1], calibration=data, metric=score, auto_options=FAST,
+                              baseline=None, bench={"skip": True})
+    # the original once for the points' selection (shared), once for the sweep's own meter, then one final
+    # check per point (factorize's, which the sweep reads instead of measuring the point again)
+    assert len(calls) == 2 + len(result.points)
+    assert result.shared["computed"]["original metric"] == 1
+    meter = PointMeter(net, (data[:1],), data, None, as_metric(score), None, None, FAST, None)
+    for point in result.points:
+        fresh = meter.fidelity(result.models[point.label])
+        assert abs(fresh["rel_error"] - point.rel_error) <= 1e-4 * fresh["rel_error"], point.label
+        assert abs(fresh["metric"] - point.metric) <= 1e-6 * abs(fresh["metric"]), point.label
+        assert fresh["passed"] == point.within_bound

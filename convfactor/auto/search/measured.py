@@ -124,16 +124,20 @@ def _allocated(plan: LayerPlan, index: int) -> Choice:
 
 
 def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, outputs: list | None = None,
-                    spec: Fidelity | None = None, metric: Metric | None = None) -> dict[str, OutputChecker | None]:
+                    spec: Fidelity | None = None, metric: Metric | None = None,
+                    metric_original: float | None = None) -> dict[str, OutputChecker | None]:
     """The checkers of a resolution, each on at most ``opts.fidelity_samples`` samples of its part:
 
     ``fit`` (in-sample: shown beside the held-out number; ``outputs`` are the original's outputs already
     computed on the first fit batches), ``select`` (every measurement the search decides by) and ``check``
     (the held-out number reported). Parts without data get None; ``check`` is ``select`` when the split
-    could not separate them (``DataSplit.shared``). The task metric of the original is evaluated once, here,
-    while ``root`` is still the original (``factorize`` rewrites it in place afterwards).
+    could not separate them (``DataSplit.shared``). The task metric of the original (``metric_original``, or
+    evaluated here) is evaluated once, while ``root`` is still the original (``factorize`` rewrites it in place
+    afterwards).
     """
-    original = metric(root) if metric is not None and split.select else None
+    original = None
+    if metric is not None and split.select:
+        original = metric_original if metric_original is not None else metric(root)
 
     def make(batches: list | None, label: str, known: list | None = None) -> OutputChecker | None:
         if not batches:

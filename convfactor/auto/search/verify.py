@@ -34,7 +34,7 @@ from ...policy import Fidelity
 from ..latency.int8_timing import quantized_for_timing
 from ..latency.model import compare_models
 
-__all__ = ["DEFAULT_FLOOR", "SpeedMeter", "ConvfactorWarning", "FidelityWarning",
+__all__ = ["DEFAULT_FLOOR", "applied_bound", "SpeedMeter", "ConvfactorWarning", "FidelityWarning",
            "SpeedWarning", "categorize", "check_result", "held_out_check", "publish_warnings",
            "describe_metrics"]
 
@@ -166,7 +166,7 @@ def held_out_check(checks: dict[str, OutputChecker | None], module: nn.Module, b
     check = checks.get("check")
     if check is None:
         return None, ["no fidelity check: no example inputs or calibration data to compare the outputs on"]
-    used = bound if bound is not None else _floor(spec)
+    used = applied_bound(bound, spec)
     held = check.measure(module, final=True)
     held.pop("stopped_early", None)
     failed = failures(held, used)
@@ -201,7 +201,10 @@ OVERFIT_RATIO = 2.0  # held-out error over in-sample error beyond which the fit 
 OVERFIT_FLOOR = 0.01  # ... when the held-out error is at least this (tiny errors differ by noise)
 
 
-def _floor(spec: Fidelity | None) -> Fidelity:
+def applied_bound(bound: Fidelity | None, spec: Fidelity | None) -> Fidelity:
+    """The bound a held-out check applies: the policy's, else ``DEFAULT_FLOOR`` with its output declarations."""
+    if bound is not None:
+        return bound
     if spec is None:
         return DEFAULT_FLOOR
     return Fidelity(DEFAULT_FLOOR.max_rel_error, DEFAULT_FLOOR.min_agreement, reduce=spec.reduce, outputs=spec.outputs)
