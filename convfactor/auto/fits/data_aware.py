@@ -61,11 +61,17 @@ def grouped_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return w.reshape(groups, w.shape[0] // groups, -1)
 
 
-def output_error2(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor | Covariance) -> float:
-    """E||(W - W_hat) p||^2 / E||W p||^2 for grouped weights (g, O, D) and the patch covariance."""
+def output_error2(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor | Covariance,
+                  signal: float | None = None) -> float:
+    """E||(W - W_hat) p||^2 / E||W p||^2 for grouped weights (g, O, D) and the patch covariance.
+
+    ``signal``: E||W p||^2 when already known (a rank grid scores one layer many times: each quad of a
+    large layer costs O * D^2).
+    """
     sigma = as_covariance(sigma)
     error = sigma.quad(weight - approx)
-    signal = sigma.quad(weight)
+    if signal is None:
+        signal = sigma.quad(weight)
     return error / signal if signal > 0 else error
 
 

@@ -74,6 +74,7 @@ def error_function(plan: LayerPlan, method: FactorizationMethod, stats: Any, fac
     groups = plan.layer.groups if hasattr(plan.layer, "groups") else 1
     weight = grouped_weight(plan.layer.weight, groups)
     bound = grouped_bound(method, plan.layer)
+    signal = sigma.quad(weight)  # once per layer and method, not per rank
 
     def error2(rank: Rank) -> float:
         if bound is not None:  # a large grouped layer: the index-order grouping (refined once if chosen)
@@ -81,7 +82,7 @@ def error_function(plan: LayerPlan, method: FactorizationMethod, stats: Any, fac
             dense = bound.dense((rank, *full) if isinstance(rank, int) else tuple(rank))
         else:
             dense = method.decompose(plan.layer, rank).dense_weight()
-        return output_error2(weight, grouped_weight(dense, groups), sigma)
+        return output_error2(weight, grouped_weight(dense, groups), sigma, signal)
 
     return error2
 
