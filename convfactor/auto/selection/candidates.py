@@ -30,6 +30,7 @@ __all__ = [
     "SPECTRAL_METHODS",
     "GROUPED_EXACT_WEIGHTS",
     "grouped_bound",
+    "grouped_rank",
     "Option",
     "rank_grid",
     "WeightErrors",
@@ -50,6 +51,11 @@ def grouped_bound(method: FactorizationMethod, layer: nn.Module) -> GroupedBound
     if method.name != "grouped" or layer.weight.numel() <= GROUPED_EXACT_WEIGHTS:
         return None
     return GroupedBound(layer.weight)
+
+
+def grouped_rank(layer: nn.Module, rank: Rank) -> tuple[int, int, int]:
+    """A grouped rank as (groups, r_in, r_out): an int is a group count at the layer's full channels."""
+    return (rank, layer.in_channels, layer.out_channels) if isinstance(rank, int) else tuple(rank)
 
 
 @dataclass
@@ -149,9 +155,7 @@ class WeightErrors:
 
     def __call__(self, rank: Rank) -> float:
         if self._bound is not None:
-            full = self.layer.in_channels, self.layer.out_channels
-            g, r_in, r_out = (rank, *full) if isinstance(rank, int) else rank
-            return float(max(0.0, 1.0 - self._bound.kept((g, r_in, r_out))))
+            return float(max(0.0, 1.0 - self._bound.kept(grouped_rank(self.layer, rank))))
         if self._total == 0 and (self._tail is not None or self._core_energy is not None):
             return 0.0
         if self._tail is not None:
