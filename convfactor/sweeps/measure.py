@@ -6,6 +6,11 @@ validation, its odd samples), which no fit, refit or selection of any point saw.
 ``held_out_check``'s (per output and slice, the bound: the policy's, else the default floor; the task metric
 when given), so a point reads as ``convert`` would report it. The speedup is ``benchmark``'s: the original
 (exported once) and the point's model timed interleaved in onnxruntime.
+
+With int8 points, a model's float ONNX file (the one its speed is timed from) is quantized by
+``quantize_onnx``, calibrated on the split's fit and select samples (never the check samples; none with
+neither: dynamic quantization), and the int8 file is measured through ``OnnxModule`` on the same check
+samples and timed against the same float original.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from ..metric import Metric
 from ..output_checker import OutputChecker
 from ..runtime.benchmarking import benchmark
 from ..runtime.export import export_onnx
+from ..runtime.onnx_module import OnnxModule
+from ..runtime.quantize import quantize_onnx
 
 __all__ = ["PointMeter"]
 
@@ -54,8 +61,11 @@ class PointMeter:
                                      spec=spec, metric=metric, metric_limit=0)
         self.spec, self.bound, self.inputs, self.bench = spec, bound, inputs, bench
         self.original = original
+        held_out = split.source == "calibration" and split.held_out
+        self.int8_calibration = ((split.fit or []) + ((split.select or []) if held_out else [])) or None
         self._dir = tempfile.TemporaryDirectory(prefix="convfactor-sweep-")
         self._original_onnx: Path | None = None
+        self._files = 0
 
     @property
     def data(self) -> str:
@@ -67,16 +77,33 @@ class PointMeter:
         assert record is not None
         return record
 
-    def speed(self, model: nn.Module, name: str) -> dict[str, Any] | None:
-        """``benchmark`` of the original against ``model`` at the sweep's one thread count (None: not timed)."""
+    def export(self, model: nn.Module) -> Path:
+        """``model``'s float ONNX file in the sweep's scratch directory (the exporter ``bench`` names)."""
+        self._files += 1
+        path = Path(self._dir.name) / f"point{self._files}.onnx"
+        export_onnx(model, self.inputs, path, exporter=(self.bench or {}).get("exporter", "auto"))
+        return path
+
+    def original_onnx(self) -> Path:
+        """The original's float ONNX file, exported once."""
+        if self._original_onnx is None:
+            self._original_onnx = self.export(self.original)
+        return self._original_onnx
+
+    def speed(self, model: nn.Module | Path, name: str) -> dict[str, Any] | None:
+        """``benchmark`` of the float original against ``model`` (a module or an ONNX file) at the sweep's one
+        thread count (None: not timed)."""
         if self.bench is None:
             return None
-        if self._original_onnx is None:
-            self._original_onnx = Path(self._dir.name) / "original.onnx"
-            export_onnx(self.original, self.inputs, self._original_onnx, exporter=self.bench.get("exporter", "auto"))
-        report = benchmark(self._original_onnx, model, self.inputs, progress=False, workdir=self._dir.name,
+        report = benchmark(self.original_onnx(), model, self.inputs, progress=False, workdir=self._dir.name,
                            **self.bench)
         return report.results[0].to_dict()
+
+    def quantize(self, onnx_path: Path, label: str, options: dict[str, Any]) -> tuple[OnnxModule, dict[str, Any]]:
+        """The int8 form of a float ONNX file (``quantize_onnx``), as a module, and how it was quantized."""
+        target = onnx_path.with_name(f"{onnx_path.stem}.int8.onnx")
+        result = quantize_onnx(onnx_path, target, self.int8_calibration, force=True, **options)
+        return OnnxModule(result.path, name=label), {**result.to_dict(), "path": target}
 
     def close(self) -> None:
         self._dir.cleanup()
