@@ -42,7 +42,7 @@ from ..progress import open_bar
 from .measure import PointMeter
 from .points import Target, first_of_each_kind, parse_targets
 from .quantized import ORIGINAL_INT8, describe, int8_options, int8_point, original_point
-from .result import SweepPoint, SweepResult
+from .result import SweepPoint, SweepResult, measured_fields
 from .uniform import UniformPlanner, uniform_model
 
 __all__ = ["sweep", "DEFAULT_BASELINE"]
@@ -228,14 +228,8 @@ def _measure(meter: PointMeter, fast: nn.Module, label: str, target: Target, sec
         label=label, kind=target.kind, fraction=target.fraction, baseline=baseline,
         macs_fraction=None if not report.macs_before else round(report.macs_after / report.macs_before, 4),
         params_fraction=round(report.params_after / report.params_before, 4),
-        rel_error=record["rel_error"], worst=record.get("worst"),
-        outputs=[{"name": o["name"], "rel_error": o["rel_error"]} for o in record["outputs"]],
-        within_bound=bool(record["passed"]), metric=record.get("metric"), metric_drop=record.get("metric_drop"),
-        speedup=None if speed is None else round(speed["speedup"], 4),
-        speedup_p10=None if speed is None else round(speed["speedup_p10"], 4),
-        speedup_p90=None if speed is None else round(speed["speedup_p90"], 4),
-        reliable=None if speed is None else bool(speed["reliable"]),
-        seconds=round(seconds, 2), warnings=[str(w) for w in report.all_warnings()], allocation=resolved)
+        **measured_fields(record, speed), seconds=round(seconds, 2),
+        warnings=[str(w) for w in report.all_warnings()], allocation=resolved)
 
 
 def _measure_int8(meter: PointMeter, point: SweepPoint, onnx: Any, options: dict[str, Any]) -> tuple[SweepPoint, Any]:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConvfactorError
-from .result import SweepPoint
+from .result import SweepPoint, measured_fields
 
 __all__ = ["QUANTIZE_TYPES", "QUANTIZE_KEYS", "ORIGINAL_INT8", "int8_options", "describe", "int8_point",
            "original_point"]
@@ -75,13 +75,7 @@ def int8_point(float_point: SweepPoint, record: dict[str, Any], speed: dict[str,
     """The int8 form of ``float_point``: its held-out ``record``, its ``speed`` against the float original and
     how it was quantized (``QuantizeResult.to_dict`` without the temporary path)."""
     return dataclasses.replace(
-        float_point, label=f"{float_point.label} int8", rel_error=record["rel_error"], worst=record.get("worst"),
-        outputs=[{"name": o["name"], "rel_error": o["rel_error"]} for o in record["outputs"]],
-        within_bound=bool(record["passed"]), metric=record.get("metric"), metric_drop=record.get("metric_drop"),
-        speedup=None if speed is None else round(speed["speedup"], 4),
-        speedup_p10=None if speed is None else round(speed["speedup_p10"], 4),
-        speedup_p90=None if speed is None else round(speed["speedup_p90"], 4),
-        reliable=None if speed is None else bool(speed["reliable"]),
+        float_point, label=f"{float_point.label} int8", **measured_fields(record, speed),
         seconds=round(float_point.seconds + quantized["seconds"], 2), quantized="int8",
         quantize={k: v for k, v in quantized.items() if k != "path"})
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["SweepPoint", "SweepResult", "pareto_front"]
+__all__ = ["SweepPoint", "SweepResult", "pareto_front", "measured_fields"]
 
 
 @dataclass
@@ -80,6 +80,18 @@ class SweepPoint:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def measured_fields(record: dict[str, Any], speed: dict[str, Any] | None) -> dict[str, Any]:
+    """``SweepPoint``'s measured fields from a held-out check ``record`` and a ``benchmark`` result (None: untimed)."""
+    return {"rel_error": record["rel_error"], "worst": record.get("worst"),
+            "outputs": [{"name": o["name"], "rel_error": o["rel_error"]} for o in record["outputs"]],
+            "within_bound": bool(record["passed"]), "metric": record.get("metric"),
+            "metric_drop": record.get("metric_drop"),
+            "speedup": None if speed is None else round(speed["speedup"], 4),
+            "speedup_p10": None if speed is None else round(speed["speedup_p10"], 4),
+            "speedup_p90": None if speed is None else round(speed["speedup_p90"], 4),
+            "reliable": None if speed is None else bool(speed["reliable"])}
 
 
 def pareto_front(points: Sequence[SweepPoint], higher_is_better: bool | None) -> list[int]:
