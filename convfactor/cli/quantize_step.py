@@ -27,25 +27,39 @@ from typing import Any
 
 from .console import Console
 
-__all__ = ["QUANTIZE_CHOICES", "add_quantize_arguments", "int8_path_for", "run_quantize"]
+__all__ = ["QUANTIZE_CHOICES", "add_quantize_arguments", "check_quantize_arguments", "int8_path_for", "run_quantize"]
 
 QUANTIZE_CHOICES = ("int8",)
 ROLES = ("original", "original_int8", "factorized", "factorized_int8")
 
 
-def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--quantize`` and its options."""
+CONVERT_HELP = ("also write NAME.int8.onnx next to --onnx (or OUT): static QDQ int8 calibrated on --calibration, "
+                "dynamic without it; measured with --check/--bench against the original, original int8 and "
+                "factorized models")
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser, help: str = CONVERT_HELP) -> None:
+    """``--quantize`` and its options (``help``: what ``--quantize`` does in this command)."""
     from ..runtime.quantize import CALIBRATE_METHODS
 
     group = parser.add_argument_group("quantization (onnxruntime int8, after factorizing)")
-    group.add_argument("--quantize", choices=QUANTIZE_CHOICES, metavar="int8",
-                       help="also write NAME.int8.onnx next to --onnx (or OUT): static QDQ int8 calibrated on "
-                            "--calibration, dynamic without it; measured with --check/--bench against the "
-                            "original, original int8 and factorized models")
+    group.add_argument("--quantize", choices=QUANTIZE_CHOICES, metavar="int8", help=help)
     group.add_argument("--calibrate-method", choices=CALIBRATE_METHODS,
                        help="activation ranges of static quantization (default minmax)")
     group.add_argument("--keep-float", action="extend", nargs="+", default=[], metavar="OP_OR_NODE",
                        help="op types (Gemm) or ONNX node names to leave in float")
+
+
+def check_quantize_arguments(args: argparse.Namespace) -> None:
+    """``--calibrate-method``/``--keep-float`` only with ``--quantize``.
+
+    Raises:
+        ConvfactorError: one of them given without ``--quantize``.
+    """
+    from ..errors import ConvfactorError
+
+    if (args.calibrate_method or args.keep_float) and not args.quantize:
+        raise ConvfactorError("--calibrate-method and --keep-float are only used with --quantize int8")
 
 
 def int8_path_for(out: Path, onnx_path: Path | None) -> Path:

@@ -15,6 +15,7 @@ from typing import Any
 from .auto_options import add_fidelity_arguments, add_tuning_arguments, read_auto_options, with_fidelity_options
 from .console import EXIT_OK, Console
 from .options import add_model_arguments, add_output_arguments, positive_int, seconds
+from .quantize_step import add_quantize_arguments
 
 __all__ = ["NAME", "HELP", "EXAMPLES", "add_arguments", "run"]
 
@@ -30,12 +31,17 @@ examples:
   convfactor sweep resnet.pt --arch models:resnet20 --calibration x.pt --metric mymetrics:accuracy \\
       --max-metric-drop 0.01 --targets macs=0.5,0.35,0.25 --out sweep.json --save-best best.pt --workers 2
 
+  # each point and the original also in int8 (onnxruntime static QDQ), measured as their own points
+  convfactor sweep resnet.pt --arch models:resnet20 --calibration x.pt --targets macs=0.5,0.35 \
+      --quantize int8 --out sweep.json --save-best best.pt      # an int8 best: best.pt and best.int8.onnx
+
   # the tasks on a Dask cluster (pip install 'convfactor[distributed]')
   convfactor sweep resnet.pt --arch models:resnet20 --calibration x.pt --targets macs=0.5,0.3 \\
       --out sweep.json --scheduler tcp://10.0.0.5:8786
 
 outputs: OUT (JSON: every point's held-out error per output, metric, measured speedup, allocation), the
-plot (--plot, default OUT's stem + .png), --save-best. Nothing is written if any step fails.
+plot (--plot, default OUT's stem + .png), --save-best (with --quantize, when the best point is an int8 one,
+also BEST's stem + .int8.onnx: the int8 model measured). Nothing is written if any step fails.
 exit codes: 0 ok, 2 bad input (nothing written).
 """
 
@@ -55,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="SWEEP.png", help="the PNG (default: OUT's stem + .png)")
     parser.add_argument("--save-best", metavar="BEST.pt",
                         help="write the fastest point within the bound (the policy's or --max-rel-error / "
-                             "--max-metric-drop, else the default floor) as a factorized checkpoint")
+                             "--max-metric-drop, else the default floor) as a factorized checkpoint; an int8 "
+                             "point (--quantize) also as BEST.int8.onnx")
     parser.add_argument("--baseline", default="spatial_svd", metavar="METHOD",
                         help="the uniform weight-only baseline's method at each MACs point, or 'none' "
                              "(default spatial_svd)")
@@ -67,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     timing.add_argument("--min-time", type=seconds, default=1.0, metavar="S", help="seconds per point (default 1)")
     timing.add_argument("--repeats", type=positive_int, default=30, metavar="N", help="timed pairs (default 30)")
     timing.add_argument("--no-bench", action="store_true", help="do not time the points (no speedups, no plot)")
+    add_quantize_arguments(parser, help="also quantize each point and the original with onnxruntime (static QDQ "
+                                        "int8 calibrated on the fit and select samples of --calibration, dynamic "
+                                        "without it) and measure them as their own points ('macs=0.5 int8', "
+                                        "'original int8'), timed against the float original")
     tasks = parser.add_argument_group("where the tasks run (candidate scoring, probes, points)")
     tasks.add_argument("--workers", type=positive_int, metavar="N",
                        help="a local pool of N processes (at most the cores and what memory holds); default serial")
@@ -76,15 +87,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_arguments(args: argparse.Namespace) -> tuple[Any, Any, list[Path]]:
     """Everything checkable without the model: targets, methods, policy, outputs. Returns (targets, policy,
-    outputs: out, plot, best)."""
+    outputs: out, plot, best, best's int8 file)."""
     from ..errors import ConvfactorError
     from ..methods import available_methods
     from ..policy import AUTO, Policy, Rule
     from ..sweeps.points import parse_targets
     from .checks import OUT_SUFFIXES
     from .outputs import check_outputs
+    from .quantize_step import check_quantize_arguments, int8_path_for
 
     targets = parse_targets(args.targets, flag="--targets")
+    check_quantize_arguments(args)
     if args.baseline != "none" and args.baseline not in available_methods():
         raise ConvfactorError(f"--baseline {args.baseline}: unknown method (known: none, "
                               f"{', '.join(sorted(available_methods()))})")
@@ -110,9 +123,10 @@ def _check_arguments(args: argparse.Namespace) -> tuple[Any, Any, list[Path]]:
     if best is not None and best.suffix.lower() not in OUT_SUFFIXES:
         raise ConvfactorError(f"--save-best {best}: the name must end in .pt or .pth (a factorized checkpoint for "
                               "convfactor.load) or .pt2 (a torch.export program)")
-    outputs = [p for p in (out, plot, best) if p is not None]
+    best_int8 = int8_path_for(best, None) if best is not None and args.quantize else None
+    outputs = [p for p in (out, plot, best, best_int8) if p is not None]
     check_outputs(outputs, force=args.force, inputs=[args.checkpoint, args.calibration, args.validation])
-    return targets, policy, [out, plot, best]
+    return targets, policy, [out, plot, best, best_int8]
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
@@ -129,7 +143,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from .source import load_source, require_shape, resolve_arch_option
 
     # 1. everything that can be checked without loading the model
-    targets, policy, (out, plot, best_path) = _check_arguments(args)
+    targets, policy, (out, plot, best_path, best_int8) = _check_arguments(args)
     auto_options = read_auto_options(args)
     shape = parse_input_shape(args.input_shape)
     calibration = load_inputs_file(args.calibration, "--calibration")
@@ -163,7 +177,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
                        validation=validation, metric=metric, auto_options=auto_options,
                        baseline=None if args.baseline == "none" else args.baseline,
                        bench={"skip": True} if bench is None else bench, executor=executor,
-                       progress=console.progress)
+                       progress=console.progress, quantize=args.quantize,
+                       quantize_options={"calibrate_method": args.calibrate_method,
+                                         "keep_float": args.keep_float} if args.quantize else None)
     document = {"command": "sweep", "input": source.describe(), "targets": [t.label for t in targets],
                 **result.to_dict(), "outputs": {"json": str(out), "plot": None if plot is None else str(plot),
                                                 "best": None}}
@@ -172,9 +188,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
         console.status(f"note: no point keeps the bound ({result.bound.get('text')}): --save-best writes nothing")
     with StagedOutputs(args.force) as staging:
         if best_path is not None and best is not None:
-            stage_model(staging, best_path, result.models[best.label], source, example,
+            float_label = best.label.removesuffix(" int8") if best.quantized else best.label
+            stage_model(staging, best_path, result.models[float_label], source, example,
                         argparse.Namespace(leaf_module=[], trust_checkpoint=args.trust_checkpoint), console)
-            document["outputs"]["best"] = {"path": str(best_path), "point": best.label}
+            document["outputs"]["best"] = {"path": str(best_path), "point": best.label, "int8_onnx": None}
+            if best.quantized:
+                staging.write(best_int8, lambda p: result.models[best.label].save(p, force=True))
+                document["outputs"]["best"]["int8_onnx"] = str(best_int8)
+            elif best_int8 is not None and best_int8.exists():
+                console.status(f"note: the best point is a float one; the older {best_int8} is left as it was")
         if plot is not None:
             staging.write(plot, lambda p: plot_sweep(result, p, title=f"{source.path.name}: convfactor sweep"))
         text = json.dumps(document, indent=2, default=str) + "\n"
@@ -186,6 +208,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         console.result(result.table())
         console.result("")
         written = [str(out)] + ([str(plot)] if plot else []) + \
-            ([f"{best_path} ({best.label})"] if best_path is not None and best is not None else [])
+            ([f"{best_path} ({best.label})"] if best_path is not None and best is not None else []) + \
+            ([str(best_int8)] if best_path is not None and best is not None and best.quantized else [])
         console.result(f"wrote {', '.join(written)}")
     return EXIT_OK

@@ -279,6 +279,8 @@ def _run_quantizer(mode: str, source: Path, target: Path, *, reader: Any = None,
     """``quantize_static`` (QDQ) or ``quantize_dynamic``, with onnxruntime's failures as one line."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    source, target = Path(source).absolute(), Path(target).absolute()  # the calibrator runs in another directory
+
     advice = _WithoutPreprocessAdvice()
     logging.getLogger().addFilter(advice)
     try:

@@ -8,7 +8,8 @@
 Statistics, candidates and sensitivities are computed once and shared by the points
 (``convfactor.auto.shared``); each point is the model ``factorize`` returns for its target alone.
 Layout: ``points`` (targets, the baseline's rank search), ``driver`` (the sweep), ``measure`` (held-out
-fidelity and speedup of a point), ``result`` (records, Pareto front, table), ``plot`` (the PNG).
+fidelity and speedup of a point), ``quantized`` (int8 points: ``sweep(..., quantize="int8")``), ``result``
+(records, Pareto front, table), ``plot`` (the PNG).
 """
 
 from .driver import sweep

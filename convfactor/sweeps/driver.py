@@ -5,6 +5,8 @@
             -> uniform baseline at each MACs point (one method, one rank fraction, weights only:
                ``convfactor.sweeps.uniform``)
             -> every model measured on the same held-out samples and timed against the original
+            -> with quantize="int8": each convfactor point and the original also in int8, measured the same
+               way (``convfactor.sweeps.quantized``)
 
 Each point is the model ``factorize`` returns for that target alone (``SharedWork`` reuses only what does
 not depend on the fraction), so a point can be reproduced with ``convert --target``. With an executor
@@ -39,7 +41,8 @@ from ..policy import AUTO, Policy, Rule
 from ..progress import open_bar
 from .measure import PointMeter
 from .points import Target, first_of_each_kind, parse_targets
-from .result import SweepPoint, SweepResult
+from .quantized import ORIGINAL_INT8, describe, int8_options, int8_point, original_point
+from .result import SweepPoint, SweepResult, measured_fields
 from .uniform import UniformPlanner, uniform_model
 
 __all__ = ["sweep", "DEFAULT_BASELINE"]
@@ -64,6 +67,8 @@ def sweep(
     executor: Any = None,
     progress: bool | str = False,
     factorize_options: Mapping[str, Any] | None = None,
+    quantize: str | None = None,
+    quantize_options: Mapping[str, Any] | None = None,
 ) -> SweepResult:
     """Factorize ``model`` at each target, sharing the expensive work, and measure every point.
 
@@ -81,6 +86,12 @@ def sweep(
         executor: a ``concurrent.futures.Executor`` (``convfactor.executor``); None: serial.
         progress: a bar (or ``"lines"``) across points with an ETA.
         factorize_options: other ``factorize`` keywords every point gets (``fold_batchnorm``, ``leaf_modules``...).
+        quantize: ``"int8"``: each convfactor point and the original also quantized by onnxruntime (as
+            ``convert --quantize int8``: static QDQ calibrated on the fit and select samples, dynamic without
+            calibration data) and measured as their own points (``macs=0.5 int8``, ``original int8``); the
+            speedups are against the float original. None: float points only.
+        quantize_options: ``calibrate_method`` (minmax, entropy, percentile) and ``keep_float`` (op types or
+            node names left in float), as ``convert``'s ``--calibrate-method``/``--keep-float``.
     Returns:
         A ``SweepResult`` (``table()``, ``to_dict()``, ``best()``, ``models``; ``plot_sweep`` draws it).
     Raises:
@@ -99,6 +110,7 @@ def sweep(
         raise ConvfactorError("sweep: the policy's max_metric_drop/min_metric needs metric=... (CLI: --metric)")
     opts = auto_options or AutoOptions()
     bench_options = _bench_options(bench)
+    int8 = int8_options(quantize, quantize_options)
     extra = dict(factorize_options or {})
     original = copy.deepcopy(model).eval()  # measured against; the caller's model keeps its mode and state
     meter = PointMeter(original, inputs, calibration, validation, metric, base.fidelity, base.bound, opts,
@@ -128,7 +140,13 @@ def sweep(
         measured = []
         for index, target in enumerate(points):
             fast, seconds = built.pop(index)
-            measured.append((_measure(meter, fast, target.label, target, seconds, baseline=False), fast))
+            onnx = meter.export(fast) if int8 is not None else None  # timed from it, quantized from it
+            point = _measure(meter, fast, target.label, target, seconds, baseline=False, timed_from=onnx)
+            measured.append((point, fast))
+            if int8 is not None:
+                measured.append(_measure_int8(meter, point, onnx, int8))
+        if int8 is not None:
+            measured.append(_measure_int8(meter, original_point(0.0), meter.original_onnx(), int8))
         planner = UniformPlanner(model, inputs, extra) if uniform else None
         for target in uniform:
             tick = time.perf_counter()
@@ -148,7 +166,8 @@ def sweep(
                                                                            work.seconds.items()},
                                  "points": len(points)},
         bench=None if bench_options is None else {**bench_options, "runtime": "onnxruntime"},
-        seconds=time.perf_counter() - started)
+        seconds=time.perf_counter() - started,
+        quantize=None if int8 is None else describe(int8, meter.int8_calibration, meter.data))
     if metric is not None:
         result.metric_name, result.higher_is_better = metric.name, metric.higher_is_better
         result.metric_original = meter.checker.metric_original
@@ -200,23 +219,26 @@ def _point(model: nn.Module, base: Policy, target: Target, inputs: tuple, common
 
 
 def _measure(meter: PointMeter, fast: nn.Module, label: str, target: Target, seconds: float,
-             baseline: bool) -> SweepPoint:
+             baseline: bool, timed_from: Any = None) -> SweepPoint:
     report = get_report(fast)
     record = meter.fidelity(fast, None if baseline else report.extra.get("fidelity_check"))
-    speed = meter.speed(fast, label)
+    speed = meter.speed(fast if timed_from is None else timed_from, label)
     resolved = (report.policy.get("resolved") or {}).get("rules") if isinstance(report.policy, dict) else None
     return SweepPoint(
         label=label, kind=target.kind, fraction=target.fraction, baseline=baseline,
         macs_fraction=None if not report.macs_before else round(report.macs_after / report.macs_before, 4),
         params_fraction=round(report.params_after / report.params_before, 4),
-        rel_error=record["rel_error"], worst=record.get("worst"),
-        outputs=[{"name": o["name"], "rel_error": o["rel_error"]} for o in record["outputs"]],
-        within_bound=bool(record["passed"]), metric=record.get("metric"), metric_drop=record.get("metric_drop"),
-        speedup=None if speed is None else round(speed["speedup"], 4),
-        speedup_p10=None if speed is None else round(speed["speedup_p10"], 4),
-        speedup_p90=None if speed is None else round(speed["speedup_p90"], 4),
-        reliable=None if speed is None else bool(speed["reliable"]),
-        seconds=round(seconds, 2), warnings=[str(w) for w in report.all_warnings()], allocation=resolved)
+        **measured_fields(record, speed), seconds=round(seconds, 2),
+        warnings=[str(w) for w in report.all_warnings()], allocation=resolved)
+
+
+def _measure_int8(meter: PointMeter, point: SweepPoint, onnx: Any, options: dict[str, Any]) -> tuple[SweepPoint, Any]:
+    """The int8 form of ``point`` (its float ONNX file ``onnx``) measured as every point is, and its module."""
+    label = ORIGINAL_INT8 if point.kind == "original" else f"{point.label} int8"
+    module, quantized = meter.quantize(onnx, label, options)
+    record = meter.fidelity(module)
+    speed = meter.speed(quantized["path"], label)
+    return int8_point(point, record, speed, quantized), module
 
 
 def _bound_text(meter: PointMeter) -> str:

@@ -9,6 +9,11 @@ exactly that already (its ``report.extra['fidelity_check']``: the same samples, 
 record is taken as it is rather than measured (and the task metric evaluated) a second time; the baseline's
 points, which no ``factorize`` checked, are measured here. The speedup is ``benchmark``'s: the original
 (exported once) and the point's model timed interleaved in onnxruntime.
+
+With int8 points, a model's float ONNX file (the one its speed is timed from) is quantized by
+``quantize_onnx``, calibrated on the split's fit and select samples (never the check samples; none with
+neither: dynamic quantization), and the int8 file is measured through ``OnnxModule`` on the same check
+samples and timed against the same float original.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from ..metric import Metric
 from ..output_checker import OutputChecker
 from ..runtime.benchmarking import benchmark
 from ..runtime.export import export_onnx
+from ..runtime.onnx_module import OnnxModule
+from ..runtime.quantize import quantize_onnx
 
 __all__ = ["PointMeter"]
 
@@ -57,8 +64,11 @@ class PointMeter:
                                      spec=spec, metric=metric, metric_limit=0)
         self.spec, self.bound, self.inputs, self.bench = spec, bound, inputs, bench
         self.original = original
+        held_out = split.source == "calibration" and split.held_out
+        self.int8_calibration = ((split.fit or []) + ((split.select or []) if held_out else [])) or None
         self._dir = tempfile.TemporaryDirectory(prefix="convfactor-sweep-")
         self._original_onnx: Path | None = None
+        self._files = 0
 
     @property
     def data(self) -> str:
@@ -82,16 +92,33 @@ class PointMeter:
             ("metric" in record) == (self.checker.metric is not None) and \
             record.get("metric_name") == (self.checker.metric.name if self.checker.metric is not None else None)
 
-    def speed(self, model: nn.Module, name: str) -> dict[str, Any] | None:
-        """``benchmark`` of the original against ``model`` at the sweep's one thread count (None: not timed)."""
+    def export(self, model: nn.Module) -> Path:
+        """``model``'s float ONNX file in the sweep's scratch directory (the exporter ``bench`` names)."""
+        self._files += 1
+        path = Path(self._dir.name) / f"point{self._files}.onnx"
+        export_onnx(model, self.inputs, path, exporter=(self.bench or {}).get("exporter", "auto"))
+        return path
+
+    def original_onnx(self) -> Path:
+        """The original's float ONNX file, exported once."""
+        if self._original_onnx is None:
+            self._original_onnx = self.export(self.original)
+        return self._original_onnx
+
+    def speed(self, model: nn.Module | Path, name: str) -> dict[str, Any] | None:
+        """``benchmark`` of the float original against ``model`` (a module or an ONNX file) at the sweep's one
+        thread count (None: not timed)."""
         if self.bench is None:
             return None
-        if self._original_onnx is None:
-            self._original_onnx = Path(self._dir.name) / "original.onnx"
-            export_onnx(self.original, self.inputs, self._original_onnx, exporter=self.bench.get("exporter", "auto"))
-        report = benchmark(self._original_onnx, model, self.inputs, progress=False, workdir=self._dir.name,
+        report = benchmark(self.original_onnx(), model, self.inputs, progress=False, workdir=self._dir.name,
                            **self.bench)
         return report.results[0].to_dict()
+
+    def quantize(self, onnx_path: Path, label: str, options: dict[str, Any]) -> tuple[OnnxModule, dict[str, Any]]:
+        """The int8 form of a float ONNX file (``quantize_onnx``), as a module, and how it was quantized."""
+        target = onnx_path.with_name(f"{onnx_path.stem}.int8.onnx")
+        result = quantize_onnx(onnx_path, target, self.int8_calibration, force=True, **options)
+        return OnnxModule(result.path, name=label), {**result.to_dict(), "path": target}
 
     def close(self) -> None:
         self._dir.cleanup()

@@ -1,7 +1,8 @@
 """The sweep's picture: measured speedup against held-out fidelity (or the task metric), front marked.
 
 convfactor's points are circles labelled with their target, the Pareto front joined by a line; the
-uniform weight-only baseline's points are grey squares labelled with their rank fraction. The x axis is
+uniform weight-only baseline's points are grey squares labelled with their rank fraction; int8 points
+(``sweep(quantize="int8")``) are orange triangles, the original in int8 a black diamond. The x axis is
 the task metric when one was given, else the held-out relative error (worst slice). matplotlib (the
 ``plot`` extra) is imported here only, with the non-interactive Agg backend.
 """
@@ -38,7 +39,9 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str | None = None) 
         return point.metric if by_metric else point.rel_error
 
     figure, axes = plt.subplots(figsize=(7.5, 5))
-    ours = [p for p in timed if not p.baseline]
+    ours = [p for p in timed if p.convfactor and p.quantized is None]
+    ours_int8 = [p for p in timed if p.convfactor and p.quantized is not None]
+    originals = [p for p in timed if p.kind == "original"]
     base = [p for p in timed if p.baseline]
     front = [result.points[i] for i in result.front if result.points[i].speedup is not None]
     if base:
@@ -49,13 +52,19 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str | None = None) 
                           xytext=(5, -10), fontsize=7, color="0.4")
     axes.scatter([x_of(p) for p in ours], [p.speedup for p in ours], color="tab:blue", label="convfactor auto",
                  zorder=3)
+    if ours_int8:
+        axes.scatter([x_of(p) for p in ours_int8], [p.speedup for p in ours_int8], marker="^", color="tab:orange",
+                     label="convfactor auto, int8", zorder=3)
+    for p in originals:
+        axes.scatter([x_of(p)], [p.speedup], marker="D", color="black", label=p.label, zorder=3)
+        axes.annotate(p.label, (x_of(p), p.speedup), textcoords="offset points", xytext=(5, -10), fontsize=8)
     if front:
         ordered = sorted(front, key=x_of)
         axes.plot([x_of(p) for p in ordered], [p.speedup for p in ordered], color="tab:blue", linewidth=1,
                   zorder=2, label="Pareto front")
         axes.scatter([x_of(p) for p in front], [p.speedup for p in front], facecolors="none",
                      edgecolors="tab:red", s=140, zorder=4, label="on the front")
-    for p in ours:
+    for p in ours + ours_int8:
         axes.annotate(p.label, (x_of(p), p.speedup), textcoords="offset points", xytext=(5, 5), fontsize=8)
     axes.axhline(1.0, color="0.8", linewidth=0.8, zorder=1)
     if by_metric:

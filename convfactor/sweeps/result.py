@@ -4,6 +4,9 @@ A point's quality is its task metric when one was given (in the metric's directi
 relative error (lower is better); its speed is the onnxruntime speedup over the original, timed
 interleaved with it. The Pareto front is the set of convfactor's points no other of its points beats on
 both (``pareto_front``); the uniform baseline's points are measured the same way and shown beside it.
+With int8 points (``sweep(quantize="int8")``), each convfactor point's int8 form is one of convfactor's
+points too (on the front, and ``best`` when fastest within the bound); ``original int8`` (the original,
+only quantized) is shown beside them as a reference, as the baseline is.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["SweepPoint", "SweepResult", "pareto_front"]
+__all__ = ["SweepPoint", "SweepResult", "pareto_front", "measured_fields"]
 
 
 @dataclass
@@ -22,8 +25,10 @@ class SweepPoint:
     """One measured model of a sweep.
 
     Attributes:
-        label: ``macs=0.5``, or ``uniform spatial_svd r=0.31`` for the baseline.
-        kind, fraction: the target asked for (the baseline: ``macs`` and the MACs point it stands beside).
+        label: ``macs=0.5``, ``macs=0.5 int8`` for its int8 form, ``original int8``, or ``uniform spatial_svd
+            r=0.31`` for the baseline.
+        kind, fraction: the target asked for (the baseline: ``macs`` and the MACs point it stands beside;
+            ``original int8``: ``original`` and 1.0).
         baseline: True for the uniform weight-only baseline.
         macs_fraction, params_fraction: the result's MACs and parameters over the original's.
         rel_error, worst: held-out relative error (worst output slice) and where it is.
@@ -34,6 +39,9 @@ class SweepPoint:
         seconds: time to produce the model (factorize; for the baseline its rank search too).
         warnings: what factorize warned about (accuracy and speed), as lines.
         allocation: the resolved per-layer rules (convfactor's points).
+        rank_fraction: the uniform baseline's rank fraction.
+        quantized: ``"int8"`` for an int8 point (its speedup is against the float original), else None.
+        quantize: how it was quantized (``QuantizeResult.to_dict``: mode, calibration samples, bits, sizes).
     """
 
     label: str
@@ -56,6 +64,13 @@ class SweepPoint:
     warnings: list[str] = field(default_factory=list)
     allocation: list[dict[str, Any]] | None = None
     rank_fraction: float | None = None
+    quantized: str | None = None
+    quantize: dict[str, Any] | None = None
+
+    @property
+    def convfactor(self) -> bool:
+        """A model convfactor's allocation made (float or int8), not the baseline or the original."""
+        return not self.baseline and self.kind != "original"
 
     def quality(self, higher_is_better: bool | None) -> float:
         """Larger is better: the metric (sign-adjusted) when measured, else minus the held-out error."""
@@ -65,6 +80,18 @@ class SweepPoint:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def measured_fields(record: dict[str, Any], speed: dict[str, Any] | None) -> dict[str, Any]:
+    """``SweepPoint``'s measured fields from a held-out check ``record`` and a ``benchmark`` result (None: untimed)."""
+    return {"rel_error": record["rel_error"], "worst": record.get("worst"),
+            "outputs": [{"name": o["name"], "rel_error": o["rel_error"]} for o in record["outputs"]],
+            "within_bound": bool(record["passed"]), "metric": record.get("metric"),
+            "metric_drop": record.get("metric_drop"),
+            "speedup": None if speed is None else round(speed["speedup"], 4),
+            "speedup_p10": None if speed is None else round(speed["speedup_p10"], 4),
+            "speedup_p90": None if speed is None else round(speed["speedup_p90"], 4),
+            "reliable": None if speed is None else bool(speed["reliable"])}
 
 
 def pareto_front(points: Sequence[SweepPoint], higher_is_better: bool | None) -> list[int]:
@@ -88,13 +115,15 @@ class SweepResult:
 
     Attributes:
         points: every measured point.
-        models: {label: factorized module} (not in the JSON).
+        models: {label: factorized module} (not in the JSON); an int8 point's is an ``OnnxModule`` running its
+            int8 file in onnxruntime (``.save(path)`` writes it).
         metric_name, metric_original, higher_is_better: the task metric, when given.
         bound: the bound ``within_bound`` judged by (its dict form and text).
         data: the held-out samples every point was measured on.
         shared: phases computed once and reused (counts, seconds).
         bench: how speedups were timed (threads, runtime, cpu).
         seconds: the whole sweep.
+        quantize: how the int8 points were made (options, calibration data), None without them.
     """
 
     points: list[SweepPoint]
@@ -107,19 +136,22 @@ class SweepResult:
     metric_name: str | None = None
     metric_original: float | None = None
     higher_is_better: bool | None = None
+    quantize: dict[str, Any] | None = None
 
     @property
     def front(self) -> list[int]:
         """Indices (into ``points``) of the Pareto front of convfactor's points."""
-        ours = [i for i, p in enumerate(self.points) if not p.baseline]
+        ours = [i for i, p in enumerate(self.points) if p.convfactor]
         return [ours[i] for i in pareto_front([self.points[i] for i in ours], self.higher_is_better)]
 
     def best(self) -> SweepPoint | None:
-        """The fastest of convfactor's points within the bound (measured speedup; MACs when not timed)."""
-        kept = [p for p in self.points if not p.baseline and p.within_bound]
+        """The fastest of convfactor's points (int8 ones included) within the bound (measured speedup; when not
+        timed, the fewest MACs, a float point before its int8 form)."""
+        kept = [p for p in self.points if p.convfactor and p.within_bound]
         if not kept:
             return None
-        return max(kept, key=lambda p: (p.speedup if p.speedup is not None else 0.0, -(p.macs_fraction or 1.0)))
+        return max(kept, key=lambda p: (p.speedup if p.speedup is not None else 0.0, -(p.macs_fraction or 1.0),
+                                        p.quantized is None))
 
     def to_dict(self) -> dict[str, Any]:
         best = self.best()
@@ -129,7 +161,8 @@ class SweepResult:
                 "metric": None if self.metric_name is None else {
                     "name": self.metric_name, "original": self.metric_original,
                     "higher_is_better": self.higher_is_better},
-                "shared": self.shared, "bench": self.bench, "seconds": round(self.seconds, 2)}
+                "shared": self.shared, "bench": self.bench, "quantize": self.quantize,
+                "seconds": round(self.seconds, 2)}
 
     def table(self) -> str:
         """The points as a text table (front marked ``*``, best ``>``)."""
@@ -153,6 +186,8 @@ class SweepResult:
         if metric:
             notes.append(f"metric {self.metric_name}: original {_fmt(self.metric_original, 4)} "
                          f"({'higher' if self.higher_is_better else 'lower'} is better)")
+        if self.quantize is not None:
+            notes.append(f"int8: {self.quantize['text']}; speedups against the float original")
         return "\n".join(lines + notes)
 
 

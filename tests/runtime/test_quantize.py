@@ -65,6 +65,15 @@ def test_static_qdq_graph_checks_and_stays_close_to_float(tmp_path, float_onnx, 
     assert _rel_l2(_run(float_onnx, held_out), _run(result.path, held_out)) < INT8_REL_L2
 
 
+def test_relative_paths_are_quantized_static(tmp_path, float_onnx, digits, monkeypatch):
+    """The calibrator runs in a scratch directory: relative input and output paths still name the caller's files."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.onnx").write_bytes(float_onnx.read_bytes())
+    result = convfactor.runtime.quantize_onnx("net.onnx", "net.int8.onnx", digits[0])
+    assert result.mode == "static" and (tmp_path / "net.int8.onnx").is_file()
+    assert _rel_l2(_run(float_onnx, digits[1]), _run(tmp_path / "net.int8.onnx", digits[1])) < INT8_REL_L2
+
+
 def test_module_is_exported_then_quantized_and_keep_float(tmp_path, digits):
     calibration, _ = digits
     result = convfactor.runtime.quantize_onnx(randomized(TinyNet()), tmp_path / "m.int8.onnx", calibration,

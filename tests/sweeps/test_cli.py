@@ -33,6 +33,10 @@ def _sweep(cli, ckpt, *extra):
     (["--targets", "macs=0.5", "--scheduler", "h:8786"], "--scheduler h:8786: expected an address like tcp://"),
     (["--targets", "macs=0.5", "--max-metric-drop", "0.01"], "needs --metric"),
     (["--targets", "macs=0.5", "--save-best", "best.onnx"], "--save-best"),
+    (["--targets", "macs=0.5", "--keep-float", "Gemm"], "--calibrate-method and --keep-float are only used with "
+                                                       "--quantize int8"),
+    (["--targets", "macs=0.5", "--calibrate-method", "entropy"], "only used with --quantize int8"),
+    (["--targets", "macs=0.5", "--quantize", "int4"], "--quantize: invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_work(cli, ckpt, tmp_path, argv, message, monkeypatch):
     import convfactor.sweeps.driver as driver
@@ -82,3 +86,41 @@ def test_a_sweep_writes_its_json_png_and_the_best_model(cli, ckpt, tmp_path, cal
     chosen = document["points"][labels.index(document["best"])]
     assert convfactor.get_report(reloaded).policy["resolved"]["rules"] == chosen["allocation"]
     assert reloaded(x).shape == (2, 4)
+
+
+def test_an_int8_best_is_written_as_a_checkpoint_and_its_int8_file(cli, ckpt, tmp_path, calibration, monkeypatch):
+    import onnx
+
+    import convfactor
+    import convfactor.sweeps.measure as measure
+    from tests.cli_models import tiny_net
+
+    real = measure.PointMeter.speed
+
+    def int8_faster(self, model, name):  # the measured timing, its speedup made to favour int8: best is int8
+        speed = real(self, model, name)
+        return None if speed is None else {**speed, "speedup": 3.0 if name.endswith(" int8") else 1.5}
+
+    monkeypatch.setattr(measure.PointMeter, "speed", int8_faster)
+    (tmp_path / "old.int8.onnx").write_text("keep")
+    code, _, err = _sweep(cli, ckpt, "--calibration", calibration, "--targets", "macs=0.5", "--quantize", "int8",
+                          "--out", tmp_path / "s.json", "--save-best", tmp_path / "old.pt", "--no-refit",
+                          "--min-time", "0.02", "--repeats", "3")
+    assert code == 2 and "old.int8.onnx" in err and "exists" in err and not (tmp_path / "s.json").exists()
+    out, best = tmp_path / "s.json", tmp_path / "best.pt"
+    code, stdout, err = _sweep(cli, ckpt, "--calibration", calibration, "--targets", "macs=0.5", "--quantize", "int8",
+                               "--keep-float", "Gemm", "--out", out, "--save-best", best, "--no-refit",
+                               "--min-time", "0.02", "--repeats", "3", "--max-rel-error", "1.0")
+    assert code == 0, err
+    document = json.loads(out.read_text())
+    labels = [p["label"] for p in document["points"]]
+    assert labels[:3] == ["macs=0.5", "macs=0.5 int8", "original int8"] and labels[3].startswith("uniform")
+    assert document["quantize"]["keep_float"] == ["Gemm"] and document["quantize"]["calibration_samples"] == 35
+    assert document["points"][1]["quantize"]["float_compute_nodes"] == {"Gemm": 1}
+    assert document["best"] == "macs=0.5 int8" and document["outputs"]["best"] == {
+        "path": str(best), "point": "macs=0.5 int8", "int8_onnx": str(tmp_path / "best.int8.onnx")}
+    graph = onnx.load(str(tmp_path / "best.int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in graph.graph.node)
+    assert "macs=0.5 int8" in stdout and "best.int8.onnx" in stdout
+    reloaded = convfactor.load(best, arch=tiny_net)  # the float model the int8 file was quantized from
+    assert convfactor.get_report(reloaded).policy["resolved"]["rules"] == document["points"][1]["allocation"]
