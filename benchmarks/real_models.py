@@ -41,7 +41,8 @@ own process with a time limit; measured: the task metric, the MAC ratio, the rel
 on 16 calibration inputs, the onnxruntime speedup (batch 1, 1 thread, interleaved, median of
 per-pair ratios), ``factorize`` wall time and the process's peak RSS (``os.wait4``; it includes
 the model, its data and the Python runtime; ``rss_before_mb`` in the JSON is the same before
-``factorize`` began).
+``factorize`` began). ``factorize`` runs with 1 torch thread, or ``CONVFACTOR_BENCH_THREADS`` (recorded
+as ``torch_threads``).
 
     python benchmarks/real_models.py --quick --models crepe --rows original,uniform_weight_0.5
     python benchmarks/real_models.py --timeout 600 --out benchmarks/results/real

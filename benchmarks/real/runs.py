@@ -7,6 +7,7 @@ stopped without losing the others.
 from __future__ import annotations
 
 import importlib
+import os
 import resource
 import time
 import traceback
@@ -247,11 +248,12 @@ def run_row(model_name: str, row: str, quick: bool, max_rel_error: float = 0.1,
     """Everything measured for one row, as plain data."""
     import warnings
 
-    torch.set_num_threads(1)
+    threads = int(os.environ.get("CONVFACTOR_BENCH_THREADS", "1"))  # 1 unless asked: the CPU is shared
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     spec = load_spec(model_name, quick)
     model = spec["build"]()
-    out = {"model": model_name, "row": row, "metric_key": spec["metric_key"],
+    out = {"model": model_name, "row": row, "torch_threads": threads, "metric_key": spec["metric_key"],
            "metric_desc": spec["metric_desc"], "domain": spec["domain"], "source": spec["source"],
            "params": sum(p.numel() for p in model.parameters()), "notes": []}
     if "tolerance" in spec:
