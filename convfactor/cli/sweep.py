@@ -167,6 +167,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     validation = checked_inputs(source.model, validation, "--validation", args.validation, example, console)
 
     # 3. the work
+    timed_int8 = bool(args.quantize) and any(t.kind == "latency" for t in targets)
+    if timed_int8:  # as convert --quantize: ranks chosen for the kernels that will run
+        console.status("note: the latency targets are timed on int8 graphs (--quantize int8)")
     console.status(f"sweeping {len(targets)} point(s): {', '.join(t.label for t in targets)}")
     model_bytes = sum(p.numel() * p.element_size() for p in source.model.parameters())
     bench = None if args.no_bench else {"threads": args.threads, "min_time": args.min_time,
@@ -175,6 +178,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         warnings.simplefilter("ignore", ConvfactorWarning)  # each point's warnings are in the JSON
         result = sweep(source.model, targets, example, policy=policy, calibration=calibration,
                        validation=validation, metric=metric, auto_options=auto_options,
+                       latency={"int8": True} if timed_int8 else None,
                        baseline=None if args.baseline == "none" else args.baseline,
                        bench={"skip": True} if bench is None else bench, executor=executor,
                        progress=console.progress, quantize=args.quantize,

@@ -124,3 +124,24 @@ def test_an_int8_best_is_written_as_a_checkpoint_and_its_int8_file(cli, ckpt, tm
     assert "macs=0.5 int8" in stdout and "best.int8.onnx" in stdout
     reloaded = convfactor.load(best, arch=tiny_net)  # the float model the int8 file was quantized from
     assert convfactor.get_report(reloaded).policy["resolved"]["rules"] == document["points"][1]["allocation"]
+
+
+@pytest.mark.parametrize("targets, timed_int8", [(["macs=0.5", "latency=0.8"], True), (["macs=0.5"], False)])
+def test_with_quantize_latency_targets_are_timed_on_int8_graphs(cli, ckpt, tmp_path, calibration, monkeypatch,
+                                                                targets, timed_int8):
+    import convfactor.sweeps as sweeps
+    from convfactor.errors import ConvfactorError
+
+    seen = {}
+
+    def stop(*args, **kwargs):  # the arguments the sweep would run with, then stop before any work
+        seen.update(kwargs)
+        raise ConvfactorError("stopped by the test")
+
+    monkeypatch.setattr(sweeps, "sweep", stop)
+    code, _, err = _sweep(cli, ckpt, "--calibration", calibration, "--targets", *targets, "--quantize", "int8",
+                          "--out", tmp_path / "s.json")
+    assert code != 0 and "stopped by the test" in err
+    assert ("timed on int8 graphs" in err) == timed_int8
+    assert seen["latency"] == ({"int8": True} if timed_int8 else None)
+    assert seen["quantize"] == "int8"
