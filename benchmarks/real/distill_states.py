@@ -49,7 +49,7 @@ class StateRecorder:
         out = []
         for entry, state in zip(judged, states):
             probe.load_state_dict(state)
-            out.append({**entry, "reported": round(self.metric(probe), 5)})
+            out.append({**entry, "reported": self.metric(probe)})
         return out
 
 
