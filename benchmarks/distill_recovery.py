@@ -15,7 +15,11 @@ row; ``--logits`` (ppocr_rec) distils the per-step class logits with a KL loss, 
 softmax output as it is, declared ``kind: probabilities`` (the same KL, on the log of the probabilities);
 ``--metric-decides`` gives
 the network's metric its select set, so the task metric (not the output error)
-stops the distillation and keeps or rejects it (the reported metric stays on the other set); and
+stops the distillation and keeps or rejects it (the reported metric stays on the other set);
+``--quick-eval`` (ppocr_rec) reports the CER on ``real_models.py --quick``'s 32 evaluation lines (the results
+table's, where the original reads 0.025) instead of its 96; ``--per-state 300,900`` measures the reported
+metric of every judged state after the run and names the state each time budget would have returned
+(``benchmarks/real/distill_states.py``); and
 ``--save-onnx DIR`` exports each variant's returned model (for ``int8_compose.py --onnx``). ``--defaults``
 times a distillation step per
 (threads, batch size) instead: what ``DistillOptions``' defaults were chosen by. ``--min-agreement X`` runs
@@ -27,6 +31,8 @@ each returns.
     python benchmarks/distill_recovery.py --crepe --macs 0.25 --out benchmarks/results/distill_recovery_crepe.json
     python benchmarks/distill_recovery.py --crepe full --macs 0.25 --time-budget 300 --out ...crepe_full.json
     python benchmarks/distill_recovery.py --network ppocr_rec --macs 0.5 --time-budget 300 --out ...
+    python benchmarks/distill_recovery.py --network ppocr_rec --macs 0.5 --steps 1200 --time-budget 900 \
+        --metric-decides --probabilities --quick-eval --per-state 300,900 --variant lr=3e-5,samples=1024,batch=8
     python benchmarks/distill_recovery.py --crepe full --macs 0.25 --pooled --variant lr=1e-4 --variant lr=5e-4
     python benchmarks/distill_recovery.py --min-agreement 0.95 --out benchmarks/results/distill_search.json
     python benchmarks/distill_recovery.py --defaults
@@ -55,6 +61,7 @@ import torch  # noqa: E402
 
 import convfactor  # noqa: E402
 from benchmarks.real.distill_cases import NETWORKS, case  # noqa: E402
+from benchmarks.real.distill_states import StateRecorder, budget_state  # noqa: E402
 from convfactor.auto import DistillOptions  # noqa: E402
 from convfactor.distill.criterion import Criterion  # noqa: E402
 from convfactor.distill.training import distill_model  # noqa: E402
@@ -112,14 +119,21 @@ def _record(record: dict, report) -> dict:
 
 def network_rows(network: str, macs: float, steps: int, calibration: int | None, variants: list[dict],
                  seconds: float | None, pooled: bool, save_onnx: Path | None, metric_decides: bool,
-                 logits: bool = False, probabilities: bool = False) -> list[dict]:
+                 logits: bool = False, probabilities: bool = False, quick_eval: bool = False,
+                 per_state: tuple[float, ...] = ()) -> list[dict]:
     """One resolution of ``network`` at ``macs``, then one distillation per variant ({"lr", "samples"}), each
     from a copy of the same undistilled result (``distill_result`` is called once per variant inside the one
-    ``factorize``; the first variant's is the model ``factorize`` returns and checks)."""
+    ``factorize``; the first variant's is the model ``factorize`` returns and checks). ``per_state``: the
+    reported metric of every judged state is measured after the run, and the state a budget of each of these
+    seconds would have returned is named (``benchmarks/real/distill_states.py``)."""
     import convfactor.distill.result as distill_module
 
     made = case(network, calibration, max((v.get("samples") or 0) for v in variants) or None, pooled,
-                metric_decides, logits, probabilities)
+                metric_decides, logits, probabilities, quick_eval)
+    recorder = StateRecorder(made["metric"]) if per_state else None
+    metric = made["metric"] if recorder is None else recorder.wrapped
+    if made["metric_original"] is not None:
+        print(f"original: {made['metric_original']:.4f} ({made['metric_desc']})", flush=True)
     genuine = distill_module.distill_result
     trials: list[tuple[dict, torch.nn.Module, dict]] = []
 
@@ -145,7 +159,7 @@ def network_rows(network: str, macs: float, steps: int, calibration: int | None,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fast = convfactor.factorize(made["model"], chosen, made["calib"][:1], calibration=made["calib"],
-                                        validation=made["validation"], metric=made["metric"], distill=options,
+                                        validation=made["validation"], metric=metric, distill=options,
                                         progress="lines")
     finally:
         distill_module.distill_result = genuine
@@ -159,13 +173,18 @@ def network_rows(network: str, macs: float, steps: int, calibration: int | None,
             save_onnx.mkdir(parents=True, exist_ok=True)
             onnx_path = save_onnx / f"{network}_macs{macs}_variant{index}.onnx"
             convfactor.export_onnx(trained, made["calib"][:1], onnx_path, force=True)
+        states = {}
+        if recorder is not None:
+            record = {**record, "select": recorder.reported(trained, record["select"])}
+            states = {"budget_states": {str(t): budget_state(record["select"], t, made["metric"]) for t in per_state}}
         rows.append({"model": network, "metric": made["metric_desc"], "macs_target": macs, "variant": variant,
                      "pooled": pooled, "metric_decides": metric_decides, "logits": logits,
                      "probabilities": probabilities,
                      **_record(record, report), "steps": steps, "time_budget": seconds,
                      "factorize_seconds_total": round(elapsed, 1), "shared_resolution": len(trials) > 1,
                      "threads": torch.get_num_threads(), "onnx": None if onnx_path is None else str(onnx_path),
-                     "metric_reported": report.extra["fidelity_check"].get("metric") if index == 0 else None})
+                     "metric_reported": report.extra["fidelity_check"].get("metric") if index == 0 else None,
+                     "quick_eval": quick_eval, **states})
     return rows
 
 
@@ -234,6 +253,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def states_table(rows: list[dict]) -> str:
+    """Per row with ``--per-state``: each judged state's seconds, select metric and error, and reported metric."""
+    lines = []
+    for r in rows:
+        if "budget_states" not in r:
+            continue
+        chosen = {t: s["step"] for t, s in r["budget_states"].items()}
+        lines += ["", f"{r['model']} {r.get('variant') or ''}: judged states (reported = the metric on the reported "
+                      f"set, measured after the run; a budget of T s returns the state marked T)",
+                  "| step | seconds | select metric | select err | reported | returned by a budget of |",
+                  "|---|---|---|---|---|---|"]
+        for j in r["judged"]:
+            budgets = ", ".join(f"{float(t):g} s" for t, step in chosen.items() if step == j["step"])
+            lines.append(f"| {j['step']} | {j['seconds']} | {_number(j.get('metric'))} | {j['rel_error']:.4f} | "
+                         f"{_number(j.get('reported'))} | {budgets} |")
+    return "\n".join(lines)
+
+
 def _number(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -252,6 +289,17 @@ def parse_variant(text: str) -> dict:
         if key != "lr" and out[key] < 1:
             raise SystemExit(f"error: --variant {key} must be >= 1, got {text!r}")
     return out
+
+
+def parse_seconds(text: str) -> tuple[float, ...]:
+    """``300,900`` as (300.0, 900.0); a bad one is one error line."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise SystemExit(f"error: --per-state takes SECONDS[,SECONDS], got {text!r}") from None
+    if not all(0 < v < float("inf") for v in values):
+        raise SystemExit(f"error: --per-state seconds must be positive, got {text!r}")
+    return values
 
 
 def main(argv=None) -> int:
@@ -279,6 +327,12 @@ def main(argv=None) -> int:
     p.add_argument("--metric-decides", action="store_true",
                    help="--network: give the metric its select set (distill_cases.py), so the task metric "
                         "decides the distillation instead of the output error")
+    p.add_argument("--quick-eval", action="store_true",
+                   help="ppocr_rec: report the CER on real_models.py --quick's 32 evaluation lines (ppocr.spec(quick="
+                        "True); the results table's lines, where the original reads 0.025) instead of its 96")
+    p.add_argument("--per-state", type=parse_seconds, default=(), metavar="SECONDS[,SECONDS]",
+                   help="with --metric-decides: after the run, measure the reported metric of every judged state "
+                        "and name the state a time budget of each SECONDS would have returned")
     p.add_argument("--pooled", action="store_true",
                    help="CREPE: declare the output one slice, reduce pooled (loss and select error pooled)")
     p.add_argument("--save-onnx", type=Path, default=None, help="export each variant's returned model here")
@@ -288,6 +342,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
     network = args.network or (f"crepe_{args.crepe}" if args.crepe else None)
+    if args.per_state and not args.metric_decides:
+        p.error("--per-state needs --metric-decides (the states are judged on the metric's select set)")
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"uptime: {load}", flush=True)
     if args.defaults:
@@ -306,8 +362,9 @@ def main(argv=None) -> int:
             rows = [r for m in args.macs.split(",")
                     for r in network_rows(network, float(m), args.steps, args.calibration, variants,
                                           args.time_budget, args.pooled, args.save_onnx, args.metric_decides,
-                                          args.logits, args.probabilities)]
+                                          args.logits, args.probabilities, args.quick_eval, args.per_state)]
         print(table(rows))
+        print(states_table(rows))
         result = {"rows": rows, "uptime_start": load,
                   "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
                   "command": "python " + " ".join(sys.argv)}
