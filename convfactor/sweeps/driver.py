@@ -41,7 +41,7 @@ from ..policy import AUTO, Policy, Rule
 from ..progress import open_bar
 from .measure import PointMeter
 from .points import Target, first_of_each_kind, parse_targets
-from .quantized import ORIGINAL_INT8, describe, int8_options, int8_point, original_point
+from .quantized import describe, int8_label, int8_options, int8_point, original_point
 from .result import SweepPoint, SweepResult, measured_fields
 from .uniform import UniformPlanner, uniform_model
 
@@ -234,7 +234,7 @@ def _measure(meter: PointMeter, fast: nn.Module, label: str, target: Target, sec
 
 def _measure_int8(meter: PointMeter, point: SweepPoint, onnx: Any, options: dict[str, Any]) -> tuple[SweepPoint, Any]:
     """The int8 form of ``point`` (its float ONNX file ``onnx``) measured as every point is, and its module."""
-    label = ORIGINAL_INT8 if point.kind == "original" else f"{point.label} int8"
+    label = int8_label(point.label)
     module, quantized = meter.quantize(onnx, label, options)
     record = meter.fidelity(module)
     speed = meter.speed(quantized["path"], label)

@@ -20,14 +20,20 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConvfactorError
+from ..runtime.quantize import CALIBRATE_METHODS
 from .result import SweepPoint, measured_fields
 
-__all__ = ["QUANTIZE_TYPES", "QUANTIZE_KEYS", "ORIGINAL_INT8", "int8_options", "describe", "int8_point",
-           "original_point"]
+__all__ = ["QUANTIZE_TYPES", "QUANTIZE_KEYS", "INT8_SUFFIX", "int8_label", "int8_options", "describe",
+           "int8_point", "original_point"]
 
 QUANTIZE_TYPES = ("int8",)
 QUANTIZE_KEYS = ("calibrate_method", "keep_float")
-ORIGINAL_INT8 = "original int8"
+INT8_SUFFIX = " int8"
+
+
+def int8_label(label: str) -> str:
+    """An int8 point's label: its float point's plus `` int8`` (``macs=0.5 int8``; ``original int8``)."""
+    return label + INT8_SUFFIX
 
 
 def int8_options(quantize: str | None, options: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -37,8 +43,6 @@ def int8_options(quantize: str | None, options: Mapping[str, Any] | None) -> dic
     Raises:
         ConvfactorError: an unknown type or option, or options without ``quantize``.
     """
-    from ..runtime.quantize import CALIBRATE_METHODS
-
     if quantize is None:
         if options:
             raise ConvfactorError(f"sweep: quantize_options ({', '.join(sorted(options))}) are only used with "
@@ -75,7 +79,7 @@ def int8_point(float_point: SweepPoint, record: dict[str, Any], speed: dict[str,
     """The int8 form of ``float_point``: its held-out ``record``, its ``speed`` against the float original and
     how it was quantized (``QuantizeResult.to_dict`` without the temporary path)."""
     return dataclasses.replace(
-        float_point, label=f"{float_point.label} int8", **measured_fields(record, speed),
+        float_point, label=int8_label(float_point.label), **measured_fields(record, speed),
         seconds=round(float_point.seconds + quantized["seconds"], 2), quantized="int8",
         quantize={k: v for k, v in quantized.items() if k != "path"})
 
