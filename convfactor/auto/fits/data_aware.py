@@ -179,19 +179,22 @@ class _ChannelSVDFactorizer(_SVDFactorizer):
 
 class _NestedProducts:
     """W and Sigma_d against the leading n columns of a nested basis B (columns never change once made):
-    B^T Sigma_d B, W Sigma_d B, B^T B and W B, extended when n grows and sliced for smaller n, so a rank
-    grid pays for each column once. With an exact ridge (Sigma_d = Sigma + lam I, full statistics) the
-    output error of W_hat = A B^T follows from them: tr(E Sigma E^T) = tr(W Sigma W^T) - 2 <A, W Sigma B>
-    + <A, A B^T Sigma B>, no D x D product per rank."""
+    B^T Sigma_d B and W Sigma_d B, extended when n grows and sliced for smaller n, so a rank grid pays for
+    each column once. The output error of W_hat = A B^T follows from products with the undamped Sigma:
+    tr(E Sigma E^T) = tr(W Sigma W^T) - 2 <A, W Sigma B> + <A, A B^T Sigma B>, no D x D product per rank.
+    With an exact ridge (Sigma_d = Sigma + lam I, full statistics) those are the damped ones less lam B^T B
+    and lam W B (kept instead); otherwise (Kronecker or diagonal statistics) B^T Sigma B and W Sigma B are
+    kept beside the damped ones."""
 
     def __init__(self, weight: torch.Tensor, sigma: Covariance, sigma_damped: Covariance):
-        self.weight, self.sigma_damped = weight, sigma_damped
+        self.weight, self.sigma, self.sigma_damped = weight, sigma, sigma_damped
         full = isinstance(sigma, FullCovariance) and isinstance(sigma_damped, FullCovariance)
         self.ridge = (sigma_damped.diagonal() - sigma.diagonal()).mean(dim=-1) if full else None
         g, o, _ = weight.shape
         empty = weight.new_zeros
-        self.gram, self.weight_sigma, self.overlap, self.weight_basis = \
-            empty(g, 0, 0), empty(g, o, 0), empty(g, 0, 0), empty(g, o, 0)
+        self.gram, self.weight_sigma = empty(g, 0, 0), empty(g, o, 0)
+        # The undamped products' corrections (B^T B, W B) with a ridge, else the products themselves.
+        self.plain_gram, self.plain_cross = empty(g, 0, 0), empty(g, o, 0)
 
     def extend(self, basis: torch.Tensor) -> None:
         """Products for every column of ``basis`` (g, D, n) not yet covered."""
@@ -201,15 +204,18 @@ class _NestedProducts:
         old, new = basis[:, :, :have], basis[:, :, have:]
         sigma_new = self.sigma_damped.matmul(new)
         self.gram = _grown(self.gram, old.transpose(1, 2) @ sigma_new, new.transpose(1, 2) @ sigma_new)
-        self.overlap = _grown(self.overlap, old.transpose(1, 2) @ new, new.transpose(1, 2) @ new)
         self.weight_sigma = torch.cat([self.weight_sigma, self.weight @ sigma_new], dim=2)
-        self.weight_basis = torch.cat([self.weight_basis, self.weight @ new], dim=2)
+        plain_new = new if self.ridge is not None else self.sigma.matmul(new)
+        self.plain_gram = _grown(self.plain_gram, old.transpose(1, 2) @ plain_new, new.transpose(1, 2) @ plain_new)
+        self.plain_cross = torch.cat([self.plain_cross, self.weight @ plain_new], dim=2)
 
     def error(self, a: torch.Tensor, columns: int, signal: float) -> float:
         """tr(E Sigma E^T) for W_hat = A B^T, A (g, O, columns)."""
-        lam = self.ridge[:, None, None]
-        cross = self.weight_sigma[:, :, :columns] - lam * self.weight_basis[:, :, :columns]  # W Sigma B
-        gram = self.gram[:, :columns, :columns] - lam * self.overlap[:, :columns, :columns]  # B^T Sigma B
+        cross, gram = self.plain_cross[:, :, :columns], self.plain_gram[:, :columns, :columns]
+        if self.ridge is not None:
+            lam = self.ridge[:, None, None]
+            cross = self.weight_sigma[:, :, :columns] - lam * cross  # W Sigma B
+            gram = self.gram[:, :columns, :columns] - lam * gram  # B^T Sigma B
         return max(signal - 2 * float((a * cross).sum()) + float((a * (a @ gram)).sum()), 0.0)
 
 
@@ -262,9 +268,7 @@ class _SpatialSVDFactorizer(LayerFactorizer):
         return self.basis_all[:, :, :columns], horizontal
 
     def error2(self, rank: int) -> float:
-        """As ``LayerFactorizer.error2``; with a full statistic, from the fit's products (``_NestedProducts``)."""
-        if self.products.ridge is None:
-            return super().error2(rank)
+        """As ``LayerFactorizer.error2``, from the fit's products (``_NestedProducts``)."""
         if self._signal is None:
             self._signal = self.sigma.quad(self.weight)
         _, horizontal = self._fit(rank)

@@ -208,18 +208,32 @@ def test_sequential_refit_lowers_the_network_error():
     assert errors[True] < 0.95 * errors[False]
 
 
+def _statistic(form: str, layer: torch.nn.Module):
+    """An anisotropic patch covariance of ``layer`` in ``form`` (full, kronecker or diagonal), float64."""
+    from convfactor.auto.statistics.covariance import DiagonalCovariance, KroneckerCovariance
+
+    groups, d = layer.groups, layer.weight[0].numel()
+    channels = layer.in_channels // groups
+    if form == "kronecker":
+        a = torch.randn(groups, channels, 3 * channels, dtype=torch.float64)
+        b = torch.randn(groups, d // channels, 3 * d, dtype=torch.float64)
+        return KroneckerCovariance(a @ a.transpose(1, 2), b @ b.transpose(1, 2))
+    a = torch.randn(groups, d, 3 * d, dtype=torch.float64)
+    a[:, :, : d // 2] *= 10  # anisotropic inputs
+    sigma = a @ a.transpose(1, 2) / (3 * d)
+    return DiagonalCovariance(sigma.diagonal(dim1=1, dim2=2)) if form == "diagonal" else sigma
+
+
+@pytest.mark.parametrize("form", ["full", "kronecker", "diagonal"])
 @pytest.mark.parametrize("method, ranks", [("spatial_svd", (1, 3, 2)), ("tucker2", ((1, 1), (3, 2), (2, 4)))])
 @pytest.mark.parametrize("layer", [torch.nn.Conv2d(8, 12, 3), torch.nn.Conv2d(8, 12, (3, 2), groups=2),
                                    torch.nn.Conv1d(6, 5, 4)], ids=["conv2d", "grouped", "conv1d"])
-def test_output_errors_from_the_fit_products_equal_the_direct_output_error(layer, method, ranks):
+def test_output_errors_from_the_fit_products_equal_the_direct_output_error(layer, method, ranks, form):
     from convfactor.auto.fits.data_aware import LayerFactorizer
     from convfactor.auto.fits.registry import layer_factorizer
 
     torch.manual_seed(0)
-    groups, d = layer.groups, layer.weight[0].numel()
-    a = torch.randn(groups, d, 3 * d, dtype=torch.float64)
-    a[:, :, : d // 2] *= 10  # anisotropic inputs
-    factorizer = layer_factorizer(method, layer, a @ a.transpose(1, 2) / (3 * d), 1e-2)
+    factorizer = layer_factorizer(method, layer, _statistic(form, layer), 1e-2)
     for rank in ranks:  # not in increasing order: the cached products are extended and sliced
         # The shortcut (no D x D product per rank) against tr(E Sigma E^T) of the dense error.
         assert factorizer.error2(rank) == pytest.approx(LayerFactorizer.error2(factorizer, rank), rel=1e-9)
