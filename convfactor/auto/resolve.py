@@ -44,8 +44,11 @@ from ..output_checker import OutputChecker
 from ..policy import Policy
 from .deadline import Deadline
 from .latency.model import LatencyModel
+from .latency.options import LatencyOptions
+from .layout import Layout, choose_layout, conv_layout
 from .options import AutoOptions
 from .phases import (
+    Data,
     Run,
     allocate_budget,
     build_modules,
@@ -151,21 +154,35 @@ def resolve_policy(
     data = prepare_data(run, calibration, validation, example_inputs, shapes, metric)
     goal = read_goal(policy, data)
     plans = plan_open_layers(run, policy, goal, data)
-    stats, outputs = collect_statistics(run, plans, data)
-    model, cache_note = time_layers(goal, plans, latency, latency_model)
-    account = start_account(data, stats, cache_note, opts)
-    original_metric = None
-    if data.metric is not None and shared is not None and data.split.select:
-        original_metric = shared.original_metric(root, data.metric, lambda: data.metric(root))
-    checks = output_checkers(root, data.split, opts, outputs, goal.spec, data.metric, original_metric)
-    del outputs
-    if goal.allocates:
-        replacements = allocate_budget(run, plans, goal, data, stats, model, checks, account, distill)
-    else:
-        replacements = choose_fastest_forms(run, plans, data, stats, model)
-    del stats
-    speed_model = swap_in_fast_forms(run, plans, goal, data, checks, replacements, account, latency, latency_model)
-    prebuilt = build_modules(run, plans, data, checks, replacements, account, speed_model)
-    resolved, prebuilt = drop_until_faster(run, plans, goal, data, model, prebuilt, account)
-    finish_account(run, plans, goal, model, account)
+    layout = run_layout(root, data, plans, opts, latency, latency_model)
+    with conv_layout(root, layout.channels_last):
+        stats, outputs = collect_statistics(run, plans, data)
+        model, cache_note = time_layers(goal, plans, latency, latency_model)
+        account = start_account(data, stats, cache_note, opts)
+        if layout.note:
+            account.notes.append(layout.note)
+        original_metric = None
+        if data.metric is not None and shared is not None and data.split.select:
+            original_metric = shared.original_metric(root, data.metric, lambda: data.metric(root))
+        checks = output_checkers(root, data.split, opts, outputs, goal.spec, data.metric, original_metric)
+        del outputs
+        if goal.allocates:
+            replacements = allocate_budget(run, plans, goal, data, stats, model, checks, account, distill)
+        else:
+            replacements = choose_fastest_forms(run, plans, data, stats, model)
+        del stats
+        speed_model = swap_in_fast_forms(run, plans, goal, data, checks, replacements, account, latency,
+                                         latency_model)
+        prebuilt = build_modules(run, plans, data, checks, replacements, account, speed_model)
+        resolved, prebuilt = drop_until_faster(run, plans, goal, data, model, prebuilt, account)
+        finish_account(run, plans, goal, model, account)
     return Resolution(resolved, prebuilt or None, account.to_json(), checks, goal.spec, data.split)
+
+
+def run_layout(root: nn.Module, data: Data, plans: list, opts: AutoOptions, latency: Mapping[str, Any] | None,
+               latency_model: LatencyModel | None) -> Layout:
+    """The memory layout of this resolution's passes (``convfactor.auto.layout``), timed on one fit sample."""
+    sample = tuple(t[:1] for t in data.batches[0]) if data.batches else None
+    macs = sum(p.original.macs or 0 for p in plans if p.original is not None) or None
+    options = latency_model.options if latency_model is not None else LatencyOptions.from_any(latency)
+    return choose_layout(root, sample, macs, opts.layout, options.runtime == "torch")
