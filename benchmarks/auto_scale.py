@@ -16,7 +16,9 @@ advances one run per sample through the graph once per build; ``--refit prefix``
 the network up to each refit layer (``Replacements._frontier_fits`` made to answer no). Several values of
 both flags are interleaved per repeat. Scale-out: ``--executor dask2`` submits the candidate scoring and the
 sensitivity probes to a local Dask cluster of 2 single-threaded worker processes
-(``factorize(..., executor=client.get_executor())``), ``--executor serial`` (the default) runs them here;
+(``factorize(..., executor=client.get_executor())``), ``--executor dask1`` to one such worker (the
+baseline of the cluster's speedup: the same task shipping, half the workers), ``--executor serial`` (the
+default) runs them here;
 ``--executor serial dask2`` interleaves them (the allocation hash must be equal; ``workers MB`` is the
 largest worker's peak RSS). ``probes s`` is the time spent in ``measure_sensitivities``,
 ``refit s`` in ``Replacements.build``; ``allocation`` a hash of the resolved policy (equal rows chose the
@@ -31,6 +33,7 @@ resnet18 (the issue's targets on 2 cores). Prints one table row per case, median
     python benchmarks/auto_scale.py --cases resnet18:cal --probes whole suffix --repeats 2 --json OUT.json
     python benchmarks/auto_scale.py --cases resnet18:cal --refit prefix frontier --json OUT.json
     CONVFACTOR_BENCH_THREADS=1 python benchmarks/auto_scale.py --cases resnet18:cal --executor serial dask2
+    CONVFACTOR_BENCH_THREADS=1 python benchmarks/auto_scale.py --cases resnet18:cal --executor dask1 dask2
 
 Results (1 thread for CPU time, 2 threads for wall time, with the load average of each run) are in
 docs/automatic-policy.md, "Cost at scale"; a run's CPU time (user+sys of the factorize call, ``cpu_s`` in
@@ -161,10 +164,11 @@ def run_case(case: str, samples: int, progress: bool, probes: str = "suffix", re
         calibration = torch.randn(samples, 3, 224, 224)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     client = None
-    if executor == "dask2":
+    if executor.startswith("dask"):
         from distributed import Client, LocalCluster
 
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = LocalCluster(n_workers=int(executor[4:]), threads_per_worker=1, processes=True,
+                               dashboard_address=None)
         client = Client(cluster)
         kwargs["executor"] = client.get_executor()
     load_before = os.getloadavg()[0]
@@ -202,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sensitivity probes: from cached values (suffix) or the whole network (control)")
     parser.add_argument("--refit", nargs="+", default=["frontier"], choices=("frontier", "prefix"),
                         help="sequential refit: one frontier run per build, or a pass up to each layer (control)")
-    parser.add_argument("--executor", nargs="+", default=["serial"], choices=("serial", "dask2"),
-                        help="where scoring and probes run: here, or a local Dask cluster of 2 workers")
+    parser.add_argument("--executor", nargs="+", default=["serial"], choices=("serial", "dask1", "dask2"),
+                        help="where scoring and probes run: here, or a local Dask cluster of 1 or 2 workers")
     parser.add_argument("--json", help="write every run's record to this JSON file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args(argv)
