@@ -150,12 +150,22 @@ class LayerFactorizer(abc.ABC):
             set_weight(stage, weight, bias if index == len(children) - 1 else None)
         return module
 
-    def error2(self, rank: Rank) -> float:
-        """Relative squared output error of the rank-``rank`` factors on the calibration inputs."""
+    @property
+    def signal(self) -> float:
+        """E||W p||^2 of the approximated weight (the relative error's denominator), computed once; set where
+        already known (the methods scoring one layer share it)."""
         if self._signal is None:
             self._signal = self.sigma.quad(self.weight)
+        return self._signal
+
+    @signal.setter
+    def signal(self, value: float) -> None:
+        self._signal = value
+
+    def error2(self, rank: Rank) -> float:
+        """Relative squared output error of the rank-``rank`` factors on the calibration inputs."""
         error = self.sigma.quad(self.weight - self.factors(rank)[1])
-        return error / self._signal if self._signal > 0 else error
+        return error / self.signal if self.signal > 0 else error
 
 
 class _SVDFactorizer(LayerFactorizer):
@@ -269,11 +279,9 @@ class _SpatialSVDFactorizer(LayerFactorizer):
 
     def error2(self, rank: int) -> float:
         """As ``LayerFactorizer.error2``, from the fit's products (``_NestedProducts``)."""
-        if self._signal is None:
-            self._signal = self.sigma.quad(self.weight)
         _, horizontal = self._fit(rank)
-        error = self.products.error(horizontal, rank * self.k_w, self._signal)
-        return error / self._signal if self._signal > 0 else error
+        error = self.products.error(horizontal, rank * self.k_w, self.signal)
+        return error / self.signal if self.signal > 0 else error
 
     def factors(self, rank: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         g, o, d = self.weight.shape
@@ -334,11 +342,9 @@ class _Tucker2Factorizer(LayerFactorizer):
         """As ``spatial_svd``'s: W_hat = A B^T with A = U_out core, from the refit's products."""
         if self.products.ridge is None:
             return super().error2(rank)
-        if self._signal is None:
-            self._signal = self.sigma.quad(self.weight)
         _, u_out, core = self._core(rank)
-        error = self.products.error(u_out @ core, rank[0] * self.kernel_volume, self._signal)
-        return error / self._signal if self._signal > 0 else error
+        error = self.products.error(u_out @ core, rank[0] * self.kernel_volume, self.signal)
+        return error / self.signal if self.signal > 0 else error
 
     def factors(self, rank: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         r_in, r_out = rank

@@ -81,9 +81,10 @@ def choose_fastest(plans: list[LayerPlan], opts: AutoOptions, stats: Any, model:
             continue
         original_ms, times = model.layer_times(plan.layer, plan.in_shape, [(o.method, o.rank) for o in candidates])
         plan.original.latency_ms = original_ms * plan.calls
+        signals: dict[str, float] = {}  # the layer's E||W p||^2, shared by its options
         for option in candidates:
             option.latency_ms = times[(option.method, option.rank)] * plan.calls
-            errors = error_function(plan, get_method(option.method), stats, factorizers, opts)
+            errors = error_function(plan, get_method(option.method), stats, factorizers, opts, signals)
             option.error2 = float(errors(option.rank))
             option.loss = option.error2
         plan.options = candidates

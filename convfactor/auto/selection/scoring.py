@@ -60,13 +60,27 @@ def _ranks_for(plan: LayerPlan, method: FactorizationMethod, opts: AutoOptions) 
     return ranks
 
 
-def error_function(plan: LayerPlan, method: FactorizationMethod, stats: Any, factorizers: dict, opts: AutoOptions):
-    """rank -> error2 for this layer and method (weight error, or output error on calibration data)."""
+def error_function(plan: LayerPlan, method: FactorizationMethod, stats: Any, factorizers: dict, opts: AutoOptions,
+                   signals: dict[str, float] | None = None):
+    """rank -> error2 for this layer and method (weight error, or output error on calibration data).
+
+    ``signals``: {layer: E||W p||^2}, filled on first use and read by the layer's other methods (one
+    O x D^2 product per layer, not per method)."""
     if stats is None:
         return WeightErrors(method, plan.layer)
     sigma = stats[plan.name].covariance
+    groups = plan.layer.groups if hasattr(plan.layer, "groups") else 1
+    weight = grouped_weight(plan.layer.weight, groups)
+    signals = {} if signals is None else signals
+
+    def signal() -> float:
+        if plan.name not in signals:
+            signals[plan.name] = sigma.quad(weight)
+        return signals[plan.name]
+
     factorizer = layer_factorizer(method.name, plan.layer, sigma, opts.damping)
     if factorizer is not None:
+        factorizer.signal = signal()
         factorizers[(plan.name, method.name)] = factorizer
         return factorizer.error2
     if sigma.kind != "full":
@@ -74,17 +88,15 @@ def error_function(plan: LayerPlan, method: FactorizationMethod, stats: Any, fac
         # a large layer costs a decomposition and O*C*K*(C+K) per rank: use its weight error instead.
         plan.notes.append(f"{method.name}: scored by its relative weight error (large layer, reduced statistics)")
         return WeightErrors(method, plan.layer)
-    groups = plan.layer.groups if hasattr(plan.layer, "groups") else 1
-    weight = grouped_weight(plan.layer.weight, groups)
     bound = grouped_bound(method, plan.layer)
-    signal = sigma.quad(weight)  # once per layer and method, not per rank
+    known = signal()
 
     def error2(rank: Rank) -> float:
         if bound is not None:  # a large grouped layer: the index-order grouping (refined once if chosen)
             dense = bound.dense(grouped_rank(plan.layer, rank))
         else:
             dense = method.decompose(plan.layer, rank).dense_weight()
-        return output_error2(weight, grouped_weight(dense, groups), sigma, signal)
+        return output_error2(weight, grouped_weight(dense, groups), sigma, known)
 
     return error2
 
@@ -184,12 +196,13 @@ def _score_layer(plan: LayerPlan, by_method: dict[str, list[Option]], kind: str,
     data-aware factorizer lives at a time (the probe is built from it while it does), so memory stays at
     one fit of one layer."""
     best: tuple | None = None  # (key of the probe option so far, its module)
+    signals: dict[str, float] = {}  # the layer's E||W p||^2, shared by its methods
     for method in plan.methods:
         kept = by_method[method.name]
         if not kept:
             continue
         factorizers: dict = {}
-        error2 = error_function(plan, method, stats, factorizers, opts)
+        error2 = error_function(plan, method, stats, factorizers, opts, signals)
         _score(plan, method, kept, error2, stats)
         plan.options.extend(kept)
         if probe:

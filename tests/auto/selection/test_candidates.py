@@ -81,3 +81,38 @@ def test_vbmf_rank_joins_the_grid():
     method = get_method("spatial_svd")
     assert 7 in rank_grid(method, layer, (0.5,), extra_ranks=[7])
     assert rank_grid(method, layer, (0.5,), align=8, extra_ranks=[7]) == [24, 8]
+
+
+def test_methods_of_one_layer_share_its_output_signal(monkeypatch):
+    """E||W p||^2 is computed once per layer and read by every method's error function, with the same errors."""
+    from types import SimpleNamespace
+
+    from convfactor.auto.options import AutoOptions
+    from convfactor.auto.selection.plans import LayerPlan
+    from convfactor.auto.selection.scoring import error_function
+    from convfactor.auto.statistics.covariance import FullCovariance
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(6, 8, 3)
+    x = torch.randn(1, 54, 200, dtype=torch.float64)
+    sigma = FullCovariance(x @ x.transpose(1, 2) / 200)
+    stats = {"conv": SimpleNamespace(covariance=sigma)}
+    plan = LayerPlan("conv", layer, 0, None)
+    weight = layer.weight.detach().double().reshape(1, 8, -1)
+    quads = []
+    original = FullCovariance.quad
+
+    def counted(self, w):
+        quads.append(torch.equal(w, weight))
+        return original(self, w)
+
+    monkeypatch.setattr(FullCovariance, "quad", counted)
+    methods = ["spatial_svd", "tucker2", "depthwise", "svd"]
+    ranks = {"spatial_svd": 3, "tucker2": (3, 4), "depthwise": 2, "svd": 4}
+    signals = {}
+    shared = {m: error_function(plan, get_method(m), stats, {}, AutoOptions(), signals)(ranks[m]) for m in methods}
+    assert sum(quads) == 1 and list(signals) == ["conv"]
+    quads.clear()
+    alone = {m: error_function(plan, get_method(m), stats, {}, AutoOptions())(ranks[m]) for m in methods}
+    assert sum(quads) == len(methods)
+    assert shared == pytest.approx(alone, rel=1e-12)
