@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         a = _matrix(n, args.decades, n)
         times = {"svd": [], "eigh": []}
         for _ in range(args.repeats):
-            times["svd"].append(_seconds(lambda: torch.linalg.svd(a, full_matrices=False)))
-            times["eigh"].append(_seconds(lambda: _right_singular(a)))
+            times["svd"].append(_seconds(lambda a=a: torch.linalg.svd(a, full_matrices=False)))
+            times["eigh"].append(_seconds(lambda a=a: _right_singular(a)))
         _, s, vh = torch.linalg.svd(a, full_matrices=False)
         s2, vh2 = _right_singular(a)
         half = n // 2
