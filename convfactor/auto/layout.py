@@ -11,8 +11,9 @@ that layout, and keeps the contiguous one. Networks under ``MIN_MACS`` per sampl
 passes are short; and their resolutions stay the same run to run, where a timing could flip the
 layout and with it the last bits of every output). ``AutoOptions.layout`` can pin either layout.
 
-The layout changes float rounding only (values agree to about 1e-7 relative in float32). The weights are
-the caller's tensors again when the resolution ends; the modules it builds are contiguous.
+The layout changes float rounding only (values agree to about 1e-7 relative in float32). When the
+resolution ends the weights are in their original strides again, with the same values, in the same
+``Parameter`` objects; the modules it builds are contiguous.
 """
 
 from __future__ import annotations
@@ -48,15 +49,17 @@ def _convs(root: nn.Module) -> list[nn.Conv2d]:
 @contextmanager
 def conv_layout(root: nn.Module, channels_last: bool) -> Iterator[None]:
     """``root``'s 2-D conv weights in channels-last memory inside the block (nothing changes when False);
-    the original tensors are put back after it."""
-    originals = {m: m.weight.data for m in _convs(root)} if channels_last else {}
+    after it, each weight is copied back into its original strides (the originals are not kept alongside:
+    the weights are held once, as a plain run holds them)."""
+    strides = {m: m.weight.stride() for m in _convs(root)} if channels_last else {}
     try:
-        for module, weight in originals.items():
-            module.weight.data = weight.contiguous(memory_format=torch.channels_last)
+        for module in strides:
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
         yield
     finally:
-        for module, weight in originals.items():
-            module.weight.data = weight
+        for module, stride in strides.items():
+            weight = module.weight.data
+            module.weight.data = weight.new_empty_strided(weight.size(), stride).copy_(weight)
 
 
 @torch.no_grad()

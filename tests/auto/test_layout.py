@@ -31,16 +31,18 @@ def _net():
                          nn.Conv2d(16, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
 
 
-def test_conv_layout_converts_inside_and_puts_the_tensors_back():
+def test_conv_layout_converts_inside_and_puts_the_weights_back():
     net = _net()
-    before = {name: (p.data_ptr(), p.stride()) for name, p in net.named_parameters()}
+    net[2].weight.data = net[2].weight.data.contiguous(memory_format=torch.channels_last)  # kept as it was
+    before = {name: (p, p.detach().clone(), p.stride()) for name, p in net.named_parameters()}
     with conv_layout(net, True):
         assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
         assert not net[0].weight.is_contiguous()
         out = net(torch.randn(2, 3, 8, 8))
         assert out.shape == (2, 8)
     for name, p in net.named_parameters():
-        assert (p.data_ptr(), p.stride()) == before[name]  # the caller's tensors, not copies
+        parameter, values, stride = before[name]
+        assert p is parameter and p.stride() == stride and torch.equal(p, values)
     with conv_layout(net, False):
         assert net[0].weight.is_contiguous()
 
