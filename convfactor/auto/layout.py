@@ -3,9 +3,9 @@
 Every phase of an automatic resolution runs the network over calibration data: statistics, output
 references, sensitivity probes, the sequential refit, the search's checks. A 2-D convolution whose weight
 is channels-last produces channels-last outputs, which the following ops keep, and oneDNN's CPU kernels
-run many networks faster that way (one scene of CRAFT, a VGG16-BN U-Net, 1.22x at 1 thread; ResNet-18
-1.21x), others slower (torchcrepe's (k, 1) kernels over 1-wide inputs 0.67x): so the layout is measured on
-one calibration sample, both ways interleaved, and channels-last kept only when it is at least
+run many networks faster that way (CRAFT, a VGG16-BN U-Net, 1.29x at 1 thread; ResNet-18 1.30x), others
+slower (torchcrepe's (k, 1) kernels over 1-wide inputs 0.68x; ``benchmarks/layout_speed.py``): so the
+layout is measured on one calibration sample, both ways interleaved, and channels-last kept when at least
 ``MARGIN`` faster. A network whose code assumes contiguous memory (``x.view`` after a conv) raises in
 that layout, and keeps the contiguous one. Networks under ``MIN_MACS`` per sample are not timed (their
 passes are short; and their resolutions stay the same run to run, where a timing could flip the
@@ -89,15 +89,17 @@ def choose_layout(root: nn.Module, sample: Sequence[torch.Tensor] | None, macs: 
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(_ROUNDS if choice == "auto" else 1):
         for layout in (True, False) if choice == "auto" else (True,):
-            with conv_layout(root, layout):
-                try:
+            try:
+                with conv_layout(root, layout):
                     times[layout].append(_seconds(root, sample))
-                except RuntimeError as error:  # e.g. a .view() of a channels-last tensor
-                    if choice == "channels_last":
-                        raise PolicyError(f"auto_options layout='channels_last': the network does not run in "
-                                          f"channels-last memory ({str(error).splitlines()[0]})") from None
-                    return Layout(False, "layout: contiguous (the network does not run in channels-last memory: "
-                                  f"{str(error).splitlines()[0]})")
+            except RuntimeError as error:  # e.g. a .view() of a channels-last tensor
+                if not layout:  # the network's own failure, not the layout's
+                    raise
+                if choice == "channels_last":
+                    raise PolicyError(f"auto_options layout='channels_last': the network does not run in "
+                                      f"channels-last memory ({str(error).splitlines()[0]})") from None
+                return Layout(False, "layout: contiguous (the network does not run in channels-last memory: "
+                              f"{str(error).splitlines()[0]})")
     if choice == "channels_last":
         return Layout(True, "layout: channels-last (auto_options)")
     last, contiguous = min(times[True][1:]), min(times[False][1:])

@@ -101,3 +101,14 @@ def test_factorize_in_either_layout_gives_the_same_allocation_and_leaves_the_mod
     assert float((a - b).norm() / a.norm()) < 1e-5
     for name, p in net.named_parameters():
         assert p.is_contiguous() and torch.equal(p, weights[name])
+
+
+def test_a_failure_in_the_contiguous_layout_is_the_networks_own_and_propagates(monkeypatch):
+    def timed(root, sample):
+        if not root[0].weight.is_contiguous(memory_format=torch.channels_last):
+            raise RuntimeError("the network's own error")
+        return 1.0
+
+    monkeypatch.setattr(layout_module, "_seconds", timed)
+    with pytest.raises(RuntimeError, match="own error"):
+        choose_layout(_net(), (torch.randn(1, 3, 8, 8),), 1e12, "auto", False)

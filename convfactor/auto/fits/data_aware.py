@@ -237,8 +237,8 @@ def _grown(block: torch.Tensor, top: torch.Tensor, corner: torch.Tensor) -> torc
 def _right_singular(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values S (g, k) and right singular vectors V^T (g, k, n) of each (m, n) matrix, k = min(m, n).
 
-    From the eigendecomposition of A^T A when n <= m (half an SVD's time at 1536 x 1536: 0.94 s against
-    1.87 s at 1 thread here), else an SVD. The leading pairs, which the candidates use, are as accurate;
+    From the eigendecomposition of A^T A when n <= m (0.92 s against an SVD's 1.70 s at 1536 x 1536, 1 thread:
+    ``benchmarks/spatial_svd_setup.py``), else an SVD. The leading pairs, which the candidates use, are as accurate;
     the trailing values, below sqrt(eps) of the largest, are not (those of A^T A are at eps), and are
     floored at 1e-15 of the largest so that every direction keeps a nonzero scale: the vectors stay
     orthonormal, so the full-rank basis still spans everything and the refit is exact."""
