@@ -27,9 +27,8 @@ from typing import Any
 
 from .console import Console
 
-__all__ = ["QUANTIZE_CHOICES", "add_quantize_arguments", "check_quantize_arguments", "int8_path_for", "run_quantize"]
+__all__ = ["add_quantize_arguments", "check_quantize_arguments", "int8_path_for", "run_quantize"]
 
-QUANTIZE_CHOICES = ("int8",)
 ROLES = ("original", "original_int8", "factorized", "factorized_int8")
 
 
@@ -40,10 +39,10 @@ CONVERT_HELP = ("also write NAME.int8.onnx next to --onnx (or OUT): static QDQ i
 
 def add_quantize_arguments(parser: argparse.ArgumentParser, help: str = CONVERT_HELP) -> None:
     """``--quantize`` and its options (``help``: what ``--quantize`` does in this command)."""
-    from ..runtime.quantize import CALIBRATE_METHODS
+    from ..runtime.quantize import CALIBRATE_METHODS, QUANTIZE_TYPES
 
     group = parser.add_argument_group("quantization (onnxruntime int8, after factorizing)")
-    group.add_argument("--quantize", choices=QUANTIZE_CHOICES, metavar="int8", help=help)
+    group.add_argument("--quantize", choices=QUANTIZE_TYPES, metavar="int8", help=help)
     group.add_argument("--calibrate-method", choices=CALIBRATE_METHODS,
                        help="activation ranges of static quantization (default minmax)")
     group.add_argument("--keep-float", action="extend", nargs="+", default=[], metavar="OP_OR_NODE",

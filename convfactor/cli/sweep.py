@@ -138,7 +138,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from ..files.atomic import StagedOutputs
     from ..metric import load_metric
     from ..sweeps import plot_sweep, sweep
-    from ..sweeps.quantized import INT8_SUFFIX
+    from ..sweeps.quantized import float_label
     from .checks import checked_inputs, example_input, load_inputs_file
     from .outputs import stage_model
     from .source import load_source, require_shape, resolve_arch_option
@@ -193,8 +193,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         console.status(f"note: no point keeps the bound ({result.bound.get('text')}): --save-best writes nothing")
     with StagedOutputs(args.force) as staging:
         if best_path is not None and best is not None:
-            float_label = best.label.removesuffix(INT8_SUFFIX) if best.quantized else best.label
-            stage_model(staging, best_path, result.models[float_label], source, example,
+            stage_model(staging, best_path, result.models[float_label(best)], source, example,
                         argparse.Namespace(leaf_module=[], trust_checkpoint=args.trust_checkpoint), console)
             document["outputs"]["best"] = {"path": str(best_path), "point": best.label, "int8_onnx": None}
             if best.quantized:

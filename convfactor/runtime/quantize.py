@@ -44,8 +44,10 @@ from ..inputs import as_input_tuple
 from .quantized_graph import GraphBits, float_compute_nodes, graph_bits, quantized_nodes
 from .sessions import prepare_onnx
 
-__all__ = ["CALIBRATE_METHODS", "ACTIVATION_TYPES", "QuantizeResult", "quantize_onnx", "needs_reduced_range"]
+__all__ = ["QUANTIZE_TYPES", "CALIBRATE_METHODS", "ACTIVATION_TYPES", "QuantizeResult", "quantize_onnx",
+           "needs_reduced_range"]
 
+QUANTIZE_TYPES = ("int8",)  # what --quantize / sweep(quantize=...) accept
 CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
 ACTIVATION_TYPES = ("uint8", "int8")
 DEFAULT_CALIBRATION_BATCH = 16

@@ -20,13 +20,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConvfactorError
-from ..runtime.quantize import CALIBRATE_METHODS
+from ..runtime.quantize import CALIBRATE_METHODS, QUANTIZE_TYPES
 from .result import SweepPoint, measured_fields
 
-__all__ = ["QUANTIZE_TYPES", "QUANTIZE_KEYS", "INT8_SUFFIX", "int8_label", "int8_options", "describe",
+__all__ = ["QUANTIZE_KEYS", "INT8_SUFFIX", "int8_label", "float_label", "int8_options", "describe",
            "int8_point", "original_point"]
 
-QUANTIZE_TYPES = ("int8",)
 QUANTIZE_KEYS = ("calibrate_method", "keep_float")
 INT8_SUFFIX = " int8"
 
@@ -34,6 +33,11 @@ INT8_SUFFIX = " int8"
 def int8_label(label: str) -> str:
     """An int8 point's label: its float point's plus `` int8`` (``macs=0.5 int8``; ``original int8``)."""
     return label + INT8_SUFFIX
+
+
+def float_label(point: SweepPoint) -> str:
+    """The label of the float point ``point`` was quantized from (``int8_label``'s inverse); a float point's own."""
+    return point.label.removesuffix(INT8_SUFFIX) if point.quantized else point.label
 
 
 def int8_options(quantize: str | None, options: Mapping[str, Any] | None) -> dict[str, Any] | None:
