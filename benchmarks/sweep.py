@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 import convfactor  # noqa: E402
 from convfactor.auto.search.verify import ConvfactorWarning  # noqa: E402
 from convfactor.runtime.benchmarking import available_cores, cpu_model  # noqa: E402
+from convfactor.runtime.quantize import QUANTIZE_TYPES  # noqa: E402
 from convfactor.sweeps import plot_sweep  # noqa: E402
 
 DEFAULT_TARGETS = "macs=0.7,0.5,0.35,0.25 latency=0.8"
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="default benchmarks/results/sweep_<model>.json")
     p.add_argument("--plot", type=Path, help="default docs/sweep_<model>.png")
     p.add_argument("--render", type=Path, metavar="JSON", help="only print the markdown of a results file")
-    p.add_argument("--quantize", choices=("int8",), help="also each point and the original in int8")
+    p.add_argument("--quantize", choices=QUANTIZE_TYPES, help="also each point and the original in int8")
     p.add_argument("--no-auto-run", action="store_true", help="leave out the lone auto run (its time)")
     args = p.parse_args(argv)
     if args.render:
