@@ -70,12 +70,11 @@ def error_function(plan: LayerPlan, method: FactorizationMethod, stats: Any, fac
         return WeightErrors(method, plan.layer)
     sigma = stats[plan.name].covariance
     groups = plan.layer.groups if hasattr(plan.layer, "groups") else 1
-    weight = grouped_weight(plan.layer.weight, groups)
     signals = {} if signals is None else signals
 
     def signal() -> float:
         if plan.name not in signals:
-            signals[plan.name] = sigma.quad(weight)
+            signals[plan.name] = sigma.quad(grouped_weight(plan.layer.weight, groups))
         return signals[plan.name]
 
     factorizer = layer_factorizer(method.name, plan.layer, sigma, opts.damping)
@@ -88,6 +87,7 @@ def error_function(plan: LayerPlan, method: FactorizationMethod, stats: Any, fac
         # a large layer costs a decomposition and O*C*K*(C+K) per rank: use its weight error instead.
         plan.notes.append(f"{method.name}: scored by its relative weight error (large layer, reduced statistics)")
         return WeightErrors(method, plan.layer)
+    weight = grouped_weight(plan.layer.weight, groups)
     bound = grouped_bound(method, plan.layer)
     known = signal()
 
