@@ -154,7 +154,7 @@ def resolve_policy(
     data = prepare_data(run, calibration, validation, example_inputs, shapes, metric)
     goal = read_goal(policy, data)
     plans = plan_open_layers(run, policy, goal, data)
-    layout = run_layout(root, data, plans, opts, latency, latency_model)
+    layout = _layout(root, data, plans, opts, latency, latency_model)
     with conv_layout(root, layout.channels_last):
         stats, outputs = collect_statistics(run, plans, data)
         model, cache_note = time_layers(goal, plans, latency, latency_model)
@@ -179,8 +179,8 @@ def resolve_policy(
     return Resolution(resolved, prebuilt or None, account.to_json(), checks, goal.spec, data.split)
 
 
-def run_layout(root: nn.Module, data: Data, plans: list, opts: AutoOptions, latency: Mapping[str, Any] | None,
-               latency_model: LatencyModel | None) -> Layout:
+def _layout(root: nn.Module, data: Data, plans: list, opts: AutoOptions, latency: Mapping[str, Any] | None,
+            latency_model: LatencyModel | None) -> Layout:
     """The memory layout of this resolution's passes (``convfactor.auto.layout``), timed on one fit sample."""
     sample = tuple(t[:1] for t in data.batches[0]) if data.batches else None
     macs = sum(p.original.macs or 0 for p in plans if p.original is not None) or None
