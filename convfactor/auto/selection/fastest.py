@@ -82,10 +82,13 @@ def choose_fastest(plans: list[LayerPlan], opts: AutoOptions, stats: Any, model:
         original_ms, times = model.layer_times(plan.layer, plan.in_shape, [(o.method, o.rank) for o in candidates])
         plan.original.latency_ms = original_ms * plan.calls
         signals: dict[str, float] = {}  # the layer's E||W p||^2, shared by its options
+        errors: dict[str, Any] = {}  # one error function (one decomposition) per method, for its ranks
         for option in candidates:
             option.latency_ms = times[(option.method, option.rank)] * plan.calls
-            errors = error_function(plan, get_method(option.method), stats, factorizers, opts, signals)
-            option.error2 = float(errors(option.rank))
+            if option.method not in errors:
+                errors[option.method] = error_function(plan, get_method(option.method), stats, factorizers, opts,
+                                                       signals)
+            option.error2 = float(errors[option.method](option.rank))
             option.loss = option.error2
         plan.options = candidates
         faster = [o for o in candidates if o.latency_ms < plan.original.latency_ms]

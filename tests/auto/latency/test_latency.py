@@ -132,6 +132,31 @@ ONNX_CASES = {
 }
 
 
+def test_fastest_form_decomposes_each_method_once_per_layer(net, tmp_path, monkeypatch):
+    """method: auto without a target times each method at its rank and x8/x16 roundings; the data-aware errors
+    of those ranks come from one factorizer (one decomposition) per layer and method."""
+    import convfactor.auto
+    from convfactor.auto.selection import scoring
+
+    model, _, _ = stub_model(tmp_path)
+    resolve = convfactor.auto.resolve_policy
+    monkeypatch.setattr(convfactor.auto, "resolve_policy",
+                        lambda *a, **k: resolve(*a, **{**k, "latency_model": model}))
+    built = []
+    original = scoring.layer_factorizer
+
+    def counted(method_name, layer, *args, **kwargs):
+        built.append((id(layer), method_name))
+        return original(method_name, layer, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "layer_factorizer", counted)
+    policy = {"rules": [{"types": ["Conv2d"], "method": "auto", "rank": 0.3}]}
+    report = convfactor.get_report(convfactor.factorize(net, policy, X, calibration=inputs(64, seed=2)))
+    options = sum(len(layer.get("options") or []) for layer in report.extra["auto"]["layers"].values())
+    assert built and options > len(built)  # several ranks per method were scored
+    assert len(set(built)) == len(built)
+
+
 @pytest.mark.parametrize("case", ONNX_CASES)
 def test_one_layer_onnx_graph_computes_what_the_module_computes(case):
     module, shape = ONNX_CASES[case]
