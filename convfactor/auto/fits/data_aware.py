@@ -32,6 +32,7 @@ from ...methods import get_method
 from ...methods._stages import set_weight
 from ...methods.base import FactorizedLayer, Rank
 from ..statistics.covariance import Covariance, FullCovariance, as_covariance
+from .nested import NestedProducts
 
 __all__ = [
     "DEFAULT_DAMPING",
@@ -187,53 +188,6 @@ class _ChannelSVDFactorizer(_SVDFactorizer):
     method_name = "channel_svd"
 
 
-class _NestedProducts:
-    """W and Sigma_d against the leading n columns of a nested basis B (columns never change once made):
-    B^T Sigma_d B and W Sigma_d B, extended when n grows and sliced for smaller n, so a rank grid pays for
-    each column once. The output error of W_hat = A B^T follows from products with the undamped Sigma:
-    tr(E Sigma E^T) = tr(W Sigma W^T) - 2 <A, W Sigma B> + <A, A B^T Sigma B>, no D x D product per rank.
-    With an exact ridge (Sigma_d = Sigma + lam I, full statistics) those are the damped ones less lam B^T B
-    and lam W B (kept instead); otherwise (Kronecker or diagonal statistics) B^T Sigma B and W Sigma B are
-    kept beside the damped ones."""
-
-    def __init__(self, weight: torch.Tensor, sigma: Covariance, sigma_damped: Covariance):
-        self.weight, self.sigma, self.sigma_damped = weight, sigma, sigma_damped
-        full = isinstance(sigma, FullCovariance) and isinstance(sigma_damped, FullCovariance)
-        self.ridge = (sigma_damped.diagonal() - sigma.diagonal()).mean(dim=-1) if full else None
-        g, o, _ = weight.shape
-        empty = weight.new_zeros
-        self.gram, self.weight_sigma = empty(g, 0, 0), empty(g, o, 0)
-        # The undamped products' corrections (B^T B, W B) with a ridge, else the products themselves.
-        self.plain_gram, self.plain_cross = empty(g, 0, 0), empty(g, o, 0)
-
-    def extend(self, basis: torch.Tensor) -> None:
-        """Products for every column of ``basis`` (g, D, n) not yet covered."""
-        have = self.gram.shape[2]
-        if basis.shape[2] <= have:
-            return
-        old, new = basis[:, :, :have], basis[:, :, have:]
-        sigma_new = self.sigma_damped.matmul(new)
-        self.gram = _grown(self.gram, old.transpose(1, 2) @ sigma_new, new.transpose(1, 2) @ sigma_new)
-        self.weight_sigma = torch.cat([self.weight_sigma, self.weight @ sigma_new], dim=2)
-        plain_new = new if self.ridge is not None else self.sigma.matmul(new)
-        self.plain_gram = _grown(self.plain_gram, old.transpose(1, 2) @ plain_new, new.transpose(1, 2) @ plain_new)
-        self.plain_cross = torch.cat([self.plain_cross, self.weight @ plain_new], dim=2)
-
-    def error(self, a: torch.Tensor, columns: int, signal: float) -> float:
-        """tr(E Sigma E^T) for W_hat = A B^T, A (g, O, columns)."""
-        cross, gram = self.plain_cross[:, :, :columns], self.plain_gram[:, :columns, :columns]
-        if self.ridge is not None:
-            lam = self.ridge[:, None, None]
-            cross = self.weight_sigma[:, :, :columns] - lam * cross  # W Sigma B
-            gram = self.gram[:, :columns, :columns] - lam * gram  # B^T Sigma B
-        return max(signal - 2 * float((a * cross).sum()) + float((a * (a @ gram)).sum()), 0.0)
-
-
-def _grown(block: torch.Tensor, top: torch.Tensor, corner: torch.Tensor) -> torch.Tensor:
-    """The symmetric [[block, top], [top^T, corner]]."""
-    return torch.cat([torch.cat([block, top], dim=2), torch.cat([top.transpose(1, 2), corner], dim=2)], dim=1)
-
-
 def _right_singular(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values S (g, k) and right singular vectors V^T (g, k, n) of each (m, n) matrix, k = min(m, n).
 
@@ -274,39 +228,27 @@ class _SpatialSVDFactorizer(LayerFactorizer):
         # Vertical filters V = L_v^{-T} U sqrt(S), all ranks at once (truncation keeps leading columns).
         self.vertical_all = sigma_v.sqrt_right_solve(vh * s.sqrt()[:, :, None]).transpose(1, 2)
         self.channels = c
-        # Every vertical output at every column offset (columns (t, j)); their products with Sigma and W
-        # are made for the ranks asked so far (the candidates rarely go past half the full rank).
-        self.basis_all = self._basis(self.vertical_all)
-        self.products = _NestedProducts(self.weight, self.sigma, self.sigma_damped)
+        # The basis is every vertical output read at every column offset: B[(c, i, j'), (t, j)] =
+        # V[(c, i), t] * delta(j', j). Its products with Sigma and W are made for the ranks asked so far (the
+        # candidates rarely go past half the full rank).
+        self.products = NestedProducts(self.weight, self.sigma, self.sigma_damped, self.vertical_all, kw)
 
-    def _basis(self, vertical: torch.Tensor) -> torch.Tensor:
-        # B[(c, i, j'), (t, j)] = V[(c, i), t] * delta(j', j): the vertical outputs read at each column offset.
-        g, _, rank = vertical.shape
-        eye = torch.eye(self.k_w, dtype=torch.float64)
-        return torch.einsum("gxt,ab->gxatb", vertical, eye).reshape(g, -1, rank * self.k_w)
-
-    def _fit(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(basis B, horizontal H) at ``rank``: W_hat = H B^T, H = W Sigma_d B (B^T Sigma_d B)^-1."""
-        columns = rank * self.k_w
-        products = self.products
-        products.extend(self.basis_all[:, :, :columns])
-        gram = products.gram[:, :columns, :columns]
-        cross = products.weight_sigma[:, :, :columns]
-        horizontal = torch.linalg.solve(gram, cross.transpose(1, 2)).transpose(1, 2)
-        return self.basis_all[:, :, :columns], horizontal
+    def _fit(self, rank: int) -> torch.Tensor:
+        """The horizontal stage H at ``rank``: W_hat = H B^T, H = W Sigma_d B (B^T Sigma_d B)^-1."""
+        self.products.extend(rank)
+        return self.products.solve(self.products.weight_sigma[:, :, :rank * self.k_w], rank)
 
     def error2(self, rank: int) -> float:
-        """As ``LayerFactorizer.error2``, from the fit's products (``_NestedProducts``)."""
-        _, horizontal = self._fit(rank)
-        error = self.products.error(horizontal, rank * self.k_w, self.signal)
+        """As ``LayerFactorizer.error2``, from the fit's products (``NestedProducts``)."""
+        error = self.products.error(self._fit(rank), rank, self.signal)
         return error / self.signal if self.signal > 0 else error
 
     def factors(self, rank: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         g, o, d = self.weight.shape
         c, kh, kw = self.channels, self.k_h, self.k_w
         vertical = self.vertical_all[:, :, :rank]  # (g, C*kh, r)
-        basis, horizontal = self._fit(rank)
-        dense = horizontal @ basis.transpose(1, 2)
+        horizontal = self._fit(rank)
+        dense = horizontal @ self.products.basis(rank).transpose(1, 2)
         # (g, C*kh, r) -> (g, r, C, kh) -> (g*r, C, kh[, 1])
         vertical_w = vertical.reshape(g, c, kh, rank).permute(0, 3, 1, 2).reshape(g * rank, c, kh)
         horizontal_w = horizontal.reshape(g * o, rank, kw)  # (C_out, r, kw)
@@ -335,25 +277,22 @@ class _Tucker2Factorizer(LayerFactorizer):
         _, u_out = torch.linalg.eigh(self.sigma_damped.right(self.weight) @ self.weight.transpose(1, 2))
         self.u_out = u_out.flip(-1)  # (g, O, O)
         # The core refit's products with the input basis P^T (x) I_K, nested in the input rank (rank r uses
-        # the first r*K columns): made once per column (``_NestedProducts``).
-        self.products = _NestedProducts(self.weight, self.sigma, self.sigma_damped)
+        # the first r*K columns): made once per column (``NestedProducts``). project_in P = U_in~^T L^{-1}
+        # acts row by row, so the rank-r projection is the first r rows of the full one.
+        self.project_all = self.sigma_c.sqrt_right_solve(self.u_in.transpose(1, 2))  # (g, I, I)
+        self.products = NestedProducts(self.weight, self.sigma, self.sigma_damped, self.project_all.transpose(1, 2), k)
 
     def _core(self, rank: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(project_in P (g, r_in, I), u_out (g, O, r_out), core (g, r_out, r_in*K)): the core refit by least
         squares on the basis P^T (x) I_K (as ``Covariance.channel_refit``), from the nested products."""
         r_in, r_out = rank
-        g, o, d = self.weight.shape
-        k = self.kernel_volume
-        # project_in P = U_in~^T L^{-1}.
-        project_in = self.sigma_c.sqrt_right_solve(self.u_in[:, :, :r_in].transpose(1, 2))  # (g, r_in, I)
-        eye = torch.eye(k, dtype=torch.float64)
-        basis = torch.einsum("gsi,ab->giasb", project_in, eye).reshape(g, d, r_in * k)
+        project_in = self.project_all[:, :r_in]  # (g, r_in, I)
         products = self.products
-        products.extend(basis)
-        columns = r_in * k
+        products.extend(r_in)
+        columns = r_in * self.kernel_volume
         u_out = self.u_out[:, :, :r_out]  # (g, O, r_out)
         target_sigma_b = u_out.transpose(1, 2) @ products.weight_sigma[:, :, :columns]
-        core = torch.linalg.solve(products.gram[:, :columns, :columns], target_sigma_b.transpose(1, 2)).transpose(1, 2)
+        core = products.solve(target_sigma_b, r_in)
         return project_in, u_out, core
 
     def error2(self, rank: tuple[int, int]) -> float:
@@ -361,7 +300,7 @@ class _Tucker2Factorizer(LayerFactorizer):
         if self.products.ridge is None:
             return super().error2(rank)
         _, u_out, core = self._core(rank)
-        error = self.products.error(u_out @ core, rank[0] * self.kernel_volume, self.signal)
+        error = self.products.error(u_out @ core, rank[0], self.signal)
         return error / self.signal if self.signal > 0 else error
 
     def factors(self, rank: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -370,8 +309,7 @@ class _Tucker2Factorizer(LayerFactorizer):
         k = self.kernel_volume
         i = d // k
         if self.products.ridge is None:
-            # project_in P = U_in~^T L^{-1}.
-            project_in = self.sigma_c.sqrt_right_solve(self.u_in[:, :, :r_in].transpose(1, 2))  # (g, r_in, I)
+            project_in = self.project_all[:, :r_in]  # (g, r_in, I)
             u_out = self.u_out[:, :, :r_out]  # (g, O, r_out)
             # The core refit on the basis P^T (x) I_K (the projected channels at each kernel offset).
             core = self.sigma_damped.channel_refit(u_out.transpose(1, 2) @ self.weight, project_in, k)
