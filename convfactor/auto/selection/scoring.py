@@ -31,6 +31,7 @@ from ..options import AutoOptions
 from ..statistics.calibration import layer_sensitivities
 from ..statistics.split import first_samples
 from .candidates import Option, WeightErrors, grouped_bound, grouped_rank, rank_grid
+from .depthwise_errors import DepthwiseOutputErrors
 from .plans import Choice, LayerPlan, apply_choices, pass_samples
 from .tasks import portable, score_layer_task, sensitivity_task
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
@@ -87,6 +88,8 @@ def error_function(plan: LayerPlan, method: FactorizationMethod, stats: Any, fac
         # a large layer costs a decomposition and O*C*K*(C+K) per rank: use its weight error instead.
         plan.notes.append(f"{method.name}: scored by its relative weight error (large layer, reduced statistics)")
         return WeightErrors(method, plan.layer)
+    if method.name == "depthwise":  # every multiplier from one SVD and about one quad
+        return DepthwiseOutputErrors(plan.layer, sigma, signal())
     weight = grouped_weight(plan.layer.weight, groups)
     bound = grouped_bound(method, plan.layer)
     known = signal()
