@@ -63,9 +63,19 @@ def _times_factor(matrix: torch.Tensor, factor: torch.Tensor, repeat: int) -> to
     return torch.einsum("gmxj,gxt->gmtj", matrix.reshape(g, m, -1, repeat), factor).reshape(g, m, -1)
 
 
-def _grown(block: torch.Tensor, top: torch.Tensor, corner: torch.Tensor) -> torch.Tensor:
-    """The symmetric [[block, top], [top^T, corner]]."""
-    return torch.cat([torch.cat([block, top], dim=2), torch.cat([top.transpose(1, 2), corner], dim=2)], dim=1)
+def _grown(block: torch.Tensor, top: torch.Tensor, corner: torch.Tensor, lower: bool = False) -> torch.Tensor:
+    """The symmetric [[block, top], [top^T, corner]], or with ``lower`` the lower-triangular [[block, 0],
+    [top^T, corner]]; written into one new tensor (no intermediate copies: the Gram matrices of a large
+    layer's grid reach 4,000 columns, 128 MB each)."""
+    g, n, _ = block.shape
+    size = n + corner.shape[2]
+    out = block.new_zeros(g, size, size)
+    out[:, :n, :n] = block
+    out[:, n:, :n] = top.transpose(1, 2)
+    out[:, n:, n:] = corner
+    if not lower:
+        out[:, :n, n:] = top
+    return out
 
 
 def _grown_cholesky(factor: torch.Tensor | None, top: torch.Tensor, corner: torch.Tensor) -> torch.Tensor | None:
@@ -77,8 +87,7 @@ def _grown_cholesky(factor: torch.Tensor | None, top: torch.Tensor, corner: torc
     l2, info = torch.linalg.cholesky_ex(corner - x.transpose(1, 2) @ x)
     if bool((info != 0).any()):
         return None
-    zeros = factor.new_zeros(factor.shape[0], factor.shape[1], corner.shape[2])
-    return torch.cat([torch.cat([factor, zeros], dim=2), torch.cat([x.transpose(1, 2), l2], dim=2)], dim=1)
+    return _grown(factor, x, l2, lower=True)
 
 
 class NestedProducts:
