@@ -16,7 +16,9 @@ Run it at two commits to compare them (``git worktree add /tmp/old <commit>``, t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import time
 from types import SimpleNamespace
 
@@ -56,13 +58,22 @@ def _score_grid(layer: nn.Module, method: str, sigma) -> int:
     return len(ranks)
 
 
+def _commit() -> str:
+    """The commit of the convfactor that is imported (``PYTHONPATH`` may point at another checkout)."""
+    source = os.path.dirname(os.path.dirname(os.path.abspath(convfactor.__file__)))
+    head = subprocess.run(["git", "-C", source, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", source, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    return (head.stdout.strip() or "(not a git checkout)") + ("+changes" if dirty.stdout.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"convfactor from {convfactor.__file__}; {args.threads} torch threads; median of {args.repeats}")
+    print(f"convfactor {_commit()}; {args.threads} torch threads; median of {args.repeats}")
     print(f"{'layer':<16} {'statistic':<10} {'method':<12} {'ranks':>5} {'seconds':>8}")
     for c_in, c_out, form in CASES:
         torch.manual_seed(0)
