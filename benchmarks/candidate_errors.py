@@ -62,7 +62,7 @@ def _commit() -> str:
     """The commit of the convfactor that is imported (``PYTHONPATH`` may point at another checkout)."""
     source = os.path.dirname(os.path.dirname(os.path.abspath(convfactor.__file__)))
     head = subprocess.run(["git", "-C", source, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", source, "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "-C", source, "status", "--porcelain", "--untracked-files=no", "--", "convfactor"],
                            capture_output=True, text=True)
     return (head.stdout.strip() or "(not a git checkout)") + ("+changes" if dirty.stdout.strip() else "")
 
