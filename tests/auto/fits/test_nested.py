@@ -9,14 +9,18 @@ import torch
 from convfactor.auto.fits.nested import NestedProducts, expand_basis
 from convfactor.auto.statistics.covariance import DiagonalCovariance, FullCovariance, KroneckerCovariance
 
-G, X, J, O = 2, 5, 3, 4  # groups, factor rows, repeat, output rows: D = 15
+G, O = 2, 4  # groups, output rows
+# (channels C, taps per factor row T, repeat J): factor rows x = (c, t), patch rows (c, t, j), D = C T J.
+# (5, 1, 3) is Tucker-2's layout (x = channel, J = kernel volume); (2, 3, 2) spatial SVD's (x = (channel,
+# row tap), J = column taps), where a Kronecker statistic's tap factor mixes t and j.
+LAYOUTS = [(5, 1, 3), (2, 3, 2)]
 
 
-def _covariance(form: str):
-    if form == "kronecker":  # channels X, taps J (the patch order (x, j) is channel-major)
-        a, b = torch.randn(G, X, 2 * X, dtype=torch.float64), torch.randn(G, J, 2 * J, dtype=torch.float64)
+def _covariance(form: str, c: int, t: int, j: int):
+    if form == "kronecker":  # channels (x) kernel taps (t, j), channel-major like the patch
+        a, b = torch.randn(G, c, 2 * c, dtype=torch.float64), torch.randn(G, t * j, 2 * t * j, dtype=torch.float64)
         return KroneckerCovariance(a @ a.transpose(1, 2), b @ b.transpose(1, 2))
-    x = torch.randn(G, X * J, 3 * X * J, dtype=torch.float64)
+    x = torch.randn(G, c * t * j, 3 * c * t * j, dtype=torch.float64)
     sigma = x @ x.transpose(1, 2)
     return DiagonalCovariance(sigma.diagonal(dim1=1, dim2=2)) if form == "diagonal" else FullCovariance(sigma)
 
@@ -25,18 +29,21 @@ def _dense(sigma, w):
     return sigma.right(w.transpose(1, 2)).transpose(1, 2)  # Sigma W for W (g, D, q)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["tucker2", "spatial_svd"])
 @pytest.mark.parametrize("form", ["full", "kronecker", "diagonal"])
-def test_products_and_solves_equal_the_dense_basis(form):
+def test_products_and_solves_equal_the_dense_basis(form, layout):
     torch.manual_seed(0)
-    sigma = _covariance(form)
+    c, t, j = layout
+    rows = c * t  # factor rows
+    sigma = _covariance(form, c, t, j)
     damped = sigma.damped(1e-2)
-    weight = torch.randn(G, O, X * J, dtype=torch.float64)
-    factor = torch.randn(G, X, X, dtype=torch.float64)
-    products = NestedProducts(weight, sigma, damped, factor, J)
-    for rank in (2, 4, 1, 5):  # extended and sliced
+    weight = torch.randn(G, O, rows * j, dtype=torch.float64)
+    factor = torch.randn(G, rows, rows, dtype=torch.float64)
+    products = NestedProducts(weight, sigma, damped, factor, j)
+    for rank in (2, 4, 1, rows):  # extended and sliced
         products.extend(rank)
-        basis = expand_basis(factor[:, :, :rank], J)
-        columns = rank * J
+        basis = expand_basis(factor[:, :, :rank], j)
+        columns = rank * j
         gram = basis.transpose(1, 2) @ _dense(damped, basis)
         assert products.gram[:, :columns, :columns] == pytest.approx(gram, rel=1e-10, abs=1e-9)
         assert products.weight_sigma[:, :, :columns] == pytest.approx(weight @ _dense(damped, basis), rel=1e-10,
@@ -54,10 +61,11 @@ def test_products_and_solves_equal_the_dense_basis(form):
 def test_a_gram_that_is_not_positive_definite_is_solved_generally():
     """Repeated factor columns make B^T Sigma B singular to rounding: the Cholesky factor is dropped, not used."""
     torch.manual_seed(0)
-    sigma = _covariance("full")
-    factor = torch.randn(G, X, 3, dtype=torch.float64)
+    c, t, j = LAYOUTS[0]
+    sigma = _covariance("full", c, t, j)
+    factor = torch.randn(G, c * t, 3, dtype=torch.float64)
     factor[:, :, 2] = factor[:, :, 1]
-    products = NestedProducts(torch.randn(G, O, X * J, dtype=torch.float64), sigma, sigma, factor, J)
+    products = NestedProducts(torch.randn(G, O, c * t * j, dtype=torch.float64), sigma, sigma, factor, j)
     products.extend(2)
     assert products._chol is not None
     products.extend(3)
