@@ -4,6 +4,8 @@
     candidates     (method, rank) options over a rank grid with exact costs and weight errors
     vbmf           rank estimation by empirical variational Bayesian matrix factorization
     scoring        each open layer's options: costs, predicted errors, sensitivities
+    depthwise_errors  depthwise's output error at every multiplier from one SVD per layer
+    tasks          scoring and sensitivity probes as functions an executor runs anywhere
     allocate       one option per layer under a total budget (multiple-choice knapsack)
     fastest        ``method: auto`` without a target: the fastest method per layer
     slow_forms     under a MACs/params target, prefer forms that run fast
