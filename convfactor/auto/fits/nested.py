@@ -139,11 +139,8 @@ class NestedProducts:
         self._chol = _grown_cholesky(self._chol, top, corner)
         self.weight_sigma = torch.cat([self.weight_sigma, _times_factor(self._sigma_rows()[0], new, j)], dim=2)
         if self.ridge is not None:  # B^T B = F^T F (x) I_J and W B, read off the factor
-            eye = torch.eye(j, dtype=new.dtype)
-            g = new.shape[0]
-            top = torch.einsum("gst,ab->gsatb", old.transpose(1, 2) @ new, eye).reshape(g, have * j, (rank - have) * j)
-            corner = expand_basis(new.transpose(1, 2) @ new, j)
-            self.plain_gram = _grown(self.plain_gram, top, corner)
+            overlap = expand_basis(old.transpose(1, 2) @ new, j), expand_basis(new.transpose(1, 2) @ new, j)
+            self.plain_gram = _grown(self.plain_gram, *overlap)
             plain = _times_factor(self.weight, new, j)
         else:
             plain_new = _times_basis(self.sigma, new, j)
