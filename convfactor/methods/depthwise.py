@@ -25,11 +25,13 @@ from ..ranks import shared_rank_spectrum
 from ._stages import geometry_conv, pointwise
 from .base import FactorizationMethod, FactorizedLayer, conv_reason, register
 
-__all__ = ["depthwise_factors", "depthwise_spectra", "DepthwisePointwiseConv", "DepthwiseConv", "Depthwise"]
+__all__ = ["channel_slices", "depthwise_factors", "depthwise_spectra", "DepthwisePointwiseConv", "DepthwiseConv",
+           "Depthwise"]
 
 
-def _channel_slices(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """(C_out, C_in/g, *k) -> (C_in, C_out/g, K): the slice each input channel sees, K = kernel volume.
+def channel_slices(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """(C_out, C_in/g, *k) -> (C_in, C_out/g, K): the slice each input channel sees, K = kernel volume: what
+    ``depthwise`` truncates (its SVD per channel), read by the scoring as well.
 
     Input channel c = q * C_in/g + j of group q reads output channels q*C_out/g ... (q+1)*C_out/g - 1.
     """
@@ -54,7 +56,7 @@ def depthwise_factors(weight: torch.Tensor, multiplier: int,
     c_out, c_in_g = w.shape[:2]
     kernel = tuple(w.shape[2:])
     ones = (1,) * len(kernel)
-    u, s, vh = torch.linalg.svd(_channel_slices(w, groups), full_matrices=False)
+    u, s, vh = torch.linalg.svd(channel_slices(w, groups), full_matrices=False)
     root = s[:, :multiplier].sqrt()  # (C_in, m)
     filters = vh[:, :multiplier, :] * root[:, :, None]  # (C_in, m, K)
     mixing = u[:, :, :multiplier] * root[:, None, :]  # (C_in, O/g, m)
@@ -67,7 +69,7 @@ def depthwise_factors(weight: torch.Tensor, multiplier: int,
 
 def depthwise_spectra(weight: torch.Tensor, groups: int = 1) -> np.ndarray:
     """Singular values of every input channel's slice, shape (C_in, min(C_out/g, K))."""
-    return torch.linalg.svdvals(_channel_slices(weight.detach().to(torch.float64), groups)).cpu().numpy()
+    return torch.linalg.svdvals(channel_slices(weight.detach().to(torch.float64), groups)).cpu().numpy()
 
 
 class DepthwisePointwiseConv(FactorizedLayer):

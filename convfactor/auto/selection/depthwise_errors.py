@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...methods.depthwise import channel_slices
 from ..fits.data_aware import grouped_weight
 from ..statistics.covariance import FullCovariance
 
@@ -36,7 +37,8 @@ class DepthwiseOutputErrors:
         c = layer.weight.shape[1]
         k = d // c
         self.weight, self.sigma, self.signal = weight, sigma.sigma, signal
-        slices = weight.reshape(g, o, c, k).permute(0, 2, 1, 3)  # (g, C, O, K): W[:, c, :] per channel
+        # The method's own slices (C_in, O, K), channel q*C + j of group q: its truncation by construction.
+        slices = channel_slices(weight.reshape(g * o, c, k), groups).reshape(g, c, o, k)
         u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # (g, C, O, r), (g, C, r), (g, C, r, K)
         self.left = (u * s[:, :, None, :]).permute(0, 3, 2, 1)  # (g, r, O, C): A_t
         self.right = vh.transpose(1, 2)  # (g, r, C, K): B_t's blocks
