@@ -20,9 +20,15 @@ from torch import nn
 from ...geometry import LayerGeometry
 from .covariance import Covariance, DiagonalCovariance, FullCovariance, KroneckerCovariance
 
-__all__ = ["PatchRows", "patch_extractor", "Moments", "chunks", "positions", "sampled", "sampled_rows", "CHUNK_BYTES"]
+__all__ = ["PatchRows", "patch_extractor", "Moments", "chunks", "positions", "sampled", "sampled_rows", "gram",
+           "CHUNK_BYTES"]
 
 CHUNK_BYTES = 64 << 20  # patches extracted at once, at most about this much
+# A symmetric second moment X^T X of at least this many columns is made in SYMMETRIC_BLOCKS column blocks,
+# the upper block triangle only (5/8 of the products): 1.3-1.5x faster than one GEMM on 2 cores for
+# 576-4608 columns (ResNet-18's and CRAFT's patch widths).
+SYMMETRIC_MIN_COLUMNS = 256
+SYMMETRIC_BLOCKS = 4
 
 
 def patch_extractor(layer: nn.Module) -> PatchRows:
@@ -91,6 +97,23 @@ class PatchRows:
         return patches.permute(0, 3, 1, 2).reshape(len(rows), -1)
 
 
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X of x (..., rows, D), exactly symmetric. torch has no symmetric product (BLAS syrk): for wide x
+    the upper block triangle is multiplied block by block and mirrored, 10 of the 16 blocks' products."""
+    d = x.shape[-1]
+    if d < SYMMETRIC_MIN_COLUMNS:
+        return x.transpose(-2, -1) @ x
+    edges = [round(i * d / SYMMETRIC_BLOCKS) for i in range(SYMMETRIC_BLOCKS + 1)]
+    out = x.new_empty(*x.shape[:-2], d, d)
+    for start, stop in zip(edges[:-1], edges[1:]):
+        block = x[..., start:stop].transpose(-2, -1) @ x[..., start:]  # rows start:stop, columns start:
+        out[..., start:stop, start:] = block
+        out[..., start:, start:stop] = block.transpose(-2, -1)
+        corner = block[..., :stop - start].triu()  # the diagonal block: its upper triangle, mirrored
+        out[..., start:stop, start:stop] = corner + corner.triu(1).transpose(-2, -1)
+    return out
+
+
 class Moments:
     """Running sums of E[p_left p_right^T] in one covariance form, fed (g, rows, D) patch blocks."""
 
@@ -105,7 +128,7 @@ class Moments:
         """Patches (g, rows, D); for the Kronecker form they give the kernel-tap factor only."""
         g, rows, _ = left.shape
         if self.form == "full":
-            parts = [left.transpose(1, 2) @ right]
+            parts = [gram(left) if left is right else left.transpose(1, 2) @ right]
         elif self.form == "kronecker":
             x_l = left.reshape(g, rows, self.channels, self.kernel)
             x_r = right.reshape(g, rows, self.channels, self.kernel)
@@ -123,7 +146,7 @@ class Moments:
         the second moment of the input's channel vectors (edges aside): read off the input positions,
         which costs positions * C^2 instead of patches * C^2 * K.
         """
-        part = (left.transpose(1, 2) @ right).to(torch.float64).cpu()
+        part = (gram(left) if left is right else left.transpose(1, 2) @ right).to(torch.float64).cpu()
         self.channel_sum = part if self.channel_sum is None else self.channel_sum + part
         self.positions += left.shape[1]
 
