@@ -164,7 +164,7 @@ def resolve_policy(
         original_metric = None
         if data.metric is not None and shared is not None and data.split.select:
             original_metric = shared.original_metric(root, data.metric, lambda: data.metric(root))
-        checks = output_checkers(root, data.split, opts, outputs, goal.spec, data.metric, original_metric)
+        checks = output_checkers(root, data.split, opts, outputs, goal.spec, data.metric, original_metric, shared)
         del outputs
         if goal.allocates:
             replacements = allocate_budget(run, plans, goal, data, stats, model, checks, account, distill)

@@ -11,9 +11,11 @@ They depend on the network's weights, the fit samples, the options that shape th
 and sensitivities, the target's kind (the costs a candidate is filtered and probed by). ``SharedWork`` keeps
 what the first resolution computed under a key made of exactly these, and gives every later resolution with
 the same key copies of it, so a point of a sweep is allocated from the same numbers a lone ``factorize``
-would compute. It also shares one ``LatencyModel`` per set of latency options (its in-memory timings), and the task
+would compute. It also shares one ``LatencyModel`` per set of latency options (its in-memory timings), the task
 metric of the original network (one evaluation of the user's metric per network and ``Metric`` object: every
-point of a sweep starts from the same original).
+point of a sweep starts from the same original), and the original's outputs on the fit, select and check
+samples its output checkers compare against (one network pass per part and sweep instead of per point; the
+references stay while the ``SharedWork`` does, at most ``REFERENCE_BYTES`` per part).
 
 ``counts`` says how often each phase was computed rather than reused (the sweep's tests count on it),
 ``seconds`` how long the computing took.
@@ -77,14 +79,16 @@ class SharedWork:
         self._scored: dict[tuple, tuple[dict[str, _Scored], list[str]]] = {}
         self._latency: dict[str, Any] = {}
         self._metric: dict[tuple, tuple[Any, float]] = {}
+        self._outputs: dict[tuple, list] = {}
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self.seconds: Counter[str] = Counter()
 
-    def __getstate__(self) -> dict[str, Any]:  # shipped to worker processes: no lock, no timing sessions
-        state = dict(self.__dict__)
+    def __getstate__(self) -> dict[str, Any]:  # shipped to worker processes: no lock, no timing sessions,
+        state = dict(self.__dict__)                # no reference outputs (up to REFERENCE_BYTES a part)
         state["_lock"] = None
         state["_latency"] = {}
+        state["_outputs"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -136,6 +140,22 @@ class SharedWork:
             if batches is not None and opts.sensitivity:
                 self.counts["sensitivities"] += 1
 
+    def outputs(self, root: nn.Module, batches: Sequence[tuple]) -> list[list[torch.Tensor]] | None:
+        """The original's outputs on ``batches`` as an earlier resolution's checker kept them (float32, at most
+        ``REFERENCE_BYTES`` of whole batches), or None."""
+        key = (_network_key(root), _data_key(batches))
+        with self._lock:
+            found = self._outputs.get(key)
+        return None if found is None else list(found)
+
+    def keep_outputs(self, root: nn.Module, batches: Sequence[tuple], outputs: Sequence[list[torch.Tensor]]) -> None:
+        """Keep a checker's reference outputs on ``batches`` (the same tensors: no copy while it lives)."""
+        key = (_network_key(root), _data_key(batches))
+        with self._lock:
+            if key not in self._outputs:
+                self._outputs[key] = list(outputs)
+                self.counts["reference outputs"] += 1
+
     def original_metric(self, root: nn.Module, metric: Any, compute: Callable[[], float]) -> float:
         """The task metric of the original ``root``: kept for this network and this ``Metric`` object, else
         ``compute()``."""
@@ -149,6 +169,13 @@ class SharedWork:
             self._metric[key] = (metric, value)
             self.counts["original metric"] += 1
         return value
+
+    def metric_value(self, metric: Any) -> float | None:
+        """The original's task metric kept for this ``Metric`` object (one network per ``SharedWork``, as a sweep
+        has), or None when none was evaluated."""
+        with self._lock:
+            values = [value for kept, value in self._metric.values() if kept is metric]
+        return values[0] if len(values) == 1 else None
 
     def provide_latency_model(self, latency: Any, model: Any) -> None:
         """Use ``model`` (a ``LatencyModel``, e.g. ``convfactor.remote_timing.remote_latency_model``'s) for every

@@ -127,6 +127,8 @@ def sweep(
         for index in first:  # computes the shared work, its tasks on the executor
             built[index] = _point(model, base, points[index], inputs, common, work, executor)
             _advance(bar, points[index].label)
+        if metric is not None:  # the value every point's drop was measured from, evaluated once
+            meter.metric_original = work.metric_value(metric)
         rest = [i for i in range(len(points)) if i not in built]
         remote = [] if in_this_process(executor) or not _picklable((model, common)) else \
             [i for i in rest if points[i].kind != "latency"]

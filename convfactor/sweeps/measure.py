@@ -50,6 +50,9 @@ class PointMeter:
         spec, bound: the policy's fidelity declarations and bound (None: the default floor).
         opts: the ``AutoOptions`` (sample limits).
         bench: ``benchmark`` keyword arguments (threads, warmup, repeats, min_time, exporter), or None: not timed.
+
+    ``metric_original``: the original's task metric when already evaluated (set before the first measurement;
+    None: the meter evaluates it once).
     """
 
     def __init__(self, original: nn.Module, inputs: tuple, calibration: Any, validation: Any, metric: Metric | None,
@@ -60,8 +63,9 @@ class PointMeter:
             if validation is not None else None
         split = split_data(batches, held, inputs)
         self.split = split.describe()
-        self.checker = OutputChecker(original, first_samples(split.check, opts.fidelity_samples), split.check_label,
-                                     spec=spec, metric=metric, metric_limit=0)
+        self._check = (first_samples(split.check, opts.fidelity_samples), split.check_label)
+        self.metric, self.metric_original = metric, None
+        self._checker: OutputChecker | None = None
         self.spec, self.bound, self.inputs, self.bench = spec, bound, inputs, bench
         self.original = original
         held_out = split.source == "calibration" and split.held_out
@@ -69,6 +73,16 @@ class PointMeter:
         self._dir = tempfile.TemporaryDirectory(prefix="convfactor-sweep-")
         self._original_onnx: Path | None = None
         self._files = 0
+
+    @property
+    def checker(self) -> OutputChecker:
+        """The check samples' ``OutputChecker``, made at first use: the original's metric is evaluated then,
+        unless ``metric_original`` was set (the value the sweep's points were measured against)."""
+        if self._checker is None:
+            batches, label = self._check
+            self._checker = OutputChecker(self.original, batches, label, spec=self.spec, metric=self.metric,
+                                          metric_limit=0, metric_original=self.metric_original)
+        return self._checker
 
     @property
     def data(self) -> str:

@@ -25,7 +25,9 @@ def test_shared_phases_run_once_and_every_point_is_the_lone_factorize(net, data,
     result = convfactor.sweep(net, TARGETS, data[:1], calibration=data, auto_options=FAST, baseline=None,
                               bench={"skip": True})
     assert counted == {"layer_statistics": 1, "build_options": 1, "measure_sensitivities": 1}
-    assert result.shared["computed"] == {"statistics": 1, "candidates": 1, "sensitivities": 1}
+    # the original's outputs on the fit, select and check samples: one pass per part, not per point
+    assert result.shared["computed"] == {"statistics": 1, "candidates": 1, "sensitivities": 1,
+                                         "reference outputs": 3}
     assert [p.label for p in result.points] == ["macs=0.6", "macs=0.45", "macs=0.3"]
 
     for point in result.points:
@@ -81,13 +83,30 @@ def test_the_original_metric_and_each_points_check_are_evaluated_once(net, data)
 
     result = convfactor.sweep(net, TARGETS, data[:1], calibration=data, metric=score, auto_options=FAST,
                               baseline=None, bench={"skip": True})
-    # the original once for the points' selection (shared), once for the sweep's own meter, then one final
-    # check per point (factorize's, which the sweep reads instead of measuring the point again)
-    assert len(calls) == 2 + len(result.points)
+    # the original once for the points' selection (shared, and the sweep's own meter reads it), then one
+    # final check per point (factorize's, which the sweep reads instead of measuring the point again)
+    assert len(calls) == 1 + len(result.points)
     assert result.shared["computed"]["original metric"] == 1
+    assert result.metric_original == score(net)
     meter = PointMeter(net, (data[:1],), data, None, as_metric(score), None, None, FAST, None)
     for point in result.points:
         fresh = meter.fidelity(result.models[point.label])
         assert abs(fresh["rel_error"] - point.rel_error) <= 1e-4 * fresh["rel_error"], point.label
         assert abs(fresh["metric"] - point.metric) <= 1e-6 * abs(fresh["metric"]), point.label
         assert fresh["passed"] == point.within_bound
+
+
+def test_reference_outputs_are_kept_per_network_and_samples_and_not_shipped(net, data):
+    import pickle
+
+    from convfactor.auto.shared import SharedWork
+
+    work = SharedWork()
+    first = convfactor.factorize(net, _policy(0.5), data[:1], calibration=data, auto_options=FAST, shared=work)
+    assert work.counts["reference outputs"] == 3  # fit, select and check samples
+    again = convfactor.factorize(net, _policy(0.5), data[:1], calibration=data, auto_options=FAST, shared=work)
+    assert work.counts["reference outputs"] == 3
+    assert get_report(again).extra["fidelity_check"] == get_report(first).extra["fidelity_check"]
+    convfactor.factorize(net, _policy(0.5), data[:1], calibration=data * 0.5, auto_options=FAST, shared=work)
+    assert work.counts["reference outputs"] == 6
+    assert pickle.loads(pickle.dumps(work))._outputs == {}  # a worker recomputes rather than receive them

@@ -125,7 +125,7 @@ def _allocated(plan: LayerPlan, index: int) -> Choice:
 
 def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, outputs: list | None = None,
                     spec: Fidelity | None = None, metric: Metric | None = None,
-                    metric_original: float | None = None) -> dict[str, OutputChecker | None]:
+                    metric_original: float | None = None, shared: Any = None) -> dict[str, OutputChecker | None]:
     """The checkers of a resolution, each on at most ``opts.fidelity_samples`` samples of its part:
 
     ``fit`` (in-sample: shown beside the held-out number; ``outputs`` are the original's outputs already
@@ -133,7 +133,8 @@ def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, output
     (the held-out number reported). Parts without data get None; ``check`` is ``select`` when the split
     could not separate them (``DataSplit.shared``). The task metric of the original (``metric_original``, or
     evaluated here) is evaluated once, while ``root`` is still the original (``factorize`` rewrites it in place
-    afterwards).
+    afterwards). With ``shared`` (a ``SharedWork``), each part's reference outputs are those an earlier
+    resolution of the same network computed on the same samples, where one did.
     """
     original = None
     if metric is not None and split.select:
@@ -142,8 +143,13 @@ def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, output
     def make(batches: list | None, label: str, known: list | None = None) -> OutputChecker | None:
         if not batches:
             return None
-        return OutputChecker(root, first_samples(batches, opts.fidelity_samples), label, known, spec=spec,
-                             metric=metric, metric_limit=opts.metric_evaluations, metric_original=original)
+        batches = first_samples(batches, opts.fidelity_samples)
+        kept = shared.outputs(root, batches) if shared is not None else None
+        checker = OutputChecker(root, batches, label, kept or known, spec=spec, metric=metric,
+                                metric_limit=opts.metric_evaluations, metric_original=original)
+        if shared is not None and kept is None:
+            shared.keep_outputs(root, batches, checker.reference)
+        return checker
 
     label = split.check_label
     select = make(split.select, label if split.shared else f"{label} (selection part)",
