@@ -209,17 +209,23 @@ def _restore(plan: Any, kept: _Scored) -> None:
 
 
 def _network_key(root: nn.Module) -> tuple:
-    """The parameters' names, shapes and a checksum of their values (the network as it is resolved)."""
+    """The parameters' names, shapes and a checksum of their values (the network as it is resolved). The
+    checksums read the values in index order: a sum over a channels-last weight (``conv_layout``, chosen per
+    resolution by timing) rounds differently, and the same network would miss its own kept work."""
     with torch.no_grad():
-        return tuple((name, tuple(p.shape), float(p.double().sum()), float(p.double().abs().sum()))
+        return tuple((name, tuple(p.shape), *_checksums(p))
                      for name, p in root.state_dict().items() if torch.is_tensor(p) and p.is_floating_point())
 
 
 def _data_key(batches: Sequence[tuple]) -> tuple:
     """The fit samples' count, shapes and checksums."""
     with torch.no_grad():
-        return tuple(tuple((tuple(t.shape), float(t.double().sum()), float(t.double().abs().sum())) for t in batch)
-                     for batch in batches)
+        return tuple(tuple((tuple(t.shape), *_checksums(t)) for t in batch) for batch in batches)
+
+
+def _checksums(t: torch.Tensor) -> tuple[float, float]:
+    values = t.contiguous().double()
+    return float(values.sum()), float(values.abs().sum())
 
 
 def _options_key(opts: AutoOptions) -> tuple:

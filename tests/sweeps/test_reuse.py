@@ -110,3 +110,25 @@ def test_reference_outputs_are_kept_per_network_and_samples_and_not_shipped(net,
     convfactor.factorize(net, _policy(0.5), data[:1], calibration=data * 0.5, auto_options=FAST, shared=work)
     assert work.counts["reference outputs"] == 6
     assert pickle.loads(pickle.dumps(work))._outputs == {}  # a worker recomputes rather than receive them
+
+
+def test_the_shared_work_knows_a_network_in_either_memory_layout():
+    # Each resolution times its layout (convfactor.auto.layout): one point of a sweep may run its passes
+    # channels-last and the next not. A sum over a channels-last weight of this shape rounds differently
+    # (CREPE's conv2 computed its statistics twice in a sweep for it).
+    import torch
+
+    from convfactor.auto.layout import conv_layout
+    from convfactor.auto.shared import _network_key
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(512, 128, (32, 1)))
+    weight = net[0].weight.detach()
+    weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the reduction's order depends on the threads: 2 rounds this one differently
+    try:
+        plain = _network_key(net)
+        with conv_layout(net, True):
+            assert _network_key(net) == plain
+    finally:
+        torch.set_num_threads(threads)
