@@ -32,6 +32,7 @@ from ...methods import get_method
 from ...methods._stages import set_weight
 from ...methods.base import FactorizedLayer, Rank
 from ..statistics.covariance import Covariance, FullCovariance, as_covariance
+from ..statistics.patches import WeightCross
 from .nested import NestedProducts
 
 __all__ = [
@@ -342,12 +343,16 @@ def corrected_weight(weight: torch.Tensor, sigma: torch.Tensor | Covariance, cro
     when the inputs are unchanged (cross = Sigma), so exactness at full rank is kept.
 
     Args:
-        weight: (g, O, D). sigma, cross: (g, D, D) tensors or ``Covariance``s of one form.
+        weight: (g, O, D). sigma, cross: (g, D, D) tensors or ``Covariance``s of one form; ``cross`` may be
+            a ``WeightCross`` (W cross^T made while summing, ``paired_statistics(..., weight=W)``).
     Returns:
         (g, O, D) float64.
     """
     weight = weight.to(torch.float64)
-    sigma, cross = as_covariance(sigma), as_covariance(cross)
+    sigma = as_covariance(sigma)
+    if isinstance(cross, WeightCross):  # W cross^T itself, read through W while the moments were summed
+        return weight + sigma.damped(damping).solve_right(cross.of(weight) - sigma.right(weight))
+    cross = as_covariance(cross)
     if isinstance(sigma, FullCovariance) and isinstance(cross, FullCovariance):
         mismatch = weight @ (cross.sigma.transpose(1, 2) - sigma.sigma)  # (g, O, D)
     else:

@@ -200,13 +200,15 @@ class Replacements:
         fresh = cache is None and not self.frontier and self._reference_bytes < REFERENCE_INPUT_BYTES
         if fresh:
             cache = {}
+        groups = getattr(plan.layer, "groups", 1)
+        original = grouped_weight(plan.layer.weight, groups)
         sigma, cross = paired_statistics(plan.layer, plan.name, self.batches, *sources, opts.max_rows, opts.seed,
-                                         self.forms.get(plan.name, "full"), reference_inputs=cache)
+                                         self.forms.get(plan.name, "full"), reference_inputs=cache,
+                                         weight=original)
         if fresh:  # the original's inputs of this layer, for the next probes (within the byte cap)
             self._reference[plan.name] = cache
             self._reference_bytes += sum(t.numel() * t.element_size() for t in cache.values())
-        groups = getattr(plan.layer, "groups", 1)
-        weight = corrected_weight(grouped_weight(plan.layer.weight, groups), sigma, cross, opts.damping)
+        weight = corrected_weight(original, sigma, cross, opts.damping)
         factorizer = layer_factorizer(option.method, plan.layer, sigma, opts.damping, weight=weight,
                                       progress=progress)
         if factorizer is None:

@@ -29,7 +29,7 @@ from torch import fx, nn
 from ...geometry import LayerGeometry
 from .calibration import KRONECKER_ROWS
 from .covariance import Covariance
-from .patches import Moments, chunks, patch_extractor, positions, sampled, sampled_rows
+from .patches import Moments, ProjectedMoments, WeightCross, chunks, patch_extractor, positions, sampled, sampled_rows
 from .suffix import GraphRunner, probe_nodes
 
 __all__ = ["paired_statistics", "PrefixInputs", "FrontierInputs", "LayerInput"]
@@ -127,7 +127,8 @@ def paired_statistics(
     seed: int = 0,
     form: str = "full",
     reference_inputs: dict[int, torch.Tensor] | None = None,
-) -> tuple[Covariance, Covariance]:
+    weight: torch.Tensor | None = None,
+) -> tuple[Covariance, Covariance | WeightCross]:
     """Moments of one layer's input patches in two networks on the same batches.
 
     ``reference_input`` gives the layer's input in the original network, ``work_input`` in the partially
@@ -137,7 +138,9 @@ def paired_statistics(
 
     Returns:
         sigma: E[p_w p_w^T] of the patches the work network feeds the layer, in ``form``;
-        cross: E[p_w p_r^T] between them and the original network's patches, in the same form.
+        cross: E[p_w p_r^T] between them and the original network's patches, in the same form; given the
+            layer's ``weight`` W (g, O, D), in the full form and when 2 O < D, ``WeightCross`` W E[p_r p_w^T]
+            instead (all the refit reads of it: 2 O D products per row, not D^2).
     """
     extract = patch_extractor(layer)
     geo = LayerGeometry.of(layer)
@@ -146,7 +149,9 @@ def paired_statistics(
     generator = torch.Generator().manual_seed(seed)
     limit = min(max_rows, KRONECKER_ROWS) if form == "kronecker" else max_rows
     per_batch = max(1, math.ceil(limit / len(batches)))
-    sigma, cross = Moments(form, geo.groups, channels, kernel), Moments(form, geo.groups, channels, kernel)
+    sigma = Moments(form, geo.groups, channels, kernel)
+    project = weight is not None and form == "full" and ProjectedMoments.projects(weight.shape[1], weight.shape[2])
+    cross = ProjectedMoments(weight.to(layer.weight.dtype)) if project else Moments(form, geo.groups, channels, kernel)
     for index, batch in enumerate(batches):
         x_ref = None if reference_inputs is None else reference_inputs.get(index)
         if x_ref is None:

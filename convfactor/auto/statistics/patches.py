@@ -20,8 +20,8 @@ from torch import nn
 from ...geometry import LayerGeometry
 from .covariance import Covariance, DiagonalCovariance, FullCovariance, KroneckerCovariance
 
-__all__ = ["PatchRows", "patch_extractor", "Moments", "chunks", "positions", "sampled", "sampled_rows", "gram",
-           "CHUNK_BYTES"]
+__all__ = ["PatchRows", "patch_extractor", "Moments", "ProjectedMoments", "WeightCross", "chunks", "positions",
+           "sampled", "sampled_rows", "gram", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 64 << 20  # patches extracted at once, at most about this much
 # A symmetric second moment X^T X of at least this many columns is made in SYMMETRIC_BLOCKS column blocks,
@@ -188,3 +188,41 @@ def sampled_rows(total: int, keep: int, generator: torch.Generator, device: Any 
     if total <= keep:
         return None
     return torch.randperm(total, generator=generator)[:keep].sort().values.to(device)
+
+
+class WeightCross:
+    """W E[p_r p_w^T] (g, O, D) for one weight W: the only product of the cross moment E[p_w p_r^T] that the
+    sequential refit reads (``corrected_weight``: W cross^T), without the D x D moment itself."""
+
+    def __init__(self, weight: torch.Tensor, value: torch.Tensor):
+        self.weight, self.value = weight, value
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor:
+        """W cross^T for the W this was projected with (any other weight is an error, not a product)."""
+        if weight.shape != self.weight.shape or not torch.allclose(weight.to(self.weight.dtype), self.weight):
+            raise ValueError("WeightCross holds W E[p_r p_w^T] for one W; asked for another weight")
+        return self.value
+
+
+class ProjectedMoments:
+    """Running sums of E[(W p_r) p_w^T] for a fixed W (g, O, D), fed (g, rows, D) patch blocks: 2 O D products
+    per row instead of the full cross moment's D^2 (``projects`` says when that is fewer)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.sum: torch.Tensor | None = None
+        self.rows = 0
+
+    @staticmethod
+    def projects(outputs: int, width: int) -> bool:
+        """Whether projecting through O outputs is cheaper than the D x D moment of width D."""
+        return 2 * outputs < width
+
+    def add(self, work: torch.Tensor, reference: torch.Tensor) -> None:
+        outputs = reference @ self.weight.transpose(1, 2)  # (g, rows, O): the original layer's outputs, no bias
+        part = (outputs.transpose(1, 2) @ work).to(torch.float64).cpu()
+        self.sum = part if self.sum is None else self.sum + part
+        self.rows += work.shape[1]
+
+    def result(self) -> WeightCross:
+        return WeightCross(self.weight, self.sum / self.rows)
