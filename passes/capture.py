@@ -36,8 +36,14 @@ _PLAIN_TYPES = (bool, int, float, str, type(None))
 
 
 @torch.fx.node.has_side_effect  # dead-code elimination must keep the check
-def check_traced_argument(value: Any, name: str, traced: Any) -> None:
-    """Raise ``TracedArgumentError`` unless ``value`` is the value argument ``name`` was traced with."""
+def check_traced_argument(value: Any, name: str, traced: Any) -> Any:
+    """Raise ``TracedArgumentError`` unless ``value`` is the value argument ``name`` was traced with.
+
+    Called with a Proxy, the generated code is being traced again by a tracer that does not wrap this function
+    (torch.fx's plain one, rebuilding a pickled network in a worker process): the check becomes a node of the new
+    graph, so the rebuilt network checks its callers as the original does."""
+    if isinstance(value, torch.fx.Proxy):
+        return value.tracer.create_proxy("call_function", check_traced_argument, (value, name, traced), {})
     if value is traced or (type(value) is type(traced) and value == traced):
         return
     raise TracedArgumentError(

@@ -209,3 +209,17 @@ def test_a_capture_of_a_network_with_string_annotations_pickles():
     assert torch.equal(again(x), traced(x))
     fast = convfactor.factorize(_StringAnnotated().eval(), "svd:0.5", x[:1])
     assert isinstance(pickle.loads(pickle.dumps(fast)), nn.Module)
+
+
+def test_a_capture_with_concrete_args_rebuilds_in_another_process_with_its_check():
+    # A worker process rebuilds a traced network from its code with torch.fx's plain tracer
+    # (convfactor.auto.selection.tasks.portable), which calls the argument check with a Proxy.
+    from convfactor.auto.selection.tasks import portable
+
+    model = WithFlag().eval()
+    x = torch.randn(1, 3, 6, 6)
+    gm = capture(model, concrete_args={"double": True}).graph_module
+    clone = pickle.loads(portable(gm))
+    torch.testing.assert_close(clone(x), model(x, double=True))
+    with pytest.raises(TracedArgumentError, match="traced with double=True"):
+        clone(x, double=False)
