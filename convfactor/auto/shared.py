@@ -140,17 +140,23 @@ class SharedWork:
             if batches is not None and opts.sensitivity:
                 self.counts["sensitivities"] += 1
 
-    def outputs(self, root: nn.Module, batches: Sequence[tuple]) -> list[list[torch.Tensor]] | None:
+    @staticmethod
+    def network(root: nn.Module) -> tuple:
+        """The key of ``root`` as this work knows networks (a pass over its parameters: make it once per
+        resolution where several lookups need it)."""
+        return _network_key(root)
+
+    def outputs(self, network: tuple, batches: Sequence[tuple]) -> list[list[torch.Tensor]] | None:
         """The original's outputs on ``batches`` as an earlier resolution's checker kept them (float32, at most
-        ``REFERENCE_BYTES`` of whole batches), or None."""
-        key = (_network_key(root), _data_key(batches))
+        ``REFERENCE_BYTES`` of whole batches), or None. ``network``: ``SharedWork.network(root)``."""
+        key = (network, _data_key(batches))
         with self._lock:
             found = self._outputs.get(key)
         return None if found is None else list(found)
 
-    def keep_outputs(self, root: nn.Module, batches: Sequence[tuple], outputs: Sequence[list[torch.Tensor]]) -> None:
+    def keep_outputs(self, network: tuple, batches: Sequence[tuple], outputs: Sequence[list[torch.Tensor]]) -> None:
         """Keep a checker's reference outputs on ``batches`` (the same tensors: no copy while it lives)."""
-        key = (_network_key(root), _data_key(batches))
+        key = (network, _data_key(batches))
         with self._lock:
             if key not in self._outputs:
                 self._outputs[key] = list(outputs)

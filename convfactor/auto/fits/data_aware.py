@@ -351,10 +351,11 @@ def corrected_weight(weight: torch.Tensor, sigma: torch.Tensor | Covariance, cro
     weight = weight.to(torch.float64)
     sigma = as_covariance(sigma)
     if isinstance(cross, WeightCross):  # W cross^T itself, read through W while the moments were summed
-        return weight + sigma.damped(damping).solve_right(cross.of(weight) - sigma.right(weight))
-    cross = as_covariance(cross)
-    if isinstance(sigma, FullCovariance) and isinstance(cross, FullCovariance):
-        mismatch = weight @ (cross.sigma.transpose(1, 2) - sigma.sigma)  # (g, O, D)
+        mismatch = cross.of(weight) - sigma.right(weight)
     else:
-        mismatch = cross.transposed().right(weight) - sigma.right(weight)
+        cross = as_covariance(cross)
+        if isinstance(sigma, FullCovariance) and isinstance(cross, FullCovariance):
+            mismatch = weight @ (cross.sigma.transpose(1, 2) - sigma.sigma)  # (g, O, D)
+        else:
+            mismatch = cross.transposed().right(weight) - sigma.right(weight)
     return weight + sigma.damped(damping).solve_right(mismatch)

@@ -139,16 +139,17 @@ def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, output
     original = None
     if metric is not None and split.select:
         original = metric_original if metric_original is not None else metric(root)
+    network = shared.network(root) if shared is not None else None
 
     def make(batches: list | None, label: str, known: list | None = None) -> OutputChecker | None:
         if not batches:
             return None
         batches = first_samples(batches, opts.fidelity_samples)
-        kept = shared.outputs(root, batches) if shared is not None else None
+        kept = shared.outputs(network, batches) if shared is not None else None
         checker = OutputChecker(root, batches, label, kept or known, spec=spec, metric=metric,
                                 metric_limit=opts.metric_evaluations, metric_original=original)
         if shared is not None and kept is None:
-            shared.keep_outputs(root, batches, checker.reference)
+            shared.keep_outputs(network, batches, checker.reference)
         return checker
 
     label = split.check_label
