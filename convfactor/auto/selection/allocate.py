@@ -11,6 +11,15 @@ minimize sum loss subject to sum cost <= budget. Two solvers run and the better 
     exact total is <= budget - n * budget / bins.
 
 Feasibility is always checked with the exact costs; nothing is ever rounded in the caller's favour.
+
+Losses that differ by less than ``LOSS_RTOL`` (relative) are one loss: the solvers see, per group, only the
+options that lose less than every cheaper one by more than that (``distinct_options``), and the dynamic
+program's answer replaces the greedy's only when it is lower by more than that. Two candidates can be the same
+approximation (of a 1x1 conv: an SVD of rank r, a spatial SVD of rank r at the same cost, a Tucker-2 of
+ranks (r, r) at a little more), their predicted errors equal but for float rounding, which changes with the
+memory layout and thread count of the passes that measured them: without the tolerance that rounding chose
+between them (CRAFT's 1024 -> 1024 1x1 conv: Tucker-2 (64, 64) in channels-last passes, spatial SVD 64 in
+contiguous ones, SVD 64 in another run; a Dask run's allocation differed from the serial one).
 """
 
 from __future__ import annotations
@@ -22,9 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Allocation", "InfeasibleBudget", "allocate", "lower_convex_hull"]
+__all__ = ["Allocation", "InfeasibleBudget", "allocate", "lower_convex_hull", "distinct_options", "LOSS_RTOL"]
 
 DEFAULT_BINS = 4000
+# Relative loss differences below this are float rounding of the measured statistics (float32 passes: a few
+# 1e-7, more where an error is a small difference of large energies), not a difference in fidelity.
+LOSS_RTOL = 1e-4
 
 
 class InfeasibleBudget(ValueError):
@@ -72,6 +84,24 @@ def lower_convex_hull(points: Sequence[tuple[float, float]]) -> list[int]:
                 break
         hull.append(i)
     return hull
+
+
+def distinct_options(group: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the options of one group worth choosing, by increasing cost: each loses less than every
+    cheaper (or equally costly, earlier) one by more than ``LOSS_RTOL`` of that loss. Of twins (equal cost,
+    equal loss but for rounding: an SVD and a spatial SVD of a 1x1 conv) the first is kept, whichever
+    rounded lower."""
+    order = sorted(range(len(group)), key=lambda i: (group[i][0], i))
+    kept = [order[0]]
+    for i in order[1:]:
+        best = group[kept[-1]][1]
+        if group[i][1] < best - LOSS_RTOL * abs(best):
+            kept.append(i)
+    return kept
+
+
+def _better(loss: float, than: float) -> bool:
+    return loss < than - LOSS_RTOL * abs(than)
 
 
 def _totals(options: Options, choice: Sequence[int]) -> tuple[float, float]:
@@ -165,7 +195,7 @@ def allocate(options: Options, budget: float, bins: int = DEFAULT_BINS) -> Alloc
         budget: the largest allowed sum of the chosen costs.
         bins: budget resolution of the dynamic program.
     Returns:
-        The best feasible ``Allocation`` found by the greedy and the dynamic program.
+        The best feasible ``Allocation`` found by the greedy and the dynamic program (indices into ``options``).
     Raises:
         InfeasibleBudget: the cheapest option of every group together exceed the budget.
 
@@ -178,16 +208,17 @@ def allocate(options: Options, budget: float, bins: int = DEFAULT_BINS) -> Alloc
     minimum = math.fsum(min(c for c, _ in group) for group in options)
     if minimum > budget:
         raise InfeasibleBudget(minimum, budget)
-    found = []
-    greedy = _greedy(options, budget)
-    found.append((greedy, "greedy"))
-    dp = _dynamic_programming(options, budget, bins)
+    kept = [distinct_options(group) for group in options]
+    reduced = [[group[i] for i in indices] for group, indices in zip(options, kept)]
+    found = [(_greedy(reduced, budget), "greedy")]
+    dp = _dynamic_programming(reduced, budget, bins)
     if dp is not None:
-        found.append((_fill(options, dp, budget), "dynamic programming"))
+        found.append((_fill(reduced, dp, budget), "dynamic programming"))
     best = None
     for choice, solver in found:
+        choice = [indices[i] for indices, i in zip(kept, choice)]
         cost, loss = _totals(options, choice)
-        if cost <= budget and (best is None or loss < best.loss):
+        if cost <= budget and (best is None or _better(loss, best.loss)):
             best = Allocation(tuple(choice), cost, loss, solver)
     assert best is not None, "the greedy start is the cheapest choice, which fits"
     return best

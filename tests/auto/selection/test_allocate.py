@@ -6,7 +6,13 @@ import random
 
 import pytest
 
-from convfactor.auto.selection.allocate import DEFAULT_BINS, InfeasibleBudget, allocate, lower_convex_hull
+from convfactor.auto.selection.allocate import (
+    DEFAULT_BINS,
+    InfeasibleBudget,
+    allocate,
+    distinct_options,
+    lower_convex_hull,
+)
 
 
 def brute_force(options, budget):
@@ -68,3 +74,27 @@ def test_lower_convex_hull_drops_dominated_and_concave_points():
     points = [(10, 0.0), (8, 0.5), (6, 0.6), (4, 2.0), (5, 3.0), (2, 4.0)]
     # (5, 3.0) is dominated by (4, 2.0); (8, 0.5) lies above the segment from (6, 0.6) to (10, 0.0).
     assert lower_convex_hull(points) == [5, 3, 2, 0]
+
+
+@pytest.mark.parametrize("edge", [-1e-9, 0.0, 1e-9])
+def test_a_costlier_option_equal_but_for_rounding_is_never_chosen(edge):
+    # Group 0's options 1 and 2 are the same approximation (an SVD of rank r and a Tucker-2 of ranks (r, r)
+    # of a 1x1 conv): their losses agree but for rounding, which must not decide between them.
+    options = [[(100, 0.0), (12.5, 0.3), (12.6, 0.3 * (1 + edge)), (50, 0.1)], [(100, 0.0), (40, 0.2)]]
+    result = allocate(options, budget=60)
+    assert result.choice == (1, 1) and result.cost == pytest.approx(52.5)
+
+
+def test_distinct_options_keep_only_what_loses_measurably_less():
+    group = [(100, 0.0), (12.6, 0.3 * (1 - 1e-9)), (12.5, 0.3), (30, 0.3 * (1 - 2e-4)), (30, 0.2), (50, 0.1)]
+    # (12.6) equals (12.5) but for rounding; (30, 0.29994) loses measurably less than 0.3 (kept: the solvers
+    # drop what (30, 0.2) dominates exactly).
+    assert distinct_options(group) == [2, 3, 4, 5, 0]
+
+
+@pytest.mark.parametrize("edge", [-1e-9, 0.0, 1e-9])
+def test_of_equally_costly_twins_the_first_is_kept_whichever_rounded_lower(edge):
+    # An SVD and a spatial SVD of a 1x1 conv: the same cost, the same loss but for rounding.
+    group = [(100, 0.0), (25, 0.3), (25, 0.3 * (1 + edge)), (50, 0.1)]
+    assert distinct_options(group) == [1, 3, 0]
+    assert allocate([group, [(100, 0.0), (40, 0.2)]], budget=70).choice == (1, 1)
