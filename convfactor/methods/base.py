@@ -139,6 +139,12 @@ class FactorizationMethod(abc.ABC):
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         """None if the method represents ``layer`` exactly at full rank, else the reason it cannot."""
 
+    def reduces_to(self, layer: nn.Module) -> str | None:
+        """The method whose candidates on ``layer`` are this one's at no higher cost (the same approximation,
+        or a better one for the cost), or None. ``method: auto`` leaves this one out where that one is open:
+        scoring both costs time and leaves a choice between equals to float rounding."""
+        return None
+
     # -- ranks --------------------------------------------------------------------------------
     @abc.abstractmethod
     def full_rank(self, layer: nn.Module) -> Rank:

@@ -107,6 +107,10 @@ class SpatialSVD(FactorizationMethod):
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer)
 
+    def reduces_to(self, layer: nn.Module) -> str | None:
+        # A 1x1 kernel's (1 x 1, C_in->r) then (1 x 1, r->C_out) is svd's pair of the same cost.
+        return "svd" if LayerGeometry.of(layer).kernel_volume == 1 else None
+
     def full_rank(self, layer: nn.Module) -> int:
         geo = LayerGeometry.of(layer)
         g = geo.groups

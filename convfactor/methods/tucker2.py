@@ -160,6 +160,11 @@ class Tucker2(FactorizationMethod):
     def unsupported_reason(self, layer: nn.Module) -> str | None:
         return conv_reason(self.name, layer)
 
+    def reduces_to(self, layer: nn.Module) -> str | None:
+        # On a 1x1 kernel U_out C U_in^T has rank min(r_in, r_out); svd of that rank is at least as close
+        # (the best of that rank) and cheaper (no r_in x r_out core, no wider factor).
+        return "svd" if LayerGeometry.of(layer).kernel_volume == 1 else None
+
     def full_rank(self, layer: nn.Module) -> tuple[int, int]:
         geo = LayerGeometry.of(layer)
         return geo.in_channels // geo.groups, geo.out_channels // geo.groups

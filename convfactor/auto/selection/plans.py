@@ -111,12 +111,25 @@ def plan_layers(root: nn.Module, policy: Policy, opts: AutoOptions) -> list[Laye
                 plan.methods.append(method)
             else:
                 reasons.append(why if why.startswith(method_name) else f"{method_name}: {why}")
+        if rule.method == AUTO:
+            _leave_reduced(plan)
         if name in blocked:
             plan.reason = blocked[name]
         elif not plan.methods:
             joined = "; ".join(reasons)
             plan.reason = joined if rule.method != AUTO else f"no method can represent it: {joined}"
     return plans
+
+
+def _leave_reduced(plan: LayerPlan) -> None:
+    """Drop from an auto plan the methods that reduce to another open one on its layer (``reduces_to``)."""
+    open_names = {m.name for m in plan.methods}
+    reduced = {m.name: m.reduces_to(plan.layer) for m in plan.methods}
+    left = [name for name, to in reduced.items() if to is not None and to in open_names]
+    if left:
+        plan.methods = [m for m in plan.methods if m.name not in left]
+        plan.notes.append(", ".join(f"{name} left to {reduced[name]}" for name in left)
+                          + ": on this layer the same approximation or a costlier one (not scored)")
 
 
 def set_shapes_and_calls(root: nn.Module, plans: list[LayerPlan], shapes: Mapping, inputs: Any) -> None:
