@@ -25,7 +25,9 @@ default) runs them here;
 ``--executor serial dask2`` interleaves them (the allocation hash must be equal; ``workers MB`` is the
 largest worker's peak RSS). ``probes s`` is the time spent in ``measure_sensitivities``,
 ``refit s`` in ``Replacements.build``; ``allocation`` a hash of the resolved policy (equal rows chose the
-same ranks).
+same ranks; the JSON's ``rules`` list them). ``--layout channels_last contiguous`` pins
+``AutoOptions.layout`` per variant (the control that shows whether the allocation follows the layout's
+rounding; ``auto``, the default, times it).
 
 Ceilings: memory 2 GB + 3x the model's size (float32 bytes); time 180 s for crepe and 120 s for
 resnet18 (the issue's targets on 2 cores). Prints one table row per case, median wall time over
