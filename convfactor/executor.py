@@ -69,7 +69,7 @@ def ordered_results(executor: Any, fn: Callable[..., Any], calls: Sequence[tuple
     At most ``in_flight`` tasks (default ``IN_FLIGHT``) are submitted and not yet collected: a pool or a
     Dask client holds each submitted task's pickled arguments (a layer's statistics: up to hundreds of MB)
     until it is done, so submitting every layer at once held them all (on ResNet-18 with two Dask workers
-    the caller peaked at 2.75 GB, 1.80 GB with this window and the probes grouped: docs/sweep.md)."""
+    the caller peaked at 2.75 GB, 1.80 GB with this window and the probes grouped: docs/scale-out.md)."""
     pool = executor if executor is not None else SerialExecutor()
     window = max(1, in_flight or IN_FLIGHT)
     pending: deque[Future] = deque()
