@@ -94,13 +94,13 @@ def distinct_options(group: Sequence[tuple[float, float]]) -> list[int]:
     order = sorted(range(len(group)), key=lambda i: (group[i][0], i))
     kept = [order[0]]
     for i in order[1:]:
-        best = group[kept[-1]][1]
-        if group[i][1] < best - LOSS_RTOL * abs(best):
+        if _better(group[i][1], group[kept[-1]][1]):
             kept.append(i)
     return kept
 
 
 def _better(loss: float, than: float) -> bool:
+    """Whether ``loss`` is lower than ``than`` by more than rounding (``LOSS_RTOL``)."""
     return loss < than - LOSS_RTOL * abs(than)
 
 
