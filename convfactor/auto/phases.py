@@ -80,6 +80,7 @@ class Run:
     started: float
     shared: SharedWork | None = None
     executor: Executor | None = None
+    network: tuple | None = None  # ``SharedWork.network(root)`` when ``shared`` is given: its lookups' key
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def collect_statistics(run: Run, plans: list[LayerPlan], data: Data) -> tuple[di
         return layer_statistics(run.root, layers, data.batches, opts.max_rows, opts.seed, opts.memory_budget,
                                 run.progress, on_output=keep)
 
-    stats = collect() if run.shared is None else run.shared.statistics(run.root, layers, data.batches, opts, collect)
+    stats = collect() if run.shared is None else run.shared.statistics(run.network, layers, data.batches, opts, collect)
     return stats, outputs
 
 
@@ -223,7 +224,7 @@ def allocate_budget(run: Run, plans: list[LayerPlan], goal: Goal, data: Data, st
     if run.shared is None:
         score()
     else:
-        run.shared.scored(root, plans, kind, batches, opts, model.options if model is not None else None, notes,
+        run.shared.scored(run.network, plans, kind, batches, opts, model.options if model is not None else None, notes,
                           score)
     scoring = {p.name: sorted(set(p.notes)) for p in plans if p.notes}
     if scoring:

@@ -147,7 +147,8 @@ def resolve_policy(
     """
     started = time.perf_counter()
     opts = options or AutoOptions()
-    run = Run(root, opts, Deadline(opts.time_budget, started), progress, started, shared, executor)
+    run = Run(root, opts, Deadline(opts.time_budget, started), progress, started, shared, executor,
+              None if shared is None else shared.network(root))
     if latency_model is None and shared is not None:  # one per latency options across the shared resolutions
         latency_model = shared.latency_model(latency, lambda: LatencyModel(latency))
     policy = Policy.from_any(policy)
@@ -163,8 +164,9 @@ def resolve_policy(
             account.notes.append(layout.note)
         original_metric = None
         if data.metric is not None and shared is not None and data.split.select:
-            original_metric = shared.original_metric(root, data.metric, lambda: data.metric(root))
-        checks = output_checkers(root, data.split, opts, outputs, goal.spec, data.metric, original_metric, shared)
+            original_metric = shared.original_metric(run.network, data.metric, lambda: data.metric(root))
+        checks = output_checkers(root, data.split, opts, outputs, goal.spec, data.metric, original_metric, shared,
+                                 run.network)
         del outputs
         if goal.allocates:
             replacements = allocate_budget(run, plans, goal, data, stats, model, checks, account, distill)

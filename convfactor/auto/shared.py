@@ -95,10 +95,11 @@ class SharedWork:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def statistics(self, root: nn.Module, layers: Mapping[str, nn.Module], batches: Sequence[tuple],
+    def statistics(self, network: tuple, layers: Mapping[str, nn.Module], batches: Sequence[tuple],
                    opts: AutoOptions, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """The layers' statistics: kept ones for this network, data and options, else ``compute()``."""
-        key = (_network_key(root), _data_key(batches), _options_key(opts), tuple(layers))
+        """The layers' statistics: kept ones for this network (``network``: ``SharedWork.network(root)``), data
+        and options, else ``compute()``."""
+        key = (network, _data_key(batches), _options_key(opts), tuple(layers))
         with self._lock:
             found = self._statistics.get(key)
         if found is not None:
@@ -111,13 +112,13 @@ class SharedWork:
             self.seconds["statistics"] += time.perf_counter() - started
         return stats
 
-    def scored(self, root: nn.Module, plans: list, kind: str, batches: Sequence[tuple] | None, opts: AutoOptions,
+    def scored(self, network: tuple, plans: list, kind: str, batches: Sequence[tuple] | None, opts: AutoOptions,
                latency: Any, notes: list[str], compute: Callable[[], bool]) -> None:
         """Candidates and sensitivities of the open ``plans``: restored from a kept copy, else ``compute()``
         (which fills the plans and returns False when a deadline cut it short: then nothing is kept).
         Notes ``compute`` adds to ``notes`` are kept and added again on reuse."""
         open_plans = [p for p in plans if p.open]
-        key = (_network_key(root), _data_key(batches or []), _options_key(opts), kind, repr(latency),
+        key = (network, _data_key(batches or []), _options_key(opts), kind, repr(latency),
                tuple((p.name, tuple(m.name for m in p.methods), p.rule.align, p.in_shape, p.calls)
                      for p in open_plans))
         with self._lock:
@@ -142,8 +143,8 @@ class SharedWork:
 
     @staticmethod
     def network(root: nn.Module) -> tuple:
-        """The key of ``root`` as this work knows networks (a pass over its parameters: make it once per
-        resolution where several lookups need it)."""
+        """The key of ``root`` as this work knows networks (a pass over its parameters: made once per
+        resolution, ``Run.network``, and given to every lookup)."""
         return _network_key(root)
 
     def outputs(self, network: tuple, batches: Sequence[tuple]) -> list[list[torch.Tensor]] | None:
@@ -162,10 +163,10 @@ class SharedWork:
                 self._outputs[key] = list(outputs)
                 self.counts["reference outputs"] += 1
 
-    def original_metric(self, root: nn.Module, metric: Any, compute: Callable[[], float]) -> float:
-        """The task metric of the original ``root``: kept for this network and this ``Metric`` object, else
-        ``compute()``."""
-        key = (_network_key(root), id(metric))
+    def original_metric(self, network: tuple, metric: Any, compute: Callable[[], float]) -> float:
+        """The task metric of the original network: kept for this ``network`` key and this ``Metric`` object,
+        else ``compute()``."""
+        key = (network, id(metric))
         with self._lock:
             found = self._metric.get(key)
         if found is not None and found[0] is metric:  # the object itself is kept, so its id is not reused

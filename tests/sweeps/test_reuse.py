@@ -1,5 +1,9 @@
 """A sweep computes statistics, candidates and sensitivities once, and each point is ``factorize`` alone."""
 
+import copy
+
+import torch
+
 import convfactor
 import convfactor.auto.phases as resolve
 from convfactor import get_report
@@ -54,13 +58,14 @@ def test_another_model_or_data_set_is_not_served_from_the_shared_work(net, data)
     assert work.counts["statistics"] == 2 and work.counts["candidates"] == 2
     convfactor.factorize(net, _policy(0.4), data[:1], calibration=data, auto_options=FAST, shared=work)
     assert work.counts["statistics"] == 2 and work.counts["candidates"] == 2
+    other = copy.deepcopy(net)  # the same architecture, other weights: another network
+    with torch.no_grad():
+        next(other.parameters()).mul_(1.5)
+    convfactor.factorize(other, _policy(0.5), data[:1], calibration=data, auto_options=FAST, shared=work)
+    assert work.counts["statistics"] == 3 and work.counts["candidates"] == 3
 
 
 def test_the_callers_model_keeps_its_mode_and_state(net, data):
-    import copy
-
-    import torch
-
     model = copy.deepcopy(net).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     convfactor.sweep(model, "macs=0.5", data[:1], calibration=data, auto_options=FAST, baseline=None,

@@ -125,7 +125,8 @@ def _allocated(plan: LayerPlan, index: int) -> Choice:
 
 def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, outputs: list | None = None,
                     spec: Fidelity | None = None, metric: Metric | None = None,
-                    metric_original: float | None = None, shared: Any = None) -> dict[str, OutputChecker | None]:
+                    metric_original: float | None = None, shared: Any = None,
+                    network: tuple | None = None) -> dict[str, OutputChecker | None]:
     """The checkers of a resolution, each on at most ``opts.fidelity_samples`` samples of its part:
 
     ``fit`` (in-sample: shown beside the held-out number; ``outputs`` are the original's outputs already
@@ -134,12 +135,14 @@ def output_checkers(root: nn.Module, split: DataSplit, opts: AutoOptions, output
     could not separate them (``DataSplit.shared``). The task metric of the original (``metric_original``, or
     evaluated here) is evaluated once, while ``root`` is still the original (``factorize`` rewrites it in place
     afterwards). With ``shared`` (a ``SharedWork``), each part's reference outputs are those an earlier
-    resolution of the same network computed on the same samples, where one did.
+    resolution of the same network computed on the same samples, where one did (``network``: ``root``'s key,
+    ``SharedWork.network``, made here when not given).
     """
     original = None
     if metric is not None and split.select:
         original = metric_original if metric_original is not None else metric(root)
-    network = shared.network(root) if shared is not None else None
+    if shared is not None and network is None:
+        network = shared.network(root)
 
     def make(batches: list | None, label: str, known: list | None = None) -> OutputChecker | None:
         if not batches:
