@@ -211,9 +211,9 @@ def allocate_budget(run: Run, plans: list[LayerPlan], goal: Goal, data: Data, st
     open_plans = [p for p in plans if p.open]
     checker = checks["select"]  # every measurement a decision is made by
 
-    def score() -> bool:  # False: a deadline cut the probes short (then nothing is kept for reuse)
+    def score(memo: dict | None = None) -> bool:  # False: a deadline cut the probes short (then not kept)
         build_options(plans, kind, opts, stats, model, run.progress, probe=batches is not None and opts.sensitivity,
-                      executor=run.executor)
+                      executor=run.executor, memo=memo)
         if batches is None or not opts.sensitivity:
             return True
         cuts = len(run.deadline.warnings)

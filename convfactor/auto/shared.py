@@ -11,14 +11,16 @@ They depend on the network's weights, the fit samples, the options that shape th
 and sensitivities, the target's kind (the costs a candidate is filtered and probed by). ``SharedWork`` keeps
 what the first resolution computed under a key made of exactly these, and gives every later resolution with
 the same key copies of it, so a point of a sweep is allocated from the same numbers a lone ``factorize``
-would compute. It also shares one ``LatencyModel`` per set of latency options (its in-memory timings), the task
+would compute. A candidate's predicted error does not depend on the kind: the errors are kept per network,
+data and options (``selection.error_memo``), so a latency point fits only the ranks no MACs or params point
+scored. It also shares one ``LatencyModel`` per set of latency options (its in-memory timings), the task
 metric of the original network (one evaluation of the user's metric per network and ``Metric`` object: every
 point of a sweep starts from the same original), and the original's outputs on the fit, select and check
 samples its output checkers compare against (one network pass per part and sweep instead of per point; the
 references stay while the ``SharedWork`` does, at most ``REFERENCE_BYTES`` per part).
 
-``counts`` says how often each phase was computed rather than reused (the sweep's tests count on it),
-``seconds`` how long the computing took.
+``counts`` says how often each phase was computed rather than reused (the sweep's tests count on it; under
+"candidate errors", how many (layer, method, rank) errors were fitted), ``seconds`` how long the computing took.
 Nothing here times or measures: a phase cut short by ``AutoOptions.time_budget`` is not kept.
 """
 
@@ -77,6 +79,7 @@ class SharedWork:
     def __init__(self) -> None:
         self._statistics: dict[tuple, dict[str, Any]] = {}
         self._scored: dict[tuple, tuple[dict[str, _Scored], list[str]]] = {}
+        self._errors: dict[tuple, dict[str, dict]] = {}  # {layer: {method: MethodErrors}} per network, data, options
         self._latency: dict[str, Any] = {}
         self._metric: dict[tuple, tuple[Any, float]] = {}
         self._outputs: dict[tuple, list] = {}
@@ -113,10 +116,12 @@ class SharedWork:
         return stats
 
     def scored(self, network: tuple, plans: list, kind: str, batches: Sequence[tuple] | None, opts: AutoOptions,
-               latency: Any, notes: list[str], compute: Callable[[], bool]) -> None:
-        """Candidates and sensitivities of the open ``plans``: restored from a kept copy, else ``compute()``
+               latency: Any, notes: list[str], compute: Callable[[dict], bool]) -> None:
+        """Candidates and sensitivities of the open ``plans``: restored from a kept copy, else ``compute(memo)``
         (which fills the plans and returns False when a deadline cut it short: then nothing is kept).
-        Notes ``compute`` adds to ``notes`` are kept and added again on reuse."""
+        Notes ``compute`` adds to ``notes`` are kept and added again on reuse. ``memo``: the candidates' errors
+        kept for this network, data and options whatever the kind (``selection.error_memo``), which
+        ``compute`` reads and adds to (the errors are kept even when it is cut short: each is exact)."""
         open_plans = [p for p in plans if p.open]
         key = (network, _data_key(batches or []), _options_key(opts), kind, repr(latency),
                tuple((p.name, tuple(m.name for m in p.methods), p.rule.align, p.in_shape, p.calls)
@@ -129,8 +134,13 @@ class SharedWork:
                 _restore(plan, by_name[plan.name])
             notes.extend(added)
             return
-        before, started = len(notes), time.perf_counter()
-        complete = compute()
+        errors_key = (network, key[1], key[2])
+        with self._lock:
+            memo = self._errors.setdefault(errors_key, {})
+        before, started, known = len(notes), time.perf_counter(), _count_errors(memo)
+        complete = compute(memo)
+        with self._lock:
+            self.counts["candidate errors"] += _count_errors(memo) - known
         if not complete:
             return
         kept = {p.name: _snapshot(p) for p in open_plans}
@@ -213,6 +223,10 @@ def _restore(plan: Any, kept: _Scored) -> None:
     plan.original.latency_ms = kept.original_latency_ms
     plan.sensitivity = kept.sensitivity
     plan.probe = None
+
+
+def _count_errors(memo: Mapping[str, Mapping[str, Any]]) -> int:
+    return sum(len(kept.errors) for layer in memo.values() for kept in layer.values())
 
 
 def _network_key(root: nn.Module) -> tuple:

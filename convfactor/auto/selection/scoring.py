@@ -24,7 +24,7 @@ from ...methods.base import FactorizationMethod, FactorizedLayer, Rank
 from ...progress import track
 from ..deadline import Deadline
 from ..fits.data_aware import grouped_weight, output_error2
-from ..fits.registry import DATA_AWARE_METHODS, layer_factorizer
+from ..fits.registry import DATA_AWARE_METHODS, FACTORIZERS, layer_factorizer
 from ..latency.model import LatencyModel
 from ..latency.round_robin import RESOLUTION
 from ..options import AutoOptions
@@ -32,6 +32,7 @@ from ..statistics.calibration import layer_sensitivities
 from ..statistics.split import first_samples
 from .candidates import Option, WeightErrors, grouped_bound, grouped_rank, rank_grid
 from .depthwise_errors import DepthwiseOutputErrors
+from .error_memo import LayerErrors, MemoErrors, MethodErrors
 from .plans import Choice, LayerPlan, apply_choices, pass_samples
 from .tasks import portable, score_layer_task, sensitivity_task
 from .vbmf import VBMF_METHODS, vbmf_layer_rank
@@ -114,10 +115,13 @@ def _spread(options: list[Option], count: int) -> list[Option]:
 
 
 def build_options(plans: list[LayerPlan], kind: str, opts: AutoOptions, stats: Any, model: LatencyModel | None,
-                  progress: bool, probe: bool = False, executor: Any = None) -> None:
+                  progress: bool, probe: bool = False, executor: Any = None,
+                  memo: dict[str, LayerErrors] | None = None) -> None:
     """Candidates of every open layer with cost and error2; with ``probe``, also each layer's sensitivity
     probe. A layer's data-aware factorizers are dropped once it is scored (memory stays per layer).
-    With an ``executor``, each layer's scoring is a task (``tasks.score_layer_task``), applied in layer order."""
+    With an ``executor``, each layer's scoring is a task (``tasks.score_layer_task``), applied in layer order.
+    With a ``memo`` ({layer: its kept errors}, ``convfactor.auto.selection.error_memo``), kept errors are read
+    instead of fitted and the ones computed are added to it."""
     timed = kind == "latency"
     todo = [p for p in plans if p.open]
     costed = {}
@@ -127,16 +131,19 @@ def build_options(plans: list[LayerPlan], kind: str, opts: AutoOptions, stats: A
     # it on a thread pool (NumPy and torch release the GIL in their kernels); a distributed engine could
     # take the same calls as tasks.
     workers = max(1, min(opts.workers or 1, len(todo)))
+    kept = {p.name: None if memo is None else memo.setdefault(p.name, {}) for p in todo}
 
     def score(plan: LayerPlan) -> None:
-        _score_layer(plan, costed[plan.name], kind, opts, stats, probe)
+        _score_layer(plan, costed[plan.name], kind, opts, stats, probe, kept[plan.name])
 
     if executor is not None:
-        calls = [(_score_layer, p, costed[p.name], kind, opts, _own_statistics(stats, p.name, executor), probe)
-                 for p in todo]
-        for plan, (options, notes, choice, module) in zip(
+        calls = [(_score_layer, p, costed[p.name], kind, opts, _own_statistics(stats, p.name, executor), probe,
+                  kept[p.name]) for p in todo]
+        for plan, (options, notes, choice, module, errors) in zip(
                 todo, ordered_results(executor, score_layer_task, calls, progress, "candidates", "layer")):
             plan.options, plan.notes, plan.probe = options, notes, module
+            if memo is not None:  # a worker process scored its own copy of the layer's kept errors
+                memo[plan.name] = errors
             if choice is not None:
                 apply_choices([plan], {plan.name: choice})
         return
@@ -194,10 +201,11 @@ def _costed_options(plan: LayerPlan, kind: str, opts: AutoOptions,
 
 
 def _score_layer(plan: LayerPlan, by_method: dict[str, list[Option]], kind: str, opts: AutoOptions,
-                 stats: Any, probe: bool) -> None:
+                 stats: Any, probe: bool, memo: LayerErrors | None = None) -> LayerErrors | None:
     """Error2 of one layer's options (``plan.options``), and its sensitivity probe when asked. One method's
     data-aware factorizer lives at a time (the probe is built from it while it does), so memory stays at
-    one fit of one layer."""
+    one fit of one layer. ``memo``: the layer's kept errors (``error_memo``), read and added to; returned."""
+    memo = {} if memo is None else memo
     best: tuple | None = None  # (key of the probe option so far, its module)
     signals: dict[str, float] = {}  # the layer's E||W p||^2, shared by its methods
     for method in plan.methods:
@@ -205,14 +213,14 @@ def _score_layer(plan: LayerPlan, by_method: dict[str, list[Option]], kind: str,
         if not kept:
             continue
         factorizers: dict = {}
-        error2 = error_function(plan, method, stats, factorizers, opts, signals)
+        error2 = _memo_errors(plan, method, stats, factorizers, opts, signals, memo)
         _score(plan, method, kept, error2, stats)
         plan.options.extend(kept)
         if probe:
             option = _probe_option(kept, plan, kind)
             key = _probe_key(option, plan, kind)
             if best is None or key < best[0]:
-                best = (key, _probe_builder(plan, option, factorizers))
+                best = (key, _memo_probe_builder(plan, method, option, factorizers, stats, opts, signals))
         del factorizers, error2
     if not plan.options:
         why = ("no replacement measured faster than the original layer" if kind == "latency"
@@ -220,6 +228,41 @@ def _score_layer(plan: LayerPlan, by_method: dict[str, list[Option]], kind: str,
         apply_choices([plan], {plan.name: Choice(None, why)})
     elif probe:
         plan.probe = best[1]()
+    return memo
+
+
+def _memo_errors(plan: LayerPlan, method: FactorizationMethod, stats: Any, factorizers: dict, opts: AutoOptions,
+                 signals: dict[str, float], memo: LayerErrors) -> MemoErrors:
+    """``error_function``'s rank -> error2 behind the layer's kept errors: the function (a factorizer, for a
+    data-aware method) is built only when a rank is not kept; the notes it makes are kept with the errors."""
+    kept = memo.setdefault(method.name, MethodErrors())
+    plan.notes.extend(note for note in kept.notes if note not in plan.notes)
+
+    def build():
+        before = len(plan.notes)
+        function = error_function(plan, method, stats, factorizers, opts, signals)
+        made, plan.notes[before:] = plan.notes[before:], []
+        plan.notes.extend(note for note in made if note not in plan.notes)
+        kept.notes.extend(note for note in made if note not in kept.notes)
+        return function
+
+    return MemoErrors(kept, build)
+
+
+def _memo_probe_builder(plan: LayerPlan, method: FactorizationMethod, option: Option, factorizers: dict,
+                        stats: Any, opts: AutoOptions, signals: dict[str, float]):
+    """``_probe_builder`` where the method's factorizer may not have been built (every rank's error kept): a
+    data-aware probe then builds one when the probe is wanted (once every method is scored, so one
+    factorizer lives at a time)."""
+    if (plan.name, method.name) in factorizers or stats is None or method.name not in FACTORIZERS:
+        return _probe_builder(plan, option, factorizers)
+
+    def build() -> nn.Module:
+        fresh: dict = {}
+        error_function(plan, method, stats, fresh, opts, signals)
+        return candidate_module(plan, option, fresh)
+
+    return build
 
 
 def _score(plan: LayerPlan, method: FactorizationMethod, options: list[Option], error2, stats: Any) -> None:

@@ -4,7 +4,8 @@ Each takes everything it needs as arguments and returns its result (no state sha
 so a ``concurrent.futures`` pool, a process pool or a Dask worker runs it the same way: pickled there,
 its result pickled back. The caller applies the results in layer order (``convfactor.executor``).
 
-- ``score_layer_task``: one layer's candidates scored (error2 of each option) and its sensitivity probe built;
+- ``score_layer_task``: one layer's candidates scored (error2 of each option, kept errors read) and its
+  sensitivity probe built;
 - ``sensitivity_task``: a group of layers' sensitivities, each layer replaced by its probe (``layer_sensitivities``).
 """
 
@@ -34,13 +35,14 @@ def portable(module: nn.Module) -> bytes:
 
 
 def score_layer_task(score: Any, plan: Any, by_method: dict, kind: str, opts: Any, stats: Any,
-                     probe: bool) -> tuple[list, list[str], Choice | None, nn.Module | None]:
+                     probe: bool, memo: dict | None = None) -> tuple[list, list[str], Choice | None, nn.Module | None,
+                                                                 dict | None]:
     """``score(plan, ...)`` (``scoring._score_layer``) on ``plan``; returns what it set: options, notes,
-    the choice it made (a layer left as is, with why) and the probe module (a worker process scores its
-    own copy of the plan)."""
-    score(plan, by_method, kind, opts, stats, probe)
+    the choice it made (a layer left as is, with why), the probe module and the layer's kept errors
+    (``error_memo``; a worker process scores its own copy of the plan and of the errors)."""
+    memo = score(plan, by_method, kind, opts, stats, probe, memo)
     choice = None if plan.decision is None else Choice(plan.chosen, plan.decision)
-    return plan.options, plan.notes, choice, plan.probe
+    return plan.options, plan.notes, choice, plan.probe, memo
 
 
 def sensitivity_task(root: nn.Module | bytes, probes: dict[str, nn.Module], batches: Sequence[tuple],
