@@ -16,6 +16,20 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_latency_cache(tmp_path_factory):
+    """Layer timings go to this session's own cache file: the tests neither read the user's
+    (``~/.cache/convfactor``, where a timing from another run would decide what a test measures) nor add the
+    tests' toy layers to it."""
+    before = os.environ.get("CONVFACTOR_CACHE_DIR")
+    os.environ["CONVFACTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("convfactor-cache"))
+    yield
+    if before is None:
+        os.environ.pop("CONVFACTOR_CACHE_DIR", None)
+    else:
+        os.environ["CONVFACTOR_CACHE_DIR"] = before
+
+
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run ``main(argv)`` in-process from the repository root; returns (exit code, stdout, stderr)."""
