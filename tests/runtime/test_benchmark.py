@@ -83,3 +83,22 @@ def test_bad_arguments_are_user_errors(tmp_path):
     with pytest.raises(ConvfactorError, match="graph_optimization"):
         benchmark(original, factorized, input_shape=(1, 3, 8, 8), graph_optimization="max",
                   exporter=EXPORTER, repeats=1, min_time=0)
+
+
+def test_one_brand_with_other_vector_units_is_another_machine(monkeypatch):
+    # Two VMs of this repository's both read "AMD EPYC": one AVX2-only, one with AVX-512 and VNNI. Their
+    # layer timings differ, so the latency cache's machine key must tell them apart.
+    import convfactor.runtime.benchmarking as benchmarking
+    from convfactor.auto.latency.cache import machine_key
+    from convfactor.runtime.benchmarking import parse_cpuinfo
+
+    avx2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n"
+    avx512 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 avx512f avx512_vnni avx512_bf16\n"
+    assert parse_cpuinfo(avx2) == ("AMD EPYC", ["avx2"])
+    assert parse_cpuinfo(avx512) == ("AMD EPYC", ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"])
+    assert parse_cpuinfo("processor : 0\n") == (None, [])
+    keys = []
+    for text in (avx2, avx512):
+        monkeypatch.setattr(benchmarking, "_cpuinfo", lambda text=text: text)
+        keys.append(machine_key())
+    assert keys[0]["cpu"] == "AMD EPYC [avx2]" and keys[1]["cpu"] == "AMD EPYC [avx2 avx512f avx512_vnni avx512_bf16]"
