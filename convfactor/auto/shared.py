@@ -121,7 +121,7 @@ class SharedWork:
         (which fills the plans and returns False when a deadline cut it short: then nothing is kept).
         Notes ``compute`` adds to ``notes`` are kept and added again on reuse. ``memo``: the candidates' errors
         kept for this network, data and options whatever the kind (``selection.error_memo``), which
-        ``compute`` reads and adds to (the errors are kept even when it is cut short: each is exact)."""
+        ``compute`` reads and adds to (kept even when it is cut short: each error is a finished fit's)."""
         open_plans = [p for p in plans if p.open]
         key = (network, _data_key(batches or []), _options_key(opts), kind, repr(latency),
                tuple((p.name, tuple(m.name for m in p.methods), p.rule.align, p.in_shape, p.calls)
@@ -226,7 +226,8 @@ def _restore(plan: Any, kept: _Scored) -> None:
 
 
 def _count_errors(memo: Mapping[str, Mapping[str, Any]]) -> int:
-    return sum(len(kept.errors) for layer in memo.values() for kept in layer.values())
+    # list() copies a view at once (a resolution in another thread may add to the memo meanwhile)
+    return sum(len(kept.errors) for layer in list(memo.values()) for kept in list(layer.values()))
 
 
 def _network_key(root: nn.Module) -> tuple:
