@@ -31,6 +31,7 @@ from ..errors import InputSpecError
 from ..inputs import numpy_inputs
 from ..progress import open_bar
 from ..tables import format_grid
+from .cpu import cpu_model
 from .sessions import (
     make_session,
     prepare_onnx,
@@ -327,43 +328,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-# The vector extensions onnxruntime's CPU kernels dispatch on. Two CPUs with one brand string (a VM's "AMD
-# EPYC") but different extensions time differently: an AVX2-only and an AVX-512/VNNI EPYC both served this
-# repository's benchmarks, and the latency cache (``machine_key``) must not serve one's timings to the other.
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
-
-
-def parse_cpuinfo(text: str) -> tuple[str | None, list[str]]:
-    """(model name, the ``ISA_FLAGS`` it reports in this order) from /proc/cpuinfo's text (its first CPU)."""
-    name, flags = None, None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if name is None and key in ("model name", "Processor", "cpu model") and value:
-            name = value
-        elif flags is None and key in ("flags", "Features"):
-            flags = set(value.split())
-        if name is not None and flags is not None:
-            break
-    return name, [f for f in ISA_FLAGS if f in (flags or ())]
-
-
-def _cpuinfo() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            return info.read()
-    except OSError:
-        return ""
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo with the vector extensions it reports in brackets (``AMD EPYC
-    [avx2 avx512f avx512_vnni]``), or what the platform module knows."""
-    name, features = parse_cpuinfo(_cpuinfo())
-    name = name or platform.processor() or platform.machine() or "unknown"
-    return f"{name} [{' '.join(features)}]" if features else name
 
 
 def _span(stats: TimingStats) -> str:

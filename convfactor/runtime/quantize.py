@@ -41,6 +41,7 @@ from torch import nn
 from ..errors import ConvfactorError, InputSpecError, one_line
 from ..files.atomic import check_writable, publish
 from ..inputs import as_input_tuple
+from .cpu import cpu_flags
 from .quantized_graph import GraphBits, float_compute_nodes, graph_bits, quantized_nodes
 from .sessions import prepare_onnx
 
@@ -388,19 +389,9 @@ class _Reader:
 
 def needs_reduced_range(cpuinfo: str | None = None) -> bool:
     """Whether int8 weights should use 7 bits here: an x86 CPU without VNNI (``avx512_vnni``, ``avx_vnni``,
-    ``amx_int8``) runs onnxruntime's u8s8 products through saturating int16 sums. Other CPUs: False."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-                cpuinfo = handle.read()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags = set(value.split())
-            break
+    ``amx_int8``) runs onnxruntime's u8s8 products through saturating int16 sums. Other CPUs: False.
+    ``cpuinfo``: a /proc/cpuinfo text to read instead of this machine's."""
+    flags = cpu_flags(cpuinfo)
     x86 = "sse2" in flags
     return x86 and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 

@@ -88,17 +88,15 @@ def test_bad_arguments_are_user_errors(tmp_path):
 def test_one_brand_with_other_vector_units_is_another_machine(monkeypatch):
     # Two VMs of this repository's both read "AMD EPYC": one AVX2-only, one with AVX-512 and VNNI. Their
     # layer timings differ, so the latency cache's machine key must tell them apart.
-    import convfactor.runtime.benchmarking as benchmarking
+    import convfactor.runtime.cpu as cpu
     from convfactor.auto.latency.cache import machine_key
-    from convfactor.runtime.benchmarking import parse_cpuinfo
 
     avx2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n"
     avx512 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 avx512f avx512_vnni avx512_bf16\n"
-    assert parse_cpuinfo(avx2) == ("AMD EPYC", ["avx2"])
-    assert parse_cpuinfo(avx512) == ("AMD EPYC", ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"])
-    assert parse_cpuinfo("processor : 0\n") == (None, [])
+    assert cpu.parse_cpuinfo(avx2) == ("AMD EPYC", {"fpu", "sse2", "avx", "avx2", "fma"})
+    assert cpu.parse_cpuinfo("processor : 0\n") == (None, set())
     keys = []
     for text in (avx2, avx512):
-        monkeypatch.setattr(benchmarking, "_cpuinfo", lambda text=text: text)
+        monkeypatch.setattr(cpu, "_cpuinfo", lambda text=text: text)
         keys.append(machine_key())
     assert keys[0]["cpu"] == "AMD EPYC [avx2]" and keys[1]["cpu"] == "AMD EPYC [avx2 avx512f avx512_vnni avx512_bf16]"
