@@ -220,7 +220,7 @@ def _score_layer(plan: LayerPlan, by_method: dict[str, list[Option]], kind: str,
             option = _probe_option(kept, plan, kind)
             key = _probe_key(option, plan, kind)
             if best is None or key < best[0]:
-                best = (key, _memo_probe_builder(plan, method, option, factorizers, stats, opts, signals))
+                best = (key, _probe_builder(plan, method, option, factorizers, stats, opts, signals))
         del factorizers, error2
     if not plan.options:
         why = ("no replacement measured faster than the original layer" if kind == "latency"
@@ -247,22 +247,6 @@ def _memo_errors(plan: LayerPlan, method: FactorizationMethod, stats: Any, facto
         return function
 
     return MemoErrors(kept, build)
-
-
-def _memo_probe_builder(plan: LayerPlan, method: FactorizationMethod, option: Option, factorizers: dict,
-                        stats: Any, opts: AutoOptions, signals: dict[str, float]):
-    """``_probe_builder`` where the method's factorizer may not have been built (every rank's error kept): a
-    data-aware probe then builds one when the probe is wanted (once every method is scored, so one
-    factorizer lives at a time)."""
-    if (plan.name, method.name) in factorizers or stats is None or method.name not in FACTORIZERS:
-        return _probe_builder(plan, option, factorizers)
-
-    def build() -> nn.Module:
-        fresh: dict = {}
-        error_function(plan, method, stats, fresh, opts, signals)
-        return candidate_module(plan, option, fresh)
-
-    return build
 
 
 def _score(plan: LayerPlan, method: FactorizationMethod, options: list[Option], error2, stats: Any) -> None:
@@ -298,13 +282,24 @@ def _probe_option(options: list[Option], plan: LayerPlan, kind: str) -> Option:
     return min(options, key=lambda o: _probe_key(o, plan, kind))
 
 
-def _probe_builder(plan: LayerPlan, option: Option, factorizers: dict):
+def _probe_builder(plan: LayerPlan, method: FactorizationMethod, option: Option, factorizers: dict, stats: Any,
+                   opts: AutoOptions, signals: dict[str, float]):
     """A callable giving the probe module of ``option``. A data-aware probe is built now, while its method's
-    factorizer lives; a weight-only one (grouped's iterative fit: 20% of ResNet-18's resolution time when
-    every better-so-far probe was built) only if it is still the best once every method was scored."""
+    factorizer lives; where every rank's error was kept (``error_memo``) and no factorizer was built, one is
+    built when the probe is wanted (once every method is scored, so one factorizer lives at a time); a
+    weight-only probe (grouped's iterative fit: 20% of ResNet-18's resolution time when every better-so-far
+    probe was built) only if it is still the best once every method was scored."""
     if factorizers.get((plan.name, option.method)) is not None:
         module = candidate_module(plan, option, factorizers)
         return lambda: module
+    if stats is not None and method.name in FACTORIZERS:
+
+        def build() -> nn.Module:
+            fresh: dict = {}
+            error_function(plan, method, stats, fresh, opts, signals)
+            return candidate_module(plan, option, fresh)
+
+        return build
     return lambda: probe_module(plan, option)
 
 
