@@ -19,6 +19,13 @@ CPU is shared) and the picture to ``docs/sweep_<model>.png``.
     python benchmarks/sweep.py --model nudenet                    # NudeNet YOLOv8n from ONNX: boxes + classes
     python benchmarks/sweep.py --render benchmarks/results/sweep_resnet20_digits.json   # markdown table
 
+``--lone`` is the control for what the sharing buys: after the sweep, ``factorize`` alone at each of its
+targets (nothing shared, the same data and metric; what five ``convert --target`` runs compute before their
+measurement), timed one after the other, each checked to give its sweep point's allocation and held-out
+error (each point is the model a lone run returns):
+
+    python benchmarks/sweep.py --model crepe_full --lone
+
 ``--quantize int8`` adds each convfactor point and the original in int8 (``sweep(quantize="int8")``) and
 writes ``sweep_<model>_int8.json`` / ``.png``; ``--no-auto-run`` leaves the lone ``auto`` run out (its
 time is only the comparison for the shared work):
@@ -114,7 +121,32 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def run(name: str, targets: str, out: Path, plot: Path, quantize: str | None = None, auto_run: bool = True) -> dict:
+def lone_runs(spec: dict, result, common: dict) -> list[dict]:
+    """``factorize`` alone at each convfactor point's target (nothing shared): seconds, and whether the
+    allocation and the held-out error are the point's."""
+    from convfactor import get_report
+
+    rows = []
+    for point in result.points:
+        if not point.convfactor or point.quantized is not None:
+            continue
+        tick = time.perf_counter()
+        fast = convfactor.factorize(spec["model"], {"rules": [{"method": "auto"}],
+                                                    "target": {point.kind: point.fraction}},
+                                    spec["example"], **common)
+        seconds = time.perf_counter() - tick
+        report = get_report(fast)
+        rules = (report.policy.get("resolved") or {}).get("rules")
+        error = (report.extra.get("fidelity_check") or {}).get("rel_error")
+        rows.append({"label": point.label, "seconds": round(seconds, 1), "same_allocation": rules == point.allocation,
+                     "rel_error": error, "same_error": error == point.rel_error})
+        print(f"lone {point.label}: {seconds:.1f} s, allocation {'same' if rules == point.allocation else 'DIFFERENT'}"
+              f", held-out error {error} (sweep {point.rel_error})", flush=True)
+    return rows
+
+
+def run(name: str, targets: str, out: Path, plot: Path, quantize: str | None = None, auto_run: bool = True,
+        lone: bool = False) -> dict:
     spec = MODELS[name]()
     model, example, calibration, metric = spec["model"], spec["example"], spec["calibration"], spec["metric"]
     validation = spec.get("validation")
@@ -133,6 +165,8 @@ def run(name: str, targets: str, out: Path, plot: Path, quantize: str | None = N
         result = convfactor.sweep(model, targets, example, calibration=calibration, validation=validation,
                                   metric=metric, progress="lines", quantize=quantize)
         sweep_seconds = time.perf_counter() - tick
+        common = dict(calibration=calibration, validation=validation, metric=metric)
+        lone_rows = lone_runs(spec, result, common) if lone else None
     load_after = uptime()
     ours = [p for p in result.points if p.convfactor and p.quantized is None]
     phases = {"shared (statistics, candidates, sensitivities)": round(sum(result.shared["seconds"].values()), 1),
@@ -142,7 +176,11 @@ def run(name: str, targets: str, out: Path, plot: Path, quantize: str | None = N
     built = phases["points' factorize (incl. shared)"] + phases["uniform baseline (rank search + build)"]
     phases["measurement (held-out check, metric, onnxruntime timing" + (", int8 quantization" if quantize else "")
            + ")"] = round(sweep_seconds - built, 1)
-    flags = (f" --quantize {quantize}" if quantize else "") + ("" if auto_run else " --no-auto-run")
+    if lone_rows:
+        phases["control: lone factorize at each target, nothing shared"] = \
+            round(sum(r["seconds"] for r in lone_rows), 1)
+    flags = (f" --quantize {quantize}" if quantize else "") + ("" if auto_run else " --no-auto-run") + \
+        (" --lone" if lone else "")
     document = {
         "benchmark": "sweep", "model": name, "describe": spec["describe"], "targets": targets,
         "command": f"python benchmarks/sweep.py --model {name} --targets '{targets}'{flags}",
@@ -151,7 +189,7 @@ def run(name: str, targets: str, out: Path, plot: Path, quantize: str | None = N
         "auto_seconds": None if auto_seconds is None else round(auto_seconds, 1),
         "sweep_seconds": round(sweep_seconds, 1),
         "sweep_over_auto": None if auto_seconds is None else round(sweep_seconds / auto_seconds, 2), "phases": phases,
-        "sweep": result.to_dict(),
+        "sweep": result.to_dict(), "lone": lone_rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=2, default=str) + "\n")
@@ -194,6 +232,11 @@ def render(document: dict) -> str:
                      f"{'kept' if p['within_bound'] else 'not kept'} | {p['seconds']:.1f} |")
     lines += ["", f"Original {metric.get('name')}: {metric.get('original')}; held-out data: {sweep['data']}; "
               f"bound: {sweep['bound']['text']}; shared work computed: {sweep['shared']['computed']}."]
+    if document.get("lone"):
+        lines += ["", "| lone `factorize` (control) | seconds | sweep point's allocation | "
+                      "sweep point's held-out error |", "|---|---:|---|---|"]
+        lines += [f"| {r['label']} | {r['seconds']} | {'same' if r['same_allocation'] else 'different'} | "
+                  f"{'same' if r['same_error'] else 'different'} ({r['rel_error']}) |" for r in document["lone"]]
     if sweep.get("quantize"):
         lines.append(f"int8 points: {sweep['quantize']['text']}; their speedups are against the float original.")
     return "\n".join(lines)
@@ -208,13 +251,16 @@ def main(argv=None) -> int:
     p.add_argument("--render", type=Path, metavar="JSON", help="only print the markdown of a results file")
     p.add_argument("--quantize", choices=QUANTIZE_TYPES, help="also each point and the original in int8")
     p.add_argument("--no-auto-run", action="store_true", help="leave out the lone auto run (its time)")
+    p.add_argument("--lone", action="store_true",
+                   help="control: factorize alone at each target after the sweep (what the sharing saves)")
     args = p.parse_args(argv)
     if args.render:
         print(render(json.loads(args.render.read_text())))
         return 0
     stem = f"sweep_{args.model}" + (f"_{args.quantize}" if args.quantize else "")
     run(args.model, args.targets, args.out or ROOT / "benchmarks" / "results" / f"{stem}.json",
-        args.plot or ROOT / "docs" / f"{stem}.png", quantize=args.quantize, auto_run=not args.no_auto_run)
+        args.plot or ROOT / "docs" / f"{stem}.png", quantize=args.quantize, auto_run=not args.no_auto_run,
+        lone=args.lone)
     return 0
 
 
