@@ -300,14 +300,15 @@ def swap_in_fast_forms(run: Run, plans: list[LayerPlan], goal: Goal, data: Data,
 
 def build_modules(run: Run, plans: list[LayerPlan], data: Data, checks: dict[str, OutputChecker | None],
            replacements: Replacements, account: ResolutionAccount,
-           speed_model: LatencyModel | None) -> dict[str, nn.Module]:
-    """The modules the result gets: built (or refit sequentially), regularized when a fit overfits, denormals
-    flushed; then the whole network with these weights is timed when the speed check ran."""
+           speed_model: LatencyModel | None, goal: Goal) -> dict[str, nn.Module]:
+    """The modules the result gets: built (or refit sequentially), regularized when a fit overfits (never
+    into a build that fails the goal's bound in place of one that holds it), denormals flushed; then the
+    whole network with these weights is timed when the speed check ran."""
     notes = account.notes
     prebuilt = replacements.build(run.progress)  # a probe's modules when the search measured this allocation
     if replacements.sequential or replacements.stats is not None:
         prebuilt, account.regularization = regularize(run.root, plans, run.opts, replacements, prebuilt, checks,
-                                                      notes, run.deadline, run.progress)
+                                                      notes, run.deadline, run.progress, bound=goal.bound)
     flushed = sum(flush_denormals(module) for module in (prebuilt or {}).values())
     if flushed:
         notes.append(f"{flushed} denormal weights of the data-aware factors set to 0 (they run many times slower)")

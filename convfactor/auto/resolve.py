@@ -175,7 +175,7 @@ def resolve_policy(
         del stats
         speed_model = swap_in_fast_forms(run, plans, goal, data, checks, replacements, account, latency,
                                          latency_model)
-        prebuilt = build_modules(run, plans, data, checks, replacements, account, speed_model)
+        prebuilt = build_modules(run, plans, data, checks, replacements, account, speed_model, goal)
         resolved, prebuilt = drop_until_faster(run, plans, goal, data, model, prebuilt, account)
         finish_account(run, plans, goal, model, account)
     return Resolution(resolved, prebuilt or None, account.to_json(), checks, goal.spec, data.split)

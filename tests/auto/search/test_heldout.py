@@ -205,6 +205,33 @@ def test_an_overfit_is_regularized_by_held_out_error():
     assert convfactor.get_report(fast).extra["fidelity_check"]["rel_error"] == pytest.approx(held_out, rel=1e-3)
 
 
+def test_a_regularization_never_trades_the_bound_for_output_error():
+    """Under a metric bound, the rebuild with the lowest select error fails the metric (it is blind on the
+    fit subspace the user's data lies on): the build kept holds the bound, the lowest-error one of those that do."""
+    x, model = _overfitting_calibration(), Wide().eval()
+    basis = torch.randn(6, 64, generator=torch.Generator().manual_seed(4))  # the fit samples' subspace
+    on_subspace = torch.randn(128, 6, generator=torch.Generator().manual_seed(9)) @ basis
+    with torch.no_grad():
+        reference = model(on_subspace)
+
+    def subspace_fit(module):  # 0 for the original, -relative error on the user's data otherwise
+        with torch.no_grad():
+            return -float((module(on_subspace) - reference).norm() / reference.norm())
+
+    policy = dict(POLICY, fidelity={"max_metric_drop": 0.05})
+    fast, _ = factorize_caught(model, policy, torch.zeros(1, 64), calibration=x, metric=subspace_fit)
+    report = convfactor.get_report(fast)
+    account = report.extra["auto"]["regularization"]
+    tried = {t["fit"]: t for t in account["tried"]}
+    lowest = min(tried.values(), key=lambda t: t["select_error"])
+    assert lowest["holds_bound"] is False and "drop" in lowest["fails"]  # the output error alone would keep it
+    holding = [t for t in tried.values() if t["holds_bound"]]
+    assert holding and account["kept"] == min(holding, key=lambda t: t["select_error"])["fit"]
+    check = report.extra["fidelity_check"]
+    assert check["passed"] and check["metric_drop"] <= 0.05
+    assert check["metric"] == pytest.approx(subspace_fit(fast), rel=1e-4)  # the report rounds to 5 digits
+
+
 def test_a_metric_drives_the_bisection_to_the_cheapest_model_that_keeps_it():
     net = tiny_resnet(seed=2, width=16)
     data = inputs(96, seed=7)
