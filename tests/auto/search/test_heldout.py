@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import convfactor
+from convfactor.auto import AutoOptions
 from convfactor.auto.search.verify import ConvfactorWarning, FidelityWarning
 from convfactor.auto.statistics.split import MIN_PART, split_data
 from convfactor.errors import PolicyError
@@ -230,6 +231,16 @@ def test_a_regularization_never_trades_the_bound_for_output_error():
     check = report.extra["fidelity_check"]
     assert check["passed"] and check["metric_drop"] <= 0.05
     assert check["metric"] == pytest.approx(subspace_fit(fast), rel=1e-4)  # the report rounds to 5 digits
+
+    # The search's probes spend all 4 metric evaluations: no build's standing is known, the select error
+    # decides, the account and the note say so.
+    fast, _ = factorize_caught(model, policy, torch.zeros(1, 64), calibration=x, metric=subspace_fit,
+                               auto_options=AutoOptions(metric_evaluations=4))
+    auto = convfactor.get_report(fast).extra["auto"]
+    tried = auto["regularization"]["tried"]
+    assert all(t["holds_bound"] is None for t in tried)
+    assert auto["regularization"]["kept"] == min(tried, key=lambda t: t["select_error"])["fit"]
+    assert any("bound not measured" in n for n in auto["notes"])
 
 
 def test_a_metric_drives_the_bisection_to_the_cheapest_model_that_keeps_it():
