@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,11 @@ from .errors import ConvfactorError
 from .input_checks import check_example_inputs, check_inputs
 
 __all__ = ["check_factorize_arguments", "check_leaf_modules", "nothing_replaced_reason"]
+
+# AutoOptions' counts and the least each may be (0 evaluations of the metric: the search judges by output
+# error alone; 0 rounds: no bisection; workers None: 1).
+AUTO_COUNTS = {"max_samples": 1, "max_rows": 1, "sensitivity_samples": 1, "bins": 1, "fidelity_samples": 1,
+               "fidelity_rounds": 0, "metric_evaluations": 0, "workers": 1}
 
 
 def check_factorize_arguments(model: nn.Module, inputs: Sequence[torch.Tensor] | None, *, calibration: Any,
@@ -80,6 +86,12 @@ def _check_plain_arguments(model: nn.Module, concrete_args: Any, auto_options: A
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                or not 0 < budget < float("inf")):
         raise ConvfactorError(f"auto_options.memory_budget: expected a positive number of bytes, got {budget!r}")
+    for name, least in AUTO_COUNTS.items():
+        value = None if auto_options is None else getattr(auto_options, name)
+        if value is None and name == "workers":
+            continue
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least):
+            raise ConvfactorError(f"auto_options.{name}: expected a whole number >= {least}, got {value!r}")
 
 
 def check_leaf_modules(model: nn.Module, leaf_modules: Iterable[str | type], *, flag: str = "leaf_modules") -> None:
