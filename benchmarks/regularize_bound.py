@@ -69,7 +69,8 @@ def row(result: dict) -> str:
     else:
         kept = account["kept"]
         builds = "; ".join(f"{t['fit']} {t['select_error']:.4g}"
-                           + {True: " holds", False: " FAILS", None: " unknown"}[t.get("holds_bound")]
+                           + ({True: " holds", False: " FAILS", None: " unknown"}[t["holds_bound"]]
+                              if "holds_bound" in t else " (not needed)")
                            for t in account["tried"])
     return (f"| {result['target']} | {result['variant']} | {result['macs']:.3f} | {kept} | {builds} | "
             f"{check['rel_error']:.4g} | {check['metric']:.4f} (drop {check['metric_drop']:.4f}) | "

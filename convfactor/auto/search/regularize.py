@@ -8,9 +8,11 @@ rebuilt with a stronger ridge (``damping`` x10, x100) and from the weights alone
 the build with the lowest select error is kept. Under a fidelity bound, a build that fails it on the select
 samples (the user's metric included: the search chose the allocation because its build held the bound)
 never replaces one that holds it, whatever its output error; where the metric's search evaluations are
-spent, a build's standing is unknown and ranks between the two. The check samples stay unseen: the
-reported held-out number is measured afterwards (``convfactor.auto.search.verify``). At most
-``len(FACTORS) + 1`` rebuilds, each as costly as the first build; the time budget stops them.
+spent, a build's standing is unknown and ranks between the two. A build's metric is evaluated only where
+the order needs it (a rebuild with a higher select error than a build that holds the bound cannot win).
+The check samples stay unseen: the reported held-out number is measured afterwards
+(``convfactor.auto.search.verify``). At most ``len(FACTORS) + 1`` rebuilds, each as costly as the first
+build; the time budget stops them.
 """
 
 from __future__ import annotations
@@ -55,25 +57,29 @@ def regularize(root: nn.Module, plans: list, opts: AutoOptions, replacements: Re
     def error(modules: dict[str, nn.Module], checker: OutputChecker) -> float:
         return float(checker.measure(model(modules))["rel_error"])
 
-    def standing(modules: dict[str, nn.Module], measured: dict[str, Any]) -> tuple[bool | None, list[str]]:
-        """Whether the build holds ``bound`` on the select samples (None: its metric was not evaluated)."""
-        if bound is None:
-            return None, []
-        if bound.needs_metric:
-            if select.metric is None or select.metric_calls >= select.metric_limit:
-                return None, []
-            measured = {**measured, **select.evaluate_metric(model(modules))}
-        failed = failures(measured, bound)
-        return not failed, failed
+    def settle(build: _Build) -> int:
+        """The build's standing under ``bound`` (``STANDING``), its metric evaluated at the first need."""
+        if build.rank is None:
+            holds, failed = None, []
+            if bound is not None and not (bound.needs_metric and (
+                    select.metric is None or select.metric_calls >= select.metric_limit)):
+                measured = build.metrics
+                if bound.needs_metric:
+                    measured = {**measured, **select.evaluate_metric(model(build.modules))}
+                failed = failures(measured, bound)
+                holds = not failed
+            build.rank = STANDING[holds]
+            if bound is not None:
+                build.entry.update(holds_bound=holds, **({"fails": "; ".join(failed)} if failed else {}))
+        return build.rank
 
     first = select.measure(model(prebuilt))
     held, inside = float(first["rel_error"]), error(prebuilt, fit)
     if not (held > OVERFIT_RATIO * inside and held > OVERFIT_FLOOR):
         return prebuilt, None
-    holds, failed = standing(prebuilt, first)
     tried = [{"fit": f"damping {opts.damping:g}", "select_error": rounded(held, 5),
-              "in_sample_error": rounded(inside, 5), **_standing_fields(bound, holds, failed)}]
-    best, best_key, best_label = prebuilt, (STANDING[holds], held), tried[0]["fit"]
+              "in_sample_error": rounded(inside, 5)}]
+    best = _Build(tried[0]["fit"], prebuilt, first, tried[0])
     variants: list[tuple[str, Replacements]] = []
     for factor in FACTORS:
         damping = opts.damping * factor
@@ -88,25 +94,43 @@ def regularize(root: nn.Module, plans: list, opts: AutoOptions, replacements: Re
                 break
             modules = variant.build()
             metrics = select.measure(model(modules))
-            holds, failed = standing(modules, metrics)
-            tried.append({"fit": label, "select_error": rounded(metrics["rel_error"], 5),
-                          **_standing_fields(bound, holds, failed)})
-            key = (STANDING[holds], float(metrics["rel_error"]))
-            if key < best_key:
-                best, best_key, best_label = modules, key, label
+            tried.append({"fit": label, "select_error": rounded(metrics["rel_error"], 5)})
+            build = _Build(label, modules, metrics, tried[-1])
+            if _beats(build, best, settle if bound is not None else None):
+                best = build
             bar.update()
     ratio = held / max(inside, 1e-300)
     notes.append(f"the data-aware fit overfit its samples (selection error {held:.4g}, {ratio:.1f}x "
-                 f"the in-sample {inside:.4g}): kept {best_label} (selection error {best_key[1]:.4g}) of "
+                 f"the in-sample {inside:.4g}): kept {best.label} (selection error {best.error:.4g}) of "
                  + ", ".join(f"{t['fit']} {t['select_error']:.4g}{_standing_text(t)}" for t in tried))
-    return best, {"overfit_ratio": rounded(held / inside, 4) if inside > 0 else None, "tried": tried,
-                  "kept": best_label}
+    return best.modules, {"overfit_ratio": rounded(held / inside, 4) if inside > 0 else None, "tried": tried,
+                          "kept": best.label}
 
 
-def _standing_fields(bound: Fidelity | None, holds: bool | None, failed: list[str]) -> dict[str, Any]:
-    if bound is None:
-        return {}
-    return {"holds_bound": holds, **({"fails": "; ".join(failed)} if failed else {})}
+@dataclasses.dataclass
+class _Build:
+    """One build of the allocation: its modules, its select measurement, its account entry, and its
+    ``STANDING`` under the bound once settled (None: not yet)."""
+
+    label: str
+    modules: dict[str, nn.Module]
+    metrics: dict[str, Any]
+    entry: dict[str, Any]
+    rank: int | None = None
+
+    @property
+    def error(self) -> float:
+        return float(self.metrics["rel_error"])
+
+
+def _beats(build: _Build, best: _Build, settle: Any) -> bool:
+    """Whether ``build`` ranks before ``best`` by (standing under the bound, select error); ``settle`` gives
+    a build's standing, evaluating the metric only where the order needs it (None: no bound, error alone)."""
+    if settle is None:
+        return build.error < best.error
+    if build.error < best.error:
+        return settle(build) == 0 or settle(build) <= settle(best)
+    return settle(best) != 0 and settle(build) < settle(best)
 
 
 def _standing_text(tried: dict[str, Any]) -> str:
