@@ -61,13 +61,14 @@ def regularize(root: nn.Module, plans: list, opts: AutoOptions, replacements: Re
         """The build's standing under ``bound`` (``STANDING``), its metric evaluated at the first need."""
         if build.rank is None:
             holds, failed = None, []
-            if bound is not None and not (bound.needs_metric and (
-                    select.metric is None or select.metric_calls >= select.metric_limit)):
-                measured = build.metrics
-                if bound.needs_metric:
-                    measured = {**measured, **select.evaluate_metric(model(build.modules))}
-                failed = failures(measured, bound)
-                holds = not failed
+            if bound is not None:
+                failed = failures(build.metrics, bound)  # the output error and agreement criteria
+                if not failed and bound.needs_metric and select.metric is not None and \
+                        select.metric_calls < select.metric_limit:
+                    failed = failures({**build.metrics, **select.evaluate_metric(model(build.modules))}, bound)
+                    holds = not failed
+                elif failed or not bound.needs_metric:
+                    holds = not failed
             build.rank = STANDING[holds]
             if bound is not None:
                 build.entry.update(holds_bound=holds, **({"fails": "; ".join(failed)} if failed else {}))
