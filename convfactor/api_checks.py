@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -92,6 +93,24 @@ def _check_plain_arguments(model: nn.Module, concrete_args: Any, auto_options: A
             continue
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least):
             raise ConvfactorError(f"auto_options.{name}: expected a whole number >= {least}, got {value!r}")
+    if auto_options is not None:
+        _check_auto_floats(auto_options.damping, auto_options.fractions)
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_auto_floats(damping: Any, fractions: Any) -> None:
+    """The ridge is positive (0 leaves a rank-deficient covariance unsolvable, a negative one makes the fit
+    nonsense); the rank fractions are a non-empty sequence in (0, 1]."""
+    if not _real(damping) or damping <= 0:
+        raise ConvfactorError(f"auto_options.damping: expected a positive number (the ridge relative to the mean "
+                              f"input variance, default 0.01), got {damping!r}")
+    if isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence) or not fractions or \
+            not all(_real(f) and 0 < f <= 1 for f in fractions):
+        raise ConvfactorError(f"auto_options.fractions: expected a non-empty list or tuple of rank fractions in "
+                              f"(0, 1], got {fractions!r}")
 
 
 def check_leaf_modules(model: nn.Module, leaf_modules: Iterable[str | type], *, flag: str = "leaf_modules") -> None:
