@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConvfactorError
+from .fidelity_spec import is_number
 from .input_checks import check_example_inputs, check_inputs
 
 __all__ = ["check_factorize_arguments", "check_leaf_modules", "nothing_replaced_reason"]
@@ -83,32 +83,29 @@ def _check_plain_arguments(model: nn.Module, concrete_args: Any, auto_options: A
     if auto_options is not None and not isinstance(auto_options, AutoOptions):
         raise ConvfactorError(f"auto_options: expected convfactor.auto.AutoOptions(...), got "
                               f"{type(auto_options).__name__}")
-    budget = None if auto_options is None else auto_options.memory_budget
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                               or not 0 < budget < float("inf")):
-        raise ConvfactorError(f"auto_options.memory_budget: expected a positive number of bytes, got {budget!r}")
+    if auto_options is not None:
+        _check_auto_options(auto_options)
+
+
+def _check_auto_options(opts: Any) -> None:
+    """The memory budget and the ridge are positive (a ridge of 0 leaves a rank-deficient covariance
+    unsolvable, a negative one makes the fit nonsense); the counts whole numbers of at least ``AUTO_COUNTS``;
+    the rank fractions a non-empty sequence in (0, 1]."""
+    if opts.memory_budget is not None and (not is_number(opts.memory_budget) or opts.memory_budget <= 0):
+        raise ConvfactorError(f"auto_options.memory_budget: expected a positive number of bytes, got "
+                              f"{opts.memory_budget!r}")
     for name, least in AUTO_COUNTS.items():
-        value = None if auto_options is None else getattr(auto_options, name)
+        value = getattr(opts, name)
         if value is None and name == "workers":
             continue
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ConvfactorError(f"auto_options.{name}: expected a whole number >= {least}, got {value!r}")
-    if auto_options is not None:
-        _check_auto_floats(auto_options.damping, auto_options.fractions)
-
-
-def _real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_auto_floats(damping: Any, fractions: Any) -> None:
-    """The ridge is positive (0 leaves a rank-deficient covariance unsolvable, a negative one makes the fit
-    nonsense); the rank fractions are a non-empty sequence in (0, 1]."""
-    if not _real(damping) or damping <= 0:
+    if not is_number(opts.damping) or opts.damping <= 0:
         raise ConvfactorError(f"auto_options.damping: expected a positive number (the ridge relative to the mean "
-                              f"input variance, default 0.01), got {damping!r}")
+                              f"input variance, default 0.01), got {opts.damping!r}")
+    fractions = opts.fractions
     if isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence) or not fractions or \
-            not all(_real(f) and 0 < f <= 1 for f in fractions):
+            not all(is_number(f) and 0 < f <= 1 for f in fractions):
         raise ConvfactorError(f"auto_options.fractions: expected a non-empty list or tuple of rank fractions in "
                               f"(0, 1], got {fractions!r}")
 

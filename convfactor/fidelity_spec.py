@@ -32,7 +32,7 @@ from typing import Any
 
 from .errors import PolicyError
 
-__all__ = ["Fidelity", "OutputSpec", "OUTPUT_KINDS", "CLASS_KINDS", "REDUCTIONS", "parse_fidelity"]
+__all__ = ["Fidelity", "OutputSpec", "OUTPUT_KINDS", "CLASS_KINDS", "REDUCTIONS", "parse_fidelity", "is_number"]
 
 OUTPUT_KINDS = ("auto", "scores", "probabilities", "regression", "state", "ignore")
 CLASS_KINDS = ("scores", "probabilities")  # outputs with a class axis: top-1 agreement measured, KL distilled
@@ -139,15 +139,15 @@ def parse_fidelity(raw: Any) -> Fidelity | None:
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _FRACTION_KEYS:
-            if not _is_number(value) or not 0 < value <= 1:
+            if not is_number(value) or not 0 < value <= 1:
                 raise PolicyError(f"policy: fidelity {key} must be a number in (0, 1], got {value!r}")
             values[key] = float(value)
         elif key == "max_metric_drop":
-            if not _is_number(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise PolicyError(f"policy: fidelity max_metric_drop must be a number >= 0, got {value!r}")
             values[key] = float(value)
         elif key == "min_metric":
-            if not _is_number(value):
+            if not is_number(value):
                 raise PolicyError(f"policy: fidelity min_metric must be a finite number, got {value!r}")
             values[key] = float(value)
         elif key == "reduce":
@@ -198,5 +198,6 @@ def _parse_outputs(raw: Any) -> tuple[tuple[str, OutputSpec], ...]:
     return tuple(out)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what a bound, a budget or a ridge may be."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
