@@ -190,11 +190,16 @@ class OutputChecker:
         out.update(samples=seen, data=self.data, stopped_early=stopped)
         self.seconds += time.perf_counter() - started
         wanted = final or (bound is not None and bound.needs_metric and not stopped)
-        if self.metric is not None and wanted and (final or self.metric_calls < self.metric_limit):
+        if self.metric is not None and wanted and (final or self.metric_left):
             out.update(self.evaluate_metric(module, count=not final))
         elif self.metric is not None and wanted:
             out["metric_skipped"] = f"the metric's {self.metric_limit} search evaluations are spent"
         return out
+
+    @property
+    def metric_left(self) -> bool:
+        """Whether a search measurement may still evaluate the metric (within ``metric_limit``)."""
+        return self.metric is not None and self.metric_calls < self.metric_limit
 
     def evaluate_metric(self, module: nn.Module, count: bool = True) -> dict[str, Any]:
         """The task metric of ``module`` and of the original (evaluated once), and the drop between them."""

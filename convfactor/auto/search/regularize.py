@@ -60,18 +60,17 @@ def regularize(root: nn.Module, plans: list, opts: AutoOptions, replacements: Re
     def settle(build: _Build) -> int:
         """The build's standing under ``bound`` (``STANDING``), its metric evaluated at the first need."""
         if build.rank is None:
-            holds, failed = None, []
-            if bound is not None:
-                failed = failures(build.metrics, bound)  # the output error and agreement criteria
-                if not failed and bound.needs_metric and select.metric is not None and \
-                        select.metric_calls < select.metric_limit:
-                    failed = failures({**build.metrics, **select.evaluate_metric(model(build.modules))}, bound)
-                    holds = not failed
-                elif failed or not bound.needs_metric:
-                    holds = not failed
+            assert bound is not None
+            failed = failures(build.metrics, bound)  # the output error and agreement criteria
+            if not failed and bound.needs_metric and select.metric_left:
+                failed = failures({**build.metrics, **select.evaluate_metric(model(build.modules))}, bound)
+                holds: bool | None = not failed
+            elif failed or not bound.needs_metric:
+                holds = not failed
+            else:  # the metric is needed and none of its evaluations is left
+                holds = None
             build.rank = STANDING[holds]
-            if bound is not None:
-                build.entry.update(holds_bound=holds, **({"fails": "; ".join(failed)} if failed else {}))
+            build.entry.update(holds_bound=holds, **({"fails": "; ".join(failed)} if failed else {}))
         return build.rank
 
     first = select.measure(model(prebuilt))
