@@ -124,8 +124,6 @@ def uptime() -> str:
 def lone_runs(spec: dict, result, common: dict) -> list[dict]:
     """``factorize`` alone at each convfactor point's target (nothing shared): seconds, and whether the
     allocation and the held-out error are the point's."""
-    from convfactor import get_report
-
     rows = []
     for point in result.points:
         if not point.convfactor or point.quantized is not None:
@@ -135,13 +133,13 @@ def lone_runs(spec: dict, result, common: dict) -> list[dict]:
                                                     "target": {point.kind: point.fraction}},
                                     spec["example"], **common)
         seconds = time.perf_counter() - tick
-        report = get_report(fast)
-        rules = (report.policy.get("resolved") or {}).get("rules")
+        report = convfactor.get_report(fast)
+        same = (report.policy.get("resolved") or {}).get("rules") == point.allocation
         error = (report.extra.get("fidelity_check") or {}).get("rel_error")
-        rows.append({"label": point.label, "seconds": round(seconds, 1), "same_allocation": rules == point.allocation,
+        rows.append({"label": point.label, "seconds": round(seconds, 1), "same_allocation": same,
                      "rel_error": error, "same_error": error == point.rel_error})
-        print(f"lone {point.label}: {seconds:.1f} s, allocation {'same' if rules == point.allocation else 'DIFFERENT'}"
-              f", held-out error {error} (sweep {point.rel_error})", flush=True)
+        print(f"lone {point.label}: {seconds:.1f} s, allocation {'same' if same else 'DIFFERENT'}, held-out error "
+              f"{error} (sweep {point.rel_error})", flush=True)
     return rows
 
 
